@@ -1,0 +1,393 @@
+"""The guest agent: GuestAgentService, running inside each VM.
+
+Every Execute runs in its own cgroup (cgroup v2, ``cgroup.kill``) so that a
+timeout, a cancel or the end of the main process kills the whole tree, even
+processes that called setsid(). Where cgroup v2 is missing the process group
+is killed instead. Output is streamed as it is read and capped per stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
+from agentvm_guest import __version__
+
+log = logging.getLogger("agentvm_guest.agent")
+
+DEFAULT_TIMEOUT_S = 300.0
+MAX_TIMEOUT_S = 24 * 3600.0
+DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
+READ_CHUNK = 32 * 1024
+CGROUP_ROOT = "/sys/fs/cgroup/agentvm"
+DEFAULT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+    "TERM": "dumb",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def _read_first_line(path: str, default: str = "") -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.readline().strip()
+    except OSError:
+        return default
+
+
+def _meminfo() -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    out[key] = int(parts[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def guest_info() -> common_pb2.GuestInfo:
+    """What the agent reports about its VM."""
+    info = common_pb2.GuestInfo(agent_version=__version__)
+    uname = os.uname()
+    info.kernel_release = uname.release
+    info.hostname = uname.nodename
+    uptime = _read_first_line("/proc/uptime", "0 0").split()[0]
+    info.uptime.FromNanoseconds(int(float(uptime) * 1e9))
+    info.load1, info.load5, info.load15 = os.getloadavg()
+    mem = _meminfo()
+    info.memory_total_bytes = mem.get("MemTotal", 0)
+    info.memory_available_bytes = mem.get("MemAvailable", 0)
+    st = os.statvfs("/")
+    info.disk_total_bytes = st.f_blocks * st.f_frsize
+    info.disk_free_bytes = st.f_bavail * st.f_frsize
+    info.process_count = sum(1 for d in os.listdir("/proc") if d.isdigit())
+    info.boot_id = _read_first_line("/proc/sys/kernel/random/boot_id")
+    return info
+
+
+def build_argv(program: common_pb2.Program) -> list[str]:
+    """argv for a Program; raises ValueError naming what is wrong."""
+    kind = program.WhichOneof("kind")
+    if kind == "argv":
+        args = list(program.argv.args)
+        if not args or not args[0]:
+            raise ValueError("program.argv.args is empty: give at least the command to run")
+        return args
+    if kind == "code":
+        code = program.code
+        if code.language == common_pb2.CODE_LANGUAGE_PYTHON:
+            return ["python3", "-c", code.source, *code.args]
+        if code.language == common_pb2.CODE_LANGUAGE_SHELL:
+            return ["/bin/sh", "-c", code.source, "sh", *code.args]
+        raise ValueError("program.code.language must be CODE_LANGUAGE_PYTHON or CODE_LANGUAGE_SHELL")
+    raise ValueError("program is empty: set program.argv or program.code")
+
+
+class ProcessTree:
+    """The processes of one Execute: a cgroup when available, else a process group."""
+
+    _seq = 0
+    _seq_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        with ProcessTree._seq_lock:
+            ProcessTree._seq += 1
+            seq = ProcessTree._seq
+        self.cgroup: str | None = os.path.join(CGROUP_ROOT, f"exec-{os.getpid()}-{seq}")
+        try:
+            os.makedirs(self.cgroup)
+        except OSError:
+            self.cgroup = None
+        self.pgid: int | None = None
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """Make the process join the cgroup before exec (no race with its forks)."""
+        if self.cgroup is None:
+            return argv
+        procs = os.path.join(self.cgroup, "cgroup.procs")
+        return ["/bin/sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "agentvm-exec", *argv]
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the main process group."""
+        if self.pgid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pgid, signum)
+
+    def kill_all(self) -> None:
+        """SIGKILL everything the Execute started."""
+        if self.cgroup is not None:
+            try:
+                with open(os.path.join(self.cgroup, "cgroup.kill"), "w", encoding="ascii") as fh:
+                    fh.write("1")
+            except OSError:
+                log.warning("cgroup.kill failed for %s", self.cgroup)
+        self.signal(signal.SIGKILL)
+
+    def remove(self) -> None:
+        """Remove the cgroup once it is empty (waits briefly for the kernel)."""
+        if self.cgroup is None:
+            return
+        for _ in range(100):
+            try:
+                os.rmdir(self.cgroup)
+                return
+            except OSError:
+                time.sleep(0.01)
+        log.warning("cgroup %s still busy", self.cgroup)
+
+
+@dataclass
+class _Running:
+    tree: ProcessTree
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
+    """Implements GuestAgentService."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, _Running] = {}
+        self._lock = threading.Lock()
+
+    def GetStatus(
+        self, request: guest_agent_pb2.GetStatusRequest, context: grpc.ServicerContext
+    ) -> guest_agent_pb2.GetStatusResponse:
+        return guest_agent_pb2.GetStatusResponse(info=guest_info())
+
+    def Execute(  # noqa: C901 - one state machine, kept together on purpose
+        self, request: guest_agent_pb2.ExecuteRequest, context: grpc.ServicerContext
+    ) -> Iterator[guest_agent_pb2.ExecuteResponse]:
+        try:
+            argv = build_argv(request.program)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        timeout = request.timeout.ToNanoseconds() / 1e9 if request.HasField("timeout") else 0.0
+        if timeout < 0 or timeout > MAX_TIMEOUT_S:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"timeout must be between 0 and {MAX_TIMEOUT_S:.0f} seconds, got {timeout}",
+            )
+        timeout = timeout or DEFAULT_TIMEOUT_S
+        cap = request.max_output_bytes or DEFAULT_MAX_OUTPUT
+        cwd = request.cwd or "/root"
+        if not os.path.isdir(cwd):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cwd {cwd!r} is not a directory")
+        env = dict(DEFAULT_ENV)
+        env.update(request.env)
+        exec_id = request.exec_id
+        tree = ProcessTree()
+        running = _Running(tree)
+        if exec_id:
+            with self._lock:
+                if exec_id in self._running:
+                    tree.remove()
+                    context.abort(
+                        grpc.StatusCode.ALREADY_EXISTS, f"exec_id {exec_id!r} is already running"
+                    )
+                self._running[exec_id] = running
+        context.add_callback(running.cancelled.set)
+        start = time.monotonic()
+        try:
+            try:
+                proc = subprocess.Popen(
+                    tree.wrap(argv),
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot start {argv[0]!r}: {exc}")
+            tree.pgid = proc.pid
+            yield guest_agent_pb2.ExecuteResponse(
+                started=guest_agent_pb2.ProcessStarted(pid=proc.pid)
+            )
+            yield from self._pump(proc, request.stdin, tree, running, start + timeout, cap, start)
+        finally:
+            tree.kill_all()
+            tree.remove()
+            if exec_id:
+                with self._lock:
+                    self._running.pop(exec_id, None)
+
+    def _pump(
+        self,
+        proc: subprocess.Popen[bytes],
+        stdin: bytes,
+        tree: ProcessTree,
+        running: _Running,
+        deadline: float,
+        cap: int,
+        start: float,
+    ) -> Iterator[guest_agent_pb2.ExecuteResponse]:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        threading.Thread(target=_feed_stdin, args=(proc.stdin, stdin), daemon=True).start()
+        sel = selectors.DefaultSelector()
+        streams = {
+            proc.stdout.fileno(): common_pb2.OUTPUT_STREAM_STDOUT,
+            proc.stderr.fileno(): common_pb2.OUTPUT_STREAM_STDERR,
+        }
+        for fd in streams:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ)
+        sent = {common_pb2.OUTPUT_STREAM_STDOUT: 0, common_pb2.OUTPUT_STREAM_STDERR: 0}
+        truncated = dict.fromkeys(sent, False)
+        timed_out = False
+        killed = False
+        open_fds = set(streams)
+        while open_fds:
+            now = time.monotonic()
+            if not killed and (now >= deadline or running.cancelled.is_set()):
+                timed_out = not running.cancelled.is_set()
+                tree.kill_all()
+                killed = True
+            if not killed and proc.poll() is not None:
+                # The main process ended: whatever it left behind dies with it,
+                # so the pipes reach EOF.
+                tree.kill_all()
+                killed = True
+            wait = 0.1 if killed else min(0.1, max(0.0, deadline - now))
+            for key, _ in sel.select(wait):
+                fd = int(key.fd)
+                try:
+                    data = os.read(fd, READ_CHUNK)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    sel.unregister(fd)
+                    open_fds.discard(fd)
+                    continue
+                stream = streams[fd]
+                room = cap - sent[stream]
+                if room <= 0:
+                    truncated[stream] = True
+                    continue
+                if len(data) > room:
+                    data = data[:room]
+                    truncated[stream] = True
+                sent[stream] += len(data)
+                yield guest_agent_pb2.ExecuteResponse(
+                    output=common_pb2.OutputChunk(stream=stream, data=data)
+                )
+        sel.close()
+        rc = proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        status = common_pb2.ExitStatus(
+            timed_out=timed_out,
+            stdout_truncated=truncated[common_pb2.OUTPUT_STREAM_STDOUT],
+            stderr_truncated=truncated[common_pb2.OUTPUT_STREAM_STDERR],
+        )
+        if rc < 0:
+            status.signal = -rc
+            status.exit_code = 128 - rc
+        else:
+            status.exit_code = rc
+        if timed_out:
+            status.exit_code = 124
+        status.duration.FromNanoseconds(int((time.monotonic() - start) * 1e9))
+        yield guest_agent_pb2.ExecuteResponse(exited=status)
+
+    def SignalProcess(
+        self, request: guest_agent_pb2.SignalProcessRequest, context: grpc.ServicerContext
+    ) -> guest_agent_pb2.SignalProcessResponse:
+        with self._lock:
+            running = self._running.get(request.exec_id)
+        if running is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no running execution {request.exec_id!r}")
+        try:
+            signum = signal.Signals(request.signal)
+        except ValueError:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown signal {request.signal}")
+        if signum == signal.SIGKILL:
+            running.tree.kill_all()
+        else:
+            running.tree.signal(signum)
+        return guest_agent_pb2.SignalProcessResponse()
+
+    def Shutdown(
+        self, request: guest_agent_pb2.ShutdownRequest, context: grpc.ServicerContext
+    ) -> guest_agent_pb2.ShutdownResponse:
+        threading.Thread(target=_power_off, daemon=True).start()
+        return guest_agent_pb2.ShutdownResponse()
+
+    def ReseedRandom(
+        self, request: guest_agent_pb2.ReseedRandomRequest, context: grpc.ServicerContext
+    ) -> guest_agent_pb2.ReseedRandomResponse:
+        if len(request.seed) < 32:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "seed must be at least 32 bytes")
+        with open("/dev/urandom", "wb") as fh:
+            fh.write(request.seed[:4096])
+        return guest_agent_pb2.ReseedRandomResponse()
+
+
+def _feed_stdin(pipe: object, data: bytes) -> None:
+    from io import BufferedWriter
+
+    assert isinstance(pipe, BufferedWriter)
+    try:
+        if data:
+            pipe.write(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            pipe.close()
+
+
+def _power_off() -> None:
+    """Flush and power off; busybox init powers off on SIGUSR2."""
+    time.sleep(0.2)
+    os.sync()
+    if os.getpid() != 1:
+        with contextlib.suppress(OSError):
+            os.kill(1, signal.SIGUSR2)
+
+
+def serve(address: str, max_workers: int = 32) -> grpc.Server:
+    """Start the agent's gRPC server on ``address`` (e.g. ``unix:/run/agentvm/agent.sock``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ],
+    )
+    guest_agent_pb2_grpc.add_GuestAgentServiceServicer_to_server(GuestAgent(), server)
+    server.add_insecure_port(address)
+    server.start()
+    return server
+
+
+def connect_unix(path: str) -> socket.socket:
+    """A connected Unix socket to ``path``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    return sock

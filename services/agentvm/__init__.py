@@ -1,0 +1,1 @@
+"""agent-vm host services; generated protobuf code lives in agentvm.v1."""

@@ -1,0 +1,1 @@
+"""Shared code of every agent-vm service: settings, errors, logging, gRPC bootstrap."""

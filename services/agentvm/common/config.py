@@ -1,0 +1,58 @@
+"""Settings as data, with environment-variable defaults (AGENTVM_*)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where things live and how services reach each other.
+
+    Every field can be set by an environment variable named in its comment.
+    """
+
+    # AGENTVM_LIBVIRT_URI
+    libvirt_uri: str = field(default_factory=lambda: _env("AGENTVM_LIBVIRT_URI", "qemu:///system"))
+    # AGENTVM_STATE_DIR: VM overlays and metadata (must be traversable by QEMU's user).
+    state_dir: Path = field(default_factory=lambda: Path(_env("AGENTVM_STATE_DIR", "/var/lib/agent-vm")))
+    # AGENTVM_RUN_DIR: service sockets, pid files, per-VM agent sockets.
+    run_dir: Path = field(default_factory=lambda: Path(_env("AGENTVM_RUN_DIR", "/run/agent-vm")))
+    # AGENTVM_CACHE_DIR: guest images.
+    cache_dir: Path = field(default_factory=lambda: Path(_env("AGENTVM_CACHE_DIR", "/var/cache/agent-vm")))
+    # AGENTVM_LOG_DIR: service logs when started by `agent-vm up`.
+    log_dir: Path = field(default_factory=lambda: Path(_env("AGENTVM_LOG_DIR", "/var/log/agent-vm")))
+    # AGENTVM_ACCEL: auto | kvm | tcg
+    accel: str = field(default_factory=lambda: _env("AGENTVM_ACCEL", "auto"))
+    # AGENTVM_VM_PREFIX: libvirt object names start with this (must start with "agent-vm-").
+    vm_prefix: str = field(default_factory=lambda: _env("AGENTVM_VM_PREFIX", "agent-vm-"))
+    # AGENTVM_VM_MANAGER_ADDR
+    vm_manager_addr: str = field(
+        default_factory=lambda: _env("AGENTVM_VM_MANAGER_ADDR", "unix:/run/agent-vm/vm-manager.sock")
+    )
+    # AGENTVM_LOG_LEVEL
+    log_level: str = field(default_factory=lambda: _env("AGENTVM_LOG_LEVEL", "INFO"))
+
+    def __post_init__(self) -> None:
+        from agentvm.common.errors import InvalidArgument
+
+        if self.accel not in ("auto", "kvm", "tcg"):
+            raise InvalidArgument(f"AGENTVM_ACCEL={self.accel!r}: use auto, kvm or tcg")
+        if not self.vm_prefix.startswith("agent-vm-"):
+            raise InvalidArgument(
+                f"AGENTVM_VM_PREFIX={self.vm_prefix!r} must start with 'agent-vm-'"
+            )
+
+    @property
+    def vms_state_dir(self) -> Path:
+        return self.state_dir / "vms"
+
+    @property
+    def vms_run_dir(self) -> Path:
+        return self.run_dir / "vms"

@@ -1,0 +1,74 @@
+"""One error root for agent-vm, mapped to gRPC status codes at service boundaries.
+
+Error tree::
+
+    AgentVMError                      (INTERNAL)
+     ├── InvalidArgument              (INVALID_ARGUMENT)  bad request: say what to change
+     ├── NotFound                     (NOT_FOUND)
+     ├── AlreadyExists                (ALREADY_EXISTS)
+     ├── FailedPrecondition           (FAILED_PRECONDITION) missing image, wrong state ...
+     │    └── StateError              a VM is not in a state that allows the call
+     ├── Unavailable                  (UNAVAILABLE) libvirt down, service not up
+     ├── DeadlineExceeded             (DEADLINE_EXCEEDED)
+     ├── Unimplemented                (UNIMPLEMENTED) not available in this build/host
+     └── GuestError                   (UNAVAILABLE) the guest misbehaved or died
+
+Every message says what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class AgentVMError(Exception):
+    """Root of every agent-vm error."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(AgentVMError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(AgentVMError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(AgentVMError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(AgentVMError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class StateError(FailedPrecondition):
+    """A VM is in ``state`` but the operation needs one of ``required``."""
+
+    def __init__(self, name: str, state: str, required: tuple[str, ...]) -> None:
+        super().__init__(
+            f"VM {name} is {state}; this needs it to be {' or '.join(required)}"
+        )
+        self.state = state
+        self.required = required
+
+
+class Unavailable(AgentVMError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(AgentVMError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unimplemented(AgentVMError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class GuestError(AgentVMError):
+    code = grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,154 @@
+"""gRPC plumbing shared by every service: channel options, server bootstrap, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from agentvm.common.errors import AgentVMError
+
+log = logging.getLogger("agentvm.grpc")
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_http_proxy", 0),
+]
+
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def aio_channel(target: str) -> grpc.aio.Channel:
+    """An insecure asyncio channel with agent-vm's limits (local Unix sockets)."""
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+def sync_channel(target: str) -> grpc.Channel:
+    """An insecure blocking channel with agent-vm's limits."""
+    return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def grpc_errors(func: F) -> F:
+    """Servicer decorator: AgentVMError -> its status code, anything else -> INTERNAL.
+
+    BaseExceptions (cancellation, KeyboardInterrupt) pass through untouched.
+    """
+
+    @functools.wraps(func)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await func(self, request, context)
+        except AgentVMError as exc:
+            await context.abort(exc.code, exc.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            log.exception("unexpected error in %s", func.__name__)
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"internal error in {func.__name__}: {exc!r}; see the service log",
+            )
+
+    return wrapper  # type: ignore[return-value]
+
+
+def grpc_stream_errors(
+    func: Callable[..., AsyncIterator[Any]],
+) -> Callable[..., AsyncIterator[Any]]:
+    """Like :func:`grpc_errors` for server-streaming methods."""
+
+    @functools.wraps(func)
+    async def wrapper(
+        self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        try:
+            async for item in func(self, request, context):
+                yield item
+        except AgentVMError as exc:
+            await context.abort(exc.code, exc.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            log.exception("unexpected error in %s", func.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
+
+    return wrapper
+
+
+def remaining_time(context: grpc.aio.ServicerContext[Any, Any], default: float) -> float:
+    """Seconds left before the caller's deadline, or ``default`` when it set none."""
+    left = context.time_remaining()
+    return default if left is None else max(0.0, min(default, left))
+
+
+def prepare_unix_address(address: str) -> None:
+    """Create the directory of a unix: address and remove a stale socket file."""
+    if not address.startswith("unix:"):
+        return
+    path = Path(address.removeprefix("unix:").removeprefix("//"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+async def serve(
+    *,
+    service_name: str,
+    address: str,
+    register: Callable[[grpc.aio.Server], None],
+    full_service_names: Sequence[str],
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    ready: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run a service until SIGTERM/SIGINT: health + reflection, restrictive socket mode."""
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [*full_service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    prepare_unix_address(address)
+    old = os.umask(0o117)
+    try:
+        server.add_insecure_port(address)
+        await server.start()
+    finally:
+        os.umask(old)
+    if ready is not None:
+        await ready()
+    for name in [*full_service_names, ""]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s serving on %s", service_name, address)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("%s stopping", service_name)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=5)
+    if on_stop is not None:
+        await on_stop()

@@ -1,0 +1,70 @@
+"""vm-manager process: `python -m agentvm.vm_manager` (started by `agent-vm up`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from agentvm.common import logging as jsonlog
+from agentvm.common.config import Settings
+from agentvm.common.grpc_util import serve
+from agentvm.v1 import vm_manager_pb2, vm_manager_pb2_grpc
+from agentvm.vm_manager.accel import detect
+from agentvm.vm_manager.hostcaps import can_raise_memlock
+from agentvm.vm_manager.image import ImageStore
+from agentvm.vm_manager.libvirt_conn import LibvirtConnection
+from agentvm.vm_manager.manager import VMManager
+from agentvm.vm_manager.servicer import VMManagerServicer
+
+SERVICE = vm_manager_pb2.DESCRIPTOR.services_by_name["VMManagerService"].full_name
+log = logging.getLogger("agentvm.vm_manager")
+
+
+async def run(settings: Settings) -> None:
+    accel = detect(settings.accel)
+    log.info("accelerator %s: %s", accel.accel.value, accel.reason)
+    memlock = can_raise_memlock()
+    if not memlock:
+        log.warning(
+            "cannot raise RLIMIT_MEMLOCK (no CAP_SYS_RESOURCE): VMs run without a memory hard "
+            "limit and CPU/IO cgroup tuning still applies"
+        )
+    conn = LibvirtConnection(settings.libvirt_uri)
+    images = ImageStore(settings.cache_dir)
+    manager = VMManager(settings, conn, images, accel, memory_limit=memlock)
+
+    def register(server: grpc.aio.Server) -> None:
+        vm_manager_pb2_grpc.add_VMManagerServiceServicer_to_server(
+            VMManagerServicer(manager, images), server
+        )
+
+    async def ready() -> None:
+        try:
+            await manager.recover()
+        except Exception:  # libvirt down at start: serve anyway, calls report it
+            log.exception("recovery of existing VMs failed")
+
+    async def on_stop() -> None:
+        await manager.close()
+        conn.close()
+
+    await serve(
+        service_name="vm-manager",
+        address=settings.vm_manager_addr,
+        register=register,
+        full_service_names=[SERVICE],
+        on_stop=on_stop,
+        ready=ready,
+    )
+
+
+def main() -> None:
+    settings = Settings()
+    jsonlog.setup("vm-manager", settings.log_level)
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

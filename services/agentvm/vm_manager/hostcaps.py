@@ -1,0 +1,27 @@
+"""Host capability probes, declared once (used by vm-manager and `agent-vm doctor`)."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+
+def can_raise_memlock() -> bool:
+    """Whether this process may raise RLIMIT_MEMLOCK (needed by libvirt's memory hard limit).
+
+    libvirt sets the QEMU process's locked-memory limit to the memtune hard
+    limit; without CAP_SYS_RESOURCE (e.g. inside some containers) the domain
+    then fails to start.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if hard == resource.RLIM_INFINITY:
+        return True
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard + 4096))
+        except (ValueError, OSError):
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0

@@ -1,0 +1,153 @@
+"""The libvirt connection, and the one place libvirt errors become agent-vm errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import libvirt
+
+from agentvm.common.errors import (
+    AgentVMError,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+
+log = logging.getLogger("agentvm.vm_manager.libvirt")
+
+# libvirt domain states (virDomainState).
+DOMAIN_NOSTATE = 0
+DOMAIN_RUNNING = 1
+DOMAIN_BLOCKED = 2
+DOMAIN_PAUSED = 3
+DOMAIN_SHUTDOWN = 4
+DOMAIN_SHUTOFF = 5
+DOMAIN_CRASHED = 6
+DOMAIN_PMSUSPENDED = 7
+
+_NOT_FOUND = {
+    libvirt.VIR_ERR_NO_DOMAIN,
+    libvirt.VIR_ERR_NO_NETWORK,
+    libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT,
+}
+_UNAVAILABLE = {
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_SYSTEM_ERROR,
+    libvirt.VIR_ERR_RPC,
+    libvirt.VIR_ERR_AUTH_FAILED,
+}
+_INVALID = {libvirt.VIR_ERR_XML_ERROR, libvirt.VIR_ERR_XML_DETAIL, libvirt.VIR_ERR_INVALID_ARG}
+
+
+def translate(exc: libvirt.libvirtError, what: str) -> AgentVMError:
+    """Map a libvirt error to the agent-vm error tree by its error code."""
+    code = exc.get_error_code()
+    msg = f"{what}: {exc.get_error_message()}"
+    if code in _NOT_FOUND:
+        return NotFound(msg)
+    if code == libvirt.VIR_ERR_OPERATION_INVALID:
+        return FailedPrecondition(msg)
+    if code in (libvirt.VIR_ERR_DOM_EXIST,):
+        return AlreadyExists(msg)
+    if code in _INVALID:
+        return InvalidArgument(msg)
+    if code in _UNAVAILABLE:
+        return Unavailable(msg + " (is libvirtd running? `agent-vm doctor` checks)")
+    return AgentVMError(msg)
+
+
+@contextlib.contextmanager
+def libvirt_errors(what: str) -> Iterator[None]:
+    """Translate libvirt errors raised in the block (``raise ... from``)."""
+    try:
+        yield
+    except libvirt.libvirtError as exc:
+        raise translate(exc, what) from exc
+
+
+def _silence(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; we raise them instead."""
+
+
+libvirt.registerErrorHandler(_silence, None)
+
+
+class LibvirtConnection:
+    """A lazily (re)opened connection to one libvirt URI. Thread-safe."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn: libvirt.virConnect | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> libvirt.virConnect:
+        """The open connection; opens (or reopens a dead one) on demand."""
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    if self._conn.isAlive():
+                        return self._conn
+                except libvirt.libvirtError:
+                    pass
+                with contextlib.suppress(libvirt.libvirtError):
+                    self._conn.close()
+                self._conn = None
+            try:
+                self._conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise Unavailable(
+                    f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}. "
+                    "Start libvirtd (and virtlogd), or set AGENTVM_LIBVIRT_URI; "
+                    "`agent-vm doctor` shows what is missing"
+                ) from exc
+            return self._conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    self._conn.close()
+                self._conn = None
+
+    def lookup(self, name: str) -> libvirt.virDomain:
+        with libvirt_errors(f"VM {name}"):
+            return self.get().lookupByName(name)
+
+    def find(self, name: str) -> libvirt.virDomain | None:
+        """The domain called ``name``, or None."""
+        try:
+            return self.get().lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise translate(exc, f"VM {name}") from exc
+
+    def define(self, xml: str) -> libvirt.virDomain:
+        with libvirt_errors("defining the domain"):
+            return self.get().defineXML(xml)
+
+    def list_domains(self, prefix: str) -> list[libvirt.virDomain]:
+        with libvirt_errors("listing domains"):
+            return [d for d in self.get().listAllDomains(0) if d.name().startswith(prefix)]
+
+    def versions(self) -> tuple[str, str]:
+        """(libvirt version, hypervisor version) as dotted strings."""
+
+        def dotted(v: int) -> str:
+            return f"{v // 1000000}.{v // 1000 % 1000}.{v % 1000}"
+
+        with libvirt_errors("reading versions"):
+            conn = self.get()
+            return dotted(conn.getLibVersion()), dotted(conn.getVersion())
+
+    @staticmethod
+    def state(dom: Any) -> int:
+        """The domain's libvirt state (virDomainState)."""
+        with libvirt_errors(f"state of {dom.name()}"):
+            return int(dom.state()[0])

@@ -1,0 +1,482 @@
+"""VMManager: VM lifecycle over libvirt (async core; libvirt calls run in threads).
+
+State lives in two places only: libvirt (domains, with agent-vm's record in
+each domain's <metadata>) and the VM directories (overlay, console log).
+The in-memory registry is rebuilt from them at start (``recover``), so a
+restarted vm-manager finds the VMs it made and reconnects to their agents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import shutil
+import subprocess
+import time
+import uuid as uuidlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+import libvirt
+
+from agentvm.common.config import Settings
+from agentvm.common.errors import (
+    AgentVMError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from agentvm.common.grpc_util import aio_channel
+from agentvm.v1 import guest_agent_pb2, guest_agent_pb2_grpc
+from agentvm.vm_manager import domain_xml as dx
+from agentvm.vm_manager.accel import AccelInfo
+from agentvm.vm_manager.image import ImageStore
+from agentvm.vm_manager.libvirt_conn import (
+    DOMAIN_CRASHED,
+    DOMAIN_SHUTOFF,
+    LibvirtConnection,
+    libvirt_errors,
+)
+from agentvm.vm_manager.relay import HostRelay
+from agentvm.vm_manager.templates import (
+    ImageFiles,
+    NetworkMode,
+    ResourceProfile,
+    Resources,
+    VMTemplate,
+)
+from agentvm.vm_manager.vm import VM, VMState
+from agentvm_guest.mux import PORT_NAME
+
+log = logging.getLogger("agentvm.vm_manager")
+
+NAME_RE = re.compile(r"^agent-vm-[a-z0-9][a-z0-9-]{0,62}$")
+DEFAULT_WAIT_S = 120.0
+DEFAULT_GRACE_S = 10.0
+POLL_S = 0.05
+LABEL_RE = re.compile(r"^[A-Za-z0-9_.\-/]{1,63}$")
+
+
+def _undefine_flags() -> int:
+    return int(
+        libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+    )
+
+
+class VMManager:
+    """Creates, starts, stops and destroys VMs; owns their agent relays."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        conn: LibvirtConnection,
+        images: ImageStore,
+        accel: AccelInfo,
+        *,
+        memory_limit: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.conn = conn
+        self.images = images
+        self.accel = accel
+        self.memory_limit = memory_limit
+        self._vms: dict[str, VM] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- helpers ---------------------------------------------------------
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _validate_name(self, name: str) -> None:
+        if not NAME_RE.match(name):
+            raise InvalidArgument(
+                f"VM name {name!r} is not an agent-vm name: names look like "
+                f"'{self.settings.vm_prefix}1a2b3c4d' (see ListVMs)"
+            )
+
+    def _get(self, name: str) -> VM:
+        self._validate_name(name)
+        vm = self._vms.get(name)
+        if vm is None:
+            raise NotFound(f"no VM named {name}: ListVMs shows the VMs that exist")
+        return vm
+
+    def _paths(self, name: str) -> tuple[Path, Path]:
+        return self.settings.vms_state_dir / name, self.settings.vms_run_dir / name
+
+    @staticmethod
+    def _check_labels(labels: dict[str, str]) -> None:
+        for key, value in labels.items():
+            if not LABEL_RE.match(key):
+                raise InvalidArgument(
+                    f"label key {key!r} must be 1-63 characters of letters, digits, '_.-/'"
+                )
+            if len(value) > 256:
+                raise InvalidArgument(f"label {key!r} value is longer than 256 characters")
+
+    # -- recovery --------------------------------------------------------
+    async def recover(self) -> None:
+        """Rebuild the registry from libvirt; reclaim VM directories nobody owns."""
+        doms = await asyncio.to_thread(self.conn.list_domains, self.settings.vm_prefix)
+        for dom in doms:
+            try:
+                await self._adopt(dom)
+            except AgentVMError as exc:
+                log.warning("cannot adopt domain %s: %s", dom.name(), exc)
+        for base in (self.settings.vms_state_dir, self.settings.vms_run_dir):
+            if not base.exists():
+                continue
+            for path in base.iterdir():
+                if path.name.startswith(self.settings.vm_prefix) and path.name not in self._vms:
+                    log.info("removing leftover VM directory %s", path)
+                    shutil.rmtree(path, ignore_errors=True)
+
+    async def _adopt(self, dom: libvirt.virDomain) -> None:
+        xml = await asyncio.to_thread(dom.XMLDesc, 0)
+        meta = dx.Metadata.parse(xml)
+        if meta is None:
+            log.info("domain %s has no agent-vm metadata; leaving it alone", dom.name())
+            return
+        f = meta.fields
+        name = dom.name()
+        vm_dir, run_dir = self._paths(name)
+        profile = ResourceProfile[f.get("profile", "STANDARD")]
+        vm = VM(
+            name=name,
+            uuid=dom.UUIDString(),
+            profile=profile,
+            network_mode=NetworkMode[f.get("network_mode", "ISOLATED")],
+            resources=Resources(
+                int(f.get("vcpus", profile.vcpus)),
+                int(f.get("memory_mib", profile.memory_mib)),
+                int(f.get("disk_mib", profile.disk_mib)),
+            ),
+            accel=self.accel.accel,
+            image_id=f.get("image_id", ""),
+            vm_dir=vm_dir,
+            run_dir=run_dir,
+            labels=dict(meta.labels),
+            created_at=float(f.get("created_at", time.time())),
+        )
+        active = await asyncio.to_thread(dom.isActive)
+        if active:
+            vm.state = VMState.BOOTING
+            vm.boot_started = time.monotonic()
+            await self._start_relay(vm, dom)
+        else:
+            vm.state = VMState.STOPPED
+        self._vms[name] = vm
+        log.info("adopted VM %s (%s)", name, vm.state.name)
+
+    # -- lifecycle -------------------------------------------------------
+    async def create(
+        self,
+        *,
+        profile: ResourceProfile,
+        network_mode: NetworkMode,
+        resources: Resources,
+        labels: dict[str, str],
+        start: bool,
+    ) -> VM:
+        network_mode.require_implemented()
+        self._check_labels(labels)
+        image = self.images.require_current()
+        manifest = image.load_manifest()
+        uid = str(uuidlib.uuid4())
+        name = f"{self.settings.vm_prefix}{uid[:8]}"
+        vm_dir, run_dir = self._paths(name)
+        vm = VM(
+            name=name,
+            uuid=uid,
+            profile=profile,
+            network_mode=network_mode,
+            resources=resources,
+            accel=self.accel.accel,
+            image_id=manifest.id,
+            vm_dir=vm_dir,
+            run_dir=run_dir,
+            labels=dict(labels),
+        )
+        async with self._lock(name):
+            self._vms[name] = vm
+            try:
+                await asyncio.to_thread(self._define, vm, image.disk, image.kernel, image.initrd)
+                vm.transition(VMState.DEFINED)
+            except BaseException:
+                self._vms.pop(name, None)
+                await asyncio.to_thread(self._remove_everything, vm)
+                raise
+        log.info("created VM %s", name, extra={"vm": name, "profile": profile.name})
+        if start:
+            await self.start(name)
+        return vm
+
+    def _define(self, vm: VM, base: Path, kernel: Path, initrd: Path) -> None:
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        for d in (self.settings.state_dir, self.settings.vms_state_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            d.chmod(0o755)
+        vm.vm_dir.mkdir(mode=0o755)
+        vm.vm_dir.chmod(0o755)
+        proc = subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+             str(vm.overlay), f"{vm.resources.disk_mib}M"],
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0:
+            raise FailedPrecondition(f"cannot create the overlay of {vm.name}: {proc.stderr.strip()}")
+        template = VMTemplate(
+            profile=vm.profile,
+            network_mode=vm.network_mode,
+            resources=vm.resources,
+            accel=vm.accel,
+            image=ImageFiles(kernel=str(kernel), initrd=str(initrd)),
+            memory_limit=self.memory_limit,
+        )
+        meta = dx.Metadata(
+            {
+                "profile": vm.profile.name,
+                "network_mode": vm.network_mode.name,
+                "vcpus": str(vm.resources.vcpus),
+                "memory_mib": str(vm.resources.memory_mib),
+                "disk_mib": str(vm.resources.disk_mib),
+                "image_id": vm.image_id,
+                "created_at": f"{vm.created_at:.3f}",
+            },
+            vm.labels,
+        )
+        domain = template.domain(
+            name=vm.name, uuid=vm.uuid, overlay=str(vm.overlay),
+            console_log=str(vm.console_log), metadata=meta,
+        )
+        self.conn.define(domain.to_xml())
+
+    async def start(self, name: str) -> VM:
+        async with self._lock(name):
+            vm = self._get(name)
+            vm.require(VMState.DEFINED, VMState.STOPPED, VMState.FAILED)
+            dom = await asyncio.to_thread(self.conn.lookup, name)
+            vm.boot_started = time.monotonic()
+            vm.boot_duration = None
+            vm.guest = None
+            vm.error = ""
+            with libvirt_errors(f"starting VM {name}"):
+                await asyncio.to_thread(dom.create)
+            vm.transition(VMState.BOOTING)
+            await self._start_relay(vm, dom)
+            log.info("started VM %s", name, extra={"vm": name})
+            return vm
+
+    async def _start_relay(self, vm: VM, dom: libvirt.virDomain) -> None:
+        xml = await asyncio.to_thread(dom.XMLDesc, 0)
+        path, _state = dx.channel_state(xml, PORT_NAME)
+        if path is None:
+            raise FailedPrecondition(f"VM {vm.name} has no agent channel in its live XML")
+        if vm.relay is not None:
+            await vm.relay.close()
+        vm.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        vm.relay = HostRelay(vm.name, vm.agent_socket, channel_path=path)
+        await vm.relay.start()
+
+    async def _refresh(self, vm: VM) -> None:
+        """Notice a domain that stopped or crashed behind our back."""
+        if not vm.state.running:
+            return
+        dom = await asyncio.to_thread(self.conn.find, vm.name)
+        if dom is None:
+            vm.state = VMState.FAILED
+            vm.error = "the domain disappeared from libvirt"
+            return
+        state, reason = await asyncio.to_thread(dom.state)
+        if state in (DOMAIN_SHUTOFF, DOMAIN_CRASHED):
+            if state == DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN:
+                vm.transition(VMState.STOPPED)
+            else:
+                vm.transition(VMState.FAILED)
+                vm.error = (
+                    f"the VM stopped unexpectedly (libvirt state {state}, reason {reason}); "
+                    f"see its console log {vm.console_log}"
+                )
+            if vm.relay is not None:
+                await vm.relay.close()
+                vm.relay = None
+
+    async def get(self, name: str) -> VM:
+        vm = self._get(name)
+        await self._refresh(vm)
+        return vm
+
+    async def list(self, selector: dict[str, str]) -> list[VM]:
+        out = []
+        for vm in list(self._vms.values()):
+            if all(vm.labels.get(k) == v for k, v in selector.items()):
+                await self._refresh(vm)
+                out.append(vm)
+        return sorted(out, key=lambda v: v.created_at)
+
+    async def wait(self, name: str, state: VMState, timeout: float) -> VM:
+        """Wait until ``name`` is in ``state``; READY means the agent answered."""
+        vm = self._get(name)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            await self._refresh(vm)
+            if state is VMState.READY and vm.state is VMState.BOOTING:
+                await self._probe_agent(vm, deadline)
+            if vm.state is state:
+                return vm
+            if state is VMState.READY and vm.state is not VMState.BOOTING:
+                raise FailedPrecondition(
+                    f"VM {name} is {vm.state.name} and will not become READY"
+                    + (f": {vm.error}" if vm.error else "; start it first")
+                )
+            if vm.state is VMState.DESTROYED:
+                raise FailedPrecondition(f"VM {name} was destroyed")
+            if loop.time() >= deadline:
+                raise DeadlineExceeded(
+                    f"VM {name} did not become {state.name} within {timeout:.0f} s "
+                    f"(it is {vm.state.name}; console log: {vm.console_log})"
+                )
+            await asyncio.sleep(POLL_S)
+
+    async def _probe_agent(self, vm: VM, deadline: float) -> None:
+        """One readiness attempt: the guest opened its port and the agent answers."""
+        loop = asyncio.get_running_loop()
+        dom = await asyncio.to_thread(self.conn.find, vm.name)
+        if dom is None:
+            return
+        xml = await asyncio.to_thread(dom.XMLDesc, 0)
+        _path, cstate = dx.channel_state(xml, PORT_NAME)
+        if cstate != "connected":
+            return
+        budget = max(0.1, min(5.0, deadline - loop.time()))
+        try:
+            info = await self.agent_status(vm, budget)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("agent of %s not ready: %s", vm.name, exc.details())
+            return
+        if vm.state is VMState.BOOTING:
+            vm.guest = info
+            if vm.boot_started is not None and vm.boot_duration is None:
+                vm.boot_duration = time.monotonic() - vm.boot_started
+            vm.transition(VMState.READY)
+            log.info(
+                "VM %s ready", vm.name,
+                extra={"vm": vm.name, "boot_s": round(vm.boot_duration or 0.0, 3)},
+            )
+
+    async def agent_status(self, vm: VM, timeout: float) -> guest_agent_pb2.GetStatusResponse:
+        async with aio_channel(vm.agent_endpoint) as channel:
+            stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
+            resp = await stub.GetStatus(guest_agent_pb2.GetStatusRequest(), timeout=timeout)
+            return resp.info
+
+    async def stop(self, name: str, grace: float, force: bool) -> tuple[VM, bool]:
+        """Graceful stop (agent shutdown), then forced power-off after ``grace`` seconds."""
+        async with self._lock(name):
+            vm = self._get(name)
+            await self._refresh(vm)
+            if vm.state in (VMState.STOPPED, VMState.DEFINED):
+                return vm, False
+            vm.require(VMState.BOOTING, VMState.READY, VMState.FAILED)
+            dom = await asyncio.to_thread(self.conn.lookup, name)
+            was_ready = vm.state is VMState.READY
+            if vm.state is not VMState.FAILED:
+                vm.transition(VMState.STOPPING)
+            forced = False
+            if not force and was_ready:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    async with aio_channel(vm.agent_endpoint) as channel:
+                        stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
+                        await stub.Shutdown(guest_agent_pb2.ShutdownRequest(), timeout=min(grace, 3))
+            if not force:
+                with contextlib.suppress(libvirt.libvirtError):
+                    await asyncio.to_thread(dom.shutdown)
+                forced = not await self._wait_shutoff(dom, grace)
+            if force or forced:
+                forced = True
+                with contextlib.suppress(libvirt.libvirtError):
+                    await asyncio.to_thread(dom.destroy)
+                await self._wait_shutoff(dom, 10)
+            if vm.relay is not None:
+                await vm.relay.close()
+                vm.relay = None
+            vm.state = VMState.STOPPED
+            log.info("stopped VM %s (forced=%s)", name, forced, extra={"vm": name})
+            return vm, forced
+
+    @staticmethod
+    async def _wait_shutoff(dom: libvirt.virDomain, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            try:
+                if not await asyncio.to_thread(dom.isActive):
+                    return True
+            except libvirt.libvirtError:
+                return True
+            await asyncio.sleep(POLL_S * 2)
+        return False
+
+    async def destroy(self, name: str) -> None:
+        """Remove the domain, overlay, snapshots and sockets. Idempotent."""
+        self._validate_name(name)
+        if not name.startswith(self.settings.vm_prefix):
+            raise InvalidArgument(
+                f"{name} does not belong to this vm-manager (prefix {self.settings.vm_prefix})"
+            )
+        async with self._lock(name):
+            vm = self._vms.get(name)
+            if vm is not None:
+                vm.state = VMState.DESTROYING
+                if vm.relay is not None:
+                    await vm.relay.close()
+                    vm.relay = None
+            vm_dir, run_dir = self._paths(name)
+            await asyncio.to_thread(self._destroy_domain, name)
+            for d in (vm_dir, run_dir):
+                await asyncio.to_thread(shutil.rmtree, d, True)
+            if vm is not None:
+                vm.state = VMState.DESTROYED
+            self._vms.pop(name, None)
+        self._locks.pop(name, None)
+        log.info("destroyed VM %s", name, extra={"vm": name})
+
+    def _destroy_domain(self, name: str) -> None:
+        dom = self.conn.find(name)
+        if dom is None:
+            return
+        with libvirt_errors(f"destroying VM {name}"):
+            try:
+                if dom.isActive():
+                    dom.destroy()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                    raise
+            try:
+                dom.undefineFlags(_undefine_flags())
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+
+    def _remove_everything(self, vm: VM) -> None:
+        with contextlib.suppress(AgentVMError):
+            self._destroy_domain(vm.name)
+        shutil.rmtree(vm.vm_dir, ignore_errors=True)
+        shutil.rmtree(vm.run_dir, ignore_errors=True)
+
+    async def close(self) -> None:
+        """Stop relays (VMs keep running; a restarted vm-manager adopts them)."""
+        for vm in self._vms.values():
+            if vm.relay is not None:
+                await vm.relay.close()
+                vm.relay = None
+
+    def names(self) -> Iterable[str]:
+        return list(self._vms)

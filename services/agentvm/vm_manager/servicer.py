@@ -1,0 +1,184 @@
+"""VMManagerService: the gRPC face of VMManager and ImageStore."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from agentvm.common.errors import InvalidArgument
+from agentvm.common.grpc_util import grpc_errors, grpc_stream_errors, remaining_time
+from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
+from agentvm.vm_manager.accel import Accel
+from agentvm.vm_manager.image import ImageStore, Manifest
+from agentvm.vm_manager.manager import DEFAULT_GRACE_S, DEFAULT_WAIT_S, VMManager
+from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
+from agentvm.vm_manager.vm import VMState
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+SNAPSHOTS_LATER = (
+    "snapshots are not available in this version of agent-vm (they land with the fast-start "
+    "work); destroy and re-create the VM instead"
+)
+
+
+def image_to_proto(manifest: Manifest, path: str) -> vm_manager_pb2.Image:
+    msg = vm_manager_pb2.Image(
+        id=manifest.id,
+        distribution=manifest.distribution,
+        kernel_release=manifest.kernel_release,
+        packages=manifest.packages,
+        agent_version=manifest.agent_version,
+        path=path,
+    )
+    msg.built_at.FromNanoseconds(int(manifest.built_at * 1e9))
+    return msg
+
+
+def qemu_version() -> str:
+    exe = shutil.which("qemu-system-x86_64")
+    if exe is None:
+        return ""
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False).stdout
+    return out.splitlines()[0] if out else ""
+
+
+class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
+    """Maps RPCs to VMManager; every error becomes a status code with advice."""
+
+    def __init__(self, manager: VMManager, images: ImageStore) -> None:
+        self.manager = manager
+        self.images = images
+
+    @grpc_errors
+    async def CreateVM(self, request: vm_manager_pb2.CreateVMRequest, context: Ctx) -> vm_manager_pb2.CreateVMResponse:
+        profile = ResourceProfile.from_proto(request.profile)
+        mode = NetworkMode.from_proto(request.network_mode)
+        if mode is not NetworkMode.BRIDGE and request.bridge:
+            raise InvalidArgument("bridge is only valid with NETWORK_MODE_BRIDGE")
+        res = request.resources
+        resources = Resources.for_profile(profile, res.vcpus, res.memory_mib, res.disk_mib)
+        vm = await self.manager.create(
+            profile=profile,
+            network_mode=mode,
+            resources=resources,
+            labels=dict(request.labels),
+            start=request.start,
+        )
+        return vm_manager_pb2.CreateVMResponse(vm=vm.to_proto())
+
+    @grpc_errors
+    async def StartVM(self, request: vm_manager_pb2.StartVMRequest, context: Ctx) -> vm_manager_pb2.StartVMResponse:
+        vm = await self.manager.start(request.name)
+        return vm_manager_pb2.StartVMResponse(vm=vm.to_proto())
+
+    @grpc_errors
+    async def StopVM(self, request: vm_manager_pb2.StopVMRequest, context: Ctx) -> vm_manager_pb2.StopVMResponse:
+        grace = DEFAULT_GRACE_S
+        if request.HasField("grace_period"):
+            grace = request.grace_period.ToNanoseconds() / 1e9
+            if not 0 <= grace <= 600:
+                raise InvalidArgument("grace_period must be between 0 and 600 seconds")
+        vm, forced = await self.manager.stop(request.name, grace, request.force)
+        return vm_manager_pb2.StopVMResponse(vm=vm.to_proto(), forced=forced)
+
+    @grpc_errors
+    async def DestroyVM(self, request: vm_manager_pb2.DestroyVMRequest, context: Ctx) -> vm_manager_pb2.DestroyVMResponse:
+        await self.manager.destroy(request.name)
+        return vm_manager_pb2.DestroyVMResponse()
+
+    @grpc_errors
+    async def GetVM(self, request: vm_manager_pb2.GetVMRequest, context: Ctx) -> vm_manager_pb2.GetVMResponse:
+        vm = await self.manager.get(request.name)
+        return vm_manager_pb2.GetVMResponse(vm=vm.to_proto())
+
+    @grpc_errors
+    async def ListVMs(self, request: vm_manager_pb2.ListVMsRequest, context: Ctx) -> vm_manager_pb2.ListVMsResponse:
+        vms = await self.manager.list(dict(request.label_selector))
+        return vm_manager_pb2.ListVMsResponse(vms=[v.to_proto() for v in vms])
+
+    @grpc_errors
+    async def WaitVM(self, request: vm_manager_pb2.WaitVMRequest, context: Ctx) -> vm_manager_pb2.WaitVMResponse:
+        if request.state == common_pb2.VM_STATE_UNSPECIFIED:
+            raise InvalidArgument("state is required (e.g. VM_STATE_READY)")
+        try:
+            state = VMState.from_proto(request.state)
+        except ValueError:
+            raise InvalidArgument(f"unknown VM state {request.state}") from None
+        timeout = DEFAULT_WAIT_S
+        if request.HasField("timeout"):
+            timeout = request.timeout.ToNanoseconds() / 1e9
+            if not 0 < timeout <= 3600:
+                raise InvalidArgument("timeout must be between 0 and 3600 seconds")
+        timeout = remaining_time(context, timeout)
+        vm = await self.manager.wait(request.name, state, timeout)
+        return vm_manager_pb2.WaitVMResponse(vm=vm.to_proto())
+
+    async def CreateSnapshot(self, request: Any, context: Ctx) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, SNAPSHOTS_LATER)
+
+    async def ListSnapshots(self, request: Any, context: Ctx) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, SNAPSHOTS_LATER)
+
+    async def RestoreSnapshot(self, request: Any, context: Ctx) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, SNAPSHOTS_LATER)
+
+    async def DeleteSnapshot(self, request: Any, context: Ctx) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, SNAPSHOTS_LATER)
+
+    @grpc_errors
+    async def GetImage(self, request: vm_manager_pb2.GetImageRequest, context: Ctx) -> vm_manager_pb2.GetImageResponse:
+        current = self.images.current()
+        if current is not None:
+            return vm_manager_pb2.GetImageResponse(
+                present=True, image=image_to_proto(current.load_manifest(), str(current.root))
+            )
+        other = self.images.any_built()
+        if other is not None:
+            return vm_manager_pb2.GetImageResponse(
+                present=False, stale=True,
+                image=image_to_proto(other.load_manifest(), str(other.root)),
+            )
+        return vm_manager_pb2.GetImageResponse(present=False)
+
+    @grpc_stream_errors
+    async def BuildImage(
+        self, request: vm_manager_pb2.BuildImageRequest, context: Ctx
+    ) -> AsyncIterator[vm_manager_pb2.BuildImageResponse]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def log(line: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, line)
+
+        def build() -> Manifest:
+            try:
+                return self.images.build(force=request.force, log=log)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        task = asyncio.ensure_future(asyncio.to_thread(build))
+        while (line := await queue.get()) is not None:
+            yield vm_manager_pb2.BuildImageResponse(log_line=line)
+        manifest = await task
+        path = str(self.images.paths(manifest.id).root)
+        yield vm_manager_pb2.BuildImageResponse(image=image_to_proto(manifest, path))
+
+    @grpc_errors
+    async def GetHostInfo(self, request: vm_manager_pb2.GetHostInfoRequest, context: Ctx) -> vm_manager_pb2.GetHostInfoResponse:
+        libvirt_version, _hv = await asyncio.to_thread(self.manager.conn.versions)
+        accel = self.manager.accel
+        return vm_manager_pb2.GetHostInfoResponse(
+            libvirt_uri=self.manager.conn.uri,
+            libvirt_version=libvirt_version,
+            qemu_version=await asyncio.to_thread(qemu_version),
+            accelerator=common_pb2.ACCELERATOR_KVM if accel.accel is Accel.KVM else common_pb2.ACCELERATOR_TCG,
+            accelerator_reason=accel.reason,
+            agent_transport=common_pb2.AGENT_TRANSPORT_VIRTIO_SERIAL,
+        )
+

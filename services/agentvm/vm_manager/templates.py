@@ -1,0 +1,211 @@
+"""VM templates: resource profiles and network modes turned into domain XML."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import Enum
+
+from agentvm.common.errors import InvalidArgument, Unimplemented
+from agentvm.v1 import common_pb2
+from agentvm.vm_manager import domain_xml as dx
+from agentvm.vm_manager.accel import Accel
+from agentvm_guest.mux import PORT_NAME
+
+
+class ResourceProfile(Enum):
+    """Resource profiles: (vCPUs, memory MiB, disk MiB, CPU quota % per vCPU, I/O weight)."""
+
+    LIGHT = (1, 256, 2048, 50, 200)
+    STANDARD = (1, 512, 4096, 100, 500)
+    INTENSIVE = (2, 1024, 8192, 100, 800)
+
+    @property
+    def vcpus(self) -> int:
+        return self.value[0]
+
+    @property
+    def memory_mib(self) -> int:
+        return self.value[1]
+
+    @property
+    def disk_mib(self) -> int:
+        return self.value[2]
+
+    @property
+    def cpu_quota_pct(self) -> int:
+        return self.value[3]
+
+    @property
+    def blkio_weight(self) -> int:
+        return self.value[4]
+
+    @classmethod
+    def from_proto(cls, value: int) -> ResourceProfile:
+        if value == common_pb2.RESOURCE_PROFILE_UNSPECIFIED:
+            return cls.STANDARD
+        names = {
+            common_pb2.RESOURCE_PROFILE_LIGHT: cls.LIGHT,
+            common_pb2.RESOURCE_PROFILE_STANDARD: cls.STANDARD,
+            common_pb2.RESOURCE_PROFILE_INTENSIVE: cls.INTENSIVE,
+        }
+        if value not in names:
+            raise InvalidArgument(
+                f"unknown resource profile {value}: use LIGHT, STANDARD or INTENSIVE"
+            )
+        return names[value]
+
+    def to_proto(self) -> common_pb2.ResourceProfile.ValueType:
+        return {
+            ResourceProfile.LIGHT: common_pb2.RESOURCE_PROFILE_LIGHT,
+            ResourceProfile.STANDARD: common_pb2.RESOURCE_PROFILE_STANDARD,
+            ResourceProfile.INTENSIVE: common_pb2.RESOURCE_PROFILE_INTENSIVE,
+        }[self]
+
+
+class NetworkMode(Enum):
+    """Network modes. NAT_FILTERED is the default."""
+
+    NAT_FILTERED = "nat_filtered"
+    ISOLATED = "isolated"
+    BRIDGE = "bridge"
+
+    @property
+    def implemented(self) -> bool:
+        """Whether this build can create VMs in this mode."""
+        return self is NetworkMode.ISOLATED
+
+    @classmethod
+    def from_proto(cls, value: int) -> NetworkMode:
+        mapping = {
+            common_pb2.NETWORK_MODE_UNSPECIFIED: cls.NAT_FILTERED,
+            common_pb2.NETWORK_MODE_NAT_FILTERED: cls.NAT_FILTERED,
+            common_pb2.NETWORK_MODE_ISOLATED: cls.ISOLATED,
+            common_pb2.NETWORK_MODE_BRIDGE: cls.BRIDGE,
+        }
+        if value not in mapping:
+            raise InvalidArgument(
+                f"unknown network mode {value}: use NAT_FILTERED, ISOLATED or BRIDGE"
+            )
+        return mapping[value]
+
+    def to_proto(self) -> common_pb2.NetworkMode.ValueType:
+        return {
+            NetworkMode.NAT_FILTERED: common_pb2.NETWORK_MODE_NAT_FILTERED,
+            NetworkMode.ISOLATED: common_pb2.NETWORK_MODE_ISOLATED,
+            NetworkMode.BRIDGE: common_pb2.NETWORK_MODE_BRIDGE,
+        }[self]
+
+    def require_implemented(self) -> None:
+        if not self.implemented:
+            raise Unimplemented(
+                f"network mode {self.name} is not available in this version of agent-vm "
+                "(filtered NAT and bridge networking land with the network isolation work): "
+                "use NETWORK_MODE_ISOLATED (CLI: --network isolated)"
+            )
+
+
+MAX_VCPUS = 16
+MAX_MEMORY_MIB = 64 * 1024
+MAX_DISK_MIB = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Resources:
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+
+    @classmethod
+    def for_profile(
+        cls, profile: ResourceProfile, vcpus: int = 0, memory_mib: int = 0, disk_mib: int = 0
+    ) -> Resources:
+        """Profile values with non-zero overrides, validated."""
+        res = cls(
+            vcpus or profile.vcpus, memory_mib or profile.memory_mib, disk_mib or profile.disk_mib
+        )
+        if not 1 <= res.vcpus <= MAX_VCPUS:
+            raise InvalidArgument(f"vcpus={res.vcpus}: use 1 to {MAX_VCPUS}")
+        if not 128 <= res.memory_mib <= MAX_MEMORY_MIB:
+            raise InvalidArgument(f"memory_mib={res.memory_mib}: use 128 to {MAX_MEMORY_MIB}")
+        if not 2048 <= res.disk_mib <= MAX_DISK_MIB:
+            raise InvalidArgument(f"disk_mib={res.disk_mib}: use 2048 to {MAX_DISK_MIB}")
+        return res
+
+
+def random_mac(rng: random.Random | None = None) -> str:
+    """A locally administered unicast MAC in QEMU's 52:54:00 range."""
+    r = rng or random.SystemRandom()
+    return "52:54:00:" + ":".join(f"{r.randrange(256):02x}" for _ in range(3))
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    kernel: str
+    initrd: str
+
+
+@dataclass(frozen=True)
+class VMTemplate:
+    """Everything that decides a VM's domain XML except its identity."""
+
+    profile: ResourceProfile
+    network_mode: NetworkMode
+    resources: Resources
+    accel: Accel
+    image: ImageFiles
+    memory_limit: bool = True
+    vsock: bool = False
+
+    def domain(
+        self,
+        *,
+        name: str,
+        uuid: str,
+        overlay: str,
+        console_log: str,
+        metadata: dx.Metadata,
+    ) -> dx.Domain:
+        self.network_mode.require_implemented()
+        cmdline = " ".join(
+            [
+                "console=ttyS0",
+                "quiet",
+                "panic=-1",
+                "tsc=reliable",
+                "no_timer_check",
+                "random.trust_cpu=on",
+                f"agentvm.name={name}",
+            ]
+        )
+        devices: list[dx.Element] = [
+            dx.Disk(source=overlay),
+            dx.SerialConsole(log_file=console_log),
+            dx.Controller("usb", "none"),
+            dx.VirtioSerialChannel(name=PORT_NAME),
+            dx.RNG(),
+        ]
+        if self.vsock:
+            devices.append(dx.Vsock())
+        devices.append(dx.MemBalloon("none"))
+        period = 100_000
+        memtune = None
+        if self.memory_limit:
+            # Guest RAM plus QEMU's own needs (TCG's translation cache is large).
+            overhead = 256 if self.accel is Accel.KVM else 1024
+            memtune = dx.MemTune(hard_limit_kib=(self.resources.memory_mib + overhead) * 1024)
+        return dx.Domain(
+            name=name,
+            uuid=uuid,
+            domain_type=self.accel.domain_type,
+            memory_mib=self.resources.memory_mib,
+            vcpus=self.resources.vcpus,
+            os=dx.OSBoot(kernel=self.image.kernel, initrd=self.image.initrd, cmdline=cmdline),
+            devices=tuple(devices),
+            metadata=metadata,
+            cputune=dx.CPUTune(
+                period_us=period, quota_us=period * self.profile.cpu_quota_pct // 100
+            ),
+            memtune=memtune,
+            blkiotune=dx.BlkioTune(weight=self.profile.blkio_weight),
+        )
