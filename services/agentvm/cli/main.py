@@ -1,0 +1,285 @@
+"""`agent-vm`: the command line (bring-up, doctor, images, VMs)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn, TypeVar
+
+import click
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from agentvm.cli import doctor as doctor_mod
+from agentvm.cli import services
+from agentvm.common.config import Settings
+from agentvm.common.errors import AgentVMError
+from agentvm.common.grpc_util import sync_channel
+from agentvm.v1 import (
+    common_pb2,
+    guest_agent_pb2,
+    guest_agent_pb2_grpc,
+    vm_manager_pb2,
+    vm_manager_pb2_grpc,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+PROFILES = {
+    "light": common_pb2.RESOURCE_PROFILE_LIGHT,
+    "standard": common_pb2.RESOURCE_PROFILE_STANDARD,
+    "intensive": common_pb2.RESOURCE_PROFILE_INTENSIVE,
+}
+NETWORKS = {
+    "nat-filtered": common_pb2.NETWORK_MODE_NAT_FILTERED,
+    "isolated": common_pb2.NETWORK_MODE_ISOLATED,
+    "bridge": common_pb2.NETWORK_MODE_BRIDGE,
+}
+# Until filtered NAT lands, the CLI defaults to the mode this build implements.
+DEFAULT_NETWORK = "isolated"
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"agent-vm: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """One line per failure, exit 2; a service that is down says how to start it."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+            details = exc.details()  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
+                fail(f"vm-manager is not reachable ({details}): start the services with `agent-vm up`")
+            fail(f"{code.name}: {details}")
+        except AgentVMError as exc:
+            fail(exc.message)
+
+    wrapper.__name__ = func.__name__
+    wrapper.__doc__ = func.__doc__
+    return wrapper  # type: ignore[return-value]
+
+
+def settings() -> Settings:
+    try:
+        return Settings()
+    except AgentVMError as exc:
+        fail(exc.message)
+
+
+def vm_stub() -> vm_manager_pb2_grpc.VMManagerServiceStub:
+    return vm_manager_pb2_grpc.VMManagerServiceStub(sync_channel(settings().vm_manager_addr))
+
+
+def print_json(msg: Any) -> None:
+    click.echo(json.dumps(MessageToDict(msg, preserving_proto_field_name=True), indent=2))
+
+
+@click.group()
+@click.version_option("0.1.0", prog_name="agent-vm")
+def cli() -> None:
+    """Run untrusted agent code in throw-away KVM/QEMU virtual machines."""
+
+
+# -- bring-up ---------------------------------------------------------------
+@cli.command()
+@handle_errors
+def up() -> None:
+    """Start every agent-vm service (idempotent)."""
+    s = settings()
+    for spec in services.service_specs(s):
+        try:
+            click.echo(f"{spec.name}: {services.start(s, spec)}")
+        except RuntimeError as exc:
+            fail(str(exc))
+
+
+@cli.command()
+@handle_errors
+def down() -> None:
+    """Stop every agent-vm service started by `agent-vm up` (idempotent)."""
+    s = settings()
+    for spec in reversed(services.service_specs(s)):
+        click.echo(f"{spec.name}: {services.stop(s, spec)}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor(as_json: bool) -> None:
+    """Check prerequisites; exit 1 if agent-vm cannot run VMs here."""
+    checks = doctor_mod.run_checks(settings())
+    failed = [c for c in checks if c.required and not c.ok]
+    if as_json:
+        click.echo(json.dumps([c.__dict__ for c in checks], indent=2))
+    else:
+        for c in checks:
+            mark = click.style("ok  ", fg="green") if c.ok else click.style("FAIL", fg="red")
+            click.echo(f"{mark} {c.name}: {c.detail}")
+            if not c.ok and c.fix:
+                click.echo(f"     fix: {c.fix}")
+        click.echo("ready" if not failed else f"{len(failed)} problem(s) found")
+    sys.exit(1 if failed else 0)
+
+
+# -- images -------------------------------------------------------------------
+@cli.group()
+def image() -> None:
+    """The guest image."""
+
+
+@image.command("build")
+@click.option("--force", is_flag=True, help="Rebuild even if an up-to-date image exists.")
+@handle_errors
+def image_build(force: bool) -> None:
+    """Build the guest image through vm-manager (streams progress)."""
+    for resp in vm_stub().BuildImage(vm_manager_pb2.BuildImageRequest(force=force), timeout=1800):
+        if resp.HasField("image"):
+            click.echo(f"image {resp.image.id} ready: kernel {resp.image.kernel_release}, "
+                       f"{len(resp.image.packages)} packages, {resp.image.path}")
+        else:
+            click.echo(resp.log_line)
+
+
+@image.command("status")
+@handle_errors
+def image_status() -> None:
+    """Show the guest image (exit 1 if none is built for this version)."""
+    resp = vm_stub().GetImage(vm_manager_pb2.GetImageRequest(), timeout=10)
+    print_json(resp)
+    sys.exit(0 if resp.present else 1)
+
+
+# -- VMs ---------------------------------------------------------------------
+@cli.group()
+def vm() -> None:
+    """Create, inspect and remove VMs directly through vm-manager."""
+
+
+def _create(profile: str, network: str, labels: dict[str, str] | None = None) -> common_pb2.VM:
+    req = vm_manager_pb2.CreateVMRequest(
+        profile=PROFILES[profile], network_mode=NETWORKS[network], start=True, labels=labels or {}
+    )
+    return vm_stub().CreateVM(req, timeout=60).vm
+
+
+def _wait_ready(name: str, timeout: float) -> common_pb2.VM:
+    req = vm_manager_pb2.WaitVMRequest(name=name, state=common_pb2.VM_STATE_READY)
+    req.timeout.FromNanoseconds(int(timeout * 1e9))
+    return vm_stub().WaitVM(req, timeout=timeout + 5).vm
+
+
+def _exec(endpoint: str, argv: list[str], timeout: float) -> int:
+    """Run ``argv`` through the guest agent, streaming output; returns the exit code."""
+    with sync_channel(endpoint) as channel:
+        stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
+        req = guest_agent_pb2.ExecuteRequest(program=common_pb2.Program(argv=common_pb2.Argv(args=argv)))
+        req.timeout.FromNanoseconds(int(timeout * 1e9))
+        events: Iterator[guest_agent_pb2.ExecuteResponse] = stub.Execute(req, timeout=timeout + 10)
+        for ev in events:
+            if ev.HasField("output"):
+                out = sys.stdout if ev.output.stream == common_pb2.OUTPUT_STREAM_STDOUT else sys.stderr
+                out.buffer.write(ev.output.data)
+                out.flush()
+            elif ev.HasField("exited"):
+                if ev.exited.timed_out:
+                    click.echo(f"agent-vm: timed out after {timeout:.0f} s", err=True)
+                return ev.exited.exit_code
+    fail("the guest agent ended the stream without an exit status")
+
+
+@vm.command("create")
+@click.option("--profile", type=click.Choice(list(PROFILES)), default="standard")
+@click.option("--network", type=click.Choice(list(NETWORKS)), default=DEFAULT_NETWORK)
+@click.option("--no-wait", is_flag=True, help="Return before the guest agent is ready.")
+@handle_errors
+def vm_create(profile: str, network: str, no_wait: bool) -> None:
+    """Create and start a VM; print it as JSON once its agent answers."""
+    v = _create(profile, network)
+    if not no_wait:
+        v = _wait_ready(v.name, 120)
+    print_json(v)
+
+
+@vm.command("list")
+@handle_errors
+def vm_list() -> None:
+    """List VMs."""
+    for v in vm_stub().ListVMs(vm_manager_pb2.ListVMsRequest(), timeout=10).vms:
+        click.echo(f"{v.name}  {common_pb2.VMState.Name(v.state).removeprefix('VM_STATE_')}  "
+                   f"{common_pb2.ResourceProfile.Name(v.profile).removeprefix('RESOURCE_PROFILE_')}")
+
+
+@vm.command("get")
+@click.argument("name")
+@handle_errors
+def vm_get(name: str) -> None:
+    """Show one VM as JSON."""
+    print_json(vm_stub().GetVM(vm_manager_pb2.GetVMRequest(name=name), timeout=10).vm)
+
+
+@vm.command("stop")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Power off without the graceful step.")
+@handle_errors
+def vm_stop(name: str, force: bool) -> None:
+    """Stop a VM (graceful, then forced)."""
+    resp = vm_stub().StopVM(vm_manager_pb2.StopVMRequest(name=name, force=force), timeout=60)
+    click.echo(f"{name} stopped" + (" (forced)" if resp.forced else ""))
+
+
+@vm.command("destroy")
+@click.argument("names", nargs=-1, required=True)
+@handle_errors
+def vm_destroy(names: tuple[str, ...]) -> None:
+    """Destroy VMs (domain, overlay, sockets)."""
+    for name in names:
+        vm_stub().DestroyVM(vm_manager_pb2.DestroyVMRequest(name=name), timeout=60)
+        click.echo(f"{name} destroyed")
+
+
+@vm.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")
+@handle_errors
+def vm_exec(name: str, argv: tuple[str, ...], timeout: float) -> None:
+    """Run a command in a running VM; exits with its exit code."""
+    v = vm_stub().GetVM(vm_manager_pb2.GetVMRequest(name=name), timeout=10).vm
+    sys.exit(_exec(v.agent_endpoint, list(argv), timeout))
+
+
+@vm.command("run", context_settings={"ignore_unknown_options": True})
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--profile", type=click.Choice(list(PROFILES)), default="standard")
+@click.option("--network", type=click.Choice(list(NETWORKS)), default=DEFAULT_NETWORK)
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")
+@handle_errors
+def vm_run(argv: tuple[str, ...], profile: str, network: str, timeout: float) -> None:
+    """Boot a fresh VM, run a command in it, destroy it; exits with the command's code."""
+    if not 0 < timeout <= 86400:
+        fail(f"--timeout {timeout}: use a number of seconds between 0 and 86400")
+    start = time.monotonic()
+    v = _create(profile, network, {"created-by": "agent-vm-cli"})
+    try:
+        v = _wait_ready(v.name, 120)
+        click.echo(f"agent-vm: {v.name} ready in {time.monotonic() - start:.1f} s "
+                   f"(kernel {v.guest.kernel_release})", err=True)
+        code = _exec(v.agent_endpoint, list(argv), timeout)
+    finally:
+        vm_stub().DestroyVM(vm_manager_pb2.DestroyVMRequest(name=v.name), timeout=60)
+        click.echo(f"agent-vm: {v.name} destroyed", err=True)
+    sys.exit(code)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, types, contracts, unit + real-VM tests with coverage.
+# Needs ./setup.sh to have run once. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ "$(id -u)" != 0 ]; then exec sudo -E "$0" "$@"; fi
+bash scripts/ensure-daemons.sh
+[ -e services/agentvm/v1/vm_manager_pb2.py ] || bash scripts/gen_protos.sh >/dev/null
+buf=.tools/node_modules/.bin/buf
+
+echo "==> ruff";  .venv/bin/ruff check . && .venv/bin/ruff format --check .
+echo "==> mypy --strict"; .venv/bin/mypy
+echo "==> buf lint"; "$buf" lint
+echo "==> buf breaking (against main)"
+if git rev-parse --verify -q main >/dev/null && git cat-file -e main:buf.yaml 2>/dev/null; then
+  "$buf" breaking --against '.git#branch=main'
+else
+  echo "no main branch with protos to compare against"
+fi
+echo "==> pytest (unit, integration with real VMs, e2e) with coverage"
+set +e
+.venv/bin/pytest --cov --cov-report=term-missing:skip-covered --cov-report=xml "$@"
+rc=$?
+set -e
+# Nothing of ours may be left behind.
+left=$(virsh -c qemu:///system list --all --name | grep -c '^agent-vm-test' || true)
+if [ "$left" != 0 ]; then echo "LEAK: $left test domain(s) left in libvirt"; rc=1; fi
+exit $rc

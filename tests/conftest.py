@@ -1,0 +1,64 @@
+"""Fixtures for real-VM tests: vm-manager process -> factory -> booted VM."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agentvm.common.config import Settings
+from agentvm.v1 import common_pb2
+from agentvm.vm_manager.image import ImageStore
+from tests.vmharness import VMFactory, VMManagerProcess, leftovers, new_vmm, remove_vmm_dirs
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    rep = yield
+    setattr(item, "rep_" + rep.when, rep)  # type: ignore[attr-defined]
+    return rep
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> Path:
+    """The guest image for this version (built once if missing: ~1 minute)."""
+    store = ImageStore(Settings().cache_dir)
+    store.build(log=lambda line: sys.stderr.write(f"[image] {line}\n"))
+    paths = store.require_current()
+    return paths.root
+
+
+@pytest.fixture(scope="session")
+def vmm(guest_image: Path) -> Iterator[VMManagerProcess]:
+    """A vm-manager process of the tests' own (own dirs, own VM name prefix)."""
+    proc = new_vmm()
+    proc.start()
+    try:
+        yield proc
+    finally:
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.stop()
+        left = leftovers(proc)
+        remove_vmm_dirs(proc)
+        assert not left, f"the tests left resources behind: {left}"
+
+
+@pytest.fixture
+def factory(vmm: VMManagerProcess, request: pytest.FixtureRequest) -> Iterator[VMFactory]:
+    """Builds VMs for one test and destroys them all afterwards (console log on failure)."""
+    f = VMFactory(vmm)
+    yield f
+    rep = getattr(request.node, "rep_call", None)
+    f.cleanup(report=bool(rep is not None and rep.failed))
+
+
+@pytest.fixture(scope="session")
+def shared_vm(vmm: VMManagerProcess) -> Iterator[common_pb2.VM]:
+    """One booted VM shared by tests that only run commands in it."""
+    f = VMFactory(vmm)
+    try:
+        yield f.booted()
+    finally:
+        f.cleanup()

@@ -1,0 +1,255 @@
+"""Real-VM test harness: a vm-manager process of the tests' own and a VM factory.
+
+The factory owns every VM it builds and destroys them all at teardown; the
+session teardown checks that no domain, overlay or socket of the tests is
+left (Firecracker's test framework is the model).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import libvirt
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agentvm.common.grpc_util import sync_channel
+from agentvm.v1 import (
+    common_pb2,
+    guest_agent_pb2,
+    guest_agent_pb2_grpc,
+    vm_manager_pb2,
+    vm_manager_pb2_grpc,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+BOOT_TIMEOUT_S = 180.0
+
+
+@dataclass
+class VMManagerProcess:
+    """vm-manager started as a real process with the tests' own dirs and VM prefix."""
+
+    base: Path
+    prefix: str
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def run_dir(self) -> Path:
+        return self.base / "run"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.base / "state"
+
+    @property
+    def log_path(self) -> Path:
+        return self.base / "vm-manager.log"
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.run_dir}/vm-manager.sock"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            AGENTVM_RUN_DIR=str(self.run_dir),
+            AGENTVM_STATE_DIR=str(self.state_dir),
+            AGENTVM_VM_PREFIX=self.prefix,
+            AGENTVM_VM_MANAGER_ADDR=self.address,
+            AGENTVM_LOG_DIR=str(self.base / "log"),
+            AGENTVM_LOG_LEVEL="DEBUG",
+        )
+        return env
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.base.chmod(0o755)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agentvm.vm_manager"],
+                env=self.env, stdout=log, stderr=log, cwd=REPO,
+            )
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vm-manager exited: {self.log_path.read_text()[-3000:]}")
+            if self.health() == health_pb2.HealthCheckResponse.SERVING:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("vm-manager did not become healthy")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def health(self) -> int:
+        try:
+            with sync_channel(self.address) as ch:
+                resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                return int(resp.status)
+        except grpc.RpcError:
+            return -1
+
+    def stub(self) -> vm_manager_pb2_grpc.VMManagerServiceStub:
+        return vm_manager_pb2_grpc.VMManagerServiceStub(sync_channel(self.address))
+
+
+@dataclass
+class ExecResult:
+    stdout: bytes
+    stderr: bytes
+    status: common_pb2.ExitStatus
+    # (monotonic time, stream, data) for each output chunk, in arrival order.
+    chunks: list[tuple[float, int, bytes]] = field(default_factory=list)
+    finished_at: float = 0.0
+
+
+def program(cmd: Sequence[str] | str) -> common_pb2.Program:
+    """argv for a sequence, /bin/sh -c for a string."""
+    if isinstance(cmd, str):
+        return common_pb2.Program(code=common_pb2.Code(language=common_pb2.CODE_LANGUAGE_SHELL, source=cmd))
+    return common_pb2.Program(argv=common_pb2.Argv(args=list(cmd)))
+
+
+def execute(
+    endpoint: str,
+    cmd: Sequence[str] | str | common_pb2.Program,
+    *,
+    timeout: float = 60.0,
+    stdin: bytes = b"",
+    env: dict[str, str] | None = None,
+    cwd: str = "",
+    max_output: int = 0,
+) -> ExecResult:
+    """Run a program through the guest agent and collect everything it sent."""
+    prog = cmd if isinstance(cmd, common_pb2.Program) else program(cmd)
+    req = guest_agent_pb2.ExecuteRequest(
+        program=prog, stdin=stdin, env=env or {}, cwd=cwd, max_output_bytes=max_output
+    )
+    req.timeout.FromNanoseconds(int(timeout * 1e9))
+    out, err = bytearray(), bytearray()
+    chunks: list[tuple[float, int, bytes]] = []
+    status = None
+    with sync_channel(endpoint) as ch:
+        stub = guest_agent_pb2_grpc.GuestAgentServiceStub(ch)
+        for ev in stub.Execute(req, timeout=timeout + 30):
+            if ev.HasField("output"):
+                chunks.append((time.monotonic(), ev.output.stream, ev.output.data))
+                (out if ev.output.stream == common_pb2.OUTPUT_STREAM_STDOUT else err).extend(ev.output.data)
+            elif ev.HasField("exited"):
+                status = ev.exited
+    assert status is not None, "the agent ended the stream without an exit status"
+    return ExecResult(bytes(out), bytes(err), status, chunks, time.monotonic())
+
+
+class VMFactory:
+    """Builds VMs through vm-manager and destroys every one of them at teardown."""
+
+    def __init__(self, vmm: VMManagerProcess) -> None:
+        self.vmm = vmm
+        self.names: list[str] = []
+
+    def create(
+        self,
+        *,
+        start: bool = True,
+        profile: int = common_pb2.RESOURCE_PROFILE_LIGHT,
+        network: int = common_pb2.NETWORK_MODE_ISOLATED,
+    ) -> common_pb2.VM:
+        vm = self.vmm.stub().CreateVM(
+            vm_manager_pb2.CreateVMRequest(profile=profile, network_mode=network, start=start,
+                                           labels={"test": "1"}),
+            timeout=60,
+        ).vm
+        self.names.append(vm.name)
+        return vm
+
+    def wait_ready(self, name: str, timeout: float = BOOT_TIMEOUT_S) -> common_pb2.VM:
+        req = vm_manager_pb2.WaitVMRequest(name=name, state=common_pb2.VM_STATE_READY)
+        req.timeout.FromNanoseconds(int(timeout * 1e9))
+        return self.vmm.stub().WaitVM(req, timeout=timeout + 10).vm
+
+    def booted(self, **kwargs: int) -> common_pb2.VM:
+        vm = self.create(**kwargs)
+        return self.wait_ready(vm.name)
+
+    def destroy(self, name: str) -> None:
+        self.vmm.stub().DestroyVM(vm_manager_pb2.DestroyVMRequest(name=name), timeout=60)
+
+    def console_log(self, name: str) -> str:
+        path = self.vmm.state_dir / "vms" / name / "console.log"
+        try:
+            return path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return "(no console log)"
+
+    def cleanup(self, *, report: bool = False) -> None:
+        for name in self.names:
+            if report:
+                sys.stderr.write(f"--- console of {name} ---\n{self.console_log(name)}\n")
+            try:
+                self.destroy(name)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                    raise
+        self.names.clear()
+
+
+def libvirt_domains(prefix: str) -> list[str]:
+    conn = libvirt.open("qemu:///system")
+    try:
+        return [d.name() for d in conn.listAllDomains(0) if d.name().startswith(prefix)]
+    finally:
+        conn.close()
+
+
+def new_vmm() -> VMManagerProcess:
+    tag = secrets.token_hex(3)
+    base = Path("/var/lib/agent-vm-tests") / tag
+    return VMManagerProcess(base=base, prefix=f"agent-vm-test{tag}-")
+
+
+def remove_vmm_dirs(vmm: VMManagerProcess) -> None:
+    shutil.rmtree(vmm.base, ignore_errors=True)
+
+
+def leftovers(vmm: VMManagerProcess) -> list[str]:
+    """Everything of this vm-manager's VMs still on the machine."""
+    left = [f"domain {n}" for n in libvirt_domains(vmm.prefix)]
+    for d in (vmm.state_dir / "vms", vmm.run_dir / "vms"):
+        if d.exists():
+            left += [f"path {p}" for p in d.iterdir()]
+    return left
+
+
+def wait_for(predicate: object, timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    assert callable(predicate)
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def iter_chunks(result: ExecResult) -> Iterator[bytes]:
+    for _, _, data in result.chunks:
+        yield data
