@@ -1,0 +1,102 @@
+"""The `agent-vm` command line against a real vm-manager and real VMs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.vmharness import REPO, VMManagerProcess, libvirt_domains
+
+pytestmark = pytest.mark.vm
+
+
+def agent_vm(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agentvm.cli.main", *args],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False,
+    )
+
+
+def test_vm_run_prints_guest_output_and_exits_with_its_code(vmm: VMManagerProcess) -> None:
+    proc = agent_vm(vmm.env, "vm", "run", "--profile", "light", "--",
+                    "sh", "-c", "uname -r; echo oops >&2; exit 3")
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.strip().endswith("cloud-amd64")
+    assert proc.stdout.strip() != os.uname().release
+    assert "oops" in proc.stderr
+    assert "destroyed" in proc.stderr
+    assert libvirt_domains(vmm.prefix) == [] or all(
+        "cli" not in n for n in libvirt_domains(vmm.prefix)
+    )
+
+
+def test_example_agent_runs_in_a_vm(vmm: VMManagerProcess) -> None:
+    code = (REPO / "examples" / "hello_agent.py").read_text()
+    proc = agent_vm(vmm.env, "vm", "run", "--profile", "light", "--", "python3", "-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert "hello from agent-vm" in proc.stdout
+    assert "Debian GNU/Linux 12" in proc.stdout
+
+
+def test_doctor_passes_with_services_up(vmm: VMManagerProcess) -> None:
+    proc = agent_vm(vmm.env, "doctor", "--json")
+    checks = json.loads(proc.stdout)
+    failed = [c for c in checks if c["required"] and not c["ok"]]
+    assert proc.returncode == 0, failed
+    names = {c["name"] for c in checks}
+    assert {"libvirt", "accelerator", "guest image", "service vm-manager"} <= names
+
+
+def test_services_down_gives_one_line_and_the_fix(tmp_path: Path) -> None:
+    env = dict(os.environ, AGENTVM_VM_MANAGER_ADDR=f"unix:{tmp_path}/nothing.sock",
+               AGENTVM_RUN_DIR=str(tmp_path))
+    proc = agent_vm(env, "vm", "list")
+    assert proc.returncode == 2
+    assert "agent-vm up" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    doctor = agent_vm(env, "doctor")
+    assert doctor.returncode == 1
+    assert "fix: agent-vm up" in doctor.stdout
+
+
+def test_bad_cli_input_exits_2(vmm: VMManagerProcess) -> None:
+    proc = agent_vm(vmm.env, "vm", "run", "--timeout", "-1", "--", "true")
+    assert proc.returncode == 2
+    assert "--timeout" in proc.stderr
+    proc = agent_vm(vmm.env, "vm", "get", "agent-vm-doesnotexist")
+    assert proc.returncode == 2
+    assert "NOT_FOUND" in proc.stderr
+    env = dict(vmm.env, AGENTVM_ACCEL="warp")
+    proc = agent_vm(env, "vm", "list")
+    assert proc.returncode == 2
+    assert "AGENTVM_ACCEL" in proc.stderr
+
+
+def test_up_and_down_are_idempotent(tmp_path: Path) -> None:
+    run = Path("/run/agent-vm-tests") / tmp_path.name
+    env = dict(
+        os.environ,
+        AGENTVM_RUN_DIR=str(run),
+        AGENTVM_VM_MANAGER_ADDR=f"unix:{run}/vm-manager.sock",
+        AGENTVM_LOG_DIR=str(tmp_path / "log"),
+        AGENTVM_STATE_DIR=str(tmp_path / "state"),
+        AGENTVM_VM_PREFIX="agent-vm-testupdown-",
+    )
+    try:
+        first = agent_vm(env, "up", timeout=60)
+        assert first.returncode == 0, first.stderr
+        assert "started" in first.stdout
+        second = agent_vm(env, "up", timeout=60)
+        assert "already running" in second.stdout
+        down = agent_vm(env, "down", timeout=60)
+        assert "stopped" in down.stdout
+        again = agent_vm(env, "down", timeout=60)
+        assert "not running" in again.stdout
+        assert not (run / "vm-manager.sock").exists()
+    finally:
+        agent_vm(env, "down", timeout=60)

@@ -1,0 +1,108 @@
+"""Benchmark: cold create-to-agent-ready, and a command round trip in a warm VM.
+
+Run: .venv/bin/python -m tests.performance.bench_boot [--vms 5] [--calls 50]
+(against the services started by `agent-vm up`, or AGENTVM_VM_MANAGER_ADDR).
+Prints one JSON object. Every figure comes with a baseline measured in the
+same run on the same machine (a host `subprocess.run(['true'])`), because
+these machines are noisy; the ratios are what to compare between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Any
+
+from agentvm.common.config import Settings
+from agentvm.common.grpc_util import sync_channel
+from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
+from tests.vmharness import execute
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def host_true(n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        subprocess.run(["true"], check=True)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def run(address: str, vms: int, calls: int) -> dict[str, Any]:
+    stub = vm_manager_pb2_grpc.VMManagerServiceStub(sync_channel(address))
+    host = stub.GetHostInfo(vm_manager_pb2.GetHostInfoRequest(), timeout=10)
+    boots: list[float] = []
+    rtts: list[float] = []
+    for i in range(vms):
+        t0 = time.perf_counter()
+        vm = stub.CreateVM(
+            vm_manager_pb2.CreateVMRequest(
+                profile=common_pb2.RESOURCE_PROFILE_LIGHT,
+                network_mode=common_pb2.NETWORK_MODE_ISOLATED,
+                start=True,
+                labels={"bench": "boot"},
+            ),
+            timeout=60,
+        ).vm
+        try:
+            req = vm_manager_pb2.WaitVMRequest(name=vm.name, state=common_pb2.VM_STATE_READY)
+            vm = stub.WaitVM(req, timeout=300).vm
+            boots.append(time.perf_counter() - t0)
+            if i == 0:
+                execute(vm.agent_endpoint, ["true"])  # warm up the session
+                for _ in range(calls):
+                    t = time.perf_counter()
+                    execute(vm.agent_endpoint, ["true"])
+                    rtts.append(time.perf_counter() - t)
+        finally:
+            stub.DestroyVM(vm_manager_pb2.DestroyVMRequest(name=vm.name), timeout=60)
+    base = host_true(max(calls, 20))
+    base_p50 = statistics.median(base)
+    return {
+        "machine": {
+            "accelerator": common_pb2.Accelerator.Name(host.accelerator),
+            "accelerator_reason": host.accelerator_reason,
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "libvirt": host.libvirt_version,
+            "qemu": host.qemu_version,
+        },
+        "cold_create_to_ready_s": {
+            "n": len(boots),
+            "p50": round(statistics.median(boots), 3),
+            "p95": round(pct(boots, 0.95), 3),
+            "min": round(min(boots), 3),
+        },
+        "exec_true_round_trip_ms": {
+            "n": len(rtts),
+            "p50": round(statistics.median(rtts) * 1000, 2) if rtts else None,
+            "p99": round(pct(rtts, 0.99) * 1000, 2) if rtts else None,
+        },
+        "host_subprocess_true_ms": {"p50": round(base_p50 * 1000, 3)},
+        "ratios": {
+            "exec_p50_over_host_true_p50": round(statistics.median(rtts) / base_p50, 1) if rtts else None,
+            "cold_boot_p50_over_host_true_p50": round(statistics.median(boots) / base_p50, 0),
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--vms", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=50)
+    args = parser.parse_args()
+    print(json.dumps(run(Settings().vm_manager_addr, args.vms, args.calls), indent=2))
+
+
+if __name__ == "__main__":
+    main()
