@@ -25,7 +25,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def guest_image() -> Path:
     """The guest image for this version (built once if missing: ~1 minute)."""
     store = ImageStore(Settings().cache_dir)
-    store.build(log=lambda line: sys.stderr.write(f"[image] {line}\n"))
+
+    def log(line: str) -> None:
+        sys.stderr.write(f"[image] {line}\n")
+
+    store.build(log=log)
     paths = store.require_current()
     return paths.root
 

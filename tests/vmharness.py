@@ -7,6 +7,7 @@ left (Firecracker's test framework is the model).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -79,7 +80,10 @@ class VMManagerProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "agentvm.vm_manager"],
-                env=self.env, stdout=log, stderr=log, cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=log,
+                cwd=REPO,
             )
         self.starts += 1
         deadline = time.monotonic() + timeout
@@ -103,7 +107,9 @@ class VMManagerProcess:
     def health(self) -> int:
         try:
             with sync_channel(self.address) as ch:
-                resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                resp = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(), timeout=1
+                )
                 return int(resp.status)
         except grpc.RpcError:
             return -1
@@ -125,7 +131,9 @@ class ExecResult:
 def program(cmd: Sequence[str] | str) -> common_pb2.Program:
     """argv for a sequence, /bin/sh -c for a string."""
     if isinstance(cmd, str):
-        return common_pb2.Program(code=common_pb2.Code(language=common_pb2.CODE_LANGUAGE_SHELL, source=cmd))
+        return common_pb2.Program(
+            code=common_pb2.Code(language=common_pb2.CODE_LANGUAGE_SHELL, source=cmd)
+        )
     return common_pb2.Program(argv=common_pb2.Argv(args=list(cmd)))
 
 
@@ -138,8 +146,12 @@ def execute(
     env: dict[str, str] | None = None,
     cwd: str = "",
     max_output: int = 0,
+    channel: grpc.Channel | None = None,
 ) -> ExecResult:
-    """Run a program through the guest agent and collect everything it sent."""
+    """Run a program through the guest agent and collect everything it sent.
+
+    Opens a channel per call unless ``channel`` (a persistent one) is given.
+    """
     prog = cmd if isinstance(cmd, common_pb2.Program) else program(cmd)
     req = guest_agent_pb2.ExecuteRequest(
         program=prog, stdin=stdin, env=env or {}, cwd=cwd, max_output_bytes=max_output
@@ -148,12 +160,15 @@ def execute(
     out, err = bytearray(), bytearray()
     chunks: list[tuple[float, int, bytes]] = []
     status = None
-    with sync_channel(endpoint) as ch:
+    with contextlib.ExitStack() as stack:
+        ch = channel if channel is not None else stack.enter_context(sync_channel(endpoint))
         stub = guest_agent_pb2_grpc.GuestAgentServiceStub(ch)
         for ev in stub.Execute(req, timeout=timeout + 30):
             if ev.HasField("output"):
                 chunks.append((time.monotonic(), ev.output.stream, ev.output.data))
-                (out if ev.output.stream == common_pb2.OUTPUT_STREAM_STDOUT else err).extend(ev.output.data)
+                (out if ev.output.stream == common_pb2.OUTPUT_STREAM_STDOUT else err).extend(
+                    ev.output.data
+                )
             elif ev.HasField("exited"):
                 status = ev.exited
     assert status is not None, "the agent ended the stream without an exit status"
@@ -171,14 +186,19 @@ class VMFactory:
         self,
         *,
         start: bool = True,
-        profile: int = common_pb2.RESOURCE_PROFILE_LIGHT,
-        network: int = common_pb2.NETWORK_MODE_ISOLATED,
+        profile: common_pb2.ResourceProfile.ValueType = common_pb2.RESOURCE_PROFILE_LIGHT,
+        network: common_pb2.NetworkMode.ValueType = common_pb2.NETWORK_MODE_ISOLATED,
     ) -> common_pb2.VM:
-        vm = self.vmm.stub().CreateVM(
-            vm_manager_pb2.CreateVMRequest(profile=profile, network_mode=network, start=start,
-                                           labels={"test": "1"}),
-            timeout=60,
-        ).vm
+        vm = (
+            self.vmm.stub()
+            .CreateVM(
+                vm_manager_pb2.CreateVMRequest(
+                    profile=profile, network_mode=network, start=start, labels={"test": "1"}
+                ),
+                timeout=60,
+            )
+            .vm
+        )
         self.names.append(vm.name)
         return vm
 
@@ -187,8 +207,10 @@ class VMFactory:
         req.timeout.FromNanoseconds(int(timeout * 1e9))
         return self.vmm.stub().WaitVM(req, timeout=timeout + 10).vm
 
-    def booted(self, **kwargs: int) -> common_pb2.VM:
-        vm = self.create(**kwargs)
+    def booted(
+        self, profile: common_pb2.ResourceProfile.ValueType = common_pb2.RESOURCE_PROFILE_LIGHT
+    ) -> common_pb2.VM:
+        vm = self.create(profile=profile)
         return self.wait_ready(vm.name)
 
     def destroy(self, name: str) -> None:
@@ -208,7 +230,7 @@ class VMFactory:
             try:
                 self.destroy(name)
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
                     raise
         self.names.clear()
 

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import IO
 
 import grpc
 
@@ -97,7 +98,9 @@ def build_argv(program: common_pb2.Program) -> list[str]:
             return ["python3", "-c", code.source, *code.args]
         if code.language == common_pb2.CODE_LANGUAGE_SHELL:
             return ["/bin/sh", "-c", code.source, "sh", *code.args]
-        raise ValueError("program.code.language must be CODE_LANGUAGE_PYTHON or CODE_LANGUAGE_SHELL")
+        raise ValueError(
+            "program.code.language must be CODE_LANGUAGE_PYTHON or CODE_LANGUAGE_SHELL"
+        )
     raise ValueError("program is empty: set program.argv or program.code")
 
 
@@ -172,7 +175,7 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
     ) -> guest_agent_pb2.GetStatusResponse:
         return guest_agent_pb2.GetStatusResponse(info=guest_info())
 
-    def Execute(  # noqa: C901 - one state machine, kept together on purpose
+    def Execute(
         self, request: guest_agent_pb2.ExecuteRequest, context: grpc.ServicerContext
     ) -> Iterator[guest_agent_pb2.ExecuteResponse]:
         try:
@@ -218,7 +221,9 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
                     close_fds=True,
                 )
             except OSError as exc:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot start {argv[0]!r}: {exc}")
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"cannot start {argv[0]!r}: {exc}"
+                )
             tree.pgid = proc.pid
             yield guest_agent_pb2.ExecuteResponse(
                 started=guest_agent_pb2.ProcessStarted(pid=proc.pid)
@@ -241,7 +246,8 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         cap: int,
         start: float,
     ) -> Iterator[guest_agent_pb2.ExecuteResponse]:
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        if proc.stdin is None or proc.stdout is None or proc.stderr is None:
+            raise RuntimeError("subprocess pipes missing")
         threading.Thread(target=_feed_stdin, args=(proc.stdin, stdin), daemon=True).start()
         sel = selectors.DefaultSelector()
         streams = {
@@ -342,10 +348,7 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         return guest_agent_pb2.ReseedRandomResponse()
 
 
-def _feed_stdin(pipe: object, data: bytes) -> None:
-    from io import BufferedWriter
-
-    assert isinstance(pipe, BufferedWriter)
+def _feed_stdin(pipe: IO[bytes], data: bytes) -> None:
     try:
         if data:
             pipe.write(data)

@@ -15,16 +15,32 @@ from tests.vmharness import REPO, VMManagerProcess, libvirt_domains
 pytestmark = pytest.mark.vm
 
 
-def agent_vm(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def agent_vm(
+    env: dict[str, str], *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agentvm.cli.main", *args],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        check=False,
     )
 
 
 def test_vm_run_prints_guest_output_and_exits_with_its_code(vmm: VMManagerProcess) -> None:
-    proc = agent_vm(vmm.env, "vm", "run", "--profile", "light", "--",
-                    "sh", "-c", "uname -r; echo oops >&2; exit 3")
+    proc = agent_vm(
+        vmm.env,
+        "vm",
+        "run",
+        "--profile",
+        "light",
+        "--",
+        "sh",
+        "-c",
+        "uname -r; echo oops >&2; exit 3",
+    )
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout.strip().endswith("cloud-amd64")
     assert proc.stdout.strip() != os.uname().release
@@ -53,8 +69,11 @@ def test_doctor_passes_with_services_up(vmm: VMManagerProcess) -> None:
 
 
 def test_services_down_gives_one_line_and_the_fix(tmp_path: Path) -> None:
-    env = dict(os.environ, AGENTVM_VM_MANAGER_ADDR=f"unix:{tmp_path}/nothing.sock",
-               AGENTVM_RUN_DIR=str(tmp_path))
+    env = dict(
+        os.environ,
+        AGENTVM_VM_MANAGER_ADDR=f"unix:{tmp_path}/nothing.sock",
+        AGENTVM_RUN_DIR=str(tmp_path),
+    )
     proc = agent_vm(env, "vm", "list")
     assert proc.returncode == 2
     assert "agent-vm up" in proc.stderr

@@ -35,9 +35,11 @@ def test_command_runs_under_the_guest_kernel(shared_vm: common_pb2.VM, guest_ima
 
 def test_status_reports_guest_health(shared_vm: common_pb2.VM) -> None:
     with sync_channel(shared_vm.agent_endpoint) as ch:
-        info = guest_agent_pb2_grpc.GuestAgentServiceStub(ch).GetStatus(
-            guest_agent_pb2.GetStatusRequest(), timeout=10
-        ).info
+        info = (
+            guest_agent_pb2_grpc.GuestAgentServiceStub(ch)
+            .GetStatus(guest_agent_pb2.GetStatusRequest(), timeout=10)
+            .info
+        )
     assert info.agent_version
     assert info.kernel_release.endswith("cloud-amd64")
     assert info.uptime.ToNanoseconds() > 0
@@ -122,9 +124,11 @@ def test_signal_process_by_exec_id(shared_vm: common_pb2.VM) -> None:
     with sync_channel(shared_vm.agent_endpoint) as ch:
         stub = guest_agent_pb2_grpc.GuestAgentServiceStub(ch)
         events = stub.Execute(req, timeout=60)
-        first = next(events)
+        first = next(iter(events))
         assert first.HasField("started")
-        stub.SignalProcess(guest_agent_pb2.SignalProcessRequest(exec_id="job-1", signal=15), timeout=10)
+        stub.SignalProcess(
+            guest_agent_pb2.SignalProcessRequest(exec_id="job-1", signal=15), timeout=10
+        )
         rest = list(events)
     exited = rest[-1].exited
     assert exited.signal == 15
@@ -136,14 +140,14 @@ def test_bad_requests_get_invalid_argument(shared_vm: common_pb2.VM) -> None:
         stub = guest_agent_pb2_grpc.GuestAgentServiceStub(ch)
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Execute(guest_agent_pb2.ExecuteRequest(), timeout=10))
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-        assert "program" in err.value.details()  # type: ignore[attr-defined]
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "program" in (err.value.details() or "")
         req = guest_agent_pb2.ExecuteRequest(
             program=common_pb2.Program(argv=common_pb2.Argv(args=["true"])), cwd="/nonexistent"
         )
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Execute(req, timeout=10))
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         req = guest_agent_pb2.ExecuteRequest(
             program=common_pb2.Program(argv=common_pb2.Argv(args=["/no/such/binary"]))
         )

@@ -18,15 +18,28 @@ import subprocess
 import time
 from typing import Any
 
+import grpc
+
 from agentvm.common.config import Settings
 from agentvm.common.grpc_util import sync_channel
-from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
+from agentvm.v1 import (
+    common_pb2,
+    guest_agent_pb2,
+    guest_agent_pb2_grpc,
+    vm_manager_pb2,
+    vm_manager_pb2_grpc,
+)
 from tests.vmharness import execute
 
 
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def status(channel: grpc.Channel) -> None:
+    stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
+    stub.GetStatus(guest_agent_pb2.GetStatusRequest(), timeout=10)
 
 
 def host_true(n: int) -> list[float]:
@@ -43,6 +56,7 @@ def run(address: str, vms: int, calls: int) -> dict[str, Any]:
     host = stub.GetHostInfo(vm_manager_pb2.GetHostInfoRequest(), timeout=10)
     boots: list[float] = []
     rtts: list[float] = []
+    status_rtts: list[float] = []
     for i in range(vms):
         t0 = time.perf_counter()
         vm = stub.CreateVM(
@@ -59,11 +73,17 @@ def run(address: str, vms: int, calls: int) -> dict[str, Any]:
             vm = stub.WaitVM(req, timeout=300).vm
             boots.append(time.perf_counter() - t0)
             if i == 0:
-                execute(vm.agent_endpoint, ["true"])  # warm up the session
-                for _ in range(calls):
-                    t = time.perf_counter()
-                    execute(vm.agent_endpoint, ["true"])
-                    rtts.append(time.perf_counter() - t)
+                # A warm sandbox: one persistent channel, session already up.
+                with sync_channel(vm.agent_endpoint) as channel:
+                    execute(vm.agent_endpoint, ["true"], channel=channel)
+                    for _ in range(calls):
+                        t = time.perf_counter()
+                        execute(vm.agent_endpoint, ["true"], channel=channel)
+                        rtts.append(time.perf_counter() - t)
+                    for _ in range(calls):
+                        t = time.perf_counter()
+                        status(channel)
+                        status_rtts.append(time.perf_counter() - t)
         finally:
             stub.DestroyVM(vm_manager_pb2.DestroyVMRequest(name=vm.name), timeout=60)
     base = host_true(max(calls, 20))
@@ -88,9 +108,16 @@ def run(address: str, vms: int, calls: int) -> dict[str, Any]:
             "p50": round(statistics.median(rtts) * 1000, 2) if rtts else None,
             "p99": round(pct(rtts, 0.99) * 1000, 2) if rtts else None,
         },
+        "get_status_round_trip_ms": {
+            "n": len(status_rtts),
+            "p50": round(statistics.median(status_rtts) * 1000, 2) if status_rtts else None,
+            "p99": round(pct(status_rtts, 0.99) * 1000, 2) if status_rtts else None,
+        },
         "host_subprocess_true_ms": {"p50": round(base_p50 * 1000, 3)},
         "ratios": {
-            "exec_p50_over_host_true_p50": round(statistics.median(rtts) / base_p50, 1) if rtts else None,
+            "exec_p50_over_host_true_p50": round(statistics.median(rtts) / base_p50, 1)
+            if rtts
+            else None,
             "cold_boot_p50_over_host_true_p50": round(statistics.median(boots) / base_p50, 0),
         },
     }

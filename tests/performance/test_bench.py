@@ -16,7 +16,12 @@ pytestmark = pytest.mark.vm
 def test_boot_benchmark_prints_figures(vmm: VMManagerProcess) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "tests.performance.bench_boot", "--vms", "2", "--calls", "10"],
-        env=vmm.env, capture_output=True, text=True, cwd=REPO, timeout=600, check=False,
+        env=vmm.env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(proc.stdout)

@@ -47,25 +47,42 @@ def run_checks(settings: Settings) -> list[Check]:
         checks.append(Check("libvirt", True, f"{settings.libvirt_uri}: libvirt {lv}, QEMU {hv}"))
     except AgentVMError as exc:
         checks.append(
-            Check("libvirt", False, exc.message, "start it: `virtlogd -d && libvirtd -d` "
-                  "(or `systemctl start libvirtd` under systemd); ./setup.sh does this")
+            Check(
+                "libvirt",
+                False,
+                exc.message,
+                "start it: `virtlogd -d && libvirtd -d` "
+                "(or `systemctl start libvirtd` under systemd); ./setup.sh does this",
+            )
         )
     finally:
         conn.close()
     virtlogd = Path("/run/libvirt/virtlogd-sock").exists()
     checks.append(
-        Check("virtlogd", virtlogd, "socket present" if virtlogd else "not running",
-              "start it: `virtlogd -d`")
+        Check(
+            "virtlogd",
+            virtlogd,
+            "socket present" if virtlogd else "not running",
+            "start it: `virtlogd -d`",
+        )
     )
     qemu = shutil.which("qemu-system-x86_64")
     if qemu:
         out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=False)
         checks.append(Check("qemu", True, out.stdout.splitlines()[0] if out.stdout else qemu))
     else:
-        checks.append(Check("qemu", False, "qemu-system-x86_64 not found",
-                            "apt-get install qemu-system-x86 qemu-utils"))
+        checks.append(
+            Check(
+                "qemu",
+                False,
+                "qemu-system-x86_64 not found",
+                "apt-get install qemu-system-x86 qemu-utils",
+            )
+        )
     accel = detect(settings.accel)
-    checks.append(Check("accelerator", True, f"{accel.accel.value}: {accel.reason}", required=False))
+    checks.append(
+        Check("accelerator", True, f"{accel.accel.value}: {accel.reason}", required=False)
+    )
     kvm = Path("/dev/kvm")
     if kvm.exists():
         st = kvm.stat()
@@ -75,45 +92,82 @@ def run_checks(settings: Settings) -> list[Check]:
             kvm_gid = -1
         ok = st.st_gid == kvm_gid and bool(st.st_mode & stat.S_IRGRP and st.st_mode & stat.S_IWGRP)
         checks.append(
-            Check("/dev/kvm permissions", ok,
-                  f"group {st.st_gid}, mode {stat.filemode(st.st_mode)}",
-                  "chgrp kvm /dev/kvm && chmod 660 /dev/kvm, then restart libvirtd "
-                  "(otherwise libvirt re-probes QEMU at every start: ~50 s per VM)")
+            Check(
+                "/dev/kvm permissions",
+                ok,
+                f"group {st.st_gid}, mode {stat.filemode(st.st_mode)}",
+                "chgrp kvm /dev/kvm && chmod 660 /dev/kvm, then restart libvirtd "
+                "(otherwise libvirt re-probes QEMU at every start: ~50 s per VM)",
+            )
         )
-    for tool, pkg in (("mmdebstrap", "mmdebstrap"), ("qemu-img", "qemu-utils"),
-                      ("mke2fs", "e2fsprogs"), ("virt-xml-validate", "libvirt-clients")):
+    for tool, pkg in (
+        ("mmdebstrap", "mmdebstrap"),
+        ("qemu-img", "qemu-utils"),
+        ("mke2fs", "e2fsprogs"),
+        ("virt-xml-validate", "libvirt-clients"),
+    ):
         found = shutil.which(tool)
-        checks.append(Check(f"tool {tool}", found is not None, found or "missing",
-                            f"apt-get install {pkg}"))
+        checks.append(
+            Check(f"tool {tool}", found is not None, found or "missing", f"apt-get install {pkg}")
+        )
     images = ImageStore(settings.cache_dir)
     try:
         current = images.current()
         if current is not None:
             m = current.load_manifest()
-            checks.append(Check("guest image", True, f"{m.id} (kernel {m.kernel_release}) in {current.root}"))
+            checks.append(
+                Check("guest image", True, f"{m.id} (kernel {m.kernel_release}) in {current.root}")
+            )
         else:
-            checks.append(Check("guest image", False, f"none built for this version in {settings.cache_dir}",
-                                "agent-vm image build"))
+            checks.append(
+                Check(
+                    "guest image",
+                    False,
+                    f"none built for this version in {settings.cache_dir}",
+                    "agent-vm image build",
+                )
+            )
     except AgentVMError as exc:
         checks.append(Check("guest image", False, exc.message, "./setup.sh"))
     for path in (settings.state_dir, settings.cache_dir):
         blocked = _traversable_by_others(path)
         checks.append(
-            Check(f"QEMU can reach {path}", blocked is None,
-                  "ok" if blocked is None else f"{blocked} is not searchable by other users",
-                  f"chmod o+x {blocked} or move the directory (AGENTVM_STATE_DIR/AGENTVM_CACHE_DIR)")
+            Check(
+                f"QEMU can reach {path}",
+                blocked is None,
+                "ok" if blocked is None else f"{blocked} is not searchable by other users",
+                f"chmod o+x {blocked} or move the directory (AGENTVM_STATE_DIR/AGENTVM_CACHE_DIR)",
+            )
         )
     memlock = can_raise_memlock()
     checks.append(
-        Check("memory hard limit", True,
-              "available" if memlock else "unavailable here (no CAP_SYS_RESOURCE to raise "
-              "RLIMIT_MEMLOCK); CPU quota and I/O weight still apply", required=False)
+        Check(
+            "memory hard limit",
+            True,
+            "available"
+            if memlock
+            else "unavailable here (no CAP_SYS_RESOURCE to raise "
+            "RLIMIT_MEMLOCK); CPU quota and I/O weight still apply",
+            required=False,
+        )
     )
     for spec in service_specs(settings):
         status = health(spec.address)
-        checks.append(Check(f"service {spec.name}", status == "SERVING", f"{status} at {spec.address}",
-                            "agent-vm up"))
+        checks.append(
+            Check(
+                f"service {spec.name}",
+                status == "SERVING",
+                f"{status} at {spec.address}",
+                "agent-vm up",
+            )
+        )
     if os.geteuid() != 0:
-        checks.append(Check("privileges", True, "not root: qemu:///system needs libvirt group "
-                            "membership", required=False))
+        checks.append(
+            Check(
+                "privileges",
+                True,
+                "not root: qemu:///system needs libvirt group membership",
+                required=False,
+            )
+        )
     return checks

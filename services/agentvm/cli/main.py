@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -53,10 +53,13 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except grpc.RpcError as exc:
-            code = exc.code()  # type: ignore[attr-defined]
-            details = exc.details()  # type: ignore[attr-defined]
+            code = exc.code()
+            details = exc.details()
             if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
-                fail(f"vm-manager is not reachable ({details}): start the services with `agent-vm up`")
+                fail(
+                    f"vm-manager is not reachable ({details}): "
+                    "start the services with `agent-vm up`"
+                )
             fail(f"{code.name}: {details}")
         except AgentVMError as exc:
             fail(exc.message)
@@ -140,8 +143,10 @@ def image_build(force: bool) -> None:
     """Build the guest image through vm-manager (streams progress)."""
     for resp in vm_stub().BuildImage(vm_manager_pb2.BuildImageRequest(force=force), timeout=1800):
         if resp.HasField("image"):
-            click.echo(f"image {resp.image.id} ready: kernel {resp.image.kernel_release}, "
-                       f"{len(resp.image.packages)} packages, {resp.image.path}")
+            click.echo(
+                f"image {resp.image.id} ready: kernel {resp.image.kernel_release}, "
+                f"{len(resp.image.packages)} packages, {resp.image.path}"
+            )
         else:
             click.echo(resp.log_line)
 
@@ -178,12 +183,17 @@ def _exec(endpoint: str, argv: list[str], timeout: float) -> int:
     """Run ``argv`` through the guest agent, streaming output; returns the exit code."""
     with sync_channel(endpoint) as channel:
         stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
-        req = guest_agent_pb2.ExecuteRequest(program=common_pb2.Program(argv=common_pb2.Argv(args=argv)))
+        req = guest_agent_pb2.ExecuteRequest(
+            program=common_pb2.Program(argv=common_pb2.Argv(args=argv))
+        )
         req.timeout.FromNanoseconds(int(timeout * 1e9))
-        events: Iterator[guest_agent_pb2.ExecuteResponse] = stub.Execute(req, timeout=timeout + 10)
-        for ev in events:
+        for ev in stub.Execute(req, timeout=timeout + 10):
             if ev.HasField("output"):
-                out = sys.stdout if ev.output.stream == common_pb2.OUTPUT_STREAM_STDOUT else sys.stderr
+                out = (
+                    sys.stdout
+                    if ev.output.stream == common_pb2.OUTPUT_STREAM_STDOUT
+                    else sys.stderr
+                )
                 out.buffer.write(ev.output.data)
                 out.flush()
             elif ev.HasField("exited"):
@@ -211,8 +221,10 @@ def vm_create(profile: str, network: str, no_wait: bool) -> None:
 def vm_list() -> None:
     """List VMs."""
     for v in vm_stub().ListVMs(vm_manager_pb2.ListVMsRequest(), timeout=10).vms:
-        click.echo(f"{v.name}  {common_pb2.VMState.Name(v.state).removeprefix('VM_STATE_')}  "
-                   f"{common_pb2.ResourceProfile.Name(v.profile).removeprefix('RESOURCE_PROFILE_')}")
+        click.echo(
+            f"{v.name}  {common_pb2.VMState.Name(v.state).removeprefix('VM_STATE_')}  "
+            f"{common_pb2.ResourceProfile.Name(v.profile).removeprefix('RESOURCE_PROFILE_')}"
+        )
 
 
 @vm.command("get")
@@ -268,8 +280,11 @@ def vm_run(argv: tuple[str, ...], profile: str, network: str, timeout: float) ->
     v = _create(profile, network, {"created-by": "agent-vm-cli"})
     try:
         v = _wait_ready(v.name, 120)
-        click.echo(f"agent-vm: {v.name} ready in {time.monotonic() - start:.1f} s "
-                   f"(kernel {v.guest.kernel_release})", err=True)
+        click.echo(
+            f"agent-vm: {v.name} ready in {time.monotonic() - start:.1f} s "
+            f"(kernel {v.guest.kernel_release})",
+            err=True,
+        )
         code = _exec(v.agent_endpoint, list(argv), timeout)
     finally:
         vm_stub().DestroyVM(vm_manager_pb2.DestroyVMRequest(name=v.name), timeout=60)

@@ -21,20 +21,28 @@ class Settings:
     # AGENTVM_LIBVIRT_URI
     libvirt_uri: str = field(default_factory=lambda: _env("AGENTVM_LIBVIRT_URI", "qemu:///system"))
     # AGENTVM_STATE_DIR: VM overlays and metadata (must be traversable by QEMU's user).
-    state_dir: Path = field(default_factory=lambda: Path(_env("AGENTVM_STATE_DIR", "/var/lib/agent-vm")))
+    state_dir: Path = field(
+        default_factory=lambda: Path(_env("AGENTVM_STATE_DIR", "/var/lib/agent-vm"))
+    )
     # AGENTVM_RUN_DIR: service sockets, pid files, per-VM agent sockets.
     run_dir: Path = field(default_factory=lambda: Path(_env("AGENTVM_RUN_DIR", "/run/agent-vm")))
     # AGENTVM_CACHE_DIR: guest images.
-    cache_dir: Path = field(default_factory=lambda: Path(_env("AGENTVM_CACHE_DIR", "/var/cache/agent-vm")))
+    cache_dir: Path = field(
+        default_factory=lambda: Path(_env("AGENTVM_CACHE_DIR", "/var/cache/agent-vm"))
+    )
     # AGENTVM_LOG_DIR: service logs when started by `agent-vm up`.
-    log_dir: Path = field(default_factory=lambda: Path(_env("AGENTVM_LOG_DIR", "/var/log/agent-vm")))
+    log_dir: Path = field(
+        default_factory=lambda: Path(_env("AGENTVM_LOG_DIR", "/var/log/agent-vm"))
+    )
     # AGENTVM_ACCEL: auto | kvm | tcg
     accel: str = field(default_factory=lambda: _env("AGENTVM_ACCEL", "auto"))
     # AGENTVM_VM_PREFIX: libvirt object names start with this (must start with "agent-vm-").
     vm_prefix: str = field(default_factory=lambda: _env("AGENTVM_VM_PREFIX", "agent-vm-"))
     # AGENTVM_VM_MANAGER_ADDR
     vm_manager_addr: str = field(
-        default_factory=lambda: _env("AGENTVM_VM_MANAGER_ADDR", "unix:/run/agent-vm/vm-manager.sock")
+        default_factory=lambda: _env(
+            "AGENTVM_VM_MANAGER_ADDR", "unix:/run/agent-vm/vm-manager.sock"
+        )
     )
     # AGENTVM_LOG_LEVEL
     log_level: str = field(default_factory=lambda: _env("AGENTVM_LOG_LEVEL", "INFO"))

@@ -51,9 +51,7 @@ class StateError(FailedPrecondition):
     """A VM is in ``state`` but the operation needs one of ``required``."""
 
     def __init__(self, name: str, state: str, required: tuple[str, ...]) -> None:
-        super().__init__(
-            f"VM {name} is {state}; this needs it to be {' or '.join(required)}"
-        )
+        super().__init__(f"VM {name} is {state}; this needs it to be {' or '.join(required)}")
         self.state = state
         self.required = required
 

@@ -126,7 +126,7 @@ async def serve(
     """Run a service until SIGTERM/SIGINT: health + reflection, restrictive socket mode."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
     register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*full_service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)

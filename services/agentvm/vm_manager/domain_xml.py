@@ -96,7 +96,9 @@ class Disk:
 
     def to_element(self) -> ET.Element:
         el = ET.Element("disk", type="file", device="disk")
-        _sub(el, "driver", name="qemu", type=self.driver_type, cache=self.cache, discard=self.discard)
+        _sub(
+            el, "driver", name="qemu", type=self.driver_type, cache=self.cache, discard=self.discard
+        )
         _sub(el, "source", file=self.source)
         _sub(el, "target", dev=self.target, bus="virtio")
         return el

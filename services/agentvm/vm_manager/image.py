@@ -111,7 +111,9 @@ def wheel_pins() -> list[str]:
 
 def _guest_files() -> list[tuple[Path, str]]:
     """(source, destination under /opt/agentvm/site) of the guest agent's code."""
-    files = [(p, f"agentvm_guest/{p.name}") for p in sorted((GUEST_DIR / "agentvm_guest").glob("*.py"))]
+    files = [
+        (p, f"agentvm_guest/{p.name}") for p in sorted((GUEST_DIR / "agentvm_guest").glob("*.py"))
+    ]
     files.append((REPO_ROOT / "services" / "agentvm" / "__init__.py", "agentvm/__init__.py"))
     files.append((PROTO_OUT / "__init__.py", "agentvm/v1/__init__.py"))
     files += [(PROTO_OUT / name, f"agentvm/v1/{name}") for name in GUEST_PROTOS]
@@ -247,7 +249,7 @@ class ImageStore:
         if paths is None:
             raise FailedPrecondition(
                 "no guest image is built for this version of agent-vm: run "
-                "`agent-vm image build` (about 2 minutes)"
+                "`agent-vm image build` (about a minute)"
             )
         return paths
 
@@ -375,11 +377,26 @@ class ImageStore:
         log("installing grpcio/protobuf wheels for the guest: " + " ".join(wheel_pins()))
         _run(
             [
-                sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                "--only-binary=:all:", "--platform", "manylinux_2_28_x86_64",
-                "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
-                "--python-version", "3.11", "--implementation", "cp",
-                "--target", str(site), *wheel_pins(),
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--platform",
+                "manylinux_2_28_x86_64",
+                "--platform",
+                "manylinux_2_17_x86_64",
+                "--platform",
+                "manylinux2014_x86_64",
+                "--python-version",
+                "3.11",
+                "--implementation",
+                "cp",
+                "--target",
+                str(site),
+                *wheel_pins(),
             ],
             log,
         )
@@ -409,8 +426,17 @@ class ImageStore:
 
     def _packages(self, root: Path) -> list[str]:
         proc = subprocess.run(
-            ["dpkg-query", "--admindir", str(root / "var/lib/dpkg"), "-W", "-f", "${Package}=${Version}\n"],
-            capture_output=True, text=True, check=True,
+            [
+                "dpkg-query",
+                "--admindir",
+                str(root / "var/lib/dpkg"),
+                "-W",
+                "-f",
+                "${Package}=${Version}\n",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return sorted(line for line in proc.stdout.splitlines() if line)
 
@@ -443,11 +469,37 @@ class ImageStore:
         log("making the root disk (ext4 -> qcow2)")
         raw = work / "rootfs.raw"
         _run(
-            ["mke2fs", "-q", "-t", "ext4", "-L", "agentvm-root", "-d", str(root),
-             "-E", "root_owner=0:0", "-F", str(raw), ROOTFS_SIZE],
+            [
+                "mke2fs",
+                "-q",
+                "-t",
+                "ext4",
+                "-L",
+                "agentvm-root",
+                "-d",
+                str(root),
+                "-E",
+                "root_owner=0:0",
+                "-F",
+                str(raw),
+                ROOTFS_SIZE,
+            ],
             log,
         )
-        _run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(out / "rootfs.qcow2")], log)
+        _run(
+            [
+                "qemu-img",
+                "convert",
+                "-q",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                str(raw),
+                str(out / "rootfs.qcow2"),
+            ],
+            log,
+        )
         raw.unlink()
 
     def _prune(self, keep: set[str]) -> None:

@@ -31,7 +31,7 @@ from agentvm.common.errors import (
     NotFound,
 )
 from agentvm.common.grpc_util import aio_channel
-from agentvm.v1 import guest_agent_pb2, guest_agent_pb2_grpc
+from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
 from agentvm.vm_manager import domain_xml as dx
 from agentvm.vm_manager.accel import AccelInfo
 from agentvm.vm_manager.image import ImageStore
@@ -225,12 +225,27 @@ class VMManager:
         vm.vm_dir.mkdir(mode=0o755)
         vm.vm_dir.chmod(0o755)
         proc = subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
-             str(vm.overlay), f"{vm.resources.disk_mib}M"],
-            capture_output=True, text=True, check=False,
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                str(base),
+                "-F",
+                "qcow2",
+                str(vm.overlay),
+                f"{vm.resources.disk_mib}M",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if proc.returncode != 0:
-            raise FailedPrecondition(f"cannot create the overlay of {vm.name}: {proc.stderr.strip()}")
+            raise FailedPrecondition(
+                f"cannot create the overlay of {vm.name}: {proc.stderr.strip()}"
+            )
         template = VMTemplate(
             profile=vm.profile,
             network_mode=vm.network_mode,
@@ -252,8 +267,11 @@ class VMManager:
             vm.labels,
         )
         domain = template.domain(
-            name=vm.name, uuid=vm.uuid, overlay=str(vm.overlay),
-            console_log=str(vm.console_log), metadata=meta,
+            name=vm.name,
+            uuid=vm.uuid,
+            overlay=str(vm.overlay),
+            console_log=str(vm.console_log),
+            metadata=meta,
         )
         self.conn.define(domain.to_xml())
 
@@ -367,11 +385,12 @@ class VMManager:
                 vm.boot_duration = time.monotonic() - vm.boot_started
             vm.transition(VMState.READY)
             log.info(
-                "VM %s ready", vm.name,
+                "VM %s ready",
+                vm.name,
                 extra={"vm": vm.name, "boot_s": round(vm.boot_duration or 0.0, 3)},
             )
 
-    async def agent_status(self, vm: VM, timeout: float) -> guest_agent_pb2.GetStatusResponse:
+    async def agent_status(self, vm: VM, timeout: float) -> common_pb2.GuestInfo:
         async with aio_channel(vm.agent_endpoint) as channel:
             stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
             resp = await stub.GetStatus(guest_agent_pb2.GetStatusRequest(), timeout=timeout)
@@ -394,7 +413,9 @@ class VMManager:
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     async with aio_channel(vm.agent_endpoint) as channel:
                         stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
-                        await stub.Shutdown(guest_agent_pb2.ShutdownRequest(), timeout=min(grace, 3))
+                        await stub.Shutdown(
+                            guest_agent_pb2.ShutdownRequest(), timeout=min(grace, 3)
+                        )
             if not force:
                 with contextlib.suppress(libvirt.libvirtError):
                     await asyncio.to_thread(dom.shutdown)

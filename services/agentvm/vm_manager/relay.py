@@ -25,7 +25,9 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from agentvm_guest import mux
 
@@ -91,7 +93,9 @@ class HostRelay:
             self.listen_path.unlink()
         old = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._handle_client, path=str(self.listen_path))
+            self._server = await asyncio.start_unix_server(
+                self._handle_client, path=str(self.listen_path)
+            )
         finally:
             os.umask(old)
 
@@ -109,8 +113,8 @@ class HostRelay:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -125,7 +129,8 @@ class HostRelay:
             return self._session
 
     async def _handshake(self) -> _Session:
-        assert self.channel_path is not None
+        if self.channel_path is None:
+            raise SessionError(f"{self.vm_name} has no virtio-serial agent channel")
         try:
             reader, writer = await asyncio.open_unix_connection(self.channel_path)
         except OSError as exc:
@@ -173,7 +178,9 @@ class HostRelay:
                     await self._dispatch(session, frame)
         except mux.ProtocolError as exc:
             self.protocol_errors += 1
-            log.warning("protocol error from the guest of %s, ending session: %s", self.vm_name, exc)
+            log.warning(
+                "protocol error from the guest of %s, ending session: %s", self.vm_name, exc
+            )
         except (OSError, asyncio.IncompleteReadError) as exc:
             log.info("agent channel of %s failed: %s", self.vm_name, exc)
         finally:
@@ -212,7 +219,9 @@ class HostRelay:
             await session.writer.wait_closed()
 
     # -- clients -------------------------------------------------------
-    async def _handle_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             if self.vsock_cid is not None:
                 await self._vsock_client(reader, writer)
@@ -225,7 +234,9 @@ class HostRelay:
         finally:
             writer.close()
 
-    async def _serial_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serial_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         session = await self._get_session()
         stream = session.next_id
         session.next_id += 2
@@ -244,9 +255,12 @@ class HostRelay:
                 with contextlib.suppress(OSError, ConnectionError):
                     await session.send(mux.FrameType.CLOSE, stream)
 
-    async def _vsock_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _vsock_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         """One AF_VSOCK connection per client (KVM hosts with vhost-vsock)."""
-        assert self.vsock_cid is not None
+        if self.vsock_cid is None:
+            raise SessionError(f"{self.vm_name} has no vsock device")
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         sock.setblocking(False)
         loop = asyncio.get_running_loop()

@@ -56,7 +56,9 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
         self.images = images
 
     @grpc_errors
-    async def CreateVM(self, request: vm_manager_pb2.CreateVMRequest, context: Ctx) -> vm_manager_pb2.CreateVMResponse:
+    async def CreateVM(
+        self, request: vm_manager_pb2.CreateVMRequest, context: Ctx
+    ) -> vm_manager_pb2.CreateVMResponse:
         profile = ResourceProfile.from_proto(request.profile)
         mode = NetworkMode.from_proto(request.network_mode)
         if mode is not NetworkMode.BRIDGE and request.bridge:
@@ -73,12 +75,16 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
         return vm_manager_pb2.CreateVMResponse(vm=vm.to_proto())
 
     @grpc_errors
-    async def StartVM(self, request: vm_manager_pb2.StartVMRequest, context: Ctx) -> vm_manager_pb2.StartVMResponse:
+    async def StartVM(
+        self, request: vm_manager_pb2.StartVMRequest, context: Ctx
+    ) -> vm_manager_pb2.StartVMResponse:
         vm = await self.manager.start(request.name)
         return vm_manager_pb2.StartVMResponse(vm=vm.to_proto())
 
     @grpc_errors
-    async def StopVM(self, request: vm_manager_pb2.StopVMRequest, context: Ctx) -> vm_manager_pb2.StopVMResponse:
+    async def StopVM(
+        self, request: vm_manager_pb2.StopVMRequest, context: Ctx
+    ) -> vm_manager_pb2.StopVMResponse:
         grace = DEFAULT_GRACE_S
         if request.HasField("grace_period"):
             grace = request.grace_period.ToNanoseconds() / 1e9
@@ -88,22 +94,30 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
         return vm_manager_pb2.StopVMResponse(vm=vm.to_proto(), forced=forced)
 
     @grpc_errors
-    async def DestroyVM(self, request: vm_manager_pb2.DestroyVMRequest, context: Ctx) -> vm_manager_pb2.DestroyVMResponse:
+    async def DestroyVM(
+        self, request: vm_manager_pb2.DestroyVMRequest, context: Ctx
+    ) -> vm_manager_pb2.DestroyVMResponse:
         await self.manager.destroy(request.name)
         return vm_manager_pb2.DestroyVMResponse()
 
     @grpc_errors
-    async def GetVM(self, request: vm_manager_pb2.GetVMRequest, context: Ctx) -> vm_manager_pb2.GetVMResponse:
+    async def GetVM(
+        self, request: vm_manager_pb2.GetVMRequest, context: Ctx
+    ) -> vm_manager_pb2.GetVMResponse:
         vm = await self.manager.get(request.name)
         return vm_manager_pb2.GetVMResponse(vm=vm.to_proto())
 
     @grpc_errors
-    async def ListVMs(self, request: vm_manager_pb2.ListVMsRequest, context: Ctx) -> vm_manager_pb2.ListVMsResponse:
+    async def ListVMs(
+        self, request: vm_manager_pb2.ListVMsRequest, context: Ctx
+    ) -> vm_manager_pb2.ListVMsResponse:
         vms = await self.manager.list(dict(request.label_selector))
         return vm_manager_pb2.ListVMsResponse(vms=[v.to_proto() for v in vms])
 
     @grpc_errors
-    async def WaitVM(self, request: vm_manager_pb2.WaitVMRequest, context: Ctx) -> vm_manager_pb2.WaitVMResponse:
+    async def WaitVM(
+        self, request: vm_manager_pb2.WaitVMRequest, context: Ctx
+    ) -> vm_manager_pb2.WaitVMResponse:
         if request.state == common_pb2.VM_STATE_UNSPECIFIED:
             raise InvalidArgument("state is required (e.g. VM_STATE_READY)")
         try:
@@ -132,7 +146,9 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, SNAPSHOTS_LATER)
 
     @grpc_errors
-    async def GetImage(self, request: vm_manager_pb2.GetImageRequest, context: Ctx) -> vm_manager_pb2.GetImageResponse:
+    async def GetImage(
+        self, request: vm_manager_pb2.GetImageRequest, context: Ctx
+    ) -> vm_manager_pb2.GetImageResponse:
         current = self.images.current()
         if current is not None:
             return vm_manager_pb2.GetImageResponse(
@@ -141,7 +157,8 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
         other = self.images.any_built()
         if other is not None:
             return vm_manager_pb2.GetImageResponse(
-                present=False, stale=True,
+                present=False,
+                stale=True,
                 image=image_to_proto(other.load_manifest(), str(other.root)),
             )
         return vm_manager_pb2.GetImageResponse(present=False)
@@ -170,15 +187,18 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
         yield vm_manager_pb2.BuildImageResponse(image=image_to_proto(manifest, path))
 
     @grpc_errors
-    async def GetHostInfo(self, request: vm_manager_pb2.GetHostInfoRequest, context: Ctx) -> vm_manager_pb2.GetHostInfoResponse:
+    async def GetHostInfo(
+        self, request: vm_manager_pb2.GetHostInfoRequest, context: Ctx
+    ) -> vm_manager_pb2.GetHostInfoResponse:
         libvirt_version, _hv = await asyncio.to_thread(self.manager.conn.versions)
         accel = self.manager.accel
         return vm_manager_pb2.GetHostInfoResponse(
             libvirt_uri=self.manager.conn.uri,
             libvirt_version=libvirt_version,
             qemu_version=await asyncio.to_thread(qemu_version),
-            accelerator=common_pb2.ACCELERATOR_KVM if accel.accel is Accel.KVM else common_pb2.ACCELERATOR_TCG,
+            accelerator=common_pb2.ACCELERATOR_KVM
+            if accel.accel is Accel.KVM
+            else common_pb2.ACCELERATOR_TCG,
             accelerator_reason=accel.reason,
             agent_transport=common_pb2.AGENT_TRANSPORT_VIRTIO_SERIAL,
         )
-

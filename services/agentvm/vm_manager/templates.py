@@ -44,7 +44,7 @@ class ResourceProfile(Enum):
     def from_proto(cls, value: int) -> ResourceProfile:
         if value == common_pb2.RESOURCE_PROFILE_UNSPECIFIED:
             return cls.STANDARD
-        names = {
+        names: dict[int, ResourceProfile] = {
             common_pb2.RESOURCE_PROFILE_LIGHT: cls.LIGHT,
             common_pb2.RESOURCE_PROFILE_STANDARD: cls.STANDARD,
             common_pb2.RESOURCE_PROFILE_INTENSIVE: cls.INTENSIVE,
@@ -77,7 +77,7 @@ class NetworkMode(Enum):
 
     @classmethod
     def from_proto(cls, value: int) -> NetworkMode:
-        mapping = {
+        mapping: dict[int, NetworkMode] = {
             common_pb2.NETWORK_MODE_UNSPECIFIED: cls.NAT_FILTERED,
             common_pb2.NETWORK_MODE_NAT_FILTERED: cls.NAT_FILTERED,
             common_pb2.NETWORK_MODE_ISOLATED: cls.ISOLATED,

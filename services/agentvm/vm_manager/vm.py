@@ -51,7 +51,9 @@ _ALLOWED: dict[VMState, frozenset[VMState]] = {
     VMState.BOOTING: frozenset(
         {VMState.READY, VMState.STOPPING, VMState.FAILED, VMState.DESTROYING, VMState.STOPPED}
     ),
-    VMState.READY: frozenset({VMState.STOPPING, VMState.FAILED, VMState.DESTROYING, VMState.STOPPED}),
+    VMState.READY: frozenset(
+        {VMState.STOPPING, VMState.FAILED, VMState.DESTROYING, VMState.STOPPED}
+    ),
     VMState.STOPPING: frozenset({VMState.STOPPED, VMState.FAILED, VMState.DESTROYING}),
     VMState.STOPPED: frozenset({VMState.BOOTING, VMState.DESTROYING}),
     VMState.FAILED: frozenset({VMState.DESTROYING, VMState.BOOTING}),
@@ -119,7 +121,7 @@ class VM:
         msg = common_pb2.VM(
             name=self.name,
             uuid=self.uuid,
-            state=self.state.value,  # type: ignore[arg-type]
+            state=self.state.value,
             profile=self.profile.to_proto(),
             network_mode=self.network_mode.to_proto(),
             resources=common_pb2.Resources(
@@ -128,7 +130,9 @@ class VM:
                 disk_mib=self.resources.disk_mib,
             ),
             accelerator=(
-                common_pb2.ACCELERATOR_KVM if self.accel is Accel.KVM else common_pb2.ACCELERATOR_TCG
+                common_pb2.ACCELERATOR_KVM
+                if self.accel is Accel.KVM
+                else common_pb2.ACCELERATOR_TCG
             ),
             agent_endpoint=self.agent_endpoint,
             agent_transport=common_pb2.AGENT_TRANSPORT_VIRTIO_SERIAL
