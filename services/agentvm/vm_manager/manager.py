@@ -61,12 +61,11 @@ POLL_S = 0.05
 LABEL_RE = re.compile(r"^[A-Za-z0-9_.\-/]{1,63}$")
 
 
-def _undefine_flags() -> int:
-    return int(
-        libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-        | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-        | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
-    )
+def _undefine_flag_sets() -> list[int]:
+    """Undefine flags, most thorough first (snapshot metadata, managed save, NVRAM)."""
+    snaps = libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+    save = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    return [int(snaps | save | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM), int(snaps | save), int(snaps)]
 
 
 class VMManager:
@@ -480,11 +479,18 @@ class VMManager:
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
                     raise
-            try:
-                dom.undefineFlags(_undefine_flags())
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                    raise
+            for flags in _undefine_flag_sets():
+                try:
+                    dom.undefineFlags(flags)
+                    return
+                except libvirt.libvirtError as exc:
+                    code = exc.get_error_code()
+                    if code == libvirt.VIR_ERR_NO_DOMAIN:
+                        return
+                    # Drivers that do not know a flag reject it: try fewer.
+                    if code not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT):
+                        raise
+            dom.undefine()
 
     def _remove_everything(self, vm: VM) -> None:
         with contextlib.suppress(AgentVMError):

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from agentvm.common.errors import InvalidArgument
 from agentvm.common.grpc_util import grpc_errors, grpc_stream_errors, remaining_time
@@ -48,6 +49,18 @@ def qemu_version() -> str:
     return out.splitlines()[0] if out else ""
 
 
+def seconds(request: Message, field: str, default: float, low: float, high: float) -> float:
+    """A Duration field in seconds: ``default`` when unset, INVALID_ARGUMENT outside [low, high]."""
+    if not request.HasField(field):
+        return default
+    value: float = getattr(request, field).ToNanoseconds() / 1e9
+    if not low <= value <= high:
+        raise InvalidArgument(
+            f"{field} must be between {low:g} and {high:g} seconds, got {value:g}"
+        )
+    return value
+
+
 class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
     """Maps RPCs to VMManager; every error becomes a status code with advice."""
 
@@ -85,11 +98,7 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
     async def StopVM(
         self, request: vm_manager_pb2.StopVMRequest, context: Ctx
     ) -> vm_manager_pb2.StopVMResponse:
-        grace = DEFAULT_GRACE_S
-        if request.HasField("grace_period"):
-            grace = request.grace_period.ToNanoseconds() / 1e9
-            if not 0 <= grace <= 600:
-                raise InvalidArgument("grace_period must be between 0 and 600 seconds")
+        grace = seconds(request, "grace_period", DEFAULT_GRACE_S, 0, 600)
         vm, forced = await self.manager.stop(request.name, grace, request.force)
         return vm_manager_pb2.StopVMResponse(vm=vm.to_proto(), forced=forced)
 
@@ -124,11 +133,7 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
             state = VMState.from_proto(request.state)
         except ValueError:
             raise InvalidArgument(f"unknown VM state {request.state}") from None
-        timeout = DEFAULT_WAIT_S
-        if request.HasField("timeout"):
-            timeout = request.timeout.ToNanoseconds() / 1e9
-            if not 0 < timeout <= 3600:
-                raise InvalidArgument("timeout must be between 0 and 3600 seconds")
+        timeout = seconds(request, "timeout", DEFAULT_WAIT_S, 0.001, 3600)
         timeout = remaining_time(context, timeout)
         vm = await self.manager.wait(request.name, state, timeout)
         return vm_manager_pb2.WaitVMResponse(vm=vm.to_proto())

@@ -1,0 +1,230 @@
+"""Servicers without VMs: the guest agent under grpcio-testing, vm-manager on libvirt's test driver."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from pathlib import Path
+
+import grpc
+import grpc_testing
+import pytest
+
+from agentvm.common.config import Settings
+from agentvm.common.grpc_util import SERVER_OPTIONS, aio_channel
+from agentvm.v1 import common_pb2, guest_agent_pb2, vm_manager_pb2, vm_manager_pb2_grpc
+from agentvm.vm_manager.accel import Accel, AccelInfo
+from agentvm.vm_manager.image import ImageStore, inputs_id
+from agentvm.vm_manager.libvirt_conn import LibvirtConnection
+from agentvm.vm_manager.manager import VMManager
+from agentvm.vm_manager.servicer import VMManagerServicer
+from agentvm_guest import agent as agent_mod
+
+GUEST_SERVICE = guest_agent_pb2.DESCRIPTOR.services_by_name["GuestAgentService"]
+
+
+@pytest.fixture
+def guest_server(monkeypatch: pytest.MonkeyPatch) -> grpc_testing.Server:
+    monkeypatch.setattr(agent_mod, "CGROUP_ROOT", "/proc/no-cgroups-here")
+    return grpc_testing.server_from_dictionary(
+        {GUEST_SERVICE: agent_mod.GuestAgent()}, grpc_testing.strict_real_time()
+    )
+
+
+def test_guest_get_status_under_grpc_testing(guest_server: grpc_testing.Server) -> None:
+    rpc = guest_server.invoke_unary_unary(
+        GUEST_SERVICE.methods_by_name["GetStatus"], (), guest_agent_pb2.GetStatusRequest(), None
+    )
+    response, _meta, code, _details = rpc.termination()
+    assert code == grpc.StatusCode.OK
+    assert response.info.agent_version
+    assert response.info.memory_total_bytes > 0
+
+
+def test_guest_execute_streams_under_grpc_testing(guest_server: grpc_testing.Server) -> None:
+    req = guest_agent_pb2.ExecuteRequest(
+        program=common_pb2.Program(
+            code=common_pb2.Code(
+                language=common_pb2.CODE_LANGUAGE_SHELL, source="echo hi; echo err >&2; exit 4"
+            )
+        )
+    )
+    rpc = guest_server.invoke_unary_stream(GUEST_SERVICE.methods_by_name["Execute"], (), req, None)
+    events = []
+    while True:
+        try:
+            events.append(rpc.take_response())
+        except ValueError:
+            break
+        if events[-1].HasField("exited"):
+            break
+    _meta, code, _details = rpc.termination()
+    assert code == grpc.StatusCode.OK
+    assert events[0].HasField("started")
+    out = b"".join(e.output.data for e in events if e.HasField("output") and e.output.stream == 1)
+    assert out == b"hi\n"
+    assert events[-1].exited.exit_code == 4
+
+
+def test_guest_execute_rejects_empty_program(guest_server: grpc_testing.Server) -> None:
+    rpc = guest_server.invoke_unary_stream(
+        GUEST_SERVICE.methods_by_name["Execute"], (), guest_agent_pb2.ExecuteRequest(), None
+    )
+    _meta, code, details = rpc.termination()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "program" in details
+
+
+# -- vm-manager on libvirt's test driver ---------------------------------------------
+
+
+@pytest.fixture
+def fake_image(tmp_path: Path) -> Path:
+    """An image directory for this version's inputs, with a tiny real qcow2 base."""
+    cache = tmp_path / "cache"
+    root = cache / "images" / inputs_id()
+    root.mkdir(parents=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(root / "rootfs.qcow2"), "64M"], check=True
+    )
+    (root / "vmlinuz").write_bytes(b"kernel")
+    (root / "initrd.img").write_bytes(b"initrd")
+    manifest = {
+        "id": inputs_id(),
+        "distribution": "debian-bookworm",
+        "kernel_release": "6.1.0-test",
+        "built_at": 0.0,
+        "packages": ["python3=3.11"],
+        "wheels": [],
+        "agent_version": "0.1.0",
+        "files": {},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return cache
+
+
+def run_servicer_test(tmp_path: Path, cache: Path, body: object) -> None:
+    """Serve VMManagerService on the test driver in-process and run ``body(stub)``."""
+
+    async def main() -> None:
+        settings = Settings(
+            libvirt_uri="test:///default",
+            state_dir=tmp_path / "state",
+            run_dir=tmp_path / "run",
+            cache_dir=cache,
+            vm_prefix="agent-vm-unit-",
+        )
+        conn = LibvirtConnection(settings.libvirt_uri)
+        images = ImageStore(cache)
+        manager = VMManager(
+            settings, conn, images, AccelInfo(Accel.TCG, "test"), memory_limit=False
+        )
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        vm_manager_pb2_grpc.add_VMManagerServiceServicer_to_server(
+            VMManagerServicer(manager, images), server
+        )
+        address = f"unix:{tmp_path}/vmm.sock"
+        server.add_insecure_port(address)
+        await server.start()
+        try:
+            async with aio_channel(address) as channel:
+                stub = vm_manager_pb2_grpc.VMManagerServiceStub(channel)
+                assert callable(body)
+                await body(stub)
+        finally:
+            await server.stop(None)
+            conn.close()
+
+    asyncio.run(main())
+
+
+def test_create_list_get_destroy_on_the_test_driver(tmp_path: Path, fake_image: Path) -> None:
+    async def body(stub: vm_manager_pb2_grpc.VMManagerServiceStub) -> None:
+        created = (
+            await stub.CreateVM(
+                vm_manager_pb2.CreateVMRequest(
+                    profile=common_pb2.RESOURCE_PROFILE_INTENSIVE,
+                    network_mode=common_pb2.NETWORK_MODE_ISOLATED,
+                    labels={"owner": "unit"},
+                )
+            )
+        ).vm
+        assert created.state == common_pb2.VM_STATE_DEFINED
+        assert created.resources.vcpus == 2
+        assert created.name.startswith("agent-vm-unit-")
+        assert (tmp_path / "state" / "vms" / created.name / "overlay.qcow2").exists()
+        listed = (
+            await stub.ListVMs(vm_manager_pb2.ListVMsRequest(label_selector={"owner": "unit"}))
+        ).vms
+        assert [v.name for v in listed] == [created.name]
+        got = (await stub.GetVM(vm_manager_pb2.GetVMRequest(name=created.name))).vm
+        assert got.labels["owner"] == "unit"
+        image = await stub.GetImage(vm_manager_pb2.GetImageRequest())
+        assert image.present
+        assert image.image.kernel_release == "6.1.0-test"
+        await stub.DestroyVM(vm_manager_pb2.DestroyVMRequest(name=created.name))
+        assert not (tmp_path / "state" / "vms" / created.name).exists()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetVM(vm_manager_pb2.GetVMRequest(name=created.name))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # Idempotent.
+        await stub.DestroyVM(vm_manager_pb2.DestroyVMRequest(name=created.name))
+
+    run_servicer_test(tmp_path, fake_image, body)
+
+
+def test_state_guards_and_validation_on_the_test_driver(tmp_path: Path, fake_image: Path) -> None:
+    async def body(stub: vm_manager_pb2_grpc.VMManagerServiceStub) -> None:
+        vm = (
+            await stub.CreateVM(
+                vm_manager_pb2.CreateVMRequest(network_mode=common_pb2.NETWORK_MODE_ISOLATED)
+            )
+        ).vm
+        # Stopping a VM that never ran is a no-op, not an error.
+        stopped = await stub.StopVM(vm_manager_pb2.StopVMRequest(name=vm.name))
+        assert not stopped.forced
+        bad = vm_manager_pb2.StopVMRequest(name=vm.name)
+        bad.grace_period.FromSeconds(10_000)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.StopVM(bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        wait = vm_manager_pb2.WaitVMRequest(name=vm.name, state=common_pb2.VM_STATE_READY)
+        wait.timeout.FromSeconds(5)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.WaitVM(wait)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "start it first" in (err.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreateVM(
+                vm_manager_pb2.CreateVMRequest(
+                    network_mode=common_pb2.NETWORK_MODE_ISOLATED, bridge="br0"
+                )
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.DestroyVM(vm_manager_pb2.DestroyVMRequest(name="agent-vm-other-1234"))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "prefix" in (err.value.details() or "")
+        host = await stub.GetHostInfo(vm_manager_pb2.GetHostInfoRequest())
+        assert host.libvirt_uri == "test:///default"
+        await stub.DestroyVM(vm_manager_pb2.DestroyVMRequest(name=vm.name))
+
+    run_servicer_test(tmp_path, fake_image, body)
+
+
+def test_missing_image_is_failed_precondition(tmp_path: Path) -> None:
+    async def body(stub: vm_manager_pb2_grpc.VMManagerServiceStub) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreateVM(
+                vm_manager_pb2.CreateVMRequest(network_mode=common_pb2.NETWORK_MODE_ISOLATED)
+            )
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "agent-vm image build" in (err.value.details() or "")
+        image = await stub.GetImage(vm_manager_pb2.GetImageRequest())
+        assert not image.present
+        assert not (tmp_path / "state" / "vms").exists() or not any(
+            (tmp_path / "state" / "vms").iterdir()
+        )
+
+    run_servicer_test(tmp_path, tmp_path / "empty-cache", body)
