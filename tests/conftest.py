@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,14 @@ import pytest
 from agentvm.common.config import Settings
 from agentvm.v1 import common_pb2
 from agentvm.vm_manager.image import ImageStore
-from tests.vmharness import VMFactory, VMManagerProcess, leftovers, new_vmm, remove_vmm_dirs
+from tests.vmharness import (
+    ExecutorProcess,
+    VMFactory,
+    VMManagerProcess,
+    leftovers,
+    new_vmm,
+    remove_vmm_dirs,
+)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -47,6 +55,24 @@ def vmm(guest_image: Path) -> Iterator[VMManagerProcess]:
         left = leftovers(proc)
         remove_vmm_dirs(proc)
         assert not left, f"the tests left resources behind: {left}"
+
+
+@pytest.fixture(scope="session")
+def executor(vmm: VMManagerProcess) -> Iterator[ExecutorProcess]:
+    """The executor process, talking to the tests' vm-manager; sets AGENTVM_EXECUTOR_ADDR."""
+    proc = ExecutorProcess(base=vmm.base, prefix=vmm.prefix)
+    proc.start()
+    old = os.environ.get("AGENTVM_EXECUTOR_ADDR")
+    os.environ["AGENTVM_EXECUTOR_ADDR"] = proc.address
+    try:
+        yield proc
+    finally:
+        if old is None:
+            os.environ.pop("AGENTVM_EXECUTOR_ADDR", None)
+        else:
+            os.environ["AGENTVM_EXECUTOR_ADDR"] = old
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.stop()
 
 
 @pytest.fixture

@@ -68,18 +68,21 @@ class VMManagerProcess:
             AGENTVM_RUN_DIR=str(self.run_dir),
             AGENTVM_STATE_DIR=str(self.state_dir),
             AGENTVM_VM_PREFIX=self.prefix,
-            AGENTVM_VM_MANAGER_ADDR=self.address,
+            AGENTVM_VM_MANAGER_ADDR=f"unix:{self.run_dir}/vm-manager.sock",
+            AGENTVM_EXECUTOR_ADDR=f"unix:{self.run_dir}/executor.sock",
             AGENTVM_LOG_DIR=str(self.base / "log"),
             AGENTVM_LOG_LEVEL="DEBUG",
         )
         return env
+
+    module = "agentvm.vm_manager"
 
     def start(self, timeout: float = 30.0) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
         self.base.chmod(0o755)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agentvm.vm_manager"],
+                [sys.executable, "-m", self.module],
                 env=self.env,
                 stdout=log,
                 stderr=log,
@@ -89,11 +92,13 @@ class VMManagerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vm-manager exited: {self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(f"{self.module} exited: {self.log_path.read_text()[-3000:]}")
             if self.health() == health_pb2.HealthCheckResponse.SERVING:
                 return
             time.sleep(0.1)
-        raise RuntimeError("vm-manager did not become healthy")
+        self.proc.kill()
+        self.proc.wait()
+        raise RuntimeError(f"{self.module} did not become healthy")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         assert self.proc is not None
@@ -116,6 +121,21 @@ class VMManagerProcess:
 
     def stub(self) -> vm_manager_pb2_grpc.VMManagerServiceStub:
         return vm_manager_pb2_grpc.VMManagerServiceStub(sync_channel(self.address))
+
+
+@dataclass
+class ExecutorProcess(VMManagerProcess):
+    """The executor as a real process, next to (and configured like) a VMManagerProcess."""
+
+    module = "agentvm.executor"
+
+    @property
+    def log_path(self) -> Path:
+        return self.base / "executor.log"
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.run_dir}/executor.sock"
 
 
 @dataclass

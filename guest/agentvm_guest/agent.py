@@ -9,6 +9,7 @@ is killed instead. Output is streamed as it is read and capped per stream.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import selectors
@@ -24,7 +25,7 @@ from typing import IO
 import grpc
 
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
-from agentvm_guest import __version__
+from agentvm_guest import __version__, paths
 
 log = logging.getLogger("agentvm_guest.agent")
 
@@ -32,7 +33,10 @@ DEFAULT_TIMEOUT_S = 300.0
 MAX_TIMEOUT_S = 24 * 3600.0
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 READ_CHUNK = 32 * 1024
+# How long output is still read after the tree was killed.
+KILL_GRACE_S = 1.0
 CGROUP_ROOT = "/sys/fs/cgroup/agentvm"
+WORKSPACE = "/workspace"
 DEFAULT_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
@@ -161,12 +165,15 @@ class ProcessTree:
 class _Running:
     tree: ProcessTree
     cancelled: threading.Event = field(default_factory=threading.Event)
+    stdin: IO[bytes] | None = None
+    stdin_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
     """Implements GuestAgentService."""
 
-    def __init__(self) -> None:
+    def __init__(self, workspace: str = WORKSPACE) -> None:
+        self.workspace = workspace
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
 
@@ -196,6 +203,8 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         env = dict(DEFAULT_ENV)
         env.update(request.env)
         exec_id = request.exec_id
+        if request.keep_stdin_open and not exec_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "keep_stdin_open needs an exec_id")
         tree = ProcessTree()
         running = _Running(tree)
         if exec_id:
@@ -225,10 +234,12 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
                     grpc.StatusCode.FAILED_PRECONDITION, f"cannot start {argv[0]!r}: {exc}"
                 )
             tree.pgid = proc.pid
-            yield guest_agent_pb2.ExecuteResponse(
-                started=guest_agent_pb2.ProcessStarted(pid=proc.pid)
+            yield guest_agent_pb2.ExecuteResponse(started=common_pb2.ProcessStarted(pid=proc.pid))
+            if request.keep_stdin_open:
+                running.stdin = proc.stdin
+            yield from self._pump(
+                proc, request.stdin, request.keep_stdin_open, running, start + timeout, cap, start
             )
-            yield from self._pump(proc, request.stdin, tree, running, start + timeout, cap, start)
         finally:
             tree.kill_all()
             tree.remove()
@@ -240,7 +251,7 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         self,
         proc: subprocess.Popen[bytes],
         stdin: bytes,
-        tree: ProcessTree,
+        keep_open: bool,
         running: _Running,
         deadline: float,
         cap: int,
@@ -248,7 +259,10 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
     ) -> Iterator[guest_agent_pb2.ExecuteResponse]:
         if proc.stdin is None or proc.stdout is None or proc.stderr is None:
             raise RuntimeError("subprocess pipes missing")
-        threading.Thread(target=_feed_stdin, args=(proc.stdin, stdin), daemon=True).start()
+        tree = running.tree
+        threading.Thread(
+            target=_feed_stdin, args=(running, proc.stdin, stdin, keep_open), daemon=True
+        ).start()
         sel = selectors.DefaultSelector()
         streams = {
             proc.stdout.fileno(): common_pb2.OUTPUT_STREAM_STDOUT,
@@ -261,18 +275,26 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         truncated = dict.fromkeys(sent, False)
         timed_out = False
         killed = False
+        drain_until = 0.0
         open_fds = set(streams)
         while open_fds:
             now = time.monotonic()
+            if killed and now >= drain_until:
+                # Something outside the tree (no cgroups here) still holds the
+                # pipes: stop waiting for EOF rather than overrun the timeout.
+                log.warning("output pipes still open %.1f s after the kill; closing", KILL_GRACE_S)
+                break
             if not killed and (now >= deadline or running.cancelled.is_set()):
                 timed_out = not running.cancelled.is_set()
                 tree.kill_all()
                 killed = True
+                drain_until = now + KILL_GRACE_S
             if not killed and proc.poll() is not None:
                 # The main process ended: whatever it left behind dies with it,
                 # so the pipes reach EOF.
                 tree.kill_all()
                 killed = True
+                drain_until = now + KILL_GRACE_S
             wait = 0.1 if killed else min(0.1, max(0.0, deadline - now))
             for key, _ in sel.select(wait):
                 fd = int(key.fd)
@@ -332,6 +354,118 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
             running.tree.signal(signum)
         return guest_agent_pb2.SignalProcessResponse()
 
+    def WriteStdin(
+        self, request: guest_agent_pb2.WriteStdinRequest, context: grpc.ServicerContext
+    ) -> guest_agent_pb2.WriteStdinResponse:
+        with self._lock:
+            running = self._running.get(request.exec_id)
+        if running is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no running execution {request.exec_id!r}")
+        with running.stdin_lock:
+            pipe = running.stdin
+            if pipe is None:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"stdin of {request.exec_id!r} is closed (start it with keep_stdin_open)",
+                )
+            try:
+                if request.data:
+                    pipe.write(request.data)
+                    pipe.flush()
+            except (OSError, ValueError) as exc:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"stdin write failed: {exc}")
+            finally:
+                if request.eof:
+                    running.stdin = None
+                    with contextlib.suppress(OSError):
+                        pipe.close()
+        return guest_agent_pb2.WriteStdinResponse()
+
+    # -- files under /workspace -------------------------------------------
+    def WriteFile(
+        self,
+        request_iterator: Iterator[guest_agent_pb2.GuestAgentServiceWriteFileRequest],
+        context: grpc.ServicerContext,
+    ) -> guest_agent_pb2.GuestAgentServiceWriteFileResponse:
+        writer: paths.AtomicWriter | None = None
+        expected = ""
+        try:
+            for msg in request_iterator:
+                if writer is None:
+                    writer = paths.AtomicWriter(self.workspace, msg.path, msg.mode or 0o644)
+                if msg.chunk:
+                    writer.write(msg.chunk)
+                if msg.sha256:
+                    expected = msg.sha256
+            if writer is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "WriteFile got no message")
+            writer.commit(expected)
+            return guest_agent_pb2.GuestAgentServiceWriteFileResponse(
+                size_bytes=writer.size, sha256=writer.sha256
+            )
+        except paths.PathError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except FileNotFoundError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except OSError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot write: {exc}")
+        finally:
+            if writer is not None:
+                writer.abort()  # no-op once committed
+
+    def ReadFile(
+        self,
+        request: guest_agent_pb2.GuestAgentServiceReadFileRequest,
+        context: grpc.ServicerContext,
+    ) -> Iterator[guest_agent_pb2.GuestAgentServiceReadFileResponse]:
+        h = hashlib.sha256()
+        first = True
+        try:
+            for data, size in paths.read_chunks(self.workspace, request.path):
+                h.update(data)
+                msg = guest_agent_pb2.GuestAgentServiceReadFileResponse(chunk=data)
+                if first:
+                    msg.size_bytes = size
+                    first = False
+                yield msg
+        except paths.PathError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except FileNotFoundError:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no file {request.path!r} in the workspace")
+        yield guest_agent_pb2.GuestAgentServiceReadFileResponse(sha256=h.hexdigest())
+
+    def ListFiles(
+        self,
+        request: guest_agent_pb2.GuestAgentServiceListFilesRequest,
+        context: grpc.ServicerContext,
+    ) -> guest_agent_pb2.GuestAgentServiceListFilesResponse:
+        try:
+            entries = paths.list_dir(self.workspace, request.path, recursive=request.recursive)
+        except paths.PathError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except FileNotFoundError:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no directory {request.path!r} in the workspace"
+            )
+        resp = guest_agent_pb2.GuestAgentServiceListFilesResponse()
+        for e in entries:
+            info = resp.files.add(path=e.path, size_bytes=e.size, mode=e.mode, is_dir=e.is_dir)
+            info.modified_at.FromNanoseconds(int(e.mtime * 1e9))
+        return resp
+
+    def RemoveFile(
+        self,
+        request: guest_agent_pb2.GuestAgentServiceRemoveFileRequest,
+        context: grpc.ServicerContext,
+    ) -> guest_agent_pb2.GuestAgentServiceRemoveFileResponse:
+        try:
+            paths.remove(self.workspace, request.path, recursive=request.recursive)
+        except paths.PathError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except FileNotFoundError:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no file {request.path!r} in the workspace")
+        return guest_agent_pb2.GuestAgentServiceRemoveFileResponse()
+
     def Shutdown(
         self, request: guest_agent_pb2.ShutdownRequest, context: grpc.ServicerContext
     ) -> guest_agent_pb2.ShutdownResponse:
@@ -348,15 +482,18 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         return guest_agent_pb2.ReseedRandomResponse()
 
 
-def _feed_stdin(pipe: IO[bytes], data: bytes) -> None:
-    try:
-        if data:
-            pipe.write(data)
-    except OSError:
-        pass
-    finally:
-        with contextlib.suppress(OSError):
-            pipe.close()
+def _feed_stdin(running: _Running, pipe: IO[bytes], data: bytes, keep_open: bool) -> None:
+    with running.stdin_lock:
+        try:
+            if data:
+                pipe.write(data)
+                pipe.flush()
+        except (OSError, ValueError):
+            keep_open = False
+        if not keep_open:
+            running.stdin = None
+            with contextlib.suppress(OSError):
+                pipe.close()
 
 
 def _power_off() -> None:

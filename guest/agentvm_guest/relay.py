@@ -91,6 +91,7 @@ class GuestRelay:
     def feed(self, data: bytes) -> None:
         """Process bytes read from the port."""
         while data:
+            from_hunt = False
             if self._scanner is not None:
                 rest = self._scanner.feed(data)
                 if rest is None:
@@ -98,6 +99,7 @@ class GuestRelay:
                 self._scanner = None
                 self._decoder = mux.FrameDecoder()
                 data = mux.sync_header() + rest
+                from_hunt = True
             try:
                 frames = self._decoder.feed(data)
             except mux.ProtocolError as exc:
@@ -105,9 +107,11 @@ class GuestRelay:
                 self._scanner = mux.PatternScanner(mux.sync_header())
                 with self._wlock:
                     self._reset()
-                # Look for a SYNC in this chunk; skip one byte when the chunk
-                # starts with the SYNC that just failed, so the loop advances.
-                if data.startswith(mux.sync_header()):
+                # Hunt for a SYNC in this chunk. When the decoder started from
+                # a SYNC found by the hunt in this call and still failed, skip
+                # a byte of it so the loop advances; a chunk that merely starts
+                # with a SYNC (after stale bytes held by the decoder) is kept.
+                if from_hunt:
                     data = data[1:]
                 continue
             data = b""

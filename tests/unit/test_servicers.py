@@ -1,4 +1,4 @@
-"""Servicers without VMs: the guest agent under grpcio-testing, vm-manager on libvirt's test driver."""
+"""Servicers without VMs: the guest agent (grpcio-testing), vm-manager (libvirt test driver)."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def run_servicer_test(tmp_path: Path, cache: Path, body: object) -> None:
 
 
 def test_create_list_get_destroy_on_the_test_driver(tmp_path: Path, fake_image: Path) -> None:
-    async def body(stub: vm_manager_pb2_grpc.VMManagerServiceStub) -> None:
+    async def body(stub: vm_manager_pb2_grpc.VMManagerServiceAsyncStub) -> None:
         created = (
             await stub.CreateVM(
                 vm_manager_pb2.CreateVMRequest(
@@ -175,7 +175,7 @@ def test_create_list_get_destroy_on_the_test_driver(tmp_path: Path, fake_image: 
 
 
 def test_state_guards_and_validation_on_the_test_driver(tmp_path: Path, fake_image: Path) -> None:
-    async def body(stub: vm_manager_pb2_grpc.VMManagerServiceStub) -> None:
+    async def body(stub: vm_manager_pb2_grpc.VMManagerServiceAsyncStub) -> None:
         vm = (
             await stub.CreateVM(
                 vm_manager_pb2.CreateVMRequest(network_mode=common_pb2.NETWORK_MODE_ISOLATED)
@@ -214,7 +214,7 @@ def test_state_guards_and_validation_on_the_test_driver(tmp_path: Path, fake_ima
 
 
 def test_missing_image_is_failed_precondition(tmp_path: Path) -> None:
-    async def body(stub: vm_manager_pb2_grpc.VMManagerServiceStub) -> None:
+    async def body(stub: vm_manager_pb2_grpc.VMManagerServiceAsyncStub) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.CreateVM(
                 vm_manager_pb2.CreateVMRequest(network_mode=common_pb2.NETWORK_MODE_ISOLATED)

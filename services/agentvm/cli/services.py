@@ -28,8 +28,11 @@ class ServiceSpec:
 
 
 def service_specs(settings: Settings) -> list[ServiceSpec]:
-    """The services this version runs (pool-manager, executor, monitor come later)."""
-    return [ServiceSpec("vm-manager", "agentvm.vm_manager", settings.vm_manager_addr)]
+    """The services this version runs, in start order (pool-manager and monitor come later)."""
+    return [
+        ServiceSpec("vm-manager", "agentvm.vm_manager", settings.vm_manager_addr),
+        ServiceSpec("executor", "agentvm.executor", settings.executor_addr),
+    ]
 
 
 def health(address: str, timeout: float = 1.0) -> str:

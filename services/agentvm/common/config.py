@@ -44,6 +44,16 @@ class Settings:
             "AGENTVM_VM_MANAGER_ADDR", "unix:/run/agent-vm/vm-manager.sock"
         )
     )
+    # AGENTVM_EXECUTOR_ADDR
+    executor_addr: str = field(
+        default_factory=lambda: _env("AGENTVM_EXECUTOR_ADDR", "unix:/run/agent-vm/executor.sock")
+    )
+    # AGENTVM_SANDBOX_LIFETIME: default sandbox lifetime in seconds.
+    sandbox_lifetime_s: float = field(
+        default_factory=lambda: float(_env("AGENTVM_SANDBOX_LIFETIME", "3600"))
+    )
+    # AGENTVM_MAX_SANDBOXES: sandboxes (VMs) the executor runs at once.
+    max_sandboxes: int = field(default_factory=lambda: int(_env("AGENTVM_MAX_SANDBOXES", "16")))
     # AGENTVM_LOG_LEVEL
     log_level: str = field(default_factory=lambda: _env("AGENTVM_LOG_LEVEL", "INFO"))
 

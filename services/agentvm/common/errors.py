@@ -11,7 +11,10 @@ Error tree::
      ├── Unavailable                  (UNAVAILABLE) libvirt down, service not up
      ├── DeadlineExceeded             (DEADLINE_EXCEEDED)
      ├── Unimplemented                (UNIMPLEMENTED) not available in this build/host
-     └── GuestError                   (UNAVAILABLE) the guest misbehaved or died
+     ├── GuestError                   (UNAVAILABLE) the guest misbehaved or died
+     ├── ResourceExhausted            (RESOURCE_EXHAUSTED) too many sandboxes
+     ├── DataLoss                     (DATA_LOSS) checksum mismatch
+     └── RemoteError                  (the code another service returned)
 
 Every message says what was wrong and what to do about it.
 """
@@ -70,3 +73,29 @@ class Unimplemented(AgentVMError):
 
 class GuestError(AgentVMError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(AgentVMError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DataLoss(AgentVMError):
+    """Content did not arrive intact (checksum mismatch)."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class RemoteError(AgentVMError):
+    """An error another agent-vm service returned, passed on with its status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.RpcError, what: str) -> RemoteError:
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
+            details = f"{details} (is the service up? `agent-vm up` starts it)"
+        return cls(code, f"{what}: {details}")

@@ -199,6 +199,38 @@ class NetworkInterface:
 
 
 @dataclass(frozen=True)
+class MemoryBacking:
+    """<memoryBacking>: shared memfd memory (needed by vhost-user devices such as virtiofs)."""
+
+    def to_element(self) -> ET.Element:
+        el = ET.Element("memoryBacking")
+        _sub(el, "source", type="memfd")
+        _sub(el, "access", mode="shared")
+        return el
+
+
+@dataclass(frozen=True)
+class VirtioFS:
+    """<filesystem>: a host directory shared with virtiofs under a mount tag."""
+
+    source_dir: str
+    tag: str
+    binary: str | None = None
+
+    def to_element(self) -> ET.Element:
+        el = ET.Element("filesystem", type="mount", accessmode="passthrough")
+        _sub(el, "driver", type="virtiofs")
+        # cache=none: the host and the guest both change the workspace, and each
+        # must see the other's changes at once (a file written through the API
+        # is read by the next command).
+        binary = _sub(el, "binary", path=self.binary) if self.binary else _sub(el, "binary")
+        _sub(binary, "cache", mode="none")
+        _sub(el, "source", dir=self.source_dir)
+        _sub(el, "target", dir=self.tag)
+        return el
+
+
+@dataclass(frozen=True)
 class MemBalloon:
     """<memballoon>: 'none' (no balloon) or 'virtio' (with stats period)."""
 
@@ -258,6 +290,7 @@ class Domain:
     cputune: CPUTune | None = None
     memtune: MemTune | None = None
     blkiotune: BlkioTune | None = None
+    memory_backing: MemoryBacking | None = None
     emulator: str | None = None
 
     def to_element(self) -> ET.Element:
@@ -269,9 +302,9 @@ class Domain:
         _sub(el, "memory", str(self.memory_mib), unit="MiB")
         _sub(el, "currentMemory", str(self.memory_mib), unit="MiB")
         _sub(el, "vcpu", str(self.vcpus), placement="static")
-        for tune in (self.cputune, self.memtune, self.blkiotune):
-            if tune is not None:
-                el.append(tune.to_element())
+        for part in (self.memory_backing, self.cputune, self.memtune, self.blkiotune):
+            if part is not None:
+                el.append(part.to_element())
         el.append(self.os.to_element())
         features = _sub(el, "features")
         _sub(features, "acpi")

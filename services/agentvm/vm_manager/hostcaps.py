@@ -25,3 +25,14 @@ def can_raise_memlock() -> bool:
         os._exit(0)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status) == 0
+
+
+VIRTIOFSD_PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd", "/usr/bin/virtiofsd")
+
+
+def find_virtiofsd() -> str | None:
+    """Path of a virtiofsd binary (QEMU's C one or the Rust one), if installed."""
+    for path in VIRTIOFSD_PATHS:
+        if os.access(path, os.X_OK):
+            return path
+    return None

@@ -36,9 +36,10 @@ _NOT_FOUND = {
     libvirt.VIR_ERR_NO_NETWORK,
     libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT,
 }
+# Connection-level failures only: VIR_ERR_SYSTEM_ERROR also covers e.g. a file
+# QEMU cannot open, where "is libvirtd running?" would mislead.
 _UNAVAILABLE = {
     libvirt.VIR_ERR_NO_CONNECT,
-    libvirt.VIR_ERR_SYSTEM_ERROR,
     libvirt.VIR_ERR_RPC,
     libvirt.VIR_ERR_AUTH_FAILED,
 }

@@ -34,6 +34,7 @@ from agentvm.common.grpc_util import aio_channel
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
 from agentvm.vm_manager import domain_xml as dx
 from agentvm.vm_manager.accel import AccelInfo
+from agentvm.vm_manager.hostcaps import find_virtiofsd
 from agentvm.vm_manager.image import ImageStore
 from agentvm.vm_manager.libvirt_conn import (
     DOMAIN_CRASHED,
@@ -85,6 +86,7 @@ class VMManager:
         self.images = images
         self.accel = accel
         self.memory_limit = memory_limit
+        self.virtiofsd = find_virtiofsd()
         self._vms: dict[str, VM] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -118,6 +120,13 @@ class VMManager:
                 )
             if len(value) > 256:
                 raise InvalidArgument(f"label {key!r} value is longer than 256 characters")
+            if any(
+                ord(c) < 0x20 or 0xD800 <= ord(c) <= 0xDFFF or ord(c) in (0xFFFE, 0xFFFF)
+                for c in value
+            ):
+                raise InvalidArgument(
+                    f"label {key!r} value contains control characters: use printable text"
+                )
 
     # -- recovery --------------------------------------------------------
     async def recover(self) -> None:
@@ -162,6 +171,7 @@ class VMManager:
             run_dir=run_dir,
             labels=dict(meta.labels),
             created_at=float(f.get("created_at", time.time())),
+            shared_workspace=f.get("shared_workspace") == "1",
         )
         active = await asyncio.to_thread(dom.isActive)
         if active:
@@ -182,8 +192,15 @@ class VMManager:
         resources: Resources,
         labels: dict[str, str],
         start: bool,
+        shared_workspace: bool = False,
     ) -> VM:
         network_mode.require_implemented()
+        if shared_workspace and self.virtiofsd is None:
+            raise FailedPrecondition(
+                "shared workspaces need virtiofsd, which this host lacks (Debian: "
+                "qemu-system-common or virtiofsd): create the VM without shared_workspace and "
+                "move files through the file API (WORKSPACE_MODE_API)"
+            )
         self._check_labels(labels)
         image = self.images.require_current()
         manifest = image.load_manifest()
@@ -201,6 +218,7 @@ class VMManager:
             vm_dir=vm_dir,
             run_dir=run_dir,
             labels=dict(labels),
+            shared_workspace=shared_workspace,
         )
         async with self._lock(name):
             self._vms[name] = vm
@@ -245,6 +263,9 @@ class VMManager:
             raise FailedPrecondition(
                 f"cannot create the overlay of {vm.name}: {proc.stderr.strip()}"
             )
+        if vm.shared_workspace:
+            for part in ("input", "output", "work"):
+                (vm.workspace / part).mkdir(parents=True, mode=0o755)
         template = VMTemplate(
             profile=vm.profile,
             network_mode=vm.network_mode,
@@ -252,6 +273,8 @@ class VMManager:
             accel=vm.accel,
             image=ImageFiles(kernel=str(kernel), initrd=str(initrd)),
             memory_limit=self.memory_limit,
+            workspace_dir=str(vm.workspace) if vm.shared_workspace else None,
+            virtiofsd=self.virtiofsd,
         )
         meta = dx.Metadata(
             {
@@ -262,6 +285,7 @@ class VMManager:
                 "disk_mib": str(vm.resources.disk_mib),
                 "image_id": vm.image_id,
                 "created_at": f"{vm.created_at:.3f}",
+                "shared_workspace": "1" if vm.shared_workspace else "0",
             },
             vm.labels,
         )

@@ -84,6 +84,7 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
             resources=resources,
             labels=dict(request.labels),
             start=request.start,
+            shared_workspace=request.shared_workspace,
         )
         return vm_manager_pb2.CreateVMResponse(vm=vm.to_proto())
 
@@ -206,4 +207,5 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
             else common_pb2.ACCELERATOR_TCG,
             accelerator_reason=accel.reason,
             agent_transport=common_pb2.AGENT_TRANSPORT_VIRTIO_SERIAL,
+            shared_workspace_supported=self.manager.virtiofsd is not None,
         )

@@ -105,6 +105,7 @@ class NetworkMode(Enum):
             )
 
 
+WORKSPACE_TAG = "workspace"
 MAX_VCPUS = 16
 MAX_MEMORY_MIB = 64 * 1024
 MAX_DISK_MIB = 256 * 1024
@@ -156,6 +157,9 @@ class VMTemplate:
     image: ImageFiles
     memory_limit: bool = True
     vsock: bool = False
+    # Host directory shared at /workspace (virtiofs), and the virtiofsd to use.
+    workspace_dir: str | None = None
+    virtiofsd: str | None = None
 
     def domain(
         self,
@@ -187,6 +191,10 @@ class VMTemplate:
         ]
         if self.vsock:
             devices.append(dx.Vsock())
+        if self.workspace_dir is not None:
+            devices.append(
+                dx.VirtioFS(source_dir=self.workspace_dir, tag=WORKSPACE_TAG, binary=self.virtiofsd)
+            )
         devices.append(dx.MemBalloon("none"))
         period = 100_000
         memtune = None
@@ -208,4 +216,5 @@ class VMTemplate:
             ),
             memtune=memtune,
             blkiotune=dx.BlkioTune(weight=self.profile.blkio_weight),
+            memory_backing=dx.MemoryBacking() if self.workspace_dir is not None else None,
         )

@@ -87,6 +87,7 @@ class VM:
     boot_duration: float | None = None
     guest: common_pb2.GuestInfo | None = None
     relay: HostRelay | None = None
+    shared_workspace: bool = False
 
     @property
     def overlay(self) -> Path:
@@ -95,6 +96,11 @@ class VM:
     @property
     def console_log(self) -> Path:
         return self.vm_dir / "console.log"
+
+    @property
+    def workspace(self) -> Path:
+        """Host directory shared at /workspace (when ``shared_workspace``)."""
+        return self.vm_dir / "workspace"
 
     @property
     def agent_socket(self) -> Path:
@@ -142,6 +148,7 @@ class VM:
             error=self.error,
             console_log=str(self.console_log),
             image_id=self.image_id,
+            workspace_path=str(self.workspace) if self.shared_workspace else "",
         )
         msg.created_at.FromNanoseconds(int(self.created_at * 1e9))
         if self.boot_duration is not None:

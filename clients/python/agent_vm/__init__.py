@@ -1,0 +1,64 @@
+"""agent_vm: run untrusted agent code in throw-away VMs.
+
+    from agent_vm import Sandbox
+
+    with Sandbox.create() as sb:
+        sb.files.write("input/task.py", "print(6 * 7)")
+        result = sb.run(["python3", "/workspace/input/task.py"], on_stdout=print)
+        print(result.exit_code)
+
+``AsyncSandbox`` is the same API for asyncio (``await AsyncSandbox.create()``);
+``run()`` / ``arun()`` are one-shot runs in a fresh VM. Every error is an
+``AgentVMError``.
+"""
+
+from agent_vm._async import (
+    AsyncCommandHandle,
+    AsyncFiles,
+    AsyncSandbox,
+    CommandResult,
+    FileInfo,
+    OutputFile,
+    RunResult,
+    arun,
+)
+from agent_vm._sync import CommandHandle, Files, Sandbox, run
+from agent_vm.errors import (
+    AgentVMError,
+    CommandExitError,
+    CommandTimeoutError,
+    DataLossError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+    UnimplementedError,
+)
+
+__all__ = [
+    "AgentVMError",
+    "AsyncCommandHandle",
+    "AsyncFiles",
+    "AsyncSandbox",
+    "CommandExitError",
+    "CommandHandle",
+    "CommandResult",
+    "CommandTimeoutError",
+    "DataLossError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "FileInfo",
+    "Files",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "OutputFile",
+    "ResourceExhaustedError",
+    "RunResult",
+    "Sandbox",
+    "UnavailableError",
+    "UnimplementedError",
+    "arun",
+    "run",
+]

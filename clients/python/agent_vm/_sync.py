@@ -1,0 +1,264 @@
+"""The blocking client: thin wrappers that run the asyncio implementation on a private loop.
+
+One implementation of every behaviour lives in ``_async``; this module only
+forwards to it (a test checks that both trees have the same public signatures).
+Streaming callbacks run on the private loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any, TypeVar
+
+from agent_vm._async import (
+    AsyncCommandHandle,
+    AsyncSandbox,
+    Callback,
+    CommandResult,
+    FileInfo,
+    Network,
+    Profile,
+    RunResult,
+    Workspace,
+    arun,
+)
+
+T = TypeVar("T")
+_lock = threading.Lock()
+_state: dict[str, asyncio.AbstractEventLoop] = {}
+
+
+def _get_loop() -> asyncio.AbstractEventLoop:
+    """The private event loop (one daemon thread per process, started on first use)."""
+    with _lock:
+        if "loop" not in _state:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="agent_vm-loop", daemon=True).start()
+            _state["loop"] = loop
+        return _state["loop"]
+
+
+def _call(coro: Coroutine[Any, Any, T]) -> T:
+    fut = asyncio.run_coroutine_threadsafe(coro, _get_loop())
+    try:
+        return fut.result()
+    except BaseException:
+        fut.cancel()  # Ctrl-C or a dying caller cancels the call (and its command)
+        raise
+
+
+class CommandHandle:
+    """A background command: ``wait()``, ``kill()``, ``send_stdin()``."""
+
+    def __init__(self, inner: AsyncCommandHandle) -> None:
+        self._inner = inner
+        self.exec_id = inner.exec_id
+
+    def wait(self) -> CommandResult:
+        return _call(self._inner.wait())
+
+    def kill(self, signal: int = 9) -> None:
+        _call(self._inner.kill(signal))
+
+    def send_stdin(self, data: bytes | str, *, eof: bool = False) -> None:
+        _call(self._inner.send_stdin(data, eof=eof))
+
+
+class Files:
+    """Files under the sandbox's /workspace (paths relative to it)."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._inner = sandbox.files
+
+    def write(self, path: str, data: bytes | str, *, mode: int = 0o644) -> int:
+        return _call(self._inner.write(path, data, mode=mode))
+
+    def upload(self, local: str | os.PathLike[str], path: str, *, mode: int | None = None) -> int:
+        return _call(self._inner.upload(local, path, mode=mode))
+
+    def read(self, path: str) -> bytes:
+        return _call(self._inner.read(path))
+
+    def read_text(self, path: str) -> str:
+        return _call(self._inner.read_text(path))
+
+    def download(self, path: str, local: str | os.PathLike[str]) -> int:
+        return _call(self._inner.download(path, local))
+
+    def list(self, path: str = "", *, recursive: bool = False) -> list[FileInfo]:
+        return _call(self._inner.list(path, recursive=recursive))
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        _call(self._inner.remove(path, recursive=recursive))
+
+
+class Sandbox:
+    """A VM for one agent. ``with Sandbox.create() as sb: sb.run("ls")``."""
+
+    def __init__(self, inner: AsyncSandbox) -> None:
+        self._inner = inner
+        self.files = Files(inner)
+
+    @property
+    def id(self) -> str:
+        return self._inner.id
+
+    @property
+    def vm_name(self) -> str:
+        return self._inner.vm_name
+
+    @property
+    def boot_s(self) -> float:
+        return self._inner.boot_s
+
+    @property
+    def workspace_mode(self) -> str:
+        return self._inner.workspace_mode
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        profile: Profile = "standard",
+        network: Network = "isolated",
+        cpus: int = 0,
+        memory_mib: int = 0,
+        lifetime: float | None = None,
+        workspace: Workspace = "auto",
+        labels: Mapping[str, str] | None = None,
+        address: str | None = None,
+        request_timeout: float = 300.0,
+    ) -> Sandbox:
+        inner = _call(
+            AsyncSandbox.create(
+                profile=profile,
+                network=network,
+                cpus=cpus,
+                memory_mib=memory_mib,
+                lifetime=lifetime,
+                workspace=workspace,
+                labels=labels,
+                address=address,
+                request_timeout=request_timeout,
+            )
+        )
+        return cls(inner)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        _call(self._inner.close())
+
+    def run(
+        self,
+        cmd: str | Sequence[str] | None = None,
+        *,
+        code: str | None = None,
+        language: str = "python",
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        cwd: str = "",
+        stdin: bytes | str = b"",
+        timeout: float = 300.0,
+        on_stdout: Callback | None = None,
+        on_stderr: Callback | None = None,
+        max_output_bytes: int = 0,
+    ) -> CommandResult:
+        return _call(
+            self._inner.run(
+                cmd,
+                code=code,
+                language=language,
+                args=args,
+                env=env,
+                cwd=cwd,
+                stdin=stdin,
+                timeout=timeout,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+                max_output_bytes=max_output_bytes,
+            )
+        )
+
+    def start(
+        self,
+        cmd: str | Sequence[str] | None = None,
+        *,
+        code: str | None = None,
+        language: str = "python",
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        cwd: str = "",
+        stdin: bytes | str = b"",
+        timeout: float = 300.0,
+        on_stdout: Callback | None = None,
+        on_stderr: Callback | None = None,
+        keep_stdin_open: bool = True,
+    ) -> CommandHandle:
+        inner = _call(
+            self._inner.start(
+                cmd,
+                code=code,
+                language=language,
+                args=args,
+                env=env,
+                cwd=cwd,
+                stdin=stdin,
+                timeout=timeout,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+                keep_stdin_open=keep_stdin_open,
+            )
+        )
+        return CommandHandle(inner)
+
+
+def run(
+    cmd: str | Sequence[str] | None = None,
+    *,
+    code: str | None = None,
+    language: str = "python",
+    args: Sequence[str] = (),
+    inputs: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
+    env: Mapping[str, str] | None = None,
+    stdin: bytes | str = b"",
+    timeout: float = 300.0,
+    profile: Profile = "standard",
+    network: Network = "isolated",
+    cpus: int = 0,
+    memory_mib: int = 0,
+    download_outputs: bool = False,
+    on_stdout: Callback | None = None,
+    on_stderr: Callback | None = None,
+    max_output_bytes: int = 0,
+    address: str | None = None,
+) -> RunResult:
+    """One shot in a fresh VM, destroyed whatever happens (see ``arun``)."""
+    return _call(
+        arun(
+            cmd,
+            code=code,
+            language=language,
+            args=args,
+            inputs=inputs,
+            env=env,
+            stdin=stdin,
+            timeout=timeout,
+            profile=profile,
+            network=network,
+            cpus=cpus,
+            memory_mib=memory_mib,
+            download_outputs=download_outputs,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            max_output_bytes=max_output_bytes,
+            address=address,
+        )
+    )

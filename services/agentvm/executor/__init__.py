@@ -1,0 +1,1 @@
+"""executor service: runs agent code in VMs (AgentExecutor) behind ExecutorService."""

@@ -1,0 +1,47 @@
+"""executor process: `python -m agentvm.executor` (started by `agent-vm up`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from agentvm.common import logging as jsonlog
+from agentvm.common.config import Settings
+from agentvm.common.grpc_util import aio_channel, serve
+from agentvm.executor.executor import AgentExecutor
+from agentvm.executor.servicer import ExecutorServicer
+from agentvm.v1 import executor_pb2, executor_pb2_grpc, vm_manager_pb2_grpc
+
+SERVICE = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name
+
+
+async def run(settings: Settings) -> None:
+    channel = aio_channel(settings.vm_manager_addr)
+    executor = AgentExecutor(settings, vm_manager_pb2_grpc.VMManagerServiceStub(channel))
+
+    def register(server: grpc.aio.Server) -> None:
+        executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(executor), server)
+
+    async def on_stop() -> None:
+        await executor.close()
+        await channel.close(grace=None)
+
+    await serve(
+        service_name="executor",
+        address=settings.executor_addr,
+        register=register,
+        full_service_names=[SERVICE],
+        on_stop=on_stop,
+        ready=executor.start,
+    )
+
+
+def main() -> None:
+    settings = Settings()
+    jsonlog.setup("executor", settings.log_level)
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,589 @@
+"""AgentExecutor: sandboxes (a VM + a workspace) and the one-shot Run.
+
+The executor holds no VM state of its own beyond its sandboxes: VMs come from
+vm-manager (later from pool-manager) and are destroyed through it. Each
+sandbox keeps one persistent gRPC channel to its guest agent.
+
+Guarantees:
+* Run destroys its VM on every path: success, failure, timeout, client
+  cancel or disconnect (cleanup runs as its own task, so a second
+  cancellation cannot interrupt it).
+* A sandbox is destroyed at the end of its lifetime even if its caller
+  vanished (the reaper checks every second).
+* Output is capped per stream on the host too (the guest is not trusted to
+  honour the cap), so host memory stays bounded whatever the guest prints.
+* Workspace paths are checked here and again in the guest; in a shared
+  workspace the host walks paths without following any symlink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import stat
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from agentvm.common.config import Settings
+from agentvm.common.errors import (
+    AgentVMError,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RemoteError,
+    ResourceExhausted,
+)
+from agentvm.common.grpc_util import aio_channel
+from agentvm.v1 import (
+    common_pb2,
+    executor_pb2,
+    guest_agent_pb2,
+    guest_agent_pb2_grpc,
+    vm_manager_pb2,
+    vm_manager_pb2_grpc,
+)
+from agentvm_guest import paths
+
+log = logging.getLogger("agentvm.executor")
+
+OWNER_LABEL = ("agent-vm/owner", "executor")
+DEFAULT_TIMEOUT_S = 300.0
+MAX_TIMEOUT_S = 24 * 3600.0
+MAX_LIFETIME_S = 24 * 3600.0
+DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
+MAX_OUTPUT = 1024 * 1024 * 1024
+BOOT_TIMEOUT_S = 180.0
+GUEST_WORKSPACE = "/workspace"
+CHUNK = 64 * 1024
+
+
+def seconds_of(msg: Any, field_name: str, default: float, high: float) -> float:
+    """A Duration field in seconds; ``default`` when unset; INVALID_ARGUMENT outside (0, high]."""
+    if not msg.HasField(field_name):
+        return default
+    value = float(getattr(msg, field_name).ToNanoseconds()) / 1e9
+    if value == 0:
+        return default
+    if not 0 < value <= high:
+        raise InvalidArgument(
+            f"{field_name} must be between 0 and {high:.0f} seconds, got {value:g}"
+        )
+    return value
+
+
+def output_cap(value: int) -> int:
+    if value > MAX_OUTPUT:
+        raise InvalidArgument(f"max_output_bytes must be at most {MAX_OUTPUT}, got {value}")
+    return value or DEFAULT_MAX_OUTPUT
+
+
+def check_path(path: str, *, allow_root: bool = False) -> str:
+    """Normalised workspace path; INVALID_ARGUMENT for absolute paths, '..', NUL."""
+    try:
+        return "/".join(paths.split(path, allow_root=allow_root))
+    except paths.PathError as exc:
+        raise InvalidArgument(str(exc)) from exc
+
+
+@dataclass
+class SandboxState:
+    """One sandbox: its VM, workspace mode and agent channel."""
+
+    id: str
+    spec: executor_pb2.SandboxSpec
+    vm: common_pb2.VM
+    workspace_mode: common_pb2.WorkspaceMode.ValueType
+    created_at: float
+    expires_at: float
+    boot_duration: float
+    channel: grpc.aio.Channel
+    closing: bool = False
+    execs: set[str] = field(default_factory=set)
+
+    @property
+    def agent(self) -> guest_agent_pb2_grpc.GuestAgentServiceAsyncStub:
+        return guest_agent_pb2_grpc.GuestAgentServiceStub(self.channel)
+
+    @property
+    def shared_root(self) -> str | None:
+        if self.workspace_mode == common_pb2.WORKSPACE_MODE_SHARED:
+            return self.vm.workspace_path
+        return None
+
+    def to_proto(self) -> executor_pb2.Sandbox:
+        msg = executor_pb2.Sandbox(
+            id=self.id, vm_name=self.vm.name, spec=self.spec, workspace_mode=self.workspace_mode
+        )
+        msg.created_at.FromNanoseconds(int(self.created_at * 1e9))
+        msg.expires_at.FromNanoseconds(int(self.expires_at * 1e9))
+        msg.boot_duration.FromNanoseconds(int(self.boot_duration * 1e9))
+        return msg
+
+
+class AgentExecutor:
+    """Runs agent code in VMs obtained from vm-manager."""
+
+    def __init__(
+        self, settings: Settings, vm_manager: vm_manager_pb2_grpc.VMManagerServiceAsyncStub
+    ) -> None:
+        self.settings = settings
+        self.vmm = vm_manager
+        self._sandboxes: dict[str, SandboxState] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+        self._shared_supported: bool | None = None
+        self._slots = asyncio.Semaphore(settings.max_sandboxes)
+
+    # -- housekeeping -------------------------------------------------------
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def start(self) -> None:
+        """Reclaim VMs a previous executor left behind, then start the reaper."""
+        try:
+            resp = await self.vmm.ListVMs(
+                vm_manager_pb2.ListVMsRequest(label_selector=dict([OWNER_LABEL])), timeout=30
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("cannot list leftover VMs: %s", exc.details())
+        else:
+            for vm in resp.vms:
+                log.info("destroying VM %s left by a previous executor", vm.name)
+                await self._destroy_vm(vm.name)
+        self._reaper = asyncio.ensure_future(self._reap())
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            for sb in list(self._sandboxes.values()):
+                if sb.expires_at <= now and not sb.closing:
+                    log.info("sandbox %s reached the end of its lifetime", sb.id)
+                    self._spawn(self.close_sandbox(sb.id))
+
+    async def close(self) -> None:
+        """Destroy every sandbox (their state does not survive the executor)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await asyncio.gather(
+            *(self.close_sandbox(i) for i in list(self._sandboxes)), return_exceptions=True
+        )
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _destroy_vm(self, name: str) -> None:
+        try:
+            await self.vmm.DestroyVM(vm_manager_pb2.DestroyVMRequest(name=name), timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("cannot destroy VM %s: %s", name, exc.details())
+
+    # -- sandboxes -------------------------------------------------------------
+    async def _shared_workspace_supported(self) -> bool:
+        if self._shared_supported is None:
+            info = await self.vmm.GetHostInfo(vm_manager_pb2.GetHostInfoRequest(), timeout=10)
+            self._shared_supported = info.shared_workspace_supported
+        return self._shared_supported
+
+    async def create_sandbox(
+        self, spec: executor_pb2.SandboxSpec, *, default_lifetime: float | None = None
+    ) -> SandboxState:
+        lifetime = seconds_of(
+            spec, "lifetime", default_lifetime or self.settings.sandbox_lifetime_s, MAX_LIFETIME_S
+        )
+        mode = spec.workspace_mode
+        if mode not in common_pb2.WorkspaceMode.values():
+            raise InvalidArgument(f"unknown workspace_mode {mode}: use SHARED or API")
+        if mode == common_pb2.WORKSPACE_MODE_UNSPECIFIED:
+            shared = await self._shared_workspace_supported()
+            mode = common_pb2.WORKSPACE_MODE_SHARED if shared else common_pb2.WORKSPACE_MODE_API
+        if self._slots.locked():
+            raise ResourceExhausted(
+                f"{self.settings.max_sandboxes} sandboxes are running (AGENTVM_MAX_SANDBOXES): "
+                "close one or retry later"
+            )
+        await self._slots.acquire()
+        sandbox_id = "sb-" + secrets.token_hex(6)
+        labels = dict(spec.labels)
+        labels.update([OWNER_LABEL, ("agent-vm/sandbox", sandbox_id)])
+        start = time.monotonic()
+        vm_name = ""
+        try:
+            try:
+                created = await self.vmm.CreateVM(
+                    vm_manager_pb2.CreateVMRequest(
+                        profile=spec.profile,
+                        network_mode=spec.network_mode,
+                        network_policy=spec.network_policy,
+                        resources=spec.resources,
+                        labels=labels,
+                        start=True,
+                        shared_workspace=mode == common_pb2.WORKSPACE_MODE_SHARED,
+                    ),
+                    timeout=60,
+                )
+                vm_name = created.vm.name
+                wait = vm_manager_pb2.WaitVMRequest(name=vm_name, state=common_pb2.VM_STATE_READY)
+                wait.timeout.FromSeconds(int(BOOT_TIMEOUT_S))
+                vm = (await self.vmm.WaitVM(wait, timeout=BOOT_TIMEOUT_S + 10)).vm
+            except grpc.aio.AioRpcError as exc:
+                raise RemoteError.from_rpc(exc, "vm-manager") from exc
+        except BaseException:
+            self._slots.release()
+            if vm_name:
+                self._spawn(self._destroy_vm(vm_name))
+            raise
+        now = time.time()
+        sb = SandboxState(
+            id=sandbox_id,
+            spec=spec,
+            vm=vm,
+            workspace_mode=mode,
+            created_at=now,
+            expires_at=now + lifetime,
+            boot_duration=time.monotonic() - start,
+            channel=aio_channel(vm.agent_endpoint),
+        )
+        self._sandboxes[sandbox_id] = sb
+        log.info("sandbox %s ready on %s", sandbox_id, vm.name, extra={"sandbox": sandbox_id})
+        return sb
+
+    def get(self, sandbox_id: str) -> SandboxState:
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None or sb.closing:
+            raise NotFound(
+                f"no sandbox {sandbox_id!r}: it was closed or reached the end of its lifetime "
+                "(ListSandboxes shows the open ones)"
+            )
+        return sb
+
+    def sandboxes(self) -> list[SandboxState]:
+        return [s for s in self._sandboxes.values() if not s.closing]
+
+    async def close_sandbox(self, sandbox_id: str) -> None:
+        """Destroy the sandbox's VM and workspace. Idempotent."""
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None or sb.closing:
+            return
+        sb.closing = True
+        try:
+            await sb.channel.close(grace=None)
+            await self._destroy_vm(sb.vm.name)
+        finally:
+            self._sandboxes.pop(sandbox_id, None)
+            self._slots.release()
+            log.info("sandbox %s closed", sandbox_id, extra={"sandbox": sandbox_id})
+
+    # -- processes -------------------------------------------------------------
+    async def exec(
+        self, sb: SandboxState, req: executor_pb2.ExecRequest
+    ) -> AsyncIterator[executor_pb2.ExecResponse]:
+        """Run a program in ``sb``; streams ExecStarted, output chunks, exit status."""
+        if not req.program.WhichOneof("kind"):
+            raise InvalidArgument("program is empty: set program.argv or program.code")
+        timeout = seconds_of(req, "timeout", DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S)
+        cap = output_cap(req.max_output_bytes)
+        exec_id = req.exec_id or "ex-" + secrets.token_hex(6)
+        if exec_id in sb.execs:
+            raise InvalidArgument(f"exec_id {exec_id!r} is already running in this sandbox")
+        greq = guest_agent_pb2.ExecuteRequest(
+            program=req.program,
+            cwd=req.cwd or f"{GUEST_WORKSPACE}/work",
+            env=req.env,
+            stdin=req.stdin,
+            exec_id=exec_id,
+            max_output_bytes=cap,
+            keep_stdin_open=req.keep_stdin_open,
+        )
+        greq.timeout.FromNanoseconds(int(timeout * 1e9))
+        sent = {common_pb2.OUTPUT_STREAM_STDOUT: 0, common_pb2.OUTPUT_STREAM_STDERR: 0}
+        truncated = dict.fromkeys(sent, False)
+        sb.execs.add(exec_id)
+        call = sb.agent.Execute(greq, timeout=timeout + 30)
+        try:
+            async for ev in call:
+                kind = ev.WhichOneof("event")
+                if kind == "started":
+                    yield executor_pb2.ExecResponse(
+                        started=executor_pb2.ExecStarted(exec_id=exec_id, pid=ev.started.pid)
+                    )
+                elif kind == "output":
+                    stream = ev.output.stream
+                    if stream not in sent:
+                        raise DataLoss(f"the guest sent output on an unknown stream {stream}")
+                    room = cap - sent[stream]
+                    data = ev.output.data
+                    if len(data) > room:
+                        data = data[: max(room, 0)]
+                        truncated[stream] = True
+                    if data:
+                        sent[stream] += len(data)
+                        yield executor_pb2.ExecResponse(
+                            output=common_pb2.OutputChunk(stream=stream, data=data)
+                        )
+                elif kind == "exited":
+                    status = ev.exited
+                    status.stdout_truncated |= truncated[common_pb2.OUTPUT_STREAM_STDOUT]
+                    status.stderr_truncated |= truncated[common_pb2.OUTPUT_STREAM_STDERR]
+                    yield executor_pb2.ExecResponse(exited=status)
+                    return
+            raise FailedPrecondition(
+                f"the guest agent of {sb.vm.name} ended the execution without an exit status"
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise RemoteError.from_rpc(exc, f"guest agent of {sb.vm.name}") from exc
+        finally:
+            call.cancel()
+            sb.execs.discard(exec_id)
+
+    async def signal(self, sb: SandboxState, exec_id: str, signum: int) -> None:
+        try:
+            await sb.agent.SignalProcess(
+                guest_agent_pb2.SignalProcessRequest(exec_id=exec_id, signal=signum), timeout=30
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise RemoteError.from_rpc(exc, f"guest agent of {sb.vm.name}") from exc
+
+    async def write_stdin(self, sb: SandboxState, exec_id: str, data: bytes, eof: bool) -> None:
+        try:
+            await sb.agent.WriteStdin(
+                guest_agent_pb2.WriteStdinRequest(exec_id=exec_id, data=data, eof=eof), timeout=60
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise RemoteError.from_rpc(exc, f"guest agent of {sb.vm.name}") from exc
+
+    # -- files -------------------------------------------------------------------
+    async def write_file(
+        self,
+        sb: SandboxState,
+        path: str,
+        mode: int,
+        chunks: AsyncIterator[bytes],
+        expected: list[str],
+    ) -> tuple[int, str]:
+        """Write a file from ``chunks``; ``expected`` gets the sender's SHA-256 (last message)."""
+        path = check_path(path)
+        root = sb.shared_root
+        if root is not None:
+            try:
+                writer = await asyncio.to_thread(paths.AtomicWriter, root, path, mode or 0o644)
+            except paths.PathError as exc:
+                raise InvalidArgument(str(exc)) from exc
+            try:
+                async for data in chunks:
+                    await asyncio.to_thread(writer.write, data)
+                await asyncio.to_thread(writer.commit, expected[0] if expected else "")
+            except paths.ChecksumError as exc:
+                raise DataLoss(str(exc)) from exc
+            finally:
+                writer.abort()
+            return writer.size, writer.sha256
+
+        async def requests() -> AsyncIterator[guest_agent_pb2.GuestAgentServiceWriteFileRequest]:
+            yield guest_agent_pb2.GuestAgentServiceWriteFileRequest(path=path, mode=mode)
+            async for data in chunks:
+                yield guest_agent_pb2.GuestAgentServiceWriteFileRequest(chunk=data)
+            yield guest_agent_pb2.GuestAgentServiceWriteFileRequest(
+                sha256=expected[0] if expected else ""
+            )
+
+        try:
+            resp = await sb.agent.WriteFile(requests(), timeout=3600)
+        except grpc.aio.AioRpcError as exc:
+            raise _file_error(exc, sb, path) from exc
+        return resp.size_bytes, resp.sha256
+
+    async def read_file(self, sb: SandboxState, path: str) -> AsyncIterator[tuple[bytes, int, str]]:
+        """(chunk, size on first chunk else 0, sha256 on the last item else '')."""
+        path = check_path(path)
+        h = hashlib.sha256()
+        root = sb.shared_root
+        if root is not None:
+            try:
+                fd = await asyncio.to_thread(paths.open_read, root, path)
+            except paths.PathError as exc:
+                raise InvalidArgument(str(exc)) from exc
+            except FileNotFoundError as exc:
+                raise NotFound(f"no file {path!r} in the workspace") from exc
+            try:
+                size = os.fstat(fd).st_size
+                first = True
+                while data := await asyncio.to_thread(os.read, fd, CHUNK):
+                    h.update(data)
+                    yield data, size if first else 0, ""
+                    first = False
+                if first:
+                    yield b"", 0, ""
+            finally:
+                os.close(fd)
+            yield b"", 0, h.hexdigest()
+            return
+        call = sb.agent.ReadFile(
+            guest_agent_pb2.GuestAgentServiceReadFileRequest(path=path), timeout=3600
+        )
+        try:
+            claimed = ""
+            async for msg in call:
+                if msg.chunk:
+                    h.update(msg.chunk)
+                    yield msg.chunk, msg.size_bytes, ""
+                if msg.sha256:
+                    claimed = msg.sha256
+        except grpc.aio.AioRpcError as exc:
+            raise _file_error(exc, sb, path) from exc
+        finally:
+            call.cancel()
+        # The guest is not trusted: the hash is computed here, and compared.
+        if claimed and claimed != h.hexdigest():
+            raise DataLoss(f"{path!r} from {sb.vm.name} does not match the checksum the guest sent")
+        yield b"", 0, h.hexdigest()
+
+    async def list_files(
+        self, sb: SandboxState, path: str, recursive: bool
+    ) -> list[common_pb2.FileInfo]:
+        path = check_path(path, allow_root=True)
+        root = sb.shared_root
+        if root is not None:
+            try:
+                entries = await asyncio.to_thread(paths.list_dir, root, path, recursive=recursive)
+            except paths.PathError as exc:
+                raise InvalidArgument(str(exc)) from exc
+            except FileNotFoundError as exc:
+                raise NotFound(f"no directory {path!r} in the workspace") from exc
+            out = []
+            for e in entries:
+                info = common_pb2.FileInfo(
+                    path=e.path, size_bytes=e.size, mode=e.mode, is_dir=e.is_dir
+                )
+                info.modified_at.FromNanoseconds(int(e.mtime * 1e9))
+                out.append(info)
+            return out
+        try:
+            resp = await sb.agent.ListFiles(
+                guest_agent_pb2.GuestAgentServiceListFilesRequest(path=path, recursive=recursive),
+                timeout=60,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _file_error(exc, sb, path) from exc
+        for info in resp.files:
+            check_path(info.path)  # hostile guests may invent paths
+        return list(resp.files)
+
+    async def remove_file(self, sb: SandboxState, path: str, recursive: bool) -> None:
+        path = check_path(path)
+        root = sb.shared_root
+        if root is not None:
+            try:
+                await asyncio.to_thread(paths.remove, root, path, recursive=recursive)
+            except paths.PathError as exc:
+                raise InvalidArgument(str(exc)) from exc
+            except FileNotFoundError as exc:
+                raise NotFound(f"no file {path!r} in the workspace") from exc
+            return
+        try:
+            await sb.agent.RemoveFile(
+                guest_agent_pb2.GuestAgentServiceRemoveFileRequest(path=path, recursive=recursive),
+                timeout=60,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _file_error(exc, sb, path) from exc
+
+    # -- one shot ------------------------------------------------------------------
+    async def run(self, req: executor_pb2.RunRequest) -> AsyncIterator[executor_pb2.RunResponse]:
+        """Fresh sandbox, inputs, program, outputs; the sandbox is always destroyed."""
+        timeout = seconds_of(req, "timeout", DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S)
+        output_cap(req.max_output_bytes)
+        if not req.program.WhichOneof("kind"):
+            raise InvalidArgument("program is empty: set program.argv or program.code")
+        for f in req.inputs:
+            check_path(f.path)
+        started = time.monotonic()
+        sb = await self.create_sandbox(req.spec, default_lifetime=timeout + BOOT_TIMEOUT_S + 60)
+        try:
+            for f in req.inputs:
+                await self.write_file(
+                    sb, "input/" + check_path(f.path), f.mode, _one(f.content), []
+                )
+            ereq = executor_pb2.ExecRequest(
+                program=req.program,
+                env=req.env,
+                stdin=req.stdin,
+                timeout=req.timeout,
+                max_output_bytes=req.max_output_bytes,
+            )
+            status: common_pb2.ExitStatus | None = None
+            async for ev in self.exec(sb, ereq):
+                if ev.HasField("output"):
+                    yield executor_pb2.RunResponse(output=ev.output)
+                elif ev.HasField("exited"):
+                    status = ev.exited
+            if status is None:
+                raise FailedPrecondition("the execution ended without an exit status")
+            outputs: list[executor_pb2.OutputFile] = []
+            async for item in self._collect_outputs(sb, req.return_output_files, outputs):
+                yield item
+            result = executor_pb2.RunResult(status=status, vm_name=sb.vm.name, output_files=outputs)
+            result.boot_duration.FromNanoseconds(int(sb.boot_duration * 1e9))
+            result.total_duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
+            # The VM is gone before the caller sees the result.
+            await asyncio.shield(self._spawn(self.close_sandbox(sb.id)))
+            yield executor_pb2.RunResponse(result=result)
+        finally:
+            # Its own task: a cancelled or disconnected caller cannot stop it.
+            cleanup = self._spawn(self.close_sandbox(sb.id))
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(cleanup)
+
+    async def _collect_outputs(
+        self, sb: SandboxState, send: bool, outputs: list[executor_pb2.OutputFile]
+    ) -> AsyncIterator[executor_pb2.RunResponse]:
+        try:
+            files = await self.list_files(sb, "output", recursive=True)
+        except AgentVMError as exc:
+            log.warning("cannot list outputs of %s: %s", sb.id, exc.message)
+            return
+        for info in files:
+            if info.is_dir or not stat.S_ISREG(info.mode):
+                continue
+            rel = info.path.removeprefix("output/")
+            offset = 0
+            digest = ""
+            async for data, _size, sha in self.read_file(sb, info.path):
+                if sha:
+                    digest = sha
+                    break
+                if send and data:
+                    yield executor_pb2.RunResponse(
+                        file=executor_pb2.FileChunk(path=rel, offset=offset, data=data)
+                    )
+                offset += len(data)
+            if send:
+                yield executor_pb2.RunResponse(
+                    file=executor_pb2.FileChunk(path=rel, offset=offset, last=True)
+                )
+            outputs.append(executor_pb2.OutputFile(path=rel, size_bytes=offset, sha256=digest))
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), CHUNK):
+        yield data[i : i + CHUNK]
+
+
+def _file_error(exc: grpc.aio.AioRpcError, sb: SandboxState, path: str) -> AgentVMError:
+    code = exc.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(exc.details() or f"invalid path {path!r}")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(exc.details() or f"no file {path!r} in the workspace")
+    return RemoteError.from_rpc(exc, f"guest agent of {sb.vm.name}")

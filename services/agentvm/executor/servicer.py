@@ -1,0 +1,131 @@
+"""ExecutorService: the gRPC face of AgentExecutor."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from agentvm.common.errors import InvalidArgument
+from agentvm.common.grpc_util import grpc_errors, grpc_stream_errors
+from agentvm.executor.executor import AgentExecutor
+from agentvm.v1 import executor_pb2, executor_pb2_grpc
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
+    """Maps RPCs to AgentExecutor."""
+
+    def __init__(self, executor: AgentExecutor) -> None:
+        self.executor = executor
+
+    @grpc_stream_errors
+    async def Run(
+        self, request: executor_pb2.RunRequest, context: Ctx
+    ) -> AsyncIterator[executor_pb2.RunResponse]:
+        async for ev in self.executor.run(request):
+            yield ev
+
+    @grpc_errors
+    async def CreateSandbox(
+        self, request: executor_pb2.CreateSandboxRequest, context: Ctx
+    ) -> executor_pb2.CreateSandboxResponse:
+        sb = await self.executor.create_sandbox(request.spec)
+        return executor_pb2.CreateSandboxResponse(sandbox=sb.to_proto())
+
+    @grpc_errors
+    async def GetSandbox(
+        self, request: executor_pb2.GetSandboxRequest, context: Ctx
+    ) -> executor_pb2.GetSandboxResponse:
+        return executor_pb2.GetSandboxResponse(
+            sandbox=self.executor.get(request.sandbox_id).to_proto()
+        )
+
+    @grpc_errors
+    async def ListSandboxes(
+        self, request: executor_pb2.ListSandboxesRequest, context: Ctx
+    ) -> executor_pb2.ListSandboxesResponse:
+        return executor_pb2.ListSandboxesResponse(
+            sandboxes=[s.to_proto() for s in self.executor.sandboxes()]
+        )
+
+    @grpc_errors
+    async def CloseSandbox(
+        self, request: executor_pb2.CloseSandboxRequest, context: Ctx
+    ) -> executor_pb2.CloseSandboxResponse:
+        await self.executor.close_sandbox(request.sandbox_id)
+        return executor_pb2.CloseSandboxResponse()
+
+    @grpc_stream_errors
+    async def Exec(
+        self, request: executor_pb2.ExecRequest, context: Ctx
+    ) -> AsyncIterator[executor_pb2.ExecResponse]:
+        sb = self.executor.get(request.sandbox_id)
+        async for ev in self.executor.exec(sb, request):
+            yield ev
+
+    @grpc_errors
+    async def SignalExec(
+        self, request: executor_pb2.SignalExecRequest, context: Ctx
+    ) -> executor_pb2.SignalExecResponse:
+        sb = self.executor.get(request.sandbox_id)
+        await self.executor.signal(sb, request.exec_id, request.signal)
+        return executor_pb2.SignalExecResponse()
+
+    @grpc_errors
+    async def WriteStdin(
+        self, request: executor_pb2.ExecutorServiceWriteStdinRequest, context: Ctx
+    ) -> executor_pb2.ExecutorServiceWriteStdinResponse:
+        sb = self.executor.get(request.sandbox_id)
+        await self.executor.write_stdin(sb, request.exec_id, request.data, request.eof)
+        return executor_pb2.ExecutorServiceWriteStdinResponse()
+
+    @grpc_errors
+    async def WriteFile(
+        self, request_iterator: AsyncIterator[executor_pb2.WriteFileRequest], context: Ctx
+    ) -> executor_pb2.WriteFileResponse:
+        it = aiter(request_iterator)
+        try:
+            first = await anext(it)
+        except StopAsyncIteration:
+            raise InvalidArgument("WriteFile got no message") from None
+        sb = self.executor.get(first.sandbox_id)
+        expected: list[str] = []
+
+        async def chunks() -> AsyncIterator[bytes]:
+            msg: executor_pb2.WriteFileRequest | None = first
+            while msg is not None:
+                if msg.sha256:
+                    expected[:] = [msg.sha256]
+                if msg.chunk:
+                    yield msg.chunk
+                msg = await anext(it, None)
+
+        size, sha = await self.executor.write_file(sb, first.path, first.mode, chunks(), expected)
+        return executor_pb2.WriteFileResponse(size_bytes=size, sha256=sha)
+
+    @grpc_stream_errors
+    async def ReadFile(
+        self, request: executor_pb2.ReadFileRequest, context: Ctx
+    ) -> AsyncIterator[executor_pb2.ReadFileResponse]:
+        sb = self.executor.get(request.sandbox_id)
+        async for data, size, sha in self.executor.read_file(sb, request.path):
+            yield executor_pb2.ReadFileResponse(chunk=data, size_bytes=size, sha256=sha)
+
+    @grpc_errors
+    async def ListFiles(
+        self, request: executor_pb2.ListFilesRequest, context: Ctx
+    ) -> executor_pb2.ListFilesResponse:
+        sb = self.executor.get(request.sandbox_id)
+        files = await self.executor.list_files(sb, request.path, request.recursive)
+        return executor_pb2.ListFilesResponse(files=files)
+
+    @grpc_errors
+    async def RemoveFile(
+        self, request: executor_pb2.RemoveFileRequest, context: Ctx
+    ) -> executor_pb2.RemoveFileResponse:
+        sb = self.executor.get(request.sandbox_id)
+        await self.executor.remove_file(sb, request.path, request.recursive)
+        return executor_pb2.RemoveFileResponse()

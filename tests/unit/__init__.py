@@ -1,0 +1,1 @@
+"""Unit tests: fast, no VMs, no system libvirtd (a package so tests import .helpers)."""

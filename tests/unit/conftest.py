@@ -1,0 +1,57 @@
+"""Shared fixtures of the unit tests (no VMs, no system libvirtd, no network)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
+
+from agentvm_guest import agent
+
+from .helpers import EchoServer, GuestSide
+
+# Deterministic and quick, with no example database; Hypothesis' other caches go to the
+# temp dir instead of .hypothesis/ in the work tree.
+if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+    set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "agentvm-unit-hypothesis")
+settings.register_profile(
+    "unit",
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("unit")
+
+NO_CGROUP_ROOT = "/proc/nonexistent/agentvm"
+
+
+@pytest.fixture(autouse=True)
+def no_cgroups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never create cgroups on the host: ProcessTree falls back to process groups."""
+    monkeypatch.setattr(agent, "CGROUP_ROOT", NO_CGROUP_ROOT)
+
+
+@pytest.fixture
+def echo_server(tmp_path: Path) -> Iterator[EchoServer]:
+    server = EchoServer(tmp_path / "echo.sock")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def guest(echo_server: EchoServer) -> Iterator[GuestSide]:
+    """A GuestRelay serving one end of a socketpair, connecting to the echo server."""
+    side = GuestSide(echo_server.connect)
+    try:
+        yield side
+    finally:
+        side.close()

@@ -1,0 +1,169 @@
+"""libvirt error translation and LibvirtConnection, on libvirt's in-process test driver."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import libvirt
+import pytest
+
+from agentvm.common.errors import (
+    AgentVMError,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from agentvm.vm_manager import libvirt_conn
+from agentvm.vm_manager.libvirt_conn import LibvirtConnection, libvirt_errors, translate
+
+TEST_URI = "test:///default"
+
+
+def libvirt_error(code: int, message: str = "boom") -> libvirt.libvirtError:
+    exc = libvirt.libvirtError(message)
+    exc.err = (
+        code,
+        libvirt.VIR_FROM_DOMAIN,
+        message,
+        libvirt.VIR_ERR_ERROR,
+        None,
+        None,
+        None,
+        -1,
+        -1,
+    )
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (libvirt.VIR_ERR_NO_DOMAIN, NotFound),
+        (libvirt.VIR_ERR_NO_NETWORK, NotFound),
+        (libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT, NotFound),
+        (libvirt.VIR_ERR_OPERATION_INVALID, FailedPrecondition),
+        (libvirt.VIR_ERR_DOM_EXIST, AlreadyExists),
+        (libvirt.VIR_ERR_XML_ERROR, InvalidArgument),
+        (libvirt.VIR_ERR_XML_DETAIL, InvalidArgument),
+        (libvirt.VIR_ERR_INVALID_ARG, InvalidArgument),
+        (libvirt.VIR_ERR_NO_CONNECT, Unavailable),
+        (libvirt.VIR_ERR_SYSTEM_ERROR, AgentVMError),
+        (libvirt.VIR_ERR_RPC, Unavailable),
+        (libvirt.VIR_ERR_AUTH_FAILED, Unavailable),
+        (libvirt.VIR_ERR_INTERNAL_ERROR, AgentVMError),
+        (libvirt.VIR_ERR_OPERATION_FAILED, AgentVMError),
+    ],
+)
+def test_translate_by_code(code: int, expected: type[AgentVMError]) -> None:
+    err = translate(libvirt_error(code, "it broke"), "VM x")
+    assert type(err) is expected
+    assert err.message.startswith("VM x: it broke")
+    if expected is Unavailable:
+        assert "libvirtd" in err.message
+
+
+def test_libvirt_errors_context_manager_chains() -> None:
+    original = libvirt_error(libvirt.VIR_ERR_NO_DOMAIN)
+    with pytest.raises(NotFound) as info, libvirt_errors("looking"):
+        raise original
+    assert info.value.__cause__ is original
+    with libvirt_errors("nothing"):
+        pass  # no error, nothing raised
+
+
+@pytest.fixture
+def conn() -> Iterator[LibvirtConnection]:
+    c = LibvirtConnection(TEST_URI)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def domain_xml(name: str, uid: str | None = None) -> str:
+    return (
+        f"<domain type='test'><name>{name}</name><uuid>{uid or uuid.uuid4()}</uuid>"
+        "<memory unit='MiB'>128</memory><os><type>hvm</type></os></domain>"
+    )
+
+
+@pytest.fixture
+def defined(conn: LibvirtConnection) -> Iterator[libvirt.virDomain]:
+    dom = conn.define(domain_xml(f"agent-vm-unit-{uuid.uuid4().hex[:8]}"))
+    try:
+        yield dom
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+
+
+def test_real_not_found_error(conn: LibvirtConnection) -> None:
+    with pytest.raises(NotFound, match="VM agent-vm-missing"):
+        conn.lookup("agent-vm-missing")
+    assert conn.find("agent-vm-missing") is None
+
+
+def test_lookup_find_define(conn: LibvirtConnection, defined: libvirt.virDomain) -> None:
+    name = defined.name()
+    assert conn.lookup(name).UUIDString() == defined.UUIDString()
+    found = conn.find(name)
+    assert found is not None
+    assert found.name() == name
+    assert LibvirtConnection.state(found) == libvirt_conn.DOMAIN_SHUTOFF
+    found.create()
+    assert LibvirtConnection.state(found) == libvirt_conn.DOMAIN_RUNNING
+
+
+def test_define_errors(conn: LibvirtConnection, defined: libvirt.virDomain) -> None:
+    with pytest.raises(InvalidArgument, match="defining the domain"):
+        conn.define("<domain type='test'><name>x</name>")  # not even XML
+    # Same name, other UUID: libvirt refuses; whatever its code, it is an AgentVMError.
+    with pytest.raises(AgentVMError, match="defining the domain"):
+        conn.define(domain_xml(defined.name()))
+
+
+def test_operation_invalid_is_failed_precondition(defined: libvirt.virDomain) -> None:
+    with pytest.raises(FailedPrecondition), libvirt_errors("stopping"):
+        defined.destroy()  # not running
+
+
+def test_list_domains_by_prefix(conn: LibvirtConnection, defined: libvirt.virDomain) -> None:
+    names = [d.name() for d in conn.list_domains("agent-vm-unit-")]
+    assert defined.name() in names
+    assert all(n.startswith("agent-vm-unit-") for n in names)
+    assert "test" in [d.name() for d in conn.list_domains("")]  # the driver's own domain
+    assert conn.list_domains("agent-vm-nothing-") == []
+
+
+def test_versions(conn: LibvirtConnection) -> None:
+    lib, hv = conn.versions()
+    major, minor, micro = (int(p) for p in lib.split("."))
+    assert (major, minor, micro) == libvirt_version_tuple(conn.get().getLibVersion())
+    assert hv.count(".") == 2
+
+
+def libvirt_version_tuple(v: int) -> tuple[int, int, int]:
+    return v // 1_000_000, v // 1000 % 1000, v % 1000
+
+
+def test_get_reuses_and_reopens(conn: LibvirtConnection) -> None:
+    first = conn.get()
+    assert conn.get() is first
+    conn.close()
+    second = conn.get()
+    assert second is not first
+    assert second.isAlive()
+
+
+def test_unreachable_libvirtd_is_unavailable() -> None:
+    c = LibvirtConnection("qemu+unix:///system?socket=/nonexistent/libvirt-sock")
+    with pytest.raises(Unavailable) as info:
+        c.get()
+    assert "libvirtd" in info.value.message
+    assert "qemu+unix:///system?socket=/nonexistent/libvirt-sock" in info.value.message
+    with pytest.raises(Unavailable):
+        c.lookup("agent-vm-x")
