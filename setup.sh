@@ -64,5 +64,5 @@ step "guest image"
 step "doctor"
 .venv/bin/agent-vm doctor
 
-step "example: an agent script in a fresh VM"
-.venv/bin/agent-vm vm run -- python3 -c "$(cat examples/hello_agent.py)"
+step "the main job: examples/hello_agent.py in a fresh VM (agent-vm run)"
+.venv/bin/agent-vm run examples/hello_agent.py

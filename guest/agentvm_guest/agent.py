@@ -234,12 +234,20 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
                     grpc.StatusCode.FAILED_PRECONDITION, f"cannot start {argv[0]!r}: {exc}"
                 )
             tree.pgid = proc.pid
+            if proc.stdin is None:
+                raise RuntimeError("subprocess stdin pipe missing")
+            # stdin is ready for WriteStdin before the caller hears "started",
+            # and the initial bytes go first: the feeder holds the lock until
+            # it has written them.
+            running.stdin = proc.stdin
+            running.stdin_lock.acquire()
+            threading.Thread(
+                target=_feed_stdin,
+                args=(running, proc.stdin, request.stdin, request.keep_stdin_open),
+                daemon=True,
+            ).start()
             yield guest_agent_pb2.ExecuteResponse(started=common_pb2.ProcessStarted(pid=proc.pid))
-            if request.keep_stdin_open:
-                running.stdin = proc.stdin
-            yield from self._pump(
-                proc, request.stdin, request.keep_stdin_open, running, start + timeout, cap, start
-            )
+            yield from self._pump(proc, running, start + timeout, cap, start)
         finally:
             tree.kill_all()
             tree.remove()
@@ -250,19 +258,14 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
     def _pump(
         self,
         proc: subprocess.Popen[bytes],
-        stdin: bytes,
-        keep_open: bool,
         running: _Running,
         deadline: float,
         cap: int,
         start: float,
     ) -> Iterator[guest_agent_pb2.ExecuteResponse]:
-        if proc.stdin is None or proc.stdout is None or proc.stderr is None:
+        if proc.stdout is None or proc.stderr is None:
             raise RuntimeError("subprocess pipes missing")
         tree = running.tree
-        threading.Thread(
-            target=_feed_stdin, args=(running, proc.stdin, stdin, keep_open), daemon=True
-        ).start()
         sel = selectors.DefaultSelector()
         streams = {
             proc.stdout.fileno(): common_pb2.OUTPUT_STREAM_STDOUT,
@@ -483,17 +486,19 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
 
 
 def _feed_stdin(running: _Running, pipe: IO[bytes], data: bytes, keep_open: bool) -> None:
-    with running.stdin_lock:
-        try:
-            if data:
-                pipe.write(data)
-                pipe.flush()
-        except (OSError, ValueError):
-            keep_open = False
+    """Write the initial stdin; the caller acquired ``running.stdin_lock`` for us."""
+    try:
+        if data:
+            pipe.write(data)
+            pipe.flush()
+    except (OSError, ValueError):
+        keep_open = False
+    finally:
         if not keep_open:
             running.stdin = None
             with contextlib.suppress(OSError):
                 pipe.close()
+        running.stdin_lock.release()
 
 
 def _power_off() -> None:

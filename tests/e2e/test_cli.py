@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vmharness import REPO, VMManagerProcess, libvirt_domains
+from tests.vmharness import REPO, ExecutorProcess, VMManagerProcess, libvirt_domains
 
 pytestmark = pytest.mark.vm
 
@@ -59,7 +59,7 @@ def test_example_agent_runs_in_a_vm(vmm: VMManagerProcess) -> None:
     assert "Debian GNU/Linux 12" in proc.stdout
 
 
-def test_doctor_passes_with_services_up(vmm: VMManagerProcess) -> None:
+def test_doctor_passes_with_services_up(vmm: VMManagerProcess, executor: ExecutorProcess) -> None:
     proc = agent_vm(vmm.env, "doctor", "--json")
     checks = json.loads(proc.stdout)
     failed = [c for c in checks if c["required"] and not c["ok"]]
@@ -119,3 +119,83 @@ def test_up_and_down_are_idempotent(tmp_path: Path) -> None:
         assert not (run / "vm-manager.sock").exists()
     finally:
         agent_vm(env, "down", timeout=60)
+
+
+def test_run_file_with_args_inputs_and_outputs(executor: ExecutorProcess, tmp_path: Path) -> None:
+    script = tmp_path / "agent.py"
+    script.write_text(
+        "import sys, pathlib\n"
+        "data = pathlib.Path('/workspace/input/data/a.txt').read_text()\n"
+        "pathlib.Path('/workspace/output/sub').mkdir()\n"
+        "pathlib.Path('/workspace/output/sub/r.txt').write_text(data * 2)\n"
+        "print('args', sys.argv[1:])\n"
+    )
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("ab")
+    out = tmp_path / "out"
+    proc = agent_vm(
+        executor.env,
+        "run",
+        str(script),
+        "--profile",
+        "light",
+        "--input",
+        str(tmp_path / "data"),
+        "--output",
+        str(out),
+        "--",
+        "x",
+        "y z",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "args ['x', 'y z']" in proc.stdout
+    assert (out / "sub" / "r.txt").read_text() == "abab"
+
+
+def test_run_json_reports_the_guest_kernel(executor: ExecutorProcess) -> None:
+    proc = agent_vm(
+        executor.env,
+        "run",
+        "--json",
+        "--profile",
+        "light",
+        "-c",
+        "import os; print(os.uname().release)",
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["stdout"].strip().endswith("cloud-amd64")
+    assert doc["stdout"].strip() != os.uname().release
+    assert set(doc) >= {
+        "exit_code",
+        "stdout",
+        "stderr",
+        "timed_out",
+        "duration_s",
+        "boot_s",
+        "vm",
+        "output_files",
+    }
+    assert doc["boot_s"] > 0
+
+
+def test_run_timeout_exits_124_and_bad_usage_exits_2(executor: ExecutorProcess) -> None:
+    proc = agent_vm(
+        executor.env,
+        "run",
+        "--timeout",
+        "2",
+        "--profile",
+        "light",
+        "--cmd",
+        "echo partial; sleep 60",
+    )
+    assert proc.returncode == 124
+    assert proc.stdout == "partial\n"
+    assert "timed out" in proc.stderr
+    proc = agent_vm(executor.env, "run", "-c", "print(1)", "--cmd", "true")
+    assert proc.returncode == 2
+    assert "exactly one" in proc.stderr
+    proc = agent_vm(executor.env, "run", "--input", "/nonexistent/file", "--cmd", "true")
+    assert proc.returncode == 2
+    assert "/nonexistent/file" in proc.stderr
