@@ -30,7 +30,7 @@ fi
 
 step "libvirt daemons"
 bash scripts/ensure-daemons.sh
-virsh -c qemu:///system version | head -3
+virsh -c qemu:///system version
 
 step "Python environment (.venv)"
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
