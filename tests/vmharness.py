@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,16 +282,11 @@ def leftovers(vmm: VMManagerProcess) -> list[str]:
     return left
 
 
-def wait_for(predicate: object, timeout: float, interval: float = 0.1) -> bool:
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds passed."""
     deadline = time.monotonic() + timeout
-    assert callable(predicate)
     while time.monotonic() < deadline:
         if predicate():
             return True
         time.sleep(interval)
     return False
-
-
-def iter_chunks(result: ExecResult) -> Iterator[bytes]:
-    for _, _, data in result.chunks:
-        yield data

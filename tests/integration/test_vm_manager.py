@@ -230,7 +230,7 @@ def test_list_filters_by_labels_and_host_info(factory: VMFactory, vmm: VMManager
     none = stub.ListVMs(vm_manager_pb2.ListVMsRequest(label_selector={"test": "2"}), timeout=10).vms
     assert vm.name not in [v.name for v in none]
     host = stub.GetHostInfo(vm_manager_pb2.GetHostInfoRequest(), timeout=10)
-    assert host.libvirt_version.startswith("9.") or host.libvirt_version
+    assert host.libvirt_version.count(".") == 2
     assert host.accelerator in (common_pb2.ACCELERATOR_KVM, common_pb2.ACCELERATOR_TCG)
     assert host.accelerator_reason
     image = stub.GetImage(vm_manager_pb2.GetImageRequest(), timeout=10)

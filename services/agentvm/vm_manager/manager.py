@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import time
 import uuid as uuidlib
-from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
@@ -528,6 +527,3 @@ class VMManager:
             if vm.relay is not None:
                 await vm.relay.close()
                 vm.relay = None
-
-    def names(self) -> Iterable[str]:
-        return list(self._vms)
