@@ -206,7 +206,7 @@ class VMFactory:
         self,
         *,
         start: bool = True,
-        profile: common_pb2.ResourceProfile.ValueType = common_pb2.RESOURCE_PROFILE_LIGHT,
+        profile: common_pb2.ResourceProfile.ValueType = common_pb2.RESOURCE_PROFILE_STANDARD,
         network: common_pb2.NetworkMode.ValueType = common_pb2.NETWORK_MODE_ISOLATED,
     ) -> common_pb2.VM:
         vm = (
@@ -228,7 +228,7 @@ class VMFactory:
         return self.vmm.stub().WaitVM(req, timeout=timeout + 10).vm
 
     def booted(
-        self, profile: common_pb2.ResourceProfile.ValueType = common_pb2.RESOURCE_PROFILE_LIGHT
+        self, profile: common_pb2.ResourceProfile.ValueType = common_pb2.RESOURCE_PROFILE_STANDARD
     ) -> common_pb2.VM:
         vm = self.create(profile=profile)
         return self.wait_ready(vm.name)

@@ -35,8 +35,6 @@ def test_vm_run_prints_guest_output_and_exits_with_its_code(vmm: VMManagerProces
         vmm.env,
         "vm",
         "run",
-        "--profile",
-        "light",
         "--",
         "sh",
         "-c",
@@ -52,7 +50,7 @@ def test_vm_run_prints_guest_output_and_exits_with_its_code(vmm: VMManagerProces
 
 def test_example_agent_runs_in_a_vm(vmm: VMManagerProcess) -> None:
     code = (REPO / "examples" / "hello_agent.py").read_text()
-    proc = agent_vm(vmm.env, "vm", "run", "--profile", "light", "--", "python3", "-c", code)
+    proc = agent_vm(vmm.env, "vm", "run", "--", "python3", "-c", code)
     assert proc.returncode == 0, proc.stderr
     assert "hello from agent-vm" in proc.stdout
     assert "Debian GNU/Linux 12" in proc.stdout
@@ -136,8 +134,6 @@ def test_run_file_with_args_inputs_and_outputs(executor: ExecutorProcess, tmp_pa
         executor.env,
         "run",
         str(script),
-        "--profile",
-        "light",
         "--input",
         str(tmp_path / "data"),
         "--output",
@@ -156,8 +152,6 @@ def test_run_json_reports_the_guest_kernel(executor: ExecutorProcess) -> None:
         executor.env,
         "run",
         "--json",
-        "--profile",
-        "light",
         "-c",
         "import os; print(os.uname().release)",
     )
@@ -184,8 +178,6 @@ def test_run_timeout_exits_124_and_bad_usage_exits_2(executor: ExecutorProcess) 
         "run",
         "--timeout",
         "2",
-        "--profile",
-        "light",
         "--cmd",
         "echo partial; sleep 60",
     )

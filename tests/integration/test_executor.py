@@ -30,7 +30,7 @@ def sandbox(
     request: pytest.FixtureRequest, executor: ExecutorProcess
 ) -> Iterator[agent_vm.Sandbox]:
     """One sandbox per workspace mode, shared by the tests of this module."""
-    sb = agent_vm.Sandbox.create(profile="light", workspace=request.param, lifetime=1800)
+    sb = agent_vm.Sandbox.create(workspace=request.param, lifetime=1800)
     try:
         assert sb.workspace_mode == request.param
         yield sb
@@ -56,7 +56,6 @@ def test_one_shot_run_returns_output_and_files_and_destroys_the_vm(
         ),
         args=["x"],
         inputs={"in/data.txt": "hello"},
-        profile="light",
         download_outputs=True,
         on_stdout=chunks.append,
     )
@@ -76,15 +75,15 @@ def test_one_shot_run_returns_output_and_files_and_destroys_the_vm(
 
 
 def test_run_timeout_and_errors(executor: ExecutorProcess, vmm: VMManagerProcess) -> None:
-    result = agent_vm.run("echo partial; sleep 60", timeout=2, profile="light")
+    result = agent_vm.run("echo partial; sleep 60", timeout=2)
     assert result.timed_out
     assert result.exit_code == 124
     assert result.stdout == "partial\n"
     assert vm_gone(vmm, result.vm_name)
     with pytest.raises(agent_vm.InvalidArgumentError, match="path"):
-        agent_vm.run("true", inputs={"../escape": b"x"}, profile="light")
+        agent_vm.run("true", inputs={"../escape": b"x"})
     with pytest.raises(agent_vm.InvalidArgumentError, match="timeout"):
-        agent_vm.run("true", timeout=10**9, profile="light")
+        agent_vm.run("true", timeout=10**9)
     with pytest.raises(agent_vm.UnavailableError, match="agent-vm up"):
         agent_vm.run("true", address="unix:/nonexistent/executor.sock")
 
@@ -209,7 +208,7 @@ def test_async_sandbox_and_close_leaves_nothing(
     executor: ExecutorProcess, vmm: VMManagerProcess
 ) -> None:
     async def main() -> str:
-        async with await agent_vm.AsyncSandbox.create(profile="light") as sb:
+        async with await agent_vm.AsyncSandbox.create() as sb:
             res = await sb.run(code="print(sum(range(10)))")
             assert res.stdout == "45\n"
             await sb.files.write("output/x", b"1")
@@ -224,7 +223,7 @@ def test_async_sandbox_and_close_leaves_nothing(
 def test_lifetime_destroys_an_abandoned_sandbox(
     executor: ExecutorProcess, vmm: VMManagerProcess
 ) -> None:
-    sb = agent_vm.Sandbox.create(profile="light", lifetime=2)
+    sb = agent_vm.Sandbox.create(lifetime=2)
     name = sb.vm_name
     assert wait_for(lambda: vm_gone(vmm, name), 30)
     with pytest.raises(agent_vm.NotFoundError, match="lifetime"):
@@ -244,7 +243,7 @@ def test_client_cancel_destroys_the_vm(executor: ExecutorProcess, vmm: VMManager
             stub = executor_pb2_grpc.ExecutorServiceStub(ch)
             req = executor_pb2.RunRequest(
                 spec=executor_pb2.SandboxSpec(
-                    profile=common_pb2.RESOURCE_PROFILE_LIGHT,
+                    profile=common_pb2.RESOURCE_PROFILE_STANDARD,
                     network_mode=common_pb2.NETWORK_MODE_ISOLATED,
                 ),
                 program=common_pb2.Program(
@@ -270,7 +269,7 @@ def test_client_disconnect_destroys_the_vm(
     before = _running_vms(vmm)
     script = (
         "import agent_vm, sys\n"
-        "agent_vm.run('echo up; sleep 300', profile='light',\n"
+        "agent_vm.run('echo up; sleep 300',\n"
         "             on_stdout=lambda s: (print(s, end=''), sys.stdout.flush()))\n"
     )
     proc = subprocess.Popen(
@@ -288,7 +287,7 @@ def test_buf_curl_calls_run_from_outside_python(executor: ExecutorProcess) -> No
     buf = REPO / ".tools" / "node_modules" / ".bin" / "buf"
     assert buf.exists(), "buf is installed by setup.sh"
     body = (
-        '{"spec": {"profile": "RESOURCE_PROFILE_LIGHT", "networkMode": "NETWORK_MODE_ISOLATED"},'
+        '{"spec": {"profile": "RESOURCE_PROFILE_STANDARD", "networkMode": "NETWORK_MODE_ISOLATED"},'
         ' "program": {"argv": {"args": ["uname", "-r"]}}}'
     )
     sock = executor.address.removeprefix("unix:")

@@ -43,8 +43,8 @@ def test_status_reports_guest_health(shared_vm: common_pb2.VM) -> None:
     assert info.agent_version
     assert info.kernel_release.endswith("cloud-amd64")
     assert info.uptime.ToNanoseconds() > 0
-    # LIGHT profile: 256 MiB of guest RAM.
-    assert 150 * 2**20 < info.memory_total_bytes <= 256 * 2**20
+    # STANDARD profile: 512 MiB of guest RAM.
+    assert 400 * 2**20 < info.memory_total_bytes <= 512 * 2**20
     assert 0 < info.disk_free_bytes < info.disk_total_bytes
     assert info.process_count > 1
 

@@ -61,7 +61,7 @@ def run(address: str, vms: int, calls: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         vm = stub.CreateVM(
             vm_manager_pb2.CreateVMRequest(
-                profile=common_pb2.RESOURCE_PROFILE_LIGHT,
+                profile=common_pb2.RESOURCE_PROFILE_STANDARD,
                 network_mode=common_pb2.NETWORK_MODE_ISOLATED,
                 start=True,
                 labels={"bench": "boot"},

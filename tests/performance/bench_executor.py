@@ -56,7 +56,7 @@ def run(calls: int, mib: int) -> dict[str, Any]:
         local = mib * 1.048576 / (time.perf_counter() - t)
         out["host_local_copy_mb_s"] = round(local, 1)
         for mode in ("shared", "api"):
-            with agent_vm.Sandbox.create(profile="light", workspace=mode) as sb:
+            with agent_vm.Sandbox.create(workspace=mode) as sb:
                 up, down = transfer(sb, src, Path(tmp) / f"back-{mode}.bin")
                 out[f"transfer_{mode}_mb_s"] = {
                     "upload": up,
