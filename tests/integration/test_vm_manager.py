@@ -195,8 +195,8 @@ def test_bad_input_gets_clear_status_codes(vmm: VMManagerProcess) -> None:
         (
             vm_manager_pb2.CreateSnapshotRequest(vm_name="agent-vm-x"),
             "CreateSnapshot",
-            grpc.StatusCode.UNIMPLEMENTED,
-            "snapshot",
+            grpc.StatusCode.NOT_FOUND,
+            "ListVMs",
         ),
     ]
     for request, method, code, needle in cases:

@@ -256,6 +256,61 @@ def vm_destroy(names: tuple[str, ...]) -> None:
         click.echo(f"{name} destroyed")
 
 
+@vm.group("snapshot")
+def vm_snapshot() -> None:
+    """Snapshots of a VM (with memory while it runs, disk-only when stopped)."""
+
+
+@vm_snapshot.command("create")
+@click.argument("name")
+@click.argument("snapshot")
+@click.option("--description", default="")
+@handle_errors
+def snapshot_create(name: str, snapshot: str, description: str) -> None:
+    """Snapshot VM NAME as SNAPSHOT."""
+    running = vm_stub().GetVM(vm_manager_pb2.GetVMRequest(name=name), timeout=10).vm.state in (
+        common_pb2.VM_STATE_BOOTING,
+        common_pb2.VM_STATE_READY,
+    )
+    req = vm_manager_pb2.CreateSnapshotRequest(
+        vm_name=name, snapshot_name=snapshot, include_memory=running, description=description
+    )
+    print_json(vm_stub().CreateSnapshot(req, timeout=600).snapshot)
+
+
+@vm_snapshot.command("list")
+@click.argument("name")
+@handle_errors
+def snapshot_list(name: str) -> None:
+    """List the snapshots of VM NAME."""
+    resp = vm_stub().ListSnapshots(vm_manager_pb2.ListSnapshotsRequest(vm_name=name), timeout=60)
+    for s in resp.snapshots:
+        kind = "memory+disk" if s.includes_memory else "disk"
+        click.echo(f"{s.name}  {kind}  {s.size_bytes} bytes  {s.description}")
+
+
+@vm_snapshot.command("restore")
+@click.argument("name")
+@click.argument("snapshot")
+@handle_errors
+def snapshot_restore(name: str, snapshot: str) -> None:
+    """Return VM NAME to SNAPSHOT."""
+    req = vm_manager_pb2.RestoreSnapshotRequest(vm_name=name, snapshot_name=snapshot)
+    v = vm_stub().RestoreSnapshot(req, timeout=600).vm
+    click.echo(f"{name} restored to {snapshot} ({common_pb2.VMState.Name(v.state)})")
+
+
+@vm_snapshot.command("delete")
+@click.argument("name")
+@click.argument("snapshot")
+@handle_errors
+def snapshot_delete(name: str, snapshot: str) -> None:
+    """Delete SNAPSHOT of VM NAME."""
+    req = vm_manager_pb2.DeleteSnapshotRequest(vm_name=name, snapshot_name=snapshot)
+    vm_stub().DeleteSnapshot(req, timeout=600)
+    click.echo(f"snapshot {snapshot} of {name} deleted")
+
+
 @vm.command("exec", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)

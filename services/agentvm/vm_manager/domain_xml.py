@@ -328,6 +328,27 @@ class Domain:
         return ET.tostring(el, encoding="unicode") + "\n"
 
 
+@dataclass(frozen=True)
+class DomainSnapshot:
+    """<domainsnapshot>: an internal (qcow2) snapshot, with or without guest memory."""
+
+    name: str
+    description: str
+    include_memory: bool
+
+    def to_element(self) -> ET.Element:
+        el = ET.Element("domainsnapshot")
+        _sub(el, "name", self.name)
+        _sub(el, "description", self.description)
+        _sub(el, "memory", snapshot="internal" if self.include_memory else "no")
+        return el
+
+    def to_xml(self) -> str:
+        el = self.to_element()
+        ET.indent(el, space="  ")
+        return ET.tostring(el, encoding="unicode") + "\n"
+
+
 def channel_state(live_xml: str, name: str) -> tuple[str | None, str | None]:
     """(host socket path, state) of the virtio-serial channel ``name`` in live XML."""
     root = ET.fromstring(live_xml)

@@ -42,6 +42,7 @@ from agentvm.vm_manager.libvirt_conn import (
     libvirt_errors,
 )
 from agentvm.vm_manager.relay import HostRelay
+from agentvm.vm_manager.snapshots import SnapshotInfo, SnapshotManager
 from agentvm.vm_manager.templates import (
     ImageFiles,
     NetworkMode,
@@ -86,6 +87,7 @@ class VMManager:
         self.accel = accel
         self.memory_limit = memory_limit
         self.virtiofsd = find_virtiofsd()
+        self.snapshots = SnapshotManager()
         self._vms: dict[str, VM] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -352,7 +354,7 @@ class VMManager:
         await self._refresh(vm)
         return vm
 
-    async def list(self, selector: dict[str, str]) -> list[VM]:
+    async def list_vms(self, selector: dict[str, str]) -> list[VM]:
         out = []
         for vm in list(self._vms.values()):
             if all(vm.labels.get(k) == v for k, v in selector.items()):
@@ -527,3 +529,72 @@ class VMManager:
             if vm.relay is not None:
                 await vm.relay.close()
                 vm.relay = None
+
+    # -- snapshots ---------------------------------------------------------
+    async def create_snapshot(
+        self, vm_name: str, name: str, include_memory: bool, description: str
+    ) -> SnapshotInfo:
+        """Snapshot a VM: with memory when it runs, disk-only when it is stopped."""
+        async with self._lock(vm_name):
+            vm = self._get(vm_name)
+            await self._refresh(vm)
+            running = vm.state.running
+            if running and not include_memory:
+                raise FailedPrecondition(
+                    f"VM {vm_name} is running: a snapshot of a running VM includes its memory "
+                    "(set include_memory), or stop it first for a disk-only snapshot"
+                )
+            if not running and include_memory:
+                raise FailedPrecondition(
+                    f"VM {vm_name} is {vm.state.name}: there is no memory to save; start it, or "
+                    "take a disk-only snapshot"
+                )
+            if include_memory and vm.shared_workspace:
+                raise FailedPrecondition(
+                    f"VM {vm_name} has a shared (virtiofs) workspace, whose device state QEMU "
+                    "cannot save: use VMs without shared_workspace for memory snapshots"
+                )
+            dom = await asyncio.to_thread(self.conn.lookup, vm_name)
+            await asyncio.to_thread(
+                self.snapshots.create,
+                dom,
+                name,
+                include_memory=include_memory,
+                description=description,
+            )
+            infos = await asyncio.to_thread(self.snapshots.list_snapshots, dom, vm.overlay)
+        log.info("snapshot %s of %s created", name, vm_name, extra={"vm": vm_name})
+        return next(i for i in infos if i.name == name)
+
+    async def list_snapshots(self, vm_name: str) -> list[SnapshotInfo]:
+        vm = self._get(vm_name)
+        dom = await asyncio.to_thread(self.conn.lookup, vm_name)
+        return await asyncio.to_thread(self.snapshots.list_snapshots, dom, vm.overlay)
+
+    async def restore_snapshot(self, vm_name: str, name: str) -> VM:
+        """Return the VM to the snapshot: running (memory) or stopped (disk-only)."""
+        async with self._lock(vm_name):
+            vm = self._get(vm_name)
+            dom = await asyncio.to_thread(self.conn.lookup, vm_name)
+            if vm.relay is not None:
+                # The guest's half of the session is rewound with its memory: the
+                # next client starts a fresh session (SYNC handshake).
+                await vm.relay.close()
+                vm.relay = None
+            await asyncio.to_thread(self.snapshots.revert, dom, name)
+            if await asyncio.to_thread(dom.isActive):
+                vm.state = VMState.BOOTING
+                vm.boot_started = time.monotonic()
+                vm.boot_duration = None
+                await self._start_relay(vm, dom)
+            else:
+                vm.state = VMState.STOPPED
+            vm.error = ""
+        log.info("VM %s restored to snapshot %s", vm_name, name, extra={"vm": vm_name})
+        return vm
+
+    async def delete_snapshot(self, vm_name: str, name: str) -> None:
+        async with self._lock(vm_name):
+            self._get(vm_name)
+            dom = await asyncio.to_thread(self.conn.lookup, vm_name)
+            await asyncio.to_thread(self.snapshots.delete, dom, name)

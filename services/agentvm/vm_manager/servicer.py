@@ -17,15 +17,24 @@ from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
 from agentvm.vm_manager.accel import Accel
 from agentvm.vm_manager.image import ImageStore, Manifest
 from agentvm.vm_manager.manager import DEFAULT_GRACE_S, DEFAULT_WAIT_S, VMManager
+from agentvm.vm_manager.snapshots import SnapshotInfo
 from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
 from agentvm.vm_manager.vm import VMState
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
-SNAPSHOTS_LATER = (
-    "snapshots are not available in this version of agent-vm (they land with the fast-start "
-    "work); destroy and re-create the VM instead"
-)
+
+def snapshot_to_proto(info: SnapshotInfo) -> vm_manager_pb2.Snapshot:
+    msg = vm_manager_pb2.Snapshot(
+        name=info.name,
+        vm_name=info.vm_name,
+        parent=info.parent,
+        includes_memory=info.includes_memory,
+        size_bytes=info.size_bytes,
+        description=info.description,
+    )
+    msg.created_at.FromSeconds(int(info.created_at))
+    return msg
 
 
 def image_to_proto(manifest: Manifest, path: str) -> vm_manager_pb2.Image:
@@ -121,7 +130,7 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
     async def ListVMs(
         self, request: vm_manager_pb2.ListVMsRequest, context: Ctx
     ) -> vm_manager_pb2.ListVMsResponse:
-        vms = await self.manager.list(dict(request.label_selector))
+        vms = await self.manager.list_vms(dict(request.label_selector))
         return vm_manager_pb2.ListVMsResponse(vms=[v.to_proto() for v in vms])
 
     @grpc_errors
@@ -139,17 +148,35 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
         vm = await self.manager.wait(request.name, state, timeout)
         return vm_manager_pb2.WaitVMResponse(vm=vm.to_proto())
 
-    async def CreateSnapshot(self, request: Any, context: Ctx) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, SNAPSHOTS_LATER)
+    @grpc_errors
+    async def CreateSnapshot(
+        self, request: vm_manager_pb2.CreateSnapshotRequest, context: Ctx
+    ) -> vm_manager_pb2.CreateSnapshotResponse:
+        info = await self.manager.create_snapshot(
+            request.vm_name, request.snapshot_name, request.include_memory, request.description
+        )
+        return vm_manager_pb2.CreateSnapshotResponse(snapshot=snapshot_to_proto(info))
 
-    async def ListSnapshots(self, request: Any, context: Ctx) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, SNAPSHOTS_LATER)
+    @grpc_errors
+    async def ListSnapshots(
+        self, request: vm_manager_pb2.ListSnapshotsRequest, context: Ctx
+    ) -> vm_manager_pb2.ListSnapshotsResponse:
+        infos = await self.manager.list_snapshots(request.vm_name)
+        return vm_manager_pb2.ListSnapshotsResponse(snapshots=[snapshot_to_proto(i) for i in infos])
 
-    async def RestoreSnapshot(self, request: Any, context: Ctx) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, SNAPSHOTS_LATER)
+    @grpc_errors
+    async def RestoreSnapshot(
+        self, request: vm_manager_pb2.RestoreSnapshotRequest, context: Ctx
+    ) -> vm_manager_pb2.RestoreSnapshotResponse:
+        vm = await self.manager.restore_snapshot(request.vm_name, request.snapshot_name)
+        return vm_manager_pb2.RestoreSnapshotResponse(vm=vm.to_proto())
 
-    async def DeleteSnapshot(self, request: Any, context: Ctx) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, SNAPSHOTS_LATER)
+    @grpc_errors
+    async def DeleteSnapshot(
+        self, request: vm_manager_pb2.DeleteSnapshotRequest, context: Ctx
+    ) -> vm_manager_pb2.DeleteSnapshotResponse:
+        await self.manager.delete_snapshot(request.vm_name, request.snapshot_name)
+        return vm_manager_pb2.DeleteSnapshotResponse()
 
     @grpc_errors
     async def GetImage(
