@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +95,7 @@ def test_bad_cli_input_exits_2(vmm: VMManagerProcess) -> None:
 
 
 def test_up_and_down_are_idempotent(tmp_path: Path) -> None:
-    run = Path("/run/agent-vm-tests") / tmp_path.name
+    run = Path("/run/agent-vm-tests") / secrets.token_hex(4)
     env = dict(
         os.environ,
         AGENTVM_RUN_DIR=str(run),

@@ -104,11 +104,18 @@ def remaining_time(context: grpc.aio.ServicerContext[Any, Any], default: float) 
     return default if left is None else max(0.0, min(default, left))
 
 
+def unix_path(address: str) -> Path | None:
+    """The socket path of a unix: address, None for other addresses."""
+    if not address.startswith("unix:"):
+        return None
+    return Path(address.removeprefix("unix:").removeprefix("//"))
+
+
 def prepare_unix_address(address: str) -> None:
     """Create the directory of a unix: address and remove a stale socket file."""
-    if not address.startswith("unix:"):
+    path = unix_path(address)
+    if path is None:
         return
-    path = Path(address.removeprefix("unix:").removeprefix("//"))
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -150,5 +157,9 @@ async def serve(
     log.info("%s stopping", service_name)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=5)
+    path = unix_path(address)
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
     if on_stop is not None:
         await on_stop()

@@ -56,6 +56,8 @@ from agentvm_guest import paths
 log = logging.getLogger("agentvm.executor")
 
 OWNER_LABEL = ("agent-vm/owner", "executor")
+# Which executor: several may share one vm-manager, and each reclaims only its own.
+EXECUTOR_LABEL = "agent-vm/executor"
 DEFAULT_TIMEOUT_S = 300.0
 MAX_TIMEOUT_S = 24 * 3600.0
 MAX_LIFETIME_S = 24 * 3600.0
@@ -144,6 +146,9 @@ class AgentExecutor:
         self._slots = asyncio.Semaphore(settings.max_sandboxes)
 
     # -- housekeeping -------------------------------------------------------
+    def _owner_labels(self) -> dict[str, str]:
+        return dict([OWNER_LABEL, (EXECUTOR_LABEL, self.settings.executor_addr)])
+
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -154,7 +159,7 @@ class AgentExecutor:
         """Reclaim VMs a previous executor left behind, then start the reaper."""
         try:
             resp = await self.vmm.ListVMs(
-                vm_manager_pb2.ListVMsRequest(label_selector=dict([OWNER_LABEL])), timeout=30
+                vm_manager_pb2.ListVMsRequest(label_selector=self._owner_labels()), timeout=30
             )
         except grpc.aio.AioRpcError as exc:
             log.warning("cannot list leftover VMs: %s", exc.details())
@@ -216,7 +221,8 @@ class AgentExecutor:
         await self._slots.acquire()
         sandbox_id = "sb-" + secrets.token_hex(6)
         labels = dict(spec.labels)
-        labels.update([OWNER_LABEL, ("agent-vm/sandbox", sandbox_id)])
+        labels.update(self._owner_labels())
+        labels["agent-vm/sandbox"] = sandbox_id
         start = time.monotonic()
         vm_name = ""
         try:
