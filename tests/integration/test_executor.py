@@ -135,6 +135,18 @@ def test_path_traversal_and_symlink_escapes_are_refused(sandbox: agent_vm.Sandbo
     sandbox.files.remove("work/pw")
 
 
+def test_shared_workspace_is_closed_to_other_host_users(
+    sandbox: agent_vm.Sandbox, vmm: VMManagerProcess
+) -> None:
+    workspace = vmm.state_dir / "vms" / sandbox.vm_name / "workspace"
+    if sandbox.workspace_mode == "shared":
+        assert workspace.stat().st_mode & 0o777 == 0o700
+        sandbox.run("echo hi > /workspace/output/x").check()
+        assert (workspace / "output" / "x").read_text() == "hi\n"
+    else:
+        assert not workspace.exists()
+
+
 def test_files_api(sandbox: agent_vm.Sandbox) -> None:
     sandbox.files.write("work/dir/a.txt", "alpha")
     sandbox.files.write("work/dir/b.bin", bytes(range(256)), mode=0o600)

@@ -16,6 +16,7 @@ import platform
 import statistics
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -42,6 +43,40 @@ def status(channel: grpc.Channel) -> None:
     stub.GetStatus(guest_agent_pb2.GetStatusRequest(), timeout=10)
 
 
+def snapshot_restores(
+    stub: vm_manager_pb2_grpc.VMManagerServiceStub, name: str, n: int
+) -> list[float]:
+    """Seconds from RestoreSnapshot (memory) to the agent answering, ``n`` times."""
+    stub.CreateSnapshot(
+        vm_manager_pb2.CreateSnapshotRequest(
+            vm_name=name, snapshot_name="bench", include_memory=True
+        ),
+        timeout=600,
+    )
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        stub.RestoreSnapshot(
+            vm_manager_pb2.RestoreSnapshotRequest(vm_name=name, snapshot_name="bench"), timeout=600
+        )
+        req = vm_manager_pb2.WaitVMRequest(name=name, state=common_pb2.VM_STATE_READY)
+        stub.WaitVM(req, timeout=300)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def qemu_rss_mib(vm_name: str) -> float | None:
+    """Resident memory of a VM's QEMU process (libvirt's pid file), in MiB."""
+    try:
+        pid = int(Path(f"/run/libvirt/qemu/{vm_name}.pid").read_text().strip())
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def host_true(n: int) -> list[float]:
     out = []
     for _ in range(n):
@@ -57,6 +92,8 @@ def run(address: str, vms: int, calls: int) -> dict[str, Any]:
     boots: list[float] = []
     rtts: list[float] = []
     status_rtts: list[float] = []
+    restores: list[float] = []
+    rss_mib: list[float] = []
     for i in range(vms):
         t0 = time.perf_counter()
         vm = stub.CreateVM(
@@ -72,6 +109,9 @@ def run(address: str, vms: int, calls: int) -> dict[str, Any]:
             req = vm_manager_pb2.WaitVMRequest(name=vm.name, state=common_pb2.VM_STATE_READY)
             vm = stub.WaitVM(req, timeout=300).vm
             boots.append(time.perf_counter() - t0)
+            rss = qemu_rss_mib(vm.name)
+            if rss is not None:
+                rss_mib.append(rss)
             if i == 0:
                 # A warm sandbox: one persistent channel, session already up.
                 with sync_channel(vm.agent_endpoint) as channel:
@@ -84,6 +124,7 @@ def run(address: str, vms: int, calls: int) -> dict[str, Any]:
                         t = time.perf_counter()
                         status(channel)
                         status_rtts.append(time.perf_counter() - t)
+                restores = snapshot_restores(stub, vm.name, max(2, vms))
         finally:
             stub.DestroyVM(vm_manager_pb2.DestroyVMRequest(name=vm.name), timeout=60)
     base = host_true(max(calls, 20))
@@ -103,6 +144,11 @@ def run(address: str, vms: int, calls: int) -> dict[str, Any]:
             "p95": round(pct(boots, 0.95), 3),
             "min": round(min(boots), 3),
         },
+        "memory_snapshot_restore_to_ready_s": {
+            "n": len(restores),
+            "p50": round(statistics.median(restores), 3) if restores else None,
+            "p95": round(pct(restores, 0.95), 3) if restores else None,
+        },
         "exec_true_round_trip_ms": {
             "n": len(rtts),
             "p50": round(statistics.median(rtts) * 1000, 2) if rtts else None,
@@ -114,11 +160,21 @@ def run(address: str, vms: int, calls: int) -> dict[str, Any]:
             "p99": round(pct(status_rtts, 0.99) * 1000, 2) if status_rtts else None,
         },
         "host_subprocess_true_ms": {"p50": round(base_p50 * 1000, 3)},
+        "qemu_rss_per_ready_vm_mib": {
+            "n": len(rss_mib),
+            "p50": round(statistics.median(rss_mib), 1) if rss_mib else None,
+            "guest_memory_mib": 512,
+        },
         "ratios": {
             "exec_p50_over_host_true_p50": round(statistics.median(rtts) / base_p50, 1)
             if rtts
             else None,
             "cold_boot_p50_over_host_true_p50": round(statistics.median(boots) / base_p50, 0),
+            "cold_over_restore_p50": (
+                round(statistics.median(boots) / statistics.median(restores), 2)
+                if restores
+                else None
+            ),
         },
     }
 

@@ -29,6 +29,8 @@ def test_boot_benchmark_prints_figures(vmm: VMManagerProcess) -> None:
     assert figures["cold_create_to_ready_s"]["n"] == 2
     assert figures["exec_true_round_trip_ms"]["n"] == 10
     assert figures["cold_create_to_ready_s"]["p50"] > 0
+    assert figures["memory_snapshot_restore_to_ready_s"]["n"] == 2
+    assert figures["qemu_rss_per_ready_vm_mib"]["n"] == 2
     assert figures["ratios"]["exec_p50_over_host_true_p50"] > 0
 
 

@@ -265,8 +265,12 @@ class VMManager:
                 f"cannot create the overlay of {vm.name}: {proc.stderr.strip()}"
             )
         if vm.shared_workspace:
+            # Only root (virtiofsd, the executor) may enter: whatever the guest
+            # creates in there (setuid files, device nodes) is out of reach of
+            # other users of the host.
+            vm.workspace.mkdir(mode=0o700)
             for part in ("input", "output", "work"):
-                (vm.workspace / part).mkdir(parents=True, mode=0o755)
+                (vm.workspace / part).mkdir(mode=0o755)
         template = VMTemplate(
             profile=vm.profile,
             network_mode=vm.network_mode,
