@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,7 @@ def test_up_and_down_are_idempotent(tmp_path: Path) -> None:
         assert not (run / "vm-manager.sock").exists()
     finally:
         agent_vm(env, "down", timeout=60)
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def test_run_file_with_args_inputs_and_outputs(executor: ExecutorProcess, tmp_path: Path) -> None:
