@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from agentvm.common.config import Settings
-from agentvm.v1 import common_pb2
+from agentvm.v1 import common_pb2, vm_manager_pb2
 from agentvm.vm_manager.image import ImageStore
 from tests.vmharness import (
+    BOOT_TIMEOUT_S,
     ExecutorProcess,
     VMFactory,
     VMManagerProcess,
@@ -82,6 +83,13 @@ def factory(vmm: VMManagerProcess, request: pytest.FixtureRequest) -> Iterator[V
     yield f
     rep = getattr(request.node, "rep_call", None)
     f.cleanup(report=bool(rep is not None and rep.failed))
+
+
+@pytest.fixture(scope="session")
+def template(vmm: VMManagerProcess) -> vm_manager_pb2.Template:
+    """The memory template of the standard profile (built once per session)."""
+    req = vm_manager_pb2.PrepareTemplateRequest(profile=common_pb2.RESOURCE_PROFILE_STANDARD)
+    return vmm.stub().PrepareTemplate(req, timeout=BOOT_TIMEOUT_S * 2).template
 
 
 @pytest.fixture(scope="session")

@@ -222,6 +222,18 @@ class VMFactory:
         self.names.append(vm.name)
         return vm
 
+    def clone(self) -> common_pb2.VM:
+        """A READY standard VM restored from the memory template (see the template fixture)."""
+        req = vm_manager_pb2.CreateVMRequest(
+            profile=common_pb2.RESOURCE_PROFILE_STANDARD,
+            network_mode=common_pb2.NETWORK_MODE_ISOLATED,
+            labels={"test": "1"},
+            from_template=True,
+        )
+        vm = self.vmm.stub().CreateVM(req, timeout=BOOT_TIMEOUT_S).vm
+        self.names.append(vm.name)
+        return vm
+
     def wait_ready(self, name: str, timeout: float = BOOT_TIMEOUT_S) -> common_pb2.VM:
         req = vm_manager_pb2.WaitVMRequest(name=name, state=common_pb2.VM_STATE_READY)
         req.timeout.FromNanoseconds(int(timeout * 1e9))

@@ -9,12 +9,15 @@ is killed instead. Output is streamed as it is read and capped per stream.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
+import re
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -85,7 +88,43 @@ def guest_info() -> common_pb2.GuestInfo:
     info.disk_free_bytes = st.f_bavail * st.f_frsize
     info.process_count = sum(1 for d in os.listdir("/proc") if d.isdigit())
     info.boot_id = _read_first_line("/proc/sys/kernel/random/boot_id")
+    info.machine_id = _read_first_line("/etc/machine-id")
     return info
+
+
+# <linux/random.h>: _IOW('R', 0x03, int[2]) and _IO('R', 0x07).
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+MACHINE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def reidentify(hostname: str, machine_id: str, seed: bytes, wall_clock_ns: int) -> None:
+    """Make a VM restored from a memory template its own (raises ValueError on bad input).
+
+    Every clone of a template wakes up with the template's hostname, machine
+    id, clock and, worst, CRNG state: two clones would draw the same "random"
+    numbers. The seed is credited to the input pool and the CRNG reseeded at
+    once, so nothing drawn afterwards is shared with a sibling.
+    """
+    if not HOSTNAME_RE.match(hostname):
+        raise ValueError(f"hostname {hostname!r} is not a valid host name")
+    if not MACHINE_ID_RE.match(machine_id):
+        raise ValueError("machine_id must be 32 lowercase hexadecimal digits")
+    if len(seed) < 32:
+        raise ValueError("seed must be at least 32 bytes")
+    seed = seed[:512]
+    with open("/dev/random", "wb", buffering=0) as fh:
+        fcntl.ioctl(fh, RNDADDENTROPY, struct.pack("ii", len(seed) * 8, len(seed)) + seed)
+        fcntl.ioctl(fh, RNDRESEEDCRNG)
+    if wall_clock_ns > 0:
+        time.clock_settime_ns(time.CLOCK_REALTIME, wall_clock_ns)
+    socket.sethostname(hostname)
+    for path, text in (("/etc/hostname", hostname), ("/etc/machine-id", machine_id)):
+        tmp = f"{path}.agentvm-tmp"
+        with open(tmp, "w") as fh:
+            fh.write(text + "\n")
+        os.replace(tmp, path)
 
 
 def build_argv(program: common_pb2.Program) -> list[str]:
@@ -483,6 +522,19 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         with open("/dev/urandom", "wb") as fh:
             fh.write(request.seed[:4096])
         return guest_agent_pb2.ReseedRandomResponse()
+
+    def Reidentify(
+        self, request: guest_agent_pb2.ReidentifyRequest, context: grpc.ServicerContext
+    ) -> guest_agent_pb2.ReidentifyResponse:
+        wall = request.wall_clock.ToNanoseconds() if request.HasField("wall_clock") else 0
+        try:
+            reidentify(request.hostname, request.machine_id, request.seed, wall)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except OSError as exc:
+            context.abort(grpc.StatusCode.INTERNAL, f"reidentify failed: {exc}")
+        log.info("reidentified as %s", request.hostname)
+        return guest_agent_pb2.ReidentifyResponse(info=guest_info())
 
 
 def _feed_stdin(running: _Running, pipe: IO[bytes], data: bytes, keep_open: bool) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 METADATA_NS = "https://agent-vm.dev/xmlns/libvirt/domain/1.0"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 
 class Element(Protocol):
@@ -292,6 +293,9 @@ class Domain:
     blkiotune: BlkioTune | None = None
     memory_backing: MemoryBacking | None = None
     emulator: str | None = None
+    # Extra QEMU arguments (<qemu:commandline>); only "-incoming defer" for
+    # VMs restored from a memory template (libvirt taints such domains).
+    qemu_args: tuple[str, ...] = ()
 
     def to_element(self) -> ET.Element:
         el = ET.Element("domain", type=self.domain_type)
@@ -319,10 +323,15 @@ class Domain:
             _sub(devices, "emulator", self.emulator)
         for dev in self.devices:
             devices.append(dev.to_element())
+        if self.qemu_args:
+            cmd = ET.SubElement(el, f"{{{QEMU_NS}}}commandline")
+            for arg in self.qemu_args:
+                ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=arg)
         return el
 
     def to_xml(self) -> str:
         ET.register_namespace("agentvm", METADATA_NS)
+        ET.register_namespace("qemu", QEMU_NS)
         el = self.to_element()
         ET.indent(el, space="  ")
         return ET.tostring(el, encoding="unicode") + "\n"

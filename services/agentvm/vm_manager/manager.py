@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
+import secrets
 import shutil
 import subprocess
 import time
@@ -33,6 +35,15 @@ from agentvm.common.grpc_util import aio_channel
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
 from agentvm.vm_manager import domain_xml as dx
 from agentvm.vm_manager.accel import AccelInfo
+from agentvm.vm_manager.clones import (
+    DISK,
+    MEMORY,
+    TemplateInfo,
+    TemplateSpec,
+    TemplateStore,
+    load_state,
+    save_state,
+)
 from agentvm.vm_manager.hostcaps import find_virtiofsd
 from agentvm.vm_manager.image import ImageStore
 from agentvm.vm_manager.libvirt_conn import (
@@ -88,6 +99,9 @@ class VMManager:
         self.memory_limit = memory_limit
         self.virtiofsd = find_virtiofsd()
         self.snapshots = SnapshotManager()
+        self.templates = TemplateStore(settings.state_dir / "templates")
+        self._template_locks: dict[str, asyncio.Lock] = {}
+        self._qemu_ver: str | None = None
         self._vms: dict[str, VM] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -138,6 +152,7 @@ class VMManager:
                 await self._adopt(dom)
             except AgentVMError as exc:
                 log.warning("cannot adopt domain %s: %s", dom.name(), exc)
+        await asyncio.to_thread(self.templates.clean_staging)
         for base in (self.settings.vms_state_dir, self.settings.vms_run_dir):
             if not base.exists():
                 continue
@@ -173,6 +188,7 @@ class VMManager:
             labels=dict(meta.labels),
             created_at=float(f.get("created_at", time.time())),
             shared_workspace=f.get("shared_workspace") == "1",
+            template_key=f.get("template_key", ""),
         )
         active = await asyncio.to_thread(dom.isActive)
         if active:
@@ -194,8 +210,14 @@ class VMManager:
         labels: dict[str, str],
         start: bool,
         shared_workspace: bool = False,
+        from_template: bool = False,
     ) -> VM:
         network_mode.require_implemented()
+        template: TemplateInfo | None = None
+        if from_template:
+            template = await self._template_for_clone(
+                profile, network_mode, resources, shared_workspace
+            )
         if shared_workspace and self.virtiofsd is None:
             raise FailedPrecondition(
                 "shared workspaces need virtiofsd, which this host lacks (Debian: "
@@ -220,20 +242,80 @@ class VMManager:
             run_dir=run_dir,
             labels=dict(labels),
             shared_workspace=shared_workspace,
+            template_key=template.key if template else "",
         )
+        base = self.templates.disk(template.key) if template else image.disk
         async with self._lock(name):
             self._vms[name] = vm
             try:
-                await asyncio.to_thread(self._define, vm, image.disk, image.kernel, image.initrd)
+                await asyncio.to_thread(self._define, vm, base, image.kernel, image.initrd)
                 vm.transition(VMState.DEFINED)
             except BaseException:
                 self._vms.pop(name, None)
                 await asyncio.to_thread(self._remove_everything, vm)
                 raise
         log.info("created VM %s", name, extra={"vm": name, "profile": profile.name})
-        if start:
+        if template is not None:
+            try:
+                await self._start_clone(vm, template, image.kernel, image.initrd)
+            except BaseException:
+                with contextlib.suppress(AgentVMError, OSError):
+                    await self.destroy(name)
+                raise
+        elif start:
             await self.start(name)
         return vm
+
+    def _vm_template(self, vm: VM, kernel: Path, initrd: Path) -> VMTemplate:
+        return VMTemplate(
+            profile=vm.profile,
+            network_mode=vm.network_mode,
+            resources=vm.resources,
+            accel=vm.accel,
+            image=ImageFiles(kernel=str(kernel), initrd=str(initrd)),
+            memory_limit=self.memory_limit,
+            workspace_dir=str(vm.workspace) if vm.shared_workspace else None,
+            virtiofsd=self.virtiofsd,
+        )
+
+    def _metadata(self, vm: VM) -> dx.Metadata:
+        return dx.Metadata(
+            {
+                "profile": vm.profile.name,
+                "network_mode": vm.network_mode.name,
+                "vcpus": str(vm.resources.vcpus),
+                "memory_mib": str(vm.resources.memory_mib),
+                "disk_mib": str(vm.resources.disk_mib),
+                "image_id": vm.image_id,
+                "created_at": f"{vm.created_at:.3f}",
+                "shared_workspace": "1" if vm.shared_workspace else "0",
+                "template_key": vm.template_key,
+            },
+            vm.labels,
+        )
+
+    def _domain(self, vm: VM, kernel: Path, initrd: Path, *, incoming: bool = False) -> str:
+        boot_name = None
+        if vm.template_key:
+            info = self.templates.load(vm.template_key)
+            if info is None:
+                raise FailedPrecondition(
+                    f"the memory template {vm.template_key} of {vm.name} is gone"
+                )
+            boot_name = info.boot_name
+        return (
+            self._vm_template(vm, kernel, initrd)
+            .domain(
+                name=vm.name,
+                uuid=vm.uuid,
+                overlay=str(vm.overlay),
+                console_log=str(vm.console_log),
+                metadata=self._metadata(vm),
+                boot_name=boot_name,
+                qemu_args=("-incoming", "defer") if incoming else (),
+            )
+            .to_xml()
+        )
 
     def _define(self, vm: VM, base: Path, kernel: Path, initrd: Path) -> None:
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -271,37 +353,7 @@ class VMManager:
             vm.workspace.mkdir(mode=0o700)
             for part in ("input", "output", "work"):
                 (vm.workspace / part).mkdir(mode=0o755)
-        template = VMTemplate(
-            profile=vm.profile,
-            network_mode=vm.network_mode,
-            resources=vm.resources,
-            accel=vm.accel,
-            image=ImageFiles(kernel=str(kernel), initrd=str(initrd)),
-            memory_limit=self.memory_limit,
-            workspace_dir=str(vm.workspace) if vm.shared_workspace else None,
-            virtiofsd=self.virtiofsd,
-        )
-        meta = dx.Metadata(
-            {
-                "profile": vm.profile.name,
-                "network_mode": vm.network_mode.name,
-                "vcpus": str(vm.resources.vcpus),
-                "memory_mib": str(vm.resources.memory_mib),
-                "disk_mib": str(vm.resources.disk_mib),
-                "image_id": vm.image_id,
-                "created_at": f"{vm.created_at:.3f}",
-                "shared_workspace": "1" if vm.shared_workspace else "0",
-            },
-            vm.labels,
-        )
-        domain = template.domain(
-            name=vm.name,
-            uuid=vm.uuid,
-            overlay=str(vm.overlay),
-            console_log=str(vm.console_log),
-            metadata=meta,
-        )
-        self.conn.define(domain.to_xml())
+        self.conn.define(self._domain(vm, kernel, initrd))
 
     async def start(self, name: str) -> VM:
         async with self._lock(name):
@@ -602,3 +654,184 @@ class VMManager:
             self._get(vm_name)
             dom = await asyncio.to_thread(self.conn.lookup, vm_name)
             await asyncio.to_thread(self.snapshots.delete, dom, name)
+
+    # -- memory templates ------------------------------------------------
+    async def _qemu_version(self) -> str:
+        if self._qemu_ver is None:
+            self._qemu_ver = (await asyncio.to_thread(self.conn.versions))[1]
+        return self._qemu_ver
+
+    def _spec(self, profile: ResourceProfile, resources: Resources) -> TemplateSpec:
+        manifest = self.images.require_current().load_manifest()
+        return TemplateSpec(manifest.id, profile, resources, self.accel.accel)
+
+    async def _template_for_clone(
+        self,
+        profile: ResourceProfile,
+        network_mode: NetworkMode,
+        resources: Resources,
+        shared_workspace: bool,
+    ) -> TemplateInfo:
+        if shared_workspace:
+            raise InvalidArgument(
+                "from_template cannot be combined with shared_workspace: QEMU cannot save a "
+                "virtiofs device, so templates have none; move files through the file API"
+            )
+        if network_mode is not NetworkMode.ISOLATED:
+            raise InvalidArgument(
+                f"from_template supports NETWORK_MODE_ISOLATED only, not {network_mode.name}"
+            )
+        spec = self._spec(profile, resources)
+        info = self.templates.current(spec, await self._qemu_version())
+        if info is None:
+            raise FailedPrecondition(
+                f"no memory template for {profile.name.lower()} VMs of image {spec.image_id}: "
+                "call PrepareTemplate (agent-vm template prepare) first, or create the VM "
+                "without from_template"
+            )
+        return info
+
+    async def _start_clone(self, vm: VM, info: TemplateInfo, kernel: Path, initrd: Path) -> None:
+        """Start ``vm`` paused with -incoming defer, load the template, resume, reidentify."""
+        async with self._lock(vm.name):
+            vm.boot_started = time.monotonic()
+            incoming = await asyncio.to_thread(self._domain, vm, kernel, initrd, incoming=True)
+            normal = await asyncio.to_thread(self._domain, vm, kernel, initrd)
+            memory = self.templates.memory(info.key)
+
+            def launch() -> libvirt.virDomain:
+                with libvirt_errors(f"restoring {vm.name} from template {info.key}"):
+                    self.conn.define(incoming)
+                    dom = self.conn.lookup(vm.name)
+                    dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+                    # The persistent definition boots normally next time.
+                    self.conn.define(normal)
+                    load_state(dom, memory)
+                    dom.resume()
+                    return dom
+
+            dom = await asyncio.to_thread(launch)
+            vm.transition(VMState.BOOTING)
+            await self._start_relay(vm, dom)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60.0
+            while True:
+                try:
+                    vm.guest = await self._reidentify(vm, max(0.5, deadline - loop.time()))
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if loop.time() >= deadline:
+                        raise DeadlineExceeded(
+                            f"the agent of {vm.name} did not answer after the restore from "
+                            f"template {info.key}: {exc.details()} (console log: "
+                            f"{vm.console_log}); DeleteTemplate rebuilds it"
+                        ) from exc
+                    await asyncio.sleep(POLL_S)
+            vm.boot_duration = time.monotonic() - vm.boot_started
+            vm.transition(VMState.READY)
+        log.info(
+            "VM %s restored from template",
+            vm.name,
+            extra={"vm": vm.name, "template": info.key, "boot_s": round(vm.boot_duration, 3)},
+        )
+
+    async def _reidentify(self, vm: VM, timeout: float) -> common_pb2.GuestInfo:
+        request = guest_agent_pb2.ReidentifyRequest(
+            hostname=vm.name,
+            machine_id=uuidlib.UUID(vm.uuid).hex,
+            seed=secrets.token_bytes(64),
+        )
+        request.wall_clock.FromNanoseconds(time.time_ns())
+        async with aio_channel(vm.agent_endpoint) as channel:
+            stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
+            resp = await stub.Reidentify(request, timeout=min(timeout, 10.0))
+        return resp.info
+
+    async def prepare_template(
+        self, profile: ResourceProfile, resources: Resources, force: bool
+    ) -> tuple[TemplateInfo, bool]:
+        """The current template for ``profile``, building it when missing or stale."""
+        spec = self._spec(profile, resources)
+        async with self._template_locks.setdefault(spec.key, asyncio.Lock()):
+            qemu = await self._qemu_version()
+            info = None if force else self.templates.current(spec, qemu)
+            if info is not None:
+                return info, False
+            return await self._build_template(spec, qemu), True
+
+    async def _build_template(self, spec: TemplateSpec, qemu: str) -> TemplateInfo:
+        started = time.monotonic()
+        vm = await self.create(
+            profile=spec.profile,
+            network_mode=NetworkMode.ISOLATED,
+            resources=spec.resources,
+            labels={"agent-vm/role": "template"},
+            start=True,
+        )
+        try:
+            await self.wait(vm.name, VMState.READY, DEFAULT_WAIT_S)
+            # One command first: the agent's Execute path is then loaded and
+            # warm in the saved memory, and every clone starts with it.
+            async with aio_channel(vm.agent_endpoint) as channel:
+                stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
+                req = guest_agent_pb2.ExecuteRequest(
+                    program=common_pb2.Program(argv=common_pb2.Argv(args=["sync"]))
+                )
+                async for _ in stub.Execute(req, timeout=30):
+                    pass
+            staging = await asyncio.to_thread(self.templates.staging, spec.key)
+            async with self._lock(vm.name):
+                if vm.relay is not None:
+                    await vm.relay.close()
+                    vm.relay = None
+                dom = await asyncio.to_thread(self.conn.lookup, vm.name)
+                with libvirt_errors(f"saving template {spec.key}"):
+                    await asyncio.to_thread(save_state, dom, staging / MEMORY)
+                    await asyncio.to_thread(dom.destroy)
+                vm.state = VMState.STOPPED
+                disk = staging / DISK
+                await asyncio.to_thread(os.replace, vm.overlay, disk)
+                disk.chmod(0o644)
+                (staging / MEMORY).chmod(0o600)
+            info = TemplateInfo(
+                key=spec.key,
+                image_id=spec.image_id,
+                profile=spec.profile.name,
+                vcpus=spec.resources.vcpus,
+                memory_mib=spec.resources.memory_mib,
+                disk_mib=spec.resources.disk_mib,
+                accel=spec.accel.value,
+                created_at=time.time(),
+                build_s=round(time.monotonic() - started, 3),
+                qemu_version=qemu,
+                memory_state_bytes=(staging / MEMORY).stat().st_size,
+                disk_bytes=disk.stat().st_size,
+                boot_name=vm.name,
+            )
+            await asyncio.to_thread(self.templates.publish, staging, info)
+        finally:
+            await self.destroy(vm.name)
+        in_use = {v.template_key for v in self._vms.values()}
+        removed = await asyncio.to_thread(self.templates.prune, spec.image_id, in_use)
+        if removed:
+            log.info("removed templates of older images: %s", ", ".join(removed))
+        log.info(
+            "template %s built in %.1f s (memory %d MiB)",
+            spec.key,
+            info.build_s,
+            info.memory_state_bytes >> 20,
+            extra={"template": spec.key},
+        )
+        return info
+
+    def list_templates(self) -> list[TemplateInfo]:
+        return self.templates.all()
+
+    async def delete_template(self, key: str) -> None:
+        users = sorted(v.name for v in self._vms.values() if v.template_key == key)
+        if users:
+            raise FailedPrecondition(
+                f"template {key} is the disk base of {', '.join(users)}: destroy them first"
+            )
+        if not await asyncio.to_thread(self.templates.delete, key):
+            raise NotFound(f"no template {key}: ListTemplates shows the templates that exist")

@@ -15,6 +15,7 @@ from agentvm.common.errors import InvalidArgument
 from agentvm.common.grpc_util import grpc_errors, grpc_stream_errors, remaining_time
 from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
 from agentvm.vm_manager.accel import Accel
+from agentvm.vm_manager.clones import TemplateInfo
 from agentvm.vm_manager.image import ImageStore, Manifest
 from agentvm.vm_manager.manager import DEFAULT_GRACE_S, DEFAULT_WAIT_S, VMManager
 from agentvm.vm_manager.snapshots import SnapshotInfo
@@ -34,6 +35,23 @@ def snapshot_to_proto(info: SnapshotInfo) -> vm_manager_pb2.Snapshot:
         description=info.description,
     )
     msg.created_at.FromSeconds(int(info.created_at))
+    return msg
+
+
+def template_to_proto(info: TemplateInfo) -> vm_manager_pb2.Template:
+    msg = vm_manager_pb2.Template(
+        key=info.key,
+        profile=ResourceProfile[info.profile].to_proto(),
+        resources=common_pb2.Resources(
+            vcpus=info.vcpus, memory_mib=info.memory_mib, disk_mib=info.disk_mib
+        ),
+        image_id=info.image_id,
+        memory_state_bytes=info.memory_state_bytes,
+        disk_bytes=info.disk_bytes,
+        qemu_version=info.qemu_version,
+    )
+    msg.created_at.FromNanoseconds(int(info.created_at * 1e9))
+    msg.build_duration.FromNanoseconds(int(info.build_s * 1e9))
     return msg
 
 
@@ -94,8 +112,33 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
             labels=dict(request.labels),
             start=request.start,
             shared_workspace=request.shared_workspace,
+            from_template=request.from_template,
         )
         return vm_manager_pb2.CreateVMResponse(vm=vm.to_proto())
+
+    @grpc_errors
+    async def PrepareTemplate(
+        self, request: vm_manager_pb2.PrepareTemplateRequest, context: Ctx
+    ) -> vm_manager_pb2.PrepareTemplateResponse:
+        profile = ResourceProfile.from_proto(request.profile)
+        res = request.resources
+        resources = Resources.for_profile(profile, res.vcpus, res.memory_mib, res.disk_mib)
+        info, built = await self.manager.prepare_template(profile, resources, request.force)
+        return vm_manager_pb2.PrepareTemplateResponse(template=template_to_proto(info), built=built)
+
+    @grpc_errors
+    async def ListTemplates(
+        self, request: vm_manager_pb2.ListTemplatesRequest, context: Ctx
+    ) -> vm_manager_pb2.ListTemplatesResponse:
+        infos = await asyncio.to_thread(self.manager.list_templates)
+        return vm_manager_pb2.ListTemplatesResponse(templates=[template_to_proto(i) for i in infos])
+
+    @grpc_errors
+    async def DeleteTemplate(
+        self, request: vm_manager_pb2.DeleteTemplateRequest, context: Ctx
+    ) -> vm_manager_pb2.DeleteTemplateResponse:
+        await self.manager.delete_template(request.key)
+        return vm_manager_pb2.DeleteTemplateResponse()
 
     @grpc_errors
     async def StartVM(

@@ -169,7 +169,12 @@ class VMTemplate:
         overlay: str,
         console_log: str,
         metadata: dx.Metadata,
+        boot_name: str | None = None,
+        qemu_args: tuple[str, ...] = (),
     ) -> dx.Domain:
+        """The domain XML. ``boot_name`` (default ``name``) goes on the kernel
+        command line; clones of a memory template keep the template's, so the
+        firmware configuration matches the saved state exactly."""
         self.network_mode.require_implemented()
         cmdline = " ".join(
             [
@@ -179,7 +184,7 @@ class VMTemplate:
                 "tsc=reliable",
                 "no_timer_check",
                 "random.trust_cpu=on",
-                f"agentvm.name={name}",
+                f"agentvm.name={boot_name or name}",
             ]
         )
         devices: list[dx.Element] = [
@@ -217,4 +222,5 @@ class VMTemplate:
             memtune=memtune,
             blkiotune=dx.BlkioTune(weight=self.profile.blkio_weight),
             memory_backing=dx.MemoryBacking() if self.workspace_dir is not None else None,
+            qemu_args=qemu_args,
         )

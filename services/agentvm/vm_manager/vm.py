@@ -88,6 +88,8 @@ class VM:
     guest: common_pb2.GuestInfo | None = None
     relay: HostRelay | None = None
     shared_workspace: bool = False
+    # Key of the memory template the VM was restored from; empty when booted.
+    template_key: str = ""
 
     @property
     def overlay(self) -> Path:
@@ -149,6 +151,7 @@ class VM:
             console_log=str(self.console_log),
             image_id=self.image_id,
             workspace_path=str(self.workspace) if self.shared_workspace else "",
+            from_template=bool(self.template_key),
         )
         msg.created_at.FromNanoseconds(int(self.created_at * 1e9))
         if self.boot_duration is not None:

@@ -1,0 +1,142 @@
+"""Memory templates on real VMs: clones restore in about a second, each its own VM."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from agentvm.common.grpc_util import sync_channel
+from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc, vm_manager_pb2
+from tests.vmharness import VMFactory, VMManagerProcess, execute
+
+pytestmark = pytest.mark.vm
+
+
+def sh(vm: common_pb2.VM, cmd: str) -> str:
+    res = execute(vm.agent_endpoint, cmd)
+    assert res.status.exit_code == 0, res.stderr
+    return res.stdout.decode()
+
+
+def test_prepare_is_idempotent_and_keyed_by_image_and_profile(
+    vmm: VMManagerProcess, template: vm_manager_pb2.Template
+) -> None:
+    stub = vmm.stub()
+    again = stub.PrepareTemplate(
+        vm_manager_pb2.PrepareTemplateRequest(profile=common_pb2.RESOURCE_PROFILE_STANDARD),
+        timeout=60,
+    )
+    assert not again.built
+    assert again.template.key == template.key
+    image = stub.GetImage(vm_manager_pb2.GetImageRequest(), timeout=10).image
+    assert template.key.startswith(f"{image.id}-standard-1c-512m-")
+    assert template.memory_state_bytes > 16 << 20
+    keys = [t.key for t in stub.ListTemplates(vm_manager_pb2.ListTemplatesRequest()).templates]
+    assert template.key in keys
+
+
+def test_clones_are_restored_not_booted_and_each_is_its_own_vm(
+    factory: VMFactory, vmm: VMManagerProcess, template: vm_manager_pb2.Template
+) -> None:
+    a = factory.clone()
+    b = factory.clone()
+    for vm in (a, b):
+        assert vm.state == common_pb2.VM_STATE_READY
+        assert vm.from_template
+        # Hostname and machine id are the VM's own, not the template's.
+        assert vm.guest.hostname == vm.name
+        assert vm.guest.machine_id == vm.uuid.replace("-", "")
+        assert sh(vm, "hostname").strip() == vm.name
+        assert sh(vm, "cat /etc/machine-id").strip() == vm.uuid.replace("-", "")
+        # The kernel kept running from the template's memory: it has been up
+        # longer than this VM has existed (a fresh boot would be younger).
+        uptime = float(sh(vm, "cut -d' ' -f1 /proc/uptime"))
+        assert uptime > vm.boot_duration.ToNanoseconds() / 1e9
+        # The guest clock was set to the host's, not left at the save time.
+        assert abs(int(sh(vm, "date +%s")) - time.time()) < 30
+    # Same kernel boot (the template's), different entropy after the reseed.
+    assert sh(a, "cat /proc/sys/kernel/random/boot_id") == sh(
+        b, "cat /proc/sys/kernel/random/boot_id"
+    )
+    draw = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
+    assert sh(a, draw) != sh(b, draw)
+    # Separate disks: a file written in one clone is not in the other.
+    sh(a, "echo only-in-a > /root/a.txt && sync")
+    assert execute(b.agent_endpoint, "cat /root/a.txt").status.exit_code != 0
+    # Destroying a clone leaves the template and its sibling alone.
+    factory.destroy(a.name)
+    assert sh(b, "echo alive").strip() == "alive"
+    keys = [
+        t.key for t in vmm.stub().ListTemplates(vm_manager_pb2.ListTemplatesRequest()).templates
+    ]
+    assert template.key in keys
+
+
+def test_reidentify_validates_its_input(
+    factory: VMFactory, template: vm_manager_pb2.Template
+) -> None:
+    vm = factory.clone()
+    with sync_channel(vm.agent_endpoint) as channel:
+        stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
+        bad = [
+            guest_agent_pb2.ReidentifyRequest(
+                hostname="bad name", machine_id="0" * 32, seed=b"x" * 32
+            ),
+            guest_agent_pb2.ReidentifyRequest(hostname="ok", machine_id="XYZ", seed=b"x" * 32),
+            guest_agent_pb2.ReidentifyRequest(hostname="ok", machine_id="0" * 32, seed=b"short"),
+        ]
+        for req in bad:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Reidentify(req, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert sh(vm, "hostname").strip() == vm.name
+
+
+def test_from_template_refuses_what_a_template_cannot_carry(
+    vmm: VMManagerProcess, factory: VMFactory, template: vm_manager_pb2.Template
+) -> None:
+    stub = vmm.stub()
+    req = vm_manager_pb2.CreateVMRequest(
+        profile=common_pb2.RESOURCE_PROFILE_STANDARD,
+        network_mode=common_pb2.NETWORK_MODE_ISOLATED,
+        from_template=True,
+        shared_workspace=True,
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateVM(req, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "shared_workspace" in (err.value.details() or "")
+    # No template for the intensive profile: a clear precondition error.
+    req = vm_manager_pb2.CreateVMRequest(
+        profile=common_pb2.RESOURCE_PROFILE_INTENSIVE,
+        network_mode=common_pb2.NETWORK_MODE_ISOLATED,
+        from_template=True,
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateVM(req, timeout=30)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "PrepareTemplate" in (err.value.details() or "")
+    # A template in use by a clone cannot be deleted.
+    vm = factory.clone()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.DeleteTemplate(vm_manager_pb2.DeleteTemplateRequest(key=template.key), timeout=30)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert vm.name in (err.value.details() or "")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.DeleteTemplate(vm_manager_pb2.DeleteTemplateRequest(key="no-such-key"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_stopped_clone_boots_cold_from_its_own_disk(
+    factory: VMFactory, vmm: VMManagerProcess, template: vm_manager_pb2.Template
+) -> None:
+    vm = factory.clone()
+    sh(vm, "echo kept > /root/kept.txt && sync")
+    stub = vmm.stub()
+    stub.StopVM(vm_manager_pb2.StopVMRequest(name=vm.name), timeout=60)
+    stub.StartVM(vm_manager_pb2.StartVMRequest(name=vm.name), timeout=60)
+    again = factory.wait_ready(vm.name)
+    assert sh(again, "cat /root/kept.txt").strip() == "kept"
+    assert again.guest.boot_id != vm.guest.boot_id
