@@ -25,13 +25,28 @@ class ServiceSpec:
     name: str
     module: str
     address: str
+    # Extra environment of the process (on top of the caller's).
+    env: tuple[tuple[str, str], ...] = ()
 
 
 def service_specs(settings: Settings) -> list[ServiceSpec]:
-    """The services this version runs, in start order (pool-manager and monitor come later)."""
+    """The services this version runs, in start order (the monitor comes later).
+
+    The executor takes its VMs from the pool-manager started next to it, unless
+    AGENTVM_EXECUTOR_POOL says otherwise ("" = no pool).
+    """
+    pool = settings.pool_manager_addr
+    if "AGENTVM_EXECUTOR_POOL" in os.environ:
+        pool = settings.executor_pool
     return [
         ServiceSpec("vm-manager", "agentvm.vm_manager", settings.vm_manager_addr),
-        ServiceSpec("executor", "agentvm.executor", settings.executor_addr),
+        ServiceSpec("pool-manager", "agentvm.pool_manager", settings.pool_manager_addr),
+        ServiceSpec(
+            "executor",
+            "agentvm.executor",
+            settings.executor_addr,
+            env=(("AGENTVM_EXECUTOR_POOL", pool),),
+        ),
     ]
 
 
@@ -81,6 +96,7 @@ def start(settings: Settings, spec: ServiceSpec, timeout: float = 20.0) -> str:
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", spec.module],
+            env={**os.environ, **dict(spec.env)},
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,

@@ -48,6 +48,19 @@ class Settings:
     executor_addr: str = field(
         default_factory=lambda: _env("AGENTVM_EXECUTOR_ADDR", "unix:/run/agent-vm/executor.sock")
     )
+    # AGENTVM_POOL_MANAGER_ADDR: where pool-manager serves.
+    pool_manager_addr: str = field(
+        default_factory=lambda: _env(
+            "AGENTVM_POOL_MANAGER_ADDR", "unix:/run/agent-vm/pool-manager.sock"
+        )
+    )
+    # AGENTVM_POOLS: pool-manager's pools, "profile:min=N,max=N,ttl=SECONDS;..."
+    pools: str = field(
+        default_factory=lambda: _env("AGENTVM_POOLS", "standard:min=2,max=10,ttl=900")
+    )
+    # AGENTVM_EXECUTOR_POOL: pool-manager address the executor takes VMs from;
+    # empty means the executor creates every VM itself.
+    executor_pool: str = field(default_factory=lambda: _env("AGENTVM_EXECUTOR_POOL", ""))
     # AGENTVM_SANDBOX_LIFETIME: default sandbox lifetime in seconds.
     sandbox_lifetime_s: float = field(
         default_factory=lambda: float(_env("AGENTVM_SANDBOX_LIFETIME", "3600"))

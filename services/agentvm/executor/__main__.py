@@ -11,14 +11,24 @@ from agentvm.common.config import Settings
 from agentvm.common.grpc_util import aio_channel, serve
 from agentvm.executor.executor import AgentExecutor
 from agentvm.executor.servicer import ExecutorServicer
-from agentvm.v1 import executor_pb2, executor_pb2_grpc, vm_manager_pb2_grpc
+from agentvm.v1 import (
+    executor_pb2,
+    executor_pb2_grpc,
+    pool_manager_pb2_grpc,
+    vm_manager_pb2_grpc,
+)
 
 SERVICE = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name
 
 
 async def run(settings: Settings) -> None:
     channel = aio_channel(settings.vm_manager_addr)
-    executor = AgentExecutor(settings, vm_manager_pb2_grpc.VMManagerServiceStub(channel))
+    pool_channel = aio_channel(settings.executor_pool) if settings.executor_pool else None
+    executor = AgentExecutor(
+        settings,
+        vm_manager_pb2_grpc.VMManagerServiceStub(channel),
+        pool_manager_pb2_grpc.PoolManagerServiceStub(pool_channel) if pool_channel else None,
+    )
 
     def register(server: grpc.aio.Server) -> None:
         executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(executor), server)
@@ -26,6 +36,8 @@ async def run(settings: Settings) -> None:
     async def on_stop() -> None:
         await executor.close()
         await channel.close(grace=None)
+        if pool_channel is not None:
+            await pool_channel.close(grace=None)
 
     await serve(
         service_name="executor",

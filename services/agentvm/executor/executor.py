@@ -48,6 +48,8 @@ from agentvm.v1 import (
     executor_pb2,
     guest_agent_pb2,
     guest_agent_pb2_grpc,
+    pool_manager_pb2,
+    pool_manager_pb2_grpc,
     vm_manager_pb2,
     vm_manager_pb2_grpc,
 )
@@ -109,6 +111,8 @@ class SandboxState:
     boot_duration: float
     channel: grpc.aio.Channel
     closing: bool = False
+    # Set when the VM came from the pool-manager: closing releases the lease.
+    lease_id: str = ""
     execs: set[str] = field(default_factory=set)
 
     @property
@@ -135,10 +139,14 @@ class AgentExecutor:
     """Runs agent code in VMs obtained from vm-manager."""
 
     def __init__(
-        self, settings: Settings, vm_manager: vm_manager_pb2_grpc.VMManagerServiceAsyncStub
+        self,
+        settings: Settings,
+        vm_manager: vm_manager_pb2_grpc.VMManagerServiceAsyncStub,
+        pool: pool_manager_pb2_grpc.PoolManagerServiceAsyncStub | None = None,
     ) -> None:
         self.settings = settings
         self.vmm = vm_manager
+        self.pool = pool
         self._sandboxes: dict[str, SandboxState] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
@@ -167,6 +175,18 @@ class AgentExecutor:
             for vm in resp.vms:
                 log.info("destroying VM %s left by a previous executor", vm.name)
                 await self._destroy_vm(vm.name)
+        if self.pool is not None:
+            try:
+                leases = await self.pool.ListLeases(
+                    pool_manager_pb2.ListLeasesRequest(label_selector=self._owner_labels()),
+                    timeout=30,
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.warning("cannot list leftover pool leases: %s", exc.details())
+            else:
+                for lease in leases.leases:
+                    log.info("releasing %s leased by a previous executor", lease.vm_name)
+                    await self._release(lease.lease_id, lease.vm_name)
         self._reaper = asyncio.ensure_future(self._reap())
 
     async def _reap(self) -> None:
@@ -187,6 +207,53 @@ class AgentExecutor:
         )
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _release(self, lease_id: str, vm_name: str) -> None:
+        """Give a pool VM back (the pool destroys it); destroy it here if the pool is gone."""
+        if self.pool is None:
+            await self._destroy_vm(vm_name)
+            return
+        try:
+            await self.pool.ReleaseVM(
+                pool_manager_pb2.ReleaseVMRequest(lease_id=lease_id), timeout=60
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("cannot release %s to the pool (%s); destroying it", vm_name, exc.details())
+            await self._destroy_vm(vm_name)
+
+    def _pool_key(
+        self, spec: executor_pb2.SandboxSpec, mode: common_pb2.WorkspaceMode.ValueType
+    ) -> pool_manager_pb2.PoolKey | None:
+        """The pool a sandbox can come from, or None when it needs a VM made for it."""
+        r = spec.resources
+        if (
+            self.pool is None
+            or mode != common_pb2.WORKSPACE_MODE_API
+            or spec.network_mode != common_pb2.NETWORK_MODE_ISOLATED
+            or r.vcpus
+            or r.memory_mib
+            or r.disk_mib
+        ):
+            return None
+        profile = spec.profile or common_pb2.RESOURCE_PROFILE_STANDARD
+        return pool_manager_pb2.PoolKey(profile=profile, network_mode=spec.network_mode)
+
+    async def _from_pool(
+        self, key: pool_manager_pb2.PoolKey, labels: dict[str, str]
+    ) -> tuple[common_pb2.VM, str] | None:
+        """A leased pool VM, or None when the pool cannot serve this kind (make one)."""
+        if self.pool is None:
+            return None
+        req = pool_manager_pb2.AcquireVMRequest(key=key, labels=labels)
+        req.timeout.FromSeconds(int(BOOT_TIMEOUT_S))
+        try:
+            resp = await self.pool.AcquireVM(req, timeout=BOOT_TIMEOUT_S + 10)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                log.info("pool cannot serve this sandbox (%s); creating its VM", exc.details())
+                return None
+            raise RemoteError.from_rpc(exc, "pool-manager") from exc
+        return resp.vm, resp.lease_id
 
     async def _destroy_vm(self, name: str) -> None:
         try:
@@ -210,6 +277,10 @@ class AgentExecutor:
         mode = spec.workspace_mode
         if mode not in common_pb2.WorkspaceMode.values():
             raise InvalidArgument(f"unknown workspace_mode {mode}: use SHARED or API")
+        if mode == common_pb2.WORKSPACE_MODE_UNSPECIFIED and self.pool is not None:
+            # Pool VMs are restored from memory templates, which cannot carry a
+            # virtiofs device: the API workspace is what makes them usable.
+            mode = common_pb2.WORKSPACE_MODE_API
         if mode == common_pb2.WORKSPACE_MODE_UNSPECIFIED:
             shared = await self._shared_workspace_supported()
             mode = common_pb2.WORKSPACE_MODE_SHARED if shared else common_pb2.WORKSPACE_MODE_API
@@ -224,6 +295,48 @@ class AgentExecutor:
         labels.update(self._owner_labels())
         labels["agent-vm/sandbox"] = sandbox_id
         start = time.monotonic()
+        vm_name = ""
+        lease_id = ""
+        try:
+            key = self._pool_key(spec, mode)
+            leased = await self._from_pool(key, labels) if key is not None else None
+            if leased is not None:
+                vm, lease_id = leased
+            else:
+                vm_name, vm = await self._create_vm(spec, mode, labels)
+        except BaseException:
+            self._slots.release()
+            if vm_name:
+                self._spawn(self._destroy_vm(vm_name))
+            raise
+        now = time.time()
+        sb = SandboxState(
+            id=sandbox_id,
+            spec=spec,
+            vm=vm,
+            workspace_mode=mode,
+            created_at=now,
+            expires_at=now + lifetime,
+            boot_duration=time.monotonic() - start,
+            channel=aio_channel(vm.agent_endpoint),
+            lease_id=lease_id,
+        )
+        self._sandboxes[sandbox_id] = sb
+        log.info(
+            "sandbox %s ready on %s",
+            sandbox_id,
+            vm.name,
+            extra={"sandbox": sandbox_id, "pooled": bool(lease_id)},
+        )
+        return sb
+
+    async def _create_vm(
+        self,
+        spec: executor_pb2.SandboxSpec,
+        mode: common_pb2.WorkspaceMode.ValueType,
+        labels: dict[str, str],
+    ) -> tuple[str, common_pb2.VM]:
+        """Create and boot a VM for one sandbox; (name, READY VM)."""
         vm_name = ""
         try:
             try:
@@ -246,24 +359,10 @@ class AgentExecutor:
             except grpc.aio.AioRpcError as exc:
                 raise RemoteError.from_rpc(exc, "vm-manager") from exc
         except BaseException:
-            self._slots.release()
             if vm_name:
                 self._spawn(self._destroy_vm(vm_name))
             raise
-        now = time.time()
-        sb = SandboxState(
-            id=sandbox_id,
-            spec=spec,
-            vm=vm,
-            workspace_mode=mode,
-            created_at=now,
-            expires_at=now + lifetime,
-            boot_duration=time.monotonic() - start,
-            channel=aio_channel(vm.agent_endpoint),
-        )
-        self._sandboxes[sandbox_id] = sb
-        log.info("sandbox %s ready on %s", sandbox_id, vm.name, extra={"sandbox": sandbox_id})
-        return sb
+        return vm_name, vm
 
     def get(self, sandbox_id: str) -> SandboxState:
         sb = self._sandboxes.get(sandbox_id)
@@ -285,7 +384,10 @@ class AgentExecutor:
         sb.closing = True
         try:
             await sb.channel.close(grace=None)
-            await self._destroy_vm(sb.vm.name)
+            if sb.lease_id:
+                await self._release(sb.lease_id, sb.vm.name)
+            else:
+                await self._destroy_vm(sb.vm.name)
         finally:
             self._sandboxes.pop(sandbox_id, None)
             self._slots.release()

@@ -1,0 +1,54 @@
+"""pool-manager process: `python -m agentvm.pool_manager` (started by `agent-vm up`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from agentvm.common import logging as jsonlog
+from agentvm.common.config import Settings
+from agentvm.common.grpc_util import aio_channel, serve
+from agentvm.pool_manager.backend import VMManagerBackend
+from agentvm.pool_manager.manager import PoolManager, parse_pools
+from agentvm.pool_manager.servicer import PoolManagerServicer
+from agentvm.v1 import pool_manager_pb2, pool_manager_pb2_grpc, vm_manager_pb2_grpc
+
+SERVICE = pool_manager_pb2.DESCRIPTOR.services_by_name["PoolManagerService"].full_name
+
+
+async def run(settings: Settings) -> None:
+    configs = parse_pools(settings.pools)
+    channel = aio_channel(settings.vm_manager_addr)
+    backend = VMManagerBackend(
+        vm_manager_pb2_grpc.VMManagerServiceStub(channel), PoolManager.labels(settings)
+    )
+    manager = PoolManager(settings, backend, configs)
+
+    def register(server: grpc.aio.Server) -> None:
+        pool_manager_pb2_grpc.add_PoolManagerServiceServicer_to_server(
+            PoolManagerServicer(manager), server
+        )
+
+    async def on_stop() -> None:
+        await manager.close()
+        await channel.close(grace=None)
+
+    await serve(
+        service_name="pool-manager",
+        address=settings.pool_manager_addr,
+        register=register,
+        full_service_names=[SERVICE],
+        on_stop=on_stop,
+        ready=manager.start,
+    )
+
+
+def main() -> None:
+    settings = Settings()
+    jsonlog.setup("pool-manager", settings.log_level)
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

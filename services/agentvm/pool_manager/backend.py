@@ -1,0 +1,122 @@
+"""The production Backend of VMPool: vm-manager for VMs, guest agents for health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+
+from agentvm.common.errors import AgentVMError, FailedPrecondition, NotFound, RemoteError
+from agentvm.common.grpc_util import aio_channel
+from agentvm.pool_manager.pool import PoolKey
+from agentvm.v1 import (
+    common_pb2,
+    guest_agent_pb2,
+    guest_agent_pb2_grpc,
+    vm_manager_pb2,
+    vm_manager_pb2_grpc,
+)
+
+CREATE_TIMEOUT_S = 60.0
+BOOT_TIMEOUT_S = 180.0
+TEMPLATE_TIMEOUT_S = 600.0
+
+
+def _remote(exc: grpc.RpcError, what: str) -> AgentVMError:
+    err = RemoteError.from_rpc(exc, what)
+    if err.code == grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(err.message)
+    if err.code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(err.message)
+    return err
+
+
+class VMManagerBackend:
+    """Creates pool VMs through vm-manager and checks them through their agents.
+
+    One gRPC channel per idle VM is kept open, so a health check at acquire is
+    a single round trip to the guest, not a connection setup.
+    """
+
+    def __init__(
+        self, vmm: vm_manager_pb2_grpc.VMManagerServiceAsyncStub, labels: dict[str, str]
+    ) -> None:
+        self.vmm = vmm
+        self.labels = dict(labels)
+        self._agents: dict[str, grpc.aio.Channel] = {}
+
+    async def create(self, key: PoolKey, from_template: bool) -> common_pb2.VM:
+        req = vm_manager_pb2.CreateVMRequest(
+            profile=key.profile.to_proto(),
+            network_mode=key.network_mode.to_proto(),
+            start=True,
+            labels=self.labels,
+            from_template=from_template,
+        )
+        try:
+            vm = (await self.vmm.CreateVM(req, timeout=CREATE_TIMEOUT_S)).vm
+        except grpc.RpcError as exc:
+            raise _remote(exc, "creating a pool VM") from exc
+        try:
+            if vm.state != common_pb2.VM_STATE_READY:
+                wait = vm_manager_pb2.WaitVMRequest(name=vm.name, state=common_pb2.VM_STATE_READY)
+                wait.timeout.FromSeconds(int(BOOT_TIMEOUT_S))
+                vm = (await self.vmm.WaitVM(wait, timeout=BOOT_TIMEOUT_S + 10)).vm
+        except BaseException as exc:
+            # Never leave a half-made VM behind, also when cancelled.
+            await asyncio.shield(self.destroy(vm.name))
+            if isinstance(exc, grpc.RpcError):
+                raise _remote(exc, f"waiting for pool VM {vm.name}") from exc
+            raise
+        return vm
+
+    async def destroy(self, name: str) -> None:
+        channel = self._agents.pop(name, None)
+        if channel is not None:
+            await channel.close(grace=None)
+        try:
+            await self.vmm.DestroyVM(vm_manager_pb2.DestroyVMRequest(name=name), timeout=60)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise _remote(exc, f"destroying {name}") from exc
+
+    async def healthy(self, vm: common_pb2.VM, timeout: float) -> bool:
+        channel = self._agents.get(vm.name)
+        if channel is None:
+            channel = self._agents[vm.name] = aio_channel(vm.agent_endpoint)
+        stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
+        try:
+            await stub.GetStatus(guest_agent_pb2.GetStatusRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return True
+
+    def forget(self, name: str) -> None:
+        """Drop the health channel of a VM handed out (the holder talks to it now)."""
+        channel = self._agents.pop(name, None)
+        if channel is not None:
+            task = asyncio.ensure_future(channel.close(grace=None))
+            task.add_done_callback(lambda t: t.exception())
+
+    async def prepare_template(self, key: PoolKey) -> None:
+        req = vm_manager_pb2.PrepareTemplateRequest(profile=key.profile.to_proto())
+        try:
+            await self.vmm.PrepareTemplate(req, timeout=TEMPLATE_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            raise _remote(exc, f"preparing the template of {key}") from exc
+
+    async def list_vms(self, labels: dict[str, str]) -> list[common_pb2.VM]:
+        try:
+            resp = await self.vmm.ListVMs(
+                vm_manager_pb2.ListVMsRequest(label_selector=labels), timeout=30
+            )
+        except grpc.RpcError as exc:
+            raise _remote(exc, "listing pool VMs") from exc
+        return list(resp.vms)
+
+    async def close(self) -> None:
+        for channel in self._agents.values():
+            with contextlib.suppress(Exception):
+                await channel.close(grace=None)
+        self._agents.clear()

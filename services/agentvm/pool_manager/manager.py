@@ -1,0 +1,141 @@
+"""PoolManager: the pools of one pool-manager process, its lease journal and recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from agentvm.common.config import Settings
+from agentvm.common.errors import AgentVMError, InvalidArgument, NotFound
+from agentvm.pool_manager.backend import VMManagerBackend
+from agentvm.pool_manager.journal import LeaseJournal
+from agentvm.pool_manager.pool import Lease, PoolConfig, PoolKey, VMPool
+from agentvm.vm_manager.templates import NetworkMode, ResourceProfile
+
+log = logging.getLogger("agentvm.pool_manager")
+
+OWNER_LABEL = "agent-vm/owner"
+POOL_LABEL = "agent-vm/pool-manager"
+
+
+def parse_pools(spec: str) -> dict[PoolKey, PoolConfig]:
+    """``"standard:min=2,max=10,ttl=900;light:min=0,max=4"`` -> pool configs."""
+    pools: dict[PoolKey, PoolConfig] = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, opts = part.partition(":")
+        try:
+            profile = ResourceProfile[name.strip().upper()]
+        except KeyError:
+            raise InvalidArgument(
+                f"AGENTVM_POOLS: unknown profile {name!r}; use light, standard or intensive"
+            ) from None
+        values = {"min": 1.0, "max": 4.0, "ttl": 900.0}
+        for opt in filter(None, (o.strip() for o in opts.split(","))):
+            k, _, v = opt.partition("=")
+            if k not in values:
+                raise InvalidArgument(f"AGENTVM_POOLS: unknown option {k!r} (use min, max, ttl)")
+            try:
+                values[k] = float(v)
+            except ValueError:
+                raise InvalidArgument(f"AGENTVM_POOLS: {k}={v!r} is not a number") from None
+        lo, hi = int(values["min"]), int(values["max"])
+        if not 0 <= lo <= hi or hi < 1 or values["ttl"] <= 0:
+            raise InvalidArgument(
+                f"AGENTVM_POOLS: {name} needs 0 <= min <= max, max >= 1 and ttl > 0"
+            )
+        key = PoolKey(profile, NetworkMode.ISOLATED)
+        if key in pools:
+            raise InvalidArgument(f"AGENTVM_POOLS: {name} is listed twice")
+        pools[key] = PoolConfig(min_size=lo, max_size=hi, ttl_s=values["ttl"])
+    return pools
+
+
+class PoolManager:
+    def __init__(
+        self, settings: Settings, backend: VMManagerBackend, configs: dict[PoolKey, PoolConfig]
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.journal = LeaseJournal(settings.state_dir / "pool-manager" / "leases.jsonl")
+        self.pools = {
+            key: VMPool(key, cfg, backend, on_lease=self._leased, on_release=self._released)
+            for key, cfg in configs.items()
+        }
+
+    @staticmethod
+    def labels(settings: Settings) -> dict[str, str]:
+        return {OWNER_LABEL: "pool-manager", POOL_LABEL: settings.pool_manager_addr}
+
+    def _leased(self, lease: Lease) -> None:
+        self.backend.forget(lease.vm.name)
+        self.journal.lease(
+            lease.lease_id, lease.vm.name, str(lease.key), lease.labels, lease.acquired_at
+        )
+
+    def _released(self, lease: Lease) -> None:
+        self.journal.release(lease.lease_id)
+
+    async def start(self) -> None:
+        """Recover from a previous run, then start warming."""
+        open_leases = await asyncio.to_thread(self.journal.open)
+        by_vm = {rec.get("vm"): rec for rec in open_leases.values()}
+        keys = {str(k): k for k in self.pools}
+        vms = await self.backend.list_vms(self.labels(self.settings))
+        alive = set()
+        for vm in vms:
+            rec = by_vm.get(vm.name)
+            key = keys.get(str(rec.get("key"))) if rec else None
+            if rec is None or key is None:
+                log.info("destroying %s, left idle by a previous pool-manager", vm.name)
+                try:
+                    await self.backend.destroy(vm.name)
+                except AgentVMError as exc:
+                    log.warning("cannot destroy %s: %s", vm.name, exc)
+                if rec is not None:
+                    self.journal.release(str(rec["lease_id"]))
+                continue
+            alive.add(vm.name)
+            labels = rec.get("labels")
+            self.pools[key].adopt_lease(
+                Lease(
+                    lease_id=str(rec["lease_id"]),
+                    key=key,
+                    vm=vm,
+                    acquired_at=float(rec.get("at", time.time())),
+                    labels=dict(labels) if isinstance(labels, dict) else {},
+                )
+            )
+            log.info("kept lease %s of %s across the restart", rec["lease_id"], vm.name)
+        for rec in open_leases.values():
+            if rec.get("vm") not in alive and rec.get("vm") in by_vm:
+                self.journal.release(str(rec["lease_id"]))
+        for pool in self.pools.values():
+            pool.start()
+
+    def pool(self, key: PoolKey) -> VMPool:
+        pool = self.pools.get(key)
+        if pool is None:
+            have = ", ".join(str(k) for k in self.pools) or "none"
+            raise NotFound(f"no pool for {key} (pools: {have}); configure one with AGENTVM_POOLS")
+        return pool
+
+    def find_lease(self, lease_id: str) -> tuple[VMPool, Lease]:
+        for pool in self.pools.values():
+            lease = pool.lease(lease_id)
+            if lease is not None:
+                return pool, lease
+        raise NotFound(f"no lease {lease_id!r}: it was released already, or never existed")
+
+    def leases(self, selector: dict[str, str]) -> list[Lease]:
+        out = []
+        for pool in self.pools.values():
+            for lease in pool.leases():
+                if all(lease.labels.get(k) == v for k, v in selector.items()):
+                    out.append(lease)
+        return sorted(out, key=lambda lease: lease.acquired_at)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(p.close() for p in self.pools.values()))
+        await self.backend.close()
+        self.journal.close()

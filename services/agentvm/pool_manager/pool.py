@@ -1,0 +1,418 @@
+"""VMPool: pre-warmed, health-checked VMs of one kind, handed out once each.
+
+Invariants (each has a test):
+
+* ``idle + warming + checking + leased <= max_size`` at every instant, also
+  under concurrent acquires: a slot is reserved before any await.
+* Only a VM whose agent answered within ``freshness_s`` is handed out; an
+  older one is checked first, and one that fails is destroyed and replaced.
+* A VM is handed out at most once; release destroys it.
+* Idle VMs older than ``ttl_s`` are evicted; refill keeps ``min_size`` ready,
+  from the memory template when one is ready, by cold boot otherwise.
+* When nothing is idle and there is room, acquire creates a VM on demand;
+  when the pool is full of leased VMs it waits until its deadline.
+
+The pool does not talk gRPC itself: a ``Backend`` creates, checks and
+destroys VMs (vm-manager and the guest agents in production, a fake in the
+logic tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agentvm.common.errors import (
+    AgentVMError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+)
+from agentvm.v1 import common_pb2
+from agentvm.vm_manager.templates import NetworkMode, ResourceProfile
+
+log = logging.getLogger("agentvm.pool_manager.pool")
+
+MAX_PARALLEL_WARM = 2
+RETRY_MIN_S = 1.0
+RETRY_MAX_S = 30.0
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    """Which kind of VM a pool holds."""
+
+    profile: ResourceProfile
+    network_mode: NetworkMode = NetworkMode.ISOLATED
+
+    def __str__(self) -> str:
+        return f"{self.profile.name.lower()}/{self.network_mode.name.lower()}"
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    min_size: int
+    max_size: int
+    ttl_s: float
+    health_interval_s: float = 1.0
+    freshness_s: float = 2.0
+    health_timeout_s: float = 3.0
+
+
+class Backend(Protocol):
+    """What a pool needs from the rest of agent-vm."""
+
+    async def create(self, key: PoolKey, from_template: bool) -> common_pb2.VM:
+        """A READY VM (agent answered). FailedPrecondition when no template exists."""
+
+    async def destroy(self, name: str) -> None: ...
+
+    async def healthy(self, vm: common_pb2.VM, timeout: float) -> bool:
+        """True when the VM's agent answers now."""
+
+    async def prepare_template(self, key: PoolKey) -> None:
+        """Build the memory template for ``key`` (may take a boot's time)."""
+
+
+@dataclass
+class PoolVM:
+    vm: common_pb2.VM
+    created: float
+    checked: float
+    from_template: bool
+
+
+@dataclass
+class Lease:
+    lease_id: str
+    key: PoolKey
+    vm: common_pb2.VM
+    acquired_at: float
+    labels: dict[str, str] = field(default_factory=dict)
+    from_pool: bool = True
+
+
+@dataclass
+class Counters:
+    acquired: int = 0
+    created: int = 0
+    replaced_unhealthy: int = 0
+    evicted_ttl: int = 0
+    on_demand: int = 0
+    failed_creates: int = 0
+
+
+class VMPool:
+    """One pool; all methods run on one asyncio loop."""
+
+    def __init__(
+        self,
+        key: PoolKey,
+        config: PoolConfig,
+        backend: Backend,
+        *,
+        on_lease: Callable[[Lease], None] | None = None,
+        on_release: Callable[[Lease], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 0 <= config.min_size <= config.max_size or config.max_size < 1:
+            raise ValueError(
+                f"pool {key}: need 0 <= min ({config.min_size}) <= max ({config.max_size}) "
+                "and max >= 1"
+            )
+        self.key = key
+        self.config = config
+        self.backend = backend
+        self.counters = Counters()
+        self.template_ready = False
+        self._on_lease = on_lease
+        self._on_release = on_release
+        self._clock = clock
+        self._idle: deque[PoolVM] = deque()
+        self._warming = 0
+        self._checking = 0
+        self._leases: dict[str, Lease] = {}
+        self._changed = asyncio.Condition()
+        self._refill_wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._warm_tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._retry_s = RETRY_MIN_S
+        self._backoff_until = 0.0
+        self._waiters = 0
+        self._template_task: asyncio.Task[None] | None = None
+
+    # -- counts ----------------------------------------------------------
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    @property
+    def warming(self) -> int:
+        return self._warming
+
+    @property
+    def leased(self) -> int:
+        return len(self._leases)
+
+    @property
+    def total(self) -> int:
+        return len(self._idle) + self._warming + self._checking + len(self._leases)
+
+    def leases(self) -> list[Lease]:
+        return list(self._leases.values())
+
+    # -- lifecycle -------------------------------------------------------
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _start_warm(self) -> None:
+        """Make one VM in the background (the slot is reserved here)."""
+        self._warming += 1
+        task = asyncio.ensure_future(self._warm_one())
+        self._warm_tasks.add(task)
+        task.add_done_callback(self._warm_tasks.discard)
+
+    def start(self) -> None:
+        self._prepare_template()
+        self._spawn(self._refill_loop())
+        self._spawn(self._health_loop())
+
+    def adopt_lease(self, lease: Lease) -> None:
+        """A lease recorded before a restart: its VM counts against max until released."""
+        self._leases[lease.lease_id] = lease
+
+    async def close(self) -> None:
+        """Stop refilling, destroy idle VMs and VMs being made; leases stay with holders.
+
+        VMs being made are waited for rather than cancelled (a cancelled create
+        could leave a VM nobody knows about); they destroy themselves.
+        """
+        self._closing = True
+        self._refill_wake.set()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in [*self._tasks, *self._warm_tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        idle, self._idle = list(self._idle), deque()
+        await asyncio.gather(*(self._destroy(p.vm.name) for p in idle))
+        async with self._changed:
+            self._changed.notify_all()
+
+    # -- acquire / release ---------------------------------------------------
+    async def acquire(self, timeout: float, labels: dict[str, str]) -> Lease:
+        """A healthy VM within ``timeout`` seconds, idle if possible, made on demand if not."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        waited = False
+        self._waiters += 1
+        try:
+            while True:
+                if self._closing:
+                    raise Unavailable(
+                        "the pool is shutting down: retry against a running pool-manager"
+                    )
+                while self._idle:
+                    pvm = self._idle.popleft()
+                    self._checking += 1
+                    try:
+                        ok = self._fresh(pvm) or await self._check(pvm)
+                    finally:
+                        self._checking -= 1
+                    if ok:
+                        return self._lease(pvm.vm, labels, from_pool=not waited)
+                    self.counters.replaced_unhealthy += 1
+                    self._discard(pvm.vm.name, "its agent did not answer at acquire")
+                # Nothing idle: start one VM per waiting caller, room permitting.
+                if self._warming < self._waiters and self.total < self.config.max_size:
+                    self._start_warm()
+                    self.counters.on_demand += 1
+                waited = True
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    if self.leased >= self.config.max_size:
+                        why = f"all {self.config.max_size} VMs of the pool are leased"
+                    else:
+                        why = "VMs are still being made (a cold boot takes seconds)"
+                    raise DeadlineExceeded(
+                        f"no {self.key} VM within {timeout:g} s: {why}; release VMs, raise the "
+                        "pool's max or min, or wait longer"
+                    )
+                async with self._changed:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), remaining)
+        finally:
+            self._waiters -= 1
+
+    def _fresh(self, pvm: PoolVM) -> bool:
+        return self._clock() - pvm.checked <= self.config.freshness_s
+
+    async def _check(self, pvm: PoolVM) -> bool:
+        try:
+            ok = await self.backend.healthy(pvm.vm, self.config.health_timeout_s)
+        except AgentVMError:
+            ok = False
+        if ok:
+            pvm.checked = self._clock()
+        return ok
+
+    def _lease(self, vm: common_pb2.VM, labels: dict[str, str], *, from_pool: bool) -> Lease:
+        lease = Lease(
+            lease_id=secrets.token_hex(12),
+            key=self.key,
+            vm=vm,
+            acquired_at=time.time(),
+            labels=dict(labels),
+            from_pool=from_pool,
+        )
+        self._leases[lease.lease_id] = lease
+        self.counters.acquired += 1
+        if self._on_lease is not None:
+            self._on_lease(lease)
+        self._refill_wake.set()
+        return lease
+
+    def lease(self, lease_id: str) -> Lease | None:
+        return self._leases.get(lease_id)
+
+    async def release(self, lease_id: str) -> None:
+        """Destroy the leased VM (never handed out again) and free its slot."""
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            raise NotFound(f"no lease {lease_id!r} in pool {self.key}: it was released already")
+        try:
+            await self.backend.destroy(lease.vm.name)
+        finally:
+            self._leases.pop(lease_id, None)
+            if self._on_release is not None:
+                self._on_release(lease)
+            self._refill_wake.set()
+            async with self._changed:
+                self._changed.notify_all()
+
+    # -- making and removing VMs ---------------------------------------------
+    async def _make(self) -> PoolVM:
+        """Create one READY VM (template restore when possible). Caller holds a slot."""
+        use_template = self.template_ready
+        try:
+            vm = await self.backend.create(self.key, use_template)
+        except FailedPrecondition:
+            if not use_template:
+                raise
+            # The template went away (image rebuilt, QEMU upgraded): boot cold
+            # now and have the template rebuilt in the background.
+            log.info("pool %s: template unusable, booting cold and rebuilding it", self.key)
+            self.template_ready = False
+            self._prepare_template()
+            use_template = False
+            vm = await self.backend.create(self.key, False)
+        now = self._clock()
+        self.counters.created += 1
+        return PoolVM(vm=vm, created=now, checked=now, from_template=use_template)
+
+    def _prepare_template(self) -> None:
+        if self._template_task is not None and not self._template_task.done():
+            return
+
+        async def prepare() -> None:
+            delay = RETRY_MIN_S
+            while not self._closing:
+                try:
+                    await self.backend.prepare_template(self.key)
+                except AgentVMError as exc:
+                    log.warning("pool %s: template not built (%s); retrying", self.key, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_S)
+                    continue
+                self.template_ready = True
+                log.info("pool %s: memory template ready", self.key)
+                return
+
+        self._template_task = self._spawn(prepare())
+
+    def _discard(self, name: str, why: str) -> None:
+        log.info("pool %s: destroying %s: %s", self.key, name, why)
+        self._spawn(self._destroy(name))
+        self._refill_wake.set()
+
+    async def _destroy(self, name: str) -> None:
+        try:
+            await self.backend.destroy(name)
+        except AgentVMError as exc:
+            log.warning("pool %s: destroying %s failed: %s", self.key, name, exc)
+
+    async def _warm_one(self) -> None:
+        """Make one VM into the idle queue. Caller reserved the slot (warming += 1)."""
+        try:
+            pvm = await self._make()
+        except BaseException as exc:
+            self._warming -= 1
+            self._refill_wake.set()
+            if not isinstance(exc, AgentVMError):
+                raise
+            self.counters.failed_creates += 1
+            self._backoff_until = self._clock() + self._retry_s
+            log.warning(
+                "pool %s: creating a VM failed (next try in %.0f s): %s",
+                self.key,
+                self._retry_s,
+                exc,
+            )
+            self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+            return
+        self._warming -= 1
+        self._retry_s = RETRY_MIN_S
+        if self._closing:
+            await self._destroy(pvm.vm.name)
+            return
+        self._idle.append(pvm)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _refill_loop(self) -> None:
+        while not self._closing:
+            self._refill_wake.clear()
+            pause = self._backoff_until - self._clock()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            while (
+                not self._closing
+                and len(self._idle) + self._warming < self.config.min_size
+                and self.total < self.config.max_size
+                and self._warming < MAX_PARALLEL_WARM
+            ):
+                self._start_warm()
+            await self._refill_wake.wait()
+
+    async def _health_loop(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(self.config.health_interval_s)
+            await self.health_pass()
+
+    async def health_pass(self) -> None:
+        """Evict idle VMs past their TTL; check the rest, replace those that fail."""
+        now = self._clock()
+        for pvm in list(self._idle):
+            if now - pvm.created > self.config.ttl_s and pvm in self._idle:
+                self._idle.remove(pvm)
+                self.counters.evicted_ttl += 1
+                self._discard(pvm.vm.name, f"idle longer than its TTL ({self.config.ttl_s:g} s)")
+        idle = list(self._idle)
+        results = await asyncio.gather(*(self._check(p) for p in idle))
+        for pvm, ok in zip(idle, results, strict=True):
+            if not ok and pvm in self._idle:
+                self._idle.remove(pvm)
+                self.counters.replaced_unhealthy += 1
+                self._discard(pvm.vm.name, "its agent stopped answering")

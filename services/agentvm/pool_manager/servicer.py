@@ -1,0 +1,109 @@
+"""PoolManagerService: the gRPC face of PoolManager."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from agentvm.common.errors import InvalidArgument
+from agentvm.common.grpc_util import grpc_errors, remaining_time
+from agentvm.pool_manager.manager import PoolManager
+from agentvm.pool_manager.pool import Lease, PoolKey, VMPool
+from agentvm.v1 import pool_manager_pb2, pool_manager_pb2_grpc
+from agentvm.vm_manager.templates import NetworkMode, ResourceProfile
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+DEFAULT_ACQUIRE_S = 30.0
+MAX_ACQUIRE_S = 600.0
+
+
+def key_from_proto(msg: pool_manager_pb2.PoolKey) -> PoolKey:
+    return PoolKey(
+        ResourceProfile.from_proto(msg.profile), NetworkMode.from_proto(msg.network_mode)
+    )
+
+
+def key_to_proto(key: PoolKey) -> pool_manager_pb2.PoolKey:
+    return pool_manager_pb2.PoolKey(
+        profile=key.profile.to_proto(), network_mode=key.network_mode.to_proto()
+    )
+
+
+def lease_to_proto(lease: Lease) -> pool_manager_pb2.Lease:
+    msg = pool_manager_pb2.Lease(
+        lease_id=lease.lease_id,
+        key=key_to_proto(lease.key),
+        vm_name=lease.vm.name,
+        labels=lease.labels,
+    )
+    msg.acquired_at.FromNanoseconds(int(lease.acquired_at * 1e9))
+    return msg
+
+
+def status_to_proto(pool: VMPool) -> pool_manager_pb2.PoolStatus:
+    c = pool.counters
+    msg = pool_manager_pb2.PoolStatus(
+        key=key_to_proto(pool.key),
+        min_size=pool.config.min_size,
+        max_size=pool.config.max_size,
+        ready=pool.idle,
+        in_use=pool.leased,
+        warming=pool.warming,
+        template_ready=pool.template_ready,
+        acquired_total=c.acquired,
+        created_total=c.created,
+        replaced_unhealthy=c.replaced_unhealthy,
+        evicted_ttl=c.evicted_ttl,
+        on_demand_total=c.on_demand,
+    )
+    msg.ttl.FromNanoseconds(int(pool.config.ttl_s * 1e9))
+    return msg
+
+
+class PoolManagerServicer(pool_manager_pb2_grpc.PoolManagerServiceServicer):
+    def __init__(self, manager: PoolManager) -> None:
+        self.manager = manager
+
+    @grpc_errors
+    async def AcquireVM(
+        self, request: pool_manager_pb2.AcquireVMRequest, context: Ctx
+    ) -> pool_manager_pb2.AcquireVMResponse:
+        pool = self.manager.pool(key_from_proto(request.key))
+        timeout = DEFAULT_ACQUIRE_S
+        if request.HasField("timeout"):
+            timeout = request.timeout.ToNanoseconds() / 1e9
+            if not 0 < timeout <= MAX_ACQUIRE_S:
+                raise InvalidArgument(
+                    f"timeout must be between 0 and {MAX_ACQUIRE_S:g} seconds, got {timeout:g}"
+                )
+        timeout = remaining_time(context, timeout)
+        lease = await pool.acquire(timeout, dict(request.labels))
+        return pool_manager_pb2.AcquireVMResponse(
+            lease_id=lease.lease_id, vm=lease.vm, from_pool=lease.from_pool
+        )
+
+    @grpc_errors
+    async def ReleaseVM(
+        self, request: pool_manager_pb2.ReleaseVMRequest, context: Ctx
+    ) -> pool_manager_pb2.ReleaseVMResponse:
+        if not request.lease_id:
+            raise InvalidArgument("lease_id is empty: pass the lease_id AcquireVM returned")
+        pool, lease = self.manager.find_lease(request.lease_id)
+        await pool.release(lease.lease_id)
+        return pool_manager_pb2.ReleaseVMResponse()
+
+    @grpc_errors
+    async def GetPoolStatus(
+        self, request: pool_manager_pb2.GetPoolStatusRequest, context: Ctx
+    ) -> pool_manager_pb2.GetPoolStatusResponse:
+        return pool_manager_pb2.GetPoolStatusResponse(
+            pools=[status_to_proto(p) for p in self.manager.pools.values()]
+        )
+
+    @grpc_errors
+    async def ListLeases(
+        self, request: pool_manager_pb2.ListLeasesRequest, context: Ctx
+    ) -> pool_manager_pb2.ListLeasesResponse:
+        leases = self.manager.leases(dict(request.label_selector))
+        return pool_manager_pb2.ListLeasesResponse(leases=[lease_to_proto(x) for x in leases])
