@@ -28,6 +28,8 @@ from agentvm.v1 import (
     common_pb2,
     guest_agent_pb2,
     guest_agent_pb2_grpc,
+    pool_manager_pb2,
+    pool_manager_pb2_grpc,
     vm_manager_pb2,
     vm_manager_pb2_grpc,
 )
@@ -70,6 +72,8 @@ class VMManagerProcess:
             AGENTVM_VM_PREFIX=self.prefix,
             AGENTVM_VM_MANAGER_ADDR=f"unix:{self.run_dir}/vm-manager.sock",
             AGENTVM_EXECUTOR_ADDR=f"unix:{self.run_dir}/executor.sock",
+            AGENTVM_POOL_MANAGER_ADDR=f"unix:{self.run_dir}/pool-manager.sock",
+            AGENTVM_EXECUTOR_POOL="",
             AGENTVM_LOG_DIR=str(self.base / "log"),
             AGENTVM_LOG_LEVEL="DEBUG",
         )
@@ -127,15 +131,70 @@ class VMManagerProcess:
 class ExecutorProcess(VMManagerProcess):
     """The executor as a real process, next to (and configured like) a VMManagerProcess."""
 
+    name: str = "executor"
+    # pool-manager address to take VMs from ("" = none).
+    pool: str = ""
     module = "agentvm.executor"
 
     @property
     def log_path(self) -> Path:
-        return self.base / "executor.log"
+        return self.base / f"{self.name}.log"
 
     @property
     def address(self) -> str:
-        return f"unix:{self.run_dir}/executor.sock"
+        return f"unix:{self.run_dir}/{self.name}.sock"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = super().env
+        env.update(AGENTVM_EXECUTOR_ADDR=self.address, AGENTVM_EXECUTOR_POOL=self.pool)
+        return env
+
+
+@dataclass
+class PoolManagerProcess(VMManagerProcess):
+    """pool-manager as a real process next to a VMManagerProcess (own socket name)."""
+
+    name: str = "pool-manager"
+    pools: str = "standard:min=2,max=4,ttl=600"
+    module = "agentvm.pool_manager"
+
+    @property
+    def log_path(self) -> Path:
+        return self.base / f"{self.name}.log"
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.run_dir}/{self.name}.sock"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = super().env
+        env.update(AGENTVM_POOL_MANAGER_ADDR=self.address, AGENTVM_POOLS=self.pools)
+        return env
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"agent-vm/pool-manager": self.address}
+
+    def pool_stub(self) -> pool_manager_pb2_grpc.PoolManagerServiceStub:
+        return pool_manager_pb2_grpc.PoolManagerServiceStub(sync_channel(self.address))
+
+    def status(self) -> pool_manager_pb2.PoolStatus:
+        resp = self.pool_stub().GetPoolStatus(pool_manager_pb2.GetPoolStatusRequest(), timeout=10)
+        return resp.pools[0]
+
+    def wait_status(
+        self, check: Callable[[pool_manager_pb2.PoolStatus], bool], timeout: float = 120.0
+    ) -> pool_manager_pb2.PoolStatus:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if check(st):
+                return st
+            if time.monotonic() > deadline:
+                raise AssertionError(f"pool status never matched: {st}")
+            time.sleep(0.2)
 
 
 @dataclass

@@ -137,6 +137,10 @@ async def serve(
     server = grpc.aio.server(options=SERVER_OPTIONS)
     register(server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    # grpc's HealthServicer starts with "" SERVING: say NOT_SERVING until
+    # ``ready`` (recovery, reclaiming leftovers) has finished.
+    for name in [*full_service_names, ""]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*full_service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 
@@ -57,7 +58,9 @@ class PoolManager:
     ) -> None:
         self.settings = settings
         self.backend = backend
-        self.journal = LeaseJournal(settings.state_dir / "pool-manager" / "leases.jsonl")
+        # One journal per pool-manager address: several may share a host.
+        tag = hashlib.sha256(settings.pool_manager_addr.encode()).hexdigest()[:12]
+        self.journal = LeaseJournal(settings.state_dir / "pool-manager" / f"leases-{tag}.jsonl")
         self.pools = {
             key: VMPool(key, cfg, backend, on_lease=self._leased, on_release=self._released)
             for key, cfg in configs.items()

@@ -44,6 +44,7 @@ log = logging.getLogger("agentvm.pool_manager.pool")
 MAX_PARALLEL_WARM = 2
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 30.0
+TEMPLATE_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -382,6 +383,12 @@ class VMPool:
             self._changed.notify_all()
 
     async def _refill_loop(self) -> None:
+        # A template restore is several times faster than a boot, and building
+        # a missing template costs about one boot: wait for it before the first
+        # fill (bounded; a failing template build leaves the pool booting cold).
+        if self._template_task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._template_task), TEMPLATE_WAIT_S)
         while not self._closing:
             self._refill_wake.clear()
             pause = self._backoff_until - self._clock()

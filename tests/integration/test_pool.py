@@ -1,0 +1,233 @@
+"""pool-manager on real VMs: acquire, capacity, replacement, TTL, shutdown, restart."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import libvirt
+import pytest
+
+import agent_vm
+from agentvm.v1 import common_pb2, pool_manager_pb2, vm_manager_pb2
+from tests.vmharness import ExecutorProcess, PoolManagerProcess, VMManagerProcess, execute
+
+pytestmark = pytest.mark.vm
+
+KEY = pool_manager_pb2.PoolKey(
+    profile=common_pb2.RESOURCE_PROFILE_STANDARD, network_mode=common_pb2.NETWORK_MODE_ISOLATED
+)
+
+
+def acquire(
+    pm: PoolManagerProcess, timeout: float = 120.0, **labels: str
+) -> pool_manager_pb2.AcquireVMResponse:
+    req = pool_manager_pb2.AcquireVMRequest(key=KEY, labels=labels)
+    req.timeout.FromNanoseconds(int(timeout * 1e9))
+    return pm.pool_stub().AcquireVM(req, timeout=timeout + 10)
+
+
+def release(pm: PoolManagerProcess, lease_id: str) -> None:
+    pm.pool_stub().ReleaseVM(pool_manager_pb2.ReleaseVMRequest(lease_id=lease_id), timeout=60)
+
+
+def pool_vms(vmm: VMManagerProcess, pm: PoolManagerProcess) -> list[common_pb2.VM]:
+    req = vm_manager_pb2.ListVMsRequest(label_selector=pm.labels)
+    return list(vmm.stub().ListVMs(req, timeout=30).vms)
+
+
+def wait_no_vms(vmm: VMManagerProcess, pm: PoolManagerProcess, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while pool_vms(vmm, pm):
+        assert time.monotonic() < deadline, [v.name for v in pool_vms(vmm, pm)]
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def pm(
+    vmm: VMManagerProcess, template: vm_manager_pb2.Template, request: pytest.FixtureRequest
+) -> Iterator[PoolManagerProcess]:
+    marker = request.node.get_closest_marker("pools")
+    pools = marker.args[0] if marker else "standard:min=2,max=4,ttl=600"
+    proc = PoolManagerProcess(
+        base=vmm.base, prefix=vmm.prefix, name=f"pool-{request.node.name[:20]}", pools=pools
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.stop()
+        for vm in pool_vms(vmm, proc):
+            vmm.stub().DestroyVM(vm_manager_pb2.DestroyVMRequest(name=vm.name), timeout=60)
+
+
+def test_acquire_hands_out_ready_template_vms_once_and_release_destroys(
+    vmm: VMManagerProcess, pm: PoolManagerProcess
+) -> None:
+    st = pm.wait_status(lambda s: s.ready == 2 and s.template_ready)
+    assert (st.min_size, st.max_size) == (2, 4)
+    got = acquire(pm, owner="t1")
+    assert got.from_pool
+    assert got.vm.state == common_pb2.VM_STATE_READY
+    assert got.vm.from_template
+    assert execute(got.vm.agent_endpoint, "hostname").stdout.decode().strip() == got.vm.name
+    leases = pm.pool_stub().ListLeases(
+        pool_manager_pb2.ListLeasesRequest(label_selector={"owner": "t1"}), timeout=10
+    )
+    assert [lease.vm_name for lease in leases.leases] == [got.vm.name]
+    # The pool refills behind the acquire.
+    pm.wait_status(lambda s: s.ready == 2 and s.in_use == 1)
+    release(pm, got.lease_id)
+    assert got.vm.name not in {v.name for v in pool_vms(vmm, pm)}
+    with pytest.raises(grpc.RpcError) as err:
+        release(pm, got.lease_id)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # Asking for a pool that is not configured says what is.
+    req = pool_manager_pb2.AcquireVMRequest(
+        key=pool_manager_pb2.PoolKey(
+            profile=common_pb2.RESOURCE_PROFILE_INTENSIVE,
+            network_mode=common_pb2.NETWORK_MODE_ISOLATED,
+        )
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        pm.pool_stub().AcquireVM(req, timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "AGENTVM_POOLS" in (err.value.details() or "")
+
+
+def test_ten_concurrent_acquirers_never_exceed_max_nor_share_a_vm(
+    vmm: VMManagerProcess, pm: PoolManagerProcess
+) -> None:
+    pm.wait_status(lambda s: s.ready == 2)
+    lock = threading.Lock()
+    holding: set[str] = set()
+    peak = 0
+    seen: list[str] = []
+    sampled_max = 0
+    stop = threading.Event()
+
+    def sampler() -> None:
+        nonlocal sampled_max
+        while not stop.is_set():
+            sampled_max = max(sampled_max, len(pool_vms(vmm, pm)))
+            time.sleep(0.1)
+
+    def worker(i: int) -> str:
+        nonlocal peak
+        got = acquire(pm, timeout=240, worker=str(i))
+        with lock:
+            assert got.vm.name not in holding
+            holding.add(got.vm.name)
+            seen.append(got.vm.name)
+            peak = max(peak, len(holding))
+        res = execute(got.vm.agent_endpoint, f"echo {i} > /root/owner; sleep 1; cat /root/owner")
+        with lock:
+            holding.discard(got.vm.name)
+        release(pm, got.lease_id)
+        return res.stdout.decode().strip()
+
+    t = threading.Thread(target=sampler)
+    t.start()
+    try:
+        with ThreadPoolExecutor(10) as ex:
+            outs = list(ex.map(worker, range(10)))
+    finally:
+        stop.set()
+        t.join()
+    assert outs == [str(i) for i in range(10)]
+    assert len(set(seen)) == 10, "a VM was handed out twice"
+    assert peak <= 4
+    assert sampled_max <= 4
+
+
+def test_a_vm_killed_behind_the_pools_back_is_replaced(
+    vmm: VMManagerProcess, pm: PoolManagerProcess
+) -> None:
+    pm.wait_status(lambda s: s.ready == 2)
+    victim = pool_vms(vmm, pm)[0].name
+    conn = libvirt.open("qemu:///system")
+    try:
+        conn.lookupByName(victim).destroy()
+    finally:
+        conn.close()
+    st = pm.wait_status(lambda s: s.replaced_unhealthy >= 1 and s.ready == 2, timeout=120)
+    assert st.ready == 2
+    got = acquire(pm)
+    assert got.vm.name != victim
+    release(pm, got.lease_id)
+
+
+@pytest.mark.pools("standard:min=1,max=2,ttl=4")
+def test_idle_vms_are_evicted_after_their_ttl(
+    vmm: VMManagerProcess, pm: PoolManagerProcess
+) -> None:
+    first = pm.wait_status(lambda s: s.ready == 1)
+    assert first.ttl.seconds == 4
+    names = {v.name for v in pool_vms(vmm, pm)}
+    pm.wait_status(lambda s: s.evicted_ttl >= 1 and s.ready == 1, timeout=120)
+    deadline = time.monotonic() + 30
+    while names & {v.name for v in pool_vms(vmm, pm)}:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_shutdown_leaves_nothing_and_a_restart_keeps_only_live_leases(
+    vmm: VMManagerProcess, pm: PoolManagerProcess
+) -> None:
+    pm.wait_status(lambda s: s.ready == 2)
+    held = acquire(pm, owner="keeper")
+    pm.wait_status(lambda s: s.ready == 2)
+    idle_before = {v.name for v in pool_vms(vmm, pm)} - {held.vm.name}
+    # Killed outright: the restarted pool-manager destroys the idle VMs it
+    # left and keeps the lease, which can still be released.
+    pm.stop(signal.SIGKILL)
+    pm.start()
+    lease_list = pm.pool_stub().ListLeases(pool_manager_pb2.ListLeasesRequest(), timeout=10)
+    assert [lease.lease_id for lease in lease_list.leases] == [held.lease_id]
+    assert not idle_before & {v.name for v in pool_vms(vmm, pm)}
+    assert execute(held.vm.agent_endpoint, "true").status.exit_code == 0
+    pm.wait_status(lambda s: s.ready == 2 and s.in_use == 1)
+    release(pm, held.lease_id)
+    # A clean shutdown destroys everything the pool held.
+    assert pm.stop() == 0
+    wait_no_vms(vmm, pm, timeout=10)
+
+
+@pytest.mark.pools("standard:min=2,max=10,ttl=600")
+def test_ten_concurrent_executions_through_the_executor_and_the_pool(
+    vmm: VMManagerProcess, pm: PoolManagerProcess
+) -> None:
+    """The user's scenario: 10 concurrent runs, correct results, no VM shared."""
+    pm.wait_status(lambda s: s.ready == 2)
+    ex = ExecutorProcess(base=vmm.base, prefix=vmm.prefix, name="executor-pool", pool=pm.address)
+    ex.start()
+    try:
+
+        def one(i: int) -> agent_vm.RunResult:
+            return agent_vm.run(
+                code=f"import socket; print({i} * {i}, socket.gethostname())",
+                address=ex.address,
+                timeout=120,
+            )
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(one, range(10)))
+        wall = time.monotonic() - started
+        for i, res in enumerate(results):
+            assert res.exit_code == 0, res.stderr
+            square, host = res.stdout.split()
+            assert int(square) == i * i
+            assert host == res.vm_name
+        assert len({r.vm_name for r in results}) == 10
+        st = pm.status()
+        assert st.acquired_total == 10
+        print(f"10 concurrent executions through the pool: {wall:.1f} s")
+    finally:
+        ex.stop()
+    pm.wait_status(lambda s: s.in_use == 0)
