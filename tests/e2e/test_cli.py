@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.vmharness import REPO, ExecutorProcess, VMManagerProcess, libvirt_domains
+from tests.vmharness import (
+    REPO,
+    ExecutorProcess,
+    PoolManagerProcess,
+    VMManagerProcess,
+    libvirt_domains,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -59,12 +65,19 @@ def test_example_agent_runs_in_a_vm(vmm: VMManagerProcess) -> None:
 
 
 def test_doctor_passes_with_services_up(vmm: VMManagerProcess, executor: ExecutorProcess) -> None:
-    proc = agent_vm(vmm.env, "doctor", "--json")
+    # A pool-manager at the address vmm.env names, with an empty pool.
+    pm = PoolManagerProcess(base=vmm.base, prefix=vmm.prefix, pools="standard:min=0,max=1")
+    pm.start()
+    try:
+        proc = agent_vm(vmm.env, "doctor", "--json")
+    finally:
+        pm.stop()
     checks = json.loads(proc.stdout)
     failed = [c for c in checks if c["required"] and not c["ok"]]
     assert proc.returncode == 0, failed
     names = {c["name"] for c in checks}
     assert {"libvirt", "accelerator", "guest image", "service vm-manager"} <= names
+    assert "service pool-manager" in names
 
 
 def test_services_down_gives_one_line_and_the_fix(tmp_path: Path) -> None:
@@ -101,6 +114,8 @@ def test_up_and_down_are_idempotent(tmp_path: Path) -> None:
         os.environ,
         AGENTVM_RUN_DIR=str(run),
         AGENTVM_VM_MANAGER_ADDR=f"unix:{run}/vm-manager.sock",
+        AGENTVM_POOL_MANAGER_ADDR=f"unix:{run}/pool-manager.sock",
+        AGENTVM_EXECUTOR_ADDR=f"unix:{run}/executor.sock",
         AGENTVM_LOG_DIR=str(tmp_path / "log"),
         AGENTVM_STATE_DIR=str(tmp_path / "state"),
         AGENTVM_VM_PREFIX="agent-vm-testupdown-",
@@ -116,6 +131,10 @@ def test_up_and_down_are_idempotent(tmp_path: Path) -> None:
         again = agent_vm(env, "down", timeout=60)
         assert "not running" in again.stdout
         assert not (run / "vm-manager.sock").exists()
+        assert not (run / "pool-manager.sock").exists()
+        # The pool started warming (template build) and was stopped at once:
+        # nothing of it may be left in libvirt.
+        assert not libvirt_domains("agent-vm-testupdown-")
     finally:
         agent_vm(env, "down", timeout=60)
         shutil.rmtree(run, ignore_errors=True)

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from tests.vmharness import REPO, ExecutorProcess, VMManagerProcess
+from agentvm.v1 import vm_manager_pb2
+from tests.vmharness import REPO, ExecutorProcess, PoolManagerProcess, VMManagerProcess
 
 pytestmark = pytest.mark.vm
 
@@ -51,3 +52,50 @@ def test_executor_benchmark_prints_figures(executor: ExecutorProcess) -> None:
     for mode in ("shared", "api"):
         assert figures[f"transfer_{mode}_mb_s"]["upload"] > 0
         assert figures[f"transfer_{mode}_mb_s"]["download"] > 0
+
+
+def test_agent_vm_bench_prints_every_figure(
+    vmm: VMManagerProcess, template: vm_manager_pb2.Template
+) -> None:
+    pm = PoolManagerProcess(
+        base=vmm.base, prefix=vmm.prefix, name="pool-bench", pools="standard:min=1,max=3"
+    )
+    pm.start()
+    ex = ExecutorProcess(base=vmm.base, prefix=vmm.prefix, name="executor-bench", pool=pm.address)
+    ex.start()
+    env = {
+        **vmm.env,
+        "AGENTVM_POOL_MANAGER_ADDR": pm.address,
+        "AGENTVM_EXECUTOR_ADDR": ex.address,
+    }
+    try:
+        args = ["--json", "--cold", "1", "--restores", "2", "--acquires", "4", "--concurrent", "2"]
+        proc = subprocess.run(
+            [str(REPO / ".venv/bin/agent-vm"), "bench", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=900,
+            check=False,
+        )
+    finally:
+        ex.stop()
+        pm.stop()
+    assert proc.returncode == 0, proc.stderr
+    fig = json.loads(proc.stdout)
+    sys.stderr.write(proc.stdout)
+    assert fig["machine"]["accelerator"] in ("TCG", "KVM")
+    assert fig["cold_create_to_ready_s"]["n"] == 1
+    assert fig["restore_to_ready_s"]["n"] == 2
+    assert fig["pool_acquire_ms"]["n"] == 4
+    assert fig["acquire_and_first_command_ms"]["n"] == 4
+    assert fig["concurrent_executions"] == {
+        "n": 2,
+        "wall_s": fig["concurrent_executions"]["wall_s"],
+        "distinct_vms": 2,
+    }
+    assert fig["qemu_rss_mib"]["template_clone"] > 0
+    assert fig["ratios"]["cold_over_restore"] > 0
+    assert fig["ratios"]["cold_over_acquire"] > 0
+    assert "pool acquire" in proc.stderr

@@ -171,7 +171,7 @@ async def test_stale_vms_are_checked_and_sick_ones_replaced_at_acquire() -> None
     pool.start()
     await settle(pool, 2)
     clock.now += 10  # both idle VMs are now stale
-    first = next(iter(be.alive))
+    first = be.created[0][0]  # the front of the idle queue
     be.sick.add(first)
     lease = await pool.acquire(2.0, {})
     assert lease.vm.name != first

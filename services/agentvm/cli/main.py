@@ -13,6 +13,7 @@ import click
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from agentvm.cli import bench as bench_mod
 from agentvm.cli import doctor as doctor_mod
 from agentvm.cli import services
 from agentvm.common.config import Settings
@@ -161,6 +162,52 @@ def image_status() -> None:
     resp = vm_stub().GetImage(vm_manager_pb2.GetImageRequest(), timeout=10)
     print_json(resp)
     sys.exit(0 if resp.present else 1)
+
+
+# -- benchmark ----------------------------------------------------------------
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option(
+    "--cold", type=click.IntRange(1, 100), default=3, show_default=True, help="Cold boots to time."
+)
+@click.option(
+    "--restores",
+    type=click.IntRange(1, 100),
+    default=5,
+    show_default=True,
+    help="Template restores to time.",
+)
+@click.option(
+    "--acquires",
+    type=click.IntRange(1, 10000),
+    default=200,
+    show_default=True,
+    help="Pool acquires to time (p50/p99).",
+)
+@click.option(
+    "--concurrent",
+    type=click.IntRange(1, 64),
+    default=10,
+    show_default=True,
+    help="Executions to run at once through the executor.",
+)
+@handle_errors
+def bench(as_json: bool, cold: int, restores: int, acquires: int, concurrent: int) -> None:
+    """Measure cold boot, template restore, pool acquire and concurrent runs.
+
+    Needs the services of `agent-vm up` (with a standard pool). Progress goes
+    to stderr; the figures, with a host baseline from the same run and the
+    cold/restore and cold/acquire ratios, to stdout.
+    """
+    cfg = bench_mod.BenchConfig(
+        cold=cold,
+        restores=restores,
+        acquires=acquires,
+        first_commands=min(10, acquires),
+        concurrent=concurrent,
+    )
+    figures = bench_mod.run(settings(), cfg, lambda line: click.echo(line, err=True))
+    click.echo(json.dumps(figures, indent=2) if as_json else bench_mod.render(figures))
 
 
 # -- memory templates -------------------------------------------------------------

@@ -116,7 +116,7 @@ def start(settings: Settings, spec: ServiceSpec, timeout: float = 20.0) -> str:
     raise RuntimeError(f"{spec.name} did not become healthy within {timeout:.0f} s; see {log_path}")
 
 
-def stop(settings: Settings, spec: ServiceSpec, timeout: float = 20.0) -> str:
+def stop(settings: Settings, spec: ServiceSpec, timeout: float = 60.0) -> str:
     """Stop ``spec`` (SIGTERM, then SIGKILL after ``timeout``)."""
     pid = read_pid(settings, spec)
     pidfile = _pidfile(settings, spec)

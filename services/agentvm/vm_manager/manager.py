@@ -70,6 +70,7 @@ NAME_RE = re.compile(r"^agent-vm-[a-z0-9][a-z0-9-]{0,62}$")
 DEFAULT_WAIT_S = 120.0
 DEFAULT_GRACE_S = 10.0
 POLL_S = 0.05
+TEMPLATE_ROLE = ("agent-vm/role", "template")
 LABEL_RE = re.compile(r"^[A-Za-z0-9_.\-/]{1,63}$")
 
 
@@ -153,6 +154,11 @@ class VMManager:
             except AgentVMError as exc:
                 log.warning("cannot adopt domain %s: %s", dom.name(), exc)
         await asyncio.to_thread(self.templates.clean_staging)
+        # A template build never survives a restart: its VM is garbage.
+        for vm in list(self._vms.values()):
+            if vm.labels.get(TEMPLATE_ROLE[0]) == TEMPLATE_ROLE[1]:
+                log.info("destroying %s, left by an interrupted template build", vm.name)
+                await self.destroy(vm.name)
         for base in (self.settings.vms_state_dir, self.settings.vms_run_dir):
             if not base.exists():
                 continue
@@ -263,7 +269,14 @@ class VMManager:
                     await self.destroy(name)
                 raise
         elif start:
-            await self.start(name)
+            try:
+                await self.start(name)
+            except BaseException:
+                # A VM nobody will hear of (the caller got an error or was
+                # cancelled) must not stay behind.
+                with contextlib.suppress(AgentVMError, OSError):
+                    await asyncio.shield(self.destroy(name))
+                raise
         return vm
 
     def _vm_template(self, vm: VM, kernel: Path, initrd: Path) -> VMTemplate:
@@ -580,7 +593,15 @@ class VMManager:
         shutil.rmtree(vm.run_dir, ignore_errors=True)
 
     async def close(self) -> None:
-        """Stop relays (VMs keep running; a restarted vm-manager adopts them)."""
+        """Stop relays (VMs keep running; a restarted vm-manager adopts them).
+
+        VMs of template builds cut short by the shutdown are destroyed: a
+        build never resumes.
+        """
+        for vm in list(self._vms.values()):
+            if vm.labels.get(TEMPLATE_ROLE[0]) == TEMPLATE_ROLE[1]:
+                with contextlib.suppress(AgentVMError, OSError):
+                    await self.destroy(vm.name)
         for vm in self._vms.values():
             if vm.relay is not None:
                 await vm.relay.close()
@@ -765,7 +786,7 @@ class VMManager:
             profile=spec.profile,
             network_mode=NetworkMode.ISOLATED,
             resources=spec.resources,
-            labels={"agent-vm/role": "template"},
+            labels=dict([TEMPLATE_ROLE]),
             start=True,
         )
         try:
@@ -810,7 +831,7 @@ class VMManager:
             )
             await asyncio.to_thread(self.templates.publish, staging, info)
         finally:
-            await self.destroy(vm.name)
+            await asyncio.shield(self.destroy(vm.name))
         in_use = {v.template_key for v in self._vms.values()}
         removed = await asyncio.to_thread(self.templates.prune, spec.image_id, in_use)
         if removed:
