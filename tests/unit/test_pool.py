@@ -296,3 +296,15 @@ def test_journal_replays_compacts_and_survives_a_torn_line(tmp_path: Path) -> No
     j2.close()
     lines = path.read_text().splitlines()
     assert [json.loads(x)["lease_id"] for x in lines] == ["b"]
+
+
+@aio
+async def test_one_vm_at_a_time_still_fills_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a small host the pool makes one VM at a time, and each finished one starts the next."""
+    monkeypatch.setattr("agentvm.pool_manager.pool.MAX_PARALLEL_WARM", 1)
+    be = FakeBackend()
+    pool = VMPool(KEY, cfg(3, 5), be)
+    pool.start()
+    await settle(pool, 3)
+    assert be.peak == 3
+    await pool.close()

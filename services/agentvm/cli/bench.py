@@ -169,11 +169,15 @@ class Bench:
             "and restart it (agent-vm down; agent-vm up)"
         )
 
-    def _wait_ready(self, timeout: float = 300.0) -> pool_manager_pb2.PoolStatus:
+    def _wait_ready(
+        self, timeout: float = 300.0, full: bool = False
+    ) -> pool_manager_pb2.PoolStatus:
+        """Wait for a ready VM (``full``: for the pool to be refilled and quiet)."""
         deadline = time.monotonic() + timeout
         while True:
             st = self._pool_status()
-            if st.ready >= 1 and st.template_ready:
+            enough = st.ready >= max(1, st.min_size) and st.warming == 0 if full else st.ready >= 1
+            if enough and st.template_ready:
                 return st
             if time.monotonic() > deadline:
                 raise FailedPrecondition(
@@ -183,13 +187,19 @@ class Bench:
             time.sleep(0.02)
 
     def acquires(self, n: int, first_commands: int) -> dict[str, Any]:
-        """Acquire (timed) while a VM is ready; release (untimed) so the pool refills."""
+        """Acquire (timed) from a refilled pool; release (untimed) so it refills.
+
+        Each acquire waits until the pool is back at its minimum with nothing
+        being made: the steady state of a pool sized ahead of demand. (While
+        VMs are being restored they keep host cores busy, and under TCG on a
+        small host that shows up as scheduling noise in every process.)
+        """
         acquire_ms, first_ms, idle_rss = [], [], []
-        st = self._wait_ready()
+        st = self._wait_ready(full=True)
         for i in range(n):
             if i % 20 == 0:
                 self.progress(f"pool acquire {i + 1}/{n}")
-            self._wait_ready()
+            self._wait_ready(full=True)
             if i == 0:
                 for vm in self.vmm.ListVMs(vm_manager_pb2.ListVMsRequest(), timeout=30).vms:
                     r = qemu_rss_mib(vm.name)

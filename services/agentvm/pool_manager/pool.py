@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import time
 from collections import deque
@@ -41,7 +42,9 @@ from agentvm.vm_manager.templates import NetworkMode, ResourceProfile
 
 log = logging.getLogger("agentvm.pool_manager.pool")
 
-MAX_PARALLEL_WARM = 2
+# VMs made at once: a restore or a boot keeps a host core busy (TCG: fully),
+# so leave half the cores to the VMs in use and to the control plane.
+MAX_PARALLEL_WARM = max(1, (os.cpu_count() or 2) // 2)
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 30.0
 TEMPLATE_WAIT_S = 60.0
@@ -375,6 +378,7 @@ class VMPool:
             return
         self._warming -= 1
         self._retry_s = RETRY_MIN_S
+        self._refill_wake.set()
         if self._closing:
             await self._destroy(pvm.vm.name)
             return
