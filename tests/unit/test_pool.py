@@ -27,12 +27,12 @@ from agentvm.vm_manager.templates import ResourceProfile
 KEY = PoolKey(ResourceProfile.STANDARD)
 
 
-def aio(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
-    """Run an async test on a fresh event loop."""
+def aio(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test on a fresh event loop (fixtures pass through)."""
 
     @functools.wraps(fn)
-    def wrapper() -> None:
-        asyncio.run(fn())
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(fn(*args, **kwargs))
 
     return wrapper
 
