@@ -92,13 +92,6 @@ class VMManagerBackend:
             return False
         return True
 
-    def forget(self, name: str) -> None:
-        """Drop the health channel of a VM handed out (the holder talks to it now)."""
-        channel = self._agents.pop(name, None)
-        if channel is not None:
-            task = asyncio.ensure_future(channel.close(grace=None))
-            task.add_done_callback(lambda t: t.exception())
-
     async def prepare_template(self, key: PoolKey) -> None:
         req = vm_manager_pb2.PrepareTemplateRequest(profile=key.profile.to_proto())
         try:

@@ -266,7 +266,8 @@ class VMPool:
     async def _check(self, pvm: PoolVM) -> bool:
         try:
             ok = await self.backend.healthy(pvm.vm, self.config.health_timeout_s)
-        except AgentVMError:
+        except Exception as exc:  # a check that cannot even be made is a failed check
+            log.info("pool %s: health check of %s failed: %r", self.key, pvm.vm.name, exc)
             ok = False
         if ok:
             pvm.checked = self._clock()
@@ -410,7 +411,10 @@ class VMPool:
     async def _health_loop(self) -> None:
         while not self._closing:
             await asyncio.sleep(self.config.health_interval_s)
-            await self.health_pass()
+            try:
+                await self.health_pass()
+            except Exception:  # the loop must outlive any one bad pass
+                log.exception("pool %s: health pass failed", self.key)
 
     async def health_pass(self) -> None:
         """Evict idle VMs past their TTL; check the rest, replace those that fail."""
