@@ -266,7 +266,7 @@ class VMPool:
     async def _check(self, pvm: PoolVM) -> bool:
         try:
             ok = await self.backend.healthy(pvm.vm, self.config.health_timeout_s)
-        except Exception as exc:  # a check that cannot even be made is a failed check
+        except Exception as exc:  # noqa: BLE001 - a check that cannot be made has failed
             log.info("pool %s: health check of %s failed: %r", self.key, pvm.vm.name, exc)
             ok = False
         if ok:
