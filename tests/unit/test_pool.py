@@ -308,3 +308,31 @@ async def test_one_vm_at_a_time_still_fills_the_pool(monkeypatch: pytest.MonkeyP
     await settle(pool, 3)
     assert be.peak == 3
     await pool.close()
+
+
+@aio
+async def test_health_loop_survives_checks_cancelled_by_a_closing_channel() -> None:
+    """destroy() closes a VM's channel, which cancels a check in flight: not a reason to die."""
+
+    class Cancelling(FakeBackend):
+        async def healthy(self, vm: common_pb2.VM, timeout: float) -> bool:
+            if vm.name in self.sick:
+                raise asyncio.CancelledError
+            return await super().healthy(vm, timeout)
+
+    be = Cancelling()
+    pool = VMPool(KEY, PoolConfig(min_size=2, max_size=4, ttl_s=600, health_interval_s=0.01), be)
+    pool.start()
+    await settle(pool, 2)
+    victim = be.created[0][0]
+    be.sick.add(victim)
+    for _ in range(200):
+        if pool.counters.replaced_unhealthy:
+            break
+        await asyncio.sleep(0.01)
+    assert pool.counters.replaced_unhealthy == 1
+    await asyncio.sleep(0.05)
+    loops = [t for t in pool._tasks if "_health_loop" in repr(t)]
+    assert loops
+    assert not loops[0].done()
+    await pool.close()

@@ -69,6 +69,9 @@ class VMManagerBackend:
             if isinstance(exc, grpc.RpcError):
                 raise _remote(exc, f"waiting for pool VM {vm.name}") from exc
             raise
+        # The VM's health channel lives exactly as long as the VM (destroy
+        # closes it): a channel left to a dead VM would keep reconnecting.
+        self._agents[vm.name] = aio_channel(vm.agent_endpoint)
         return vm
 
     async def destroy(self, name: str) -> None:
@@ -84,11 +87,18 @@ class VMManagerBackend:
     async def healthy(self, vm: common_pb2.VM, timeout: float) -> bool:
         channel = self._agents.get(vm.name)
         if channel is None:
-            channel = self._agents[vm.name] = aio_channel(vm.agent_endpoint)
+            return False  # destroyed meanwhile, or never made by this backend
         stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
         try:
             await stub.GetStatus(guest_agent_pb2.GetStatusRequest(), timeout=timeout)
         except grpc.RpcError:
+            return False
+        except asyncio.CancelledError:
+            # Closing a channel (destroy) cancels its calls: that is a failed
+            # check, unless this task itself is being cancelled.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
             return False
         return True
 

@@ -425,9 +425,9 @@ class VMPool:
                 self.counters.evicted_ttl += 1
                 self._discard(pvm.vm.name, f"idle longer than its TTL ({self.config.ttl_s:g} s)")
         idle = list(self._idle)
-        results = await asyncio.gather(*(self._check(p) for p in idle))
+        results = await asyncio.gather(*(self._check(p) for p in idle), return_exceptions=True)
         for pvm, ok in zip(idle, results, strict=True):
-            if not ok and pvm in self._idle:
+            if ok is not True and pvm in self._idle:
                 self._idle.remove(pvm)
                 self.counters.replaced_unhealthy += 1
                 self._discard(pvm.vm.name, "its agent stopped answering")
