@@ -128,13 +128,10 @@ class VMManagerProcess:
 
 
 @dataclass
-class ExecutorProcess(VMManagerProcess):
-    """The executor as a real process, next to (and configured like) a VMManagerProcess."""
+class NamedServiceProcess(VMManagerProcess):
+    """A service next to a VMManagerProcess, with its socket and log named ``name``."""
 
-    name: str = "executor"
-    # pool-manager address to take VMs from ("" = none).
-    pool: str = ""
-    module = "agentvm.executor"
+    name: str = ""
 
     @property
     def log_path(self) -> Path:
@@ -143,6 +140,16 @@ class ExecutorProcess(VMManagerProcess):
     @property
     def address(self) -> str:
         return f"unix:{self.run_dir}/{self.name}.sock"
+
+
+@dataclass
+class ExecutorProcess(NamedServiceProcess):
+    """The executor as a real process, next to (and configured like) a VMManagerProcess."""
+
+    name: str = "executor"
+    # pool-manager address to take VMs from ("" = none).
+    pool: str = ""
+    module = "agentvm.executor"
 
     @property
     def env(self) -> dict[str, str]:
@@ -152,20 +159,12 @@ class ExecutorProcess(VMManagerProcess):
 
 
 @dataclass
-class PoolManagerProcess(VMManagerProcess):
+class PoolManagerProcess(NamedServiceProcess):
     """pool-manager as a real process next to a VMManagerProcess (own socket name)."""
 
     name: str = "pool-manager"
     pools: str = "standard:min=2,max=4,ttl=600"
     module = "agentvm.pool_manager"
-
-    @property
-    def log_path(self) -> Path:
-        return self.base / f"{self.name}.log"
-
-    @property
-    def address(self) -> str:
-        return f"unix:{self.run_dir}/{self.name}.sock"
 
     @property
     def env(self) -> dict[str, str]:

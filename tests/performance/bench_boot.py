@@ -16,11 +16,11 @@ import platform
 import statistics
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import grpc
 
+from agentvm.cli.bench import qemu_rss_mib
 from agentvm.common.config import Settings
 from agentvm.common.grpc_util import sync_channel
 from agentvm.v1 import (
@@ -63,18 +63,6 @@ def snapshot_restores(
         stub.WaitVM(req, timeout=300)
         out.append(time.perf_counter() - t)
     return out
-
-
-def qemu_rss_mib(vm_name: str) -> float | None:
-    """Resident memory of a VM's QEMU process (libvirt's pid file), in MiB."""
-    try:
-        pid = int(Path(f"/run/libvirt/qemu/{vm_name}.pid").read_text().strip())
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def host_true(n: int) -> list[float]:
