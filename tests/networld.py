@@ -1,0 +1,153 @@
+"""A private "internet" for network tests: a namespace with DNS and servers.
+
+Everything lives in a network namespace the test creates, reached from the
+host over one veth pair on 198.18.0.0/24 (RFC 2544 benchmark addresses,
+never routed on the internet). Nothing here sends a packet anywhere else,
+and ``down`` removes the namespace, its processes and the veth pair, also
+after a failed test.
+
+    host avmw-<tag>h 198.18.0.1 <-veth-> avmw-<tag>p in netns avmw-<tag>:
+        198.18.0.2   dnsmasq (the world's resolver)
+        198.18.0.10  allowed.test  (HTTP on 80, TCP echo on 22 and 8080)
+        198.18.0.11  other.test    (HTTP on 80)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+HOST_IP = "198.18.0.1"
+DNS_IP = "198.18.0.2"
+NAMES = {"allowed.test": "198.18.0.10", "other.test": "198.18.0.11"}
+SERVER = r"""
+import socket, sys, threading
+def serve(addr, port, http):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, port)); s.listen(16)
+    while True:
+        c, peer = s.accept()
+        with c:
+            c.settimeout(5)
+            try:
+                data = c.recv(4096)
+            except OSError:
+                continue
+            body = f"{addr}:{port} saw {peer[0]}\n".encode()
+            if http:
+                c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            else:
+                c.sendall(body + data)
+for spec in sys.argv[1:]:
+    a, p, kind = spec.split(":")
+    threading.Thread(target=serve, args=(a, int(p), kind == "http"), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, text=True)
+
+
+@dataclass
+class NetWorld:
+    tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    @property
+    def ns(self) -> str:
+        return f"avmw-{self.tag}"
+
+    @property
+    def host_if(self) -> str:
+        return f"avmw-{self.tag}h"
+
+    @property
+    def peer_if(self) -> str:
+        return f"avmw-{self.tag}p"
+
+    def up(self) -> None:
+        sh("ip", "netns", "add", self.ns)
+        sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.peer_if)
+        sh("ip", "link", "set", self.peer_if, "netns", self.ns)
+        sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", self.host_if)
+        sh("ip", "link", "set", self.host_if, "up")
+        inside = ["ip", "netns", "exec", self.ns]
+        sh(*inside, "ip", "link", "set", "lo", "up")
+        for ip in (DNS_IP, *NAMES.values()):
+            sh(*inside, "ip", "addr", "add", f"{ip}/24", "dev", self.peer_if)
+        sh(*inside, "ip", "link", "set", self.peer_if, "up")
+        dns = [
+            *inside, "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+            "--bind-interfaces", f"--listen-address={DNS_IP}", "--except-interface=lo",
+            "--pid-file=", "--user=root", "--log-queries", "--log-facility=-",
+            *(f"--address=/{name}/{ip}" for name, ip in NAMES.items()),
+        ]  # fmt: skip
+        self.procs.append(
+            subprocess.Popen(dns, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        )
+        allowed, other = NAMES["allowed.test"], NAMES["other.test"]
+        specs = [
+            f"{allowed}:80:http",
+            f"{allowed}:22:echo",
+            f"{allowed}:8080:echo",
+            f"{other}:80:http",
+        ]
+        srv = subprocess.Popen(
+            [*inside, sys.executable, "-c", SERVER, *specs],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tempfile.gettempdir(),
+        )
+        self.procs.append(srv)
+        assert srv.stdout is not None
+        if srv.stdout.readline().strip() != "ready":
+            raise RuntimeError(
+                f"test world servers did not start: {srv.stderr.read() if srv.stderr else ''}"
+            )
+        deadline = time.monotonic() + 10
+        while not self._dns_listening():
+            if time.monotonic() > deadline:
+                raise RuntimeError("dnsmasq in the test world did not start")
+            time.sleep(0.05)
+
+    def _dns_listening(self) -> bool:
+        out = subprocess.run(
+            ["ip", "netns", "exec", self.ns, "ss", "-Hlun", f"src {DNS_IP}:53"],
+            capture_output=True, text=True, check=False,
+        ).stdout  # fmt: skip
+        return DNS_IP in out
+
+    def down(self) -> None:
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+        self.procs.clear()
+        subprocess.run(["ip", "link", "delete", self.host_if], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "delete", self.ns], capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def networld() -> Iterator[NetWorld]:
+    world = NetWorld()
+    try:
+        world.up()
+        yield world
+    finally:
+        world.down()
+
+
+def leftovers() -> list[str]:
+    """Test-world namespaces still present (should be none after any test)."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    return [line.split()[0] for line in out.stdout.splitlines() if line.startswith("avmw-")]
