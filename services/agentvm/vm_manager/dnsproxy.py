@@ -1,0 +1,214 @@
+"""The NAT_FILTERED resolver: answers only allowlisted names, records every query.
+
+Groundwork for docs/NETWORK_DESIGN.md (issue 5): nothing starts it yet.
+A guest's only resolver is this proxy on its bridge address. For each query
+it finds the VM by source address; a name outside that VM's allowlist gets
+REFUSED and never leaves the host (so a guest cannot leak data through
+queries for names in a zone it controls); an allowed A query goes to the
+upstream resolver, and the addresses of the answer are handed to
+``on_addresses`` (which fills the VM's nftables set) with their TTL clamped
+to [MIN_TTL, MAX_TTL]. AAAA gets an empty answer (IPv6 is off), every other
+type REFUSED. Everything the guest sends is parsed defensively: malformed
+packets are dropped and recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import dns.asyncquery
+import dns.exception
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+
+from agentvm.common.errors import InvalidArgument
+
+log = logging.getLogger("agentvm.vm_manager.dnsproxy")
+
+MIN_TTL = 30
+MAX_TTL = 3600
+UPSTREAM_TIMEOUT_S = 3.0
+MAX_QUERY_BYTES = 512
+LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def normalize(name: str) -> str:
+    return name.strip().rstrip(".").lower()
+
+
+def check_pattern(pattern: str) -> str:
+    """A normalized allowlist entry ("pypi.org", "*.github.com"); InvalidArgument if bad."""
+    p = normalize(pattern)
+    labels = p.split(".")
+    if labels and labels[0] == "*":
+        labels = labels[1:]
+    if len(p) > 253 or len(labels) < 2 or not all(LABEL_RE.match(x) for x in labels):
+        raise InvalidArgument(
+            f"allow_domains entry {pattern!r} is not a domain name or a '*.' wildcard of one"
+        )
+    return p
+
+
+class DomainAllowlist:
+    """Exact names, and "*.suffix" wildcards matching one or more labels below suffix."""
+
+    def __init__(self, patterns: list[str]) -> None:
+        self.exact: set[str] = set()
+        self.suffixes: set[str] = set()
+        for p in map(check_pattern, patterns):
+            if p.startswith("*."):
+                self.suffixes.add(p[1:])  # ".github.com"
+            else:
+                self.exact.add(p)
+
+    def allows(self, name: str) -> bool:
+        n = normalize(name)
+        return n in self.exact or any(n.endswith(s) for s in self.suffixes)
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    vm: str
+    allowlist: DomainAllowlist
+
+
+@dataclass(frozen=True)
+class EgressRecord:
+    """One DNS query or connection attempt of one VM, with its verdict."""
+
+    time: float
+    vm: str
+    kind: str  # "dns" | "connect"
+    name: str
+    address: str
+    port: int
+    verdict: str  # "allowed" | "denied"
+    detail: str = ""
+
+
+class DNSProxy(asyncio.DatagramProtocol):
+    def __init__(
+        self,
+        *,
+        upstream: tuple[str, int],
+        policy_for: Callable[[str], ClientPolicy | None],
+        on_addresses: Callable[[str, list[tuple[str, int]]], None],
+        on_record: Callable[[EgressRecord], None],
+    ) -> None:
+        self.upstream = upstream
+        self.policy_for = policy_for
+        self.on_addresses = on_addresses
+        self.on_record = on_record
+        self.transport: asyncio.DatagramTransport | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- asyncio protocol --------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        task = asyncio.ensure_future(self.handle(data, (str(addr[0]), int(str(addr[1])))))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    # -- one query -----------------------------------------------------------
+    def _record(self, vm: str, name: str, src: str, verdict: str, detail: str) -> None:
+        self.on_record(EgressRecord(time.time(), vm, "dns", name, src, 53, verdict, detail))
+
+    def _send(self, msg: dns.message.Message, addr: tuple[str, int]) -> None:
+        if self.transport is not None:
+            self.transport.sendto(msg.to_wire(max_size=MAX_QUERY_BYTES), addr)
+
+    async def handle(self, data: bytes, addr: tuple[str, int]) -> None:
+        src = addr[0]
+        policy = self.policy_for(src)
+        vm = policy.vm if policy else ""
+        if len(data) > MAX_QUERY_BYTES:
+            self._record(vm, "", src, "denied", "oversized query dropped")
+            return
+        try:
+            query = dns.message.from_wire(data)
+        except dns.exception.DNSException as exc:
+            self._record(vm, "", src, "denied", f"malformed query dropped: {type(exc).__name__}")
+            return
+        if query.flags & dns.flags.QR or len(query.question) != 1:
+            self._record(vm, "", src, "denied", "not a single-question query; dropped")
+            return
+        q = query.question[0]
+        name = normalize(q.name.to_text())
+        qtype = dns.rdatatype.to_text(q.rdtype)
+        reply = dns.message.make_response(query)
+        if policy is None:
+            reply.set_rcode(dns.rcode.REFUSED)
+            self._record("", name, src, "denied", "query from an address that is no VM")
+            self._send(reply, addr)
+            return
+        if not policy.allowlist.allows(name):
+            reply.set_rcode(dns.rcode.REFUSED)
+            self._record(vm, name, src, "denied", f"{qtype}: name not in the allowlist")
+            self._send(reply, addr)
+            return
+        if q.rdtype == dns.rdatatype.AAAA:
+            self._record(vm, name, src, "allowed", "AAAA: empty answer (IPv6 is off)")
+            self._send(reply, addr)
+            return
+        if q.rdtype != dns.rdatatype.A:
+            reply.set_rcode(dns.rcode.REFUSED)
+            self._record(vm, name, src, "denied", f"{qtype}: only A and AAAA are answered")
+            self._send(reply, addr)
+            return
+        await self._forward(query, name, policy, addr)
+
+    async def _forward(
+        self, query: dns.message.Message, name: str, policy: ClientPolicy, addr: tuple[str, int]
+    ) -> None:
+        upstream_q = dns.message.make_query(name, dns.rdatatype.A)
+        try:
+            answer = await dns.asyncquery.udp(
+                upstream_q, self.upstream[0], port=self.upstream[1], timeout=UPSTREAM_TIMEOUT_S
+            )
+        except (dns.exception.DNSException, OSError) as exc:
+            reply = dns.message.make_response(query)
+            reply.set_rcode(dns.rcode.SERVFAIL)
+            self._record(policy.vm, name, addr[0], "allowed", f"upstream failed: {exc}")
+            self._send(reply, addr)
+            return
+        reply = dns.message.make_response(query)
+        reply.set_rcode(answer.rcode())
+        found: list[tuple[str, int]] = []
+        for rrset in answer.answer:
+            # Only the A records (CNAME chains included in the answer are kept
+            # for the guest; their targets' addresses are what gets allowed).
+            reply.answer.append(rrset)
+            if rrset.rdtype == dns.rdatatype.A:
+                ttl = min(max(int(rrset.ttl), MIN_TTL), MAX_TTL)
+                found += [(r.address, ttl) for r in rrset]
+        if found:
+            self.on_addresses(policy.vm, found)
+        addrs = ", ".join(a for a, _ in found) or "no address"
+        self._record(policy.vm, name, addr[0], "allowed", f"A: {addrs}")
+        self._send(reply, addr)
+
+
+async def serve(
+    proxy: DNSProxy, host: str, port: int
+) -> tuple[asyncio.DatagramTransport, DNSProxy]:
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: proxy, local_addr=(host, port)
+    )
+    return transport, protocol

@@ -1,0 +1,110 @@
+"""The NAT_FILTERED resolver against a real upstream (the tests' private internet)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import dns.asyncquery
+import dns.message
+import dns.rcode
+import pytest
+
+from agentvm.common.errors import InvalidArgument
+from agentvm.vm_manager.dnsproxy import (
+    MIN_TTL,
+    ClientPolicy,
+    DNSProxy,
+    DomainAllowlist,
+    EgressRecord,
+    serve,
+)
+from tests.networld import DNS_IP, NAMES, NetWorld, networld
+
+
+def aio(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(fn(*args, **kwargs))
+
+    return wrapper
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[NetWorld]:
+    with networld() as w:
+        yield w
+
+
+def test_allowlist_matching() -> None:
+    allow = DomainAllowlist(["PyPI.org.", "*.github.com"])
+    assert allow.allows("pypi.org")
+    assert allow.allows("pypi.org.")
+    assert allow.allows("api.github.com")
+    assert allow.allows("a.b.github.com")
+    assert not allow.allows("github.com")
+    assert not allow.allows("evilgithub.com")
+    assert not allow.allows("pypi.org.evil.com")
+    assert not allow.allows("files.pythonhosted.org")
+    for bad in ["", "com", "*", "*.com", "a..b", "-a.com", "a b.com", "x" * 64 + ".com"]:
+        with pytest.raises(InvalidArgument, match="allow_domains"):
+            DomainAllowlist([bad])
+
+
+async def ask(port: int, name: str, rdtype: str, source: str = "127.0.0.1") -> dns.message.Message:
+    return await dns.asyncquery.udp(
+        dns.message.make_query(name, rdtype), "127.0.0.1", port=port, timeout=5, source=source
+    )
+
+
+@aio
+async def test_only_allowlisted_names_resolve_and_their_addresses_are_handed_on(
+    world: NetWorld,
+) -> None:
+    records: list[EgressRecord] = []
+    added: list[tuple[str, list[tuple[str, int]]]] = []
+    policies = {"127.0.0.1": ClientPolicy("vm1", DomainAllowlist(["allowed.test"]))}
+    proxy = DNSProxy(
+        upstream=(DNS_IP, 53),
+        policy_for=policies.get,
+        on_addresses=lambda vm, addrs: added.append((vm, addrs)),
+        on_record=records.append,
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    transport, _ = await serve(proxy, "127.0.0.1", port)
+    try:
+        ok = await ask(port, "allowed.test", "A")
+        assert ok.rcode() == dns.rcode.NOERROR
+        assert [r.address for rrset in ok.answer for r in rrset] == [NAMES["allowed.test"]]
+        assert added == [("vm1", [(NAMES["allowed.test"], MIN_TTL)])]  # dnsmasq's TTL 0 clamped
+
+        for name, rdtype in [("other.test", "A"), ("allowed.test", "TXT"), ("x.allowed.test", "A")]:
+            refused = await ask(port, name, rdtype)
+            assert refused.rcode() == dns.rcode.REFUSED
+        v6 = await ask(port, "allowed.test", "AAAA")
+        assert v6.rcode() == dns.rcode.NOERROR
+        assert not v6.answer
+        stranger = await ask(port, "allowed.test", "A", source="127.0.0.2")
+        assert stranger.rcode() == dns.rcode.REFUSED
+        assert len(added) == 1  # nothing but the one allowed answer reached the filter
+
+        # Garbage from a guest is dropped and recorded, the proxy keeps going.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as g:
+            g.sendto(b"\x00\x01garbage", ("127.0.0.1", port))
+            g.sendto(b"x" * 2000, ("127.0.0.1", port))
+        await asyncio.sleep(0.2)
+        assert (await ask(port, "allowed.test", "A")).rcode() == dns.rcode.NOERROR
+    finally:
+        transport.close()
+    verdicts = [(r.vm, r.name, r.verdict) for r in records]
+    assert ("vm1", "allowed.test", "allowed") in verdicts
+    assert ("vm1", "other.test", "denied") in verdicts
+    assert ("", "allowed.test", "denied") in verdicts
+    assert any("malformed" in r.detail for r in records)
+    assert any("oversized" in r.detail for r in records)
+    assert all(r.kind == "dns" for r in records)
