@@ -78,6 +78,9 @@ def test_doctor_passes_with_services_up(vmm: VMManagerProcess, executor: Executo
     names = {c["name"] for c in checks}
     assert {"libvirt", "accelerator", "guest image", "service vm-manager"} <= names
     assert "service pool-manager" in names
+    firewall = next(c for c in checks if c["name"] == "firewall")
+    assert firewall["ok"]
+    assert "nftables" in firewall["detail"]
 
 
 def test_services_down_gives_one_line_and_the_fix(tmp_path: Path) -> None:

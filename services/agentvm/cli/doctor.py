@@ -39,6 +39,22 @@ def _traversable_by_others(path: Path) -> Path | None:
     return None
 
 
+def firewall_check() -> Check:
+    """The firewall backend NAT_FILTERED networks will use (nftables)."""
+    nft = shutil.which("nft")
+    if nft is None:
+        return Check(
+            "firewall",
+            False,
+            "nft not found: NAT_FILTERED networks need nftables",
+            "apt-get install nftables (./setup.sh does)",
+            required=False,
+        )
+    out = subprocess.run([nft, "--version"], capture_output=True, text=True, check=False)
+    version = (out.stdout or out.stderr).strip() or "unknown version"
+    return Check("firewall", out.returncode == 0, f"nftables: {version}", required=False)
+
+
 def run_checks(settings: Settings) -> list[Check]:
     checks: list[Check] = []
     conn = LibvirtConnection(settings.libvirt_uri)
@@ -151,6 +167,7 @@ def run_checks(settings: Settings) -> list[Check]:
             required=False,
         )
     )
+    checks.append(firewall_check())
     for spec in service_specs(settings):
         status = health(spec.address)
         checks.append(
