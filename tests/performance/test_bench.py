@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -14,19 +15,21 @@ from tests.vmharness import REPO, ExecutorProcess, PoolManagerProcess, VMManager
 pytestmark = pytest.mark.vm
 
 
-def test_boot_benchmark_prints_figures(vmm: VMManagerProcess) -> None:
+def run_figures(argv: list[str], env: dict[str, str]) -> tuple[dict[str, Any], str]:
+    """Run a benchmark that prints JSON; (its figures, its stderr). Fails on a non-zero exit."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.performance.bench_boot", "--vms", "2", "--calls", "10"],
-        env=vmm.env,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-        check=False,
+        argv, env=env, capture_output=True, text=True, cwd=REPO, timeout=900, check=False
     )
     assert proc.returncode == 0, proc.stderr
-    figures = json.loads(proc.stdout)
     sys.stderr.write(proc.stdout)
+    return json.loads(proc.stdout), proc.stderr
+
+
+def test_boot_benchmark_prints_figures(vmm: VMManagerProcess) -> None:
+    figures, _ = run_figures(
+        [sys.executable, "-m", "tests.performance.bench_boot", "--vms", "2", "--calls", "10"],
+        vmm.env,
+    )
     assert figures["cold_create_to_ready_s"]["n"] == 2
     assert figures["exec_true_round_trip_ms"]["n"] == 10
     assert figures["cold_create_to_ready_s"]["p50"] > 0
@@ -36,18 +39,10 @@ def test_boot_benchmark_prints_figures(vmm: VMManagerProcess) -> None:
 
 
 def test_executor_benchmark_prints_figures(executor: ExecutorProcess) -> None:
-    proc = subprocess.run(
+    figures, _ = run_figures(
         [sys.executable, "-m", "tests.performance.bench_executor", "--calls", "10", "--mib", "4"],
-        env=executor.env,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-        check=False,
+        executor.env,
     )
-    assert proc.returncode == 0, proc.stderr
-    figures = json.loads(proc.stdout)
-    sys.stderr.write(proc.stdout)
     assert figures["exec_true_round_trip_ms"]["n"] == 10
     for mode in ("shared", "api"):
         assert figures[f"transfer_{mode}_mb_s"]["upload"] > 0
@@ -70,21 +65,10 @@ def test_agent_vm_bench_prints_every_figure(
     }
     try:
         args = ["--json", "--cold", "1", "--restores", "2", "--acquires", "4", "--concurrent", "2"]
-        proc = subprocess.run(
-            [str(REPO / ".venv/bin/agent-vm"), "bench", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=900,
-            check=False,
-        )
+        fig, stderr = run_figures([str(REPO / ".venv/bin/agent-vm"), "bench", *args], env)
     finally:
         ex.stop()
         pm.stop()
-    assert proc.returncode == 0, proc.stderr
-    fig = json.loads(proc.stdout)
-    sys.stderr.write(proc.stdout)
     assert fig["machine"]["accelerator"] in ("TCG", "KVM")
     assert fig["cold_create_to_ready_s"]["n"] == 1
     assert fig["restore_to_ready_s"]["n"] == 2
@@ -98,4 +82,4 @@ def test_agent_vm_bench_prints_every_figure(
     assert fig["qemu_rss_mib"]["template_clone"] > 0
     assert fig["ratios"]["cold_over_restore"] > 0
     assert fig["ratios"]["cold_over_acquire"] > 0
-    assert "pool acquire" in proc.stderr
+    assert "pool acquire" in stderr
