@@ -295,7 +295,6 @@ class AgentExecutor:
         labels.update(self._owner_labels())
         labels["agent-vm/sandbox"] = sandbox_id
         start = time.monotonic()
-        vm_name = ""
         lease_id = ""
         try:
             key = self._pool_key(spec, mode)
@@ -303,11 +302,10 @@ class AgentExecutor:
             if leased is not None:
                 vm, lease_id = leased
             else:
-                vm_name, vm = await self._create_vm(spec, mode, labels)
+                vm = await self._create_vm(spec, mode, labels)
         except BaseException:
+            # _create_vm destroys a VM it made before failing.
             self._slots.release()
-            if vm_name:
-                self._spawn(self._destroy_vm(vm_name))
             raise
         now = time.time()
         sb = SandboxState(
@@ -335,8 +333,8 @@ class AgentExecutor:
         spec: executor_pb2.SandboxSpec,
         mode: common_pb2.WorkspaceMode.ValueType,
         labels: dict[str, str],
-    ) -> tuple[str, common_pb2.VM]:
-        """Create and boot a VM for one sandbox; (name, READY VM)."""
+    ) -> common_pb2.VM:
+        """Create and boot a VM for one sandbox (READY); destroyed again on any failure."""
         vm_name = ""
         try:
             try:
@@ -362,7 +360,7 @@ class AgentExecutor:
             if vm_name:
                 self._spawn(self._destroy_vm(vm_name))
             raise
-        return vm_name, vm
+        return vm
 
     def get(self, sandbox_id: str) -> SandboxState:
         sb = self._sandboxes.get(sandbox_id)
