@@ -11,6 +11,9 @@ if [ -e /dev/kvm ] && getent group kvm >/dev/null; then
     restart=1
   fi
 fi
+# libvirt's network driver keeps per-network files here even with its DNS
+# and DHCP off (NAT_FILTERED networks); packages create it, bare installs may not.
+mkdir -p /var/lib/libvirt/dnsmasq
 if [ -d /run/systemd/system ]; then
   systemctl start virtlogd.socket libvirtd.socket libvirtd.service 2>/dev/null || systemctl start libvirtd
   [ "$restart" = 1 ] && systemctl restart libvirtd

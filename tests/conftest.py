@@ -12,6 +12,8 @@ import pytest
 from agentvm.common.config import Settings
 from agentvm.v1 import common_pb2, vm_manager_pb2
 from agentvm.vm_manager.image import ImageStore
+from agentvm.vm_manager.network import NetNames
+from tests.networld import NetWorld, nat_env, networld
 from tests.vmharness import (
     BOOT_TIMEOUT_S,
     ExecutorProcess,
@@ -44,9 +46,23 @@ def guest_image() -> Path:
 
 
 @pytest.fixture(scope="session")
-def vmm(guest_image: Path) -> Iterator[VMManagerProcess]:
-    """A vm-manager process of the tests' own (own dirs, own VM name prefix)."""
+def net_world() -> Iterator[NetWorld]:
+    """The tests' private internet (see tests/networld.py), shared by the session."""
+    with networld() as world:
+        yield world
+
+
+@pytest.fixture(scope="session")
+def vmm(guest_image: Path, net_world: NetWorld) -> Iterator[VMManagerProcess]:
+    """A vm-manager process of the tests' own (own dirs, own VM name prefix).
+
+    Its NAT network leaves only into the test world: the uplink is the
+    world's veth, its resolver forwards to the world's DNS, and a routing
+    rule sends whatever enters by its bridge into the world or nowhere.
+    """
     proc = new_vmm()
+    proc.extra_env = nat_env(net_world)
+    net_world.confine(NetNames.for_prefix(proc.prefix).bridge)
     proc.start()
     try:
         yield proc

@@ -60,6 +60,8 @@ def sh(*args: str) -> None:
 class NetWorld:
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    bridge: str = ""
+    table: str = ""
 
     @property
     def ns(self) -> str:
@@ -119,6 +121,20 @@ class NetWorld:
                 raise RuntimeError("dnsmasq in the test world did not start")
             time.sleep(0.05)
 
+    def confine(self, bridge: str) -> None:
+        """Route everything that enters by ``bridge`` into this world, or nowhere.
+
+        A policy-routing rule independent of agent-vm's own filter: packets
+        from the VMs' bridge are looked up in a table that only knows the
+        world's subnet (everything else is unreachable), so even a broken
+        filter cannot send a packet anywhere but into this namespace.
+        """
+        self.table = str(4000 + int(self.tag, 16) % 50000)
+        sh("ip", "route", "add", "198.18.0.0/24", "dev", self.host_if, "table", self.table)
+        sh("ip", "route", "add", "unreachable", "default", "table", self.table)
+        sh("ip", "rule", "add", "iif", bridge, "lookup", self.table, "priority", "1000")
+        self.bridge = bridge
+
     def _dns_listening(self) -> bool:
         out = subprocess.run(
             ["ip", "netns", "exec", self.ns, "ss", "-Hlun", f"src {DNS_IP}:53"],
@@ -133,6 +149,13 @@ class NetWorld:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(5)
         self.procs.clear()
+        if self.bridge:
+            for cmd in (
+                ["ip", "rule", "del", "iif", self.bridge, "lookup", self.table],
+                ["ip", "route", "flush", "table", self.table],
+            ):
+                subprocess.run(cmd, capture_output=True, check=False)
+            self.bridge = ""
         subprocess.run(["ip", "link", "delete", self.host_if], capture_output=True, check=False)
         subprocess.run(["ip", "netns", "delete", self.ns], capture_output=True, check=False)
 
@@ -145,6 +168,95 @@ def networld() -> Iterator[NetWorld]:
         yield world
     finally:
         world.down()
+
+
+BRIDGE_SERVER_IP = "198.19.0.1"
+
+
+@dataclass
+class BridgeWorld:
+    """A user's LAN for NETWORK_MODE_BRIDGE: a host bridge with no host address,
+    whose only other port leads into a namespace with a DHCP server (dnsmasq,
+    198.19.0.100-120) and an HTTP server on 198.19.0.1. Nothing on it can
+    reach the host or anything beyond the namespace."""
+
+    tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    @property
+    def ns(self) -> str:
+        return f"avmw-{self.tag}"
+
+    @property
+    def bridge(self) -> str:
+        return f"avmb-{self.tag}"
+
+    def up(self) -> None:
+        host_if, peer_if = f"avmb-{self.tag}h", f"avmb-{self.tag}p"
+        sh("ip", "netns", "add", self.ns)
+        sh("ip", "link", "add", self.bridge, "type", "bridge")
+        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
+        sh("ip", "link", "set", host_if, "master", self.bridge)
+        sh("ip", "link", "set", peer_if, "netns", self.ns)
+        for dev in (host_if, self.bridge):
+            sh("ip", "link", "set", dev, "up")
+        inside = ["ip", "netns", "exec", self.ns]
+        sh(*inside, "ip", "link", "set", "lo", "up")
+        sh(*inside, "ip", "addr", "add", f"{BRIDGE_SERVER_IP}/24", "dev", peer_if)
+        sh(*inside, "ip", "link", "set", peer_if, "up")
+        dhcp = [
+            *inside, "dnsmasq", "--keep-in-foreground", "--port=0", "--no-resolv", "--no-hosts",
+            "--bind-interfaces", f"--interface={peer_if}", "--except-interface=lo",
+            "--pid-file=", "--user=root", "--log-facility=-", "--dhcp-authoritative",
+            "--dhcp-leasefile=/dev/null",
+            "--dhcp-range=198.19.0.100,198.19.0.120,255.255.255.0,1h",
+        ]  # fmt: skip
+        self.procs.append(
+            subprocess.Popen(dhcp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        )
+        srv = subprocess.Popen(
+            [*inside, sys.executable, "-c", SERVER, f"{BRIDGE_SERVER_IP}:80:http"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=tempfile.gettempdir(),
+        )  # fmt: skip
+        self.procs.append(srv)
+        assert srv.stdout is not None
+        if srv.stdout.readline().strip() != "ready":
+            raise RuntimeError("bridge world server did not start")
+
+    def down(self) -> None:
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+        self.procs.clear()
+        for cmd in (
+            ["ip", "link", "delete", f"avmb-{self.tag}h"],
+            ["ip", "link", "delete", self.bridge],
+            ["ip", "netns", "delete", self.ns],
+        ):
+            subprocess.run(cmd, capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def bridge_world() -> Iterator[BridgeWorld]:
+    world = BridgeWorld()
+    try:
+        world.up()
+        yield world
+    finally:
+        world.down()
+
+
+def nat_env(world: NetWorld) -> dict[str, str]:
+    """vm-manager settings that point its NAT network at ``world``."""
+    return {
+        "AGENTVM_NAT_UPLINK": world.host_if,
+        "AGENTVM_NAT_DNS_UPSTREAM": DNS_IP,
+        "AGENTVM_NAT_SUBNET": f"10.214.{int(world.tag, 16) % 250 + 1}.0/24",
+        "AGENTVM_NAT_DEFAULT_DOMAINS": "allowed.test",
+    }
 
 
 def leftovers() -> list[str]:

@@ -33,6 +33,7 @@ from agentvm.v1 import (
     vm_manager_pb2,
     vm_manager_pb2_grpc,
 )
+from agentvm.vm_manager.network import NetNames
 
 REPO = Path(__file__).resolve().parents[1]
 BOOT_TIMEOUT_S = 180.0
@@ -46,6 +47,8 @@ class VMManagerProcess:
     prefix: str
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    # Extra settings (the NAT network's uplink, resolver and subnet in tests).
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
@@ -77,6 +80,7 @@ class VMManagerProcess:
             AGENTVM_LOG_DIR=str(self.base / "log"),
             AGENTVM_LOG_LEVEL="DEBUG",
         )
+        env.update(self.extra_env)
         return env
 
     module = "agentvm.vm_manager"
@@ -266,17 +270,20 @@ class VMFactory:
         start: bool = True,
         profile: common_pb2.ResourceProfile.ValueType = common_pb2.RESOURCE_PROFILE_STANDARD,
         network: common_pb2.NetworkMode.ValueType = common_pb2.NETWORK_MODE_ISOLATED,
+        policy: common_pb2.NetworkPolicy | None = None,
+        from_template: bool = False,
+        bridge: str = "",
     ) -> common_pb2.VM:
-        vm = (
-            self.vmm.stub()
-            .CreateVM(
-                vm_manager_pb2.CreateVMRequest(
-                    profile=profile, network_mode=network, start=start, labels={"test": "1"}
-                ),
-                timeout=60,
-            )
-            .vm
+        req = vm_manager_pb2.CreateVMRequest(
+            profile=profile,
+            network_mode=network,
+            bridge=bridge,
+            start=start,
+            labels={"test": "1"},
+            network_policy=policy,
+            from_template=from_template,
         )
+        vm = self.vmm.stub().CreateVM(req, timeout=BOOT_TIMEOUT_S).vm
         self.names.append(vm.name)
         return vm
 
@@ -343,9 +350,26 @@ def remove_vmm_dirs(vmm: VMManagerProcess) -> None:
     shutil.rmtree(vmm.base, ignore_errors=True)
 
 
+def net_leftovers(prefix: str) -> list[str]:
+    """This vm-manager's libvirt network and nftables tables, if still there."""
+    names = NetNames.for_prefix(prefix)
+    left = []
+    conn = libvirt.open("qemu:///system")
+    try:
+        left += [f"network {n}" for n in conn.listNetworks() + conn.listDefinedNetworks()
+                 if n == names.network]  # fmt: skip
+    finally:
+        conn.close()
+    tables = subprocess.run(
+        ["nft", "list", "tables"], capture_output=True, text=True, check=False
+    ).stdout
+    left += [f"nft {line}" for line in tables.splitlines() if line.endswith(f" {names.table}")]
+    return left
+
+
 def leftovers(vmm: VMManagerProcess) -> list[str]:
     """Everything of this vm-manager's VMs still on the machine."""
-    left = [f"domain {n}" for n in libvirt_domains(vmm.prefix)]
+    left = [f"domain {n}" for n in libvirt_domains(vmm.prefix)] + net_leftovers(vmm.prefix)
     for d in (vmm.state_dir / "vms", vmm.run_dir / "vms"):
         if d.exists():
             left += [f"path {p}" for p in d.iterdir()]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import ipaddress
 import logging
 import os
 import re
@@ -97,6 +98,7 @@ RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 MACHINE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+MAC_RE = re.compile(r"^[0-9a-f][02468ace](?::[0-9a-f]{2}){5}$")
 
 
 def reidentify(hostname: str, machine_id: str, seed: bytes, wall_clock_ns: int) -> None:
@@ -125,6 +127,83 @@ def reidentify(hostname: str, machine_id: str, seed: bytes, wall_clock_ns: int) 
         with open(tmp, "w") as fh:
             fh.write(text + "\n")
         os.replace(tmp, path)
+
+
+def _run_ip(*args: str) -> None:
+    done = subprocess.run(["busybox", "ip", *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise OSError(f"ip {' '.join(args)}: {done.stderr.strip() or done.returncode}")
+
+
+def _eth0_address() -> str:
+    out = subprocess.run(
+        ["busybox", "ip", "-4", "-o", "addr", "show", "dev", "eth0"],
+        capture_output=True, text=True, check=False,
+    ).stdout.split()  # fmt: skip
+    return out[out.index("inet") + 1] if "inet" in out else ""
+
+
+def _prepare_eth0(mac: str) -> None:
+    deadline = time.monotonic() + 10
+    while not os.path.exists("/sys/class/net/eth0"):
+        if time.monotonic() > deadline:
+            raise OSError("this VM has no eth0 (no virtio NIC, or virtio_net not loaded)")
+        time.sleep(0.05)
+    with (
+        contextlib.suppress(OSError),
+        open("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "w") as fh,
+    ):
+        fh.write("1")
+    _run_ip("link", "set", "eth0", "down")
+    _run_ip("link", "set", "eth0", "address", mac)
+    _run_ip("addr", "flush", "dev", "eth0")
+
+
+def configure_dhcp(mac: str) -> str:
+    """Give eth0 its MAC and take an address by DHCP (user bridges); the address got."""
+    if not MAC_RE.match(mac):
+        raise ValueError(f"mac {mac!r} is not a lowercase unicast MAC address")
+    _prepare_eth0(mac)
+    _run_ip("link", "set", "eth0", "up")
+    done = subprocess.run(
+        ["busybox", "udhcpc", "-i", "eth0", "-q", "-n", "-t", "10", "-T", "2",
+         "-s", "/usr/local/sbin/agentvm-dhcp"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise OSError(f"no DHCP lease on eth0: {done.stderr.strip()[-300:]}")
+    return _eth0_address()
+
+
+def configure_network(mac: str, address: str, gateway: str, nameservers: list[str]) -> None:
+    """Give eth0 its MAC, static address, default route and resolvers.
+
+    Raises ValueError on bad input and OSError when the interface cannot be
+    set up. vm-manager hands out addresses itself (there is no DHCP on its
+    networks), and the host drops every frame whose MAC and address do not
+    match what it assigned, so a guest that ignores this only cuts itself off.
+    IPv6 is switched off on eth0: the host filters it anyway.
+    """
+    if not MAC_RE.match(mac):
+        raise ValueError(f"mac {mac!r} is not a lowercase unicast MAC address")
+    try:
+        iface = ipaddress.IPv4Interface(address)
+        gw = ipaddress.IPv4Address(gateway)
+        resolvers = [ipaddress.IPv4Address(n) for n in nameservers]
+    except ValueError as exc:
+        raise ValueError(f"network configuration: {exc}") from None
+    if iface.network.prefixlen in (0, 32) or gw not in iface.network:
+        raise ValueError(f"gateway {gw} is not on {iface.network}")
+    if len(resolvers) > 3:
+        raise ValueError("at most 3 nameservers")
+    _prepare_eth0(mac)
+    _run_ip("addr", "add", str(iface), "dev", "eth0")
+    _run_ip("link", "set", "eth0", "up")
+    _run_ip("route", "replace", "default", "via", str(gw), "dev", "eth0")
+    tmp = "/etc/resolv.conf.agentvm-tmp"
+    with open(tmp, "w") as fh:
+        fh.write("".join(f"nameserver {n}\n" for n in resolvers) + "options timeout:2 attempts:2\n")
+    os.replace(tmp, "/etc/resolv.conf")
 
 
 def build_argv(program: common_pb2.Program) -> list[str]:
@@ -535,6 +614,26 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
             context.abort(grpc.StatusCode.INTERNAL, f"reidentify failed: {exc}")
         log.info("reidentified as %s", request.hostname)
         return guest_agent_pb2.ReidentifyResponse(info=guest_info())
+
+    def ConfigureNetwork(
+        self, request: guest_agent_pb2.ConfigureNetworkRequest, context: grpc.ServicerContext
+    ) -> guest_agent_pb2.ConfigureNetworkResponse:
+        try:
+            if request.dhcp:
+                if request.address or request.gateway or request.nameservers:
+                    raise ValueError("dhcp excludes address, gateway and nameservers")
+                address = configure_dhcp(request.mac)
+            else:
+                configure_network(
+                    request.mac, request.address, request.gateway, list(request.nameservers)
+                )
+                address = request.address
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except OSError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"network setup failed: {exc}")
+        log.info("eth0 configured: %s", address)
+        return guest_agent_pb2.ConfigureNetworkResponse(address=address)
 
 
 def _feed_stdin(running: _Running, pipe: IO[bytes], data: bytes, keep_open: bool) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 import agent_vm
 from agentvm.v1 import common_pb2, pool_manager_pb2, vm_manager_pb2
+from tests.networld import NAMES
 from tests.vmharness import ExecutorProcess, PoolManagerProcess, VMManagerProcess, execute
 
 pytestmark = pytest.mark.vm
@@ -198,7 +199,7 @@ def test_shutdown_leaves_nothing_and_a_restart_keeps_only_live_leases(
     wait_no_vms(vmm, pm, timeout=10)
 
 
-@pytest.mark.pools("standard:min=2,max=10,ttl=600")
+@pytest.mark.pools("standard:min=2,max=10,ttl=600,network=nat")
 def test_ten_concurrent_executions_through_the_executor_and_the_pool(
     vmm: VMManagerProcess, pm: PoolManagerProcess
 ) -> None:
@@ -207,10 +208,17 @@ def test_ten_concurrent_executions_through_the_executor_and_the_pool(
     ex = ExecutorProcess(base=vmm.base, prefix=vmm.prefix, name="executor-pool", pool=pm.address)
     ex.start()
     try:
+        # Pool VMs are made with the default policy (allowed.test in the tests);
+        # each run's own policy must be in force the moment it gets its VM.
+        policy = agent_vm.NetworkPolicy(allow_domains=["other.test"])
 
         def one(i: int) -> agent_vm.RunResult:
             return agent_vm.run(
-                code=f"import socket; print({i} * {i}, socket.gethostname())",
+                code=(
+                    f"import socket; print({i} * {i}, socket.gethostname(), "
+                    "socket.gethostbyname('other.test'))"
+                ),
+                policy=policy,
                 address=ex.address,
                 timeout=120,
             )
@@ -221,9 +229,13 @@ def test_ten_concurrent_executions_through_the_executor_and_the_pool(
         wall = time.monotonic() - started
         for i, res in enumerate(results):
             assert res.exit_code == 0, res.stderr
-            square, host = res.stdout.split()
+            square, host, other = res.stdout.split()
             assert int(square) == i * i
             assert host == res.vm_name
+            assert other == NAMES["other.test"]
+            assert [(r.kind, r.name, r.verdict) for r in res.network_log] == [
+                ("dns", "other.test", "allowed")
+            ]
         assert len({r.vm_name for r in results}) == 10
         st = pm.status()
         assert st.acquired_total == 10

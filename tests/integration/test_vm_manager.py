@@ -156,7 +156,43 @@ def test_bad_input_gets_clear_status_codes(vmm: VMManagerProcess) -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
             "network mode",
         ),
-        (vm_manager_pb2.CreateVMRequest(), "CreateVM", grpc.StatusCode.UNIMPLEMENTED, "ISOLATED"),
+        (
+            vm_manager_pb2.CreateVMRequest(
+                network_mode=common_pb2.NETWORK_MODE_ISOLATED,
+                network_policy=common_pb2.NetworkPolicy(allow_domains=["allowed.test"]),
+            ),
+            "CreateVM",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "network_policy is only valid with NETWORK_MODE_NAT_FILTERED",
+        ),
+        (
+            vm_manager_pb2.CreateVMRequest(
+                network_policy=common_pb2.NetworkPolicy(allow_domains=["bad name;"])
+            ),
+            "CreateVM",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "allow_domains",
+        ),
+        (
+            vm_manager_pb2.CreateVMRequest(
+                network_policy=common_pb2.NetworkPolicy(allow_cidrs=["10.0.0.1/8"])
+            ),
+            "CreateVM",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "allow_cidrs",
+        ),
+        (
+            vm_manager_pb2.CreateVMRequest(network_policy=common_pb2.NetworkPolicy(ports=[0])),
+            "CreateVM",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "ports",
+        ),
+        (
+            vm_manager_pb2.UpdateNetworkPolicyRequest(name="agent-vm-nosuchvm"),
+            "UpdateNetworkPolicy",
+            grpc.StatusCode.NOT_FOUND,
+            "ListVMs",
+        ),
         (
             vm_manager_pb2.CreateVMRequest(
                 network_mode=common_pb2.NETWORK_MODE_ISOLATED,

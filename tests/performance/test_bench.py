@@ -53,7 +53,10 @@ def test_agent_vm_bench_prints_every_figure(
     vmm: VMManagerProcess, template: vm_manager_pb2.Template
 ) -> None:
     pm = PoolManagerProcess(
-        base=vmm.base, prefix=vmm.prefix, name="pool-bench", pools="standard:min=1,max=3"
+        base=vmm.base,
+        prefix=vmm.prefix,
+        name="pool-bench",
+        pools="standard:min=1,max=3,network=nat",
     )
     pm.start()
     ex = ExecutorProcess(base=vmm.base, prefix=vmm.prefix, name="executor-bench", pool=pm.address)

@@ -66,11 +66,16 @@ async def test_only_allowlisted_names_resolve_and_their_addresses_are_handed_on(
 ) -> None:
     records: list[EgressRecord] = []
     added: list[tuple[str, list[tuple[str, int]]]] = []
+
+    async def on_addresses(vm: str, name: str, addrs: list[tuple[str, int]]) -> None:
+        assert name == "allowed.test"
+        added.append((vm, addrs))
+
     policies = {"127.0.0.1": ClientPolicy("vm1", DomainAllowlist(["allowed.test"]))}
     proxy = DNSProxy(
         upstream=(DNS_IP, 53),
         policy_for=policies.get,
-        on_addresses=lambda vm, addrs: added.append((vm, addrs)),
+        on_addresses=on_addresses,
         on_record=records.append,
     )
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

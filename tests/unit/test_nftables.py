@@ -12,7 +12,16 @@ from collections.abc import Iterator
 import pytest
 
 from agentvm.common.errors import InvalidArgument
-from agentvm.vm_manager.nftables import Ruleset, VMRules, render
+from agentvm.vm_manager.nftables import (
+    Ruleset,
+    VMRules,
+    render_add,
+    render_delete,
+    render_policy,
+    render_remove,
+    render_resolved,
+    render_table,
+)
 
 VM1 = VMRules("vm1", "10.213.0.2", "52:54:00:aa:bb:cc", (443, 80), ("198.18.0.0/24",))
 VM2 = VMRules("vm2", "10.213.0.3", "52:54:00:aa:bb:cd")
@@ -21,7 +30,13 @@ MAC = "52:54:00:aa:bb:cc"
 
 def ruleset(*vms: VMRules, uplink: str | None = "avmw-h") -> Ruleset:
     return Ruleset(
-        table="agentvm_t1", bridge="avm-t1", bridge_ip="10.213.0.1", uplink=uplink, vms=vms
+        table="agentvm_t1",
+        bridge="avbt1",
+        bridge_ip="10.213.0.1",
+        tap_prefix="avtt1",
+        uplink=uplink,
+        vms=vms,
+        log_group=4242,
     )
 
 
@@ -45,35 +60,59 @@ def nft(ns: str, *args: str, script: str | None = None) -> subprocess.CompletedP
     )
 
 
-def test_the_ruleset_loads_into_a_real_kernel_and_replaces_itself(netns: str) -> None:
-    script = render(ruleset(VM1, VM2))
-    for _ in range(2):  # applying twice replaces the table (idempotent)
-        proc = nft(netns, "-f", "-", script=script)
+def test_the_tables_load_into_a_real_kernel_and_vms_come_and_go(netns: str) -> None:
+    rs = ruleset(VM1)
+    for _ in range(2):  # applying twice replaces the tables (idempotent)
+        proc = nft(netns, "-f", "-", script=render_table(rs))
         assert proc.returncode == 0, proc.stderr
     listed = nft(netns, "list", "table", "inet", "agentvm_t1").stdout
     assert "set dns4_vm1" in listed
     assert "198.18.0.0/24" in listed
     assert 'oifname "avmw-h"' in listed
-    # DNS answers go into the per-VM set with their TTL.
-    add = nft(
-        netns, "add", "element", "inet", "agentvm_t1", "dns4_vm1", "{ 198.18.0.10 timeout 30s }"
+    assert "group 4242" in listed
+    assert (
+        "52:54:00:aa:bb:cc . 10.213.0.2"
+        in nft(netns, "list", "table", "bridge", "agentvm_t1").stdout
     )
-    assert add.returncode == 0, add.stderr
-    assert "198.18.0.10" in nft(netns, "list", "set", "inet", "agentvm_t1", "dns4_vm1").stdout
-    # One VM gone: the next render drops its sets and rules.
-    assert nft(netns, "-f", "-", script=render(ruleset(VM2))).returncode == 0
-    assert "vm1" not in nft(netns, "list", "table", "inet", "agentvm_t1").stdout
+    # A second VM joins without touching the first one's resolved addresses.
+    resolved = render_resolved("agentvm_t1", "vm1", [("198.18.0.10", 30)])
+    assert nft(netns, "-f", "-", script=resolved).returncode == 0
+    proc = nft(netns, "-f", "-", script=render_add(rs, VM2))
+    assert proc.returncode == 0, proc.stderr
+    # The same address again refreshes its timeout instead of failing.
+    again = render_resolved("agentvm_t1", "vm1", [("198.18.0.10", 3000)])
+    assert nft(netns, "-f", "-", script=again).returncode == 0
+    dns4 = nft(netns, "list", "set", "inet", "agentvm_t1", "dns4_vm1").stdout
+    assert "198.18.0.10" in dns4
+    assert "timeout 50m" in dns4
+    # A new policy replaces ports and CIDRs and forgets resolved addresses.
+    narrowed = VMRules("vm1", VM1.ip, VM1.mac, (8080,), ())
+    proc = nft(netns, "-f", "-", script=render_policy(rs, narrowed))
+    assert proc.returncode == 0, proc.stderr
+    assert "198.18.0.10" not in nft(netns, "list", "set", "inet", "agentvm_t1", "dns4_vm1").stdout
+    assert "8080" in nft(netns, "list", "set", "inet", "agentvm_t1", "ports_vm1").stdout
+    # One VM gone: its chain and sets go, the other's stay.
+    proc = nft(netns, "-f", "-", script=render_remove(rs, VM1))
+    assert proc.returncode == 0, proc.stderr
+    listed = nft(netns, "list", "table", "inet", "agentvm_t1").stdout
+    assert "vm1" not in listed
+    assert "vm_vm2" in listed
+    assert nft(netns, "-f", "-", script=render_delete("agentvm_t1")).returncode == 0
+    assert "agentvm_t1" not in nft(netns, "list", "tables").stdout
 
 
 def test_rule_order_ends_in_drop_and_pins_address_and_mac() -> None:
-    lines = [line.strip() for line in render(ruleset(VM1)).splitlines()]
+    lines = [line.strip() for line in render_table(ruleset(VM1)).splitlines()]
     fwd = lines[lines.index("chain forward {") : lines.index("chain input {")]
-    accepts = [line for line in fwd if line.endswith("accept") and "@" in line]
-    assert accepts
-    assert all("ether saddr 52:54:00:aa:bb:cc ip saddr 10.213.0.2" in a for a in accepts)
+    assert "ip saddr . ether saddr vmap @vms" in " ".join(fwd)
     assert fwd[-2].endswith("drop")
-    assert "ipv6 drop" in " ".join(fwd)
-    assert 'oifname "avmw-h"' not in render(ruleset(VM1, uplink=None))
+    vm_chain = lines[lines.index("chain vm_vm1 {") : lines.index("chain forward {")]
+    accepts = [line for line in vm_chain if line.endswith("accept")]
+    assert len(accepts) == 2
+    assert vm_chain[-2] == "drop"
+    # A log rule never carries the verdict (over its rate limit it would not match).
+    assert all(not (" log " in line and line.endswith(("accept", "drop"))) for line in lines)
+    assert 'oifname "avmw-h"' not in render_table(ruleset(VM1, uplink=None))
 
 
 @pytest.mark.parametrize(
@@ -95,13 +134,15 @@ def test_rule_order_ends_in_drop_and_pins_address_and_mac() -> None:
 )
 def test_bad_input_never_reaches_the_script(vm: VMRules, word: str) -> None:
     with pytest.raises(InvalidArgument, match=word):
-        render(ruleset(vm))
+        render_table(ruleset(vm))
 
 
 def test_bad_names_and_duplicates_are_refused() -> None:
     with pytest.raises(InvalidArgument, match="twice"):
-        render(ruleset(VM1, VM1))
+        render_table(ruleset(VM1, VM1))
     with pytest.raises(InvalidArgument, match="interface"):
-        render(ruleset(VM1, uplink='x" accept'))
+        render_table(ruleset(VM1, uplink='x" accept'))
     with pytest.raises(InvalidArgument, match="table"):
-        render(Ruleset("filter", "avm-t1", "10.213.0.1", None, (VM1,)))
+        render_table(Ruleset("filter", "avbt1", "10.213.0.1", "avtt1", None, (VM1,)))
+    with pytest.raises(InvalidArgument, match="IPv4"):
+        render_resolved("agentvm_t1", "vm1", [("1.2.3.4 }; flush ruleset", 30)])

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import random
 import re
+import xml.etree.ElementTree as ET
 
 import pytest
 
-from agentvm.common.errors import InvalidArgument, Unimplemented
+from agentvm.common.errors import InvalidArgument
 from agentvm.v1 import common_pb2
 from agentvm.vm_manager import domain_xml as dx
 from agentvm.vm_manager import templates
@@ -80,25 +81,36 @@ def test_network_mode_unknown(value: int) -> None:
         NetworkMode.from_proto(value)
 
 
-def test_only_isolated_is_implemented() -> None:
-    NetworkMode.ISOLATED.require_implemented()
-    assert [m for m in NetworkMode if m.implemented] == [NetworkMode.ISOLATED]
-
-
-@pytest.mark.parametrize("mode", [NetworkMode.NAT_FILTERED, NetworkMode.BRIDGE])
-def test_unimplemented_network_modes(mode: NetworkMode) -> None:
-    with pytest.raises(Unimplemented, match="ISOLATED") as info:
-        mode.require_implemented()
-    assert mode.name in info.value.message
+@pytest.mark.parametrize(
+    ("kind", "source", "filterref"),
+    [("network", "agent-vm-nat", None), ("bridge", "br0", "clean-traffic")],
+)
+def test_a_nic_is_rendered_with_its_mac_tap_and_filter(
+    kind: str, source: str, filterref: str | None
+) -> None:
     tmpl = VMTemplate(
         profile=ResourceProfile.LIGHT,
-        network_mode=mode,
+        network_mode=NetworkMode.NAT_FILTERED if kind == "network" else NetworkMode.BRIDGE,
         resources=Resources.for_profile(ResourceProfile.LIGHT),
         accel=Accel.TCG,
         image=ImageFiles("/k", "/i"),
     )
-    with pytest.raises(Unimplemented):
-        tmpl.domain(name="n", uuid="u", overlay="/o", console_log="/c", metadata=dx.Metadata({}))
+    nic = dx.NetworkInterface(kind, source, "52:54:00:01:02:03", filterref, target="avt1234ab")
+    xml = tmpl.domain(
+        name="n", uuid="u", overlay="/o", console_log="/c", metadata=dx.Metadata({}), nic=nic
+    ).to_xml()
+    iface = ET.fromstring(xml).find("devices/interface")
+    assert iface is not None
+    assert iface.get("type") == kind
+    assert iface.find("mac").get("address") == "52:54:00:01:02:03"  # type: ignore[union-attr]
+    assert iface.find("source").get(kind) == source  # type: ignore[union-attr]
+    assert iface.find("target").get("dev") == "avt1234ab"  # type: ignore[union-attr]
+    assert iface.find("model").get("type") == "virtio"  # type: ignore[union-attr]
+    ref = iface.find("filterref")
+    assert (ref.get("filter") if ref is not None else None) == filterref
+    # Without a NIC (ISOLATED) there is no interface at all.
+    bare = tmpl.domain(name="n", uuid="u", overlay="/o", console_log="/c", metadata=dx.Metadata({}))
+    assert ET.fromstring(bare.to_xml()).find("devices/interface") is None
 
 
 def test_resources_overrides() -> None:

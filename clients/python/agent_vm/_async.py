@@ -97,6 +97,35 @@ class CommandResult:
 
 
 @dataclass(frozen=True)
+class EgressRecord:
+    """One DNS query or connection attempt of a sandbox, and what the network did."""
+
+    time: float
+    kind: Literal["dns", "connect"]
+    # The name queried (dns), or the allowed name the address came from (connect).
+    name: str
+    address: str
+    port: int
+    # "tcp"/"udp"/... (connect) or the query type (dns).
+    protocol: str
+    verdict: Literal["allowed", "denied"]
+    reason: str
+
+    @classmethod
+    def from_proto(cls, r: common_pb2.EgressRecord) -> EgressRecord:
+        return cls(
+            time=r.time.ToNanoseconds() / 1e9,
+            kind="dns" if r.kind == common_pb2.EGRESS_KIND_DNS else "connect",
+            name=r.name,
+            address=r.address,
+            port=r.port,
+            protocol=r.protocol,
+            verdict="allowed" if r.verdict == common_pb2.EGRESS_VERDICT_ALLOWED else "denied",
+            reason=r.reason,
+        )
+
+
+@dataclass(frozen=True)
 class OutputFile:
     path: str
     size_bytes: int
@@ -112,6 +141,8 @@ class RunResult(CommandResult):
     output_files: tuple[OutputFile, ...] = ()
     # Content of output files, when asked for with ``download_outputs``.
     output_contents: Mapping[str, bytes] = field(default_factory=dict)
+    # Every DNS query and connection attempt of the run (nat-filtered).
+    network_log: tuple[EgressRecord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -161,6 +192,27 @@ def _program(
     return common_pb2.Program(argv=common_pb2.Argv(args=[*cmd, *args]))
 
 
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """What a nat-filtered sandbox may reach; an empty field takes the server's default.
+
+    ``allow_domains``: names it may resolve and connect to ("pypi.org",
+    "*.github.com"); ``allow_cidrs``: address ranges; ``ports``: TCP ports
+    (server default 80, 443, 22).
+    """
+
+    allow_domains: Sequence[str] = ()
+    allow_cidrs: Sequence[str] = ()
+    ports: Sequence[int] = ()
+
+    def to_proto(self) -> common_pb2.NetworkPolicy:
+        return common_pb2.NetworkPolicy(
+            allow_domains=list(self.allow_domains),
+            allow_cidrs=list(self.allow_cidrs),
+            ports=list(self.ports),
+        )
+
+
 def _spec(
     profile: Profile,
     network: Network,
@@ -169,6 +221,7 @@ def _spec(
     lifetime: float | None,
     workspace: Workspace,
     labels: Mapping[str, str] | None,
+    policy: NetworkPolicy | None = None,
 ) -> executor_pb2.SandboxSpec:
     for name, value, table in (
         ("profile", profile, _PROFILES),
@@ -179,9 +232,14 @@ def _spec(
             raise AgentVMError(
                 f"{name}={value!r}: use one of {', '.join(table)}", "INVALID_ARGUMENT"
             )
+    if policy is not None and network != "nat-filtered":
+        raise AgentVMError(
+            f"a network policy needs network='nat-filtered', not {network!r}", "INVALID_ARGUMENT"
+        )
     spec = executor_pb2.SandboxSpec(
         profile=_PROFILES[profile],
         network_mode=_NETWORKS[network],
+        network_policy=policy.to_proto() if policy is not None else None,
         resources=common_pb2.Resources(vcpus=cpus, memory_mib=memory_mib),
         workspace_mode=_WORKSPACES[workspace],
         labels=dict(labels or {}),
@@ -387,7 +445,8 @@ class AsyncSandbox:
         cls,
         *,
         profile: Profile = "standard",
-        network: Network = "isolated",
+        network: Network = "nat-filtered",
+        policy: NetworkPolicy | None = None,
         cpus: int = 0,
         memory_mib: int = 0,
         lifetime: float | None = None,
@@ -396,9 +455,13 @@ class AsyncSandbox:
         address: str | None = None,
         request_timeout: float = 300.0,
     ) -> AsyncSandbox:
-        """Boot a sandbox VM. ``lifetime`` (seconds) bounds it even if this process dies."""
+        """Boot a sandbox VM. ``lifetime`` (seconds) bounds it even if this process dies.
+
+        ``network``: "nat-filtered" (default: only the names of ``policy``, or
+        the server's default allowlist), "isolated" (no network) or "bridge".
+        """
         addr = address or default_address()
-        spec = _spec(profile, network, cpus, memory_mib, lifetime, workspace, labels)
+        spec = _spec(profile, network, cpus, memory_mib, lifetime, workspace, labels, policy)
         channel = _channel(addr)
         try:
             stub = executor_pb2_grpc.ExecutorServiceStub(channel)
@@ -418,6 +481,14 @@ class AsyncSandbox:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    @_translate
+    async def network_log(self) -> list[EgressRecord]:
+        """Every DNS query and connection attempt of this sandbox so far, with its verdict."""
+        resp = await self._stub.GetNetworkLog(
+            executor_pb2.GetNetworkLogRequest(sandbox_id=self.id), timeout=60
+        )
+        return [EgressRecord.from_proto(r) for r in resp.records]
 
     @_translate
     async def close(self) -> None:
@@ -563,7 +634,8 @@ async def arun(
     stdin: bytes | str = b"",
     timeout: float = 300.0,
     profile: Profile = "standard",
-    network: Network = "isolated",
+    network: Network = "nat-filtered",
+    policy: NetworkPolicy | None = None,
     cpus: int = 0,
     memory_mib: int = 0,
     download_outputs: bool = False,
@@ -589,7 +661,7 @@ async def arun(
             mode = Path(content).stat().st_mode & 0o777
         files.append(executor_pb2.InputFile(path=path, content=data, mode=mode))
     req = executor_pb2.RunRequest(
-        spec=_spec(profile, network, cpus, memory_mib, None, "auto", None),
+        spec=_spec(profile, network, cpus, memory_mib, None, "auto", None, policy),
         program=_program(cmd, code, language, args),
         inputs=files,
         env=dict(env or {}),
@@ -620,6 +692,7 @@ async def arun(
                             OutputFile(o.path, o.size_bytes, o.sha256) for o in r.output_files
                         ),
                         output_contents={k: bytes(v) for k, v in contents.items()},
+                        network_log=tuple(EgressRecord.from_proto(x) for x in r.network_log),
                     )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc(exc, addr) from exc

@@ -18,8 +18,10 @@ from agent_vm._async import (
     AsyncSandbox,
     Callback,
     CommandResult,
+    EgressRecord,
     FileInfo,
     Network,
+    NetworkPolicy,
     Profile,
     RunResult,
     Workspace,
@@ -123,7 +125,8 @@ class Sandbox:
         cls,
         *,
         profile: Profile = "standard",
-        network: Network = "isolated",
+        network: Network = "nat-filtered",
+        policy: NetworkPolicy | None = None,
         cpus: int = 0,
         memory_mib: int = 0,
         lifetime: float | None = None,
@@ -136,6 +139,7 @@ class Sandbox:
             AsyncSandbox.create(
                 profile=profile,
                 network=network,
+                policy=policy,
                 cpus=cpus,
                 memory_mib=memory_mib,
                 lifetime=lifetime,
@@ -152,6 +156,9 @@ class Sandbox:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def network_log(self) -> list[EgressRecord]:
+        return _call(self._inner.network_log())
 
     def close(self) -> None:
         _call(self._inner.close())
@@ -231,7 +238,8 @@ def run(
     stdin: bytes | str = b"",
     timeout: float = 300.0,
     profile: Profile = "standard",
-    network: Network = "isolated",
+    network: Network = "nat-filtered",
+    policy: NetworkPolicy | None = None,
     cpus: int = 0,
     memory_mib: int = 0,
     download_outputs: bool = False,
@@ -253,6 +261,7 @@ def run(
             timeout=timeout,
             profile=profile,
             network=network,
+            policy=policy,
             cpus=cpus,
             memory_mib=memory_mib,
             download_outputs=download_outputs,

@@ -43,8 +43,9 @@ from agentvm.v1 import (
 )
 
 PROFILE = common_pb2.RESOURCE_PROFILE_STANDARD
-ISOLATED = common_pb2.NETWORK_MODE_ISOLATED
-POOL_KEY = pool_manager_pb2.PoolKey(profile=PROFILE, network_mode=ISOLATED)
+# What users get by default: NAT_FILTERED VMs (a NIC, an address, firewall entries).
+NETWORK = common_pb2.NETWORK_MODE_NAT_FILTERED
+POOL_KEY = pool_manager_pb2.PoolKey(profile=PROFILE, network_mode=NETWORK)
 LABELS = {"agent-vm/owner": "bench"}
 
 
@@ -123,7 +124,7 @@ class Bench:
                 self.progress(f"cold boot {i + 1}/{n}")
                 t = time.perf_counter()
                 req = vm_manager_pb2.CreateVMRequest(
-                    profile=PROFILE, network_mode=ISOLATED, start=True, labels=LABELS
+                    profile=PROFILE, network_mode=NETWORK, start=True, labels=LABELS
                 )
                 vm = self.vmm.CreateVM(req, timeout=120).vm
                 names.append(vm.name)
@@ -140,7 +141,8 @@ class Bench:
     def restores(self, n: int) -> tuple[list[float], list[float], vm_manager_pb2.Template]:
         self.progress("preparing the memory template")
         tpl = self.vmm.PrepareTemplate(
-            vm_manager_pb2.PrepareTemplateRequest(profile=PROFILE), timeout=900
+            vm_manager_pb2.PrepareTemplateRequest(profile=PROFILE, network_mode=NETWORK),
+            timeout=900,
         ).template
         times, rss = [], []
         with self._cleanup() as names:
@@ -148,7 +150,7 @@ class Bench:
                 self.progress(f"template restore {i + 1}/{n}")
                 t = time.perf_counter()
                 req = vm_manager_pb2.CreateVMRequest(
-                    profile=PROFILE, network_mode=ISOLATED, labels=LABELS, from_template=True
+                    profile=PROFILE, network_mode=NETWORK, labels=LABELS, from_template=True
                 )
                 vm = self.vmm.CreateVM(req, timeout=300).vm
                 times.append(time.perf_counter() - t)
@@ -162,10 +164,11 @@ class Bench:
     def _pool_status(self) -> pool_manager_pb2.PoolStatus:
         resp = self.pool.GetPoolStatus(pool_manager_pb2.GetPoolStatusRequest(), timeout=10)
         for st in resp.pools:
-            if st.key.profile == PROFILE and st.key.network_mode == ISOLATED:
+            if st.key.profile == PROFILE and st.key.network_mode == NETWORK:
                 return st
         raise FailedPrecondition(
-            "pool-manager has no standard pool: set AGENTVM_POOLS=standard:min=2,max=10 "
+            "pool-manager has no standard NAT pool: set "
+            "AGENTVM_POOLS=standard:min=2,max=10,network=nat "
             "and restart it (agent-vm down; agent-vm up)"
         )
 

@@ -40,19 +40,34 @@ def _traversable_by_others(path: Path) -> Path | None:
 
 
 def firewall_check() -> Check:
-    """The firewall backend NAT_FILTERED networks will use (nftables)."""
+    """The firewall backend of NAT_FILTERED networks (nftables), and libvirt's NAT helpers."""
     nft = shutil.which("nft")
     if nft is None:
         return Check(
             "firewall",
             False,
-            "nft not found: NAT_FILTERED networks need nftables",
+            "nft not found: NAT_FILTERED networks (the default) need nftables",
             "apt-get install nftables (./setup.sh does)",
-            required=False,
         )
     out = subprocess.run([nft, "--version"], capture_output=True, text=True, check=False)
     version = (out.stdout or out.stderr).strip() or "unknown version"
-    return Check("firewall", out.returncode == 0, f"nftables: {version}", required=False)
+    usable = subprocess.run([nft, "list", "tables"], capture_output=True, text=True, check=False)
+    if usable.returncode != 0:
+        return Check(
+            "firewall",
+            False,
+            f"{version} cannot read the ruleset: {usable.stderr.strip()}",
+            "run the services as root (CAP_NET_ADMIN) on a kernel with nf_tables",
+        )
+    missing = [b for b in ("iptables", "ebtables") if shutil.which(b) is None]
+    if missing:
+        return Check(
+            "firewall",
+            False,
+            f"{version}; libvirt's NAT and clean-traffic filter need {', '.join(missing)}",
+            f"apt-get install {' '.join(missing)} (./setup.sh does)",
+        )
+    return Check("firewall", True, f"nftables: {version} (libvirt NAT: iptables, ebtables)")
 
 
 def run_checks(settings: Settings) -> list[Check]:

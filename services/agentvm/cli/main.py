@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -41,8 +42,7 @@ NETWORKS = {
     "isolated": common_pb2.NETWORK_MODE_ISOLATED,
     "bridge": common_pb2.NETWORK_MODE_BRIDGE,
 }
-# Until filtered NAT lands, the CLI defaults to the mode this build implements.
-DEFAULT_NETWORK = "isolated"
+DEFAULT_NETWORK = "nat-filtered"
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -497,6 +497,25 @@ def _collect_inputs(paths: tuple[str, ...]) -> dict[str, Path]:
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")
 @click.option("--profile", type=click.Choice(list(PROFILES)), default="standard")
 @click.option("--network", type=click.Choice(list(NETWORKS)), default=DEFAULT_NETWORK)
+@click.option(
+    "--allow-domain",
+    "allow_domains",
+    multiple=True,
+    metavar="NAME",
+    help="Name the run may resolve and connect to (repeat; '*.example.com' for a zone). "
+    "Replaces the default allowlist.",
+)
+@click.option(
+    "--allow-cidr", "allow_cidrs", multiple=True, metavar="CIDR", help="Address range allowed."
+)
+@click.option(
+    "--allow-port",
+    "ports",
+    multiple=True,
+    type=click.IntRange(1, 65535),
+    metavar="PORT",
+    help="TCP port allowed (repeat; default 80, 443, 22).",
+)
 @click.option("--cpus", type=int, default=0, help="vCPUs (default: the profile's).")
 @click.option("--memory", type=int, default=0, help="Memory in MiB (default: the profile's).")
 @click.option("--input", "inputs", multiple=True, help="File or directory for /workspace/input.")
@@ -513,6 +532,9 @@ def run_cmd(
     timeout: float,
     profile: str,
     network: str,
+    allow_domains: tuple[str, ...],
+    allow_cidrs: tuple[str, ...],
+    ports: tuple[int, ...],
     cpus: int,
     memory: int,
     inputs: tuple[str, ...],
@@ -534,6 +556,11 @@ def run_cmd(
         fail("give exactly one of FILE.py, -c CODE or --cmd 'SHELL COMMAND'")
     if not 0 < timeout <= 86400:
         fail(f"--timeout {timeout}: use a number of seconds between 0 and 86400")
+    policy = None
+    if allow_domains or allow_cidrs or ports:
+        if network != "nat-filtered":
+            fail("--allow-domain, --allow-cidr and --allow-port need --network nat-filtered")
+        policy = agent_vm.NetworkPolicy(allow_domains, allow_cidrs, ports)
     files = _collect_inputs(inputs)
     kwargs: dict[str, Any] = {}
     if code is not None:
@@ -559,6 +586,7 @@ def run_cmd(
             timeout=timeout,
             profile=profile,  # type: ignore[arg-type]
             network=network,  # type: ignore[arg-type]
+            policy=policy,
             cpus=cpus,
             memory_mib=memory,
             download_outputs=output_dir is not None,
@@ -587,6 +615,7 @@ def run_cmd(
                     ],
                     "stdout_truncated": result.stdout_truncated,
                     "stderr_truncated": result.stderr_truncated,
+                    "network_log": [dataclasses.asdict(r) for r in result.network_log],
                 }
             )
         )

@@ -56,7 +56,7 @@ class Settings:
     )
     # AGENTVM_POOLS: pool-manager's pools, "profile:min=N,max=N,ttl=SECONDS;..."
     pools: str = field(
-        default_factory=lambda: _env("AGENTVM_POOLS", "standard:min=2,max=10,ttl=900")
+        default_factory=lambda: _env("AGENTVM_POOLS", "standard:min=2,max=10,ttl=900,network=nat")
     )
     # AGENTVM_EXECUTOR_POOL: pool-manager address the executor takes VMs from;
     # empty means the executor creates every VM itself.
@@ -67,6 +67,27 @@ class Settings:
     )
     # AGENTVM_MAX_SANDBOXES: sandboxes (VMs) the executor runs at once.
     max_sandboxes: int = field(default_factory=lambda: int(_env("AGENTVM_MAX_SANDBOXES", "16")))
+    # AGENTVM_NAT_SUBNET: IPv4 /16-/28 of the NAT_FILTERED network (gateway = first address).
+    nat_subnet: str = field(default_factory=lambda: _env("AGENTVM_NAT_SUBNET", "10.213.0.0/24"))
+    # AGENTVM_NAT_UPLINK: the only host interface NAT_FILTERED traffic may leave by
+    # (empty: whichever the host routes it to).
+    nat_uplink: str = field(default_factory=lambda: _env("AGENTVM_NAT_UPLINK", ""))
+    # AGENTVM_NAT_DNS_UPSTREAM: resolver the NAT_FILTERED resolver forwards allowed
+    # names to (empty: the first nameserver of the host's /etc/resolv.conf).
+    nat_dns_upstream: str = field(default_factory=lambda: _env("AGENTVM_NAT_DNS_UPSTREAM", ""))
+    # AGENTVM_NAT_DEFAULT_DOMAINS: comma-separated allowlist of a policy without domains.
+    nat_default_domains: str = field(
+        default_factory=lambda: _env(
+            "AGENTVM_NAT_DEFAULT_DOMAINS",
+            "pypi.org,files.pythonhosted.org,github.com,codeload.github.com,"
+            "objects.githubusercontent.com,raw.githubusercontent.com,registry.npmjs.org,"
+            "api.anthropic.com,api.openai.com",
+        )
+    )
+    # AGENTVM_NAT_DEFAULT_PORTS: comma-separated TCP ports of a policy without ports.
+    nat_default_ports: str = field(
+        default_factory=lambda: _env("AGENTVM_NAT_DEFAULT_PORTS", "80,443,22")
+    )
     # AGENTVM_LOG_LEVEL
     log_level: str = field(default_factory=lambda: _env("AGENTVM_LOG_LEVEL", "INFO"))
 

@@ -226,17 +226,19 @@ class AgentExecutor:
     ) -> pool_manager_pb2.PoolKey | None:
         """The pool a sandbox can come from, or None when it needs a VM made for it."""
         r = spec.resources
+        network = spec.network_mode or common_pb2.NETWORK_MODE_NAT_FILTERED
         if (
             self.pool is None
             or mode != common_pb2.WORKSPACE_MODE_API
-            or spec.network_mode != common_pb2.NETWORK_MODE_ISOLATED
+            or network
+            not in (common_pb2.NETWORK_MODE_ISOLATED, common_pb2.NETWORK_MODE_NAT_FILTERED)
             or r.vcpus
             or r.memory_mib
             or r.disk_mib
         ):
             return None
         profile = spec.profile or common_pb2.RESOURCE_PROFILE_STANDARD
-        return pool_manager_pb2.PoolKey(profile=profile, network_mode=spec.network_mode)
+        return pool_manager_pb2.PoolKey(profile=profile, network_mode=network)
 
     async def _from_pool(
         self, key: pool_manager_pb2.PoolKey, labels: dict[str, str]
@@ -301,6 +303,8 @@ class AgentExecutor:
             leased = await self._from_pool(key, labels) if key is not None else None
             if leased is not None:
                 vm, lease_id = leased
+                if vm.network_mode == common_pb2.NETWORK_MODE_NAT_FILTERED:
+                    vm = await self._set_policy(vm, lease_id, spec.network_policy)
             else:
                 vm = await self._create_vm(spec, mode, labels)
         except BaseException:
@@ -327,6 +331,33 @@ class AgentExecutor:
             extra={"sandbox": sandbox_id, "pooled": bool(lease_id)},
         )
         return sb
+
+    async def _set_policy(
+        self, vm: common_pb2.VM, lease_id: str, policy: common_pb2.NetworkPolicy
+    ) -> common_pb2.VM:
+        """Give a pool VM the sandbox's network policy (it was made with the defaults)."""
+        try:
+            resp = await self.vmm.UpdateNetworkPolicy(
+                vm_manager_pb2.UpdateNetworkPolicyRequest(name=vm.name, policy=policy), timeout=30
+            )
+        except grpc.aio.AioRpcError as exc:
+            self._spawn(self._release(lease_id, vm.name))
+            raise RemoteError.from_rpc(exc, "vm-manager") from exc
+        return resp.vm
+
+    async def network_log(self, sb: SandboxState) -> list[common_pb2.EgressRecord]:
+        """The sandbox's DNS queries and connection attempts so far."""
+        if sb.vm.network_mode != common_pb2.NETWORK_MODE_NAT_FILTERED:
+            return []
+        try:
+            return [
+                r.record
+                async for r in self.vmm.WatchEgress(
+                    vm_manager_pb2.WatchEgressRequest(name=sb.vm.name), timeout=30
+                )
+            ]
+        except grpc.aio.AioRpcError as exc:
+            raise RemoteError.from_rpc(exc, "vm-manager") from exc
 
     async def _create_vm(
         self,
@@ -639,7 +670,12 @@ class AgentExecutor:
             outputs: list[executor_pb2.OutputFile] = []
             async for item in self._collect_outputs(sb, req.return_output_files, outputs):
                 yield item
-            result = executor_pb2.RunResult(status=status, vm_name=sb.vm.name, output_files=outputs)
+            result = executor_pb2.RunResult(
+                status=status,
+                vm_name=sb.vm.name,
+                output_files=outputs,
+                network_log=await self.network_log(sb),
+            )
             result.boot_duration.FromNanoseconds(int(sb.boot_duration * 1e9))
             result.total_duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
             # The VM is gone before the caller sees the result.

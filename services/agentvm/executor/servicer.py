@@ -129,3 +129,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         sb = self.executor.get(request.sandbox_id)
         await self.executor.remove_file(sb, request.path, request.recursive)
         return executor_pb2.RemoveFileResponse()
+
+    @grpc_errors
+    async def GetNetworkLog(
+        self, request: executor_pb2.GetNetworkLogRequest, context: Ctx
+    ) -> executor_pb2.GetNetworkLogResponse:
+        sb = self.executor.get(request.sandbox_id)
+        return executor_pb2.GetNetworkLogResponse(records=await self.executor.network_log(sb))

@@ -103,7 +103,9 @@ class VMManagerBackend:
         return True
 
     async def prepare_template(self, key: PoolKey) -> None:
-        req = vm_manager_pb2.PrepareTemplateRequest(profile=key.profile.to_proto())
+        req = vm_manager_pb2.PrepareTemplateRequest(
+            profile=key.profile.to_proto(), network_mode=key.network_mode.to_proto()
+        )
         try:
             await self.vmm.PrepareTemplate(req, timeout=TEMPLATE_TIMEOUT_S)
         except grpc.RpcError as exc:

@@ -20,8 +20,15 @@ OWNER_LABEL = "agent-vm/owner"
 POOL_LABEL = "agent-vm/pool-manager"
 
 
+NETWORKS = {"nat": NetworkMode.NAT_FILTERED, "isolated": NetworkMode.ISOLATED}
+
+
 def parse_pools(spec: str) -> dict[PoolKey, PoolConfig]:
-    """``"standard:min=2,max=10,ttl=900;light:min=0,max=4"`` -> pool configs."""
+    """``"standard:min=2,max=10,ttl=900,network=nat;light:min=0,max=4"`` -> pool configs.
+
+    ``network`` is ``nat`` (NAT_FILTERED: the executor sets each sandbox's
+    policy when it takes a VM) or ``isolated`` (the default).
+    """
     pools: dict[PoolKey, PoolConfig] = {}
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         name, _, opts = part.partition(":")
@@ -32,10 +39,18 @@ def parse_pools(spec: str) -> dict[PoolKey, PoolConfig]:
                 f"AGENTVM_POOLS: unknown profile {name!r}; use light, standard or intensive"
             ) from None
         values = {"min": 1.0, "max": 4.0, "ttl": 900.0}
+        network = NetworkMode.ISOLATED
         for opt in filter(None, (o.strip() for o in opts.split(","))):
             k, _, v = opt.partition("=")
+            if k == "network":
+                if v not in NETWORKS:
+                    raise InvalidArgument(f"AGENTVM_POOLS: network={v!r}; use nat or isolated")
+                network = NETWORKS[v]
+                continue
             if k not in values:
-                raise InvalidArgument(f"AGENTVM_POOLS: unknown option {k!r} (use min, max, ttl)")
+                raise InvalidArgument(
+                    f"AGENTVM_POOLS: unknown option {k!r} (use min, max, ttl, network)"
+                )
             try:
                 values[k] = float(v)
             except ValueError:
@@ -45,7 +60,7 @@ def parse_pools(spec: str) -> dict[PoolKey, PoolConfig]:
             raise InvalidArgument(
                 f"AGENTVM_POOLS: {name} needs 0 <= min <= max, max >= 1 and ttl > 0"
             )
-        key = PoolKey(profile, NetworkMode.ISOLATED)
+        key = PoolKey(profile, network)
         if key in pools:
             raise InvalidArgument(f"AGENTVM_POOLS: {name} is listed twice")
         pools[key] = PoolConfig(min_size=lo, max_size=hi, ttl_s=values["ttl"])

@@ -37,7 +37,7 @@ import libvirt_qemu
 
 from agentvm.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from agentvm.vm_manager.accel import Accel
-from agentvm.vm_manager.templates import ResourceProfile, Resources
+from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
 
 log = logging.getLogger("agentvm.vm_manager.clones")
 
@@ -59,13 +59,17 @@ class TemplateSpec:
     profile: ResourceProfile
     resources: Resources
     accel: Accel
+    # ISOLATED templates have no NIC; NAT_FILTERED ones have one (the device
+    # layout must match between the template and its clones).
+    network: NetworkMode = NetworkMode.ISOLATED
 
     @property
     def key(self) -> str:
         r = self.resources
+        net = "-nat" if self.network is NetworkMode.NAT_FILTERED else ""
         return (
             f"{self.image_id}-{self.profile.name.lower()}-{r.vcpus}c-{r.memory_mib}m-"
-            f"{r.disk_mib}d-{self.accel.value}"
+            f"{r.disk_mib}d-{self.accel.value}{net}"
         )
 
 
@@ -87,6 +91,7 @@ class TemplateInfo:
     disk_bytes: int
     # Name of the VM that was saved: its kernel command line is reused by clones.
     boot_name: str
+    network_mode: str = NetworkMode.ISOLATED.name
 
     @property
     def resources(self) -> Resources:

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -92,6 +92,8 @@ class EgressRecord:
     port: int
     verdict: str  # "allowed" | "denied"
     detail: str = ""
+    # "tcp"/"udp"/... for connections; the query type for DNS.
+    protocol: str = ""
 
 
 class DNSProxy(asyncio.DatagramProtocol):
@@ -100,7 +102,7 @@ class DNSProxy(asyncio.DatagramProtocol):
         *,
         upstream: tuple[str, int],
         policy_for: Callable[[str], ClientPolicy | None],
-        on_addresses: Callable[[str, list[tuple[str, int]]], None],
+        on_addresses: Callable[[str, str, list[tuple[str, int]]], Awaitable[None]],
         on_record: Callable[[EgressRecord], None],
     ) -> None:
         self.upstream = upstream
@@ -126,8 +128,12 @@ class DNSProxy(asyncio.DatagramProtocol):
             task.cancel()
 
     # -- one query -----------------------------------------------------------
-    def _record(self, vm: str, name: str, src: str, verdict: str, detail: str) -> None:
-        self.on_record(EgressRecord(time.time(), vm, "dns", name, src, 53, verdict, detail))
+    def _record(
+        self, vm: str, name: str, verdict: str, detail: str, *, address: str = "", qtype: str = ""
+    ) -> None:
+        self.on_record(
+            EgressRecord(time.time(), vm, "dns", name, address, 53, verdict, detail, qtype)
+        )
 
     def _send(self, msg: dns.message.Message, addr: tuple[str, int]) -> None:
         if self.transport is not None:
@@ -138,15 +144,15 @@ class DNSProxy(asyncio.DatagramProtocol):
         policy = self.policy_for(src)
         vm = policy.vm if policy else ""
         if len(data) > MAX_QUERY_BYTES:
-            self._record(vm, "", src, "denied", "oversized query dropped")
+            self._record(vm, "", "denied", f"oversized query from {src} dropped")
             return
         try:
             query = dns.message.from_wire(data)
         except dns.exception.DNSException as exc:
-            self._record(vm, "", src, "denied", f"malformed query dropped: {type(exc).__name__}")
+            self._record(vm, "", "denied", f"malformed query dropped: {type(exc).__name__}")
             return
         if query.flags & dns.flags.QR or len(query.question) != 1:
-            self._record(vm, "", src, "denied", "not a single-question query; dropped")
+            self._record(vm, "", "denied", "not a single-question query; dropped")
             return
         q = query.question[0]
         name = normalize(q.name.to_text())
@@ -154,21 +160,21 @@ class DNSProxy(asyncio.DatagramProtocol):
         reply = dns.message.make_response(query)
         if policy is None:
             reply.set_rcode(dns.rcode.REFUSED)
-            self._record("", name, src, "denied", "query from an address that is no VM")
+            self._record("", name, "denied", f"query from {src}, which is no VM", qtype=qtype)
             self._send(reply, addr)
             return
         if not policy.allowlist.allows(name):
             reply.set_rcode(dns.rcode.REFUSED)
-            self._record(vm, name, src, "denied", f"{qtype}: name not in the allowlist")
+            self._record(vm, name, "denied", "name not in allow_domains", qtype=qtype)
             self._send(reply, addr)
             return
         if q.rdtype == dns.rdatatype.AAAA:
-            self._record(vm, name, src, "allowed", "AAAA: empty answer (IPv6 is off)")
+            self._record(vm, name, "allowed", "empty answer (IPv6 is off)", qtype=qtype)
             self._send(reply, addr)
             return
         if q.rdtype != dns.rdatatype.A:
             reply.set_rcode(dns.rcode.REFUSED)
-            self._record(vm, name, src, "denied", f"{qtype}: only A and AAAA are answered")
+            self._record(vm, name, "denied", "only A and AAAA queries are answered", qtype=qtype)
             self._send(reply, addr)
             return
         await self._forward(query, name, policy, addr)
@@ -184,7 +190,7 @@ class DNSProxy(asyncio.DatagramProtocol):
         except (dns.exception.DNSException, OSError) as exc:
             reply = dns.message.make_response(query)
             reply.set_rcode(dns.rcode.SERVFAIL)
-            self._record(policy.vm, name, addr[0], "allowed", f"upstream failed: {exc}")
+            self._record(policy.vm, name, "allowed", f"upstream failed: {exc}", qtype="A")
             self._send(reply, addr)
             return
         reply = dns.message.make_response(query)
@@ -198,9 +204,20 @@ class DNSProxy(asyncio.DatagramProtocol):
                 ttl = min(max(int(rrset.ttl), MIN_TTL), MAX_TTL)
                 found += [(r.address, ttl) for r in rrset]
         if found:
-            self.on_addresses(policy.vm, found)
+            try:
+                await self.on_addresses(policy.vm, name, found)
+            except Exception as exc:  # noqa: BLE001 - no address the guest cannot use
+                log.warning("cannot allow the addresses of %s: %s", name, exc)
+                reply = dns.message.make_response(query)
+                reply.set_rcode(dns.rcode.SERVFAIL)
+                self._record(policy.vm, name, "denied", f"firewall update failed: {exc}", qtype="A")
+                self._send(reply, addr)
+                return
         addrs = ", ".join(a for a, _ in found) or "no address"
-        self._record(policy.vm, name, addr[0], "allowed", f"A: {addrs}")
+        self._record(
+            policy.vm, name, "allowed", f"answered {addrs}",
+            address=found[0][0] if found else "", qtype="A",
+        )  # fmt: skip
         self._send(reply, addr)
 
 

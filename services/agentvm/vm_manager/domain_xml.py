@@ -185,6 +185,8 @@ class NetworkInterface:
     source: str
     mac: str
     filterref: str | None = None
+    # Host tap name (<= 15 characters); libvirt picks "vnetN" when None.
+    target: str | None = None
 
     def to_element(self) -> ET.Element:
         el = ET.Element("interface", type=self.kind)
@@ -193,6 +195,8 @@ class NetworkInterface:
             _sub(el, "source", network=self.source)
         else:
             _sub(el, "source", bridge=self.source)
+        if self.target is not None:
+            _sub(el, "target", dev=self.target)
         _sub(el, "model", type="virtio")
         if self.filterref:
             _sub(el, "filterref", filter=self.filterref)
@@ -257,6 +261,15 @@ class Metadata:
             lab = ET.SubElement(root, f"{{{METADATA_NS}}}label", {"key": key})
             lab.text = self.labels[key]
         return el
+
+    def to_api_xml(self) -> str:
+        """The record for virDomainSetMetadata: without a namespace (libvirt adds it)."""
+        root = ET.Element("vm")
+        for key in sorted(self.fields):
+            ET.SubElement(root, key).text = self.fields[key]
+        for key in sorted(self.labels):
+            ET.SubElement(root, "label", {"key": key}).text = self.labels[key]
+        return ET.tostring(root, encoding="unicode")
 
     @staticmethod
     def parse(domain_xml: str) -> Metadata | None:

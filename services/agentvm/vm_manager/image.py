@@ -46,6 +46,7 @@ INITRD_MODULES = (
     "virtio_console",
     "virtio-rng",
     "vmw_vsock_virtio_transport",
+    "virtio_net",
 )
 ROOTFS_SIZE = "2G"
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -408,7 +409,7 @@ class ImageStore:
         image_dir = GUEST_DIR / "image"
         sbin = root / "usr" / "local" / "sbin"
         sbin.mkdir(parents=True, exist_ok=True)
-        for name in ("agentvm-setup", "agentvm-agent"):
+        for name in ("agentvm-setup", "agentvm-agent", "agentvm-dhcp"):
             shutil.copyfile(image_dir / name, sbin / name)
             os.chmod(sbin / name, 0o755)
         shutil.copyfile(image_dir / "inittab", root / "etc" / "inittab")

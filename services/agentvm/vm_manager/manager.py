@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -52,6 +53,7 @@ from agentvm.vm_manager.libvirt_conn import (
     LibvirtConnection,
     libvirt_errors,
 )
+from agentvm.vm_manager.network import NatNetwork, Policy, check_bridge
 from agentvm.vm_manager.relay import HostRelay
 from agentvm.vm_manager.snapshots import SnapshotInfo, SnapshotManager
 from agentvm.vm_manager.templates import (
@@ -60,6 +62,7 @@ from agentvm.vm_manager.templates import (
     ResourceProfile,
     Resources,
     VMTemplate,
+    random_mac,
 )
 from agentvm.vm_manager.vm import VM, VMState
 from agentvm_guest.mux import PORT_NAME
@@ -105,6 +108,7 @@ class VMManager:
         self._qemu_ver: str | None = None
         self._vms: dict[str, VM] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.net = NatNetwork(settings, conn)
 
     # -- helpers ---------------------------------------------------------
     def _lock(self, name: str) -> asyncio.Lock:
@@ -154,6 +158,7 @@ class VMManager:
             except AgentVMError as exc:
                 log.warning("cannot adopt domain %s: %s", dom.name(), exc)
         await asyncio.to_thread(self.templates.clean_staging)
+        await self.net.finish_recovery()
         # A template build never survives a restart: its VM is garbage.
         for vm in list(self._vms.values()):
             if vm.labels.get(TEMPLATE_ROLE[0]) == TEMPLATE_ROLE[1]:
@@ -196,6 +201,17 @@ class VMManager:
             shared_workspace=f.get("shared_workspace") == "1",
             template_key=f.get("template_key", ""),
         )
+        if vm.network_mode is NetworkMode.NAT_FILTERED:
+            try:
+                policy = Policy.from_json(f["net_policy"])
+                self.net.adopt(name, self._vm_id(vm), f["net_address"], f["net_mac"], policy)
+            except (KeyError, ValueError) as exc:
+                raise FailedPrecondition(f"its network record is unreadable ({exc})") from exc
+            vm.network = self._net_proto(name)
+        elif vm.network_mode is NetworkMode.BRIDGE:
+            vm.network = common_pb2.NetworkAttachment(
+                mac=f.get("net_mac", ""), bridge=f.get("net_bridge", "")
+            )
         active = await asyncio.to_thread(dom.isActive)
         if active:
             vm.state = VMState.BOOTING
@@ -217,13 +233,16 @@ class VMManager:
         start: bool,
         shared_workspace: bool = False,
         from_template: bool = False,
+        policy: Policy | None = None,
+        bridge: str = "",
     ) -> VM:
-        network_mode.require_implemented()
         template: TemplateInfo | None = None
         if from_template:
             template = await self._template_for_clone(
                 profile, network_mode, resources, shared_workspace
             )
+        if network_mode is NetworkMode.BRIDGE:
+            check_bridge(bridge)
         if shared_workspace and self.virtiofsd is None:
             raise FailedPrecondition(
                 "shared workspaces need virtiofsd, which this host lacks (Debian: "
@@ -254,11 +273,19 @@ class VMManager:
         async with self._lock(name):
             self._vms[name] = vm
             try:
+                if network_mode is NetworkMode.NAT_FILTERED:
+                    if policy is None:
+                        policy = Policy.from_proto(common_pb2.NetworkPolicy(), self.settings)
+                    await self.net.attach(name, self._vm_id(vm), policy)
+                    vm.network = self._net_proto(name)
+                elif network_mode is NetworkMode.BRIDGE:
+                    vm.network = common_pb2.NetworkAttachment(mac=random_mac(), bridge=bridge)
                 await asyncio.to_thread(self._define, vm, base, image.kernel, image.initrd)
                 vm.transition(VMState.DEFINED)
             except BaseException:
                 self._vms.pop(name, None)
                 await asyncio.to_thread(self._remove_everything, vm)
+                await asyncio.shield(self.net.detach(name))
                 raise
         log.info("created VM %s", name, extra={"vm": name, "profile": profile.name})
         if template is not None:
@@ -303,8 +330,50 @@ class VMManager:
                 "created_at": f"{vm.created_at:.3f}",
                 "shared_workspace": "1" if vm.shared_workspace else "0",
                 "template_key": vm.template_key,
+                **self._net_metadata(vm),
             },
             vm.labels,
+        )
+
+    @staticmethod
+    def _vm_id(vm: VM) -> str:
+        """Short id for firewall objects and tap names (hex of the UUID)."""
+        return vm.uuid.replace("-", "")[:8]
+
+    def _net_proto(self, name: str) -> common_pb2.NetworkAttachment | None:
+        att = self.net.attachment(name)
+        return att.to_proto(self.net.names.bridge) if att else None
+
+    def _net_metadata(self, vm: VM) -> dict[str, str]:
+        att = self.net.attachment(vm.name)
+        if vm.network_mode is NetworkMode.BRIDGE and vm.network is not None:
+            return {"net_mac": vm.network.mac, "net_bridge": vm.network.bridge}
+        if att is None:
+            return {}
+        return {
+            "net_address": f"{att.ip}/{att.prefixlen}",
+            "net_mac": att.mac,
+            "net_policy": att.policy.to_json(),
+        }
+
+    def _nic(self, vm: VM) -> dx.NetworkInterface | None:
+        if vm.network_mode is NetworkMode.BRIDGE and vm.network is not None:
+            # libvirt's clean-traffic: MAC, IP (learnt), ARP; nothing else.
+            return dx.NetworkInterface(
+                kind="bridge",
+                source=vm.network.bridge,
+                mac=vm.network.mac,
+                filterref="clean-traffic",
+                target=self.net.names.bridge_tap(self._vm_id(vm)),
+            )
+        att = self.net.attachment(vm.name)
+        if att is None:
+            return None
+        return dx.NetworkInterface(
+            kind="network",
+            source=self.net.names.network,
+            mac=att.mac,
+            target=self.net.names.tap(att.vm_id),
         )
 
     def _domain(self, vm: VM, kernel: Path, initrd: Path, *, incoming: bool = False) -> str:
@@ -326,6 +395,7 @@ class VMManager:
                 metadata=self._metadata(vm),
                 boot_name=boot_name,
                 qemu_args=("-incoming", "defer") if incoming else (),
+                nic=self._nic(vm),
             )
             .to_xml()
         )
@@ -472,6 +542,15 @@ class VMManager:
         except grpc.aio.AioRpcError as exc:
             log.debug("agent of %s not ready: %s", vm.name, exc.details())
             return
+        if vm.state is VMState.BOOTING and vm.network is not None:
+            try:
+                await self._configure_network(vm, budget)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    return
+                vm.transition(VMState.FAILED)
+                vm.error = f"the guest could not configure its network: {exc.details()}"
+                return
         if vm.state is VMState.BOOTING:
             vm.guest = info
             if vm.boot_started is not None and vm.boot_duration is None:
@@ -481,6 +560,64 @@ class VMManager:
                 "VM %s ready",
                 vm.name,
                 extra={"vm": vm.name, "boot_s": round(vm.boot_duration or 0.0, 3)},
+            )
+
+    async def _configure_network(self, vm: VM, timeout: float) -> None:
+        """Tell the guest its address, MAC, gateway and resolver (NAT: no DHCP there)."""
+        if vm.network_mode is NetworkMode.BRIDGE and vm.network is not None:
+            async with aio_channel(vm.agent_endpoint) as channel:
+                stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
+                resp = await stub.ConfigureNetwork(
+                    guest_agent_pb2.ConfigureNetworkRequest(mac=vm.network.mac, dhcp=True),
+                    timeout=min(timeout, 30.0),
+                )
+            # What the guest says it got: shown, never trusted for anything.
+            try:
+                vm.network.address = str(ipaddress.IPv4Interface(resp.address))
+            except ValueError:
+                vm.network.address = ""
+            return
+        att = self.net.attachment(vm.name)
+        if att is None:
+            return
+        request = guest_agent_pb2.ConfigureNetworkRequest(
+            mac=att.mac,
+            address=f"{att.ip}/{att.prefixlen}",
+            gateway=att.gateway,
+            nameservers=[att.gateway],
+        )
+        async with aio_channel(vm.agent_endpoint) as channel:
+            stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
+            await stub.ConfigureNetwork(request, timeout=min(timeout, 10.0))
+
+    async def update_network_policy(self, name: str, policy: Policy) -> VM:
+        """Replace a NAT_FILTERED VM's policy, live and in its persistent record."""
+        async with self._lock(name):
+            vm = self._get(name)
+            if self.net.attachment(name) is None:
+                raise FailedPrecondition(
+                    f"VM {name} is {vm.network_mode.name}: only NETWORK_MODE_NAT_FILTERED VMs "
+                    "have a network policy"
+                )
+            await self.net.update_policy(name, policy)
+            vm.network = self._net_proto(name)
+            dom = await asyncio.to_thread(self.conn.lookup, name)
+            await asyncio.to_thread(self._store_metadata, vm, dom)
+        log.info("network policy of %s updated", name, extra={"vm": name})
+        return vm
+
+    def _store_metadata(self, vm: VM, dom: libvirt.virDomain) -> None:
+        meta = self._metadata(vm).to_api_xml()
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if dom.isActive():
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        with libvirt_errors(f"recording the network policy of {vm.name}"):
+            dom.setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                meta,
+                "agentvm",
+                dx.METADATA_NS,
+                flags,
             )
 
     async def agent_status(self, vm: VM, timeout: float) -> common_pb2.GuestInfo:
@@ -554,6 +691,7 @@ class VMManager:
                     vm.relay = None
             vm_dir, run_dir = self._paths(name)
             await asyncio.to_thread(self._destroy_domain, name)
+            await self.net.detach(name)
             for d in (vm_dir, run_dir):
                 await asyncio.to_thread(shutil.rmtree, d, True)
             if vm is not None:
@@ -606,6 +744,7 @@ class VMManager:
             if vm.relay is not None:
                 await vm.relay.close()
                 vm.relay = None
+        await self.net.close()
 
     # -- snapshots ---------------------------------------------------------
     async def create_snapshot(
@@ -682,9 +821,16 @@ class VMManager:
             self._qemu_ver = (await asyncio.to_thread(self.conn.versions))[1]
         return self._qemu_ver
 
-    def _spec(self, profile: ResourceProfile, resources: Resources) -> TemplateSpec:
+    def _spec(
+        self, profile: ResourceProfile, resources: Resources, network: NetworkMode
+    ) -> TemplateSpec:
+        if network is NetworkMode.BRIDGE:
+            raise InvalidArgument(
+                "memory templates are ISOLATED or NAT_FILTERED: a bridged VM's network is "
+                "not vm-manager's to re-address; create bridged VMs without from_template"
+            )
         manifest = self.images.require_current().load_manifest()
-        return TemplateSpec(manifest.id, profile, resources, self.accel.accel)
+        return TemplateSpec(manifest.id, profile, resources, self.accel.accel, network)
 
     async def _template_for_clone(
         self,
@@ -698,11 +844,7 @@ class VMManager:
                 "from_template cannot be combined with shared_workspace: QEMU cannot save a "
                 "virtiofs device, so templates have none; move files through the file API"
             )
-        if network_mode is not NetworkMode.ISOLATED:
-            raise InvalidArgument(
-                f"from_template supports NETWORK_MODE_ISOLATED only, not {network_mode.name}"
-            )
-        spec = self._spec(profile, resources)
+        spec = self._spec(profile, resources, network_mode)
         info = self.templates.current(spec, await self._qemu_version())
         if info is None:
             raise FailedPrecondition(
@@ -739,6 +881,7 @@ class VMManager:
             while True:
                 try:
                     vm.guest = await self._reidentify(vm, max(0.5, deadline - loop.time()))
+                    await self._configure_network(vm, max(0.5, deadline - loop.time()))
                     break
                 except grpc.aio.AioRpcError as exc:
                     if loop.time() >= deadline:
@@ -769,10 +912,14 @@ class VMManager:
         return resp.info
 
     async def prepare_template(
-        self, profile: ResourceProfile, resources: Resources, force: bool
+        self,
+        profile: ResourceProfile,
+        resources: Resources,
+        force: bool,
+        network: NetworkMode = NetworkMode.ISOLATED,
     ) -> tuple[TemplateInfo, bool]:
         """The current template for ``profile``, building it when missing or stale."""
-        spec = self._spec(profile, resources)
+        spec = self._spec(profile, resources, network)
         async with self._template_locks.setdefault(spec.key, asyncio.Lock()):
             qemu = await self._qemu_version()
             info = None if force else self.templates.current(spec, qemu)
@@ -784,7 +931,7 @@ class VMManager:
         started = time.monotonic()
         vm = await self.create(
             profile=spec.profile,
-            network_mode=NetworkMode.ISOLATED,
+            network_mode=spec.network,
             resources=spec.resources,
             labels=dict([TEMPLATE_ROLE]),
             start=True,
@@ -828,6 +975,7 @@ class VMManager:
                 memory_state_bytes=(staging / MEMORY).stat().st_size,
                 disk_bytes=disk.stat().st_size,
                 boot_name=vm.name,
+                network_mode=spec.network.name,
             )
             await asyncio.to_thread(self.templates.publish, staging, info)
         finally:

@@ -1,11 +1,24 @@
-"""The nftables ruleset of NAT_FILTERED networks, rendered from typed input.
+"""The nftables rules of NAT_FILTERED networks, rendered from typed input.
 
-Groundwork for docs/NETWORK_DESIGN.md (issue 5): nothing applies this yet.
-One table per vm-manager; per VM an address set filled from DNS answers
-(with timeouts), a static CIDR set and a port set. Every input is validated
-before it reaches the script, so a caller's policy can never inject nft
-syntax. ``render`` produces a script that replaces the whole table
-atomically (``nft -f`` applies a file as one transaction).
+Two tables per vm-manager, both named ``agentvm_<tag>``:
+
+* ``bridge`` family: anti-spoofing at layer 2 (the equivalent of libvirt's
+  clean-traffic filter). A frame entering the bridge from one of our taps
+  must carry a registered MAC and, for IPv4 and ARP, the address that goes
+  with it; everything else (spoofed frames, IPv6, other ethertypes) is
+  dropped before the host or its routing sees it.
+* ``inet`` family: the egress policy. Per VM an address set filled from DNS
+  answers (with timeouts), a static CIDR set, a port set and a chain; a
+  verdict map keyed by (address, MAC) sends each new flow from the bridge to
+  its VM's chain. Everything not allowed is logged to NFLOG (rate-limited)
+  and dropped; nothing reaches the host except DNS to the resolver.
+
+The table is created once (``render_table``) and VMs are added, changed and
+removed by small transactions (``render_add``/``render_remove``/
+``render_policy``), so one VM's change never flushes another VM's resolved
+addresses. Every input is validated before it reaches a script, so a
+caller's policy can never inject nft syntax. ``nft -f`` applies a script as
+one transaction.
 """
 
 from __future__ import annotations
@@ -20,7 +33,15 @@ IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 TABLE_RE = re.compile(r"^agentvm_[a-z0-9_]{1,40}$")
 VM_ID_RE = re.compile(r"^[a-z0-9]{1,16}$")
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-LOG_GROUP = 7
+# NFLOG prefixes: allowed connection, denied connection, denied to the host,
+# unsolicited inbound, spoofed or unknown source.
+PREFIX_ALLOWED = "avm a "
+PREFIX_DENIED = "avm d "
+PREFIX_HOST = "avm h "
+PREFIX_INBOUND = "avm i "
+PREFIX_SPOOF = "avm s "
+# A guest can make the host log at most this much per VM (and per table).
+LOG_LIMIT = "limit rate 50/second burst 100 packets"
 
 
 @dataclass(frozen=True)
@@ -56,14 +77,20 @@ class Ruleset:
     table: str
     bridge: str
     bridge_ip: str
+    # Taps of this network are named <tap_prefix><id>.
+    tap_prefix: str
     # Only this interface may carry the VMs' traffic out (None: any).
     uplink: str | None
-    vms: tuple[VMRules, ...]
+    vms: tuple[VMRules, ...] = ()
+    # NFLOG group of the log rules (one per vm-manager: a group has one reader).
+    log_group: int = 7
 
     def validate(self) -> None:
         if not TABLE_RE.match(self.table):
             raise InvalidArgument(f"table name {self.table!r} must look like agentvm_<tag>")
-        for name in (self.bridge, self.uplink):
+        if not 0 <= self.log_group <= 65535:
+            raise InvalidArgument(f"log group {self.log_group} is not 0-65535")
+        for name in (self.bridge, self.uplink, self.tap_prefix):
             if name is not None and not IFNAME_RE.match(name):
                 raise InvalidArgument(f"interface name {name!r} is not valid")
         try:
@@ -82,53 +109,175 @@ def _elements(items: list[str]) -> str:
     return f" elements = {{ {', '.join(items)} }};" if items else ""
 
 
-def render(rs: Ruleset) -> str:
-    """The nft script for ``rs`` (replaces the table in one transaction)."""
+def _log(prefix: str, group: int) -> str:
+    return f'{LOG_LIMIT} log group {group} prefix "{prefix}"'
+
+
+def _vm_objects(rs: Ruleset, vm: VMRules) -> list[str]:
+    """The sets and chain of one VM (inside ``table inet``)."""
+    via = f' oifname "{rs.uplink}"' if rs.uplink else ""
+    i = vm.vm_id
+    out = [
+        f"  set dns4_{i} {{ type ipv4_addr; flags timeout; }}",
+        f"  set cidr4_{i} {{ type ipv4_addr; flags interval;{_elements(list(vm.cidrs))} }}",
+        f"  set ports_{i} {{ type inet_service;"
+        f"{_elements([str(p) for p in sorted(set(vm.ports))])} }}",
+        f"  chain vm_{i} {{",
+        f'    oifname "{rs.bridge}" {_log(PREFIX_DENIED, rs.log_group)}',
+        f'    oifname "{rs.bridge}" drop',
+    ]
+    for dest in (f"@dns4_{i}", f"@cidr4_{i}"):
+        match = f"   {via} ip daddr {dest} tcp dport @ports_{i}"
+        out += [f"{match} {_log(PREFIX_ALLOWED, rs.log_group)}", f"{match} accept"]
+    out += [f"    {_log(PREFIX_DENIED, rs.log_group)}", "    drop", "  }"]
+    return out
+
+
+def _vm_elements(vm: VMRules) -> tuple[str, str]:
+    """(verdict-map element, pair-set element) of one VM."""
+    return f"{vm.ip} . {vm.mac} : jump vm_{vm.vm_id}", f"{vm.ip} . {vm.mac}"
+
+
+def render_table(rs: Ruleset) -> str:
+    """Both tables with the VMs of ``rs``, replacing any previous ones."""
     rs.validate()
     br = f'"{rs.bridge}"'
+    taps = f'"{rs.tap_prefix}*"'
     out = [
+        f"table bridge {rs.table} {{}}",
+        f"delete table bridge {rs.table}",
         f"table inet {rs.table} {{}}",
         f"delete table inet {rs.table}",
+        f"table bridge {rs.table} {{",
+        "  set pairs { type ether_addr . ipv4_addr; "
+        + _elements([f"{vm.mac} . {vm.ip}" for vm in rs.vms]).strip()
+        + " }",
+        "  chain pre {",
+        "    type filter hook prerouting priority filter; policy accept;",
+        f"    iifname {taps} ether type arp arp saddr ether . arp saddr ip @pairs accept",
+        f"    iifname {taps} ether type ip ether saddr . ip saddr @pairs accept",
+        f"    iifname {taps} {_log(PREFIX_SPOOF, rs.log_group)}",
+        f"    iifname {taps} drop",
+        "  }",
+        "}",
         f"table inet {rs.table} {{",
+        "  map vms { type ipv4_addr . ether_addr : verdict; "
+        + _elements([_vm_elements(vm)[0] for vm in rs.vms]).strip()
+        + " }",
+        "  set pairs { type ipv4_addr . ether_addr; "
+        + _elements([_vm_elements(vm)[1] for vm in rs.vms]).strip()
+        + " }",
     ]
     for vm in rs.vms:
-        out += [
-            f"  set dns4_{vm.vm_id} {{ type ipv4_addr; flags timeout; }}",
-            f"  set cidr4_{vm.vm_id} {{ type ipv4_addr; flags interval;"
-            f"{_elements(list(vm.cidrs))} }}",
-            f"  set ports_{vm.vm_id} {{ type inet_service;"
-            f"{_elements([str(p) for p in sorted(set(vm.ports))])} }}",
-        ]
+        out += _vm_objects(rs, vm)
     out += [
         "  chain forward {",
         "    type filter hook forward priority filter; policy accept;",
-        f"    iifname {br} oifname {br} drop",
         f"    oifname {br} ct state established,related accept",
+        f"    oifname {br} iifname != {br} {_log(PREFIX_INBOUND, rs.log_group)}",
         f"    oifname {br} drop",
         f"    iifname {br} ct state established,related accept",
-        f"    iifname {br} meta nfproto ipv6 drop",
-    ]
-    via = f' oifname "{rs.uplink}"' if rs.uplink else ""
-    for vm in rs.vms:
-        match = (
-            f"    iifname {br}{via} ether saddr {vm.mac} ip saddr {vm.ip} ct state new "
-            f"tcp dport @ports_{vm.vm_id}"
-        )
-        verdict = f'log group {LOG_GROUP} prefix "avm a {vm.vm_id} " accept'
-        out += [
-            f"{match} ip daddr @dns4_{vm.vm_id} {verdict}",
-            f"{match} ip daddr @cidr4_{vm.vm_id} {verdict}",
-        ]
-    out += [
-        f'    iifname {br} log group {LOG_GROUP} prefix "avm d " drop',
+        f"    iifname {br} ip saddr . ether saddr vmap @vms",
+        f"    iifname {br} {_log(PREFIX_SPOOF, rs.log_group)}",
+        f"    iifname {br} drop",
         "  }",
         "  chain input {",
         "    type filter hook input priority filter; policy accept;",
-        f"    iifname {br} ip daddr {rs.bridge_ip} udp dport 53 accept",
-        f"    iifname {br} ip daddr {rs.bridge_ip} tcp dport 53 accept",
+        f"    iifname {br} ip daddr {rs.bridge_ip} udp dport 53 "
+        "ip saddr . ether saddr @pairs accept",
         f"    iifname {br} ct state established,related accept",
-        f'    iifname {br} log group {LOG_GROUP} prefix "avm h " drop',
+        f"    iifname {br} {_log(PREFIX_HOST, rs.log_group)}",
+        f"    iifname {br} drop",
         "  }",
         "}",
     ]
     return "\n".join(out) + "\n"
+
+
+def render_add(rs: Ruleset, vm: VMRules) -> str:
+    """Add one VM (its sets, chain and map entries) to the existing tables."""
+    rs.validate()
+    vm.validate()
+    vmap, pair = _vm_elements(vm)
+    return (
+        "\n".join(
+            [
+                f"table inet {rs.table} {{",
+                *_vm_objects(rs, vm),
+                "}",
+                f"add element inet {rs.table} vms {{ {vmap} }}",
+                f"add element inet {rs.table} pairs {{ {pair} }}",
+                f"add element bridge {rs.table} pairs {{ {vm.mac} . {vm.ip} }}",
+            ]
+        )
+        + "\n"
+    )
+
+
+def render_remove(rs: Ruleset, vm: VMRules) -> str:
+    """Remove one VM from the tables (map entries first, then what they pointed to)."""
+    rs.validate()
+    vm.validate()
+    vmap, pair = _vm_elements(vm)
+    i = vm.vm_id
+    return (
+        "\n".join(
+            [
+                f"delete element inet {rs.table} vms {{ {vmap} }}",
+                f"delete element inet {rs.table} pairs {{ {pair} }}",
+                f"delete element bridge {rs.table} pairs {{ {vm.mac} . {vm.ip} }}",
+                f"delete chain inet {rs.table} vm_{i}",
+                f"delete set inet {rs.table} dns4_{i}",
+                f"delete set inet {rs.table} cidr4_{i}",
+                f"delete set inet {rs.table} ports_{i}",
+            ]
+        )
+        + "\n"
+    )
+
+
+def render_policy(rs: Ruleset, vm: VMRules) -> str:
+    """Replace one VM's policy: its CIDRs and ports, and forget its resolved addresses."""
+    rs.validate()
+    vm.validate()
+    i = vm.vm_id
+    out = [
+        f"flush set inet {rs.table} dns4_{i}",
+        f"flush set inet {rs.table} cidr4_{i}",
+        f"flush set inet {rs.table} ports_{i}",
+        f"add element inet {rs.table} ports_{i} {{ {', '.join(map(str, sorted(set(vm.ports))))} }}",
+    ]
+    if vm.cidrs:
+        out.append(f"add element inet {rs.table} cidr4_{i} {{ {', '.join(vm.cidrs)} }}")
+    return "\n".join(out) + "\n"
+
+
+def render_resolved(table: str, vm_id: str, addresses: list[tuple[str, int]]) -> str:
+    """Allow ``vm_id`` to reach addresses a DNS answer gave it, for their TTL (seconds)."""
+    if not TABLE_RE.match(table) or not VM_ID_RE.match(vm_id):
+        raise InvalidArgument("bad table or vm id")
+    lines = []
+    for addr, ttl in addresses:
+        try:
+            ipaddress.IPv4Address(addr)
+        except ValueError:
+            raise InvalidArgument(f"{addr!r} is not an IPv4 address") from None
+        # add (so it exists), delete, add with the new timeout: one transaction
+        # that also refreshes the timeout of an address already present.
+        elem = f"inet {table} dns4_{vm_id} {{ {addr} }}"
+        lines += [
+            f"add element {elem}",
+            f"delete element {elem}",
+            f"add element inet {table} dns4_{vm_id} {{ {addr} timeout {int(ttl)}s }}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def render_delete(table: str) -> str:
+    """Remove both tables (nothing of this network left in the kernel)."""
+    if not TABLE_RE.match(table):
+        raise InvalidArgument(f"table name {table!r} must look like agentvm_<tag>")
+    return (
+        f"table bridge {table} {{}}\ndelete table bridge {table}\n"
+        f"table inet {table} {{}}\ndelete table inet {table}\n"
+    )

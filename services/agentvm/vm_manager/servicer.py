@@ -16,8 +16,10 @@ from agentvm.common.grpc_util import grpc_errors, grpc_stream_errors, remaining_
 from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
 from agentvm.vm_manager.accel import Accel
 from agentvm.vm_manager.clones import TemplateInfo
+from agentvm.vm_manager.dnsproxy import EgressRecord
 from agentvm.vm_manager.image import ImageStore, Manifest
 from agentvm.vm_manager.manager import DEFAULT_GRACE_S, DEFAULT_WAIT_S, VMManager
+from agentvm.vm_manager.network import Policy
 from agentvm.vm_manager.snapshots import SnapshotInfo
 from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
 from agentvm.vm_manager.vm import VMState
@@ -49,9 +51,32 @@ def template_to_proto(info: TemplateInfo) -> vm_manager_pb2.Template:
         memory_state_bytes=info.memory_state_bytes,
         disk_bytes=info.disk_bytes,
         qemu_version=info.qemu_version,
+        network_mode=NetworkMode[info.network_mode].to_proto(),
     )
     msg.created_at.FromNanoseconds(int(info.created_at * 1e9))
     msg.build_duration.FromNanoseconds(int(info.build_s * 1e9))
+    return msg
+
+
+_KINDS = {"dns": common_pb2.EGRESS_KIND_DNS, "connect": common_pb2.EGRESS_KIND_CONNECT}
+_VERDICTS = {
+    "allowed": common_pb2.EGRESS_VERDICT_ALLOWED,
+    "denied": common_pb2.EGRESS_VERDICT_DENIED,
+}
+
+
+def egress_to_proto(rec: EgressRecord) -> common_pb2.EgressRecord:
+    msg = common_pb2.EgressRecord(
+        vm_name=rec.vm,
+        kind=_KINDS.get(rec.kind, common_pb2.EGRESS_KIND_UNSPECIFIED),
+        name=rec.name,
+        address=rec.address,
+        port=rec.port,
+        protocol=rec.protocol,
+        verdict=_VERDICTS.get(rec.verdict, common_pb2.EGRESS_VERDICT_UNSPECIFIED),
+        reason=rec.detail,
+    )
+    msg.time.FromNanoseconds(int(rec.time * 1e9))
     return msg
 
 
@@ -103,9 +128,24 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
         mode = NetworkMode.from_proto(request.network_mode)
         if mode is not NetworkMode.BRIDGE and request.bridge:
             raise InvalidArgument("bridge is only valid with NETWORK_MODE_BRIDGE")
+        policy = None
+        if mode is NetworkMode.NAT_FILTERED:
+            policy = Policy.from_proto(request.network_policy, self.manager.settings)
+        elif any(
+            (
+                request.network_policy.allow_domains,
+                request.network_policy.allow_cidrs,
+                request.network_policy.ports,
+            )
+        ):
+            raise InvalidArgument(
+                f"network_policy is only valid with NETWORK_MODE_NAT_FILTERED, not {mode.name}"
+            )
         res = request.resources
         resources = Resources.for_profile(profile, res.vcpus, res.memory_mib, res.disk_mib)
         vm = await self.manager.create(
+            policy=policy,
+            bridge=request.bridge,
             profile=profile,
             network_mode=mode,
             resources=resources,
@@ -123,8 +163,32 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
         profile = ResourceProfile.from_proto(request.profile)
         res = request.resources
         resources = Resources.for_profile(profile, res.vcpus, res.memory_mib, res.disk_mib)
-        info, built = await self.manager.prepare_template(profile, resources, request.force)
+        network = (
+            NetworkMode.ISOLATED
+            if request.network_mode == common_pb2.NETWORK_MODE_UNSPECIFIED
+            else NetworkMode.from_proto(request.network_mode)
+        )
+        info, built = await self.manager.prepare_template(
+            profile, resources, request.force, network
+        )
         return vm_manager_pb2.PrepareTemplateResponse(template=template_to_proto(info), built=built)
+
+    @grpc_errors
+    async def UpdateNetworkPolicy(
+        self, request: vm_manager_pb2.UpdateNetworkPolicyRequest, context: Ctx
+    ) -> vm_manager_pb2.UpdateNetworkPolicyResponse:
+        policy = Policy.from_proto(request.policy, self.manager.settings)
+        vm = await self.manager.update_network_policy(request.name, policy)
+        return vm_manager_pb2.UpdateNetworkPolicyResponse(vm=vm.to_proto())
+
+    @grpc_stream_errors
+    async def WatchEgress(
+        self, request: vm_manager_pb2.WatchEgressRequest, context: Ctx
+    ) -> AsyncIterator[vm_manager_pb2.WatchEgressResponse]:
+        if request.name:
+            await self.manager.get(request.name)
+        async for rec in self.manager.net.watch(request.name, request.follow):
+            yield vm_manager_pb2.WatchEgressResponse(record=egress_to_proto(rec))
 
     @grpc_errors
     async def ListTemplates(

@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 from enum import Enum
 
-from agentvm.common.errors import InvalidArgument, Unimplemented
+from agentvm.common.errors import InvalidArgument
 from agentvm.v1 import common_pb2
 from agentvm.vm_manager import domain_xml as dx
 from agentvm.vm_manager.accel import Accel
@@ -70,11 +70,6 @@ class NetworkMode(Enum):
     ISOLATED = "isolated"
     BRIDGE = "bridge"
 
-    @property
-    def implemented(self) -> bool:
-        """Whether this build can create VMs in this mode."""
-        return self is NetworkMode.ISOLATED
-
     @classmethod
     def from_proto(cls, value: int) -> NetworkMode:
         mapping: dict[int, NetworkMode] = {
@@ -95,14 +90,6 @@ class NetworkMode(Enum):
             NetworkMode.ISOLATED: common_pb2.NETWORK_MODE_ISOLATED,
             NetworkMode.BRIDGE: common_pb2.NETWORK_MODE_BRIDGE,
         }[self]
-
-    def require_implemented(self) -> None:
-        if not self.implemented:
-            raise Unimplemented(
-                f"network mode {self.name} is not available in this version of agent-vm "
-                "(filtered NAT and bridge networking land with the network isolation work): "
-                "use NETWORK_MODE_ISOLATED (CLI: --network isolated)"
-            )
 
 
 WORKSPACE_TAG = "workspace"
@@ -171,11 +158,11 @@ class VMTemplate:
         metadata: dx.Metadata,
         boot_name: str | None = None,
         qemu_args: tuple[str, ...] = (),
+        nic: dx.NetworkInterface | None = None,
     ) -> dx.Domain:
         """The domain XML. ``boot_name`` (default ``name``) goes on the kernel
         command line; clones of a memory template keep the template's, so the
         firmware configuration matches the saved state exactly."""
-        self.network_mode.require_implemented()
         cmdline = " ".join(
             [
                 "console=ttyS0",
@@ -194,6 +181,8 @@ class VMTemplate:
             dx.VirtioSerialChannel(name=PORT_NAME),
             dx.RNG(),
         ]
+        if nic is not None:
+            devices.append(nic)
         if self.vsock:
             devices.append(dx.Vsock())
         if self.workspace_dir is not None:

@@ -90,6 +90,8 @@ class VM:
     shared_workspace: bool = False
     # Key of the memory template the VM was restored from; empty when booted.
     template_key: str = ""
+    # Address, MAC and policy on the NAT network (None: no NIC).
+    network: common_pb2.NetworkAttachment | None = None
 
     @property
     def overlay(self) -> Path:
@@ -158,4 +160,6 @@ class VM:
             msg.boot_duration.FromNanoseconds(int(self.boot_duration * 1e9))
         if self.guest is not None:
             msg.guest.CopyFrom(self.guest)
+        if self.network is not None:
+            msg.network.CopyFrom(self.network)
         return msg
