@@ -25,6 +25,10 @@ set -e
 # Nothing of ours may be left behind.
 left=$(virsh -c qemu:///system list --all --name | grep -c '^agent-vm-test' || true)
 if [ "$left" != 0 ]; then echo "LEAK: $left test domain(s) left in libvirt"; rc=1; fi
+nets=$(virsh -c qemu:///system net-list --all --name | grep -c '^agent-vm-test' || true)
+if [ "$nets" != 0 ]; then echo "LEAK: $nets test libvirt network(s) left"; rc=1; fi
+links=$(ip -br link | grep -cE '^(avmb-|avmw-)' || true)
+if [ "$links" != 0 ]; then echo "LEAK: $links test bridge/veth interface(s) left"; rc=1; fi
 worlds=$(ip netns list | grep -c '^avm' || true)
 if [ "$worlds" != 0 ]; then echo "LEAK: $worlds test network namespace(s) left"; rc=1; fi
 exit $rc

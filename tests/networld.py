@@ -57,15 +57,45 @@ def sh(*args: str) -> None:
 
 
 @dataclass
-class NetWorld:
+class _Namespace:
+    """A namespace ``avmw-<tag>`` and the processes the test runs in it."""
+
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
-    bridge: str = ""
-    table: str = ""
 
     @property
     def ns(self) -> str:
         return f"avmw-{self.tag}"
+
+    def _serve(self, *specs: str) -> None:
+        """Start the TCP/HTTP servers ``addr:port:kind`` inside, and wait for them."""
+        srv = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, sys.executable, "-c", SERVER, *specs],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tempfile.gettempdir(),
+        )
+        self.procs.append(srv)
+        assert srv.stdout is not None
+        if srv.stdout.readline().strip() != "ready":
+            raise RuntimeError(
+                f"test world servers did not start: {srv.stderr.read() if srv.stderr else ''}"
+            )
+
+    def _stop(self) -> None:
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+        self.procs.clear()
+
+
+@dataclass
+class NetWorld(_Namespace):
+    bridge: str = ""
+    table: str = ""
 
     @property
     def host_if(self) -> str:
@@ -102,19 +132,7 @@ class NetWorld:
             f"{allowed}:8080:echo",
             f"{other}:80:http",
         ]
-        srv = subprocess.Popen(
-            [*inside, sys.executable, "-c", SERVER, *specs],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=tempfile.gettempdir(),
-        )
-        self.procs.append(srv)
-        assert srv.stdout is not None
-        if srv.stdout.readline().strip() != "ready":
-            raise RuntimeError(
-                f"test world servers did not start: {srv.stderr.read() if srv.stderr else ''}"
-            )
+        self._serve(*specs)
         deadline = time.monotonic() + 10
         while not self._dns_listening():
             if time.monotonic() > deadline:
@@ -143,12 +161,7 @@ class NetWorld:
         return DNS_IP in out
 
     def down(self) -> None:
-        for p in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                p.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(5)
-        self.procs.clear()
+        self._stop()
         if self.bridge:
             for cmd in (
                 ["ip", "rule", "del", "iif", self.bridge, "lookup", self.table],
@@ -174,18 +187,11 @@ BRIDGE_SERVER_IP = "198.19.0.1"
 
 
 @dataclass
-class BridgeWorld:
+class BridgeWorld(_Namespace):
     """A user's LAN for NETWORK_MODE_BRIDGE: a host bridge with no host address,
     whose only other port leads into a namespace with a DHCP server (dnsmasq,
     198.19.0.100-120) and an HTTP server on 198.19.0.1. Nothing on it can
     reach the host or anything beyond the namespace."""
-
-    tag: str = field(default_factory=lambda: secrets.token_hex(3))
-    procs: list[subprocess.Popen[str]] = field(default_factory=list)
-
-    @property
-    def ns(self) -> str:
-        return f"avmw-{self.tag}"
 
     @property
     def bridge(self) -> str:
@@ -214,23 +220,10 @@ class BridgeWorld:
         self.procs.append(
             subprocess.Popen(dhcp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         )
-        srv = subprocess.Popen(
-            [*inside, sys.executable, "-c", SERVER, f"{BRIDGE_SERVER_IP}:80:http"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            cwd=tempfile.gettempdir(),
-        )  # fmt: skip
-        self.procs.append(srv)
-        assert srv.stdout is not None
-        if srv.stdout.readline().strip() != "ready":
-            raise RuntimeError("bridge world server did not start")
+        self._serve(f"{BRIDGE_SERVER_IP}:80:http")
 
     def down(self) -> None:
-        for p in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                p.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(5)
-        self.procs.clear()
+        self._stop()
         for cmd in (
             ["ip", "link", "delete", f"avmb-{self.tag}h"],
             ["ip", "link", "delete", self.bridge],

@@ -197,6 +197,35 @@ def test_run_json_reports_the_guest_kernel(executor: ExecutorProcess) -> None:
     assert doc["boot_s"] > 0
 
 
+def test_run_is_nat_filtered_by_default_and_json_carries_the_egress_log(
+    executor: ExecutorProcess,
+) -> None:
+    """The default run reaches only allowlisted names; --json lists every attempt."""
+    code = (
+        "import socket\n"
+        "for name in ('allowed.test', 'other.test'):\n"
+        "    try:\n"
+        "        ip = socket.gethostbyname(name)\n"
+        "        s = socket.create_connection((ip, 80), timeout=5)\n"
+        "        s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); print(name, s.recv(20))\n"
+        "    except OSError as exc:\n"
+        "        print(name, 'failed', type(exc).__name__)\n"
+    )
+    proc = agent_vm(executor.env, "run", "--json", "--allow-domain", "allowed.test", "-c", code)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert "allowed.test b'HTTP/1.0 200 OK" in doc["stdout"], doc
+    assert "other.test failed" in doc["stdout"], doc
+    log = {(r["kind"], r["name"], r["verdict"]) for r in doc["network_log"]}
+    assert ("dns", "allowed.test", "allowed") in log
+    assert ("dns", "other.test", "denied") in log
+    assert ("connect", "allowed.test", "allowed") in log
+    bad = agent_vm(executor.env, "run", "--network", "isolated", "--allow-domain", "x.test",
+                   "--cmd", "true")  # fmt: skip
+    assert bad.returncode == 2
+    assert "--network nat-filtered" in bad.stderr
+
+
 def test_run_timeout_exits_124_and_bad_usage_exits_2(executor: ExecutorProcess) -> None:
     proc = agent_vm(
         executor.env,

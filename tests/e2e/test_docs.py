@@ -21,6 +21,7 @@ EXPECTED = [
     "['output/copy.bin']",
     "b'desserts'",
     "['0', '1', '2']",
+    "dns example.com denied name not in allow_domains",
 ]
 
 

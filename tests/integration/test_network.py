@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import signal
 import subprocess
 import threading
 import time
@@ -285,6 +286,70 @@ def test_a_new_policy_applies_at_once(
         vmm.stub().UpdateNetworkPolicy(req, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "allow_domains" in (err.value.details() or "")
+
+
+def test_the_network_survives_a_vm_manager_restart(
+    nat_vms: tuple[common_pb2.VM, common_pb2.VM], vmm: VMManagerProcess
+) -> None:
+    """Killed or stopped, a restarted vm-manager re-creates resolver, tables and policies."""
+    a, b = nat_vms
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        vmm.stop(sig)
+        vmm.start()
+        for vm in (a, b):
+            req = vm_manager_pb2.WaitVMRequest(name=vm.name, state=common_pb2.VM_STATE_READY)
+            req.timeout.FromSeconds(60)
+            vmm.stub().WaitVM(req, timeout=70)
+        got = vmm.stub().GetVM(vm_manager_pb2.GetVMRequest(name=b.name), timeout=10).vm
+        # b's policy was replaced by test_a_new_policy_applies_at_once: still in force.
+        assert list(got.network.policy.allow_domains) == ["other.test"]
+        assert got.network.address == b.network.address
+        out = probe(a, "resolve:allowed.test", f"connect:{ALLOWED},80", f"connect:{OTHER},80")
+        assert out[0] == ALLOWED
+        assert out[1].startswith("OK"), out
+        assert out[2].startswith("ERR"), out
+        other, refused = probe(b, "resolve:other.test", "resolve:allowed.test")
+        assert other == OTHER
+        assert refused.startswith("ERR"), refused
+    assert wait_for(
+        lambda: has(
+            egress(vmm, a.name),
+            common_pb2.EGRESS_KIND_CONNECT,
+            common_pb2.EGRESS_VERDICT_DENIED,
+            address=OTHER,
+        ),
+        10,
+    )
+
+
+def test_watch_egress_follows_every_vm(
+    nat_vms: tuple[common_pb2.VM, common_pb2.VM], vmm: VMManagerProcess
+) -> None:
+    """What the monitor consumes: one stream with the records of all VMs, as they happen."""
+    a, b = nat_vms
+    stream = vmm.stub().WatchEgress(vm_manager_pb2.WatchEgressRequest(follow=True), timeout=120)
+    seen: list[common_pb2.EgressRecord] = []
+
+    def read() -> None:
+        with contextlib.suppress(grpc.RpcError):
+            for resp in stream:
+                seen.append(resp.record)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    try:
+        probe(a, "resolve:watch-a.test")
+        probe(b, "resolve:watch-b.test")
+        assert wait_for(
+            lambda: (
+                {("watch-a.test", a.name), ("watch-b.test", b.name)}
+                <= {(r.name, r.vm_name) for r in seen}
+            ),
+            15,
+        ), [str(r) for r in seen[-5:]]
+    finally:
+        stream.cancel()  # type: ignore[no-untyped-call]
+        thread.join(10)
 
 
 def test_a_clone_of_a_nat_template_gets_its_own_address(

@@ -12,6 +12,8 @@ import dns.asyncquery
 import dns.message
 import dns.rcode
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agentvm.common.errors import InvalidArgument
 from agentvm.vm_manager.dnsproxy import (
@@ -113,3 +115,42 @@ async def test_only_allowlisted_names_resolve_and_their_addresses_are_handed_on(
     assert any("malformed" in r.detail for r in records)
     assert any("oversized" in r.detail for r in records)
     assert all(r.kind == "dns" for r in records)
+
+
+class _Sink:
+    """Stands in for the UDP transport: keeps what the proxy would send."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def sendto(self, data: bytes, addr: object) -> None:
+        self.sent.append(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=600))
+def test_any_bytes_from_a_guest_are_answered_or_dropped_never_raised(data: bytes) -> None:
+    """Hostile input: no exception, no upstream query, every packet recorded."""
+    records: list[EgressRecord] = []
+
+    async def never(vm: str, name: str, addrs: list[tuple[str, int]]) -> None:
+        raise AssertionError("no address may be allowed from garbage")
+
+    proxy = DNSProxy(
+        upstream=("192.0.2.1", 9),  # TEST-NET-1, never contacted: no name here is allowed
+        policy_for=lambda src: ClientPolicy("vm1", DomainAllowlist(["allowed.test"])),
+        on_addresses=never,
+        on_record=records.append,
+    )
+    sink = _Sink()
+    proxy.transport = sink  # type: ignore[assignment]
+    # A valid query for a non-allowlisted name, then the random bytes.
+    for packet in (dns.message.make_query("x.example", "A").to_wire(), data):
+        if b"allowed" in packet.lower():
+            continue  # the one name that would be forwarded
+        asyncio.run(proxy.handle(packet, ("10.0.0.2", 5353)))
+    assert records
+    assert all(r.verdict == "denied" or r.detail.startswith("empty answer") for r in records)
+    for reply in sink.sent:
+        msg = dns.message.from_wire(reply)
+        assert msg.rcode() in (dns.rcode.REFUSED, dns.rcode.NOERROR)
