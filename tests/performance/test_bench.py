@@ -77,6 +77,7 @@ def test_agent_vm_bench_prints_every_figure(
     assert fig["restore_to_ready_s"]["n"] == 2
     assert fig["pool_acquire_ms"]["n"] == 4
     assert fig["acquire_and_first_command_ms"]["n"] == 4
+    assert fig["network_policy_update_ms"]["n"] == 4
     assert fig["concurrent_executions"] == {
         "n": 2,
         "wall_s": fig["concurrent_executions"]["wall_s"],
