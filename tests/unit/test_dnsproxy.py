@@ -11,17 +11,20 @@ from typing import Any
 import dns.asyncquery
 import dns.message
 import dns.rcode
+import dns.rrset
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentvm.common.errors import InvalidArgument
 from agentvm.vm_manager.dnsproxy import (
+    FIT_ADDRESSES,
     MIN_TTL,
     ClientPolicy,
     DNSProxy,
     DomainAllowlist,
     EgressRecord,
+    fit,
     serve,
 )
 from tests.networld import DNS_IP, NAMES, NetWorld, networld
@@ -154,3 +157,22 @@ def test_any_bytes_from_a_guest_are_answered_or_dropped_never_raised(data: bytes
     for reply in sink.sent:
         msg = dns.message.from_wire(reply)
         assert msg.rcode() in (dns.rcode.REFUSED, dns.rcode.NOERROR)
+
+
+def test_answers_too_large_for_udp_keep_a_few_addresses() -> None:
+    query = dns.message.make_query("many.allowed.test", "A")
+    reply = dns.message.make_response(query)
+    addrs = [f"198.18.1.{i}" for i in range(1, 101)]
+    reply.answer.append(dns.rrset.from_text_list("many.allowed.test.", 60, "IN", "A", addrs))
+    reply.answer.append(
+        dns.rrset.from_text("many.allowed.test.", 60, "IN", "TXT", '"' + "x" * 200 + '"')
+    )
+    wire = fit(reply)
+    assert len(wire) <= 512
+    got = dns.message.from_wire(wire)
+    assert got.rcode() == dns.rcode.NOERROR
+    kept = [r.address for rr in got.answer for r in rr]
+    assert len(kept) == FIT_ADDRESSES
+    assert set(kept) <= set(addrs)
+    small = dns.message.make_response(query)
+    assert fit(small) == small.to_wire()

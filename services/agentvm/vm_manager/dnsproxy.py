@@ -28,6 +28,7 @@ import dns.flags
 import dns.message
 import dns.rcode
 import dns.rdatatype
+import dns.rrset
 
 from agentvm.common.errors import InvalidArgument
 
@@ -96,6 +97,34 @@ class EgressRecord:
     protocol: str = ""
 
 
+FIT_ADDRESSES = 8
+
+
+def fit(msg: dns.message.Message) -> bytes:
+    """``msg`` in at most MAX_QUERY_BYTES (UDP, no TCP fallback here).
+
+    An answer too large keeps only its address records, at most
+    FIT_ADDRESSES per name (the guest needs one); if even that does not fit,
+    the guest gets SERVFAIL rather than nothing.
+    """
+    try:
+        return msg.to_wire(max_size=MAX_QUERY_BYTES)
+    except dns.exception.TooBig:
+        pass
+    msg.answer = [
+        dns.rrset.from_rdata_list(rr.name, rr.ttl, list(rr)[:FIT_ADDRESSES])
+        for rr in msg.answer
+        if rr.rdtype == dns.rdatatype.A
+    ]
+    msg.authority, msg.additional = [], []
+    try:
+        return msg.to_wire(max_size=MAX_QUERY_BYTES)
+    except dns.exception.TooBig:
+        msg.answer = []
+        msg.set_rcode(dns.rcode.SERVFAIL)
+        return msg.to_wire(max_size=MAX_QUERY_BYTES)
+
+
 class DNSProxy(asyncio.DatagramProtocol):
     def __init__(
         self,
@@ -137,7 +166,7 @@ class DNSProxy(asyncio.DatagramProtocol):
 
     def _send(self, msg: dns.message.Message, addr: tuple[str, int]) -> None:
         if self.transport is not None:
-            self.transport.sendto(msg.to_wire(max_size=MAX_QUERY_BYTES), addr)
+            self.transport.sendto(fit(msg), addr)
 
     async def handle(self, data: bytes, addr: tuple[str, int]) -> None:
         src = addr[0]
