@@ -62,7 +62,7 @@ def vmm(guest_image: Path, net_world: NetWorld) -> Iterator[VMManagerProcess]:
     """
     proc = new_vmm()
     proc.extra_env = nat_env(net_world)
-    net_world.confine(NetNames.for_prefix(proc.prefix).bridge)
+    net_world.confine(NetNames.for_prefix(proc.prefix).bridge, proc.extra_env["AGENTVM_NAT_SUBNET"])
     proc.start()
     try:
         yield proc

@@ -139,7 +139,7 @@ class NetWorld(_Namespace):
                 raise RuntimeError("dnsmasq in the test world did not start")
             time.sleep(0.05)
 
-    def confine(self, bridge: str) -> None:
+    def confine(self, bridge: str, subnet: str) -> None:
         """Route everything that enters by ``bridge`` into this world, or nowhere.
 
         A policy-routing rule independent of agent-vm's own filter: packets
@@ -149,6 +149,9 @@ class NetWorld(_Namespace):
         """
         self.table = str(4000 + int(self.tag, 16) % 50000)
         sh("ip", "route", "add", "198.18.0.0/24", "dev", self.host_if, "table", self.table)
+        # VM to VM falls through to the main table (the bridge's own route), so
+        # it reaches the forward hook and agent-vm's own rule must stop it.
+        sh("ip", "route", "add", "throw", subnet, "table", self.table)
         sh("ip", "route", "add", "unreachable", "default", "table", self.table)
         sh("ip", "rule", "add", "iif", bridge, "lookup", self.table, "priority", "1000")
         self.bridge = bridge

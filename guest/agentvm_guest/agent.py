@@ -20,6 +20,7 @@ import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -160,18 +161,29 @@ def _prepare_eth0(mac: str) -> None:
 
 
 def configure_dhcp(mac: str) -> str:
-    """Give eth0 its MAC and take an address by DHCP (user bridges); the address got."""
+    """Give eth0 its MAC and take an address by DHCP (user bridges); the address got.
+
+    udhcpc returns once it has a lease and stays in the background to renew
+    it (so the LAN never hands the address to someone else while we use it).
+    """
     if not MAC_RE.match(mac):
         raise ValueError(f"mac {mac!r} is not a lowercase unicast MAC address")
     _prepare_eth0(mac)
     _run_ip("link", "set", "eth0", "up")
-    done = subprocess.run(
-        ["busybox", "udhcpc", "-i", "eth0", "-q", "-n", "-t", "10", "-T", "2",
-         "-s", "/usr/local/sbin/agentvm-dhcp"],
-        capture_output=True, text=True, check=False, timeout=60,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise OSError(f"no DHCP lease on eth0: {done.stderr.strip()[-300:]}")
+    # A second ConfigureNetwork replaces the client of the first.
+    subprocess.run(["busybox", "pkill", "-f", "udhcpc -i eth0"], capture_output=True, check=False)
+    # The daemon keeps the inherited descriptors: a file, not a pipe we would wait on.
+    with tempfile.TemporaryFile() as err:
+        done = subprocess.run(
+            ["busybox", "udhcpc", "-i", "eth0", "-n", "-t", "10", "-T", "2",
+             "-s", "/usr/local/sbin/agentvm-dhcp"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            check=False, timeout=60,
+        )  # fmt: skip
+        if done.returncode != 0:
+            err.seek(0)
+            text = err.read().decode(errors="replace").strip()
+            raise OSError(f"no DHCP lease on eth0: {text[-300:]}")
     return _eth0_address()
 
 

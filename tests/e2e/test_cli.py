@@ -18,6 +18,7 @@ from tests.vmharness import (
     PoolManagerProcess,
     VMManagerProcess,
     libvirt_domains,
+    net_leftovers,
 )
 
 pytestmark = pytest.mark.vm
@@ -122,6 +123,9 @@ def test_up_and_down_are_idempotent(tmp_path: Path) -> None:
         AGENTVM_LOG_DIR=str(tmp_path / "log"),
         AGENTVM_STATE_DIR=str(tmp_path / "state"),
         AGENTVM_VM_PREFIX="agent-vm-testupdown-",
+        # Not the default NAT pool: outside the test world a test must not put
+        # VMs on the host's real uplink.
+        AGENTVM_POOLS="standard:min=1,max=2",
     )
     try:
         first = agent_vm(env, "up", timeout=60)
@@ -138,6 +142,7 @@ def test_up_and_down_are_idempotent(tmp_path: Path) -> None:
         # The pool started warming (template build) and was stopped at once:
         # nothing of it may be left in libvirt.
         assert not libvirt_domains("agent-vm-testupdown-")
+        assert not net_leftovers("agent-vm-testupdown-")
     finally:
         agent_vm(env, "down", timeout=60)
         shutil.rmtree(run, ignore_errors=True)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import secrets
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -49,7 +51,7 @@ def connect(ip, port, src=""):
         s.sendall(b"GET / HTTP/1.0\r\n\r\n")
         return "OK " + s.recv(300).decode(errors="replace")
     except OSError as exc:
-        return f"ERR {type(exc).__name__}"
+        return f"ERR {type(exc).__name__}" + (f" {exc.strerror}" if exc.errno else "")
     finally:
         s.close()
 
@@ -213,20 +215,97 @@ def test_host_other_vms_and_spoofed_sources_are_unreachable(
             f"connect:{ALLOWED},80,{spoof}",
             f"connect:{ALLOWED},80",
         )
-    assert all(o.startswith("ERR") for o in out[:4]), out
+    # On the link, B is simply not there (isolated bridge ports: no ARP answer).
+    assert out[0] == "ERR OSError No route to host", out
+    # Dropped silently (a timeout), not refused: nothing there even answered.
+    assert out[1:4] == ["ERR TimeoutError"] * 3, out
+    # Routed through the gateway instead, A reaches the host's forward path,
+    # where agent-vm's rule drops it.
+    execute(a.agent_endpoint, f"busybox ip route add {b_ip}/32 via {a.network.gateway}")
+    with serving(b, 80):
+        assert probe(a, f"connect:{b_ip},80") == ["ERR TimeoutError"]
+    execute(a.agent_endpoint, f"busybox ip route del {b_ip}/32")
     assert out[5].startswith("ERR"), out  # a source address that is not the VM's
     assert out[6].startswith("OK"), out  # the VM itself still works
-    recs = egress(vmm, a.name)
-    assert wait_for(
-        lambda: has(
-            egress(vmm, a.name),
-            common_pb2.EGRESS_KIND_CONNECT,
-            common_pb2.EGRESS_VERDICT_DENIED,
-            address=a.network.gateway,
-            port=22,
-        ),
-        10,
-    ), [str(r) for r in recs]
+    denied = common_pb2.EGRESS_KIND_CONNECT, common_pb2.EGRESS_VERDICT_DENIED
+
+    def logged() -> bool:
+        recs = egress(vmm, a.name)
+        return all(
+            [
+                has(recs, *denied, address=b_ip, port=80, reason="other VMs are unreachable"),
+                has(recs, *denied, address=a.network.gateway, port=22),
+                has(recs, *denied, address=a.network.gateway, port=80),
+                has(recs, *denied, address=HOST_IP, port=22),
+            ]
+        )
+
+    assert wait_for(logged, 10), [str(r) for r in egress(vmm, a.name)]
+
+
+# Runs in the guest: DNS queries sent as raw Ethernet frames with any source.
+FORGE = r"""
+import socket, struct, sys
+
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xFFFF)
+    return ~(s + (s >> 16)) & 0xFFFF
+
+def frame(src_mac, src_ip, dst_mac, dst_ip, name):
+    q = struct.pack(">HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    q += struct.pack(">HH", 1, 1)
+    udp = struct.pack("!HHHH", 40000, 53, 8 + len(q), 0) + q
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                     socket.inet_aton(src_ip), socket.inet_aton(dst_ip))
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    mac = lambda m: bytes.fromhex(m.replace(":", ""))
+    return mac(dst_mac) + mac(src_mac) + b"\x08\x00" + ip + udp
+
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+gw_mac, gw_ip = sys.argv[1], sys.argv[2]
+for spec in sys.argv[3:]:
+    src_mac, src_ip, name = spec.split(",")
+    s.send(frame(src_mac, src_ip, gw_mac, gw_ip, name))
+print("sent")
+"""
+
+
+def test_a_vm_cannot_speak_as_another(
+    nat_vms: tuple[common_pb2.VM, common_pb2.VM], vmm: VMManagerProcess
+) -> None:
+    """Raw frames from A carrying B's MAC and address (or a mix) never reach the
+    resolver as B; the same frame with A's own identity does (so it is well formed)."""
+    a, b = nat_vms
+    gw_mac = (Path("/sys/class/net") / a.network.bridge / "address").read_text().strip()
+    a_ip, b_ip = (vm.network.address.split("/")[0] for vm in (a, b))
+    tag = secrets.token_hex(3)
+    specs = [
+        f"{a.network.mac},{a_ip},self-{tag}.test",
+        f"{b.network.mac},{b_ip},as-b-{tag}.test",
+        f"{a.network.mac},{b_ip},a-mac-b-ip-{tag}.test",
+        f"{b.network.mac},{a_ip},b-mac-a-ip-{tag}.test",
+    ]
+    code = common_pb2.Program(
+        code=common_pb2.Code(
+            language=common_pb2.CODE_LANGUAGE_PYTHON,
+            source=FORGE,
+            args=[gw_mac, a.network.gateway, *specs],
+        )
+    )
+    res = execute(a.agent_endpoint, code)
+    assert res.stdout == b"sent\n", res.stderr
+
+    def names() -> set[tuple[str, str]]:
+        req = vm_manager_pb2.WatchEgressRequest()
+        return {(r.record.vm_name, r.record.name) for r in vmm.stub().WatchEgress(req, timeout=30)}
+
+    assert wait_for(lambda: (a.name, f"self-{tag}.test") in names(), 10)
+    time.sleep(1)
+    forged = {n for _vm, n in names() if tag in n and not n.startswith("self-")}
+    assert not forged, forged
 
 
 def test_the_world_cannot_connect_in(

@@ -180,7 +180,8 @@ def test_other_elements_render() -> None:
     assert iface == (
         '<interface type="network"><mac address="52:54:00:00:00:01" />'
         '<source network="agentvm-net" /><model type="virtio" />'
-        '<filterref filter="clean-traffic" /></interface>'
+        '<filterref filter="clean-traffic"><parameter name="CTRL_IP_LEARNING" value="dhcp" />'
+        "</filterref></interface>"
     )
     bridge = dx.NetworkInterface("bridge", "br0", "52:54:00:00:00:02").to_element()
     assert attr(bridge, "source", "bridge") == "br0"

@@ -71,7 +71,7 @@ def test_the_tables_load_into_a_real_kernel_and_vms_come_and_go(netns: str) -> N
     assert 'oifname "avmw-h"' in listed
     assert "group 4242" in listed
     assert (
-        "52:54:00:aa:bb:cc . 10.213.0.2"
+        '"avtt1vm1" . 52:54:00:aa:bb:cc . 52:54:00:aa:bb:cc . 10.213.0.2'
         in nft(netns, "list", "table", "bridge", "agentvm_t1").stdout
     )
     # A second VM joins without touching the first one's resolved addresses.
@@ -103,7 +103,8 @@ def test_the_tables_load_into_a_real_kernel_and_vms_come_and_go(netns: str) -> N
 
 def test_rule_order_ends_in_drop_and_pins_address_and_mac() -> None:
     lines = [line.strip() for line in render_table(ruleset(VM1)).splitlines()]
-    fwd = lines[lines.index("chain forward {") : lines.index("chain input {")]
+    end = next(i for i, line in enumerate(lines) if line.startswith("set dnsrate"))
+    fwd = lines[lines.index("chain forward {") : end]
     assert "ip saddr . ether saddr vmap @vms" in " ".join(fwd)
     assert fwd[-2].endswith("drop")
     vm_chain = lines[lines.index("chain vm_vm1 {") : lines.index("chain forward {")]

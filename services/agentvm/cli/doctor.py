@@ -59,15 +59,16 @@ def firewall_check() -> Check:
             f"{version} cannot read the ruleset: {usable.stderr.strip()}",
             "run the services as root (CAP_NET_ADMIN) on a kernel with nf_tables",
         )
-    missing = [b for b in ("iptables", "ebtables") if shutil.which(b) is None]
+    missing = [b for b in ("iptables", "ebtables", "conntrack") if shutil.which(b) is None]
     if missing:
         return Check(
             "firewall",
             False,
-            f"{version}; libvirt's NAT and clean-traffic filter need {', '.join(missing)}",
+            f"{version}; libvirt's NAT and clean-traffic filter, and cutting connections "
+            f"when a policy changes, need {', '.join(missing)}",
             f"apt-get install {' '.join(missing)} (./setup.sh does)",
         )
-    return Check("firewall", True, f"nftables: {version} (libvirt NAT: iptables, ebtables)")
+    return Check("firewall", True, f"nftables: {version} (with iptables, ebtables, conntrack)")
 
 
 def run_checks(settings: Settings) -> list[Check]:

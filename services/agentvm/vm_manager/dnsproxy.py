@@ -15,6 +15,7 @@ packets are dropped and recorded.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -37,6 +38,8 @@ log = logging.getLogger("agentvm.vm_manager.dnsproxy")
 MIN_TTL = 30
 MAX_TTL = 3600
 UPSTREAM_TIMEOUT_S = 3.0
+MAX_INFLIGHT_PER_SOURCE = 8
+MAX_INFLIGHT = 256
 MAX_QUERY_BYTES = 512
 LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
@@ -140,15 +143,32 @@ class DNSProxy(asyncio.DatagramProtocol):
         self.on_record = on_record
         self.transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._inflight: dict[str, int] = {}
+        # Queries dropped because their sender (or everyone) had too many in flight.
+        self.shed = 0
 
     # -- asyncio protocol --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        task = asyncio.ensure_future(self.handle(data, (str(addr[0]), int(str(addr[1])))))
+        src = str(addr[0])
+        # Bounded work: a guest flooding the resolver loses its own queries,
+        # never the host's descriptors or the other VMs' answers.
+        busy = self._inflight.get(src, 0)
+        if busy >= MAX_INFLIGHT_PER_SOURCE or len(self._tasks) >= MAX_INFLIGHT:
+            self.shed += 1
+            return
+        self._inflight[src] = busy + 1
+        task = asyncio.ensure_future(self.handle(data, (src, int(str(addr[1])))))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(functools.partial(self._done, src))
+
+    def _done(self, src: str, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        left = self._inflight.pop(src, 1) - 1
+        if left > 0:
+            self._inflight[src] = left
 
     async def close(self) -> None:
         if self.transport is not None:

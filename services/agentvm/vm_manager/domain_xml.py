@@ -199,7 +199,10 @@ class NetworkInterface:
             _sub(el, "target", dev=self.target)
         _sub(el, "model", type="virtio")
         if self.filterref:
-            _sub(el, "filterref", filter=self.filterref)
+            ref = _sub(el, "filterref", filter=self.filterref)
+            # Learn the guest's address only from a DHCP lease, never from
+            # whatever source address it sends first.
+            _sub(ref, "parameter", name="CTRL_IP_LEARNING", value="dhcp")
         return el
 
 

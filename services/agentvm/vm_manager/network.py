@@ -31,7 +31,7 @@ import json
 import logging
 import secrets
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +57,14 @@ MAX_DOMAINS = 256
 MAX_CIDRS = 64
 MAX_PORTS = 32
 RING_SIZE = 2000
+# Addresses a DNS answer never opens unless allow_cidrs names them.
+NEVER_FROM_DNS = tuple(
+    ipaddress.IPv4Network(n)
+    for n in (
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+        "172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
+    )
+)  # fmt: skip
 SUBSCRIBER_QUEUE = 4096
 
 
@@ -215,8 +223,11 @@ class EgressLog:
         self._rings.pop(vm, None)
         for name, queue in self._subs:
             if name == vm:
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.put_nowait(None)
+                # The end marker must arrive even when the subscriber lags.
+                while queue.full():
+                    queue.get_nowait()
+                    self.dropped += 1
+                queue.put_nowait(None)
 
     async def follow(self, vm: str) -> AsyncIterator[EgressRecord]:
         """Records kept so far, then new ones until the VM is forgotten."""
@@ -282,6 +293,9 @@ class NatNetwork:
         self._proxy: DNSProxy | None = None
         self._nflog: NflogReader | None = None
         self._next = 2
+        self._pending: set[asyncio.Future[None]] = set()
+        # Frames dropped for a forged source (not charged to any VM's log).
+        self.spoofed = 0
 
     # -- names and state -------------------------------------------------------
     def _ruleset(self) -> nft.Ruleset:
@@ -368,7 +382,15 @@ class NatNetwork:
                 "NAT_FILTERED needs an upstream resolver: the host's /etc/resolv.conf names "
                 "none; set AGENTVM_NAT_DNS_UPSTREAM to a resolver's IPv4 address"
             )
-        await asyncio.to_thread(self._ensure_libvirt_network)
+        await self._in_thread(self._ensure_libvirt_network)
+        # Frames to link-local groups are learnt before any filter sees them:
+        # without this a guest could poison the bridge's MAC table.
+        code, out = await _run(
+            "ip", "link", "set", "dev", self.names.bridge,
+            "type", "bridge", "no_linklocal_learn", "1",
+        )  # fmt: skip
+        if code != 0:
+            log.warning("cannot turn off link-local learning on %s: %s", self.names.bridge, out)
         await self._nft(nft.render_table(self._ruleset()), "the network's tables")
         for att in self._atts.values():
             await self._pin_neighbour(att)
@@ -376,7 +398,7 @@ class NatNetwork:
             upstream=(self.upstream, 53),
             policy_for=self._policy_for,
             on_addresses=self._on_addresses,
-            on_record=self.egress.add,
+            on_record=self._on_dns_record,
         )
         loop = asyncio.get_running_loop()
         try:
@@ -411,15 +433,27 @@ class NatNetwork:
             self._nflog = None
 
     async def _tear_down(self) -> None:
-        await self._stop_listeners()
-        with contextlib.suppress(FailedPrecondition):
-            await self._nft(nft.render_delete(self.names.table), "removing the tables")
-        await asyncio.to_thread(self._remove_libvirt_network)
-        self._up = False
+        try:
+            await self._stop_listeners()
+            with contextlib.suppress(FailedPrecondition):
+                await self._nft(nft.render_delete(self.names.table), "removing the tables")
+            await self._in_thread(self._remove_libvirt_network)
+        finally:
+            self._up = False
         log.info("NAT network %s removed (no VM uses it)", self.names.network)
+
+    async def _in_thread(self, fn: Callable[[], None]) -> None:
+        """Run a libvirt call to its end even if the caller is cancelled
+        (a shutdown must not stop between destroying and undefining)."""
+        fut = asyncio.ensure_future(asyncio.to_thread(fn))
+        self._pending.add(fut)
+        fut.add_done_callback(self._pending.discard)
+        await asyncio.shield(fut)
 
     async def close(self) -> None:
         """Stop listening (VMs keep running; a restarted vm-manager resumes)."""
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
         async with self._lock:
             await self._stop_listeners()
             self._up = False
@@ -493,7 +527,15 @@ class NatNetwork:
             self._atts[vm_name] = att
             self._by_ip[att.ip] = att
             self._resolved.pop(vm_name, None)
+            # Connections opened under the old policy end with it.
+            await self._forget_connections(att.ip)
             return att
+
+    async def _forget_connections(self, ip: str) -> None:
+        code, out = await _run("conntrack", "-D", "-s", ip)
+        # conntrack exits 1 when there was nothing to delete.
+        if code not in (0, 1):
+            log.warning("cannot drop the tracked connections of %s: %s", ip, out)
 
     async def detach(self, vm_name: str) -> None:
         """Remove a VM's entries; the network goes with its last VM."""
@@ -508,26 +550,52 @@ class NatNetwork:
                 await self._tear_down()
                 return
             if self._up:
-                await self._nft(
-                    nft.render_remove(self._ruleset(), att.rules), f"removing {vm_name}"
-                )
+                try:
+                    await self._nft(
+                        nft.render_remove(self._ruleset(), att.rules), f"removing {vm_name}"
+                    )
+                except FailedPrecondition as exc:
+                    # Never leave a gone VM's entries behind: rebuild without it.
+                    log.warning("%s; rebuilding the tables", exc)
+                    await self._nft(nft.render_table(self._ruleset()), "rebuilding the tables")
                 await _run("ip", "neigh", "del", att.ip, "dev", self.names.bridge)
+                await self._forget_connections(att.ip)
 
     # -- resolver and log callbacks ------------------------------------------------
     def _policy_for(self, src: str) -> ClientPolicy | None:
         att = self._by_ip.get(src)
         return ClientPolicy(att.vm_name, att.allowlist) if att else None
 
+    def _reachable(self, att: Attachment, addr: str) -> bool:
+        """Whether a DNS answer may open ``addr``: never the host's own ranges,
+        link-local (metadata services), private or special ranges, or the VMs'
+        subnet, unless the policy's CIDRs name them."""
+        ip = ipaddress.IPv4Address(addr)
+        if any(ip in ipaddress.IPv4Network(c) for c in att.policy.cidrs):
+            return True
+        return ip not in self.subnet and not any(ip in net for net in NEVER_FROM_DNS)
+
     async def _on_addresses(self, vm_name: str, name: str, found: list[tuple[str, int]]) -> None:
-        att = self._atts.get(vm_name)
-        if att is None:
-            return
-        await self._nft(
-            nft.render_resolved(self.names.table, att.vm_id, found), f"addresses for {name}"
-        )
-        names = self._resolved.setdefault(vm_name, {})
-        for addr, _ttl in found:
-            names[addr] = name
+        async with self._lock:
+            att = self._atts.get(vm_name)
+            # The policy may have changed while the query was upstream.
+            if att is None or not att.allowlist.allows(name):
+                return
+            usable = [(a, ttl) for a, ttl in found if self._reachable(att, a)]
+            if len(usable) < len(found):
+                log.info("%s answered addresses %s may not reach; not allowed", name, vm_name)
+            if not usable:
+                return
+            await self._nft(
+                nft.render_resolved(self.names.table, att.vm_id, usable), f"addresses for {name}"
+            )
+            names = self._resolved.setdefault(vm_name, {})
+            for addr, _ttl in usable:
+                names[addr] = name
+
+    def _on_dns_record(self, rec: EgressRecord) -> None:
+        if rec.vm in self._atts:  # not for VMs gone while their query was upstream
+            self.egress.add(rec)
 
     def _on_packet(self, pkt: LoggedPacket) -> None:
         kind = pkt.prefix[:6]
@@ -543,7 +611,10 @@ class NatNetwork:
         elif kind == nft.PREFIX_INBOUND:
             reason = f"unsolicited inbound connection from {pkt.src}"
         elif kind == nft.PREFIX_SPOOF:
-            reason = "source address or MAC is not the VM's"
+            # The source is forged: charging it to the VM it names would let
+            # one VM write another's log.
+            self.spoofed += 1
+            return
         else:
             reason = self._deny_reason(att, pkt)
         self.egress.add(

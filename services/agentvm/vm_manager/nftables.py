@@ -42,6 +42,8 @@ PREFIX_INBOUND = "avm i "
 PREFIX_SPOOF = "avm s "
 # A guest can make the host log at most this much per VM (and per table).
 LOG_LIMIT = "limit rate 50/second burst 100 packets"
+# DNS queries per second one address may send to the resolver.
+DNS_RATE = "20/second burst 40 packets"
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,18 @@ class Ruleset:
             raise InvalidArgument(f"bridge address {self.bridge_ip!r} is not IPv4") from None
         seen: set[str] = set()
         for vm in self.vms:
-            vm.validate()
+            self.check_vm(vm)
             if vm.vm_id in seen:
                 raise InvalidArgument(f"vm id {vm.vm_id} appears twice")
             seen.add(vm.vm_id)
+
+    def check_vm(self, vm: VMRules) -> None:
+        vm.validate()
+        if not IFNAME_RE.match(self.tap(vm)):
+            raise InvalidArgument(f"tap name {self.tap(vm)!r} is not a valid interface name")
+
+    def tap(self, vm: VMRules) -> str:
+        return f"{self.tap_prefix}{vm.vm_id}"
 
 
 def _elements(items: list[str]) -> str:
@@ -138,6 +148,12 @@ def _vm_elements(vm: VMRules) -> tuple[str, str]:
     return f"{vm.ip} . {vm.mac} : jump vm_{vm.vm_id}", f"{vm.ip} . {vm.mac}"
 
 
+def _l2_elements(rs: Ruleset, vm: VMRules) -> tuple[str, str]:
+    """(IPv4, ARP) elements of the bridge table: what may enter by this VM's own tap."""
+    tap = f'"{rs.tap(vm)}"'
+    return f"{tap} . {vm.mac} . {vm.ip}", f"{tap} . {vm.mac} . {vm.mac} . {vm.ip}"
+
+
 def render_table(rs: Ruleset) -> str:
     """Both tables with the VMs of ``rs``, replacing any previous ones."""
     rs.validate()
@@ -149,13 +165,20 @@ def render_table(rs: Ruleset) -> str:
         f"table inet {rs.table} {{}}",
         f"delete table inet {rs.table}",
         f"table bridge {rs.table} {{",
-        "  set pairs { type ether_addr . ipv4_addr; "
-        + _elements([f"{vm.mac} . {vm.ip}" for vm in rs.vms]).strip()
+        # Keyed by the tap a frame came in on: a VM can only ever speak as
+        # itself, even if it guesses another VM's MAC and address. ARP's
+        # sender MAC must also be the frame's (no bridge-table poisoning).
+        "  set ip4 { type ifname . ether_addr . ipv4_addr; "
+        + _elements([_l2_elements(rs, vm)[0] for vm in rs.vms]).strip()
+        + " }",
+        "  set arp4 { type ifname . ether_addr . ether_addr . ipv4_addr; "
+        + _elements([_l2_elements(rs, vm)[1] for vm in rs.vms]).strip()
         + " }",
         "  chain pre {",
         "    type filter hook prerouting priority filter; policy accept;",
-        f"    iifname {taps} ether type arp arp saddr ether . arp saddr ip @pairs accept",
-        f"    iifname {taps} ether type ip ether saddr . ip saddr @pairs accept",
+        f"    iifname {taps} ether type arp "
+        "iifname . ether saddr . arp saddr ether . arp saddr ip @arp4 accept",
+        f"    iifname {taps} ether type ip iifname . ether saddr . ip saddr @ip4 accept",
         f"    iifname {taps} {_log(PREFIX_SPOOF, rs.log_group)}",
         f"    iifname {taps} drop",
         "  }",
@@ -175,14 +198,18 @@ def render_table(rs: Ruleset) -> str:
         "    type filter hook forward priority filter; policy accept;",
         f"    oifname {br} ct state established,related accept",
         f"    oifname {br} iifname != {br} {_log(PREFIX_INBOUND, rs.log_group)}",
-        f"    oifname {br} drop",
+        f"    oifname {br} iifname != {br} drop",
         f"    iifname {br} ct state established,related accept",
         f"    iifname {br} ip saddr . ether saddr vmap @vms",
         f"    iifname {br} {_log(PREFIX_SPOOF, rs.log_group)}",
         f"    iifname {br} drop",
         "  }",
+        "  set dnsrate { type ipv4_addr; flags dynamic,timeout; timeout 1m; size 4096; }",
         "  chain input {",
         "    type filter hook input priority filter; policy accept;",
+        # A guest cannot make the resolver work harder than this.
+        f"    iifname {br} udp dport 53 "
+        f"add @dnsrate {{ ip saddr limit rate over {DNS_RATE} }} drop",
         f"    iifname {br} ip daddr {rs.bridge_ip} udp dport 53 "
         "ip saddr . ether saddr @pairs accept",
         f"    iifname {br} ct state established,related accept",
@@ -197,8 +224,9 @@ def render_table(rs: Ruleset) -> str:
 def render_add(rs: Ruleset, vm: VMRules) -> str:
     """Add one VM (its sets, chain and map entries) to the existing tables."""
     rs.validate()
-    vm.validate()
+    rs.check_vm(vm)
     vmap, pair = _vm_elements(vm)
+    ip4, arp4 = _l2_elements(rs, vm)
     return (
         "\n".join(
             [
@@ -207,7 +235,8 @@ def render_add(rs: Ruleset, vm: VMRules) -> str:
                 "}",
                 f"add element inet {rs.table} vms {{ {vmap} }}",
                 f"add element inet {rs.table} pairs {{ {pair} }}",
-                f"add element bridge {rs.table} pairs {{ {vm.mac} . {vm.ip} }}",
+                f"add element bridge {rs.table} ip4 {{ {ip4} }}",
+                f"add element bridge {rs.table} arp4 {{ {arp4} }}",
             ]
         )
         + "\n"
@@ -217,15 +246,17 @@ def render_add(rs: Ruleset, vm: VMRules) -> str:
 def render_remove(rs: Ruleset, vm: VMRules) -> str:
     """Remove one VM from the tables (map entries first, then what they pointed to)."""
     rs.validate()
-    vm.validate()
+    rs.check_vm(vm)
     vmap, pair = _vm_elements(vm)
+    ip4, arp4 = _l2_elements(rs, vm)
     i = vm.vm_id
     return (
         "\n".join(
             [
                 f"delete element inet {rs.table} vms {{ {vmap} }}",
                 f"delete element inet {rs.table} pairs {{ {pair} }}",
-                f"delete element bridge {rs.table} pairs {{ {vm.mac} . {vm.ip} }}",
+                f"delete element bridge {rs.table} ip4 {{ {ip4} }}",
+                f"delete element bridge {rs.table} arp4 {{ {arp4} }}",
                 f"delete chain inet {rs.table} vm_{i}",
                 f"delete set inet {rs.table} dns4_{i}",
                 f"delete set inet {rs.table} cidr4_{i}",
