@@ -563,32 +563,30 @@ class VMManager:
             )
 
     async def _configure_network(self, vm: VM, timeout: float) -> None:
-        """Tell the guest its address, MAC, gateway and resolver (NAT: no DHCP there)."""
-        if vm.network_mode is NetworkMode.BRIDGE and vm.network is not None:
-            async with aio_channel(vm.agent_endpoint) as channel:
-                stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
-                resp = await stub.ConfigureNetwork(
-                    guest_agent_pb2.ConfigureNetworkRequest(mac=vm.network.mac, dhcp=True),
-                    timeout=min(timeout, 30.0),
-                )
+        """Tell the guest its MAC, and its address, gateway and resolver (NAT: no DHCP
+        there) or to take them by DHCP (BRIDGE: the user's network)."""
+        bridged = vm.network_mode is NetworkMode.BRIDGE and vm.network is not None
+        att = self.net.attachment(vm.name)
+        if bridged and vm.network is not None:
+            request = guest_agent_pb2.ConfigureNetworkRequest(mac=vm.network.mac, dhcp=True)
+        elif att is not None:
+            request = guest_agent_pb2.ConfigureNetworkRequest(
+                mac=att.mac,
+                address=f"{att.ip}/{att.prefixlen}",
+                gateway=att.gateway,
+                nameservers=[att.gateway],
+            )
+        else:
+            return
+        async with aio_channel(vm.agent_endpoint) as channel:
+            stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
+            resp = await stub.ConfigureNetwork(request, timeout=min(timeout, 30.0))
+        if bridged and vm.network is not None:
             # What the guest says it got: shown, never trusted for anything.
             try:
                 vm.network.address = str(ipaddress.IPv4Interface(resp.address))
             except ValueError:
                 vm.network.address = ""
-            return
-        att = self.net.attachment(vm.name)
-        if att is None:
-            return
-        request = guest_agent_pb2.ConfigureNetworkRequest(
-            mac=att.mac,
-            address=f"{att.ip}/{att.prefixlen}",
-            gateway=att.gateway,
-            nameservers=[att.gateway],
-        )
-        async with aio_channel(vm.agent_endpoint) as channel:
-            stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
-            await stub.ConfigureNetwork(request, timeout=min(timeout, 10.0))
 
     async def update_network_policy(self, name: str, policy: Policy) -> VM:
         """Replace a NAT_FILTERED VM's policy, live and in its persistent record."""

@@ -29,7 +29,6 @@ import hashlib
 import ipaddress
 import json
 import logging
-import secrets
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from agentvm.vm_manager.dnsproxy import (
 )
 from agentvm.vm_manager.libvirt_conn import LibvirtConnection, libvirt_errors
 from agentvm.vm_manager.nflog import LoggedPacket, NflogReader
+from agentvm.vm_manager.templates import random_mac
 
 log = logging.getLogger("agentvm.vm_manager.network")
 
@@ -495,7 +495,7 @@ class NatNetwork:
         """Give a new VM an address, MAC and firewall entries (network up if needed)."""
         async with self._lock:
             await self._ensure_up()
-            mac = "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+            mac = random_mac()
             att = Attachment(
                 vm_name, vm_id, self._allocate_ip(), mac, self.subnet.prefixlen, self.gateway,
                 policy,
