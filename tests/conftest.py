@@ -14,9 +14,11 @@ from agentvm.v1 import common_pb2, vm_manager_pb2
 from agentvm.vm_manager.image import ImageStore
 from agentvm.vm_manager.network import NetNames
 from tests.networld import NetWorld, nat_env, networld
+from tests.otelcollector import Collector, otlp_collector
 from tests.vmharness import (
     BOOT_TIMEOUT_S,
     ExecutorProcess,
+    MonitorProcess,
     VMFactory,
     VMManagerProcess,
     leftovers,
@@ -53,15 +55,72 @@ def net_world() -> Iterator[NetWorld]:
 
 
 @pytest.fixture(scope="session")
-def vmm(guest_image: Path, net_world: NetWorld) -> Iterator[VMManagerProcess]:
+def otel() -> Iterator[tuple[Collector, dict[str, str]]]:
+    """A real OTLP receiver every test service exports its spans to, and their env."""
+    with otlp_collector() as (collector, endpoint):
+        yield (
+            collector,
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+                "OTEL_BSP_SCHEDULE_DELAY": "300",
+            },
+        )
+
+
+# What the session monitor detects and how it responds: thresholds no ordinary
+# test reaches, so only the tests that misbehave on purpose are stopped.
+MONITOR_RULES = "max_processes=150,denied_egress=60,denied_window=60,warmup=30"
+MONITOR_RESPONSES = "process_storm=kill,egress_denied=snapshot_and_kill,zscore=alert"
+
+
+@pytest.fixture(scope="session")
+def monitor_proc(
+    otel: tuple[Collector, dict[str, str]], vmm_base: VMManagerProcess
+) -> Iterator[MonitorProcess]:
+    """The monitor every test service reports to (audit log, metrics, anomaly responses)."""
+    proc = MonitorProcess(base=vmm_base.base, prefix=vmm_base.prefix)
+    proc.extra_env = {
+        **otel[1],
+        "AGENTVM_ANOMALY_RULES": MONITOR_RULES,
+        "AGENTVM_ANOMALY_RESPONSES": MONITOR_RESPONSES,
+        # Small files: the session's log is rotated several times.
+        "AGENTVM_AUDIT_MAX_BYTES": "40000",
+    }
+    proc.start()
+    try:
+        yield proc
+    finally:
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.stop()
+
+
+@pytest.fixture(scope="session")
+def vmm_base() -> Iterator[VMManagerProcess]:
+    """The session vm-manager's identity (dirs, prefix), before it starts; its dirs go last."""
+    proc = new_vmm()
+    try:
+        yield proc
+    finally:
+        remove_vmm_dirs(proc)
+
+
+@pytest.fixture(scope="session")
+def vmm(
+    guest_image: Path,
+    net_world: NetWorld,
+    vmm_base: VMManagerProcess,
+    otel: tuple[Collector, dict[str, str]],
+    monitor_proc: MonitorProcess,
+) -> Iterator[VMManagerProcess]:
     """A vm-manager process of the tests' own (own dirs, own VM name prefix).
 
     Its NAT network leaves only into the test world: the uplink is the
     world's veth, its resolver forwards to the world's DNS, and a routing
     rule sends whatever enters by its bridge into the world or nowhere.
     """
-    proc = new_vmm()
-    proc.extra_env = nat_env(net_world)
+    proc = vmm_base
+    proc.extra_env = {**nat_env(net_world), **otel[1]}
     net_world.confine(NetNames.for_prefix(proc.prefix).bridge, proc.extra_env["AGENTVM_NAT_SUBNET"])
     proc.start()
     try:
@@ -70,14 +129,15 @@ def vmm(guest_image: Path, net_world: NetWorld) -> Iterator[VMManagerProcess]:
         if proc.proc is not None and proc.proc.poll() is None:
             proc.stop()
         left = leftovers(proc)
-        remove_vmm_dirs(proc)
         assert not left, f"the tests left resources behind: {left}"
 
 
 @pytest.fixture(scope="session")
-def executor(vmm: VMManagerProcess) -> Iterator[ExecutorProcess]:
+def executor(
+    vmm: VMManagerProcess, otel: tuple[Collector, dict[str, str]]
+) -> Iterator[ExecutorProcess]:
     """The executor process, talking to the tests' vm-manager; sets AGENTVM_EXECUTOR_ADDR."""
-    proc = ExecutorProcess(base=vmm.base, prefix=vmm.prefix)
+    proc = ExecutorProcess(base=vmm.base, prefix=vmm.prefix, extra_env=dict(otel[1]))
     proc.start()
     old = os.environ.get("AGENTVM_EXECUTOR_ADDR")
     os.environ["AGENTVM_EXECUTOR_ADDR"] = proc.address

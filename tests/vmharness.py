@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +40,13 @@ REPO = Path(__file__).resolve().parents[1]
 BOOT_TIMEOUT_S = 180.0
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @dataclass
 class VMManagerProcess:
     """vm-manager started as a real process with the tests' own dirs and VM prefix."""
@@ -49,6 +57,16 @@ class VMManagerProcess:
     starts: int = 0
     # Extra settings (the NAT network's uplink, resolver and subnet in tests).
     extra_env: dict[str, str] = field(default_factory=dict)
+    # This process's own /metrics port (never the defaults an installation uses).
+    metrics_port: int = field(default_factory=free_port)
+
+    @property
+    def service_name(self) -> str:
+        return "vm-manager"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def run_dir(self) -> Path:
@@ -79,7 +97,11 @@ class VMManagerProcess:
             AGENTVM_EXECUTOR_POOL="",
             AGENTVM_LOG_DIR=str(self.base / "log"),
             AGENTVM_LOG_LEVEL="DEBUG",
+            AGENTVM_MONITOR_ADDR=f"unix:{self.run_dir}/monitor.sock",
+            AGENTVM_AUDIT_DIR=str(self.base / "audit"),
         )
+        var = self.service_name.upper().replace("-", "_")
+        env[f"AGENTVM_{var}_METRICS_ADDR"] = f"127.0.0.1:{self.metrics_port}"
         env.update(self.extra_env)
         return env
 
@@ -136,6 +158,10 @@ class NamedServiceProcess(VMManagerProcess):
     """A service next to a VMManagerProcess, with its socket and log named ``name``."""
 
     name: str = ""
+
+    @property
+    def service_name(self) -> str:
+        return self.module.rpartition(".")[2].replace("_", "-")
 
     @property
     def log_path(self) -> Path:
@@ -198,6 +224,24 @@ class PoolManagerProcess(NamedServiceProcess):
             if time.monotonic() > deadline:
                 raise AssertionError(f"pool status never matched: {st}")
             time.sleep(0.2)
+
+
+@dataclass
+class MonitorProcess(NamedServiceProcess):
+    """monitor as a real process next to a VMManagerProcess."""
+
+    name: str = "monitor"
+    module = "agentvm.monitor"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = super().env
+        env.update(AGENTVM_MONITOR_ADDR=self.address, AGENTVM_MONITOR_INTERVAL="1")
+        return env
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.base / "audit"
 
 
 @dataclass

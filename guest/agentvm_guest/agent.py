@@ -218,6 +218,17 @@ def configure_network(mac: str, address: str, gateway: str, nameservers: list[st
     os.replace(tmp, "/etc/resolv.conf")
 
 
+_TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def _traceparent(context: grpc.ServicerContext) -> str:
+    """The caller's W3C traceparent header, if well formed."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent" and isinstance(value, str) and _TRACEPARENT.match(value):
+            return value
+    return ""
+
+
 def build_argv(program: common_pb2.Program) -> list[str]:
     """argv for a Program; raises ValueError naming what is wrong."""
     kind = program.WhichOneof("kind")
@@ -254,6 +265,8 @@ class ProcessTree:
         except OSError:
             self.cgroup = None
         self.pgid: int | None = None
+        self.pids_max = 0
+        self._sampled = 0.0
 
     def wrap(self, argv: list[str]) -> list[str]:
         """Make the process join the cgroup before exec (no race with its forks)."""
@@ -277,6 +290,39 @@ class ProcessTree:
             except OSError:
                 log.warning("cgroup.kill failed for %s", self.cgroup)
         self.signal(signal.SIGKILL)
+
+    def _read(self, name: str) -> str:
+        if self.cgroup is None:
+            return ""
+        try:
+            with open(os.path.join(self.cgroup, name), encoding="ascii") as fh:
+                return fh.read()
+        except (OSError, ValueError):
+            return ""
+
+    def sample(self) -> None:
+        """Note the current process count (kernels without pids.peak), every 0.1 s."""
+        now = time.monotonic()
+        if now - self._sampled < 0.1:
+            return
+        self._sampled = now
+        value = self._read("pids.current").strip()
+        if value.isdigit():
+            self.pids_max = max(self.pids_max, int(value))
+
+    def usage(self) -> common_pb2.ResourceUsage:
+        """What the tree used, from its cgroup (zeros without cgroups)."""
+        out = common_pb2.ResourceUsage()
+        for line in self._read("cpu.stat").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "usage_usec" and value.strip().isdigit():
+                out.cpu_time.FromMicroseconds(int(value))
+        peak = self._read("memory.peak").strip()
+        if peak.isdigit():
+            out.memory_peak_bytes = int(peak)
+        pids = self._read("pids.peak").strip()
+        out.pids_peak = max(int(pids) if pids.isdigit() else 0, self.pids_max)
+        return out
 
     def remove(self) -> None:
         """Remove the cgroup once it is empty (waits briefly for the kernel)."""
@@ -331,6 +377,10 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         if not os.path.isdir(cwd):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cwd {cwd!r} is not a directory")
         env = dict(DEFAULT_ENV)
+        traceparent = _traceparent(context)
+        if traceparent:
+            # The caller's trace continues in instrumented agent code.
+            env["TRACEPARENT"] = traceparent
         env.update(request.env)
         exec_id = request.exec_id
         if request.keep_stdin_open and not exec_id:
@@ -428,6 +478,8 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
                 tree.kill_all()
                 killed = True
                 drain_until = now + KILL_GRACE_S
+            if not killed:
+                tree.sample()
             wait = 0.1 if killed else min(0.1, max(0.0, deadline - now))
             for key, _ in sel.select(wait):
                 fd = int(key.fd)
@@ -459,6 +511,7 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
             timed_out=timed_out,
             stdout_truncated=truncated[common_pb2.OUTPUT_STREAM_STDOUT],
             stderr_truncated=truncated[common_pb2.OUTPUT_STREAM_STDERR],
+            usage=tree.usage(),
         )
         if rc < 0:
             status.signal = -rc

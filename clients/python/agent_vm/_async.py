@@ -48,6 +48,24 @@ def default_address() -> str:
     return os.environ.get("AGENTVM_EXECUTOR_ADDR", DEFAULT_ADDRESS)
 
 
+def _trace_interceptors() -> list[Any] | None:
+    """OpenTelemetry client interceptors when the caller's process set up tracing.
+
+    The calls then become client spans under the caller's current span, and the
+    trace continues through every agent-vm service.
+    """
+    try:
+        from opentelemetry import trace
+        from opentelemetry.instrumentation.grpc import aio_client_interceptors
+        from opentelemetry.sdk.trace import TracerProvider
+    except ImportError:
+        return None
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        return None
+    return list(aio_client_interceptors(tracer_provider=provider))  # type: ignore[no-untyped-call]
+
+
 def _channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(
         address,
@@ -56,6 +74,7 @@ def _channel(address: str) -> grpc.aio.Channel:
             ("grpc.max_send_message_length", 32 * 1024 * 1024),
             ("grpc.enable_http_proxy", 0),
         ],
+        interceptors=_trace_interceptors(),
     )
 
 
@@ -534,7 +553,10 @@ class AsyncSandbox:
         self, req: executor_pb2.ExecRequest, out: _Output, started: Any = None
     ) -> CommandResult:
         exec_id = req.exec_id
+        result: CommandResult | None = None
         try:
+            # Read to the end of the stream (not just to the exit status): the
+            # call, and its trace span, then end cleanly.
             async for ev in self._stub.Exec(req, timeout=req.timeout.ToNanoseconds() / 1e9 + 60):
                 kind = ev.WhichOneof("event")
                 if kind == "started":
@@ -543,13 +565,17 @@ class AsyncSandbox:
                         started.set_result(exec_id)
                 elif kind == "output":
                     out.add(ev.output)
-                elif kind == "exited":
-                    return out.result(ev.exited, exec_id)
+                elif kind == "exited" and result is None:
+                    result = out.result(ev.exited, exec_id)
         except grpc.aio.AioRpcError as exc:
+            if result is not None:
+                return result
             err = from_rpc(exc, self._address)
             if started is not None and not started.done():
                 started.set_exception(err)
             raise err from exc
+        if result is not None:
+            return result
         raise AgentVMError("the executor ended the command without an exit status", "UNKNOWN")
 
     async def run(
@@ -672,6 +698,7 @@ async def arun(
     req.timeout.FromNanoseconds(int(timeout * 1e9))
     out = _Output(on_stdout, on_stderr)
     contents: dict[str, bytearray] = {}
+    result: RunResult | None = None
     async with _channel(addr) as channel:
         stub = executor_pb2_grpc.ExecutorServiceStub(channel)
         try:
@@ -681,10 +708,10 @@ async def arun(
                     out.add(ev.output)
                 elif kind == "file":
                     contents.setdefault(ev.file.path, bytearray()).extend(ev.file.data)
-                elif kind == "result":
+                elif kind == "result" and result is None:
                     r = ev.result
                     base = out.result(r.status)
-                    return RunResult(
+                    result = RunResult(
                         **{f: getattr(base, f) for f in CommandResult.__dataclass_fields__},
                         boot_s=r.boot_duration.ToNanoseconds() / 1e9,
                         vm_name=r.vm_name,
@@ -695,5 +722,8 @@ async def arun(
                         network_log=tuple(EgressRecord.from_proto(x) for x in r.network_log),
                     )
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc(exc, addr) from exc
+            if result is None:
+                raise from_rpc(exc, addr) from exc
+    if result is not None:
+        return result
     raise AgentVMError("the executor ended the run without a result", "UNKNOWN")

@@ -637,6 +637,53 @@ def _save_outputs(dest: Path, contents: Mapping[str, bytes]) -> None:
             click.echo(f"agent-vm: skipped output {rel!r}: {exc}", err=True)
 
 
+# -- audit log ------------------------------------------------------------------
+@cli.group()
+def audit() -> None:
+    """The monitor's audit log (hash-chained JSON lines)."""
+
+
+@audit.command("verify")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--head",
+    type=click.Path(path_type=Path),
+    help="The audit.head file: a log cut short of it fails (default: DIR/audit.head).",
+)
+@click.option("--strict-start", is_flag=True, help="Fail unless the records start at seq 0.")
+def audit_verify(paths: tuple[Path, ...], head: Path | None, strict_start: bool) -> None:
+    """Check the hash chain of audit FILEs (any order) or of an audit DIR.
+
+    Exit 0 when intact, 1 when tampered with, 2 when a file cannot be read.
+    """
+    from agentvm.monitor import audit as audit_log
+
+    files: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            files.append(path)
+            continue
+        try:
+            found = audit_log.log_files(path)
+        except OSError as exc:
+            fail(f"{path}: cannot read the directory: {exc.strerror or exc}")
+        if not found:
+            fail(f"{path}: no {audit_log.LOG_NAME} or {audit_log.ROTATED_GLOB} in it")
+        files += found
+        if head is None and (path / audit_log.HEAD_NAME).exists():
+            head = path / audit_log.HEAD_NAME
+    try:
+        result = audit_log.verify(files, head, strict_start=strict_start)
+    except OSError as exc:
+        fail(f"{exc.filename or exc}: cannot read: {exc.strerror or exc}")
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    for problem in result.problems:
+        click.echo(problem)
+    click.echo(result.summary())
+    sys.exit(0 if result.ok else 1)
+
+
 def main() -> None:
     cli()
 

@@ -30,7 +30,7 @@ class ServiceSpec:
 
 
 def service_specs(settings: Settings) -> list[ServiceSpec]:
-    """The services this version runs, in start order (the monitor comes later).
+    """The services this version runs, in start order.
 
     The executor takes its VMs from the pool-manager started next to it, unless
     AGENTVM_EXECUTOR_POOL says otherwise ("" = no pool).
@@ -47,6 +47,7 @@ def service_specs(settings: Settings) -> list[ServiceSpec]:
             settings.executor_addr,
             env=(("AGENTVM_EXECUTOR_POOL", pool),),
         ),
+        ServiceSpec("monitor", "agentvm.monitor", settings.monitor_addr),
     ]
 
 

@@ -6,6 +6,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Default /metrics ports of each service (AGENTVM_<SERVICE>_METRICS_ADDR overrides).
+METRICS_PORTS = {"monitor": 9470, "vm-manager": 9471, "pool-manager": 9472, "executor": 9473}
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
@@ -88,6 +91,31 @@ class Settings:
     nat_default_ports: str = field(
         default_factory=lambda: _env("AGENTVM_NAT_DEFAULT_PORTS", "80,443,22")
     )
+    # AGENTVM_MONITOR_ADDR: where monitor serves and services report events
+    # (empty: services report nothing).
+    monitor_addr: str = field(
+        default_factory=lambda: _env("AGENTVM_MONITOR_ADDR", "unix:/run/agent-vm/monitor.sock")
+    )
+    # AGENTVM_AUDIT_DIR: monitor's audit log (audit.log, rotated audit-*.log, audit.head).
+    audit_dir: Path = field(
+        default_factory=lambda: Path(_env("AGENTVM_AUDIT_DIR", "/var/log/agent-vm/audit"))
+    )
+    # AGENTVM_AUDIT_MAX_BYTES / AGENTVM_AUDIT_MAX_AGE: rotate audit.log at this size / age (s).
+    audit_max_bytes: int = field(
+        default_factory=lambda: int(_env("AGENTVM_AUDIT_MAX_BYTES", str(64 * 2**20)))
+    )
+    audit_max_age_s: float = field(
+        default_factory=lambda: float(_env("AGENTVM_AUDIT_MAX_AGE", "86400"))
+    )
+    # AGENTVM_AUDIT_SYSLOG: also send audit records to syslog ("/dev/log", "udp:HOST:PORT").
+    audit_syslog: str = field(default_factory=lambda: _env("AGENTVM_AUDIT_SYSLOG", ""))
+    # AGENTVM_MONITOR_INTERVAL: seconds between monitor's polls of VM stats and pools.
+    monitor_interval_s: float = field(
+        default_factory=lambda: float(_env("AGENTVM_MONITOR_INTERVAL", "2"))
+    )
+    # AGENTVM_ANOMALY_RULES / AGENTVM_ANOMALY_RESPONSES: see docs/MONITOR_DESIGN.md.
+    anomaly_rules: str = field(default_factory=lambda: _env("AGENTVM_ANOMALY_RULES", ""))
+    anomaly_responses: str = field(default_factory=lambda: _env("AGENTVM_ANOMALY_RESPONSES", ""))
     # AGENTVM_LOG_LEVEL
     log_level: str = field(default_factory=lambda: _env("AGENTVM_LOG_LEVEL", "INFO"))
 
@@ -100,6 +128,11 @@ class Settings:
             raise InvalidArgument(
                 f"AGENTVM_VM_PREFIX={self.vm_prefix!r} must start with 'agent-vm-'"
             )
+
+    def metrics_addr(self, service: str) -> str:
+        """``HOST:PORT`` of a service's own /metrics (AGENTVM_<SERVICE>_METRICS_ADDR; "" = off)."""
+        var = f"AGENTVM_{service.upper().replace('-', '_')}_METRICS_ADDR"
+        return _env(var, f"127.0.0.1:{METRICS_PORTS.get(service, 0)}")
 
     @property
     def vms_state_dir(self) -> Path:

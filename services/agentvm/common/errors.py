@@ -59,6 +59,12 @@ class StateError(FailedPrecondition):
         self.required = required
 
 
+class Aborted(AgentVMError):
+    """The operation was cut short by something else (e.g. its VM was destroyed)."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class Unavailable(AgentVMError):
     code = grpc.StatusCode.UNAVAILABLE
 

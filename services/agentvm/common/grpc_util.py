@@ -41,9 +41,28 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
+# Client interceptors every aio channel gets (tracing installs its own here).
+CLIENT_INTERCEPTORS: list[Any] = []
+# Who this process is, in the user-agent of its calls ("agent-vm-executor").
+_IDENTITY: list[str] = []
+
+
+def set_identity(service: str) -> None:
+    """Name this process in the user-agent of every call it makes."""
+    _IDENTITY[:] = [f"agent-vm-{service}"]
+
+
+def _options() -> list[tuple[str, Any]]:
+    if not _IDENTITY:
+        return CHANNEL_OPTIONS
+    return [*CHANNEL_OPTIONS, ("grpc.primary_user_agent", _IDENTITY[0])]
+
+
 def aio_channel(target: str) -> grpc.aio.Channel:
     """An insecure asyncio channel with agent-vm's limits (local Unix sockets)."""
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(
+        target, options=_options(), interceptors=list(CLIENT_INTERCEPTORS) or None
+    )
 
 
 def sync_channel(target: str) -> grpc.Channel:
@@ -132,9 +151,10 @@ async def serve(
     full_service_names: Sequence[str],
     on_stop: Callable[[], Awaitable[None]] | None = None,
     ready: Callable[[], Awaitable[None]] | None = None,
+    interceptors: Sequence[Any] = (),
 ) -> None:
     """Run a service until SIGTERM/SIGINT: health + reflection, restrictive socket mode."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors) or None)
     register(server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     # grpc's HealthServicer starts with "" SERVING: say NOT_SERVING until

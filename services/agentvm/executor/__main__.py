@@ -9,6 +9,7 @@ import grpc
 from agentvm.common import logging as jsonlog
 from agentvm.common.config import Settings
 from agentvm.common.grpc_util import aio_channel, serve
+from agentvm.common.telemetry import ServiceTelemetry
 from agentvm.executor.executor import AgentExecutor
 from agentvm.executor.servicer import ExecutorServicer
 from agentvm.v1 import (
@@ -22,12 +23,14 @@ SERVICE = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name
 
 
 async def run(settings: Settings) -> None:
+    telemetry = ServiceTelemetry("executor", settings)
     channel = aio_channel(settings.vm_manager_addr)
     pool_channel = aio_channel(settings.executor_pool) if settings.executor_pool else None
     executor = AgentExecutor(
         settings,
         vm_manager_pb2_grpc.VMManagerServiceStub(channel),
         pool_manager_pb2_grpc.PoolManagerServiceStub(pool_channel) if pool_channel else None,
+        events=telemetry.events,
     )
 
     def register(server: grpc.aio.Server) -> None:
@@ -38,6 +41,11 @@ async def run(settings: Settings) -> None:
         await channel.close(grace=None)
         if pool_channel is not None:
             await pool_channel.close(grace=None)
+        await telemetry.close()
+
+    async def ready() -> None:
+        await telemetry.start()
+        await executor.start()
 
     await serve(
         service_name="executor",
@@ -45,7 +53,8 @@ async def run(settings: Settings) -> None:
         register=register,
         full_service_names=[SERVICE],
         on_stop=on_stop,
-        ready=executor.start,
+        ready=ready,
+        interceptors=telemetry.interceptors(),
     )
 
 

@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import secrets
+import shlex
 import stat
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -34,6 +35,7 @@ import grpc
 
 from agentvm.common.config import Settings
 from agentvm.common.errors import (
+    Aborted,
     AgentVMError,
     DataLoss,
     FailedPrecondition,
@@ -42,6 +44,7 @@ from agentvm.common.errors import (
     RemoteError,
     ResourceExhausted,
 )
+from agentvm.common.events import EventSink, NullSink
 from agentvm.common.grpc_util import aio_channel
 from agentvm.v1 import (
     common_pb2,
@@ -143,8 +146,11 @@ class AgentExecutor:
         settings: Settings,
         vm_manager: vm_manager_pb2_grpc.VMManagerServiceAsyncStub,
         pool: pool_manager_pb2_grpc.PoolManagerServiceAsyncStub | None = None,
+        *,
+        events: EventSink | None = None,
     ) -> None:
         self.settings = settings
+        self.events: EventSink = events or NullSink()
         self.vmm = vm_manager
         self.pool = pool
         self._sandboxes: dict[str, SandboxState] = {}
@@ -324,6 +330,16 @@ class AgentExecutor:
             lease_id=lease_id,
         )
         self._sandboxes[sandbox_id] = sb
+        self.events.emit(
+            "sandbox.created",
+            vm=vm.name,
+            sandbox=sandbox_id,
+            network_mode=common_pb2.NetworkMode.Name(vm.network_mode),
+            workspace_mode=common_pb2.WorkspaceMode.Name(mode),
+            pooled=bool(lease_id),
+            boot_s=round(sb.boot_duration, 6),
+            labels=dict(spec.labels),
+        )
         log.info(
             "sandbox %s ready on %s",
             sandbox_id,
@@ -420,6 +436,7 @@ class AgentExecutor:
         finally:
             self._sandboxes.pop(sandbox_id, None)
             self._slots.release()
+            self.events.emit("sandbox.closed", vm=sb.vm.name, sandbox=sandbox_id)
             log.info("sandbox %s closed", sandbox_id, extra={"sandbox": sandbox_id})
 
     # -- processes -------------------------------------------------------------
@@ -447,9 +464,24 @@ class AgentExecutor:
         sent = {common_pb2.OUTPUT_STREAM_STDOUT: 0, common_pb2.OUTPUT_STREAM_STDERR: 0}
         truncated = dict.fromkeys(sent, False)
         sb.execs.add(exec_id)
+        command, command_sha = describe_program(req.program)
+        self.events.emit(
+            "execution.started",
+            vm=sb.vm.name,
+            sandbox=sb.id,
+            exec_id=exec_id,
+            command=command,
+            command_sha256=command_sha,
+        )
+        started_wall = time.time()
+        final: common_pb2.ExitStatus | None = None
+        failure = ""
         call = sb.agent.Execute(greq, timeout=timeout + 30)
         try:
             async for ev in call:
+                if final is not None:
+                    # Nothing may follow the exit status: a guest that goes on is cut off.
+                    break
                 kind = ev.WhichOneof("event")
                 if kind == "started":
                     yield executor_pb2.ExecResponse(
@@ -473,16 +505,104 @@ class AgentExecutor:
                     status = ev.exited
                     status.stdout_truncated |= truncated[common_pb2.OUTPUT_STREAM_STDOUT]
                     status.stderr_truncated |= truncated[common_pb2.OUTPUT_STREAM_STDERR]
+                    final = status
                     yield executor_pb2.ExecResponse(exited=status)
-                    return
+            # (The stream is read to its end: the call and its span end cleanly.)
+            if final is not None:
+                return
+            failure = "no exit status"
             raise FailedPrecondition(
                 f"the guest agent of {sb.vm.name} ended the execution without an exit status"
             )
         except grpc.aio.AioRpcError as exc:
+            if final is not None:
+                return
+            failure = f"{exc.code().name}: {exc.details()}"
+            gone = await self._vm_gone(sb)
+            if gone:
+                failure = gone
+                raise Aborted(
+                    f"exec {exec_id} ended because the VM of sandbox {sb.id} is gone: {gone}"
+                ) from exc
             raise RemoteError.from_rpc(exc, f"guest agent of {sb.vm.name}") from exc
+        except BaseException as exc:
+            failure = failure or type(exc).__name__
+            raise
         finally:
             call.cancel()
             sb.execs.discard(exec_id)
+            self._spawn(
+                self._report_finished(sb, exec_id, final, failure, started_wall, sum(sent.values()))
+            )
+
+    async def _vm_gone(self, sb: SandboxState) -> str:
+        """Why the sandbox's VM no longer exists ("" while it does).
+
+        A VM being destroyed is waited for (briefly): its reason is known once it is gone.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15.0
+        while True:
+            try:
+                resp = await self.vmm.GetVM(vm_manager_pb2.GetVMRequest(name=sb.vm.name), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.NOT_FOUND:
+                    return exc.details() or "destroyed"
+                return ""
+            going = resp.vm.state in (
+                common_pb2.VM_STATE_DESTROYING,
+                common_pb2.VM_STATE_DESTROYED,
+            )
+            if not going or loop.time() > deadline:
+                return "destroyed" if going else ""
+            await asyncio.sleep(0.2)
+
+    async def _report_finished(
+        self,
+        sb: SandboxState,
+        exec_id: str,
+        status: common_pb2.ExitStatus | None,
+        failure: str,
+        started_wall: float,
+        output_bytes: int,
+    ) -> None:
+        """The execution.finished event, with what the monitor scores executions by."""
+        denied = 0
+        if sb.vm.network_mode == common_pb2.NETWORK_MODE_NAT_FILTERED:
+            with contextlib.suppress(AgentVMError):
+                denied = sum(
+                    1
+                    for r in await self.network_log(sb)
+                    if r.verdict == common_pb2.EGRESS_VERDICT_DENIED
+                    and r.time.ToNanoseconds() / 1e9 >= started_wall
+                )
+        attrs: dict[str, Any] = {
+            "exec_id": exec_id,
+            "outcome": outcome_of(status, failure),
+            "output_bytes": output_bytes,
+            "denied_egress": denied,
+            "duration_s": round(time.time() - started_wall, 6),
+        }
+        if status is not None:
+            usage = status.usage
+            attrs.update(
+                exit_code=status.exit_code,
+                signal=status.signal,
+                timed_out=status.timed_out,
+                duration_s=round(status.duration.ToNanoseconds() / 1e9, 6),
+                cpu_s=round(usage.cpu_time.ToNanoseconds() / 1e9, 6),
+                memory_peak_bytes=usage.memory_peak_bytes,
+                pids_peak=usage.pids_peak,
+            )
+        else:
+            attrs["error"] = failure[:500]
+        self.events.emit(
+            "execution.finished",
+            vm=sb.vm.name,
+            sandbox=sb.id,
+            severity="info" if status is not None else "warning",
+            **attrs,
+        )
 
     async def signal(self, sb: SandboxState, exec_id: str, signum: int) -> None:
         try:
@@ -525,6 +645,7 @@ class AgentExecutor:
                 raise DataLoss(str(exc)) from exc
             finally:
                 writer.abort()
+            self._file_event("file.written", sb, path, writer.size, writer.sha256)
             return writer.size, writer.sha256
 
         async def requests() -> AsyncIterator[guest_agent_pb2.GuestAgentServiceWriteFileRequest]:
@@ -539,7 +660,11 @@ class AgentExecutor:
             resp = await sb.agent.WriteFile(requests(), timeout=3600)
         except grpc.aio.AioRpcError as exc:
             raise _file_error(exc, sb, path) from exc
+        self._file_event("file.written", sb, path, resp.size_bytes, resp.sha256)
         return resp.size_bytes, resp.sha256
+
+    def _file_event(self, type_: str, sb: SandboxState, path: str, size: int, sha: str) -> None:
+        self.events.emit(type_, vm=sb.vm.name, sandbox=sb.id, path=path, size=size, sha256=sha)
 
     async def read_file(self, sb: SandboxState, path: str) -> AsyncIterator[tuple[bytes, int, str]]:
         """(chunk, size on first chunk else 0, sha256 on the last item else '')."""
@@ -564,16 +689,19 @@ class AgentExecutor:
                     yield b"", 0, ""
             finally:
                 os.close(fd)
+            self._file_event("file.read", sb, path, size, h.hexdigest())
             yield b"", 0, h.hexdigest()
             return
         call = sb.agent.ReadFile(
             guest_agent_pb2.GuestAgentServiceReadFileRequest(path=path), timeout=3600
         )
+        total = 0
         try:
             claimed = ""
             async for msg in call:
                 if msg.chunk:
                     h.update(msg.chunk)
+                    total += len(msg.chunk)
                     yield msg.chunk, msg.size_bytes, ""
                 if msg.sha256:
                     claimed = msg.sha256
@@ -584,6 +712,7 @@ class AgentExecutor:
         # The guest is not trusted: the hash is computed here, and compared.
         if claimed and claimed != h.hexdigest():
             raise DataLoss(f"{path!r} from {sb.vm.name} does not match the checksum the guest sent")
+        self._file_event("file.read", sb, path, total, h.hexdigest())
         yield b"", 0, h.hexdigest()
 
     async def list_files(
@@ -715,6 +844,29 @@ class AgentExecutor:
                     file=executor_pb2.FileChunk(path=rel, offset=offset, last=True)
                 )
             outputs.append(executor_pb2.OutputFile(path=rel, size_bytes=offset, sha256=digest))
+
+
+def describe_program(program: common_pb2.Program) -> tuple[str, str]:
+    """The command for the audit log (first 4 KiB) and the SHA-256 of all of it."""
+    if program.WhichOneof("kind") == "argv":
+        text = shlex.join(program.argv.args)
+    else:
+        lang = common_pb2.CodeLanguage.Name(program.code.language)
+        text = f"[{lang}] {program.code.source}"
+        if program.code.args:
+            text += " -- " + shlex.join(program.code.args)
+    return text[:4096], hashlib.sha256(program.SerializeToString(deterministic=True)).hexdigest()
+
+
+def outcome_of(status: common_pb2.ExitStatus | None, failure: str) -> str:
+    """ok | nonzero_exit | timeout | killed | error."""
+    if status is None:
+        return "error"
+    if status.timed_out:
+        return "timeout"
+    if status.signal:
+        return "killed"
+    return "ok" if status.exit_code == 0 else "nonzero_exit"
 
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:

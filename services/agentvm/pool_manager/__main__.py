@@ -9,6 +9,7 @@ import grpc
 from agentvm.common import logging as jsonlog
 from agentvm.common.config import Settings
 from agentvm.common.grpc_util import aio_channel, serve
+from agentvm.common.telemetry import ServiceTelemetry
 from agentvm.pool_manager.backend import VMManagerBackend
 from agentvm.pool_manager.manager import PoolManager, parse_pools
 from agentvm.pool_manager.servicer import PoolManagerServicer
@@ -19,11 +20,12 @@ SERVICE = pool_manager_pb2.DESCRIPTOR.services_by_name["PoolManagerService"].ful
 
 async def run(settings: Settings) -> None:
     configs = parse_pools(settings.pools)
+    telemetry = ServiceTelemetry("pool-manager", settings)
     channel = aio_channel(settings.vm_manager_addr)
     backend = VMManagerBackend(
         vm_manager_pb2_grpc.VMManagerServiceStub(channel), PoolManager.labels(settings)
     )
-    manager = PoolManager(settings, backend, configs)
+    manager = PoolManager(settings, backend, configs, events=telemetry.events)
 
     def register(server: grpc.aio.Server) -> None:
         pool_manager_pb2_grpc.add_PoolManagerServiceServicer_to_server(
@@ -33,6 +35,11 @@ async def run(settings: Settings) -> None:
     async def on_stop() -> None:
         await manager.close()
         await channel.close(grace=None)
+        await telemetry.close()
+
+    async def ready() -> None:
+        await telemetry.start()
+        await manager.start()
 
     await serve(
         service_name="pool-manager",
@@ -40,7 +47,8 @@ async def run(settings: Settings) -> None:
         register=register,
         full_service_names=[SERVICE],
         on_stop=on_stop,
-        ready=manager.start,
+        ready=ready,
+        interceptors=telemetry.interceptors(),
     )
 
 

@@ -9,6 +9,7 @@ import time
 
 from agentvm.common.config import Settings
 from agentvm.common.errors import AgentVMError, InvalidArgument, NotFound
+from agentvm.common.events import EventSink, NullSink
 from agentvm.pool_manager.backend import VMManagerBackend
 from agentvm.pool_manager.journal import LeaseJournal
 from agentvm.pool_manager.pool import Lease, PoolConfig, PoolKey, VMPool
@@ -69,9 +70,15 @@ def parse_pools(spec: str) -> dict[PoolKey, PoolConfig]:
 
 class PoolManager:
     def __init__(
-        self, settings: Settings, backend: VMManagerBackend, configs: dict[PoolKey, PoolConfig]
+        self,
+        settings: Settings,
+        backend: VMManagerBackend,
+        configs: dict[PoolKey, PoolConfig],
+        *,
+        events: EventSink | None = None,
     ) -> None:
         self.settings = settings
+        self.events: EventSink = events or NullSink()
         self.backend = backend
         # One journal per pool-manager address: several may share a host.
         tag = hashlib.sha256(settings.pool_manager_addr.encode()).hexdigest()[:12]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import grpc
@@ -78,7 +79,17 @@ class PoolManagerServicer(pool_manager_pb2_grpc.PoolManagerServiceServicer):
                     f"timeout must be between 0 and {MAX_ACQUIRE_S:g} seconds, got {timeout:g}"
                 )
         timeout = remaining_time(context, timeout)
+        start = time.monotonic()
         lease = await pool.acquire(timeout, dict(request.labels))
+        self.manager.events.emit(
+            "pool.acquired",
+            vm=lease.vm.name,
+            pool=str(pool.key),
+            lease_id=lease.lease_id,
+            wait_s=round(time.monotonic() - start, 6),
+            warm=lease.from_pool,
+            labels=dict(request.labels),
+        )
         return pool_manager_pb2.AcquireVMResponse(
             lease_id=lease.lease_id, vm=lease.vm, from_pool=lease.from_pool
         )
@@ -91,6 +102,9 @@ class PoolManagerServicer(pool_manager_pb2_grpc.PoolManagerServiceServicer):
             raise InvalidArgument("lease_id is empty: pass the lease_id AcquireVM returned")
         pool, lease = self.manager.find_lease(request.lease_id)
         await pool.release(lease.lease_id)
+        self.manager.events.emit(
+            "pool.released", vm=lease.vm.name, pool=str(pool.key), lease_id=lease.lease_id
+        )
         return pool_manager_pb2.ReleaseVMResponse()
 
     @grpc_errors

@@ -10,6 +10,7 @@ import grpc
 from agentvm.common import logging as jsonlog
 from agentvm.common.config import Settings
 from agentvm.common.grpc_util import serve
+from agentvm.common.telemetry import ServiceTelemetry
 from agentvm.v1 import vm_manager_pb2, vm_manager_pb2_grpc
 from agentvm.vm_manager.accel import detect
 from agentvm.vm_manager.hostcaps import can_raise_memlock
@@ -33,7 +34,10 @@ async def run(settings: Settings) -> None:
         )
     conn = LibvirtConnection(settings.libvirt_uri)
     images = ImageStore(settings.cache_dir)
-    manager = VMManager(settings, conn, images, accel, memory_limit=memlock)
+    telemetry = ServiceTelemetry("vm-manager", settings)
+    manager = VMManager(
+        settings, conn, images, accel, memory_limit=memlock, events=telemetry.events
+    )
 
     def register(server: grpc.aio.Server) -> None:
         vm_manager_pb2_grpc.add_VMManagerServiceServicer_to_server(
@@ -41,6 +45,7 @@ async def run(settings: Settings) -> None:
         )
 
     async def ready() -> None:
+        await telemetry.start()
         try:
             await manager.recover()
         except Exception:  # libvirt down at start: serve anyway, calls report it
@@ -49,6 +54,7 @@ async def run(settings: Settings) -> None:
     async def on_stop() -> None:
         await manager.close()
         conn.close()
+        await telemetry.close()
 
     await serve(
         service_name="vm-manager",
@@ -57,6 +63,7 @@ async def run(settings: Settings) -> None:
         full_service_names=[SERVICE],
         on_stop=on_stop,
         ready=ready,
+        interceptors=telemetry.interceptors(),
     )
 
 

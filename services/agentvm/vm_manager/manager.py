@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -19,10 +20,13 @@ import shutil
 import subprocess
 import time
 import uuid as uuidlib
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import grpc
 import libvirt
+from google.protobuf import json_format
 
 from agentvm.common.config import Settings
 from agentvm.common.errors import (
@@ -32,9 +36,11 @@ from agentvm.common.errors import (
     InvalidArgument,
     NotFound,
 )
+from agentvm.common.events import EventSink, NullSink
 from agentvm.common.grpc_util import aio_channel
-from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
+from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc, vm_manager_pb2
 from agentvm.vm_manager import domain_xml as dx
+from agentvm.vm_manager import observe
 from agentvm.vm_manager.accel import AccelInfo
 from agentvm.vm_manager.clones import (
     DISK,
@@ -74,6 +80,7 @@ DEFAULT_WAIT_S = 120.0
 DEFAULT_GRACE_S = 10.0
 POLL_S = 0.05
 TEMPLATE_ROLE = ("agent-vm/role", "template")
+TOMBSTONES = 1000
 LABEL_RE = re.compile(r"^[A-Za-z0-9_.\-/]{1,63}$")
 
 
@@ -95,8 +102,12 @@ class VMManager:
         accel: AccelInfo,
         *,
         memory_limit: bool = True,
+        events: EventSink | None = None,
     ) -> None:
         self.settings = settings
+        self.events: EventSink = events or NullSink()
+        # Why recently destroyed VMs went (GetVM's NOT_FOUND names it).
+        self._tombstones: OrderedDict[str, str] = OrderedDict()
         self.conn = conn
         self.images = images
         self.accel = accel
@@ -125,6 +136,9 @@ class VMManager:
         self._validate_name(name)
         vm = self._vms.get(name)
         if vm is None:
+            reason = self._tombstones.get(name)
+            if reason:
+                raise NotFound(f"VM {name} was destroyed: {reason}")
             raise NotFound(f"no VM named {name}: ListVMs shows the VMs that exist")
         return vm
 
@@ -288,6 +302,14 @@ class VMManager:
                 await asyncio.shield(self.net.detach(name))
                 raise
         log.info("created VM %s", name, extra={"vm": name, "profile": profile.name})
+        self.events.emit(
+            "vm.created",
+            vm=name,
+            profile=profile.name,
+            network_mode=network_mode.name,
+            from_template=template is not None,
+            labels=dict(labels),
+        )
         if template is not None:
             try:
                 await self._start_clone(vm, template, image.kernel, image.initrd)
@@ -556,11 +578,22 @@ class VMManager:
             if vm.boot_started is not None and vm.boot_duration is None:
                 vm.boot_duration = time.monotonic() - vm.boot_started
             vm.transition(VMState.READY)
+            self._emit_ready(vm)
+            self._emit_ready(vm)
             log.info(
                 "VM %s ready",
                 vm.name,
                 extra={"vm": vm.name, "boot_s": round(vm.boot_duration or 0.0, 3)},
             )
+
+    def _emit_ready(self, vm: VM) -> None:
+        self.events.emit(
+            "vm.ready",
+            vm=vm.name,
+            boot_s=round(vm.boot_duration or 0.0, 6),
+            restored=bool(vm.template_key),
+            labels=dict(vm.labels),
+        )
 
     async def _configure_network(self, vm: VM, timeout: float) -> None:
         """Tell the guest its MAC, and its address, gateway and resolver (NAT: no DHCP
@@ -602,6 +635,7 @@ class VMManager:
             dom = await asyncio.to_thread(self.conn.lookup, name)
             await asyncio.to_thread(self._store_metadata, vm, dom)
         log.info("network policy of %s updated", name, extra={"vm": name})
+        self.events.emit("vm.policy_updated", vm=name, policy=policy.to_json())
         return vm
 
     def _store_metadata(self, vm: VM, dom: libvirt.virDomain) -> None:
@@ -673,7 +707,7 @@ class VMManager:
             await asyncio.sleep(POLL_S * 2)
         return False
 
-    async def destroy(self, name: str) -> None:
+    async def destroy(self, name: str, reason: str = "") -> None:
         """Remove the domain, overlay, snapshots and sockets. Idempotent."""
         self._validate_name(name)
         if not name.startswith(self.settings.vm_prefix):
@@ -696,7 +730,85 @@ class VMManager:
                 vm.state = VMState.DESTROYED
             self._vms.pop(name, None)
         self._locks.pop(name, None)
-        log.info("destroyed VM %s", name, extra={"vm": name})
+        log.info("destroyed VM %s", name, extra={"vm": name, "reason": reason})
+        if vm is not None:
+            if reason:
+                self._tombstones[name] = reason[:500]
+                while len(self._tombstones) > TOMBSTONES:
+                    self._tombstones.popitem(last=False)
+            self.events.emit("vm.destroyed", vm=name, reason=reason, labels=dict(vm.labels))
+
+    async def list_stats(
+        self, selector: dict[str, str], guest_timeout: float
+    ) -> list[vm_manager_pb2.VMStats]:
+        """Resource figures of running VMs (libvirt), with their guests' own view."""
+        vms = [
+            vm
+            for vm in self._vms.values()
+            if vm.state.running and all(vm.labels.get(k) == v for k, v in selector.items())
+        ]
+
+        def collect() -> dict[str, dict[str, Any]]:
+            doms = [d for d in (self.conn.find(vm.name) for vm in vms) if d is not None]
+            return observe.bulk_stats(self.conn.get(), doms)
+
+        raw = await asyncio.to_thread(collect)
+        out: list[vm_manager_pb2.VMStats] = []
+        for vm in vms:
+            if vm.name not in raw:
+                continue
+            mem = vm.resources.memory_mib * 2**20
+            out.append(observe.stats_proto(vm.name, vm.labels, raw[vm.name], mem))
+        if guest_timeout > 0:
+
+            async def ask(msg: vm_manager_pb2.VMStats) -> None:
+                vm = self._vms.get(msg.name)
+                if vm is None or vm.state is not VMState.READY:
+                    return
+                try:
+                    info = await self.agent_status(vm, guest_timeout)
+                except grpc.aio.AioRpcError:
+                    msg.guest_unresponsive = True
+                    return
+                msg.guest.CopyFrom(observe.sanitize_guest(info, msg.memory_max_bytes))
+
+            await asyncio.gather(*(ask(m) for m in out))
+        return out
+
+    async def capture_evidence(
+        self, name: str, reason: str, include_memory: bool
+    ) -> observe.Evidence:
+        """Pause a VM and preserve memory, disk overlay, XML, metadata and egress log."""
+        async with self._lock(name):
+            vm = self._get(name)
+            dom = await asyncio.to_thread(self.conn.lookup, name)
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            directory = self.settings.state_dir / "evidence" / f"{name}-{stamp}"
+            metadata = {
+                "vm": json.loads(json_format.MessageToJson(vm.to_proto())),
+                "reason": reason,
+                "backing_image": vm.image_id,
+                "template": vm.template_key,
+            }
+            evidence = await asyncio.to_thread(
+                observe.capture,
+                dom,
+                directory=directory,
+                overlay=vm.overlay,
+                metadata=metadata,
+                egress=self.net.egress.records(name),
+                include_memory=include_memory,
+            )
+        self.events.emit(
+            "vm.evidence_captured",
+            vm=name,
+            severity="warning",
+            path=str(evidence.path),
+            memory_bytes=evidence.memory_bytes,
+            disk_bytes=evidence.disk_bytes,
+            reason=reason,
+        )
+        return evidence
 
     def _destroy_domain(self, name: str) -> None:
         dom = self.conn.find(name)

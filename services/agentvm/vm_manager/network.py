@@ -639,10 +639,12 @@ class NatNetwork:
             return f"port {pkt.dport} not in ports"
         return "not allowed by the policy"
 
-    async def watch(self, vm: str, follow: bool) -> AsyncIterator[EgressRecord]:
+    async def watch(self, vm: str, follow: bool, since: float = 0.0) -> AsyncIterator[EgressRecord]:
         if not follow:
             for rec in self.egress.records(vm):
-                yield rec
+                if rec.time > since:
+                    yield rec
             return
         async for rec in self.egress.follow(vm):
-            yield rec
+            if rec.time > since:
+                yield rec

@@ -187,7 +187,8 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
     ) -> AsyncIterator[vm_manager_pb2.WatchEgressResponse]:
         if request.name:
             await self.manager.get(request.name)
-        async for rec in self.manager.net.watch(request.name, request.follow):
+        since = request.since.ToNanoseconds() / 1e9 if request.HasField("since") else 0.0
+        async for rec in self.manager.net.watch(request.name, request.follow, since):
             yield vm_manager_pb2.WatchEgressResponse(record=egress_to_proto(rec))
 
     @grpc_errors
@@ -223,8 +224,33 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
     async def DestroyVM(
         self, request: vm_manager_pb2.DestroyVMRequest, context: Ctx
     ) -> vm_manager_pb2.DestroyVMResponse:
-        await self.manager.destroy(request.name)
+        await self.manager.destroy(request.name, reason=request.reason[:500])
         return vm_manager_pb2.DestroyVMResponse()
+
+    @grpc_errors
+    async def ListVMStats(
+        self, request: vm_manager_pb2.ListVMStatsRequest, context: Ctx
+    ) -> vm_manager_pb2.ListVMStatsResponse:
+        guest = request.guest_timeout.ToNanoseconds() / 1e9
+        if guest < 0 or guest > 30:
+            raise InvalidArgument(f"guest_timeout must be between 0 and 30 s, got {guest:g} s")
+        # Leave room for the reply inside the caller's deadline.
+        guest = min(guest, max(0.0, remaining_time(context, guest + 1) - 0.5)) if guest else 0.0
+        stats = await self.manager.list_stats(dict(request.label_selector), guest)
+        return vm_manager_pb2.ListVMStatsResponse(stats=stats)
+
+    @grpc_errors
+    async def CaptureEvidence(
+        self, request: vm_manager_pb2.CaptureEvidenceRequest, context: Ctx
+    ) -> vm_manager_pb2.CaptureEvidenceResponse:
+        evidence = await self.manager.capture_evidence(
+            request.name, request.reason[:500], request.include_memory
+        )
+        return vm_manager_pb2.CaptureEvidenceResponse(
+            path=str(evidence.path),
+            memory_bytes=evidence.memory_bytes,
+            disk_bytes=evidence.disk_bytes,
+        )
 
     @grpc_errors
     async def GetVM(

@@ -1,0 +1,1 @@
+"""monitor service: events, metrics, audit log and anomaly detection (MonitorService)."""
