@@ -17,6 +17,7 @@ from tests.vmharness import (
     ExecutorProcess,
     PoolManagerProcess,
     VMManagerProcess,
+    free_port,
     libvirt_domains,
     net_leftovers,
 )
@@ -126,7 +127,12 @@ def test_up_and_down_are_idempotent(tmp_path: Path) -> None:
         # Not the default NAT pool: outside the test world a test must not put
         # VMs on the host's real uplink.
         AGENTVM_POOLS="standard:min=1,max=2",
+        AGENTVM_MONITOR_ADDR=f"unix:{run}/monitor.sock",
+        AGENTVM_AUDIT_DIR=str(tmp_path / "audit"),
     )
+    # Not the default metrics ports: a running installation may hold them.
+    for service in ("VM_MANAGER", "POOL_MANAGER", "EXECUTOR", "MONITOR"):
+        env[f"AGENTVM_{service}_METRICS_ADDR"] = f"127.0.0.1:{free_port()}"
     try:
         first = agent_vm(env, "up", timeout=60)
         assert first.returncode == 0, first.stderr
@@ -139,6 +145,10 @@ def test_up_and_down_are_idempotent(tmp_path: Path) -> None:
         assert "not running" in again.stdout
         assert not (run / "vm-manager.sock").exists()
         assert not (run / "pool-manager.sock").exists()
+        assert not (run / "monitor.sock").exists()
+        # The monitor wrote its audit log, and it verifies.
+        verified = agent_vm(env, "audit", "verify", str(tmp_path / "audit"), timeout=60)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
         # The pool started warming (template build) and was stopped at once:
         # nothing of it may be left in libvirt.
         assert not libvirt_domains("agent-vm-testupdown-")

@@ -244,6 +244,16 @@ def test_one_run_is_one_trace_across_every_service(
 def test_fork_storm_is_detected_and_killed(
     executor: ExecutorProcess, vmm: VMManagerProcess, monitor_proc: MonitorProcess
 ) -> None:
+    # An operator watching alerts (`agent-vm alerts --json`) sees it happen.
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "agentvm.cli.main", "alerts", "--json"],
+        env=monitor_proc.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+    )
+    time.sleep(2)  # subscribed before the storm starts
     started = time.monotonic()
     with pytest.raises(agent_vm.AgentVMError) as info:
         agent_vm.run(
@@ -269,6 +279,13 @@ def test_fork_storm_is_detected_and_killed(
     assert "process_storm" in destroyed[0]["attributes"]["reason"]
     samples = scrape(monitor_proc.metrics_url)
     assert value(samples, "agentvm_anomalies_total", rule="process_storm", action="kill") >= 1
+    watcher.terminate()
+    out, _ = watcher.communicate(timeout=30)
+    alerts = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert any(
+        a["rule"] == "process_storm" and a["vmName"] == vm and a["response"] == "kill"
+        for a in alerts
+    ), out
 
 
 def test_egress_scan_is_snapshotted_then_killed(

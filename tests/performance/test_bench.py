@@ -87,3 +87,22 @@ def test_agent_vm_bench_prints_every_figure(
     assert fig["ratios"]["cold_over_restore"] > 0
     assert fig["ratios"]["cold_over_acquire"] > 0
     assert "pool acquire" in stderr
+
+
+def test_telemetry_benchmark_prints_figures(vmm: VMManagerProcess) -> None:
+    figures, _ = run_figures(
+        [
+            sys.executable,
+            "-m",
+            "tests.performance.bench_telemetry",
+            "--calls",
+            "200",
+            "--events",
+            "2000",
+        ],
+        vmm.env,
+    )
+    for key in ("bare", "call_observer", "observer_and_tracing"):
+        assert figures[f"unary_call_ms_{key}"]["n"] == 200
+        assert figures[f"unary_call_ms_{key}"]["p50_over_bare"] > 0
+    assert figures["monitor_ingest"]["events_per_s_to_disk"] > 0

@@ -12,7 +12,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 import grpc
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.json_format import MessageToDict, MessageToJson
 
 from agentvm.cli import bench as bench_mod
 from agentvm.cli import doctor as doctor_mod
@@ -24,6 +24,8 @@ from agentvm.v1 import (
     common_pb2,
     guest_agent_pb2,
     guest_agent_pb2_grpc,
+    monitor_pb2,
+    monitor_pb2_grpc,
     pool_manager_pb2,
     pool_manager_pb2_grpc,
     vm_manager_pb2,
@@ -638,6 +640,27 @@ def _save_outputs(dest: Path, contents: Mapping[str, bytes]) -> None:
 
 
 # -- audit log ------------------------------------------------------------------
+@cli.command("alerts")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per alert.")
+@handle_errors
+def alerts_cmd(as_json: bool) -> None:
+    """Print the monitor's alerts (anomalies and the responses taken) as they happen."""
+    channel = sync_channel(settings().monitor_addr)
+    stub = monitor_pb2_grpc.MonitorServiceStub(channel)
+    try:
+        for resp in stub.WatchAlerts(monitor_pb2.WatchAlertsRequest()):
+            a = resp.alert
+            if as_json:
+                click.echo(MessageToJson(a, indent=None))
+            else:
+                when = a.time.ToDatetime().strftime("%H:%M:%S")
+                click.echo(f"{when}  {a.rule}  {a.vm_name}  {a.response}: {a.description}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        channel.close()
+
+
 @cli.group()
 def audit() -> None:
     """The monitor's audit log (hash-chained JSON lines)."""

@@ -96,6 +96,28 @@ def make_event(
     )
 
 
+class EventFactory:
+    """Events of one reporting process, with ids unique to it (``<service>/<uuid>/<n>``)."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self._ids = itertools.count()
+        self._prefix = f"{service}/{uuid.uuid4().hex[:12]}"
+
+    def make(
+        self, type_: str, *, vm: str, sandbox: str, severity: str, attrs: Mapping[str, Any]
+    ) -> monitor_pb2.Event:
+        return make_event(
+            self.service,
+            f"{self._prefix}/{next(self._ids)}",
+            type_,
+            vm=vm,
+            sandbox=sandbox,
+            severity=severity,
+            attrs=attrs,
+        )
+
+
 class EventReporter:
     """Buffers events and delivers them to monitor in batches, at least once."""
 
@@ -113,14 +135,15 @@ class EventReporter:
         self.capacity = capacity
         self.batch = batch
         self.interval = interval
-        self._ids = itertools.count()
-        self._prefix = f"{service}/{uuid.uuid4().hex[:12]}"
+        self._factory = EventFactory(service)
         self._queue: collections.deque[monitor_pb2.Event] = collections.deque()
         # Dropped events monitor has not been told about yet.
         self._unreported_drops = 0
         self.dropped_total = 0
         self.sent_total = 0
         self._wake = asyncio.Event()
+        # One batch in flight at a time (the order of events is kept on failure).
+        self._flush_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._channel: grpc.aio.Channel | None = None
         self._down_since: float | None = None
@@ -138,15 +161,7 @@ class EventReporter:
     ) -> None:
         if not self.enabled:
             return
-        event = make_event(
-            self.service,
-            f"{self._prefix}/{next(self._ids)}",
-            type_,
-            vm=vm,
-            sandbox=sandbox,
-            severity=severity,
-            attrs=attrs,
-        )
+        event = self._factory.make(type_, vm=vm, sandbox=sandbox, severity=severity, attrs=attrs)
         self._queue.append(event)
         self._trim()
         if len(self._queue) >= self.batch:
@@ -176,7 +191,11 @@ class EventReporter:
         """Send everything queued; False when monitor could not be reached."""
         if self._channel is None:
             return False
-        stub = monitor_pb2_grpc.MonitorServiceStub(self._channel)
+        async with self._flush_lock:
+            return await self._flush(self._channel, timeout)
+
+    async def _flush(self, channel: grpc.aio.Channel, timeout: float) -> bool:
+        stub = monitor_pb2_grpc.MonitorServiceStub(channel)
         while self._queue or self._unreported_drops:
             n = min(self.batch, len(self._queue))
             events = [self._queue.popleft() for _ in range(n)]
@@ -198,6 +217,11 @@ class EventReporter:
                         self.capacity,
                     )
                 return False
+            except BaseException:
+                # Cancelled mid-send (shutdown): keep the batch for the last flush.
+                self._queue.extendleft(reversed(events))
+                self._trim()
+                raise
             self._unreported_drops -= drops
             self.sent_total += n
             if self._down_since is not None:

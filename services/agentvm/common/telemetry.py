@@ -14,11 +14,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -178,15 +179,8 @@ class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             inner: Any = handler.unary_unary or handler.stream_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                start = time.monotonic()
-                error: BaseException | None = None
-                try:
+                with self._observed(method, context):
                     return await inner(request, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    self._record(method, context, start, error)
 
             make = (
                 grpc.unary_unary_rpc_method_handler
@@ -201,20 +195,13 @@ class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         inner_stream: Any = handler.unary_stream or handler.stream_stream
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            start = time.monotonic()
-            error: BaseException | None = None
-            try:
+            with self._observed(method, context):
                 result = inner_stream(request, context)
                 if hasattr(result, "__aiter__"):
                     async for item in result:
                         yield item
                 else:
                     await result
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self._record(method, context, start, error)
 
         make_stream = (
             grpc.unary_stream_rpc_method_handler
@@ -226,6 +213,18 @@ class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+    @contextlib.contextmanager
+    def _observed(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[None]:
+        start = time.monotonic()
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._record(method, context, start, error)
 
     def _record(
         self,

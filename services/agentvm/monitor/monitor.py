@@ -13,12 +13,9 @@ import asyncio
 import collections
 import contextlib
 import datetime
-import itertools
-import json
 import logging
 import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,9 +24,9 @@ import grpc
 from google.protobuf import json_format, timestamp_pb2
 
 from agentvm.common.config import Settings
-from agentvm.common.events import SEVERITIES, make_event
+from agentvm.common.events import SEVERITIES, EventFactory
 from agentvm.monitor import metrics as m
-from agentvm.monitor.anomaly import Action, Detection, Detector
+from agentvm.monitor.anomaly import FEATURES, Action, Detection, Detector
 from agentvm.monitor.audit import AuditLog
 from agentvm.v1 import (
     common_pb2,
@@ -51,14 +48,6 @@ _VERDICTS = {
     common_pb2.EGRESS_VERDICT_DENIED: "denied",
 }
 _KINDS = {common_pb2.EGRESS_KIND_DNS: "dns", common_pb2.EGRESS_KIND_CONNECT: "connect"}
-FEATURES = (
-    "cpu_s",
-    "memory_peak_bytes",
-    "pids_peak",
-    "output_bytes",
-    "denied_egress",
-    "duration_s",
-)
 
 
 def _rfc3339(ts: timestamp_pb2.Timestamp) -> str:
@@ -93,8 +82,7 @@ class Monitor:
         self.pools = pools
         self.collector = collector
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._ids = itertools.count()
-        self._prefix = f"monitor/{uuid.uuid4().hex[:12]}"
+        self._events = EventFactory("monitor")
         self._sandbox_of: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._cpu_prev: dict[str, tuple[float, float]] = {}
         self._responding: set[str] = set()
@@ -105,6 +93,8 @@ class Monitor:
         # Records waiting for the audit log (written in batches, off the event loop).
         self._pending: list[dict[str, Any]] = []
         self._cursor = settings.audit_dir / "egress.cursor"
+        # Time of the newest egress record taken; saved once its record is on disk.
+        self._cursor_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -136,15 +126,7 @@ class Monitor:
         self, type_: str, *, vm: str = "", sandbox: str = "", severity: str = "info", **attrs: Any
     ) -> None:
         """Monitor's own events (and its gRPC calls): straight into the pipeline."""
-        event = make_event(
-            "monitor",
-            f"{self._prefix}/{next(self._ids)}",
-            type_,
-            vm=vm,
-            sandbox=sandbox,
-            severity=severity,
-            attrs=attrs,
-        )
+        event = self._events.make(type_, vm=vm, sandbox=sandbox, severity=severity, attrs=attrs)
         self._ingest_now([event])
 
     async def ingest(self, events: Sequence[monitor_pb2.Event], dropped: int, reporter: str) -> int:
@@ -193,6 +175,7 @@ class Monitor:
         """Write pending records to the audit log (one batch, one fsync)."""
         async with self._write_lock:
             batch, self._pending = self._pending, []
+            cursor = self._cursor_at
             if not batch:
                 return
             try:
@@ -201,6 +184,9 @@ class Monitor:
                 self._pending[:0] = batch
                 raise
             m.AUDIT_RECORDS.inc(written)
+            if cursor:
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(self._cursor.write_text, f"{cursor:.9f}\n")
 
     @staticmethod
     def _record(ev: monitor_pb2.Event) -> dict[str, Any]:
@@ -290,8 +276,7 @@ class Monitor:
             at=_rfc3339(rec.time),
         )
         when = rec.time.ToNanoseconds() / 1e9
-        with contextlib.suppress(OSError):
-            self._cursor.write_text(f"{when:.9f}\n")
+        self._cursor_at = max(self._cursor_at, when)
         self._handle(self.detector.on_egress(rec.vm_name, sandbox, when, verdict == "denied"))
 
     # -- polling ---------------------------------------------------------------------
@@ -465,16 +450,4 @@ def audit_from_settings(settings: Settings) -> AuditLog:
         max_bytes=settings.audit_max_bytes,
         max_age_s=settings.audit_max_age_s,
         syslog=settings.audit_syslog,
-    )
-
-
-def describe(detection: Detection) -> str:
-    """A one-line JSON description of a detection (logs, tests)."""
-    return json.dumps(
-        {
-            "rule": detection.rule,
-            "vm": detection.vm,
-            "value": detection.value,
-            "threshold": detection.threshold,
-        }
     )

@@ -1,0 +1,168 @@
+"""What observability costs: gRPC call latency with and without agent-vm's server
+interceptors and tracing, and how fast monitor takes events into the audit log.
+
+    .venv/bin/python -m tests.performance.bench_telemetry --calls 2000 --events 20000
+
+Prints JSON. Everything runs in this process on Unix sockets (no VMs), so the
+figures isolate the instrumentation; the baseline is the same call with none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+from agentvm.common import grpc_util, telemetry
+from agentvm.common.config import Settings
+from agentvm.common.events import EventReporter, make_event
+from agentvm.monitor.anomaly import Detector, Responses, Thresholds
+from agentvm.monitor.audit import AuditLog
+from agentvm.monitor.metrics import StateCollector
+from agentvm.monitor.monitor import Monitor
+from agentvm.monitor.servicer import MonitorServicer
+from agentvm.v1 import monitor_pb2_grpc
+
+
+class _Discard(SpanExporter):
+    def export(self, spans: Any) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+def _pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+async def _echo(request: bytes, context: Any) -> bytes:
+    return request
+
+
+async def _latency(sock: Path, interceptors: list[Any], calls: int, traced: bool) -> list[float]:
+    server = grpc.aio.server(interceptors=interceptors or None)
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "bench.S", {"Do": grpc.unary_unary_rpc_method_handler(_echo)}
+            ),
+        )
+    )
+    server.add_insecure_port(f"unix:{sock}")
+    await server.start()
+    saved = list(grpc_util.CLIENT_INTERCEPTORS)
+    if not traced:
+        grpc_util.CLIENT_INTERCEPTORS.clear()
+    try:
+        async with grpc_util.aio_channel(f"unix:{sock}") as ch:
+            call = ch.unary_unary("/bench.S/Do", None, None)
+            for _ in range(50):
+                await call(b"x")
+            out = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                await call(b"x")
+                out.append((time.perf_counter() - t0) * 1000)
+            return out
+    finally:
+        grpc_util.CLIENT_INTERCEPTORS[:] = saved
+        await server.stop(None)
+
+
+async def _ingest(tmp: Path, events: int) -> dict[str, float]:
+    """Events/s from EventReporters through ReportEvents into the fsync'ed audit log."""
+    settings = dataclasses.replace(Settings(), audit_dir=tmp / "audit")
+    mon = Monitor(
+        settings,
+        AuditLog(tmp / "audit"),
+        Detector(Thresholds(), Responses()),
+        None,
+        None,
+        StateCollector(),
+    )
+    await mon.start()
+    server = grpc.aio.server()
+    monitor_pb2_grpc.add_MonitorServiceServicer_to_server(MonitorServicer(mon), server)
+    server.add_insecure_port(f"unix:{tmp}/mon.sock")
+    await server.start()
+    reporter = EventReporter("bench", f"unix:{tmp}/mon.sock", capacity=events + 10)
+    await reporter.start()
+    try:
+        t0 = time.perf_counter()
+        for i in range(events):
+            reporter.emit("execution.finished", vm="agent-vm-bench", outcome="ok", n=i)
+        emit_s = time.perf_counter() - t0
+        while reporter.pending:
+            await asyncio.sleep(0.01)
+        total = time.perf_counter() - t0
+        single = []
+        for i in range(200):
+            ev = make_event("bench", f"bench/one/{i}", "api.call", attrs={"i": i})
+            t1 = time.perf_counter()
+            await mon.ingest([ev], 0, "bench")
+            single.append((time.perf_counter() - t1) * 1000)
+    finally:
+        await reporter.close()
+        await server.stop(None)
+        await mon.close()
+    return {
+        "emit_us_per_event": round(emit_s / events * 1e6, 2),
+        "events_per_s_to_disk": round(events / total),
+        "one_event_batch_ack_ms_p50": round(statistics.median(single), 3),
+    }
+
+
+async def main(calls: int, events: int) -> dict[str, Any]:
+    provider = TracerProvider(resource=Resource.create({"service.name": "bench"}))
+    provider.add_span_processor(BatchSpanProcessor(_Discard()))
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    grpc_util.CLIENT_INTERCEPTORS[:] = aio_client_interceptors(tracer_provider=provider)  # type: ignore[no-untyped-call]
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        # Events are built and queued as in a service (never sent: not started).
+        sink = EventReporter("bench", f"unix:{tmp}/nobody.sock", capacity=calls * 4)
+        bare = await _latency(tmp / "a.sock", [], calls, traced=False)
+        observed = await _latency(tmp / "b.sock", [telemetry.CallObserver(sink)], calls, False)
+        traced = await _latency(
+            tmp / "c.sock", list(telemetry.server_interceptors(sink, provider)), calls, True
+        )
+        ingest = await _ingest(tmp, events)
+    provider.shutdown()
+    base = statistics.median(bare)
+
+    def fig(xs: list[float]) -> dict[str, float]:
+        return {
+            "n": len(xs),
+            "p50": round(statistics.median(xs), 4),
+            "p99": round(_pct(xs, 99), 4),
+            "p50_over_bare": round(statistics.median(xs) / base, 3),
+        }
+
+    return {
+        "unary_call_ms_bare": fig(bare),
+        "unary_call_ms_call_observer": fig(observed),
+        "unary_call_ms_observer_and_tracing": fig(traced),
+        "monitor_ingest": ingest,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--events", type=int, default=20000)
+    ns = parser.parse_args()
+    print(json.dumps(asyncio.run(main(ns.calls, ns.events)), indent=2))

@@ -1,0 +1,270 @@
+"""Monitor plumbing without VMs: the event reporter against a real gRPC monitor, the
+call observer, the monitor's ingest/metrics/detection/response logic with fake stubs."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from agentvm.common import telemetry
+from agentvm.common.config import Settings
+from agentvm.common.errors import InvalidArgument
+from agentvm.common.events import EventReporter, make_event
+from agentvm.common.grpc_util import aio_channel
+from agentvm.monitor.anomaly import Detector, Responses, Thresholds
+from agentvm.monitor.audit import AuditLog, verify
+from agentvm.monitor.metrics import StateCollector
+from agentvm.monitor.monitor import Monitor
+from agentvm.monitor.servicer import MonitorServicer
+from agentvm.v1 import monitor_pb2, monitor_pb2_grpc, vm_manager_pb2
+from tests.unit.helpers import async_wait_until, run_async
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class FakeVMM:
+    """The vm-manager calls monitor makes when it responds (recorded, not carried out)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+
+    async def DestroyVM(self, req: vm_manager_pb2.DestroyVMRequest, timeout: float) -> Any:
+        self.calls.append(("DestroyVM", req.name, req.reason))
+        return vm_manager_pb2.DestroyVMResponse()
+
+    async def CaptureEvidence(
+        self, req: vm_manager_pb2.CaptureEvidenceRequest, timeout: float
+    ) -> Any:
+        self.calls.append(("CaptureEvidence", req.name, req.reason))
+        return vm_manager_pb2.CaptureEvidenceResponse(path="/evidence/x")
+
+
+def new_monitor(tmp_path: Path, vmm: Any = None, responses: str = "") -> Monitor:
+    settings = dataclasses.replace(
+        Settings(), audit_dir=tmp_path / "audit", vm_prefix="agent-vm-t-"
+    )
+    detector = Detector(Thresholds.parse("max_processes=50"), Responses.parse(responses))
+    return Monitor(settings, AuditLog(tmp_path / "audit"), detector, vmm, None, StateCollector())
+
+
+def event(i: int, type_: str, vm: str = "agent-vm-t-1", **attrs: Any) -> monitor_pb2.Event:
+    return make_event("executor", f"executor/test/{i}", type_, vm=vm, attrs=attrs)
+
+
+def test_ingest_writes_a_verifiable_log_counts_metrics_and_drops_duplicates(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        mon = new_monitor(tmp_path)
+        await mon.start()
+        ok_before = metric("agentvm_executions_total", outcome="ok")
+        lost_before = metric("agentvm_monitor_events_lost_total", service="executor")
+        batch = [
+            event(1, "execution.finished", outcome="ok", duration_s=0.5, cpu_s=0.1),
+            event(2, "vm.ready", boot_s=1.5, restored=True),
+            event(3, "api.call", code="NOT_FOUND", method="x/GetVM"),
+        ]
+        assert await mon.ingest(batch, dropped=4, reporter="executor") == 3
+        # A retried batch is not counted twice.
+        assert await mon.ingest(batch, dropped=0, reporter="executor") == 0
+        assert metric("agentvm_executions_total", outcome="ok") == ok_before + 1
+        assert metric("agentvm_monitor_events_lost_total", service="executor") == lost_before + 4
+        assert metric("agentvm_grpc_errors_total", service="executor", code="NOT_FOUND") >= 1
+        await mon.close()
+        result = verify([tmp_path / "audit" / "audit.log"])
+        assert result.ok, result.problems
+        assert result.records == 5  # audit.started, events_lost, three events
+
+    run_async(main())
+
+
+def test_process_storm_from_stats_kills_through_vm_manager(tmp_path: Path) -> None:
+    async def main() -> None:
+        vmm = FakeVMM()
+        mon = new_monitor(tmp_path, vmm, "process_storm=snapshot_and_kill")
+        await mon.start()
+        stats = vm_manager_pb2.VMStats(name="agent-vm-t-1", vcpus=1)
+        stats.guest.process_count = 80
+        other = vm_manager_pb2.VMStats(name="someone-else", vcpus=1)
+        other.guest.process_count = 80
+        mon._check_stats([stats, other])
+        await async_wait_until(lambda: len(vmm.calls) == 2)
+        assert [c[0] for c in vmm.calls] == ["CaptureEvidence", "DestroyVM"]
+        assert "process_storm" in vmm.calls[1][2]
+        await mon.close()
+        lines = (tmp_path / "audit" / "audit.log").read_text()
+        assert '"result":"done"' in lines
+        assert "not a VM of this installation" in lines
+
+    run_async(main())
+
+
+def test_servicer_rejects_bad_batches(tmp_path: Path) -> None:
+    async def main() -> None:
+        mon = new_monitor(tmp_path)
+        await mon.start()
+        server = grpc.aio.server(interceptors=list(telemetry.server_interceptors(mon, None)))
+        monitor_pb2_grpc.add_MonitorServiceServicer_to_server(MonitorServicer(mon), server)
+        sock = tmp_path / "m.sock"
+        server.add_insecure_port(f"unix:{sock}")
+        await server.start()
+        try:
+            async with aio_channel(f"unix:{sock}") as ch:
+                stub = monitor_pb2_grpc.MonitorServiceStub(ch)
+                bad = monitor_pb2.Event(id="x", service="s", type="NoDots")
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.ReportEvents(monitor_pb2.ReportEventsRequest(events=[bad]))
+                assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+                assert "dotted" in (info.value.details() or "")
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await stub.ReportEvents(
+                        monitor_pb2.ReportEventsRequest(
+                            events=[monitor_pb2.Event(service="s", type="a.b")]
+                        )
+                    )
+        finally:
+            await server.stop(None)
+            await mon.close()
+
+    run_async(main())
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def emit(
+        self, type_: str, *, vm: str = "", sandbox: str = "", severity: str = "info", **attrs: Any
+    ) -> None:
+        self.events.append((type_, attrs))
+
+
+def test_call_observer_counts_calls_and_reports_mutations_and_failures(tmp_path: Path) -> None:
+    async def do(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        if request == b"fail":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no")
+        return request
+
+    async def stream(
+        request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        yield request
+        yield request
+
+    async def main() -> None:
+        rec = Recorder()
+        server = grpc.aio.server(interceptors=[telemetry.CallObserver(rec)])
+        handler = grpc.method_handlers_generic_handler(
+            "t.S",
+            {
+                "Do": grpc.unary_unary_rpc_method_handler(do),
+                "GetThing": grpc.unary_unary_rpc_method_handler(do),
+                "Stream": grpc.unary_stream_rpc_method_handler(stream),
+            },
+        )
+        server.add_generic_rpc_handlers((handler,))
+        sock = tmp_path / "s.sock"
+        server.add_insecure_port(f"unix:{sock}")
+        await server.start()
+        before = metric("agentvm_grpc_server_handled_total", method="t.S/Do", code="OK")
+        try:
+            async with aio_channel(f"unix:{sock}") as ch:
+                assert await ch.unary_unary("/t.S/Do", None, None)(b"x") == b"x"
+                assert await ch.unary_unary("/t.S/GetThing", None, None)(b"x") == b"x"
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await ch.unary_unary("/t.S/GetThing", None, None)(b"fail")
+                assert [m async for m in ch.unary_stream("/t.S/Stream", None, None)(b"y")] == [
+                    b"y",
+                    b"y",
+                ]
+        finally:
+            await server.stop(None)
+        assert metric("agentvm_grpc_server_handled_total", method="t.S/Do", code="OK") == before + 1
+        codes = [(a["method"], a["code"]) for t, a in rec.events if t == "api.call"]
+        # The successful read (GetThing OK) is counted but not reported.
+        assert codes == [
+            ("t.S/Do", "OK"),
+            ("t.S/GetThing", "FAILED_PRECONDITION"),
+            ("t.S/Stream", "OK"),
+        ]
+
+    run_async(main())
+
+
+def test_reporter_buffers_while_monitor_is_away_and_reports_what_it_dropped(
+    tmp_path: Path,
+) -> None:
+    class Sink(monitor_pb2_grpc.MonitorServiceServicer):
+        def __init__(self) -> None:
+            self.ids: list[str] = []
+            self.dropped = 0
+
+        async def ReportEvents(self, request: Any, context: Any) -> Any:
+            self.ids.extend(e.id for e in request.events)
+            self.dropped += request.dropped
+            return monitor_pb2.ReportEventsResponse(accepted=len(request.events))
+
+        async def WatchAlerts(
+            self, request: Any, context: Any
+        ) -> AsyncIterator[monitor_pb2.WatchAlertsResponse]:
+            return
+            yield
+
+    async def main() -> None:
+        sock = tmp_path / "mon.sock"
+        rep = EventReporter("executor", f"unix:{sock}", capacity=5, batch=2, interval=0.05)
+        await rep.start()
+        for i in range(8):
+            rep.emit("test.event", n=i)
+        assert not await rep.flush(timeout=0.5)  # nobody listens yet
+        assert rep.pending == 5
+        assert rep.dropped_total == 3
+        sink = Sink()
+        server = grpc.aio.server()
+        monitor_pb2_grpc.add_MonitorServiceServicer_to_server(sink, server)
+        server.add_insecure_port(f"unix:{sock}")
+        await server.start()
+        try:
+            await async_wait_until(lambda: len(sink.ids) == 5, timeout=15)
+            assert sink.dropped == 3
+            assert rep.pending == 0
+            # Oldest dropped first: the last five arrive, in order.
+            assert [int(i.rsplit("/", 1)[1]) for i in sink.ids] == [3, 4, 5, 6, 7]
+        finally:
+            await rep.close()
+            await server.stop(None)
+
+    run_async(main())
+
+
+def test_tracing_and_metrics_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    with pytest.raises(InvalidArgument, match="OTEL_TRACES_EXPORTER"):
+        telemetry.setup_tracing("executor")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert telemetry.setup_tracing("executor") is None
+    with pytest.raises(InvalidArgument, match="HOST:PORT"):
+        telemetry.start_metrics("nonsense", "executor")
+    telemetry.start_metrics("", "executor")()
+    stop = telemetry.start_metrics("127.0.0.1:0", "executor")
+    stop()
+
+
+def test_events_carry_json_safe_attributes() -> None:
+    ev = make_event(
+        "x", "x/1", "a.b", attrs={"n": 3, "f": float("nan"), "o": object(), "l": [1, "a"]}
+    )
+    got = dict(ev.attributes)
+    assert got["n"] == 3
+    assert got["f"] == "nan"
+    assert isinstance(got["o"], str)
+    assert asyncio.iscoroutinefunction(Monitor.flush)
