@@ -10,6 +10,8 @@ buf=.tools/node_modules/.bin/buf
 
 echo "==> ruff";  .venv/bin/ruff check . && .venv/bin/ruff format --check .
 echo "==> mypy --strict"; .venv/bin/mypy
+echo "==> bandit (no high-severity findings)"
+.venv/bin/bandit -q -r services guest clients -x services/agentvm/v1 --severity-level high
 echo "==> buf lint"; "$buf" lint
 echo "==> buf breaking (against main)"
 if git rev-parse --verify -q main >/dev/null && git cat-file -e main:buf.yaml 2>/dev/null; then

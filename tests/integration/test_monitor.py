@@ -393,3 +393,26 @@ def test_audit_log_of_the_session_verifies_and_tampering_is_caught(
     assert _verify(str(copy)).returncode == 1
     live.write_text("".join([lines[1], lines[0], *lines[2:]]))
     assert _verify(str(copy)).returncode == 1
+
+
+def test_events_wait_while_monitor_is_down_and_arrive_after(
+    executor: ExecutorProcess, monitor_proc: MonitorProcess
+) -> None:
+    monitor_proc.stop()
+    try:
+        result = agent_vm.run("echo while-away", network="isolated")
+        assert result.exit_code == 0
+    finally:
+        monitor_proc.start()
+    # The executor kept the run's events and delivers them to the new monitor,
+    # which continues the same chain.
+    finished = wait_records(
+        monitor_proc,
+        lambda r: r["type"] == "execution.finished" and r["vm"] == result.vm_name,
+        timeout=60,
+    )
+    assert finished[0]["attributes"]["outcome"] == "ok"
+    started = [r for r in audit_records(monitor_proc) if r["type"] == "audit.started"]
+    assert len(started) >= 2
+    ok = _verify(str(monitor_proc.audit_dir))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
