@@ -79,10 +79,18 @@ def test_ingest_writes_a_verifiable_log_counts_metrics_and_drops_duplicates(
         assert metric("agentvm_executions_total", outcome="ok") == ok_before + 1
         assert metric("agentvm_monitor_events_lost_total", service="executor") == lost_before + 4
         assert metric("agentvm_grpc_errors_total", service="executor", code="NOT_FOUND") >= 1
+        # Made-up services and types do not become series of their own.
+        other_before = metric("agentvm_monitor_events_total", service="other", type="other")
+        odd = make_event("evil-1", "evil/1", "made.up")
+        assert await mon.ingest([odd], dropped=0, reporter="evil") == 1
+        assert metric("agentvm_monitor_events_total", service="other", type="other") == (
+            other_before + 1
+        )
+        assert metric("agentvm_monitor_events_total", service="evil-1", type="made.up") == 0
         await mon.close()
         result = verify([tmp_path / "audit" / "audit.log"])
         assert result.ok, result.problems
-        assert result.records == 5  # audit.started, events_lost, three events
+        assert result.records == 6  # audit.started, events_lost, four events
 
     run_async(main())
 

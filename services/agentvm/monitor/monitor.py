@@ -43,6 +43,8 @@ SEVERITY_NAMES = {v: k for k, v in SEVERITIES.items()}
 MAX_BATCH = 1000
 SEEN_IDS = 100_000
 MAX_VMS_TRACKED = 10_000
+# Ask a guest for its view when its VM used at least this much of its vCPUs.
+GUEST_MIN_CPU = 0.1
 _VERDICTS = {
     common_pb2.EGRESS_VERDICT_ALLOWED: "allowed",
     common_pb2.EGRESS_VERDICT_DENIED: "denied",
@@ -54,6 +56,43 @@ def _rfc3339(ts: timestamp_pb2.Timestamp) -> str:
     ns = ts.ToNanoseconds()
     dt = datetime.datetime.fromtimestamp(ns // 1_000_000_000, tz=datetime.UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S") + f".{(ns % 1_000_000_000) // 1000:06d}Z"
+
+
+# Label values come from reporters: anything unknown is "other", so a caller
+# cannot make monitor grow a series per made-up name.
+SERVICES = frozenset({"vm-manager", "pool-manager", "executor", "monitor"})
+OUTCOMES = frozenset({"ok", "nonzero_exit", "timeout", "killed", "error"})
+CODES = frozenset(c.name for c in grpc.StatusCode)
+EVENT_TYPES = frozenset(
+    {
+        "api.call",
+        "vm.created",
+        "vm.ready",
+        "vm.destroyed",
+        "vm.policy_updated",
+        "vm.evidence_captured",
+        "pool.acquired",
+        "pool.released",
+        "sandbox.created",
+        "sandbox.closed",
+        "execution.started",
+        "execution.finished",
+        "file.written",
+        "file.read",
+        "network.allowed",
+        "network.denied",
+        "anomaly.detected",
+        "anomaly.response",
+        "audit.started",
+        "monitor.events_lost",
+    }
+)
+# Records waiting for a disk that keeps failing are capped (then dropped, logged).
+MAX_PENDING = 200_000
+
+
+def _bounded(value: str, known: frozenset[str]) -> str:
+    return value if value in known else "other"
 
 
 def _num(attrs: Mapping[str, Any], key: str) -> float | None:
@@ -132,7 +171,7 @@ class Monitor:
     async def ingest(self, events: Sequence[monitor_pb2.Event], dropped: int, reporter: str) -> int:
         """Take a batch a service reported; returns how many were new."""
         if dropped:
-            m.EVENTS_LOST.labels(reporter).inc(dropped)
+            m.EVENTS_LOST.labels(_bounded(reporter, SERVICES)).inc(dropped)
             self.emit(
                 "monitor.events_lost",
                 severity="warning",
@@ -157,8 +196,12 @@ class Monitor:
             return 0
         records = [self._record(ev) for ev in fresh]
         self._pending.extend(records)
+        if len(self._pending) > MAX_PENDING:
+            lost = len(self._pending) - MAX_PENDING
+            del self._pending[:lost]
+            log.error("audit log unwritable: %d records dropped from the backlog", lost)
         for ev, rec in zip(fresh, records, strict=True):
-            m.EVENTS.labels(ev.service, ev.type).inc()
+            m.EVENTS.labels(_bounded(ev.service, SERVICES), _bounded(ev.type, EVENT_TYPES)).inc()
             self._observe(ev, rec["attributes"])
         return len(fresh)
 
@@ -206,7 +249,7 @@ class Monitor:
         """Metrics and detection for one accepted event."""
         kind = ev.type
         if kind == "execution.finished":
-            m.EXECUTIONS.labels(str(attrs.get("outcome", "error"))).inc()
+            m.EXECUTIONS.labels(_bounded(str(attrs.get("outcome", "error")), OUTCOMES)).inc()
             duration = _num(attrs, "duration_s")
             if duration is not None and duration >= 0:
                 m.EXECUTION_SECONDS.observe(duration)
@@ -224,7 +267,7 @@ class Monitor:
         elif kind == "api.call":
             code = str(attrs.get("code", ""))
             if code and code != "OK":
-                m.GRPC_ERRORS.labels(ev.service, code).inc()
+                m.GRPC_ERRORS.labels(_bounded(ev.service, SERVICES), _bounded(code, CODES)).inc()
         elif kind == "sandbox.created" and ev.vm_name:
             self._sandbox_of[ev.vm_name] = ev.sandbox_id
             if len(self._sandbox_of) > MAX_VMS_TRACKED:
@@ -297,6 +340,8 @@ class Monitor:
         if self.vmm is not None:
             request = vm_manager_pb2.ListVMStatsRequest()
             request.guest_timeout.FromNanoseconds(int(min(interval, 3.0) * 0.75 * 1e9))
+            # Idle VMs are asked rarely (every 30 s): asking costs a guest CPU.
+            request.guest_min_cpu = GUEST_MIN_CPU
             try:
                 resp = await self.vmm.ListVMStats(request, timeout=interval + 5)
             except grpc.aio.AioRpcError as exc:

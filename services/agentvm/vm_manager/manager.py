@@ -108,6 +108,9 @@ class VMManager:
         self.events: EventSink = events or NullSink()
         # Why recently destroyed VMs went (GetVM's NOT_FOUND names it).
         self._tombstones: OrderedDict[str, str] = OrderedDict()
+        # ListVMStats: each VM's CPU time at the previous call, and its guest's last answer.
+        self._cpu_seen: dict[str, tuple[float, float]] = {}
+        self._guest_seen: dict[str, tuple[float, common_pb2.GuestInfo, int]] = {}
         self.conn = conn
         self.images = images
         self.accel = accel
@@ -739,9 +742,18 @@ class VMManager:
             self.events.emit("vm.destroyed", vm=name, reason=reason, labels=dict(vm.labels))
 
     async def list_stats(
-        self, selector: dict[str, str], guest_timeout: float
+        self,
+        selector: dict[str, str],
+        guest_timeout: float,
+        guest_min_cpu: float = 0.0,
+        guest_max_age: float = 30.0,
     ) -> list[vm_manager_pb2.VMStats]:
-        """Resource figures of running VMs (libvirt), with their guests' own view."""
+        """Resource figures of running VMs (libvirt), with their guests' own view.
+
+        A guest is asked only when its VM was busy since the previous call
+        (``guest_min_cpu`` of its vCPUs) or its last answer is older than
+        ``guest_max_age``; otherwise that last answer is returned.
+        """
         vms = [
             vm
             for vm in self._vms.values()
@@ -753,26 +765,52 @@ class VMManager:
             return observe.bulk_stats(self.conn.get(), doms)
 
         raw = await asyncio.to_thread(collect)
+        now = time.monotonic()
         out: list[vm_manager_pb2.VMStats] = []
+        busy: set[str] = set()
         for vm in vms:
             if vm.name not in raw:
                 continue
             mem = vm.resources.memory_mib * 2**20
-            out.append(observe.stats_proto(vm.name, vm.labels, raw[vm.name], mem))
-        if guest_timeout > 0:
+            msg = observe.stats_proto(vm.name, vm.labels, raw[vm.name], mem)
+            cpu = msg.cpu_time.ToNanoseconds() / 1e9
+            prev = self._cpu_seen.get(vm.name)
+            self._cpu_seen[vm.name] = (now, cpu)
+            if (
+                prev is None
+                or now <= prev[0]
+                or not msg.vcpus
+                or (cpu - prev[1]) / ((now - prev[0]) * msg.vcpus) >= guest_min_cpu
+            ):
+                busy.add(vm.name)
+            out.append(msg)
+        for name in set(self._cpu_seen) - set(self._vms):
+            self._cpu_seen.pop(name, None)
+            self._guest_seen.pop(name, None)
+        if guest_timeout <= 0:
+            return out
 
-            async def ask(msg: vm_manager_pb2.VMStats) -> None:
-                vm = self._vms.get(msg.name)
-                if vm is None or vm.state is not VMState.READY:
-                    return
-                try:
-                    info = await self.agent_status(vm, guest_timeout)
-                except grpc.aio.AioRpcError:
-                    msg.guest_unresponsive = True
-                    return
-                msg.guest.CopyFrom(observe.sanitize_guest(info, msg.memory_max_bytes))
+        async def ask(msg: vm_manager_pb2.VMStats) -> None:
+            vm = self._vms.get(msg.name)
+            if vm is None or vm.state is not VMState.READY:
+                return
+            seen = self._guest_seen.get(msg.name)
+            if seen is not None and msg.name not in busy and now - seen[0] < guest_max_age:
+                msg.guest.CopyFrom(seen[1])
+                msg.guest_time.FromNanoseconds(seen[2])
+                return
+            try:
+                info = await self.agent_status(vm, guest_timeout)
+            except grpc.aio.AioRpcError:
+                msg.guest_unresponsive = True
+                return
+            clean = observe.sanitize_guest(info, msg.memory_max_bytes)
+            stamp = time.time_ns()
+            self._guest_seen[msg.name] = (now, clean, stamp)
+            msg.guest.CopyFrom(clean)
+            msg.guest_time.FromNanoseconds(stamp)
 
-            await asyncio.gather(*(ask(m) for m in out))
+        await asyncio.gather(*(ask(m) for m in out))
         return out
 
     async def capture_evidence(

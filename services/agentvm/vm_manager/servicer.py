@@ -236,7 +236,16 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
             raise InvalidArgument(f"guest_timeout must be between 0 and 30 s, got {guest:g} s")
         # Leave room for the reply inside the caller's deadline.
         guest = min(guest, max(0.0, remaining_time(context, guest + 1) - 0.5)) if guest else 0.0
-        stats = await self.manager.list_stats(dict(request.label_selector), guest)
+        if not 0.0 <= request.guest_min_cpu <= 1.0:
+            raise InvalidArgument(
+                f"guest_min_cpu must be a fraction between 0 and 1, got {request.guest_min_cpu:g}"
+            )
+        max_age = request.guest_max_age.ToNanoseconds() / 1e9 or 30.0
+        if max_age < 0:
+            raise InvalidArgument(f"guest_max_age must not be negative, got {max_age:g} s")
+        stats = await self.manager.list_stats(
+            dict(request.label_selector), guest, request.guest_min_cpu, max_age
+        )
         return vm_manager_pb2.ListVMStatsResponse(stats=stats)
 
     @grpc_errors
