@@ -45,11 +45,6 @@ SEEN_IDS = 100_000
 MAX_VMS_TRACKED = 10_000
 # Ask a guest for its view when its VM used at least this much of its vCPUs.
 GUEST_MIN_CPU = 0.1
-_VERDICTS = {
-    common_pb2.EGRESS_VERDICT_ALLOWED: "allowed",
-    common_pb2.EGRESS_VERDICT_DENIED: "denied",
-}
-_KINDS = {common_pb2.EGRESS_KIND_DNS: "dns", common_pb2.EGRESS_KIND_CONNECT: "connect"}
 
 
 def _rfc3339(ts: timestamp_pb2.Timestamp) -> str:
@@ -89,6 +84,13 @@ EVENT_TYPES = frozenset(
 )
 # Records waiting for a disk that keeps failing are capped (then dropped, logged).
 MAX_PENDING = 200_000
+
+
+def _enum_word(enum: Any, value: int, prefix: str) -> str:
+    try:
+        return str(enum.Name(value)).removeprefix(prefix).lower()
+    except ValueError:
+        return "unknown"
 
 
 def _bounded(value: str, known: frozenset[str]) -> str:
@@ -301,8 +303,9 @@ class Monitor:
             return time.time()
 
     def _on_egress(self, rec: common_pb2.EgressRecord) -> None:
-        verdict = _VERDICTS.get(rec.verdict, "unknown")
-        kind = _KINDS.get(rec.kind, "unknown")
+        # "allowed"/"denied", "dns"/"connect": the contract's own enum names.
+        verdict = _enum_word(common_pb2.EgressVerdict, rec.verdict, "EGRESS_VERDICT_")
+        kind = _enum_word(common_pb2.EgressKind, rec.kind, "EGRESS_KIND_")
         m.EGRESS.labels(verdict, kind).inc()
         sandbox = self._sandbox_of.get(rec.vm_name, "")
         self.emit(
