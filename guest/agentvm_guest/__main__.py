@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from agentvm_guest import __version__, mux
+from agentvm_guest import __version__, confine, mux
 from agentvm_guest.agent import connect_unix, serve
 from agentvm_guest.relay import GuestRelay, find_port
 from agentvm_guest.splice import serve_accepted
@@ -29,6 +29,7 @@ def main() -> int:
         level=logging.INFO, stream=sys.stderr, format="agentvm-agent: %(levelname)s %(message)s"
     )
     log = logging.getLogger("agentvm_guest")
+    confine.shield_agent()
     os.makedirs(os.path.dirname(SOCKET_PATH), mode=0o700, exist_ok=True)
     if os.path.exists(SOCKET_PATH):
         os.unlink(SOCKET_PATH)

@@ -30,7 +30,7 @@ from typing import IO
 import grpc
 
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
-from agentvm_guest import __version__, paths
+from agentvm_guest import __version__, confine, paths
 
 log = logging.getLogger("agentvm_guest.agent")
 
@@ -267,13 +267,38 @@ class ProcessTree:
         self.pgid: int | None = None
         self.pids_max = 0
         self._sampled = 0.0
+        self.pids_limit = 0
+        self.memory_limit = 0
+        if self.cgroup is not None:
+            self._set_limits()
 
-    def wrap(self, argv: list[str]) -> list[str]:
-        """Make the process join the cgroup before exec (no race with its forks)."""
+    def _set_limits(self) -> None:
+        """The Execute's process and memory limits (see confine.py); best effort."""
+        if self._write("pids.max", str(confine.PIDS_MAX)):
+            self.pids_limit = confine.PIDS_MAX
+        limit = confine.memory_limit(_meminfo().get("MemTotal", 0))
+        if limit and self._write("memory.max", str(limit)):
+            self.memory_limit = limit
+            self._write("memory.swap.max", "0")
+            self._write("memory.oom.group", "1")
+
+    def _write(self, name: str, value: str) -> bool:
         if self.cgroup is None:
-            return argv
-        procs = os.path.join(self.cgroup, "cgroup.procs")
-        return ["/bin/sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "agentvm-exec", *argv]
+            return False
+        try:
+            with open(os.path.join(self.cgroup, name), "w", encoding="ascii") as fh:
+                fh.write(value)
+        except OSError as exc:
+            log.warning("cannot set %s of %s: %s", name, self.cgroup, exc)
+            return False
+        return True
+
+    def confiner(self) -> confine.Confiner:
+        """The preexec_fn that moves the main process into the cgroup and confines it.
+
+        It joins before exec, so no fork of the program escapes the cgroup.
+        """
+        return confine.Confiner(self.cgroup)
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the main process group."""
@@ -322,19 +347,43 @@ class ProcessTree:
             out.memory_peak_bytes = int(peak)
         pids = self._read("pids.peak").strip()
         out.pids_peak = max(int(pids) if pids.isdigit() else 0, self.pids_max)
+        out.pids_limit = self.pids_limit
+        out.memory_limit_bytes = self.memory_limit
+        out.pids_limit_hits = self._event("pids.events", "max")
+        out.oom_kills = self._event("memory.events", "oom_kill")
         return out
+
+    def _event(self, name: str, key: str) -> int:
+        for line in self._read(name).splitlines():
+            k, _, value = line.partition(" ")
+            if k == key and value.strip().isdigit():
+                return min(int(value), 2**32 - 1)
+        return 0
 
     def remove(self) -> None:
         """Remove the cgroup once it is empty (waits briefly for the kernel)."""
         if self.cgroup is None:
             return
-        for _ in range(100):
+        if self._rmdir(100):
+            return
+        # A large tree (a fork bomb) takes the kernel a while to reap: finish
+        # in the background rather than hold up the caller's answer.
+        threading.Thread(target=self._rmdir, args=(6000,), daemon=True).start()
+
+    def _rmdir(self, attempts: int) -> bool:
+        if self.cgroup is None:
+            return True
+        for _ in range(attempts):
             try:
                 os.rmdir(self.cgroup)
-                return
+                return True
+            except FileNotFoundError:
+                return True
             except OSError:
                 time.sleep(0.01)
-        log.warning("cgroup %s still busy", self.cgroup)
+        if attempts > 100:
+            log.warning("cgroup %s still busy", self.cgroup)
+        return False
 
 
 @dataclass
@@ -400,7 +449,8 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         try:
             try:
                 proc = subprocess.Popen(
-                    tree.wrap(argv),
+                    argv,
+                    preexec_fn=tree.confiner(),  # noqa: PLW1509 (system calls only, see confine.py)
                     cwd=cwd,
                     env=env,
                     stdin=subprocess.PIPE,
@@ -412,6 +462,13 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
             except OSError as exc:
                 context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION, f"cannot start {argv[0]!r}: {exc}"
+                )
+            except subprocess.SubprocessError as exc:
+                # preexec_fn failed: never run agent code unconfined.
+                context.abort(
+                    grpc.StatusCode.INTERNAL,
+                    f"cannot confine {argv[0]!r} ({exc}): the guest kernel refused its cgroup "
+                    "or capability limits; see the VM's console log",
                 )
             tree.pgid = proc.pid
             if proc.stdin is None:

@@ -151,9 +151,12 @@ def test_bad_requests_get_invalid_argument(shared_vm: common_pb2.VM) -> None:
         req = guest_agent_pb2.ExecuteRequest(
             program=common_pb2.Program(argv=common_pb2.Argv(args=["/no/such/binary"]))
         )
-        res = list(stub.Execute(req, timeout=10))
-        # The shell wrapper that joins the cgroup reports exec failure as 127.
-        assert res[-1].exited.exit_code in (126, 127)
+        # The agent starts the program itself (no shell in between): a missing
+        # binary is an error naming it, not an exit code.
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Execute(req, timeout=10))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "/no/such/binary" in (err.value.details() or "")
 
 
 def test_many_concurrent_calls_share_one_session(shared_vm: common_pb2.VM) -> None:

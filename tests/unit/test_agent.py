@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
-from agentvm_guest import __version__, agent
+from agentvm_guest import __version__, agent, confine
 
 from .conftest import NO_CGROUP_ROOT
 from .helpers import wait_until
@@ -75,9 +75,8 @@ def test_process_tree_falls_back_to_process_group(tmp_path: Path) -> None:
     tree = agent.ProcessTree()
     assert tree.cgroup is None
     argv = ["sh", "-c", f"sleep 30 & echo $! > {tmp_path}/bg; wait"]
-    assert tree.wrap(argv) == argv
     tree.signal(signal.SIGTERM)  # no process yet: a no-op
-    proc = subprocess.Popen(argv, start_new_session=True)
+    proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=tree.confiner())  # noqa: PLW1509
     tree.pgid = proc.pid
     assert wait_until(lambda: (tmp_path / "bg").exists() and (tmp_path / "bg").read_text() != "")
     background = int((tmp_path / "bg").read_text())
@@ -89,17 +88,25 @@ def test_process_tree_falls_back_to_process_group(tmp_path: Path) -> None:
 
 
 def test_process_tree_with_cgroup_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a (fake, plain directory) cgroup, the command joins it before exec."""
+    """With a (fake, plain directory) cgroup: limits written, the command joins before exec."""
     monkeypatch.setattr(agent, "CGROUP_ROOT", str(tmp_path))
     tree = agent.ProcessTree()
     assert tree.cgroup is not None
     assert Path(tree.cgroup).parent == tmp_path
-    argv = tree.wrap(["printf", "%s|", "a b", "$HOME", "'"])
-    out = subprocess.run(argv, capture_output=True, check=True)
+    assert Path(tree.cgroup, "pids.max").read_text() == str(confine.PIDS_MAX)
+    assert int(Path(tree.cgroup, "memory.max").read_text()) == tree.memory_limit > 0
+    assert Path(tree.cgroup, "memory.oom.group").read_text() == "1"
+    argv = ["printf", "%s|", "a b", "$HOME", "'"]
+    Path(tree.cgroup, "cgroup.procs").touch()  # the kernel's file, in a real cgroup
+    out = subprocess.run(argv, capture_output=True, check=True, preexec_fn=tree.confiner())
     assert out.stdout == b"a b|$HOME|'|"  # arguments pass through unchanged
-    procs = Path(tree.cgroup, "cgroup.procs").read_text().split()
-    assert len(procs) == 1
-    assert procs[0].isdigit()
+    # The child wrote "0" (itself) into cgroup.procs before exec.
+    assert Path(tree.cgroup, "cgroup.procs").read_text() == "0"
+    Path(tree.cgroup, "pids.events").write_text("max 7\n")
+    Path(tree.cgroup, "memory.events").write_text("low 0\noom 2\noom_kill 3\n")
+    usage = tree.usage()
+    assert (usage.pids_limit_hits, usage.oom_kills) == (7, 3)
+    assert (usage.pids_limit, usage.memory_limit_bytes) == (confine.PIDS_MAX, tree.memory_limit)
     tree.kill_all()  # writes cgroup.kill
     assert Path(tree.cgroup, "cgroup.kill").read_text() == "1"
     for f in Path(tree.cgroup).iterdir():
@@ -114,6 +121,9 @@ def test_process_tree_cgroups_are_unique(tmp_path: Path, monkeypatch: pytest.Mon
     assert len({t.cgroup for t in trees}) == 3
     assert all(t.cgroup is not None and Path(t.cgroup).is_dir() for t in trees)
     for t in trees:
+        assert t.cgroup is not None
+        for f in Path(t.cgroup).iterdir():
+            f.unlink()
         t.remove()
     assert list(tmp_path.iterdir()) == []
 

@@ -1,0 +1,204 @@
+"""Confinement of agent code inside the guest.
+
+Defence in depth only: the VM is the security boundary and the host never
+relies on anything here (a guest kernel exploit undoes all of it). What it
+buys is a guest that survives ordinary hostile code, and an agent that keeps
+answering the host:
+
+- each Execute's process tree lives in its own cgroup with a process limit
+  (``pids.max``: a fork bomb hits EAGAIN instead of taking the guest), a
+  memory limit below the guest's RAM (``memory.max``: a memory hog is killed
+  by the kernel inside its cgroup, never the agent) and ``memory.oom.group``
+  (the whole tree goes at once);
+- the tree gets its own cgroup namespace on a ``nsdelegate`` mount, so it
+  cannot move itself out of that cgroup nor raise its limits;
+- agent code runs as root (it may install packages, bind low ports, manage
+  its files) but with a reduced capability bounding set: no module loading,
+  raw I/O (/dev/mem, ioperm), mounts or other CAP_SYS_ADMIN operations,
+  ptrace of the agent, clock or reboot changes, device nodes, BPF;
+- ``no_new_privs``: nothing it executes (setuid or file-capability binaries)
+  regains what was dropped.
+
+The confinement runs in the child between fork and exec
+(``subprocess.Popen(preexec_fn=...)``). Everything it needs is prepared in
+the parent; the child only makes system calls (no imports, no locks, no
+logging), which is what keeps ``preexec_fn`` safe in a threaded server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+
+# <linux/prctl.h>, <linux/sched.h>
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWNS = 0x00020000
+# <sys/mount.h>
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+
+# Directories agent code must not see: the agent's own socket (the agent
+# would run its requests confined anyway, but it also answers Reidentify and
+# ConfigureNetwork, which are the host's to call).
+HIDDEN_DIRS = ("/run/agentvm",)
+
+# <linux/capability.h>: what agent code keeps. Everything else is dropped.
+KEEP_CAPS: dict[str, int] = {
+    "chown": 0,
+    "dac_override": 1,
+    "dac_read_search": 2,
+    "fowner": 3,
+    "fsetid": 4,
+    "kill": 5,
+    "setgid": 6,
+    "setuid": 7,
+    "setpcap": 8,
+    "net_bind_service": 10,
+    "net_broadcast": 11,
+    # Agent code may reconfigure the guest's own network: the host filters
+    # every frame by the MAC and address it assigned, so this only lets it
+    # cut itself off (the network tests prove exactly that).
+    "net_admin": 12,
+    "net_raw": 13,
+    "sys_chroot": 18,
+    "audit_write": 29,
+    "setfcap": 31,
+}
+# The largest capability number the kernel may know (CAP_LAST_CAP is 40 on
+# 6.1); /proc/sys/kernel/cap_last_cap narrows it at run time.
+_MAX_CAP = 63
+
+# The agent's own OOM score: the last process the guest kernel picks.
+AGENT_OOM_SCORE_ADJ = -900
+
+# Per-Execute limits.
+PIDS_MAX = 1024
+# Memory the agent and the guest's own processes keep out of reach of agent
+# code: at least this much, or an eighth of the guest's RAM if that is more.
+MEMORY_RESERVE_BYTES = 64 * 1024 * 1024
+
+
+def shield_agent() -> None:
+    """Make the agent process the OOM killer's last choice (best effort)."""
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as fh:
+        fh.write(str(AGENT_OOM_SCORE_ADJ))
+
+
+def last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as fh:
+            return min(int(fh.read().strip()), _MAX_CAP)
+    except (OSError, ValueError):
+        return _MAX_CAP
+
+
+def dropped_caps() -> list[int]:
+    keep = set(KEEP_CAPS.values())
+    return [cap for cap in range(last_cap() + 1) if cap not in keep]
+
+
+def memory_limit(total_bytes: int) -> int:
+    """memory.max for one Execute in a guest with ``total_bytes`` of RAM (0: unknown)."""
+    if total_bytes <= 0:
+        return 0
+    reserve = max(MEMORY_RESERVE_BYTES, total_bytes // 8)
+    return max(total_bytes - reserve, total_bytes // 2)
+
+
+class ConfinementError(OSError):
+    """Agent code could not be confined; it is not started."""
+
+
+class Confiner:
+    """The ``preexec_fn`` that confines one Execute's main process.
+
+    ``cgroup`` is the Execute's cgroup directory (None where the guest has
+    no cgroup v2: then only the capabilities and no_new_privs apply).
+    """
+
+    def __init__(
+        self,
+        cgroup: str | None,
+        *,
+        drop_caps: bool | None = None,
+        hide: tuple[str, ...] | None = None,
+    ) -> None:
+        libc_name = ctypes.util.find_library("c") or "libc.so.6"
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        self._prctl = libc.prctl
+        self._prctl.argtypes = [
+            ctypes.c_int,
+            ctypes.c_ulong,
+            ctypes.c_ulong,
+            ctypes.c_ulong,
+            ctypes.c_ulong,
+        ]
+        self._prctl.restype = ctypes.c_int
+        self._unshare = libc.unshare
+        self._unshare.argtypes = [ctypes.c_int]
+        self._unshare.restype = ctypes.c_int
+        self._mount = libc.mount
+        self._mount.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_ulong,
+            ctypes.c_char_p,
+        ]
+        self._mount.restype = ctypes.c_int
+        self._procs = os.path.join(cgroup, "cgroup.procs").encode() if cgroup else None
+        self._hide = [d.encode() for d in (hide if hide is not None else HIDDEN_DIRS)]
+        self._hide = [d for d in self._hide if os.path.isdir(d)]
+        # Dropping from the bounding set needs CAP_SETPCAP: root only.
+        if drop_caps is None:
+            drop_caps = os.geteuid() == 0
+        self._drop = dropped_caps() if drop_caps else []
+
+    def __call__(self) -> None:
+        # In the child, after fork: system calls only.
+        # The agent shields itself from the OOM killer (agent.py); its
+        # programs must not inherit that.
+        try:
+            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        if self._procs is not None:
+            fd = os.open(self._procs, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+            if self._unshare(CLONE_NEWCGROUP) != 0:
+                raise ConfinementError(ctypes.get_errno(), "unshare(CLONE_NEWCGROUP)")
+        if self._hide:
+            # A mount namespace of its own, where the hidden directories are
+            # covered by an empty read-only tmpfs (it cannot unmount it
+            # without CAP_SYS_ADMIN, nor reach them through /proc/<agent>/root
+            # without CAP_SYS_PTRACE).
+            if self._unshare(CLONE_NEWNS) != 0:
+                raise ConfinementError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+            if self._mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+                raise ConfinementError(ctypes.get_errno(), "mount(/, MS_PRIVATE)")
+            flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+            for path in self._hide:
+                if self._mount(b"tmpfs", path, b"tmpfs", flags, b"size=4k,mode=0555") != 0:
+                    raise ConfinementError(ctypes.get_errno(), "mount(tmpfs)")
+        for cap in self._drop:
+            if self._prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                err = ctypes.get_errno()
+                if err != 22:  # EINVAL: a capability this kernel does not have
+                    raise ConfinementError(err, f"prctl(PR_CAPBSET_DROP, {cap})")
+        if self._prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise ConfinementError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
