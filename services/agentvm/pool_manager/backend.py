@@ -8,7 +8,7 @@ import contextlib
 import grpc
 
 from agentvm.common.errors import AgentVMError, FailedPrecondition, NotFound, RemoteError
-from agentvm.common.grpc_util import aio_channel
+from agentvm.common.grpc_util import guest_channel
 from agentvm.pool_manager.pool import PoolKey
 from agentvm.v1 import (
     common_pb2,
@@ -71,7 +71,7 @@ class VMManagerBackend:
             raise
         # The VM's health channel lives exactly as long as the VM (destroy
         # closes it): a channel left to a dead VM would keep reconnecting.
-        self._agents[vm.name] = aio_channel(vm.agent_endpoint)
+        self._agents[vm.name] = guest_channel(vm.agent_endpoint)
         return vm
 
     async def destroy(self, name: str) -> None:

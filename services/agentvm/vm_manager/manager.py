@@ -37,7 +37,7 @@ from agentvm.common.errors import (
     NotFound,
 )
 from agentvm.common.events import EventSink, NullSink
-from agentvm.common.grpc_util import aio_channel
+from agentvm.common.grpc_util import guest_channel
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc, vm_manager_pb2
 from agentvm.vm_manager import domain_xml as dx
 from agentvm.vm_manager import observe
@@ -577,7 +577,7 @@ class VMManager:
                 vm.error = f"the guest could not configure its network: {exc.details()}"
                 return
         if vm.state is VMState.BOOTING:
-            vm.guest = info
+            vm.guest = observe.sanitize_guest(info, vm.resources.memory_mib * 2**20)
             if vm.boot_started is not None and vm.boot_duration is None:
                 vm.boot_duration = time.monotonic() - vm.boot_started
             vm.transition(VMState.READY)
@@ -614,7 +614,7 @@ class VMManager:
             )
         else:
             return
-        async with aio_channel(vm.agent_endpoint) as channel:
+        async with guest_channel(vm.agent_endpoint) as channel:
             stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
             resp = await stub.ConfigureNetwork(request, timeout=min(timeout, 30.0))
         if bridged and vm.network is not None:
@@ -656,7 +656,7 @@ class VMManager:
             )
 
     async def agent_status(self, vm: VM, timeout: float) -> common_pb2.GuestInfo:
-        async with aio_channel(vm.agent_endpoint) as channel:
+        async with guest_channel(vm.agent_endpoint) as channel:
             stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
             resp = await stub.GetStatus(guest_agent_pb2.GetStatusRequest(), timeout=timeout)
             return resp.info
@@ -676,7 +676,7 @@ class VMManager:
             forced = False
             if not force and was_ready:
                 with contextlib.suppress(grpc.aio.AioRpcError):
-                    async with aio_channel(vm.agent_endpoint) as channel:
+                    async with guest_channel(vm.agent_endpoint) as channel:
                         stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
                         await stub.Shutdown(
                             guest_agent_pb2.ShutdownRequest(), timeout=min(grace, 3)
@@ -1028,7 +1028,8 @@ class VMManager:
             deadline = loop.time() + 60.0
             while True:
                 try:
-                    vm.guest = await self._reidentify(vm, max(0.5, deadline - loop.time()))
+                    guest = await self._reidentify(vm, max(0.5, deadline - loop.time()))
+                    vm.guest = observe.sanitize_guest(guest, vm.resources.memory_mib * 2**20)
                     await self._configure_network(vm, max(0.5, deadline - loop.time()))
                     break
                 except grpc.aio.AioRpcError as exc:
@@ -1054,7 +1055,7 @@ class VMManager:
             seed=secrets.token_bytes(64),
         )
         request.wall_clock.FromNanoseconds(time.time_ns())
-        async with aio_channel(vm.agent_endpoint) as channel:
+        async with guest_channel(vm.agent_endpoint) as channel:
             stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
             resp = await stub.Reidentify(request, timeout=min(timeout, 10.0))
         return resp.info
@@ -1088,7 +1089,7 @@ class VMManager:
             await self.wait(vm.name, VMState.READY, DEFAULT_WAIT_S)
             # One command first: the agent's Execute path is then loaded and
             # warm in the saved memory, and every clone starts with it.
-            async with aio_channel(vm.agent_endpoint) as channel:
+            async with guest_channel(vm.agent_endpoint) as channel:
                 stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
                 req = guest_agent_pb2.ExecuteRequest(
                     program=common_pb2.Program(argv=common_pb2.Argv(args=["sync"]))

@@ -36,6 +36,7 @@ STATS = (
 )
 MAX_PROCESSES = 4_194_304  # the kernel's pid_max ceiling
 MAX_TEXT = 256
+MAX_UPTIME_S = 315_576_000_000  # the largest google.protobuf.Duration (10,000 years)
 
 
 def _int(raw: Mapping[str, Any], key: str) -> int:
@@ -108,8 +109,11 @@ def sanitize_guest(info: common_pb2.GuestInfo, memory_max_bytes: int) -> common_
         boot_id=text(info.boot_id),
         machine_id=text(info.machine_id),
     )
-    if info.HasField("uptime") and info.uptime.seconds >= 0:
-        out.uptime.CopyFrom(info.uptime)
+    up = info.uptime
+    # Only a valid, non-negative Duration: anything else would make every later
+    # JSON rendering of the message (CLI, evidence metadata) fail.
+    if info.HasField("uptime") and 0 <= up.seconds <= MAX_UPTIME_S and 0 <= up.nanos < 10**9:
+        out.uptime.CopyFrom(up)
     return out
 
 
