@@ -99,9 +99,16 @@ def monitor_proc(
 def vmm_base() -> Iterator[VMManagerProcess]:
     """The session vm-manager's identity (dirs, prefix), before it starts; its dirs go last."""
     proc = new_vmm()
+    # The Python client and the CLI of the tests send the session's token.
+    old = os.environ.get("AGENTVM_TOKEN_FILE")
+    os.environ["AGENTVM_TOKEN_FILE"] = str(proc.token_file)
     try:
         yield proc
     finally:
+        if old is None:
+            os.environ.pop("AGENTVM_TOKEN_FILE", None)
+        else:
+            os.environ["AGENTVM_TOKEN_FILE"] = old
         remove_vmm_dirs(proc)
 
 

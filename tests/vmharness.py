@@ -24,7 +24,7 @@ import grpc
 import libvirt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentvm.common.grpc_util import sync_channel
+from agentvm.common.grpc_util import service_channel, sync_channel
 from agentvm.v1 import (
     common_pb2,
     guest_agent_pb2,
@@ -85,6 +85,19 @@ class VMManagerProcess:
         return f"unix:{self.run_dir}/vm-manager.sock"
 
     @property
+    def token_file(self) -> Path:
+        """The installation's token (the first service to start creates it)."""
+        return self.base / "token"
+
+    @property
+    def token(self) -> str:
+        return self.token_file.read_text().strip()
+
+    def channel(self) -> grpc.Channel:
+        """A blocking channel to this service that sends the token."""
+        return service_channel(self.address, self.token)
+
+    @property
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
@@ -99,6 +112,7 @@ class VMManagerProcess:
             AGENTVM_LOG_LEVEL="DEBUG",
             AGENTVM_MONITOR_ADDR=f"unix:{self.run_dir}/monitor.sock",
             AGENTVM_AUDIT_DIR=str(self.base / "audit"),
+            AGENTVM_TOKEN_FILE=str(self.token_file),
         )
         var = self.service_name.upper().replace("-", "_")
         env[f"AGENTVM_{var}_METRICS_ADDR"] = f"127.0.0.1:{self.metrics_port}"
@@ -150,7 +164,7 @@ class VMManagerProcess:
             return -1
 
     def stub(self) -> vm_manager_pb2_grpc.VMManagerServiceStub:
-        return vm_manager_pb2_grpc.VMManagerServiceStub(sync_channel(self.address))
+        return vm_manager_pb2_grpc.VMManagerServiceStub(self.channel())
 
 
 @dataclass
@@ -207,7 +221,7 @@ class PoolManagerProcess(NamedServiceProcess):
         return {"agent-vm/pool-manager": self.address}
 
     def pool_stub(self) -> pool_manager_pb2_grpc.PoolManagerServiceStub:
-        return pool_manager_pb2_grpc.PoolManagerServiceStub(sync_channel(self.address))
+        return pool_manager_pb2_grpc.PoolManagerServiceStub(self.channel())
 
     def status(self) -> pool_manager_pb2.PoolStatus:
         resp = self.pool_stub().GetPoolStatus(pool_manager_pb2.GetPoolStatusRequest(), timeout=10)

@@ -85,6 +85,22 @@ def test_doctor_passes_with_services_up(vmm: VMManagerProcess, executor: Executo
     assert "nftables" in firewall["detail"]
 
 
+def test_doctor_reports_qemu_confinement(vmm: VMManagerProcess, shared_vm: object) -> None:
+    """With a VM running: QEMU's user, seccomp flags, sVirt and cgroups, as this host has them."""
+    proc = agent_vm(vmm.env, "doctor", "--json")
+    checks = {c["name"]: c for c in json.loads(proc.stdout)}
+    assert checks["qemu user"]["ok"], checks["qemu user"]
+    assert "libvirt-qemu" in checks["qemu user"]["detail"]
+    # Read from the running QEMU's command line, not assumed.
+    assert checks["qemu seccomp"]["ok"]
+    assert checks["qemu seccomp"]["detail"].startswith("-sandbox on,")
+    assert "elevateprivileges=deny" in checks["qemu seccomp"]["detail"]
+    # These hosts have no AppArmor/SELinux: reported, not required.
+    assert not checks["svirt"]["required"]
+    assert checks["svirt"]["ok"] == checks["svirt"]["detail"].startswith("security driver")
+    assert checks["cgroups"]["ok"], checks["cgroups"]
+
+
 def test_services_down_gives_one_line_and_the_fix(tmp_path: Path) -> None:
     env = dict(
         os.environ,

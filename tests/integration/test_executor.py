@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 import agent_vm
+from agentvm.common.auth import aio_token_interceptors
 from agentvm.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 from tests.vmharness import REPO, ExecutorProcess, VMManagerProcess, libvirt_domains, wait_for
 
@@ -251,7 +252,8 @@ def test_client_cancel_destroys_the_vm(executor: ExecutorProcess, vmm: VMManager
     before = _running_vms(vmm)
 
     async def main() -> None:
-        async with grpc.aio.insecure_channel(executor.address) as ch:
+        token = aio_token_interceptors(executor.token)
+        async with grpc.aio.insecure_channel(executor.address, interceptors=token) as ch:
             stub = executor_pb2_grpc.ExecutorServiceStub(ch)
             req = executor_pb2.RunRequest(
                 spec=executor_pb2.SandboxSpec(
@@ -312,6 +314,8 @@ def test_buf_curl_calls_run_from_outside_python(executor: ExecutorProcess) -> No
             "--http2-prior-knowledge",
             "--unix-socket",
             sock,
+            "-H",
+            f"Authorization: Bearer {executor.token}",
             "-d",
             body,
             "http://localhost/agentvm.v1.ExecutorService/Run",

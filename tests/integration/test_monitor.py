@@ -23,7 +23,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import agent_vm
 from agentvm.common.events import make_event
-from agentvm.common.grpc_util import sync_channel
 from agentvm.v1 import monitor_pb2, monitor_pb2_grpc
 from tests.networld import NAMES
 from tests.otelcollector import Collector
@@ -356,7 +355,7 @@ def test_audit_log_of_the_session_verifies_and_tampering_is_caught(
     wait_records(monitor_proc, lambda r: r["type"] == "execution.finished")
     # The session monitor rotates at a small size: report enough (as a service
     # would) that the chain spans several files whatever ran before.
-    stub = monitor_pb2_grpc.MonitorServiceStub(sync_channel(monitor_proc.address))
+    stub = monitor_pb2_grpc.MonitorServiceStub(monitor_proc.channel())
     for batch in range(3):
         events = []
         for i in range(100):

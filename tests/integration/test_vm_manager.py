@@ -12,7 +12,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from agentvm.common.grpc_util import sync_channel
 from agentvm.v1 import common_pb2, vm_manager_pb2
 from tests.vmharness import VMFactory, VMManagerProcess, execute, libvirt_domains
 
@@ -28,7 +27,7 @@ def _details(exc: pytest.ExceptionInfo[grpc.RpcError]) -> str:
 
 
 def test_health_and_reflection(vmm: VMManagerProcess) -> None:
-    with sync_channel(vmm.address) as ch:
+    with vmm.channel() as ch:
         resp = health_pb2_grpc.HealthStub(ch).Check(
             health_pb2.HealthCheckRequest(service="agentvm.v1.VMManagerService"), timeout=5
         )
@@ -291,3 +290,19 @@ def test_domain_xml_is_schema_valid(
         ["virt-xml-validate", str(path), "domain"], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_profiles_cgroup_limits_reach_qemu(shared_vm: common_pb2.VM) -> None:
+    """libvirt reads these back from QEMU's cgroups: the limits are applied, not just written."""
+    from agentvm.vm_manager.templates import ResourceProfile
+
+    profile = ResourceProfile.from_proto(shared_vm.profile)
+    conn = libvirt.open("qemu:///system")
+    try:
+        dom = conn.lookupByName(shared_vm.name)
+        sched = dom.schedulerParameters()
+        blkio = dom.blkioParameters()
+    finally:
+        conn.close()
+    assert sched["vcpu_quota"] == sched["vcpu_period"] * profile.cpu_quota_pct // 100
+    assert blkio["weight"] == profile.blkio_weight

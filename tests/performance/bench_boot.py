@@ -21,8 +21,9 @@ from typing import Any
 import grpc
 
 from agentvm.cli.bench import qemu_rss_mib
+from agentvm.common.auth import client_token
 from agentvm.common.config import Settings
-from agentvm.common.grpc_util import sync_channel
+from agentvm.common.grpc_util import service_channel, sync_channel
 from agentvm.v1 import (
     common_pb2,
     guest_agent_pb2,
@@ -75,7 +76,7 @@ def host_true(n: int) -> list[float]:
 
 
 def run(address: str, vms: int, calls: int) -> dict[str, Any]:
-    stub = vm_manager_pb2_grpc.VMManagerServiceStub(sync_channel(address))
+    stub = vm_manager_pb2_grpc.VMManagerServiceStub(service_channel(address, client_token()))
     host = stub.GetHostInfo(vm_manager_pb2.GetHostInfoRequest(), timeout=10)
     boots: list[float] = []
     rtts: list[float] = []

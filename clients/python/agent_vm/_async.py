@@ -14,7 +14,14 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 import grpc
 
-from agent_vm.errors import AgentVMError, CommandExitError, CommandTimeoutError, from_rpc
+from agent_vm.errors import (
+    AgentVMError,
+    CommandExitError,
+    CommandTimeoutError,
+    NotFoundError,
+    from_rpc,
+)
+from agentvm.common.auth import aio_token_interceptors, client_token
 from agentvm.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 
 DEFAULT_ADDRESS = "unix:/run/agent-vm/executor.sock"
@@ -67,6 +74,12 @@ def _trace_interceptors() -> list[Any] | None:
 
 
 def _channel(address: str) -> grpc.aio.Channel:
+    """A channel to the executor, sending the installation's token (AGENTVM_TOKEN or
+    AGENTVM_TOKEN_FILE) when this process has one."""
+    interceptors: list[Any] = list(_trace_interceptors() or ())
+    token = client_token()
+    if token is not None:
+        interceptors += aio_token_interceptors(token)
     return grpc.aio.insecure_channel(
         address,
         options=[
@@ -74,7 +87,7 @@ def _channel(address: str) -> grpc.aio.Channel:
             ("grpc.max_send_message_length", 32 * 1024 * 1024),
             ("grpc.enable_http_proxy", 0),
         ],
-        interceptors=_trace_interceptors(),
+        interceptors=interceptors or None,
     )
 
 
@@ -183,6 +196,14 @@ def _translate(func: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corouti
             raise from_rpc(exc, getattr(args[0], "_address", DEFAULT_ADDRESS)) from exc
 
     return wrapper
+
+
+def _local_file(local: str | os.PathLike[str]) -> Path:
+    """``local`` as a Path; NotFoundError before anything is sent when it is no file."""
+    src = Path(local)
+    if not src.is_file():
+        raise NotFoundError(f"local file {src} does not exist: pass the path of an existing file")
+    return src
 
 
 def _program(
@@ -347,7 +368,7 @@ class AsyncFiles:
         self, local: str | os.PathLike[str], path: str, *, mode: int | None = None
     ) -> int:
         """Stream a local file to ``path`` (any size; verified with SHA-256)."""
-        src = Path(local)
+        src = _local_file(local)
         h = hashlib.sha256()
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -683,8 +704,9 @@ async def arun(
             data = content.encode() if isinstance(content, str) else content
             mode = 0o644
         else:
-            data = Path(content).read_bytes()
-            mode = Path(content).stat().st_mode & 0o777
+            src = _local_file(content)
+            data = src.read_bytes()
+            mode = src.stat().st_mode & 0o777
         files.append(executor_pb2.InputFile(path=path, content=data, mode=mode))
     req = executor_pb2.RunRequest(
         spec=_spec(profile, network, cpus, memory_mib, None, "auto", None, policy),

@@ -90,10 +90,17 @@ def from_rpc(exc: grpc.aio.AioRpcError, address: str) -> AgentVMError:
     code = exc.code()
     details = exc.details() or code.name
     cls = _BY_CODE.get(code, AgentVMError)
-    if code == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+    # gRPC's words for "nothing listens there"; a service's own UNAVAILABLE
+    # (e.g. "cannot connect to libvirt") names its own fix.
+    if code == grpc.StatusCode.UNAVAILABLE and details.startswith("failed to connect"):
         details = (
             f"the agent-vm executor is not reachable at {address} ({details}): start the "
             "services with `agent-vm up`, or pass address= / set AGENTVM_EXECUTOR_ADDR"
+        )
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        details += (
+            " (a request or response is over the services' message limit: pass large "
+            "inputs as files with Sandbox.files.upload, which streams them in chunks)"
         )
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
         details += " (raise `timeout` / `request_timeout` if the work needs longer)"

@@ -29,9 +29,10 @@ from typing import Any
 
 import grpc
 
+from agentvm.common.auth import client_token
 from agentvm.common.config import Settings
 from agentvm.common.errors import FailedPrecondition
-from agentvm.common.grpc_util import sync_channel
+from agentvm.common.grpc_util import service_channel, sync_channel
 from agentvm.v1 import (
     common_pb2,
     guest_agent_pb2,
@@ -99,9 +100,12 @@ class Bench:
     def __init__(self, settings: Settings, progress: Callable[[str], None]) -> None:
         self.settings = settings
         self.progress = progress
-        self.vmm = vm_manager_pb2_grpc.VMManagerServiceStub(sync_channel(settings.vm_manager_addr))
+        token = None if settings.auth == "none" else client_token(settings.token_file)
+        self.vmm = vm_manager_pb2_grpc.VMManagerServiceStub(
+            service_channel(settings.vm_manager_addr, token)
+        )
         self.pool = pool_manager_pb2_grpc.PoolManagerServiceStub(
-            sync_channel(settings.pool_manager_addr)
+            service_channel(settings.pool_manager_addr, token)
         )
 
     def destroy(self, name: str) -> None:

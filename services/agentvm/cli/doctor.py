@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import grp
 import os
+import pwd
+import re
 import shutil
 import stat
 import subprocess
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,12 +75,161 @@ def firewall_check() -> Check:
     return Check("firewall", True, f"nftables: {version} (with iptables, ebtables, conntrack)")
 
 
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+V1_NAMES = {"blkio": "io"}
+CGROUP_FLAGS = {"cpu", "cpuacct", "cpuset", "memory", "blkio", "pids", "devices", "freezer"}
+
+
+def _conf_value(conf: str, key: str) -> str | None:
+    """The last uncommented ``key = value`` of a libvirt config file, unquoted."""
+    found = None
+    for m in re.finditer(rf"^\s*{key}\s*=\s*(.+?)\s*$", conf, re.MULTILINE):
+        found = m.group(1).strip().strip('"')
+    return found
+
+
+def _user_name(label: str) -> str:
+    """``+64055:+64055`` -> ``libvirt-qemu (uid 64055)``."""
+    uid = label.split(":", 1)[0].lstrip("+")
+    try:
+        return f"{pwd.getpwuid(int(uid)).pw_name} (uid {uid})"
+    except (KeyError, ValueError):
+        return f"uid {uid}"
+
+
+def qemu_confinement(
+    caps_xml: str | None, qemu_conf: str, qemu_cmdlines: list[str], controllers: set[str]
+) -> list[Check]:
+    """How QEMU is confined here: its user, seccomp, sVirt, cgroup controllers.
+
+    Pure (the inputs are libvirt's capabilities XML, qemu.conf, the command
+    lines of running QEMUs, the cgroup controllers mounted) so that every
+    branch is tested.
+    """
+    checks: list[Check] = []
+    models: list[str] = []
+    label = ""
+    if caps_xml:
+        root = ET.fromstring(caps_xml)  # noqa: S314 (libvirt's own capabilities XML)
+        for sec in root.iterfind("host/secmodel"):
+            model = sec.findtext("model") or ""
+            models.append(model)
+            if model == "dac":
+                for base in sec.iterfind("baselabel"):
+                    if base.get("type") in ("kvm", "qemu"):
+                        label = base.text or ""
+    user = _conf_value(qemu_conf, "user")
+    if label:
+        root_user = label.split(":", 1)[0] in ("+0", "0", "root")
+        checks.append(
+            Check(
+                "qemu user",
+                not root_user,
+                f"QEMU runs as {_user_name(label)}",
+                "set user and group in /etc/libvirt/qemu.conf to an unprivileged user "
+                '(Debian: "libvirt-qemu") and restart libvirtd',
+            )
+        )
+    elif user in ("root", "+0", "0"):
+        checks.append(
+            Check("qemu user", False, "qemu.conf runs QEMU as root", "set user in qemu.conf")
+        )
+    sandbox = _conf_value(qemu_conf, "seccomp_sandbox")
+    on = [c for c in qemu_cmdlines if "-sandbox on" in c]
+    if sandbox == "0":
+        checks.append(
+            Check(
+                "qemu seccomp",
+                False,
+                "seccomp_sandbox = 0 in /etc/libvirt/qemu.conf",
+                "remove that line (libvirt's default is 1) and restart libvirtd",
+            )
+        )
+    elif qemu_cmdlines and len(on) < len(qemu_cmdlines):
+        checks.append(
+            Check(
+                "qemu seccomp",
+                False,
+                f"{len(qemu_cmdlines) - len(on)} running QEMU(s) without -sandbox on",
+                "install a QEMU built with seccomp and restart libvirtd",
+            )
+        )
+    else:
+        flags = next(
+            (m.group(0) for c in on if (m := re.search(r"-sandbox \S+", c))),
+            "libvirt's default seccomp_sandbox = 1",
+        )
+        checks.append(Check("qemu seccomp", True, flags))
+    svirt = [m for m in models if m not in ("none", "dac", "")]
+    checks.append(
+        Check(
+            "svirt",
+            bool(svirt),
+            f"security driver {', '.join(svirt)}"
+            if svirt
+            else "no AppArmor/SELinux security driver: QEMU is confined by its own user "
+            "(DAC) and seccomp only",
+            "enable AppArmor (or SELinux) on the host and restart libvirtd",
+            required=False,
+        )
+    )
+    want = {"cpu", "io", "memory"}
+    checks.append(
+        Check(
+            "cgroups",
+            want <= controllers,
+            f"controllers: {' '.join(sorted(controllers)) or 'none'}",
+            f"mount the {' '.join(sorted(want - controllers))} cgroup controller(s) and restart "
+            "libvirtd: the domains' CPU quota, I/O weight and memory limit need them",
+            required=False,
+        )
+    )
+    return checks
+
+
+def cgroup_controllers(mounts: str, read: Callable[[Path], str]) -> set[str]:
+    """Controllers mounted (cgroup v1 hierarchies and the v2 one), v2 names."""
+    found: set[str] = set()
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        if parts[2] == "cgroup2":
+            found |= set(read(Path(parts[1]) / "cgroup.controllers").split())
+        elif parts[2] == "cgroup":
+            found |= {V1_NAMES.get(o, o) for o in parts[3].split(",") if o in CGROUP_FLAGS}
+    return found
+
+
+def _running_qemu_cmdlines() -> list[str]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in raw.split(b"\0", 1)[0]:
+            out.append(raw.replace(b"\0", b" ").decode(errors="replace"))
+    return out
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def run_checks(settings: Settings) -> list[Check]:
     checks: list[Check] = []
     conn = LibvirtConnection(settings.libvirt_uri)
+    caps_xml = None
     try:
         lv, hv = conn.versions()
         checks.append(Check("libvirt", True, f"{settings.libvirt_uri}: libvirt {lv}, QEMU {hv}"))
+        caps_xml = conn.get().getCapabilities()
     except AgentVMError as exc:
         checks.append(
             Check(
@@ -184,6 +337,11 @@ def run_checks(settings: Settings) -> list[Check]:
         )
     )
     checks.append(firewall_check())
+    if caps_xml is not None:
+        controllers = cgroup_controllers(_read(Path("/proc/self/mounts")), _read)
+        checks += qemu_confinement(
+            caps_xml, _read(QEMU_CONF), _running_qemu_cmdlines(), controllers
+        )
     for spec in service_specs(settings):
         status = health(spec.address)
         checks.append(

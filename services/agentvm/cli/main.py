@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -17,9 +18,10 @@ from google.protobuf.json_format import MessageToDict, MessageToJson
 from agentvm.cli import bench as bench_mod
 from agentvm.cli import doctor as doctor_mod
 from agentvm.cli import services
+from agentvm.common.auth import client_token
 from agentvm.common.config import Settings
 from agentvm.common.errors import AgentVMError
-from agentvm.common.grpc_util import sync_channel
+from agentvm.common.grpc_util import service_channel, sync_channel
 from agentvm.v1 import (
     common_pb2,
     guest_agent_pb2,
@@ -31,6 +33,7 @@ from agentvm.v1 import (
     vm_manager_pb2,
     vm_manager_pb2_grpc,
 )
+from agentvm.vm_manager.templates import MAX_MEMORY_MIB, MAX_VCPUS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,6 +55,36 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+@contextlib.contextmanager
+def one_line_usage_errors() -> Iterator[None]:
+    """A usage error (bad option value, unknown command) as one line, exit 2."""
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # the help text itself
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "agent-vm"
+        fail(f"{exc.format_message()} (see `{where} --help`)")
+
+
+class Group(click.Group):
+    """The `agent-vm` group: usage errors anywhere below it are one line."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with one_line_usage_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with one_line_usage_errors():
+            return super().invoke(ctx)
+
+
 def handle_errors(func: F) -> F:
     """One line per failure, exit 2; a service that is down says how to start it."""
 
@@ -60,8 +93,10 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except grpc.RpcError as exc:
             code = exc.code()
-            details = exc.details()
-            if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
+            details = exc.details() or ""
+            # gRPC's own words for "nothing listens there" (not e.g. a service
+            # that cannot connect to libvirt: it is up, and says what to do).
+            if code == grpc.StatusCode.UNAVAILABLE and details.startswith("failed to connect"):
                 fail(
                     f"an agent-vm service is not reachable ({details}): "
                     "start the services with `agent-vm up`"
@@ -75,6 +110,11 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def check_timeout(timeout: float) -> None:
+    if not 0 < timeout <= 86400:
+        fail(f"--timeout {timeout}: use a number of seconds between 0 and 86400")
+
+
 def settings() -> Settings:
     try:
         return Settings()
@@ -82,15 +122,21 @@ def settings() -> Settings:
         fail(exc.message)
 
 
+def service(address: str) -> grpc.Channel:
+    """A channel to an agent-vm service, with the installation's token."""
+    s = settings()
+    return service_channel(address, None if s.auth == "none" else client_token(s.token_file))
+
+
 def vm_stub() -> vm_manager_pb2_grpc.VMManagerServiceStub:
-    return vm_manager_pb2_grpc.VMManagerServiceStub(sync_channel(settings().vm_manager_addr))
+    return vm_manager_pb2_grpc.VMManagerServiceStub(service(settings().vm_manager_addr))
 
 
 def print_json(msg: Any) -> None:
     click.echo(json.dumps(MessageToDict(msg, preserving_proto_field_name=True), indent=2))
 
 
-@click.group()
+@click.group(cls=Group)
 @click.version_option("0.1.0", prog_name="agent-vm")
 def cli() -> None:
     """Run untrusted agent code in throw-away KVM/QEMU virtual machines."""
@@ -261,7 +307,7 @@ def pool() -> None:
 @handle_errors
 def pool_status(as_json: bool) -> None:
     """Show each pool: ready, in use and warming VMs, and its counters."""
-    stub = pool_manager_pb2_grpc.PoolManagerServiceStub(sync_channel(settings().pool_manager_addr))
+    stub = pool_manager_pb2_grpc.PoolManagerServiceStub(service(settings().pool_manager_addr))
     resp = stub.GetPoolStatus(pool_manager_pb2.GetPoolStatusRequest(), timeout=10)
     if as_json:
         print_json(resp)
@@ -437,6 +483,7 @@ def snapshot_delete(name: str, snapshot: str) -> None:
 @handle_errors
 def vm_exec(name: str, argv: tuple[str, ...], timeout: float) -> None:
     """Run a command in a running VM; exits with its exit code."""
+    check_timeout(timeout)
     v = vm_stub().GetVM(vm_manager_pb2.GetVMRequest(name=name), timeout=10).vm
     sys.exit(_exec(v.agent_endpoint, list(argv), timeout))
 
@@ -449,8 +496,7 @@ def vm_exec(name: str, argv: tuple[str, ...], timeout: float) -> None:
 @handle_errors
 def vm_run(argv: tuple[str, ...], profile: str, network: str, timeout: float) -> None:
     """Boot a fresh VM, run a command in it, destroy it; exits with the command's code."""
-    if not 0 < timeout <= 86400:
-        fail(f"--timeout {timeout}: use a number of seconds between 0 and 86400")
+    check_timeout(timeout)
     start = time.monotonic()
     v = _create(profile, network, {"created-by": "agent-vm-cli"})
     try:
@@ -518,8 +564,15 @@ def _collect_inputs(paths: tuple[str, ...]) -> dict[str, Path]:
     metavar="PORT",
     help="TCP port allowed (repeat; default 80, 443, 22).",
 )
-@click.option("--cpus", type=int, default=0, help="vCPUs (default: the profile's).")
-@click.option("--memory", type=int, default=0, help="Memory in MiB (default: the profile's).")
+@click.option(
+    "--cpus", type=click.IntRange(0, MAX_VCPUS), default=0, help="vCPUs (default: the profile's)."
+)
+@click.option(
+    "--memory",
+    type=click.IntRange(0, MAX_MEMORY_MIB),
+    default=0,
+    help="Memory in MiB (default: the profile's).",
+)
 @click.option("--input", "inputs", multiple=True, help="File or directory for /workspace/input.")
 @click.option(
     "--output", "output_dir", type=click.Path(file_okay=False), help="Save /workspace/output here."
@@ -556,8 +609,7 @@ def run_cmd(
         != 1
     ):
         fail("give exactly one of FILE.py, -c CODE or --cmd 'SHELL COMMAND'")
-    if not 0 < timeout <= 86400:
-        fail(f"--timeout {timeout}: use a number of seconds between 0 and 86400")
+    check_timeout(timeout)
     policy = None
     if allow_domains or allow_cidrs or ports:
         if network != "nat-filtered":
@@ -645,7 +697,7 @@ def _save_outputs(dest: Path, contents: Mapping[str, bytes]) -> None:
 @handle_errors
 def alerts_cmd(as_json: bool) -> None:
     """Print the monitor's alerts (anomalies and the responses taken) as they happen."""
-    channel = sync_channel(settings().monitor_addr)
+    channel = service(settings().monitor_addr)
     stub = monitor_pb2_grpc.MonitorServiceStub(channel)
     try:
         for resp in stub.WatchAlerts(monitor_pb2.WatchAlertsRequest()):

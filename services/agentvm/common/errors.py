@@ -102,6 +102,8 @@ class RemoteError(AgentVMError):
     def from_rpc(cls, exc: grpc.RpcError, what: str) -> RemoteError:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = exc.details() if hasattr(exc, "details") else str(exc)
-        if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
+        # gRPC's words for "nothing listens there", not a peer's own UNAVAILABLE
+        # (e.g. vm-manager's "cannot connect to libvirt", which names its fix).
+        if code == grpc.StatusCode.UNAVAILABLE and (details or "").startswith("failed to connect"):
             details = f"{details} (is the service up? `agent-vm up` starts it)"
         return cls(code, f"{what}: {details}")

@@ -10,13 +10,15 @@ import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agentvm.common.errors import AgentVMError
+from agentvm.common import auth
+from agentvm.common.config import Settings
+from agentvm.common.errors import AgentVMError, FailedPrecondition
 
 log = logging.getLogger("agentvm.grpc")
 
@@ -43,6 +45,8 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 
 # Client interceptors every aio channel gets (tracing installs its own here).
 CLIENT_INTERCEPTORS: list[Any] = []
+# The bearer token this process sends to other services (never to guests).
+_TOKEN: list[str] = []
 # Who this process is, in the user-agent of its calls ("agent-vm-executor").
 _IDENTITY: list[str] = []
 
@@ -58,16 +62,113 @@ def _options() -> list[tuple[str, Any]]:
     return [*CHANNEL_OPTIONS, ("grpc.primary_user_agent", _IDENTITY[0])]
 
 
-def aio_channel(target: str) -> grpc.aio.Channel:
-    """An insecure asyncio channel with agent-vm's limits (local Unix sockets)."""
-    return grpc.aio.insecure_channel(
-        target, options=_options(), interceptors=list(CLIENT_INTERCEPTORS) or None
+if TYPE_CHECKING:
+    _UnaryUnaryInterceptor = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
+    _UnaryStreamInterceptor = grpc.aio.UnaryStreamClientInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    _UnaryUnaryInterceptor = grpc.aio.UnaryUnaryClientInterceptor
+    _UnaryStreamInterceptor = grpc.aio.UnaryStreamClientInterceptor
+
+
+def malformed_response(method: str | bytes) -> grpc.aio.AioRpcError:
+    """The error for a response that is not a valid message of the method's type."""
+    name = method.decode(errors="replace") if isinstance(method, bytes) else method
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.INTERNAL,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details=f"the peer sent a malformed {name} response (not a valid protobuf message)",
+        debug_error_string=None,
     )
 
 
+class RejectMalformedUnary(_UnaryUnaryInterceptor):
+    """Turn a unary response grpc.aio could not parse into an INTERNAL error.
+
+    grpc.aio logs a response its deserializer rejects and hands the caller
+    ``None`` instead of failing the call, so a peer (a hostile guest agent)
+    sending bytes that are not a valid message would surface as an
+    AttributeError far from the call (and outside every ``except
+    AioRpcError``). Stream-unary calls cannot be covered by an interceptor
+    (it cannot wait for their response): check those at the call site.
+    """
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        call = await continuation(client_call_details, request)
+        if await call is None:
+            raise malformed_response(client_call_details.method)
+        return call
+
+
+class RejectMalformedStream(_UnaryStreamInterceptor):
+    """:class:`RejectMalformedUnary` for server-streaming calls: the call is cancelled."""
+
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        call = await continuation(client_call_details, request)
+        return self._checked(call, client_call_details.method)
+
+    @staticmethod
+    async def _checked(call: Any, method: str | bytes) -> AsyncIterator[Any]:
+        async for response in call:
+            if response is None:
+                call.cancel()
+                raise malformed_response(method)
+            yield response
+
+
+def setup_auth(settings: Settings) -> auth.TokenAuth | None:
+    """A service process: the token its server requires and its channels send.
+
+    Creates the token file when missing (services run as its owner).
+    """
+    if settings.auth == "none":
+        _TOKEN.clear()
+        return None
+    try:
+        token = auth.generate_token_file(settings.token_file)
+    except auth.TokenError as exc:
+        raise FailedPrecondition(str(exc)) from None
+    _TOKEN[:] = [token]
+    return auth.TokenAuth(token, settings.token_file)
+
+
+def aio_channel(target: str) -> grpc.aio.Channel:
+    """An insecure asyncio channel to another service, with agent-vm's limits and token."""
+    interceptors: list[Any] = list(CLIENT_INTERCEPTORS)
+    if _TOKEN:
+        interceptors += auth.aio_token_interceptors(_TOKEN[0])
+    return grpc.aio.insecure_channel(target, options=_options(), interceptors=interceptors or None)
+
+
+def guest_channel(target: str) -> grpc.aio.Channel:
+    """:func:`aio_channel` to a guest agent: the peer is hostile.
+
+    Responses that are not valid messages fail the call (INTERNAL) instead of
+    reaching the caller as ``None``.
+    """
+    interceptors: list[Any] = [
+        *CLIENT_INTERCEPTORS,
+        RejectMalformedUnary(),
+        RejectMalformedStream(),
+    ]
+    return grpc.aio.insecure_channel(target, options=_options(), interceptors=interceptors)
+
+
 def sync_channel(target: str) -> grpc.Channel:
-    """An insecure blocking channel with agent-vm's limits."""
+    """An insecure blocking channel with agent-vm's limits (no token: guests, health)."""
     return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+def service_channel(target: str, token: str | None) -> grpc.Channel:
+    """A blocking channel to a service, sending ``token`` (None: auth is off)."""
+    channel = sync_channel(target)
+    if token is None:
+        return channel
+    return grpc.intercept_channel(channel, auth.SyncTokenInterceptor(token))
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])

@@ -293,10 +293,13 @@ class ServiceTelemetry:
         grpc_util.set_identity(service)
         self.provider = setup_tracing(service)
         self._stop_metrics = start_metrics(settings.metrics_addr(service), service)
+        self.auth = grpc_util.setup_auth(settings)
         self.events = EventReporter(service, settings.monitor_addr if report_events else "")
 
     def interceptors(self, sink: EventSink | None = None) -> Sequence[Any]:
-        return server_interceptors(sink or self.events, self.provider)
+        # Auth inside the observer: refused calls are counted and audited too.
+        auth = [self.auth] if self.auth is not None else []
+        return [*server_interceptors(sink or self.events, self.provider), *auth]
 
     async def start(self) -> None:
         await self.events.start()

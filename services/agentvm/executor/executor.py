@@ -45,7 +45,7 @@ from agentvm.common.errors import (
     ResourceExhausted,
 )
 from agentvm.common.events import EventSink, NullSink
-from agentvm.common.grpc_util import aio_channel
+from agentvm.common.grpc_util import guest_channel, malformed_response
 from agentvm.v1 import (
     common_pb2,
     executor_pb2,
@@ -71,6 +71,8 @@ MAX_OUTPUT = 1024 * 1024 * 1024
 BOOT_TIMEOUT_S = 180.0
 GUEST_WORKSPACE = "/workspace"
 CHUNK = 64 * 1024
+# The fix a NOT_FOUND of the file calls names.
+NOT_THERE = f" (paths are relative to {GUEST_WORKSPACE}; ListFiles shows what is there)"
 
 
 def seconds_of(msg: Any, field_name: str, default: float, high: float) -> float:
@@ -272,7 +274,10 @@ class AgentExecutor:
     # -- sandboxes -------------------------------------------------------------
     async def _shared_workspace_supported(self) -> bool:
         if self._shared_supported is None:
-            info = await self.vmm.GetHostInfo(vm_manager_pb2.GetHostInfoRequest(), timeout=10)
+            try:
+                info = await self.vmm.GetHostInfo(vm_manager_pb2.GetHostInfoRequest(), timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                raise RemoteError.from_rpc(exc, "vm-manager") from exc
             self._shared_supported = info.shared_workspace_supported
         return self._shared_supported
 
@@ -326,7 +331,7 @@ class AgentExecutor:
             created_at=now,
             expires_at=now + lifetime,
             boot_duration=time.monotonic() - start,
-            channel=aio_channel(vm.agent_endpoint),
+            channel=guest_channel(vm.agent_endpoint),
             lease_id=lease_id,
         )
         self._sandboxes[sandbox_id] = sb
@@ -518,7 +523,9 @@ class AgentExecutor:
             if final is not None:
                 return
             failure = f"{exc.code().name}: {exc.details()}"
-            gone = await self._vm_gone(sb)
+            # A broken connection (UNAVAILABLE) may be the VM dying: libvirt
+            # can take a moment to see QEMU go, so look again for a while.
+            gone = await self._vm_gone(sb, patient=exc.code() is grpc.StatusCode.UNAVAILABLE)
             if gone:
                 failure = gone
                 raise Aborted(
@@ -535,13 +542,13 @@ class AgentExecutor:
                 self._report_finished(sb, exec_id, final, failure, started_wall, sum(sent.values()))
             )
 
-    async def _vm_gone(self, sb: SandboxState) -> str:
+    async def _vm_gone(self, sb: SandboxState, *, patient: bool = False) -> str:
         """Why the sandbox's VM no longer exists ("" while it does).
 
         A VM being destroyed is waited for (briefly): its reason is known once it is gone.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 15.0
+        start = loop.time()
         while True:
             try:
                 resp = await self.vmm.GetVM(vm_manager_pb2.GetVMRequest(name=sb.vm.name), timeout=5)
@@ -549,11 +556,13 @@ class AgentExecutor:
                 if exc.code() is grpc.StatusCode.NOT_FOUND:
                     return exc.details() or "destroyed"
                 return ""
-            going = resp.vm.state in (
-                common_pb2.VM_STATE_DESTROYING,
-                common_pb2.VM_STATE_DESTROYED,
-            )
-            if not going or loop.time() > deadline:
+            state = resp.vm.state
+            if state in (common_pb2.VM_STATE_FAILED, common_pb2.VM_STATE_STOPPED):
+                # A guest kernel panic, a poweroff, a QEMU that died.
+                return f"VM {sb.vm.name} stopped: {resp.vm.error or 'the guest powered off'}"
+            going = state in (common_pb2.VM_STATE_DESTROYING, common_pb2.VM_STATE_DESTROYED)
+            waited = loop.time() - start
+            if waited > (15.0 if going else 3.0 if patient else 0.0):
                 return "destroyed" if going else ""
             await asyncio.sleep(0.2)
 
@@ -660,6 +669,8 @@ class AgentExecutor:
             resp = await sb.agent.WriteFile(requests(), timeout=3600)
         except grpc.aio.AioRpcError as exc:
             raise _file_error(exc, sb, path) from exc
+        if resp is None:  # grpc.aio's stand-in for a response it could not parse
+            raise _file_error(malformed_response("WriteFile"), sb, path)
         self._file_event("file.written", sb, path, resp.size_bytes, resp.sha256)
         return resp.size_bytes, resp.sha256
 
@@ -677,7 +688,7 @@ class AgentExecutor:
             except paths.PathError as exc:
                 raise InvalidArgument(str(exc)) from exc
             except FileNotFoundError as exc:
-                raise NotFound(f"no file {path!r} in the workspace") from exc
+                raise NotFound(f"no file {path!r} in the workspace{NOT_THERE}") from exc
             try:
                 size = os.fstat(fd).st_size
                 first = True
@@ -726,7 +737,7 @@ class AgentExecutor:
             except paths.PathError as exc:
                 raise InvalidArgument(str(exc)) from exc
             except FileNotFoundError as exc:
-                raise NotFound(f"no directory {path!r} in the workspace") from exc
+                raise NotFound(f"no directory {path!r} in the workspace{NOT_THERE}") from exc
             out = []
             for e in entries:
                 info = common_pb2.FileInfo(
@@ -755,7 +766,7 @@ class AgentExecutor:
             except paths.PathError as exc:
                 raise InvalidArgument(str(exc)) from exc
             except FileNotFoundError as exc:
-                raise NotFound(f"no file {path!r} in the workspace") from exc
+                raise NotFound(f"no file {path!r} in the workspace{NOT_THERE}") from exc
             return
         try:
             await sb.agent.RemoveFile(
@@ -879,5 +890,5 @@ def _file_error(exc: grpc.aio.AioRpcError, sb: SandboxState, path: str) -> Agent
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(exc.details() or f"invalid path {path!r}")
     if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(exc.details() or f"no file {path!r} in the workspace")
+        return NotFound((exc.details() or f"no file {path!r} in the workspace") + NOT_THERE)
     return RemoteError.from_rpc(exc, f"guest agent of {sb.vm.name}")

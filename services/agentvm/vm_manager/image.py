@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from agentvm.common.errors import FailedPrecondition, InvalidArgument
+from agentvm.common.errors import FailedPrecondition
 
 BUILDER_VERSION = "3"
 SUITE = "bookworm"
@@ -270,7 +270,8 @@ class ImageStore:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(self.cache_dir, 0o755)
         except OSError as exc:
-            raise InvalidArgument(
+            # The service's setting, not the request: FAILED_PRECONDITION.
+            raise FailedPrecondition(
                 f"cache directory {self.cache_dir} is not usable ({exc}): set AGENTVM_CACHE_DIR "
                 "to a writable directory outside /root"
             ) from exc

@@ -1,0 +1,78 @@
+"""agent-vm doctor's confinement checks, from the inputs libvirt and the host give it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agentvm.cli.doctor import Check, cgroup_controllers, qemu_confinement
+
+CAPS = """<capabilities><host>
+  <secmodel><model>{model}</model><doi>0</doi></secmodel>
+  <secmodel><model>dac</model><doi>0</doi>
+    <baselabel type='kvm'>{label}</baselabel><baselabel type='qemu'>{label}</baselabel>
+  </secmodel>
+</host></capabilities>"""
+SANDBOX = "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+ALL = {"cpu", "io", "memory", "pids"}
+
+
+def by_name(checks: list[Check]) -> dict[str, Check]:
+    return {c.name: c for c in checks}
+
+
+def test_this_hosts_shape_unprivileged_seccomp_no_svirt() -> None:
+    caps = CAPS.format(model="none", label="+64055:+64055")
+    checks = by_name(
+        qemu_confinement(caps, '#user = "root"\n', [f"qemu-system-x86_64 {SANDBOX}"], ALL)
+    )
+    assert checks["qemu user"].ok
+    assert "uid 64055" in checks["qemu user"].detail
+    assert checks["qemu seccomp"].ok
+    assert checks["qemu seccomp"].detail == SANDBOX
+    assert not checks["svirt"].ok
+    assert not checks["svirt"].required
+    assert "AppArmor" in checks["svirt"].fix
+    assert checks["cgroups"].ok
+
+
+def test_root_qemu_and_seccomp_off_fail_with_the_fix() -> None:
+    caps = CAPS.format(model="none", label="+0:+0")
+    conf = 'user = "root"\nseccomp_sandbox = 0\n'
+    checks = by_name(qemu_confinement(caps, conf, [], ALL))
+    assert not checks["qemu user"].ok
+    assert "qemu.conf" in checks["qemu user"].fix
+    assert not checks["qemu seccomp"].ok
+    assert "seccomp_sandbox = 0" in checks["qemu seccomp"].detail
+
+
+def test_a_running_qemu_without_sandbox_fails() -> None:
+    caps = CAPS.format(model="none", label="+64055:+64055")
+    checks = by_name(
+        qemu_confinement(
+            caps, "", ["qemu-system-x86_64 -name a", f"qemu-system-x86_64 {SANDBOX}"], ALL
+        )
+    )
+    assert not checks["qemu seccomp"].ok
+    assert "1 running QEMU" in checks["qemu seccomp"].detail
+
+
+def test_apparmor_is_svirt_and_missing_controllers_are_named() -> None:
+    caps = CAPS.format(model="apparmor", label="+64055:+64055")
+    checks = by_name(qemu_confinement(caps, "", [], {"cpu", "pids"}))
+    assert checks["svirt"].ok
+    assert "apparmor" in checks["svirt"].detail
+    assert not checks["cgroups"].ok
+    assert "io memory" in checks["cgroups"].fix
+
+
+def test_cgroup_controllers_from_v1_and_v2_mounts(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.controllers").write_text("cpu io memory pids\n")
+    v2 = f"cgroup2 {tmp_path} cgroup2 rw,nsdelegate 0 0\n"
+    assert cgroup_controllers(v2, lambda p: p.read_text()) == ALL
+    v1 = (
+        "cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0\n"
+        "cgroup /sys/fs/cgroup/blkio cgroup rw,relatime,blkio 0 0\n"
+        "cgroup /sys/fs/cgroup/systemd cgroup rw,relatime,name=systemd 0 0\n"
+        "proc /proc proc rw 0 0\n"
+    )
+    assert cgroup_controllers(v1, lambda p: "") == {"cpu", "io"}
