@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -432,6 +432,21 @@ def leftovers(vmm: VMManagerProcess) -> list[str]:
         if d.exists():
             left += [f"path {p}" for p in d.iterdir()]
     return left
+
+
+@contextlib.contextmanager
+def lone_vmm_process() -> Iterator[VMManagerProcess]:
+    """A vm-manager of its own (no monitor watches it); asserts it left nothing behind."""
+    proc = new_vmm()
+    proc.start()
+    try:
+        yield proc
+    finally:
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.stop()
+        left = leftovers(proc)
+        remove_vmm_dirs(proc)
+        assert not left, f"left behind: {left}"
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:

@@ -20,8 +20,7 @@ from tests.vmharness import (
     VMManagerProcess,
     leftovers,
     libvirt_domains,
-    new_vmm,
-    remove_vmm_dirs,
+    lone_vmm_process,
     wait_for,
 )
 
@@ -30,16 +29,8 @@ pytestmark = pytest.mark.vm
 
 @pytest.fixture
 def lone_vmm(guest_image: Path) -> Iterator[VMManagerProcess]:
-    proc = new_vmm()
-    proc.start()
-    try:
+    with lone_vmm_process() as proc:
         yield proc
-    finally:
-        if proc.proc is not None and proc.proc.poll() is None:
-            proc.stop()
-        left = leftovers(proc)
-        remove_vmm_dirs(proc)
-        assert not left, f"left behind: {left}"
 
 
 @pytest.mark.parametrize("delay", [0.05, 0.4, 1.5])

@@ -19,20 +19,16 @@ import pytest
 import agent_vm
 from agentvm.common.grpc_util import sync_channel
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
+from agentvm_guest.confine import PIDS_MAX
 from tests.vmharness import (
     ExecutorProcess,
     VMFactory,
     VMManagerProcess,
     execute,
-    leftovers,
-    new_vmm,
-    remove_vmm_dirs,
+    lone_vmm_process,
 )
 
 pytestmark = pytest.mark.vm
-
-# Must match guest/agentvm_guest/confine.py.
-PIDS_MAX = 1024
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +38,8 @@ def lone_vmm(guest_image: Path) -> Iterator[VMManagerProcess]:
     The monitor would kill a fork bomb's VM within seconds (test_monitor.py
     proves that); these tests are about what the guest does on its own.
     """
-    proc = new_vmm()
-    proc.start()
-    try:
+    with lone_vmm_process() as proc:
         yield proc
-    finally:
-        proc.stop()
-        left = leftovers(proc)
-        remove_vmm_dirs(proc)
-        assert not left, f"left behind: {left}"
 
 
 @pytest.fixture(scope="module")

@@ -378,19 +378,22 @@ def test_audit_log_of_the_session_verifies_and_tampering_is_caught(
     live.write_text("".join(line for line in lines if line.endswith("\n")))
     assert _verify(str(copy)).returncode == 0
 
-    lines = live.read_text().splitlines(keepends=True)
+    # Tamper with the fullest file (the live one may have just been rotated).
+    target = max(copy.glob("audit*.log"), key=lambda p: len(p.read_text().splitlines()))
+    lines = target.read_text().splitlines(keepends=True)
+    assert len(lines) >= 5
     record = json.loads(lines[len(lines) // 2])
     record["attributes"]["tampered"] = True
     edited = lines.copy()
     edited[len(lines) // 2] = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
-    live.write_text("".join(edited))
+    target.write_text("".join(edited))
     bad = _verify(str(copy))
     assert bad.returncode == 1, bad.stdout
     assert "TAMPERED" in bad.stdout
 
-    live.write_text("".join(lines[:3] + lines[4:]))
+    target.write_text("".join(lines[:3] + lines[4:]))
     assert _verify(str(copy)).returncode == 1
-    live.write_text("".join([lines[1], lines[0], *lines[2:]]))
+    target.write_text("".join([lines[1], lines[0], *lines[2:]]))
     assert _verify(str(copy)).returncode == 1
 
 

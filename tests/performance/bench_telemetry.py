@@ -24,7 +24,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-from agentvm.common import grpc_util, telemetry
+from agentvm.common import auth, grpc_util, telemetry
 from agentvm.common.config import Settings
 from agentvm.common.events import EventReporter, make_event
 from agentvm.monitor.anomaly import Detector, Responses, Thresholds
@@ -52,7 +52,9 @@ async def _echo(request: bytes, context: Any) -> bytes:
     return request
 
 
-async def _latency(sock: Path, interceptors: list[Any], calls: int, traced: bool) -> list[float]:
+async def _latency(
+    sock: Path, interceptors: list[Any], calls: int, traced: bool, token: str = ""
+) -> list[float]:
     server = grpc.aio.server(interceptors=interceptors or None)
     server.add_generic_rpc_handlers(
         (
@@ -66,6 +68,8 @@ async def _latency(sock: Path, interceptors: list[Any], calls: int, traced: bool
     saved = list(grpc_util.CLIENT_INTERCEPTORS)
     if not traced:
         grpc_util.CLIENT_INTERCEPTORS.clear()
+    # The token a service's channels send (grpc_util.setup_auth sets it).
+    grpc_util._TOKEN[:] = [token] if token else []
     try:
         async with grpc_util.aio_channel(f"unix:{sock}") as ch:
             call = ch.unary_unary("/bench.S/Do", None, None)
@@ -79,6 +83,7 @@ async def _latency(sock: Path, interceptors: list[Any], calls: int, traced: bool
             return out
     finally:
         grpc_util.CLIENT_INTERCEPTORS[:] = saved
+        grpc_util._TOKEN.clear()
         await server.stop(None)
 
 
@@ -137,6 +142,14 @@ async def main(calls: int, events: int) -> dict[str, Any]:
         sink = EventReporter("bench", f"unix:{tmp}/nobody.sock", capacity=calls * 4)
         bare = await _latency(tmp / "a.sock", [], calls, traced=False)
         observed = await _latency(tmp / "b.sock", [telemetry.CallObserver(sink)], calls, False)
+        token = "ab" * 32
+        authed = await _latency(
+            tmp / "d.sock",
+            [telemetry.CallObserver(sink), auth.TokenAuth(token, tmp / "token")],
+            calls,
+            False,
+            token=token,
+        )
         traced = await _latency(
             tmp / "c.sock", list(telemetry.server_interceptors(sink, provider)), calls, True
         )
@@ -155,6 +168,7 @@ async def main(calls: int, events: int) -> dict[str, Any]:
     return {
         "unary_call_ms_bare": fig(bare),
         "unary_call_ms_call_observer": fig(observed),
+        "unary_call_ms_observer_and_token_auth": fig(authed),
         "unary_call_ms_observer_and_tracing": fig(traced),
         "monitor_ingest": ingest,
     }
