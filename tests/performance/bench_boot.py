@@ -172,8 +172,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--vms", type=int, default=5)
     parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument(
+        "--own-vm-manager",
+        action="store_true",
+        help="start a vm-manager of its own (test dirs and prefix) instead of `agent-vm up`'s",
+    )
     args = parser.parse_args()
-    print(json.dumps(run(Settings().vm_manager_addr, args.vms, args.calls), indent=2))
+    if not args.own_vm_manager:
+        print(json.dumps(run(Settings().vm_manager_addr, args.vms, args.calls), indent=2))
+        return
+    from tests.vmharness import lone_vmm_process
+
+    with lone_vmm_process() as vmm:
+        os.environ["AGENTVM_TOKEN_FILE"] = str(vmm.token_file)
+        print(json.dumps(run(vmm.address, args.vms, args.calls), indent=2))
 
 
 if __name__ == "__main__":
