@@ -1,12 +1,16 @@
-"""kill -9 of vm-manager in the middle of creating VMs: after a restart nothing is half-made.
+"""Crash safety: nothing half-made after a kill -9, and VMs nobody holds are reclaimed.
 
-Each create is either finished (the VM is adopted, found by its labels, and
-destroyed cleanly) or never happened (no domain, no overlay, no directory).
+A create cut by a vm-manager crash is either finished (the VM is adopted,
+found by its labels, destroyed cleanly) or never happened (no domain, no
+overlay, no directory). A VM an executor owns but no sandbox holds (its
+CreateVM answer never arrived) is swept by that executor, or by `agent-vm gc`.
 """
 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,8 +19,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+import agent_vm
 from agentvm.v1 import common_pb2, vm_manager_pb2
 from tests.vmharness import (
+    REPO,
+    ExecutorProcess,
     VMManagerProcess,
     leftovers,
     libvirt_domains,
@@ -71,3 +78,90 @@ def test_kill_9_mid_create_leaves_nothing_half_made(
     for v in vms:
         stub.DestroyVM(vm_manager_pb2.DestroyVMRequest(name=v.name), timeout=60)
     assert wait_for(lambda: not leftovers(lone_vmm), 30), leftovers(lone_vmm)
+
+
+def _orphan(vmm: VMManagerProcess, executor_address: str, sandbox: str) -> str:
+    """A VM as an executor's create leaves it when the answer never arrived."""
+    req = vm_manager_pb2.CreateVMRequest(
+        network_mode=common_pb2.NETWORK_MODE_ISOLATED,
+        start=False,
+        labels={
+            "agent-vm/owner": "executor",
+            "agent-vm/executor": executor_address,
+            "agent-vm/sandbox": sandbox,
+        },
+    )
+    return vmm.stub().CreateVM(req, timeout=60).vm.name
+
+
+def _gone_reason(vmm: VMManagerProcess, name: str) -> str:
+    try:
+        vmm.stub().GetVM(vm_manager_pb2.GetVMRequest(name=name), timeout=10)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        return exc.details() or ""
+    return ""
+
+
+def test_the_executor_sweeps_away_vms_no_sandbox_holds(vmm: VMManagerProcess) -> None:
+    ex = ExecutorProcess(
+        base=vmm.base,
+        prefix=vmm.prefix,
+        name="executor-sweep",
+        extra_env={"AGENTVM_RECONCILE_INTERVAL": "2"},
+    )
+    ex.start()
+    try:
+        with agent_vm.Sandbox.create(network="isolated", address=ex.address) as sb:
+            name = _orphan(vmm, ex.address, "sb-cut-short")
+            assert wait_for(lambda: bool(_gone_reason(vmm, name)), 30)
+            assert "executor reconcile: sandbox sb-cut-short is not open" in _gone_reason(vmm, name)
+            # The VM of an open sandbox is left alone.
+            assert sb.run("echo kept").stdout == "kept\n"
+    finally:
+        ex.stop()
+
+
+def test_agent_vm_gc_reclaims_vms_of_sandboxes_that_are_not_open(
+    vmm: VMManagerProcess, executor: ExecutorProcess
+) -> None:
+    dead = "unix:/nonexistent/executor.sock"  # an executor that is gone for good
+    orphan = _orphan(vmm, dead, "sb-orphan")
+    mine = (
+        vmm.stub()
+        .CreateVM(
+            vm_manager_pb2.CreateVMRequest(network_mode=common_pb2.NETWORK_MODE_ISOLATED),
+            timeout=60,
+        )
+        .vm.name
+    )
+    try:
+        young = agent_vm_cli(vmm, "gc")
+        assert young.returncode == 0, young.stderr
+        assert orphan not in young.stdout  # younger than --min-age (300 s)
+        dry = agent_vm_cli(vmm, "gc", "--dry-run", "--min-age", "0")
+        assert f"{orphan}: would reclaim" in dry.stdout, dry.stdout
+        assert "not running" in dry.stdout
+        assert orphan in libvirt_domains(vmm.prefix)
+        done = agent_vm_cli(vmm, "gc", "--min-age", "0")
+        assert f"{orphan}: reclaimed" in done.stdout, done.stdout + done.stderr
+        assert mine not in done.stdout
+        assert "agent-vm gc: sandbox sb-orphan" in _gone_reason(vmm, orphan)
+        assert mine in libvirt_domains(vmm.prefix)  # not the executor's: not touched
+    finally:
+        for name in (orphan, mine):
+            if name in libvirt_domains(vmm.prefix):
+                vmm.stub().DestroyVM(vm_manager_pb2.DestroyVMRequest(name=name), timeout=60)
+
+
+def agent_vm_cli(vmm: VMManagerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agentvm.cli.main", *args],
+        env=vmm.env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )

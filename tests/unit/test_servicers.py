@@ -228,3 +228,25 @@ def test_missing_image_is_failed_precondition(tmp_path: Path) -> None:
         )
 
     run_servicer_test(tmp_path, tmp_path / "empty-cache", body)
+
+
+def test_orphaned_vms_are_the_executors_own_without_an_open_sandbox() -> None:
+    from agentvm.executor.executor import orphaned_vms
+
+    def vm(name: str, created: int, **labels: str) -> common_pb2.VM:
+        v = common_pb2.VM(name=name, labels=labels)
+        v.created_at.FromSeconds(created)
+        return v
+
+    own = {"agent-vm/owner": "executor", "agent-vm/executor": "unix:/x"}
+    vms = [
+        vm("open", 0, **own, **{"agent-vm/sandbox": "sb-1"}),
+        vm("orphan", 0, **own, **{"agent-vm/sandbox": "sb-2"}),
+        vm("no-sandbox-label", 0, **own),
+        vm("young", 990, **own, **{"agent-vm/sandbox": "sb-3"}),
+        vm("users", 0, **{"agent-vm/sandbox": "sb-4"}),
+        vm("pool", 0, **{"agent-vm/owner": "pool-manager"}),
+    ]
+    got = orphaned_vms(vms, {"sb-1"}, now=1000, min_age=60)
+    assert [v.name for v in got] == ["orphan", "no-sandbox-label"]
+    assert [v.name for v in orphaned_vms(vms, {"sb-1"})] == ["orphan", "no-sandbox-label", "young"]

@@ -24,6 +24,8 @@ from agentvm.common.errors import AgentVMError
 from agentvm.common.grpc_util import service_channel, sync_channel
 from agentvm.v1 import (
     common_pb2,
+    executor_pb2,
+    executor_pb2_grpc,
     guest_agent_pb2,
     guest_agent_pb2_grpc,
     monitor_pb2,
@@ -162,6 +164,58 @@ def down() -> None:
     s = settings()
     for spec in reversed(services.service_specs(s)):
         click.echo(f"{spec.name}: {services.stop(s, spec)}")
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only list what would be reclaimed.")
+@click.option(
+    "--min-age",
+    type=click.FloatRange(0, 30 * 86400),
+    default=300.0,
+    show_default=True,
+    help="Leave VMs younger than this many seconds (a sandbox may still be booting).",
+)
+@handle_errors
+def gc(dry_run: bool, min_age: float) -> None:
+    """Reclaim VMs whose owner no longer holds them (sandboxes that are not open).
+
+    Executors sweep their own VMs every AGENTVM_RECONCILE_INTERVAL seconds and
+    at start; this does it now, also for executors that are gone for good.
+    vm-manager removes VM directories without a domain when it starts.
+    """
+    from agentvm.executor.executor import EXECUTOR_LABEL, OWNER_LABEL, SANDBOX_LABEL, orphaned_vms
+
+    vms = (
+        vm_stub()
+        .ListVMs(vm_manager_pb2.ListVMsRequest(label_selector=dict([OWNER_LABEL])), timeout=30)
+        .vms
+    )
+    by_executor: dict[str, list[common_pb2.VM]] = {}
+    for v in vms:
+        by_executor.setdefault(v.labels.get(EXECUTOR_LABEL, ""), []).append(v)
+    reclaimed = 0
+    for address, group in sorted(by_executor.items()):
+        where = f"executor {address or '(unknown)'}"
+        try:
+            stub = executor_pb2_grpc.ExecutorServiceStub(service(address))
+            resp = stub.ListSandboxes(executor_pb2.ListSandboxesRequest(), timeout=10)
+            open_ids = {sb.id for sb in resp.sandboxes}
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            open_ids = set()  # the executor is gone: none of its sandboxes is open
+            where += " (not running)"
+        for v in orphaned_vms(group, open_ids, now=time.time(), min_age=min_age):
+            sandbox = v.labels.get(SANDBOX_LABEL, "?")
+            reason = f"agent-vm gc: sandbox {sandbox} is not open in {where}"
+            if not dry_run:
+                vm_stub().DestroyVM(
+                    vm_manager_pb2.DestroyVMRequest(name=v.name, reason=reason), timeout=60
+                )
+            click.echo(f"{v.name}: {'would reclaim' if dry_run else 'reclaimed'} ({reason})")
+            reclaimed += 1
+    if not reclaimed:
+        click.echo("nothing to reclaim")
 
 
 @cli.command()

@@ -72,6 +72,11 @@ class Settings:
     )
     # AGENTVM_MAX_SANDBOXES: sandboxes (VMs) the executor runs at once.
     max_sandboxes: int = field(default_factory=lambda: int(_env("AGENTVM_MAX_SANDBOXES", "16")))
+    # AGENTVM_RECONCILE_INTERVAL: seconds between the executor's sweeps for VMs
+    # it owns but no sandbox holds (a create cut short by a crash).
+    reconcile_interval_s: float = field(
+        default_factory=lambda: float(_env("AGENTVM_RECONCILE_INTERVAL", "60"))
+    )
     # AGENTVM_NAT_SUBNET: IPv4 /16-/28 of the NAT_FILTERED network (gateway = first address).
     nat_subnet: str = field(default_factory=lambda: _env("AGENTVM_NAT_SUBNET", "10.213.0.0/24"))
     # AGENTVM_NAT_UPLINK: the only host interface NAT_FILTERED traffic may leave by

@@ -27,7 +27,7 @@ import secrets
 import shlex
 import stat
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,7 @@ log = logging.getLogger("agentvm.executor")
 OWNER_LABEL = ("agent-vm/owner", "executor")
 # Which executor: several may share one vm-manager, and each reclaims only its own.
 EXECUTOR_LABEL = "agent-vm/executor"
+SANDBOX_LABEL = "agent-vm/sandbox"
 DEFAULT_TIMEOUT_S = 300.0
 MAX_TIMEOUT_S = 24 * 3600.0
 MAX_LIFETIME_S = 24 * 3600.0
@@ -140,6 +141,26 @@ class SandboxState:
         return msg
 
 
+def orphaned_vms(
+    vms: Iterable[common_pb2.VM],
+    open_sandboxes: set[str],
+    *,
+    now: float = 0.0,
+    min_age: float = 0.0,
+) -> list[common_pb2.VM]:
+    """The executor-owned VMs whose sandbox is not open (and older than ``min_age`` s)."""
+    out = []
+    for vm in vms:
+        if vm.labels.get(OWNER_LABEL[0]) != OWNER_LABEL[1]:
+            continue
+        if vm.labels.get(SANDBOX_LABEL, "") in open_sandboxes:
+            continue
+        if min_age > 0 and now - vm.created_at.ToSeconds() < min_age:
+            continue
+        out.append(vm)
+    return out
+
+
 class AgentExecutor:
     """Runs agent code in VMs obtained from vm-manager."""
 
@@ -156,6 +177,8 @@ class AgentExecutor:
         self.vmm = vm_manager
         self.pool = pool
         self._sandboxes: dict[str, SandboxState] = {}
+        # Sandboxes whose VM is being made (its labels name them already).
+        self._creating: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._shared_supported: bool | None = None
@@ -198,6 +221,7 @@ class AgentExecutor:
         self._reaper = asyncio.ensure_future(self._reap())
 
     async def _reap(self) -> None:
+        last_sweep = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             now = time.time()
@@ -205,6 +229,33 @@ class AgentExecutor:
                 if sb.expires_at <= now and not sb.closing:
                     log.info("sandbox %s reached the end of its lifetime", sb.id)
                     self._spawn(self.close_sandbox(sb.id))
+            interval = self.settings.reconcile_interval_s
+            if interval > 0 and time.monotonic() - last_sweep >= interval:
+                last_sweep = time.monotonic()
+                try:
+                    await self.reconcile()
+                except grpc.aio.AioRpcError as exc:
+                    log.warning("cannot sweep for orphaned VMs: %s", exc.details())
+
+    async def reconcile(self) -> list[str]:
+        """Destroy the VMs this executor owns that no sandbox holds; their names.
+
+        Such a VM is left when its CreateVM answer never arrived (vm-manager
+        killed mid-create, a deadline): vm-manager adopts it on restart, and
+        only its owner can tell that nobody uses it.
+        """
+        resp = await self.vmm.ListVMs(
+            vm_manager_pb2.ListVMsRequest(label_selector=self._owner_labels()), timeout=30
+        )
+        gone = orphaned_vms(resp.vms, set(self._sandboxes) | self._creating)
+        for vm in gone:
+            sandbox = vm.labels.get(SANDBOX_LABEL, "?")
+            log.info("destroying VM %s: sandbox %s is not open", vm.name, sandbox)
+            await self._destroy_vm(
+                vm.name,
+                f"executor reconcile: sandbox {sandbox} is not open (its creation was cut short)",
+            )
+        return [vm.name for vm in gone]
 
     async def close(self) -> None:
         """Destroy every sandbox (their state does not survive the executor)."""
@@ -265,9 +316,11 @@ class AgentExecutor:
             raise RemoteError.from_rpc(exc, "pool-manager") from exc
         return resp.vm, resp.lease_id
 
-    async def _destroy_vm(self, name: str) -> None:
+    async def _destroy_vm(self, name: str, reason: str = "") -> None:
         try:
-            await self.vmm.DestroyVM(vm_manager_pb2.DestroyVMRequest(name=name), timeout=60)
+            await self.vmm.DestroyVM(
+                vm_manager_pb2.DestroyVMRequest(name=name, reason=reason), timeout=60
+            )
         except grpc.aio.AioRpcError as exc:
             log.warning("cannot destroy VM %s: %s", name, exc.details())
 
@@ -306,9 +359,10 @@ class AgentExecutor:
         sandbox_id = "sb-" + secrets.token_hex(6)
         labels = dict(spec.labels)
         labels.update(self._owner_labels())
-        labels["agent-vm/sandbox"] = sandbox_id
+        labels[SANDBOX_LABEL] = sandbox_id
         start = time.monotonic()
         lease_id = ""
+        self._creating.add(sandbox_id)
         try:
             key = self._pool_key(spec, mode)
             leased = await self._from_pool(key, labels) if key is not None else None
@@ -321,7 +375,9 @@ class AgentExecutor:
         except BaseException:
             # _create_vm destroys a VM it made before failing.
             self._slots.release()
+            self._creating.discard(sandbox_id)
             raise
+        self._creating.discard(sandbox_id)
         now = time.time()
         sb = SandboxState(
             id=sandbox_id,
