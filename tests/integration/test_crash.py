@@ -24,7 +24,9 @@ from agentvm.v1 import common_pb2, vm_manager_pb2
 from tests.vmharness import (
     REPO,
     ExecutorProcess,
+    VMFactory,
     VMManagerProcess,
+    execute,
     leftovers,
     libvirt_domains,
     lone_vmm_process,
@@ -165,3 +167,43 @@ def agent_vm_cli(vmm: VMManagerProcess, *args: str) -> subprocess.CompletedProce
         timeout=120,
         check=False,
     )
+
+
+def _succeeds(*cmd: str) -> bool:
+    return subprocess.run(cmd, capture_output=True, check=False).returncode == 0
+
+
+def restart_libvirtd() -> None:
+    """What an upgrade or an OOM kill does to libvirtd (QEMU processes live on)."""
+    subprocess.run(["pkill", "-x", "libvirtd"], check=False)
+    assert wait_for(lambda: not _succeeds("pgrep", "-x", "libvirtd"), 10)
+    subprocess.run(["libvirtd", "-d"], check=True)
+    assert wait_for(lambda: _succeeds("virsh", "-c", "qemu:///system", "version"), 10)
+
+
+def test_libvirtd_restart_mid_run_never_hangs(lone_vmm: VMManagerProcess) -> None:
+    """A command running through it finishes; the next libvirt calls reconnect at once."""
+    f = VMFactory(lone_vmm)
+    try:
+        vm = f.booted()
+        result: list[int] = []
+        runner = threading.Thread(
+            target=lambda: result.append(
+                execute(vm.agent_endpoint, "sleep 5; echo done", timeout=60).status.exit_code
+            )
+        )
+        runner.start()
+        time.sleep(1)
+        restart_libvirtd()
+        runner.join(60)
+        assert result == [0]  # the guest channel does not go through libvirt
+        stub = lone_vmm.stub()
+        start = time.monotonic()
+        got = stub.GetVM(vm_manager_pb2.GetVMRequest(name=vm.name), timeout=30).vm
+        assert got.state == common_pb2.VM_STATE_READY
+        assert time.monotonic() - start < 10
+        # Creating and destroying work on the new connection.
+        other = f.booted()
+        assert execute(other.agent_endpoint, "echo fresh").stdout == b"fresh\n"
+    finally:
+        f.cleanup()

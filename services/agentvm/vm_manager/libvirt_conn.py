@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import libvirt
 
@@ -20,6 +20,7 @@ from agentvm.common.errors import (
 )
 
 log = logging.getLogger("agentvm.vm_manager.libvirt")
+T = TypeVar("T")
 
 # libvirt domain states (virDomainState).
 DOMAIN_NOSTATE = 0
@@ -72,6 +73,14 @@ def libvirt_errors(what: str) -> Iterator[None]:
         raise translate(exc, what) from exc
 
 
+def _broken(exc: libvirt.libvirtError) -> bool:
+    """The connection itself failed (libvirtd restarted or died), not the request."""
+    return exc.get_error_domain() == libvirt.VIR_FROM_RPC or exc.get_error_code() in (
+        libvirt.VIR_ERR_NO_CONNECT,
+        libvirt.VIR_ERR_RPC,
+    )
+
+
 def _silence(_ctx: object, _err: object) -> None:
     """libvirt prints every error to stderr by default; we raise them instead."""
 
@@ -109,6 +118,42 @@ class LibvirtConnection:
                 ) from exc
             return self._conn
 
+    def call(self, what: str, fn: Callable[[libvirt.virConnect], T]) -> T:
+        """``fn(connection)``, once more on a fresh connection if the old one broke.
+
+        After libvirtd restarts, the old connection still says it is alive;
+        its first use fails ("Cannot write data: Broken pipe"). That call is
+        repeated on a new connection instead of failing the caller's request.
+        """
+        conn = self.get()
+        try:
+            return fn(conn)
+        except libvirt.libvirtError as exc:
+            if not _broken(exc):
+                raise translate(exc, what) from exc
+            log.warning("libvirt connection lost (%s); reconnecting", exc.get_error_message())
+            self._drop(conn)
+        with libvirt_errors(what):
+            return fn(self.get())
+
+    def checked(self) -> libvirt.virConnect:
+        """A connection that has just answered (reopened if libvirtd restarted)."""
+
+        def probe(c: libvirt.virConnect) -> libvirt.virConnect:
+            c.getLibVersion()
+            return c
+
+        return self.call("connecting to libvirt", probe)
+
+    def _drop(self, conn: libvirt.virConnect) -> None:
+        with self._lock:
+            old = self._conn
+            if old is None or old is not conn:
+                return  # another caller reconnected already
+            self._conn = None
+        with contextlib.suppress(libvirt.libvirtError):
+            old.close()
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
@@ -117,25 +162,23 @@ class LibvirtConnection:
                 self._conn = None
 
     def lookup(self, name: str) -> libvirt.virDomain:
-        with libvirt_errors(f"VM {name}"):
-            return self.get().lookupByName(name)
+        return self.call(f"VM {name}", lambda c: c.lookupByName(name))
 
     def find(self, name: str) -> libvirt.virDomain | None:
         """The domain called ``name``, or None."""
         try:
-            return self.get().lookupByName(name)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return None
-            raise translate(exc, f"VM {name}") from exc
+            return self.lookup(name)
+        except NotFound:
+            return None
 
     def define(self, xml: str) -> libvirt.virDomain:
-        with libvirt_errors("defining the domain"):
-            return self.get().defineXML(xml)
+        return self.call("defining the domain", lambda c: c.defineXML(xml))
 
     def list_domains(self, prefix: str) -> list[libvirt.virDomain]:
-        with libvirt_errors("listing domains"):
-            return [d for d in self.get().listAllDomains(0) if d.name().startswith(prefix)]
+        return self.call(
+            "listing domains",
+            lambda c: [d for d in c.listAllDomains(0) if d.name().startswith(prefix)],
+        )
 
     def versions(self) -> tuple[str, str]:
         """(libvirt version, hypervisor version) as dotted strings."""
@@ -143,9 +186,9 @@ class LibvirtConnection:
         def dotted(v: int) -> str:
             return f"{v // 1000000}.{v // 1000 % 1000}.{v % 1000}"
 
-        with libvirt_errors("reading versions"):
-            conn = self.get()
-            return dotted(conn.getLibVersion()), dotted(conn.getVersion())
+        return self.call(
+            "reading versions", lambda c: (dotted(c.getLibVersion()), dotted(c.getVersion()))
+        )
 
     @staticmethod
     def state(dom: Any) -> int:

@@ -762,7 +762,7 @@ class VMManager:
 
         def collect() -> dict[str, dict[str, Any]]:
             doms = [d for d in (self.conn.find(vm.name) for vm in vms) if d is not None]
-            return observe.bulk_stats(self.conn.get(), doms)
+            return self.conn.call("reading VM stats", lambda c: observe.bulk_stats(c, doms))
 
         raw = await asyncio.to_thread(collect)
         now = time.monotonic()

@@ -339,7 +339,7 @@ class NatNetwork:
 
     def _ensure_libvirt_network(self) -> None:
         """Define and start ``<prefix>nat``; a definition of another shape is replaced."""
-        conn = self.conn.get()
+        conn = self.conn.checked()
         want = self._network_xml()
         try:
             net: libvirt.virNetwork | None = conn.networkLookupByName(self.names.network)
@@ -358,7 +358,7 @@ class NatNetwork:
                 net.create()
 
     def _remove_libvirt_network(self) -> None:
-        conn = self.conn.get()
+        conn = self.conn.checked()
         try:
             net = conn.networkLookupByName(self.names.network)
         except libvirt.libvirtError:
