@@ -113,6 +113,15 @@ def memory_limit(total_bytes: int) -> int:
     return max(total_bytes - reserve, total_bytes // 2)
 
 
+def _write(path: bytes, data: bytes) -> None:
+    """Write ``data`` to an existing file with bare system calls (safe after fork)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 class ConfinementError(OSError):
     """Agent code could not be confined; it is not started."""
 
@@ -166,20 +175,10 @@ class Confiner:
         # In the child, after fork: system calls only.
         # The agent shields itself from the OOM killer (agent.py); its
         # programs must not inherit that.
-        try:
-            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            _write(b"/proc/self/oom_score_adj", b"0")
         if self._procs is not None:
-            fd = os.open(self._procs, os.O_WRONLY)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
+            _write(self._procs, b"0")
             if self._unshare(CLONE_NEWCGROUP) != 0:
                 raise ConfinementError(ctypes.get_errno(), "unshare(CLONE_NEWCGROUP)")
         if self._hide:

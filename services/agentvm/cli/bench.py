@@ -29,7 +29,7 @@ from typing import Any
 
 import grpc
 
-from agentvm.common.auth import client_token
+from agentvm.common.auth import settings_token
 from agentvm.common.config import Settings
 from agentvm.common.errors import FailedPrecondition
 from agentvm.common.grpc_util import service_channel, sync_channel
@@ -100,7 +100,7 @@ class Bench:
     def __init__(self, settings: Settings, progress: Callable[[str], None]) -> None:
         self.settings = settings
         self.progress = progress
-        token = None if settings.auth == "none" else client_token(settings.token_file)
+        token = settings_token(settings)
         self.vmm = vm_manager_pb2_grpc.VMManagerServiceStub(
             service_channel(settings.vm_manager_addr, token)
         )

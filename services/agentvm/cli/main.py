@@ -18,7 +18,7 @@ from google.protobuf.json_format import MessageToDict, MessageToJson
 from agentvm.cli import bench as bench_mod
 from agentvm.cli import doctor as doctor_mod
 from agentvm.cli import services
-from agentvm.common.auth import client_token
+from agentvm.common.auth import settings_token
 from agentvm.common.config import Settings
 from agentvm.common.errors import AgentVMError
 from agentvm.common.grpc_util import service_channel, sync_channel
@@ -127,7 +127,7 @@ def settings() -> Settings:
 def service(address: str) -> grpc.Channel:
     """A channel to an agent-vm service, with the installation's token."""
     s = settings()
-    return service_channel(address, None if s.auth == "none" else client_token(s.token_file))
+    return service_channel(address, settings_token(s))
 
 
 def vm_stub() -> vm_manager_pb2_grpc.VMManagerServiceStub:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from agentvm.common.config import DEFAULT_TOKEN_FILE
+from agentvm.common.config import DEFAULT_TOKEN_FILE, Settings
 
 HEADER = "authorization"
 # Health checks (probes, `agent-vm status`) and reflection (the schema, which
@@ -90,6 +90,11 @@ def read_token_file(path: Path) -> str:
     return text
 
 
+def settings_token(settings: Settings) -> str | None:
+    """What a caller configured by ``settings`` sends (nothing when auth is off)."""
+    return None if settings.auth == "none" else client_token(settings.token_file)
+
+
 def client_token(token_file: Path | None = None) -> str | None:
     """What a caller sends: AGENTVM_TOKEN, else the token file if readable, else None.
 
@@ -107,7 +112,9 @@ def client_token(token_file: Path | None = None) -> str | None:
         return None
 
 
-def _denied(code: grpc.StatusCode, message: str, kind: str) -> Any:
+def _denied(handler: Any, code: grpc.StatusCode, message: str) -> Any:
+    """A handler of the same kind as ``handler`` that only aborts with ``code``."""
+
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(code, message)
 
@@ -115,13 +122,13 @@ def _denied(code: grpc.StatusCode, message: str, kind: str) -> Any:
         await context.abort(code, message)
         yield  # pragma: no cover (abort raises)
 
-    make: dict[str, Callable[..., Any]] = {
-        "unary_unary": grpc.unary_unary_rpc_method_handler,
-        "unary_stream": grpc.unary_stream_rpc_method_handler,
-        "stream_unary": grpc.stream_unary_rpc_method_handler,
-        "stream_stream": grpc.stream_stream_rpc_method_handler,
-    }
-    return make[kind](stream if kind.endswith("_stream") else unary)
+    if handler.request_streaming:
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(stream)
+        return grpc.stream_unary_rpc_method_handler(unary)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(stream)
+    return grpc.unary_unary_rpc_method_handler(unary)
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -149,19 +156,11 @@ class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return None
         why = "no token was sent" if not sent else "the token is wrong"
-        return _denied(
-            grpc.StatusCode.UNAUTHENTICATED, f"{method}: {why}: {self._hint}", _kind(handler)
-        )
+        return _denied(handler, grpc.StatusCode.UNAUTHENTICATED, f"{method}: {why}: {self._hint}")
 
 
 def _as_bytes(value: str | bytes) -> bytes:
     return value.encode(errors="replace") if isinstance(value, str) else value
-
-
-def _kind(handler: Any) -> str:
-    if handler.request_streaming:
-        return "stream_stream" if handler.response_streaming else "stream_unary"
-    return "unary_stream" if handler.response_streaming else "unary_unary"
 
 
 # -- clients -------------------------------------------------------------------------------
