@@ -99,16 +99,19 @@ def monitor_proc(
 def vmm_base() -> Iterator[VMManagerProcess]:
     """The session vm-manager's identity (dirs, prefix), before it starts; its dirs go last."""
     proc = new_vmm()
-    # The Python client and the CLI of the tests send the session's token.
-    old = os.environ.get("AGENTVM_TOKEN_FILE")
-    os.environ["AGENTVM_TOKEN_FILE"] = str(proc.token_file)
+    # The Python client and the CLI of the tests send the session's token and
+    # present the session's client certificate.
+    ours = {"AGENTVM_TOKEN_FILE": str(proc.token_file), "AGENTVM_TLS_DIR": str(proc.tls_dir)}
+    old = {name: os.environ.get(name) for name in ours}
+    os.environ.update(ours)
     try:
         yield proc
     finally:
-        if old is None:
-            os.environ.pop("AGENTVM_TOKEN_FILE", None)
-        else:
-            os.environ["AGENTVM_TOKEN_FILE"] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         remove_vmm_dirs(proc)
 
 

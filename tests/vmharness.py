@@ -24,7 +24,8 @@ import grpc
 import libvirt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentvm.common.grpc_util import service_channel, sync_channel
+from agentvm.common import tls
+from agentvm.common.grpc_util import Caller, sync_channel
 from agentvm.v1 import (
     common_pb2,
     guest_agent_pb2,
@@ -93,9 +94,20 @@ class VMManagerProcess:
     def token(self) -> str:
         return self.token_file.read_text().strip()
 
-    def channel(self) -> grpc.Channel:
-        """A blocking channel to this service that sends the token."""
-        return service_channel(self.address, self.token)
+    @property
+    def tls_dir(self) -> Path:
+        """The installation's CA and certificates (the first service to start makes them)."""
+        return self.base / "tls"
+
+    def caller(self, who: str = tls.CLIENT) -> Caller:
+        """A caller with the token and the certificate of ``who`` (client, or a service)."""
+        files = tls.for_identity("mutual", self.tls_dir, who)
+        assert files is not None
+        return Caller(self.token, tls.channel_credentials(files))
+
+    def channel(self, who: str = tls.CLIENT) -> grpc.Channel:
+        """A blocking channel to this service that sends the token and ``who``'s certificate."""
+        return self.caller(who).channel(self.address, self.service_name)
 
     @property
     def env(self) -> dict[str, str]:
@@ -113,6 +125,7 @@ class VMManagerProcess:
             AGENTVM_MONITOR_ADDR=f"unix:{self.run_dir}/monitor.sock",
             AGENTVM_AUDIT_DIR=str(self.base / "audit"),
             AGENTVM_TOKEN_FILE=str(self.token_file),
+            AGENTVM_TLS_DIR=str(self.tls_dir),
         )
         var = self.service_name.upper().replace("-", "_")
         env[f"AGENTVM_{var}_METRICS_ADDR"] = f"127.0.0.1:{self.metrics_port}"
@@ -155,12 +168,16 @@ class VMManagerProcess:
 
     def health(self) -> int:
         try:
-            with sync_channel(self.address) as ch:
+            files = tls.for_identity("mutual", self.tls_dir, tls.CLIENT)
+            assert files is not None
+            with Caller(None, tls.channel_credentials(files)).bare(
+                self.address, self.service_name
+            ) as ch:
                 resp = health_pb2_grpc.HealthStub(ch).Check(
                     health_pb2.HealthCheckRequest(), timeout=1
                 )
                 return int(resp.status)
-        except grpc.RpcError:
+        except (grpc.RpcError, tls.TLSError):
             return -1
 
     def stub(self) -> vm_manager_pb2_grpc.VMManagerServiceStub:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from agentvm.common import tls
 from tests.vmharness import (
     REPO,
     ExecutorProcess,
@@ -145,6 +146,8 @@ def test_up_and_down_are_idempotent(tmp_path: Path) -> None:
         AGENTVM_POOLS="standard:min=1,max=2",
         AGENTVM_MONITOR_ADDR=f"unix:{run}/monitor.sock",
         AGENTVM_AUDIT_DIR=str(tmp_path / "audit"),
+        AGENTVM_TOKEN_FILE=str(tmp_path / "token"),
+        AGENTVM_TLS_DIR=str(tmp_path / "tls"),
     )
     # Not the default metrics ports: a running installation may hold them.
     for service in ("VM_MANAGER", "POOL_MANAGER", "EXECUTOR", "MONITOR"):
@@ -153,8 +156,11 @@ def test_up_and_down_are_idempotent(tmp_path: Path) -> None:
         first = agent_vm(env, "up", timeout=60)
         assert first.returncode == 0, first.stderr
         assert "started" in first.stdout
+        # The first `up` makes the installation's CA and every identity's certificate.
+        assert f"tls: certificates for {', '.join(tls.IDENTITIES)}" in first.stdout
         second = agent_vm(env, "up", timeout=60)
         assert "already running" in second.stdout
+        assert "tls:" not in second.stdout
         down = agent_vm(env, "down", timeout=60)
         assert "stopped" in down.stdout
         again = agent_vm(env, "down", timeout=60)

@@ -21,9 +21,11 @@ import pytest
 
 import agent_vm
 from agentvm.v1 import common_pb2, vm_manager_pb2
+from tests.integration.test_monitor import audit_records
 from tests.vmharness import (
     REPO,
     ExecutorProcess,
+    MonitorProcess,
     VMFactory,
     VMManagerProcess,
     execute,
@@ -207,3 +209,85 @@ def test_libvirtd_restart_mid_run_never_hangs(lone_vmm: VMManagerProcess) -> Non
         assert execute(other.agent_endpoint, "echo fresh").stdout == b"fresh\n"
     finally:
         f.cleanup()
+
+
+REPORTER = """
+import asyncio, json, sys, time
+from agentvm.common import grpc_util
+from agentvm.common.config import Settings
+from agentvm.common.events import EventReporter
+
+async def main(n):
+    settings = Settings()
+    grpc_util.setup_auth(settings)
+    grpc_util.setup_tls(settings, "executor")
+    reporter = EventReporter("executor", settings.monitor_addr, capacity=10 * n, interval=0.05)
+    await reporter.start()
+    for i in range(n):
+        reporter.emit("test.crash", n=i)
+        if i % 100 == 99:
+            await asyncio.sleep(0.1)
+    deadline = time.monotonic() + 120
+    while reporter.pending and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await reporter.close()
+    print(json.dumps({"pending": reporter.pending, "dropped": reporter.dropped_total}))
+
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+def test_kill_9_of_the_monitor_mid_batch_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    """A service keeps reporting while monitor is killed and restarted: every event is
+    in the audit log exactly once (a batch on disk but never acknowledged is known
+    again at start), and the chain verifies across the crash."""
+    import json
+
+    monitor = MonitorProcess(
+        base=tmp_path / "m",
+        prefix="agent-vm-crashmon-",
+        extra_env={"AGENTVM_VM_MANAGER_ADDR": "", "AGENTVM_POOL_MANAGER_ADDR": ""},
+    )
+    monitor.start()
+    n = 3000
+    reporter = subprocess.Popen(
+        [sys.executable, "-c", REPORTER, str(n)],
+        env=monitor.env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: len(_crash_numbers(monitor)) > 200, 30), "no event arrived"
+        monitor.stop(signal.SIGKILL)
+        time.sleep(1.0)  # the reporter buffers and retries meanwhile
+        monitor.start()
+        out, err = reporter.communicate(timeout=180)
+        assert reporter.returncode == 0, err[-3000:]
+        assert json.loads(out) == {"pending": 0, "dropped": 0}
+        numbers = _crash_numbers(monitor)
+        assert sorted(numbers) == list(range(n)), (
+            f"{n - len(set(numbers))} lost, {len(numbers) - len(set(numbers))} repeated"
+        )
+    finally:
+        if reporter.poll() is None:
+            reporter.kill()
+            reporter.wait()
+        if monitor.proc is not None and monitor.proc.poll() is None:
+            monitor.stop()
+    verified = subprocess.run(
+        [sys.executable, "-m", "agentvm.cli.main", "audit", "verify", str(monitor.audit_dir)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    starts = [r for r in audit_records(monitor) if r["type"] == "audit.started"]
+    assert len(starts) == 2
+
+
+def _crash_numbers(monitor: MonitorProcess) -> list[int]:
+    return [int(r["attributes"]["n"]) for r in audit_records(monitor) if r["type"] == "test.crash"]

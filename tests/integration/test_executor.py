@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 import agent_vm
+from agentvm.common import tls
 from agentvm.common.auth import aio_token_interceptors
 from agentvm.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 from tests.vmharness import REPO, ExecutorProcess, VMManagerProcess, libvirt_domains, wait_for
@@ -253,7 +254,14 @@ def test_client_cancel_destroys_the_vm(executor: ExecutorProcess, vmm: VMManager
 
     async def main() -> None:
         token = aio_token_interceptors(executor.token)
-        async with grpc.aio.insecure_channel(executor.address, interceptors=token) as ch:
+        credentials = executor.caller().credentials
+        assert credentials is not None
+        async with grpc.aio.secure_channel(
+            executor.address,
+            credentials,
+            options=tls.target_options("executor"),
+            interceptors=token,
+        ) as ch:
             stub = executor_pb2_grpc.ExecutorServiceStub(ch)
             req = executor_pb2.RunRequest(
                 spec=executor_pb2.SandboxSpec(
@@ -311,14 +319,21 @@ def test_buf_curl_calls_run_from_outside_python(executor: ExecutorProcess) -> No
             "curl",
             "--protocol",
             "grpc",
-            "--http2-prior-knowledge",
             "--unix-socket",
             sock,
+            # Mutual TLS with the installation's client certificate; the URL's host
+            # is the name in the executor's certificate.
+            "--cacert",
+            str(executor.tls_dir / "ca.pem"),
+            "--cert",
+            str(executor.tls_dir / "client.pem"),
+            "--key",
+            str(executor.tls_dir / "client.key"),
             "-H",
             f"Authorization: Bearer {executor.token}",
             "-d",
             body,
-            "http://localhost/agentvm.v1.ExecutorService/Run",
+            "https://executor.agent-vm/agentvm.v1.ExecutorService/Run",
         ],
         capture_output=True,
         text=True,

@@ -355,11 +355,11 @@ def test_audit_log_of_the_session_verifies_and_tampering_is_caught(
     wait_records(monitor_proc, lambda r: r["type"] == "execution.finished")
     # The session monitor rotates at a small size: report enough (as a service
     # would) that the chain spans several files whatever ran before.
-    stub = monitor_pb2_grpc.MonitorServiceStub(monitor_proc.channel())
+    stub = monitor_pb2_grpc.MonitorServiceStub(monitor_proc.channel("executor"))
     for batch in range(3):
         events = []
         for i in range(100):
-            ev = make_event("test", f"test/{time.time_ns()}/{batch}/{i}", "test.filler")
+            ev = make_event("executor", f"test/{time.time_ns()}/{batch}/{i}", "test.filler")
             ev.attributes.update({"pad": "x" * 400, "i": i})
             events.append(ev)
         resp = stub.ReportEvents(monitor_pb2.ReportEventsRequest(events=events), timeout=30)

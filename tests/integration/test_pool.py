@@ -25,9 +25,12 @@ KEY = pool_manager_pb2.PoolKey(
 
 
 def acquire(
-    pm: PoolManagerProcess, timeout: float = 120.0, **labels: str
+    pm: PoolManagerProcess,
+    timeout: float = 120.0,
+    label_map: dict[str, str] | None = None,
+    **labels: str,
 ) -> pool_manager_pb2.AcquireVMResponse:
-    req = pool_manager_pb2.AcquireVMRequest(key=KEY, labels=labels)
+    req = pool_manager_pb2.AcquireVMRequest(key=KEY, labels={**(label_map or {}), **labels})
     req.timeout.FromNanoseconds(int(timeout * 1e9))
     return pm.pool_stub().AcquireVM(req, timeout=timeout + 10)
 
@@ -240,6 +243,81 @@ def test_ten_concurrent_executions_through_the_executor_and_the_pool(
         st = pm.status()
         assert st.acquired_total == 10
         print(f"10 concurrent executions through the pool: {wall:.1f} s")
+    finally:
+        ex.stop()
+    pm.wait_status(lambda s: s.in_use == 0)
+
+
+@pytest.mark.pools("standard:min=0,max=2,ttl=600")
+@pytest.mark.parametrize("delay", [0.3, 2.0])
+def test_kill_9_mid_acquire_leaves_every_vm_accounted_for(
+    vmm: VMManagerProcess, pm: PoolManagerProcess, delay: float
+) -> None:
+    """pool-manager dies while an acquire makes a VM on demand: after the restart
+    every pool VM it left is either destroyed or held by a lease it lists (which
+    can be released), and nothing is left once those are released."""
+    outcome: list[object] = []
+
+    def cut_short() -> None:
+        try:
+            outcome.append(acquire(pm, timeout=60, owner="cut-short"))
+        except grpc.RpcError as exc:
+            outcome.append(exc.code())
+
+    caller = threading.Thread(target=cut_short)
+    caller.start()
+    time.sleep(delay)
+    pm.stop(signal.SIGKILL)
+    caller.join(70)
+    assert outcome, "the acquire never ended"
+    pm.start()
+    leases = pm.pool_stub().ListLeases(pool_manager_pb2.ListLeasesRequest(), timeout=10).leases
+    leased = {lease.vm_name for lease in leases}
+    assert {v.name for v in pool_vms(vmm, pm)} <= leased, "a pool VM nobody can release"
+    assert all(lease.labels.get("owner") == "cut-short" for lease in leases)
+    for lease in leases:
+        release(pm, lease.lease_id)
+    wait_no_vms(vmm, pm)
+    # The restarted pool serves.
+    got = acquire(pm, timeout=120)
+    assert execute(got.vm.agent_endpoint, "true").status.exit_code == 0
+    release(pm, got.lease_id)
+
+
+@pytest.mark.pools("standard:min=1,max=3,ttl=600")
+def test_the_executor_releases_a_lease_whose_answer_it_never_got(
+    vmm: VMManagerProcess, pm: PoolManagerProcess
+) -> None:
+    """A lease pool-manager recorded but whose AcquireVM answer was lost (killed
+    before replying) holds a VM nobody uses: the executor that owns it (by its
+    labels) releases it in its periodic sweep, and keeps its open sandboxes'."""
+    ex = ExecutorProcess(
+        base=vmm.base,
+        prefix=vmm.prefix,
+        name="executor-sweep",
+        pool=pm.address,
+        extra_env={"AGENTVM_RECONCILE_INTERVAL": "2"},
+    )
+    ex.start()
+    try:
+        pm.wait_status(lambda s: s.ready == 1)
+        with agent_vm.Sandbox.create(address=ex.address, network="isolated", lifetime=600) as kept:
+            pm.wait_status(lambda s: s.in_use == 1)
+            lost = acquire(
+                pm,
+                label_map={
+                    "agent-vm/owner": "executor",
+                    "agent-vm/executor": ex.address,
+                    "agent-vm/sandbox": "sb-answerlost",
+                },
+            )
+            deadline = time.monotonic() + 30
+            while lost.vm.name in {v.name for v in pool_vms(vmm, pm)}:
+                assert time.monotonic() < deadline, "the lost lease was never released"
+                time.sleep(0.5)
+            leases = pm.pool_stub().ListLeases(pool_manager_pb2.ListLeasesRequest(), timeout=10)
+            assert [lease.vm_name for lease in leases.leases] == [kept.vm_name]
+            assert kept.run("true").exit_code == 0
     finally:
         ex.stop()
     pm.wait_status(lambda s: s.in_use == 0)

@@ -21,9 +21,8 @@ from typing import Any
 import grpc
 
 from agentvm.cli.bench import qemu_rss_mib
-from agentvm.common.auth import client_token
 from agentvm.common.config import Settings
-from agentvm.common.grpc_util import service_channel, sync_channel
+from agentvm.common.grpc_util import Caller, sync_channel
 from agentvm.v1 import (
     common_pb2,
     guest_agent_pb2,
@@ -76,7 +75,8 @@ def host_true(n: int) -> list[float]:
 
 
 def run(address: str, vms: int, calls: int) -> dict[str, Any]:
-    stub = vm_manager_pb2_grpc.VMManagerServiceStub(service_channel(address, client_token()))
+    caller = Caller.of(Settings())
+    stub = vm_manager_pb2_grpc.VMManagerServiceStub(caller.channel(address, "vm-manager"))
     host = stub.GetHostInfo(vm_manager_pb2.GetHostInfoRequest(), timeout=10)
     boots: list[float] = []
     rtts: list[float] = []
@@ -185,6 +185,7 @@ def main() -> None:
 
     with lone_vmm_process() as vmm:
         os.environ["AGENTVM_TOKEN_FILE"] = str(vmm.token_file)
+        os.environ["AGENTVM_TLS_DIR"] = str(vmm.tls_dir)
         print(json.dumps(run(vmm.address, args.vms, args.calls), indent=2))
 
 

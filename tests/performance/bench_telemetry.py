@@ -1,5 +1,6 @@
-"""What observability costs: gRPC call latency with and without agent-vm's server
-interceptors and tracing, and how fast monitor takes events into the audit log.
+"""What observability and authentication cost: gRPC call latency with and without
+agent-vm's server interceptors, token auth, mutual TLS and tracing, and how fast
+monitor takes events into the audit log.
 
     .venv/bin/python -m tests.performance.bench_telemetry --calls 2000 --events 20000
 
@@ -24,7 +25,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-from agentvm.common import auth, grpc_util, telemetry
+from agentvm.common import auth, grpc_util, telemetry, tls
 from agentvm.common.config import Settings
 from agentvm.common.events import EventReporter, make_event
 from agentvm.monitor.anomaly import Detector, Responses, Thresholds
@@ -53,8 +54,18 @@ async def _echo(request: bytes, context: Any) -> bytes:
 
 
 async def _latency(
-    sock: Path, interceptors: list[Any], calls: int, traced: bool, token: str = ""
+    sock: Path,
+    interceptors: list[Any],
+    calls: int,
+    traced: bool,
+    token: str = "",
+    tls_dir: Path | None = None,
+    setups: list[float] | None = None,
 ) -> list[float]:
+    """Unary call latencies (ms); with ``tls_dir``, over mutual TLS as between services.
+
+    ``setups`` gets the time of a new channel's first call (connection and handshake).
+    """
     server = grpc.aio.server(interceptors=interceptors or None)
     server.add_generic_rpc_handlers(
         (
@@ -63,7 +74,14 @@ async def _latency(
             ),
         )
     )
-    server.add_insecure_port(f"unix:{sock}")
+    if tls_dir is None:
+        server.add_insecure_port(f"unix:{sock}")
+        grpc_util._CREDENTIALS.clear()
+    else:
+        server.add_secure_port(
+            f"unix:{sock}", tls.server_credentials(tls.files_in(tls_dir, "monitor"))
+        )
+        grpc_util._CREDENTIALS[:] = [tls.channel_credentials(tls.files_in(tls_dir, "executor"))]
     await server.start()
     saved = list(grpc_util.CLIENT_INTERCEPTORS)
     if not traced:
@@ -71,7 +89,8 @@ async def _latency(
     # The token a service's channels send (grpc_util.setup_auth sets it).
     grpc_util._TOKEN[:] = [token] if token else []
     try:
-        async with grpc_util.aio_channel(f"unix:{sock}") as ch:
+        await _setup_times(sock, setups)
+        async with grpc_util.aio_channel(f"unix:{sock}", "monitor") as ch:
             call = ch.unary_unary("/bench.S/Do", None, None)
             for _ in range(50):
                 await call(b"x")
@@ -84,7 +103,19 @@ async def _latency(
     finally:
         grpc_util.CLIENT_INTERCEPTORS[:] = saved
         grpc_util._TOKEN.clear()
+        grpc_util._CREDENTIALS.clear()
         await server.stop(None)
+
+
+async def _setup_times(sock: Path, out: list[float] | None) -> None:
+    """Append to ``out`` the time of 20 new channels' first calls (connect + handshake)."""
+    if out is None:
+        return
+    for _ in range(20):
+        t0 = time.perf_counter()
+        async with grpc_util.aio_channel(f"unix:{sock}", "monitor") as fresh:
+            await fresh.unary_unary("/bench.S/Do", None, None)(b"x")
+        out.append((time.perf_counter() - t0) * 1000)
 
 
 async def _ingest(tmp: Path, events: int) -> dict[str, float]:
@@ -140,7 +171,9 @@ async def main(calls: int, events: int) -> dict[str, Any]:
         tmp = Path(d)
         # Events are built and queued as in a service (never sent: not started).
         sink = EventReporter("bench", f"unix:{tmp}/nobody.sock", capacity=calls * 4)
-        bare = await _latency(tmp / "a.sock", [], calls, traced=False)
+        plain_setup: list[float] = []
+        tls_setup: list[float] = []
+        bare = await _latency(tmp / "a.sock", [], calls, traced=False, setups=plain_setup)
         observed = await _latency(tmp / "b.sock", [telemetry.CallObserver(sink)], calls, False)
         token = "ab" * 32
         authed = await _latency(
@@ -149,6 +182,16 @@ async def main(calls: int, events: int) -> dict[str, Any]:
             calls,
             False,
             token=token,
+        )
+        tls.ensure(tmp / "tls")
+        mutual = await _latency(
+            tmp / "e.sock",
+            [telemetry.CallObserver(sink), auth.TokenAuth(token, tmp / "token")],
+            calls,
+            False,
+            token=token,
+            tls_dir=tmp / "tls",
+            setups=tls_setup,
         )
         traced = await _latency(
             tmp / "c.sock", list(telemetry.server_interceptors(sink, provider)), calls, True
@@ -169,6 +212,11 @@ async def main(calls: int, events: int) -> dict[str, Any]:
         "unary_call_ms_bare": fig(bare),
         "unary_call_ms_call_observer": fig(observed),
         "unary_call_ms_observer_and_token_auth": fig(authed),
+        "unary_call_ms_observer_token_and_mutual_tls": fig(mutual),
+        "new_channel_first_call_ms": {
+            "plaintext_p50": round(statistics.median(plain_setup), 3),
+            "mutual_tls_p50": round(statistics.median(tls_setup), 3),
+        },
         "unary_call_ms_observer_and_tracing": fig(traced),
         "monitor_ingest": ingest,
     }

@@ -102,7 +102,14 @@ def test_telemetry_benchmark_prints_figures(vmm: VMManagerProcess) -> None:
         ],
         vmm.env,
     )
-    for key in ("bare", "call_observer", "observer_and_token_auth", "observer_and_tracing"):
+    for key in (
+        "bare",
+        "call_observer",
+        "observer_and_token_auth",
+        "observer_token_and_mutual_tls",
+        "observer_and_tracing",
+    ):
         assert figures[f"unary_call_ms_{key}"]["n"] == 200
         assert figures[f"unary_call_ms_{key}"]["p50_over_bare"] > 0
+    assert figures["new_channel_first_call_ms"]["mutual_tls_p50"] > 0
     assert figures["monitor_ingest"]["events_per_s_to_disk"] > 0

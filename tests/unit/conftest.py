@@ -55,3 +55,11 @@ def guest(echo_server: EchoServer) -> Iterator[GuestSide]:
         yield side
     finally:
         side.close()
+
+
+@pytest.fixture(autouse=True)
+def plaintext_services(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process servers of the unit tests serve plaintext: callers built from the
+    environment (Settings, the Python client) never look for the installation's
+    certificates. tls.py and test_tls.py cover mutual TLS."""
+    monkeypatch.setenv("AGENTVM_TLS", "off")

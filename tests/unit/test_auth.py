@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agentvm.common import auth
-from agentvm.common.grpc_util import service_channel, sync_channel
+from agentvm.common.grpc_util import Caller, sync_channel
 
 TOKEN = "a" * 64
 SERVICE = "test.Echo"
@@ -109,7 +109,7 @@ def test_calls_without_the_right_token_are_unauthenticated_and_run_nothing(
 ) -> None:
     address, echo = server
     kw: dict[str, Any] = {"request_serializer": _identity, "response_deserializer": _identity}
-    with service_channel(address, token) as ch:
+    with Caller(token, None).channel(address, "vm-manager") as ch:
         calls: list[Callable[[], object]] = [
             lambda: ch.unary_unary(f"/{SERVICE}/UU", **kw)(b"x", timeout=5),
             lambda: list(ch.unary_stream(f"/{SERVICE}/US", **kw)(b"y", timeout=5)),
@@ -129,7 +129,7 @@ def test_calls_without_the_right_token_are_unauthenticated_and_run_nothing(
 
 def test_the_right_token_passes_every_kind_of_call(server: tuple[str, Echo]) -> None:
     address, echo = server
-    with service_channel(address, TOKEN) as ch:
+    with Caller(TOKEN, None).channel(address, "vm-manager") as ch:
         assert call_all(ch) == [b"x", b"y", b"y", b"ab", b"c"]
     assert echo.calls == 4
 

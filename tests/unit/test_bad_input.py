@@ -32,7 +32,12 @@ import agent_vm
 from agent_vm import _async
 from agentvm.cli.main import MAX_INLINE_INPUT, cli
 from agentvm.common.config import Settings
-from agentvm.common.grpc_util import MAX_MESSAGE_BYTES, SERVER_OPTIONS, aio_channel
+from agentvm.common.grpc_util import (
+    MAX_MESSAGE_BYTES,
+    SERVER_OPTIONS,
+    aio_channel,
+    guest_channel,
+)
 from agentvm.executor.executor import AgentExecutor, SandboxState
 from agentvm.executor.servicer import ExecutorServicer
 from agentvm.v1 import (
@@ -68,6 +73,8 @@ def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("AGENTVM_"):
             monkeypatch.delenv(name)
+    # The in-process services here serve plaintext.
+    monkeypatch.setenv("AGENTVM_TLS", "off")
 
 
 # -- the services, in-process ---------------------------------------------------------
@@ -158,7 +165,7 @@ def sandbox(sid: str, endpoint: str, mode: int, workspace: Path) -> SandboxState
         created_at=now,
         expires_at=now + 600,
         boot_duration=0.0,
-        channel=aio_channel(endpoint),
+        channel=guest_channel(endpoint),
     )
 
 
@@ -204,7 +211,7 @@ def services(tmp_path: Path, cache: Path, libvirt_uri: str = "test:///default") 
             VMManagerServicer(manager, images), server
         )
         server.add_insecure_port(settings.vm_manager_addr)
-        channel = aio_channel(settings.vm_manager_addr)
+        channel = aio_channel(settings.vm_manager_addr, "vm-manager")
         executor = AgentExecutor(settings, vm_manager_pb2_grpc.VMManagerServiceStub(channel))
         executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(executor), server)
         server.add_insecure_port(settings.executor_addr)
@@ -397,7 +404,7 @@ def test_pool_manager_refuses_an_unknown_network_mode() -> None:
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
-            async with aio_channel(f"127.0.0.1:{port}") as channel:
+            async with aio_channel(f"127.0.0.1:{port}", "pool-manager") as channel:
                 stub = pool_manager_pb2_grpc.PoolManagerServiceStub(channel)
                 for key, words in (
                     (pool_manager_pb2.PoolKey(network_mode=99), ("unknown network mode 99",)),  # type: ignore[arg-type]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
+from agentvm.cli import doctor
 from agentvm.cli.doctor import Check, cgroup_controllers, qemu_confinement
+from agentvm.common import tls
+from agentvm.common.config import Settings
 
 CAPS = """<capabilities><host>
   <secmodel><model>{model}</model><doi>0</doi></secmodel>
@@ -76,3 +80,30 @@ def test_cgroup_controllers_from_v1_and_v2_mounts(tmp_path: Path) -> None:
         "proc /proc proc rw 0 0\n"
     )
     assert cgroup_controllers(v1, lambda p: "") == {"cpu", "io"}
+
+
+def test_auth_checks_report_token_and_certificate_expiry(tmp_path: Path) -> None:
+    tls.ensure(tmp_path / "tls")
+    settings = Settings(tls="mutual", tls_dir=tmp_path / "tls", token_file=tmp_path / "token")
+    token, mtls = doctor.auth_checks(settings)
+    assert token.ok
+    assert str(tmp_path / "token") in token.detail
+    assert mtls.ok
+    assert "CA 3649" in mtls.detail or "CA 3650" in mtls.detail
+    assert "client 82" in mtls.detail  # 825 days
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=900)
+    _, expired = doctor.auth_checks(settings, now=later)
+    assert not expired.ok
+    assert expired.required
+    assert "new CA" in expired.fix
+
+
+def test_auth_checks_name_missing_certificates_and_show_opt_outs(tmp_path: Path) -> None:
+    _, missing = doctor.auth_checks(Settings(tls="mutual", tls_dir=tmp_path / "none"))
+    assert not missing.ok
+    assert "agent-vm up" in missing.fix
+    token, plain = doctor.auth_checks(Settings(tls="off", auth="none"))
+    assert not token.ok
+    assert not token.required
+    assert not plain.ok
+    assert not plain.required

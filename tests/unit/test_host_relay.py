@@ -119,7 +119,7 @@ def test_get_status_through_the_relay(stack: Stack) -> None:
         await relay.start()
         try:
             assert stat.S_IMODE(os.stat(relay.listen_path).st_mode) == 0o600
-            async with aio_channel(stack.target) as ch:
+            async with aio_channel(stack.target, "vm-manager") as ch:
                 info = await get_status(ch)
             assert info.agent_version == __version__
             assert info.hostname == os.uname().nodename
@@ -183,7 +183,7 @@ def test_channel_reconnect_starts_a_new_session(stack: Stack) -> None:
         relay = stack.relay()
         await relay.start()
         try:
-            async with aio_channel(stack.target) as ch:
+            async with aio_channel(stack.target, "vm-manager") as ch:
                 await get_status(ch)
                 stack.channel.drop()  # libvirt's channel connection goes away
                 assert await async_wait_until(lambda: not session_open(relay))
@@ -205,7 +205,7 @@ def test_garbage_from_the_guest_ends_the_session(stack: Stack) -> None:
         relay = stack.relay()
         await relay.start()
         try:
-            async with aio_channel(stack.target) as ch:
+            async with aio_channel(stack.target, "vm-manager") as ch:
                 await get_status(ch)
                 stack.channel.inject(b"this is not a frame")
                 assert await async_wait_until(lambda: relay.protocol_errors == 1)
@@ -224,7 +224,7 @@ def test_guest_may_not_open_streams(stack: Stack) -> None:
         relay = stack.relay()
         await relay.start()
         try:
-            async with aio_channel(stack.target) as ch:
+            async with aio_channel(stack.target, "vm-manager") as ch:
                 await get_status(ch)
                 stack.channel.inject(mux.encode(FrameType.OPEN, 2))
                 assert await async_wait_until(lambda: relay.protocol_errors == 1)

@@ -19,7 +19,7 @@ from agentvm.common.errors import InvalidArgument
 from agentvm.common.events import EventReporter, make_event
 from agentvm.common.grpc_util import aio_channel
 from agentvm.monitor.anomaly import Detector, Responses, Thresholds
-from agentvm.monitor.audit import AuditLog, verify
+from agentvm.monitor.audit import AuditLog, recent_event_ids, verify
 from agentvm.monitor.metrics import StateCollector
 from agentvm.monitor.monitor import Monitor
 from agentvm.monitor.servicer import MonitorServicer
@@ -95,6 +95,45 @@ def test_ingest_writes_a_verifiable_log_counts_metrics_and_drops_duplicates(
     run_async(main())
 
 
+def test_a_batch_written_before_a_crash_is_not_logged_again_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    """monitor died after writing a batch but before acknowledging it: the reporter
+    sends it again to the next monitor, which knows its ids from the log's tail."""
+
+    async def main() -> None:
+        first = new_monitor(tmp_path)
+        await first.start()
+        batch = [event(i, "vm.ready") for i in range(10, 20)]
+        assert await first.ingest(batch, dropped=0, reporter="executor") == 10
+        # No close(): the process is gone (the records are on disk, fsync'ed).
+        first.audit.close()
+        second = new_monitor(tmp_path)
+        await second.start()
+        assert await second.ingest(batch, dropped=0, reporter="executor") == 0
+        assert await second.ingest([event(20, "vm.ready")], 0, "executor") == 1
+        await second.close()
+        await first.close()
+
+    run_async(main())
+    ids = recent_event_ids(tmp_path / "audit")
+    assert [i for i in ids if i.startswith("executor/")] == [
+        f"executor/test/{i}" for i in range(10, 21)
+    ]
+
+
+def test_recent_event_ids_span_rotation_and_skip_torn_lines(tmp_path: Path) -> None:
+    d = tmp_path / "audit"
+    d.mkdir()
+    (d / "audit-000000000001.log").write_text(
+        "".join(f'{{"event_id": "old/{i}"}}\n' for i in range(3))
+    )
+    (d / "audit.log").write_text('{"event_id": "new/0"}\nnot json\n{"event_id": "new/1"}\n{"ev')
+    assert recent_event_ids(d) == ["old/0", "old/1", "old/2", "new/0", "new/1"]
+    # Only the newest bytes count: the first (cut) line of the window is skipped.
+    assert recent_event_ids(d, max_bytes=30) == ["new/1"]
+
+
 def test_process_storm_from_stats_kills_through_vm_manager(tmp_path: Path) -> None:
     async def main() -> None:
         vmm = FakeVMM()
@@ -126,7 +165,7 @@ def test_servicer_rejects_bad_batches(tmp_path: Path) -> None:
         server.add_insecure_port(f"unix:{sock}")
         await server.start()
         try:
-            async with aio_channel(f"unix:{sock}") as ch:
+            async with aio_channel(f"unix:{sock}", "monitor") as ch:
                 stub = monitor_pb2_grpc.MonitorServiceStub(ch)
                 bad = monitor_pb2.Event(id="x", service="s", type="NoDots")
                 with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -185,7 +224,7 @@ def test_call_observer_counts_calls_and_reports_mutations_and_failures(tmp_path:
         await server.start()
         before = metric("agentvm_grpc_server_handled_total", method="t.S/Do", code="OK")
         try:
-            async with aio_channel(f"unix:{sock}") as ch:
+            async with aio_channel(f"unix:{sock}", "monitor") as ch:
                 assert await ch.unary_unary("/t.S/Do", None, None)(b"x") == b"x"
                 assert await ch.unary_unary("/t.S/GetThing", None, None)(b"x") == b"x"
                 with pytest.raises(grpc.aio.AioRpcError):

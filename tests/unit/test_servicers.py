@@ -128,7 +128,7 @@ def run_servicer_test(tmp_path: Path, cache: Path, body: object) -> None:
         server.add_insecure_port(address)
         await server.start()
         try:
-            async with aio_channel(address) as channel:
+            async with aio_channel(address, "vm-manager") as channel:
                 stub = vm_manager_pb2_grpc.VMManagerServiceStub(channel)
                 assert callable(body)
                 await body(stub)
@@ -250,3 +250,23 @@ def test_orphaned_vms_are_the_executors_own_without_an_open_sandbox() -> None:
     got = orphaned_vms(vms, {"sb-1"}, now=1000, min_age=60)
     assert [v.name for v in got] == ["orphan", "no-sandbox-label"]
     assert [v.name for v in orphaned_vms(vms, {"sb-1"})] == ["orphan", "no-sandbox-label", "young"]
+
+
+def test_orphaned_leases_are_the_ones_no_sandbox_holds_unless_being_created() -> None:
+    from agentvm.executor.executor import orphaned_leases
+    from agentvm.v1 import pool_manager_pb2
+
+    def lease(lease_id: str, sandbox: str) -> pool_manager_pb2.Lease:
+        return pool_manager_pb2.Lease(
+            lease_id=lease_id, vm_name=f"vm-{lease_id}", labels={"agent-vm/sandbox": sandbox}
+        )
+
+    leases = [
+        lease("held", "sb-1"),
+        # The sandbox fell back to a VM of its own: its lost lease is not held.
+        lease("lost", "sb-1"),
+        lease("creating", "sb-2"),
+        lease("closed", "sb-3"),
+    ]
+    got = orphaned_leases(leases, held={"held"}, creating={"sb-2"})
+    assert [x.lease_id for x in got] == ["lost", "closed"]

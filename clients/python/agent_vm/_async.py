@@ -18,10 +18,13 @@ from agent_vm.errors import (
     AgentVMError,
     CommandExitError,
     CommandTimeoutError,
+    FailedPreconditionError,
     NotFoundError,
     from_rpc,
 )
+from agentvm.common import tls
 from agentvm.common.auth import aio_token_interceptors, client_token
+from agentvm.common.config import DEFAULT_TLS_DIR
 from agentvm.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 
 DEFAULT_ADDRESS = "unix:/run/agent-vm/executor.sock"
@@ -75,18 +78,35 @@ def _trace_interceptors() -> list[Any] | None:
 
 def _channel(address: str) -> grpc.aio.Channel:
     """A channel to the executor, sending the installation's token (AGENTVM_TOKEN or
-    AGENTVM_TOKEN_FILE) when this process has one."""
+    AGENTVM_TOKEN_FILE) when this process has one, over mutual TLS with the
+    installation's client certificate unless AGENTVM_TLS=off (AGENTVM_TLS_DIR, or
+    AGENTVM_TLS_CA/CERT/KEY)."""
     interceptors: list[Any] = list(_trace_interceptors() or ())
     token = client_token()
     if token is not None:
         interceptors += aio_token_interceptors(token)
-    return grpc.aio.insecure_channel(
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+        ("grpc.max_send_message_length", 32 * 1024 * 1024),
+        ("grpc.enable_http_proxy", 0),
+    ]
+    try:
+        files = tls.for_identity(
+            os.environ.get("AGENTVM_TLS", "mutual"),
+            Path(os.environ.get("AGENTVM_TLS_DIR", DEFAULT_TLS_DIR)),
+            tls.CLIENT,
+        )
+        credentials = None if files is None else tls.channel_credentials(files)
+    except tls.TLSError as exc:
+        raise FailedPreconditionError(str(exc)) from None
+    if credentials is None:
+        return grpc.aio.insecure_channel(
+            address, options=options, interceptors=interceptors or None
+        )
+    return grpc.aio.secure_channel(
         address,
-        options=[
-            ("grpc.max_receive_message_length", 32 * 1024 * 1024),
-            ("grpc.max_send_message_length", 32 * 1024 * 1024),
-            ("grpc.enable_http_proxy", 0),
-        ],
+        credentials,
+        options=[*options, *tls.target_options("executor")],
         interceptors=interceptors or None,
     )
 

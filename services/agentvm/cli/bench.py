@@ -29,10 +29,9 @@ from typing import Any
 
 import grpc
 
-from agentvm.common.auth import settings_token
 from agentvm.common.config import Settings
 from agentvm.common.errors import FailedPrecondition
-from agentvm.common.grpc_util import service_channel, sync_channel
+from agentvm.common.grpc_util import Caller, sync_channel
 from agentvm.v1 import (
     common_pb2,
     guest_agent_pb2,
@@ -100,12 +99,12 @@ class Bench:
     def __init__(self, settings: Settings, progress: Callable[[str], None]) -> None:
         self.settings = settings
         self.progress = progress
-        token = settings_token(settings)
+        caller = Caller.of(settings)
         self.vmm = vm_manager_pb2_grpc.VMManagerServiceStub(
-            service_channel(settings.vm_manager_addr, token)
+            caller.channel(settings.vm_manager_addr, "vm-manager")
         )
         self.pool = pool_manager_pb2_grpc.PoolManagerServiceStub(
-            service_channel(settings.pool_manager_addr, token)
+            caller.channel(settings.pool_manager_addr, "pool-manager")
         )
 
     def destroy(self, name: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import grp
 import os
 import pwd
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agentvm.cli.services import health, service_specs
+from agentvm.common import tls
 from agentvm.common.config import Settings
 from agentvm.common.errors import AgentVMError
 from agentvm.vm_manager.accel import detect
@@ -31,6 +33,64 @@ class Check:
     fix: str = ""
     # Informational checks never fail the doctor.
     required: bool = True
+
+
+def auth_checks(settings: Settings, now: datetime.datetime | None = None) -> list[Check]:
+    """How callers are authenticated: the token, and mutual TLS with its expiry dates."""
+    token = (
+        "off (AGENTVM_AUTH=none): any process that can open the sockets may call"
+        if settings.auth == "none"
+        else f"bearer token in {settings.token_file}"
+    )
+    # Turning either off is the operator's choice: shown, never a failure.
+    checks = [
+        Check(
+            "caller token",
+            settings.auth != "none",
+            token,
+            "unset AGENTVM_AUTH",
+            required=settings.auth != "none",
+        )
+    ]
+    if settings.tls == "off":
+        checks.append(
+            Check(
+                "mutual TLS",
+                False,
+                "off (AGENTVM_TLS=off): services serve plaintext",
+                "unset AGENTVM_TLS and run `agent-vm up`",
+                required=False,
+            )
+        )
+        return checks
+    now = now or datetime.datetime.now(datetime.UTC)
+    try:
+        files, _ = tls.configured_files(settings.tls_dir, tls.CLIENT)
+        left = {
+            "CA": (tls.expires(files.ca) - now).days,
+            "client": (tls.expires(files.cert) - now).days,
+        }
+    except (OSError, ValueError, tls.TLSError) as exc:
+        return [
+            *checks,
+            Check(
+                "mutual TLS",
+                False,
+                f"the installation's certificates in {settings.tls_dir} are not usable: {exc}",
+                "run `agent-vm up` as the services' user",
+            ),
+        ]
+    soon = min(left.values())
+    checks.append(
+        Check(
+            "mutual TLS",
+            soon > 0,
+            f"CA {files.ca}; days left: "
+            + ", ".join(f"{who} {days}" for who, days in left.items()),
+            f"move {settings.tls_dir} away and run `agent-vm up` (new CA)",
+        )
+    )
+    return checks
 
 
 def _traversable_by_others(path: Path) -> Path | None:
@@ -342,8 +402,9 @@ def run_checks(settings: Settings) -> list[Check]:
         checks += qemu_confinement(
             caps_xml, _read(QEMU_CONF), _running_qemu_cmdlines(), controllers
         )
+    checks += auth_checks(settings)
     for spec in service_specs(settings):
-        status = health(spec.address)
+        status = health(settings, spec)
         checks.append(
             Check(
                 f"service {spec.name}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -18,10 +19,10 @@ from google.protobuf.json_format import MessageToDict, MessageToJson
 from agentvm.cli import bench as bench_mod
 from agentvm.cli import doctor as doctor_mod
 from agentvm.cli import services
-from agentvm.common.auth import settings_token
+from agentvm.common import tls
 from agentvm.common.config import Settings
 from agentvm.common.errors import AgentVMError
-from agentvm.common.grpc_util import service_channel, sync_channel
+from agentvm.common.grpc_util import Caller, sync_channel
 from agentvm.v1 import (
     common_pb2,
     executor_pb2,
@@ -124,14 +125,15 @@ def settings() -> Settings:
         fail(exc.message)
 
 
-def service(address: str) -> grpc.Channel:
-    """A channel to an agent-vm service, with the installation's token."""
-    s = settings()
-    return service_channel(address, settings_token(s))
+def service(address: str, name: str) -> grpc.Channel:
+    """A channel to the agent-vm service ``name``: the installation's token and certificate."""
+    return Caller.of(settings()).channel(address, name)
 
 
 def vm_stub() -> vm_manager_pb2_grpc.VMManagerServiceStub:
-    return vm_manager_pb2_grpc.VMManagerServiceStub(service(settings().vm_manager_addr))
+    return vm_manager_pb2_grpc.VMManagerServiceStub(
+        service(settings().vm_manager_addr, "vm-manager")
+    )
 
 
 def print_json(msg: Any) -> None:
@@ -150,6 +152,13 @@ def cli() -> None:
 def up() -> None:
     """Start every agent-vm service (idempotent)."""
     s = settings()
+    if s.tls == "mutual" and not os.environ.get("AGENTVM_TLS_CERT"):
+        try:
+            made = tls.ensure(s.tls_dir)
+        except tls.TLSError as exc:
+            fail(str(exc))
+        if made:
+            click.echo(f"tls: certificates for {', '.join(made)} in {s.tls_dir}")
     for spec in services.service_specs(s):
         try:
             click.echo(f"{spec.name}: {services.start(s, spec)}")
@@ -197,7 +206,7 @@ def gc(dry_run: bool, min_age: float) -> None:
     for address, group in sorted(by_executor.items()):
         where = f"executor {address or '(unknown)'}"
         try:
-            stub = executor_pb2_grpc.ExecutorServiceStub(service(address))
+            stub = executor_pb2_grpc.ExecutorServiceStub(service(address, "executor"))
             resp = stub.ListSandboxes(executor_pb2.ListSandboxesRequest(), timeout=10)
             open_ids = {sb.id for sb in resp.sandboxes}
         except grpc.RpcError as exc:
@@ -361,7 +370,9 @@ def pool() -> None:
 @handle_errors
 def pool_status(as_json: bool) -> None:
     """Show each pool: ready, in use and warming VMs, and its counters."""
-    stub = pool_manager_pb2_grpc.PoolManagerServiceStub(service(settings().pool_manager_addr))
+    stub = pool_manager_pb2_grpc.PoolManagerServiceStub(
+        service(settings().pool_manager_addr, "pool-manager")
+    )
     resp = stub.GetPoolStatus(pool_manager_pb2.GetPoolStatusRequest(), timeout=10)
     if as_json:
         print_json(resp)
@@ -751,7 +762,7 @@ def _save_outputs(dest: Path, contents: Mapping[str, bytes]) -> None:
 @handle_errors
 def alerts_cmd(as_json: bool) -> None:
     """Print the monitor's alerts (anomalies and the responses taken) as they happen."""
-    channel = service(settings().monitor_addr)
+    channel = service(settings().monitor_addr, "monitor")
     stub = monitor_pb2_grpc.MonitorServiceStub(channel)
     try:
         for resp in stub.WatchAlerts(monitor_pb2.WatchAlertsRequest()):

@@ -15,7 +15,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentvm.common.config import Settings
-from agentvm.common.grpc_util import sync_channel
+from agentvm.common.errors import AgentVMError
+from agentvm.common.grpc_util import Caller
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,14 @@ def service_specs(settings: Settings) -> list[ServiceSpec]:
     ]
 
 
-def health(address: str, timeout: float = 1.0) -> str:
-    """SERVING / NOT_SERVING / UNREACHABLE for a service address."""
+def health(settings: Settings, spec: ServiceSpec, timeout: float = 1.0) -> str:
+    """SERVING / NOT_SERVING / UNREACHABLE for a service (NO CERTIFICATE: cannot call it)."""
     try:
-        with sync_channel(address) as channel:
+        caller = Caller.of(settings)
+    except AgentVMError:
+        return "NO CERTIFICATE"
+    try:
+        with caller.bare(spec.address, spec.name) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
             return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
@@ -86,7 +91,7 @@ def read_pid(settings: Settings, spec: ServiceSpec) -> int | None:
 
 def start(settings: Settings, spec: ServiceSpec, timeout: float = 20.0) -> str:
     """Start ``spec`` unless it already serves; returns what was done."""
-    if health(spec.address) == "SERVING":
+    if health(settings, spec) == "SERVING":
         return "already running"
     pid = read_pid(settings, spec)
     if pid is not None:
@@ -111,7 +116,7 @@ def start(settings: Settings, spec: ServiceSpec, timeout: float = 20.0) -> str:
             raise RuntimeError(
                 f"{spec.name} exited with status {proc.returncode} at start; see {log_path}"
             )
-        if health(spec.address, 0.5) == "SERVING":
+        if health(settings, spec, 0.5) == "SERVING":
             return f"started (pid {proc.pid}, log {log_path})"
         time.sleep(0.1)
     raise RuntimeError(f"{spec.name} did not become healthy within {timeout:.0f} s; see {log_path}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_TOKEN_FILE = "/etc/agent-vm/token"  # noqa: S105 (a path, not a secret)
+DEFAULT_TLS_DIR = "/etc/agent-vm/tls"
 
 # Default /metrics ports of each service (AGENTVM_<SERVICE>_METRICS_ADDR overrides).
 METRICS_PORTS = {"monitor": 9470, "vm-manager": 9471, "pool-manager": 9472, "executor": 9473}
@@ -103,13 +104,19 @@ class Settings:
     monitor_addr: str = field(
         default_factory=lambda: _env("AGENTVM_MONITOR_ADDR", "unix:/run/agent-vm/monitor.sock")
     )
-    # AGENTVM_AUDIT_DIR: monitor's audit log (audit.log, rotated audit-*.log, audit.head).
     # AGENTVM_AUTH: token (every call but health checks needs the bearer token) | none
     auth: str = field(default_factory=lambda: _env("AGENTVM_AUTH", "token"))
     # AGENTVM_TOKEN_FILE: the installation's token (created by `agent-vm up`, mode 0600).
     token_file: Path = field(
         default_factory=lambda: Path(_env("AGENTVM_TOKEN_FILE", DEFAULT_TOKEN_FILE))
     )
+    # AGENTVM_TLS: mutual (every service serves TLS only and requires a certificate
+    # from the installation's CA; callers present one) | off
+    tls: str = field(default_factory=lambda: _env("AGENTVM_TLS", "mutual"))
+    # AGENTVM_TLS_DIR: the installation's CA and one certificate per identity (created
+    # by `agent-vm up`); AGENTVM_TLS_CA/CERT/KEY point one process at other files.
+    tls_dir: Path = field(default_factory=lambda: Path(_env("AGENTVM_TLS_DIR", DEFAULT_TLS_DIR)))
+    # AGENTVM_AUDIT_DIR: monitor's audit log (audit.log, rotated audit-*.log, audit.head).
     audit_dir: Path = field(
         default_factory=lambda: Path(_env("AGENTVM_AUDIT_DIR", "/var/log/agent-vm/audit"))
     )
@@ -139,6 +146,8 @@ class Settings:
             raise InvalidArgument(f"AGENTVM_ACCEL={self.accel!r}: use auto, kvm or tcg")
         if self.auth not in ("token", "none"):
             raise InvalidArgument(f"AGENTVM_AUTH={self.auth!r}: use token or none")
+        if self.tls not in ("mutual", "off"):
+            raise InvalidArgument(f"AGENTVM_TLS={self.tls!r}: use mutual or off")
         if not self.vm_prefix.startswith("agent-vm-"):
             raise InvalidArgument(
                 f"AGENTVM_VM_PREFIX={self.vm_prefix!r} must start with 'agent-vm-'"

@@ -50,6 +50,12 @@ class FailedPrecondition(AgentVMError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class PermissionDenied(AgentVMError):
+    """The caller is known but may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class StateError(FailedPrecondition):
     """A VM is in ``state`` but the operation needs one of ``required``."""
 

@@ -176,7 +176,7 @@ class EventReporter:
 
     async def start(self) -> None:
         if self.enabled and self._task is None:
-            self._channel = aio_channel(self.address)
+            self._channel = aio_channel(self.address, "monitor")
             self._task = asyncio.create_task(self._run(), name=f"events-{self.service}")
 
     async def _run(self) -> None:

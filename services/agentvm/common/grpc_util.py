@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -16,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agentvm.common import auth
+from agentvm.common import auth, tls
 from agentvm.common.config import Settings
 from agentvm.common.errors import AgentVMError, FailedPrecondition
 
@@ -47,6 +48,8 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 CLIENT_INTERCEPTORS: list[Any] = []
 # The bearer token this process sends to other services (never to guests).
 _TOKEN: list[str] = []
+# The TLS credentials this process presents to other services (empty: TLS off).
+_CREDENTIALS: list[grpc.ChannelCredentials] = []
 # Who this process is, in the user-agent of its calls ("agent-vm-executor").
 _IDENTITY: list[str] = []
 
@@ -136,11 +139,44 @@ def setup_auth(settings: Settings) -> auth.TokenAuth | None:
     return auth.TokenAuth(token, settings.token_file)
 
 
-def aio_channel(target: str) -> grpc.aio.Channel:
-    """An insecure asyncio channel to another service, with agent-vm's limits and token."""
+def tls_files(settings: Settings, who: str) -> tls.TLSFiles | None:
+    """The certificate ``who`` presents (made when missing); None when TLS is off."""
+    try:
+        return tls.for_identity(settings.tls, settings.tls_dir, who)
+    except tls.TLSError as exc:
+        raise FailedPrecondition(str(exc)) from None
+
+
+def _credentials(files: tls.TLSFiles) -> tuple[grpc.ChannelCredentials, grpc.ServerCredentials]:
+    try:
+        return tls.channel_credentials(files), tls.server_credentials(files)
+    except tls.TLSError as exc:
+        raise FailedPrecondition(str(exc)) from None
+
+
+def setup_tls(settings: Settings, service: str) -> grpc.ServerCredentials | None:
+    """A service process: the TLS its server requires and its channels present (None: off)."""
+    files = tls_files(settings, service)
+    if files is None:
+        _CREDENTIALS.clear()
+        return None
+    channel, server = _credentials(files)
+    _CREDENTIALS[:] = [channel]
+    return server
+
+
+def aio_channel(target: str, service: str) -> grpc.aio.Channel:
+    """An asyncio channel to another agent-vm ``service``: limits, token, mutual TLS."""
     interceptors: list[Any] = list(CLIENT_INTERCEPTORS)
     if _TOKEN:
         interceptors += auth.aio_token_interceptors(_TOKEN[0])
+    if _CREDENTIALS:
+        return grpc.aio.secure_channel(
+            target,
+            _CREDENTIALS[0],
+            options=[*_options(), *tls.target_options(service)],
+            interceptors=interceptors or None,
+        )
     return grpc.aio.insecure_channel(target, options=_options(), interceptors=interceptors or None)
 
 
@@ -159,16 +195,41 @@ def guest_channel(target: str) -> grpc.aio.Channel:
 
 
 def sync_channel(target: str) -> grpc.Channel:
-    """An insecure blocking channel with agent-vm's limits (no token: guests, health)."""
+    """An insecure blocking channel with agent-vm's limits (no token, no TLS: guests)."""
     return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
-def service_channel(target: str, token: str | None) -> grpc.Channel:
-    """A blocking channel to a service, sending ``token`` (None: auth is off)."""
-    channel = sync_channel(target)
-    if token is None:
-        return channel
-    return grpc.intercept_channel(channel, auth.SyncTokenInterceptor(token))
+@dataclass(frozen=True)
+class Caller:
+    """How a process outside the services (CLI, benchmarks, tests) calls them.
+
+    ``token``: the bearer token it sends (None: auth is off); ``credentials``:
+    the TLS identity it presents (None: TLS is off).
+    """
+
+    token: str | None
+    credentials: grpc.ChannelCredentials | None
+
+    @classmethod
+    def of(cls, settings: Settings, who: str = tls.CLIENT) -> Caller:
+        """The installation's caller: its token, and the certificate of ``who``."""
+        files = tls_files(settings, who)
+        return cls(auth.settings_token(settings), None if files is None else _credentials(files)[0])
+
+    def bare(self, target: str, service: str) -> grpc.Channel:
+        """A channel to ``service`` without the token (health checks)."""
+        if self.credentials is None:
+            return sync_channel(target)
+        return grpc.secure_channel(
+            target, self.credentials, options=[*CHANNEL_OPTIONS, *tls.target_options(service)]
+        )
+
+    def channel(self, target: str, service: str) -> grpc.Channel:
+        """A blocking channel to ``service`` at ``target``, sending the token."""
+        channel = self.bare(target, service)
+        if self.token is None:
+            return channel
+        return grpc.intercept_channel(channel, auth.SyncTokenInterceptor(self.token))
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -253,8 +314,12 @@ async def serve(
     on_stop: Callable[[], Awaitable[None]] | None = None,
     ready: Callable[[], Awaitable[None]] | None = None,
     interceptors: Sequence[Any] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> None:
-    """Run a service until SIGTERM/SIGINT: health + reflection, restrictive socket mode."""
+    """Run a service until SIGTERM/SIGINT: health + reflection, restrictive socket mode.
+
+    ``credentials``: serve mutual TLS only (None: plaintext).
+    """
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors) or None)
     register(server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -268,7 +333,10 @@ async def serve(
     prepare_unix_address(address)
     old = os.umask(0o117)
     try:
-        server.add_insecure_port(address)
+        if credentials is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, credentials)
         await server.start()
     finally:
         os.umask(old)

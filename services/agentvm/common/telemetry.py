@@ -35,7 +35,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from prometheus_client import Counter, Histogram, start_http_server
 
-from agentvm.common import grpc_util
+from agentvm.common import grpc_util, tls
 from agentvm.common.config import Settings
 from agentvm.common.errors import InvalidArgument
 from agentvm.common.events import EventReporter, EventSink
@@ -248,6 +248,7 @@ class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             severity="info" if code is grpc.StatusCode.OK else "warning",
             method=method,
             caller=str(metadata.get("user-agent", "")),
+            identity=tls.peer_identity(context),
             peer=context.peer(),
             code=code.name,
             duration_s=round(elapsed, 6),
@@ -294,6 +295,8 @@ class ServiceTelemetry:
         self.provider = setup_tracing(service)
         self._stop_metrics = start_metrics(settings.metrics_addr(service), service)
         self.auth = grpc_util.setup_auth(settings)
+        # The TLS its server requires and its channels present (None: TLS is off).
+        self.server_credentials = grpc_util.setup_tls(settings, service)
         self.events = EventReporter(service, settings.monitor_addr if report_events else "")
 
     def interceptors(self, sink: EventSink | None = None) -> Sequence[Any]:

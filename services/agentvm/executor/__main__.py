@@ -24,8 +24,10 @@ SERVICE = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name
 
 async def run(settings: Settings) -> None:
     telemetry = ServiceTelemetry("executor", settings)
-    channel = aio_channel(settings.vm_manager_addr)
-    pool_channel = aio_channel(settings.executor_pool) if settings.executor_pool else None
+    channel = aio_channel(settings.vm_manager_addr, "vm-manager")
+    pool_channel = (
+        aio_channel(settings.executor_pool, "pool-manager") if settings.executor_pool else None
+    )
     executor = AgentExecutor(
         settings,
         vm_manager_pb2_grpc.VMManagerServiceStub(channel),
@@ -55,6 +57,7 @@ async def run(settings: Settings) -> None:
         on_stop=on_stop,
         ready=ready,
         interceptors=telemetry.interceptors(),
+        credentials=telemetry.server_credentials,
     )
 
 

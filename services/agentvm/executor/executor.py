@@ -161,6 +161,22 @@ def orphaned_vms(
     return out
 
 
+def orphaned_leases(
+    leases: Iterable[pool_manager_pb2.Lease], held: set[str], creating: set[str]
+) -> list[pool_manager_pb2.Lease]:
+    """The pool leases this executor took that no sandbox holds.
+
+    Such a lease is left when pool-manager recorded it but its AcquireVM answer
+    never arrived (pool-manager killed, a deadline): the sandbox went on with a
+    VM of its own, or failed. Leases of sandboxes still being created are kept.
+    """
+    return [
+        lease
+        for lease in leases
+        if lease.lease_id not in held and lease.labels.get(SANDBOX_LABEL, "") not in creating
+    ]
+
+
 class AgentExecutor:
     """Runs agent code in VMs obtained from vm-manager."""
 
@@ -238,11 +254,13 @@ class AgentExecutor:
                     log.warning("cannot sweep for orphaned VMs: %s", exc.details())
 
     async def reconcile(self) -> list[str]:
-        """Destroy the VMs this executor owns that no sandbox holds; their names.
+        """Destroy the VMs and release the pool leases this executor owns that no
+        sandbox holds; the VMs' names.
 
         Such a VM is left when its CreateVM answer never arrived (vm-manager
         killed mid-create, a deadline): vm-manager adopts it on restart, and
-        only its owner can tell that nobody uses it.
+        only its owner can tell that nobody uses it. The same goes for a lease
+        whose AcquireVM answer never arrived (pool-manager killed mid-acquire).
         """
         resp = await self.vmm.ListVMs(
             vm_manager_pb2.ListVMsRequest(label_selector=self._owner_labels()), timeout=30
@@ -255,7 +273,29 @@ class AgentExecutor:
                 vm.name,
                 f"executor reconcile: sandbox {sandbox} is not open (its creation was cut short)",
             )
-        return [vm.name for vm in gone]
+        return [vm.name for vm in gone] + await self._reconcile_leases()
+
+    async def _reconcile_leases(self) -> list[str]:
+        if self.pool is None:
+            return []
+        try:
+            resp = await self.pool.ListLeases(
+                pool_manager_pb2.ListLeasesRequest(label_selector=self._owner_labels()),
+                timeout=30,
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("cannot list pool leases to sweep: %s", exc.details())
+            return []
+        held = {sb.lease_id for sb in self._sandboxes.values() if sb.lease_id}
+        gone = orphaned_leases(resp.leases, held, self._creating)
+        for lease in gone:
+            log.info(
+                "releasing lease %s of %s: no sandbox holds it (its AcquireVM answer was lost)",
+                lease.lease_id,
+                lease.vm_name,
+            )
+            await self._release(lease.lease_id, lease.vm_name)
+        return [lease.vm_name for lease in gone]
 
     async def close(self) -> None:
         """Destroy every sandbox (their state does not survive the executor)."""

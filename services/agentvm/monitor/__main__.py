@@ -25,8 +25,14 @@ async def run(settings: Settings) -> None:
         Thresholds.parse(settings.anomaly_rules), Responses.parse(settings.anomaly_responses)
     )
     telemetry = ServiceTelemetry("monitor", settings, report_events=False)
-    vmm_channel = aio_channel(settings.vm_manager_addr) if settings.vm_manager_addr else None
-    pool_channel = aio_channel(settings.pool_manager_addr) if settings.pool_manager_addr else None
+    vmm_channel = (
+        aio_channel(settings.vm_manager_addr, "vm-manager") if settings.vm_manager_addr else None
+    )
+    pool_channel = (
+        aio_channel(settings.pool_manager_addr, "pool-manager")
+        if settings.pool_manager_addr
+        else None
+    )
     collector = StateCollector()
     REGISTRY.register(collector)
     monitor = Monitor(
@@ -56,6 +62,7 @@ async def run(settings: Settings) -> None:
         on_stop=on_stop,
         ready=monitor.start,
         interceptors=telemetry.interceptors(monitor),
+        credentials=telemetry.server_credentials,
     )
 
 

@@ -595,6 +595,46 @@ def log_files(directory: Path) -> list[Path]:
     return files
 
 
+def recent_event_ids(directory: Path, max_bytes: int = 4 * 2**20) -> list[str]:
+    """``event_id`` of the newest records (at most ``max_bytes`` of the live file and,
+    when that is shorter, of the newest rotated one), oldest first.
+
+    A monitor killed after writing a batch but before acknowledging it gets that
+    batch again from its reporter: these ids let the restarted monitor know it.
+    """
+    files = [directory / LOG_NAME]
+    rotated = newest_rotated(directory)
+    if rotated is not None:
+        files.insert(0, rotated)
+    chunks: list[list[str]] = []
+    budget = max_bytes
+    for path in reversed(files):
+        if budget <= 0:
+            break
+        try:
+            with path.open("rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                start = max(0, size - budget)
+                fh.seek(start)
+                data = fh.read(size - start)
+        except OSError:
+            continue
+        budget -= len(data)
+        lines = data.split(b"\n")
+        if start > 0:
+            lines = lines[1:]  # the first line is cut
+        ids = []
+        for line in lines:
+            try:
+                value = json.loads(line).get("event_id")
+            except (ValueError, AttributeError):
+                continue  # a torn or foreign line: nothing to remember
+            if isinstance(value, str) and value:
+                ids.append(value)
+        chunks.insert(0, ids)
+    return [i for chunk in chunks for i in chunk]
+
+
 def newest_rotated(directory: Path) -> Path | None:
     """The rotated file with the highest first seq (by its name), or None."""
     best: tuple[int, str] | None = None

@@ -27,7 +27,7 @@ from agentvm.common.config import Settings
 from agentvm.common.events import SEVERITIES, EventFactory
 from agentvm.monitor import metrics as m
 from agentvm.monitor.anomaly import FEATURES, Action, Detection, Detector
-from agentvm.monitor.audit import AuditLog
+from agentvm.monitor.audit import AuditLog, recent_event_ids
 from agentvm.v1 import (
     common_pb2,
     monitor_pb2,
@@ -140,6 +140,10 @@ class Monitor:
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
         info = await asyncio.to_thread(self.audit.open)
+        # Ids already on disk: a batch written just before a crash but never
+        # acknowledged comes again from its reporter and must not be logged twice.
+        for event_id in await asyncio.to_thread(recent_event_ids, self.audit.directory):
+            self._remember(event_id)
         self.emit("audit.started", **info)
         await self.flush()
         self._tasks.append(asyncio.create_task(self._writer(), name="audit-writer"))
@@ -185,14 +189,17 @@ class Monitor:
         await self.flush()
         return accepted
 
+    def _remember(self, event_id: str) -> None:
+        self._seen[event_id] = None
+        if len(self._seen) > SEEN_IDS:
+            self._seen.popitem(last=False)
+
     def _ingest_now(self, events: Sequence[monitor_pb2.Event]) -> int:
         fresh = []
         for ev in events:
             if ev.id in self._seen:
                 continue
-            self._seen[ev.id] = None
-            if len(self._seen) > SEEN_IDS:
-                self._seen.popitem(last=False)
+            self._remember(ev.id)
             fresh.append(ev)
         if not fresh:
             return 0

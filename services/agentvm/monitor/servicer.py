@@ -8,7 +8,8 @@ from typing import Any
 
 import grpc
 
-from agentvm.common.errors import InvalidArgument
+from agentvm.common import tls
+from agentvm.common.errors import InvalidArgument, PermissionDenied
 from agentvm.common.grpc_util import grpc_errors, grpc_stream_errors
 from agentvm.monitor.monitor import MAX_BATCH, Monitor
 from agentvm.v1 import monitor_pb2, monitor_pb2_grpc
@@ -19,13 +20,38 @@ ID_MAX = 200
 
 
 def reporter_of(context: Ctx) -> str:
-    """The reporting service as its user-agent names it ("agent-vm-executor" -> "executor")."""
+    """The reporting service: its certificate's name under mutual TLS (verified), else
+    as its user-agent names it ("agent-vm-executor" -> "executor")."""
+    identity = tls.peer_identity(context)
+    if identity:
+        return identity.removeprefix("agent-vm-")[:40]
     for key, value in context.invocation_metadata() or ():
         if key == "user-agent" and isinstance(value, str):
             first = value.split(" ", 1)[0]
             if first.startswith("agent-vm-"):
                 return first.removeprefix("agent-vm-")[:40]
     return "unknown"
+
+
+def _check_reporter(request: monitor_pb2.ReportEventsRequest, context: Ctx) -> None:
+    """Under mutual TLS a service reports events as itself only, and callers that are
+    not services (the client certificate) report none: the audit log's ``service``
+    is then the certificate's, not a claim."""
+    identity = tls.peer_identity(context)
+    if not identity:
+        return
+    service = identity.removeprefix("agent-vm-")
+    if service not in tls.SERVICES:
+        raise PermissionDenied(
+            f"{identity} may not report events: only agent-vm services do (with their "
+            "own certificates)"
+        )
+    for i, ev in enumerate(request.events):
+        if ev.service != service:
+            raise PermissionDenied(
+                f"events[{i}].service is {ev.service!r} but the caller's certificate is "
+                f"{identity}'s: a service reports its own events only"
+            )
 
 
 class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
@@ -53,6 +79,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
                 )
             if not ev.service:
                 raise InvalidArgument(f"events[{i}].service is empty: name the reporting service")
+        _check_reporter(request, context)
         accepted = await self.monitor.ingest(
             list(request.events), request.dropped, reporter_of(context)
         )

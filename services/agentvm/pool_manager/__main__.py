@@ -21,7 +21,7 @@ SERVICE = pool_manager_pb2.DESCRIPTOR.services_by_name["PoolManagerService"].ful
 async def run(settings: Settings) -> None:
     configs = parse_pools(settings.pools)
     telemetry = ServiceTelemetry("pool-manager", settings)
-    channel = aio_channel(settings.vm_manager_addr)
+    channel = aio_channel(settings.vm_manager_addr, "vm-manager")
     backend = VMManagerBackend(
         vm_manager_pb2_grpc.VMManagerServiceStub(channel), PoolManager.labels(settings)
     )
@@ -49,6 +49,7 @@ async def run(settings: Settings) -> None:
         on_stop=on_stop,
         ready=ready,
         interceptors=telemetry.interceptors(),
+        credentials=telemetry.server_credentials,
     )
 
 

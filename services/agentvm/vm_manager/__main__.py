@@ -64,6 +64,7 @@ async def run(settings: Settings) -> None:
         on_stop=on_stop,
         ready=ready,
         interceptors=telemetry.interceptors(),
+        credentials=telemetry.server_credentials,
     )
 
 
