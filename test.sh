@@ -33,4 +33,8 @@ links=$(ip -br link | grep -cE '^(avmb-|avmw-)' || true)
 if [ "$links" != 0 ]; then echo "LEAK: $links test bridge/veth interface(s) left"; rc=1; fi
 worlds=$(ip netns list | grep -c '^avm' || true)
 if [ "$worlds" != 0 ]; then echo "LEAK: $worlds test network namespace(s) left"; rc=1; fi
+mounts=$(grep -c ' /var/lib/agent-vm-tests/' /proc/self/mountinfo || true)
+if [ "$mounts" != 0 ]; then echo "LEAK: $mounts test workspace mount(s) left"; rc=1; fi
+loops=$(losetup -a 2>/dev/null | grep -c 'agent-vm-tests' || true)
+if [ "$loops" != 0 ]; then echo "LEAK: $loops test loop device(s) left"; rc=1; fi
 exit $rc

@@ -26,6 +26,9 @@ from tests.vmharness import (
     remove_vmm_dirs,
 )
 
+# SIGTERM tears the session down like Ctrl-C (no services, VMs or networks left).
+pytest_plugins = ["tests.pytest_sigterm"]
+
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +34,7 @@ from agentvm.v1 import (
     vm_manager_pb2,
     vm_manager_pb2_grpc,
 )
+from agentvm.vm_manager import workspace
 from agentvm.vm_manager.network import NetNames
 
 REPO = Path(__file__).resolve().parents[1]
@@ -422,7 +422,7 @@ def new_vmm() -> VMManagerProcess:
 
 
 def remove_vmm_dirs(vmm: VMManagerProcess) -> None:
-    shutil.rmtree(vmm.base, ignore_errors=True)
+    workspace.remove_tree(vmm.base)  # unmounts a workspace a failed test left first
 
 
 def net_leftovers(prefix: str) -> list[str]:
@@ -448,6 +448,7 @@ def leftovers(vmm: VMManagerProcess) -> list[str]:
     for d in (vmm.state_dir / "vms", vmm.run_dir / "vms"):
         if d.exists():
             left += [f"path {p}" for p in d.iterdir()]
+    left += [f"mount {p}" for p in workspace.mounts_under(vmm.state_dir)]
     return left
 
 

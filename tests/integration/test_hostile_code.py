@@ -9,6 +9,7 @@ These tests share one VM of their own: they leave it as they found it.
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,9 +19,11 @@ import pytest
 
 import agent_vm
 from agentvm.common.grpc_util import sync_channel
-from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
+from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc, vm_manager_pb2
+from agentvm.vm_manager import workspace
 from agentvm_guest.confine import PIDS_MAX
 from tests.vmharness import (
+    BOOT_TIMEOUT_S,
     ExecutorProcess,
     VMFactory,
     VMManagerProcess,
@@ -160,6 +163,50 @@ def test_disk_fill_ends_with_enospc_and_the_overlay_keeps_its_size(
     assert os.stat(overlay).st_blocks * 512 < disk_bytes * 1.02
     assert sh(victim, "rm /root/fill && echo removed")[1] == "removed\n"
     assert status(victim).disk_free_bytes > 256 * 2**20
+
+
+def test_a_shared_workspace_fills_up_at_its_cap_and_leaves_nothing_mounted(
+    lone_vmm: VMManagerProcess,
+) -> None:
+    """A shared (virtiofs) workspace writes onto the host: it is a file system of its
+    own, as large as the VM's disk, so a guest that fills it gets ENOSPC and the
+    host's state directory keeps its space; destroying the VM unmounts it."""
+    f = VMFactory(lone_vmm)
+    req = vm_manager_pb2.CreateVMRequest(
+        profile=common_pb2.RESOURCE_PROFILE_STANDARD,
+        network_mode=common_pb2.NETWORK_MODE_ISOLATED,
+        start=True,
+        shared_workspace=True,
+        resources=common_pb2.Resources(disk_mib=2048),
+        labels={"test": "1"},
+    )
+    vm = lone_vmm.stub().CreateVM(req, timeout=BOOT_TIMEOUT_S).vm
+    f.names.append(vm.name)
+    vm_dir = lone_vmm.state_dir / "vms" / vm.name
+    image = vm_dir / "workspace.img"
+    try:
+        vm = f.wait_ready(vm.name)
+        assert os.path.ismount(vm_dir / "workspace")
+        assert (vm_dir / "workspace").stat().st_mode & 0o777 == 0o700
+        # More than the cap at once: refused.
+        refused(vm, "fallocate -l 3G /workspace/work/big", "No space left on device")
+        # Nearly all of it, then plain writes until the file system is full.
+        _rc, out = sh(
+            vm,
+            "rm -f /workspace/work/big && fallocate -l 1700M /workspace/work/big && "
+            "head -c 419430400 /dev/zero > /workspace/output/more; echo rc=$?",
+            timeout=300,
+        )
+        assert "No space left on device" in out, out
+        assert os.stat(image).st_blocks * 512 <= 2048 * 2**20
+        # The host side still reads what the guest wrote.
+        assert (vm_dir / "workspace" / "output" / "more").stat().st_size > 0, out
+    finally:
+        f.cleanup()
+    assert not vm_dir.exists()
+    assert not workspace.mounts_under(vm_dir)
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True)
+    assert str(image) not in loops.stdout
 
 
 def test_100k_small_files(victim: common_pb2.VM, healthy_after: common_pb2.GuestInfo) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import os
+import shutil
 from pathlib import Path
 
 from agentvm.cli import doctor
@@ -107,3 +109,17 @@ def test_auth_checks_name_missing_certificates_and_show_opt_outs(tmp_path: Path)
     assert not token.required
     assert not plain.ok
     assert not plain.required
+
+
+def test_workspace_check_names_what_is_missing(tmp_path: Path) -> None:
+    off = doctor.workspace_check(Settings(workspace_cap="none"))
+    assert not off.ok
+    assert not off.required
+    missing = doctor.workspace_check(Settings(), loop_control=tmp_path / "loop-control")
+    assert not missing.ok
+    assert str(tmp_path / "loop-control") in missing.detail
+    present = tmp_path / "here"
+    present.touch()
+    assert doctor.workspace_check(Settings(), loop_control=present).ok == (
+        os.geteuid() == 0 and shutil.which("mkfs.ext4") is not None
+    )

@@ -65,7 +65,7 @@ class FakeBackend:
         self.created.append((name, from_template))
         return common_pb2.VM(name=name, state=common_pb2.VM_STATE_READY)
 
-    async def destroy(self, name: str) -> None:
+    async def destroy(self, name: str, reason: str = "") -> None:
         self.alive.discard(name)
         self.destroyed.append(name)
 

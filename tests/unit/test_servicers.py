@@ -270,3 +270,60 @@ def test_orphaned_leases_are_the_ones_no_sandbox_holds_unless_being_created() ->
     ]
     got = orphaned_leases(leases, held={"held"}, creating={"sb-2"})
     assert [x.lease_id for x in got] == ["lost", "closed"]
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict[str, object]]] = []
+
+    def emit(
+        self,
+        type_: str,
+        *,
+        vm: str = "",
+        sandbox: str = "",
+        severity: str = "info",
+        **attrs: object,
+    ) -> None:
+        self.events.append((type_, vm, attrs))
+
+
+def test_recovery_reclaims_directories_no_domain_owns_and_audits_it(tmp_path: Path) -> None:
+    """A create cut short by a crash leaves a VM directory without a domain: the next
+    vm-manager removes it at start and reports a vm.reclaimed event."""
+    settings = Settings(
+        libvirt_uri="test:///default",
+        state_dir=tmp_path / "state",
+        run_dir=tmp_path / "run",
+        cache_dir=tmp_path / "cache",
+        vm_prefix="agent-vm-unit-",
+    )
+    name = "agent-vm-unit-cutshort"
+    for base in (settings.vms_state_dir, settings.vms_run_dir):
+        (base / name).mkdir(parents=True)
+    (settings.vms_state_dir / name / "disk.qcow2").write_bytes(b"half")
+    (settings.vms_state_dir / "not-ours").mkdir()
+    sink = RecordingSink()
+
+    async def main() -> None:
+        conn = LibvirtConnection(settings.libvirt_uri)
+        try:
+            manager = VMManager(
+                settings,
+                conn,
+                ImageStore(settings.cache_dir),
+                AccelInfo(Accel.TCG, "test"),
+                memory_limit=False,
+                events=sink,
+            )
+            await manager.recover()
+        finally:
+            conn.close()
+
+    asyncio.run(main())
+    assert not (settings.vms_state_dir / name).exists()
+    assert not (settings.vms_run_dir / name).exists()
+    assert (settings.vms_state_dir / "not-ours").exists()
+    reclaimed = [e for e in sink.events if e[0] == "vm.reclaimed"]
+    assert [vm for _, vm, _ in reclaimed] == [name, name]
+    assert all("no domain owns" in str(attrs["reason"]) for _, _, attrs in reclaimed)

@@ -93,6 +93,38 @@ def auth_checks(settings: Settings, now: datetime.datetime | None = None) -> lis
     return checks
 
 
+def workspace_check(settings: Settings, loop_control: Path = Path("/dev/loop-control")) -> Check:
+    """Whether shared (virtiofs) workspaces get a size cap of their own."""
+    name = "shared workspace cap"
+    if settings.workspace_cap == "none":
+        return Check(
+            name,
+            False,
+            "off (AGENTVM_WORKSPACE_CAP=none): a guest can fill the state directory "
+            "through a shared workspace",
+            "unset AGENTVM_WORKSPACE_CAP",
+            required=False,
+        )
+    missing = [
+        what
+        for what, present in (
+            (str(loop_control), loop_control.exists()),
+            ("mkfs.ext4", shutil.which("mkfs.ext4") is not None),
+            ("root", os.geteuid() == 0),
+        )
+        if not present
+    ]
+    return Check(
+        name,
+        not missing,
+        "each shared workspace is a loop-mounted ext4 as large as the VM's disk"
+        if not missing
+        else f"shared workspaces cannot be made here (missing: {', '.join(missing)})",
+        "install e2fsprogs and load the loop module, or use the api workspace mode",
+        required=False,
+    )
+
+
 def _traversable_by_others(path: Path) -> Path | None:
     """The first directory on the way to ``path`` that QEMU's user cannot traverse."""
     for parent in [*reversed(path.parents), path]:
@@ -403,6 +435,7 @@ def run_checks(settings: Settings) -> list[Check]:
             caps_xml, _read(QEMU_CONF), _running_qemu_cmdlines(), controllers
         )
     checks += auth_checks(settings)
+    checks.append(workspace_check(settings))
     for spec in service_specs(settings):
         status = health(settings, spec)
         checks.append(

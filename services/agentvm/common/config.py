@@ -32,6 +32,9 @@ class Settings:
     )
     # AGENTVM_RUN_DIR: service sockets, pid files, per-VM agent sockets.
     run_dir: Path = field(default_factory=lambda: Path(_env("AGENTVM_RUN_DIR", "/run/agent-vm")))
+    # AGENTVM_WORKSPACE_CAP: loop (each shared workspace is a loop-mounted file system
+    # as large as the VM's disk) | none (a plain directory: hosts without loop devices).
+    workspace_cap: str = field(default_factory=lambda: _env("AGENTVM_WORKSPACE_CAP", "loop"))
     # AGENTVM_CACHE_DIR: guest images.
     cache_dir: Path = field(
         default_factory=lambda: Path(_env("AGENTVM_CACHE_DIR", "/var/cache/agent-vm"))
@@ -146,6 +149,8 @@ class Settings:
             raise InvalidArgument(f"AGENTVM_ACCEL={self.accel!r}: use auto, kvm or tcg")
         if self.auth not in ("token", "none"):
             raise InvalidArgument(f"AGENTVM_AUTH={self.auth!r}: use token or none")
+        if self.workspace_cap not in ("loop", "none"):
+            raise InvalidArgument(f"AGENTVM_WORKSPACE_CAP={self.workspace_cap!r}: use loop or none")
         if self.tls not in ("mutual", "off"):
             raise InvalidArgument(f"AGENTVM_TLS={self.tls!r}: use mutual or off")
         if not self.vm_prefix.startswith("agent-vm-"):

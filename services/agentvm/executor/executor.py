@@ -221,7 +221,9 @@ class AgentExecutor:
         else:
             for vm in resp.vms:
                 log.info("destroying VM %s left by a previous executor", vm.name)
-                await self._destroy_vm(vm.name)
+                await self._destroy_vm(
+                    vm.name, "executor restart: its sandbox did not survive the previous executor"
+                )
         if self.pool is not None:
             try:
                 leases = await self.pool.ListLeases(

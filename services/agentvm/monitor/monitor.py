@@ -64,6 +64,7 @@ EVENT_TYPES = frozenset(
         "vm.created",
         "vm.ready",
         "vm.destroyed",
+        "vm.reclaimed",
         "vm.policy_updated",
         "vm.evidence_captured",
         "pool.acquired",

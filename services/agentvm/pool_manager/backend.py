@@ -74,12 +74,14 @@ class VMManagerBackend:
         self._agents[vm.name] = guest_channel(vm.agent_endpoint)
         return vm
 
-    async def destroy(self, name: str) -> None:
+    async def destroy(self, name: str, reason: str = "") -> None:
         channel = self._agents.pop(name, None)
         if channel is not None:
             await channel.close(grace=None)
         try:
-            await self.vmm.DestroyVM(vm_manager_pb2.DestroyVMRequest(name=name), timeout=60)
+            await self.vmm.DestroyVM(
+                vm_manager_pb2.DestroyVMRequest(name=name, reason=reason), timeout=60
+            )
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise _remote(exc, f"destroying {name}") from exc

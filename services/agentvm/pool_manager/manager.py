@@ -115,7 +115,9 @@ class PoolManager:
             if rec is None or key is None:
                 log.info("destroying %s, left idle by a previous pool-manager", vm.name)
                 try:
-                    await self.backend.destroy(vm.name)
+                    await self.backend.destroy(
+                        vm.name, "pool-manager restart: left idle by a previous pool-manager"
+                    )
                 except AgentVMError as exc:
                     log.warning("cannot destroy %s: %s", vm.name, exc)
                 if rec is not None:

@@ -77,7 +77,7 @@ class Backend(Protocol):
     async def create(self, key: PoolKey, from_template: bool) -> common_pb2.VM:
         """A READY VM (agent answered). FailedPrecondition when no template exists."""
 
-    async def destroy(self, name: str) -> None: ...
+    async def destroy(self, name: str, reason: str = "") -> None: ...
 
     async def healthy(self, vm: common_pb2.VM, timeout: float) -> bool:
         """True when the VM's agent answers now."""
@@ -211,7 +211,8 @@ class VMPool:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         idle, self._idle = list(self._idle), deque()
-        await asyncio.gather(*(self._destroy(p.vm.name) for p in idle))
+        why = f"pool {self.key}: pool-manager shutting down"
+        await asyncio.gather(*(self._destroy(p.vm.name, why) for p in idle))
         async with self._changed:
             self._changed.notify_all()
 
@@ -298,7 +299,7 @@ class VMPool:
         if lease is None:
             raise NotFound(f"no lease {lease_id!r} in pool {self.key}: it was released already")
         try:
-            await self.backend.destroy(lease.vm.name)
+            await self.backend.destroy(lease.vm.name, f"pool lease {lease_id} released")
         finally:
             self._leases.pop(lease_id, None)
             if self._on_release is not None:
@@ -349,12 +350,12 @@ class VMPool:
 
     def _discard(self, name: str, why: str) -> None:
         log.info("pool %s: destroying %s: %s", self.key, name, why)
-        self._spawn(self._destroy(name))
+        self._spawn(self._destroy(name, f"pool {self.key}: {why}"))
         self._refill_wake.set()
 
-    async def _destroy(self, name: str) -> None:
+    async def _destroy(self, name: str, reason: str = "") -> None:
         try:
-            await self.backend.destroy(name)
+            await self.backend.destroy(name, reason)
         except AgentVMError as exc:
             log.warning("pool %s: destroying %s failed: %s", self.key, name, exc)
 
@@ -381,7 +382,7 @@ class VMPool:
         self._retry_s = RETRY_MIN_S
         self._refill_wake.set()
         if self._closing:
-            await self._destroy(pvm.vm.name)
+            await self._destroy(pvm.vm.name, f"pool {self.key}: pool-manager shutting down")
             return
         self._idle.append(pvm)
         async with self._changed:

@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import time
 import uuid as uuidlib
@@ -40,7 +39,7 @@ from agentvm.common.events import EventSink, NullSink
 from agentvm.common.grpc_util import guest_channel
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc, vm_manager_pb2
 from agentvm.vm_manager import domain_xml as dx
-from agentvm.vm_manager import observe
+from agentvm.vm_manager import observe, workspace
 from agentvm.vm_manager.accel import AccelInfo
 from agentvm.vm_manager.clones import (
     DISK,
@@ -180,14 +179,25 @@ class VMManager:
         for vm in list(self._vms.values()):
             if vm.labels.get(TEMPLATE_ROLE[0]) == TEMPLATE_ROLE[1]:
                 log.info("destroying %s, left by an interrupted template build", vm.name)
-                await self.destroy(vm.name)
+                await self.destroy(
+                    vm.name, "vm-manager restart: left by an interrupted template build"
+                )
         for base in (self.settings.vms_state_dir, self.settings.vms_run_dir):
             if not base.exists():
                 continue
             for path in base.iterdir():
                 if path.name.startswith(self.settings.vm_prefix) and path.name not in self._vms:
                     log.info("removing leftover VM directory %s", path)
-                    shutil.rmtree(path, ignore_errors=True)
+                    mounted = await asyncio.to_thread(workspace.mounts_under, path)
+                    await asyncio.to_thread(workspace.remove_tree, path)
+                    # A create cut short by a crash: audited like any reclamation.
+                    self.events.emit(
+                        "vm.reclaimed",
+                        vm=path.name,
+                        path=str(path),
+                        unmounted=[str(p) for p in mounted],
+                        reason="vm-manager restart: a directory no domain owns",
+                    )
 
     async def _adopt(self, dom: libvirt.virDomain) -> None:
         xml = await asyncio.to_thread(dom.XMLDesc, 0)
@@ -455,12 +465,8 @@ class VMManager:
                 f"cannot create the overlay of {vm.name}: {proc.stderr.strip()}"
             )
         if vm.shared_workspace:
-            # Only root (virtiofsd, the executor) may enter: whatever the guest
-            # creates in there (setuid files, device nodes) is out of reach of
-            # other users of the host.
-            vm.workspace.mkdir(mode=0o700)
-            for part in ("input", "output", "work"):
-                (vm.workspace / part).mkdir(mode=0o755)
+            # A file system of its own, as large as the VM's disk (workspace.py).
+            workspace.create(vm.workspace, vm.resources.disk_mib, self.settings.workspace_cap)
         self.conn.define(self._domain(vm, kernel, initrd))
 
     async def start(self, name: str) -> VM:
@@ -728,7 +734,7 @@ class VMManager:
             await asyncio.to_thread(self._destroy_domain, name)
             await self.net.detach(name)
             for d in (vm_dir, run_dir):
-                await asyncio.to_thread(shutil.rmtree, d, True)
+                await asyncio.to_thread(workspace.remove_tree, d)
             if vm is not None:
                 vm.state = VMState.DESTROYED
             self._vms.pop(name, None)
@@ -875,8 +881,8 @@ class VMManager:
     def _remove_everything(self, vm: VM) -> None:
         with contextlib.suppress(AgentVMError):
             self._destroy_domain(vm.name)
-        shutil.rmtree(vm.vm_dir, ignore_errors=True)
-        shutil.rmtree(vm.run_dir, ignore_errors=True)
+        workspace.remove_tree(vm.vm_dir)
+        workspace.remove_tree(vm.run_dir)
 
     async def close(self) -> None:
         """Stop relays (VMs keep running; a restarted vm-manager adopts them).

@@ -1,0 +1,111 @@
+"""Shared (virtiofs) workspaces on a size-capped file system of their own.
+
+A guest writes into a shared workspace straight onto the host. So that it
+cannot fill the host's state directory, the workspace is a fresh ext4 file
+system in a sparse image the size of the VM's disk (``workspace.img`` in the
+VM's directory), loop-mounted ``nosuid,nodev`` on ``workspace/``. A guest that
+fills it gets ENOSPC; the image never grows past that size.
+
+``AGENTVM_WORKSPACE_CAP=none`` (hosts without loop devices) makes a plain
+directory instead; `agent-vm doctor` reports which is in force.
+
+Everything that removes a VM directory goes through :func:`remove_tree`,
+which unmounts first: a mount left behind would pin its loop device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from agentvm.common.errors import FailedPrecondition
+
+log = logging.getLogger("agentvm.vm_manager.workspace")
+
+IMAGE_NAME = "workspace.img"
+PARTS = ("input", "output", "work")
+CAPS = ("loop", "none")
+
+
+def _run(argv: list[str], what: str) -> None:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise FailedPrecondition(f"{what}: {exc}") from None
+    if proc.returncode != 0:
+        raise FailedPrecondition(f"{what}: {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+def create(workspace: Path, size_mib: int, cap: str) -> None:
+    """Make ``workspace`` (mode 0700, with input/output/work), capped at ``size_mib``."""
+    workspace.mkdir(mode=0o700)
+    if cap == "loop":
+        image = workspace.parent / IMAGE_NAME
+        fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size_mib * 2**20)
+        finally:
+            os.close(fd)
+        hint = (
+            "shared workspaces live on a loop-mounted file system of their own "
+            "(needs root and /dev/loop-control); use the api workspace mode, or set "
+            "AGENTVM_WORKSPACE_CAP=none to allow uncapped ones"
+        )
+        _run(
+            ["mkfs.ext4", "-q", "-F", "-m", "0", "-L", "agentvm-ws", "-E",
+             "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1", str(image)],
+            f"cannot make the workspace file system of {workspace.parent.name} ({hint})",
+        )  # fmt: skip
+        _run(
+            ["mount", "-t", "ext4", "-o", "loop,nosuid,nodev", str(image), str(workspace)],
+            f"cannot mount the workspace of {workspace.parent.name} ({hint})",
+        )
+        # Only root (virtiofsd, the executor) may enter: whatever the guest
+        # creates in there (setuid files, device nodes) is out of reach of
+        # other users of the host (and nosuid,nodev make it inert anyway).
+        os.chmod(workspace, 0o700)
+        with contextlib.suppress(OSError):
+            (workspace / "lost+found").rmdir()
+    for part in PARTS:
+        (workspace / part).mkdir(mode=0o755)
+
+
+def mounts_under(path: Path, mountinfo: str | None = None) -> list[Path]:
+    """Mount points at or below ``path``, deepest first."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return []
+    root = os.path.realpath(path)
+    out = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        # Octal escapes (\040 for a space) as the kernel writes them.
+        point = fields[4].encode().decode("unicode_escape")
+        if point == root or point.startswith(root.rstrip("/") + "/"):
+            out.append(Path(point))
+    return sorted(out, key=lambda p: len(p.parts), reverse=True)
+
+
+def release(path: Path) -> None:
+    """Unmount every workspace mounted at or below ``path`` (lazily if still busy)."""
+    for point in mounts_under(path):
+        try:
+            _run(["umount", str(point)], f"cannot unmount {point}")
+        except FailedPrecondition as exc:
+            log.warning("%s; detaching it lazily", exc)
+            with contextlib.suppress(FailedPrecondition):
+                _run(["umount", "-l", str(point)], f"cannot detach {point}")
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a VM directory: its workspace mount first, then everything in it."""
+    release(path)
+    shutil.rmtree(path, ignore_errors=True)
