@@ -76,12 +76,13 @@ async def _latency(
     )
     if tls_dir is None:
         server.add_insecure_port(f"unix:{sock}")
-        grpc_util._CREDENTIALS.clear()
+        grpc_util.use_plaintext()
     else:
         server.add_secure_port(
             f"unix:{sock}", tls.server_credentials(tls.files_in(tls_dir, "monitor"))
         )
         grpc_util._CREDENTIALS[:] = [tls.channel_credentials(tls.files_in(tls_dir, "executor"))]
+        grpc_util._TLS_DECIDED[:] = [True]
     await server.start()
     saved = list(grpc_util.CLIENT_INTERCEPTORS)
     if not traced:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
+from agentvm.common import grpc_util
 from agentvm_guest import agent
 
 from .helpers import EchoServer, GuestSide
@@ -63,3 +64,4 @@ def plaintext_services(monkeypatch: pytest.MonkeyPatch) -> None:
     environment (Settings, the Python client) never look for the installation's
     certificates. tls.py and test_tls.py cover mutual TLS."""
     monkeypatch.setenv("AGENTVM_TLS", "off")
+    grpc_util.use_plaintext()

@@ -121,5 +121,7 @@ def test_workspace_check_names_what_is_missing(tmp_path: Path) -> None:
     present = tmp_path / "here"
     present.touch()
     assert doctor.workspace_check(Settings(), loop_control=present).ok == (
-        os.geteuid() == 0 and shutil.which("mkfs.ext4") is not None
+        os.geteuid() == 0
+        and shutil.which("mkfs.ext4") is not None
+        and shutil.which("debugfs") is not None
     )

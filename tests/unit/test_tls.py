@@ -207,3 +207,32 @@ def test_caller_of_settings_presents_the_client_certificate(tmp_path: Path) -> N
     assert caller.credentials is not None
     assert (tmp_path / "tls" / "client.pem").exists()
     assert Caller.of(Settings(tls="off", tls_dir=tmp_path / "x", auth="none")).credentials is None
+
+
+def test_a_new_ca_makes_the_old_pairs_be_remade(tmp_path: Path) -> None:
+    d = tmp_path / "tls"
+    tls.ensure(d)
+    (d / "ca.pem").unlink()
+    (d / "ca.key").unlink()
+    assert sorted(tls.ensure(d, ("executor", "client"))) == ["client", "executor"]
+    ca = _cert(d / "ca.pem")
+    _cert(d / "executor.pem").verify_directly_issued_by(ca)
+
+
+def test_a_pair_that_cannot_be_renewed_serves_until_it_expires(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = tmp_path / "tls"
+    monkeypatch.setattr(tls, "LEAF_DAYS", 10)  # due for renewal at once
+    tls.ensure(d, ("executor",))
+
+    def read_only(tls_dir: Path) -> Any:
+        raise tls.TLSError(f"cannot use the TLS directory {tls_dir}: Read-only file system")
+
+    monkeypatch.setattr(tls, "_locked", read_only)
+    files = tls.for_identity("mutual", d, "executor")
+    assert files == tls.files_in(d, "executor")
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=11)
+    monkeypatch.setattr(tls, "_now", lambda: later)
+    with pytest.raises(tls.TLSError, match="Read-only"):
+        tls.for_identity("mutual", d, "executor")

@@ -17,7 +17,9 @@ MOUNTINFO = """\
 91 22 7:1 / /var/lib/agent-vm/vms/agent-vm-a\\040b/workspace rw - ext4 /dev/loop1 rw
 92 90 0:50 / /var/lib/agent-vm/vms/agent-vm-a/workspace/deeper rw - tmpfs tmpfs rw
 93 22 7:2 / /var/lib/agent-vm/vms/agent-vm-ab/workspace rw - ext4 /dev/loop2 rw
-"""
+94 22 7:3 / /srv/caf\xc3\xa9/workspace rw - ext4 /dev/loop3 rw
+95 22 7:4 / /srv/odd\xff/workspace rw - ext4 /dev/loop4 rw
+""".encode("latin-1")
 
 
 def test_mounts_under_finds_nested_mounts_deepest_first_and_only_below_the_path() -> None:
@@ -28,7 +30,9 @@ def test_mounts_under_finds_nested_mounts_deepest_first_and_only_below_the_path(
     ]
     spaced = workspace.mounts_under(Path("/var/lib/agent-vm/vms/agent-vm-a b"), MOUNTINFO)
     assert spaced == [Path("/var/lib/agent-vm/vms/agent-vm-a b/workspace")]
-    assert workspace.mounts_under(Path("/srv"), MOUNTINFO) == []
+    assert workspace.mounts_under(Path("/srv/café"), MOUNTINFO) == [Path("/srv/café/workspace")]
+    # A mount point that is not valid UTF-8 anywhere on the host breaks nothing.
+    assert workspace.mounts_under(Path("/opt"), MOUNTINFO) == []
 
 
 def test_uncapped_workspace_is_a_private_directory(tmp_path: Path) -> None:
@@ -57,3 +61,16 @@ def test_a_workspace_that_cannot_be_made_says_what_to_do(
 def test_settings_refuse_an_unknown_workspace_cap() -> None:
     with pytest.raises(InvalidArgument, match="AGENTVM_WORKSPACE_CAP='xfs': use loop or none"):
         Settings(workspace_cap="xfs")
+
+
+def test_a_private_mount_namespace_is_refused_before_anything_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under systemd's PrivateTmp= a loop mount would be vm-manager's alone: virtiofsd
+    would share the empty directory beneath it, uncapped."""
+    monkeypatch.setattr(workspace, "_own_mount_namespace", lambda: True)
+    ws = tmp_path / "vm" / "workspace"
+    ws.parent.mkdir()
+    with pytest.raises(FailedPrecondition, match="mount namespace of its own"):
+        workspace.create(ws, 2048, "loop")
+    assert list(ws.parent.iterdir()) == []

@@ -110,6 +110,7 @@ def workspace_check(settings: Settings, loop_control: Path = Path("/dev/loop-con
         for what, present in (
             (str(loop_control), loop_control.exists()),
             ("mkfs.ext4", shutil.which("mkfs.ext4") is not None),
+            ("debugfs", shutil.which("debugfs") is not None),
             ("root", os.geteuid() == 0),
         )
         if not present

@@ -152,7 +152,17 @@ def cli() -> None:
 def up() -> None:
     """Start every agent-vm service (idempotent)."""
     s = settings()
-    if s.tls == "mutual" and not os.environ.get("AGENTVM_TLS_CERT"):
+    given = [
+        n for n in ("AGENTVM_TLS_CA", "AGENTVM_TLS_CERT", "AGENTVM_TLS_KEY") if n in os.environ
+    ]
+    if given:
+        fail(
+            f"{', '.join(given)} name one process's certificate, but `agent-vm up` starts "
+            "four services that each need their own: unset them (up makes the "
+            "installation's in AGENTVM_TLS_DIR), or start each service with its own "
+            "files (deploy/systemd)"
+        )
+    if s.tls == "mutual":
         try:
             made = tls.ensure(s.tls_dir)
         except tls.TLSError as exc:
@@ -190,7 +200,9 @@ def gc(dry_run: bool, min_age: float) -> None:
 
     Executors sweep their own VMs every AGENTVM_RECONCILE_INTERVAL seconds and
     at start; this does it now, also for executors that are gone for good.
-    vm-manager removes VM directories without a domain when it starts.
+    vm-manager removes VM directories without a domain when it starts. It needs
+    vm-manager running (each VM's network state is vm-manager's): with the
+    services down, `agent-vm up` runs every service's own reconciliation.
     """
     from agentvm.executor.executor import EXECUTOR_LABEL, OWNER_LABEL, SANDBOX_LABEL, orphaned_vms
 

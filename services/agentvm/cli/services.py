@@ -56,8 +56,8 @@ def health(settings: Settings, spec: ServiceSpec, timeout: float = 1.0) -> str:
     """SERVING / NOT_SERVING / UNREACHABLE for a service (NO CERTIFICATE: cannot call it)."""
     try:
         caller = Caller.of(settings)
-    except AgentVMError:
-        return "NO CERTIFICATE"
+    except AgentVMError as exc:
+        return f"NO CERTIFICATE ({exc.message})"
     try:
         with caller.bare(spec.address, spec.name) as channel:
             stub = health_pb2_grpc.HealthStub(channel)

@@ -48,8 +48,11 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 CLIENT_INTERCEPTORS: list[Any] = []
 # The bearer token this process sends to other services (never to guests).
 _TOKEN: list[str] = []
-# The TLS credentials this process presents to other services (empty: TLS off).
+# The TLS credentials this process presents to other services (empty: TLS off),
+# and whether that was decided (setup_tls or use_plaintext): a channel made
+# before is refused rather than silently plaintext.
 _CREDENTIALS: list[grpc.ChannelCredentials] = []
+_TLS_DECIDED: list[bool] = []
 # Who this process is, in the user-agent of its calls ("agent-vm-executor").
 _IDENTITY: list[str] = []
 
@@ -158,15 +161,27 @@ def setup_tls(settings: Settings, service: str) -> grpc.ServerCredentials | None
     """A service process: the TLS its server requires and its channels present (None: off)."""
     files = tls_files(settings, service)
     if files is None:
-        _CREDENTIALS.clear()
+        use_plaintext()
         return None
     channel, server = _credentials(files)
     _CREDENTIALS[:] = [channel]
+    _TLS_DECIDED[:] = [True]
     return server
+
+
+def use_plaintext() -> None:
+    """This process's service channels are plaintext (AGENTVM_TLS=off, in-process tests)."""
+    _CREDENTIALS.clear()
+    _TLS_DECIDED[:] = [True]
 
 
 def aio_channel(target: str, service: str) -> grpc.aio.Channel:
     """An asyncio channel to another agent-vm ``service``: limits, token, mutual TLS."""
+    if not _TLS_DECIDED:
+        raise RuntimeError(
+            "grpc_util.setup_tls() (or use_plaintext()) must run before a service channel "
+            "is made: it would otherwise be plaintext by accident"
+        )
     interceptors: list[Any] = list(CLIENT_INTERCEPTORS)
     if _TOKEN:
         interceptors += auth.aio_token_interceptors(_TOKEN[0])

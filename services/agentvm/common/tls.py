@@ -32,6 +32,7 @@ from typing import Any
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -39,6 +40,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 SERVICES = ("vm-manager", "pool-manager", "executor", "monitor")
 CLIENT = "client"
 IDENTITIES = (*SERVICES, CLIENT)
+# One process's own files (an operator's PKI); never generated.
+FILE_VARIABLES = ("AGENTVM_TLS_CA", "AGENTVM_TLS_CERT", "AGENTVM_TLS_KEY")
 CA_DAYS = 3650
 LEAF_DAYS = 825
 # A leaf with less than this left is renewed by the process that uses it.
@@ -68,17 +71,22 @@ class TLSFiles:
     key: Path
 
     def read(self) -> tuple[bytes, bytes, bytes]:
-        """(ca, cert, key) bytes; TLSError naming the file and the fix."""
+        """(ca, cert, key) bytes; TLSError naming the file and the fix.
+
+        In a directory that :func:`ensure` manages, read under its lock (shared):
+        never a new key with the old certificate while a pair is being renewed.
+        """
         out = []
-        for path in (self.ca, self.cert, self.key):
-            try:
-                out.append(path.read_bytes())
-            except OSError as exc:
-                raise TLSError(
-                    f"cannot read {path}: {exc.strerror}; run `agent-vm up` as the services' "
-                    "user (it makes the installation's certificates), or set AGENTVM_TLS_CA, "
-                    "AGENTVM_TLS_CERT and AGENTVM_TLS_KEY"
-                ) from None
+        with _shared_lock(self.cert.parent):
+            for path in (self.ca, self.cert, self.key):
+                try:
+                    out.append(path.read_bytes())
+                except OSError as exc:
+                    raise TLSError(
+                        f"cannot read {path}: {exc.strerror}; run `agent-vm up` as the "
+                        "services' user (it makes the installation's certificates), or set "
+                        "AGENTVM_TLS_CA, AGENTVM_TLS_CERT and AGENTVM_TLS_KEY"
+                    ) from None
         return out[0], out[1], out[2]
 
 
@@ -94,7 +102,7 @@ def configured_files(
     AGENTVM_TLS_CA/CERT/KEY (all three) override the directory and are never generated.
     """
     env = os.environ if env is None else env
-    names = ("AGENTVM_TLS_CA", "AGENTVM_TLS_CERT", "AGENTVM_TLS_KEY")
+    names = FILE_VARIABLES
     given = [env.get(n, "").strip() for n in names]
     if any(given):
         if not all(given):
@@ -116,8 +124,28 @@ def for_identity(mode: str, tls_dir: Path, who: str) -> TLSFiles | None:
         raise TLSError(f"AGENTVM_TLS={mode!r}: use mutual or off")
     files, generate = configured_files(tls_dir, who)
     if generate:
-        ensure(tls_dir, (who,))
+        try:
+            ensure(tls_dir, (who,))
+        except TLSError:
+            # Cannot renew (a read-only directory, another user's): a pair that
+            # is still valid serves until it expires; `agent-vm doctor` shows when.
+            if not _valid(tls_dir, who, datetime.timedelta(0)):
+                raise
     return files
+
+
+@contextlib.contextmanager
+def _shared_lock(directory: Path) -> Iterator[None]:
+    try:
+        fd = os.open(directory / ".lock", os.O_RDONLY)
+    except OSError:  # not a directory ensure() manages (or not readable): no lock
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 # -- generation ----------------------------------------------------------------------------
@@ -140,11 +168,19 @@ def _locked(tls_dir: Path) -> Iterator[None]:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` atomically and durably (never an empty ca.pem after a crash)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
     tmp.replace(path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -250,14 +286,22 @@ def expires(cert_file: Path) -> datetime.datetime:
     return x509.load_pem_x509_certificate(cert_file.read_bytes()).not_valid_after_utc
 
 
-def _usable(tls_dir: Path, who: str) -> bool:
+def _valid(tls_dir: Path, who: str, margin: datetime.timedelta) -> bool:
+    """``who`` has a pair signed by the directory's CA, valid for ``margin`` more."""
     files = files_in(tls_dir, who)
-    if not (files.cert.exists() and files.key.exists()):
-        return False
     try:
-        return expires(files.cert) - _now() > RENEW_BEFORE
-    except (OSError, ValueError):
+        if not files.key.exists():
+            return False
+        ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+        cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+        cert.verify_directly_issued_by(ca)  # a new CA makes every old pair unusable
+    except (OSError, ValueError, TypeError, InvalidSignature):
         return False
+    return cert.not_valid_after_utc - _now() > margin
+
+
+def _usable(tls_dir: Path, who: str) -> bool:
+    return _valid(tls_dir, who, RENEW_BEFORE)
 
 
 def ensure(tls_dir: Path, identities: tuple[str, ...] = IDENTITIES) -> list[str]:
@@ -309,6 +353,15 @@ def channel_credentials(files: TLSFiles) -> grpc.ChannelCredentials:
 def target_options(service: str) -> list[tuple[str, Any]]:
     """Channel options verifying that the peer is ``service`` (whatever the address)."""
     return [("grpc.ssl_target_name_override", server_name(service))]
+
+
+def peer_uses_tls(context: Any) -> bool:
+    """Whether a call came over TLS (then it always has a verified certificate)."""
+    try:
+        kind = context.auth_context().get("transport_security_type") or []
+    except Exception:  # noqa: BLE001 - a context without auth data is not TLS
+        return False
+    return bool(kind) and kind[0] in (b"ssl", "ssl")
 
 
 def peer_identity(context: Any) -> str:

@@ -224,18 +224,9 @@ class AgentExecutor:
                 await self._destroy_vm(
                     vm.name, "executor restart: its sandbox did not survive the previous executor"
                 )
-        if self.pool is not None:
-            try:
-                leases = await self.pool.ListLeases(
-                    pool_manager_pb2.ListLeasesRequest(label_selector=self._owner_labels()),
-                    timeout=30,
-                )
-            except grpc.aio.AioRpcError as exc:
-                log.warning("cannot list leftover pool leases: %s", exc.details())
-            else:
-                for lease in leases.leases:
-                    log.info("releasing %s leased by a previous executor", lease.vm_name)
-                    await self._release(lease.lease_id, lease.vm_name)
+        # No sandbox is open yet: every lease with this executor's labels was a
+        # previous executor's.
+        await self._reconcile_leases()
         self._reaper = asyncio.ensure_future(self._reap())
 
     async def _reap(self) -> None:
@@ -292,7 +283,8 @@ class AgentExecutor:
         gone = orphaned_leases(resp.leases, held, self._creating)
         for lease in gone:
             log.info(
-                "releasing lease %s of %s: no sandbox holds it (its AcquireVM answer was lost)",
+                "releasing lease %s of %s: no sandbox holds it (a previous executor's, or "
+                "its AcquireVM answer was lost)",
                 lease.lease_id,
                 lease.vm_name,
             )
@@ -319,6 +311,8 @@ class AgentExecutor:
                 pool_manager_pb2.ReleaseVMRequest(lease_id=lease_id), timeout=60
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return  # released already (a sweep and a close crossed): the VM is gone
             log.warning("cannot release %s to the pool (%s); destroying it", vm_name, exc.details())
             await self._destroy_vm(vm_name)
 

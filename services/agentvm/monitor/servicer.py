@@ -39,6 +39,11 @@ def _check_reporter(request: monitor_pb2.ReportEventsRequest, context: Ctx) -> N
     is then the certificate's, not a claim."""
     identity = tls.peer_identity(context)
     if not identity:
+        if tls.peer_uses_tls(context):
+            raise PermissionDenied(
+                "the caller's certificate has no common name: a service that reports "
+                "events needs one named agent-vm-<service> (e.g. agent-vm-executor)"
+            )
         return
     service = identity.removeprefix("agent-vm-")
     if service not in tls.SERVICES:

@@ -307,7 +307,17 @@ class VMManager:
                     vm.network = self._net_proto(name)
                 elif network_mode is NetworkMode.BRIDGE:
                     vm.network = common_pb2.NetworkAttachment(mac=random_mac(), bridge=bridge)
-                await asyncio.to_thread(self._define, vm, base, image.kernel, image.initrd)
+                # The thread cannot be cancelled: a cancelled create waits for it
+                # before cleaning up, or it could mount or define after the cleanup.
+                defining = asyncio.ensure_future(
+                    asyncio.to_thread(self._define, vm, base, image.kernel, image.initrd)
+                )
+                try:
+                    await asyncio.shield(defining)
+                except asyncio.CancelledError:
+                    with contextlib.suppress(Exception):
+                        await defining
+                    raise
                 vm.transition(VMState.DEFINED)
             except BaseException:
                 self._vms.pop(name, None)

@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from agentvm.common.errors import FailedPrecondition
@@ -40,45 +42,79 @@ def _run(argv: list[str], what: str) -> None:
         raise FailedPrecondition(f"{what}: {proc.stderr.strip() or proc.stdout.strip()}")
 
 
+def _own_mount_namespace() -> bool:
+    """True when this process has a mount namespace other than init's (systemd's
+    PrivateTmp, ProtectHome...): a mount made here is invisible to virtiofsd."""
+    try:
+        return os.readlink("/proc/self/ns/mnt") != os.readlink("/proc/1/ns/mnt")
+    except OSError:
+        return False  # cannot tell (not root): assume the host's
+
+
 def create(workspace: Path, size_mib: int, cap: str) -> None:
     """Make ``workspace`` (mode 0700, with input/output/work), capped at ``size_mib``."""
-    workspace.mkdir(mode=0o700)
-    if cap == "loop":
-        image = workspace.parent / IMAGE_NAME
+    if cap != "loop":
+        # Only root (virtiofsd, the executor) may enter: whatever the guest
+        # creates in there (setuid files, device nodes) is out of reach of
+        # other users of the host.
+        workspace.mkdir(mode=0o700)
+        for part in PARTS:
+            (workspace / part).mkdir(mode=0o755)
+        return
+    hint = (
+        "shared workspaces live on a loop-mounted file system of their own "
+        "(needs root and /dev/loop-control); use the api workspace mode, or set "
+        "AGENTVM_WORKSPACE_CAP=none to allow uncapped ones"
+    )
+    if _own_mount_namespace():
+        raise FailedPrecondition(
+            "vm-manager runs in a mount namespace of its own (systemd PrivateTmp= or "
+            "ProtectHome=?), so virtiofsd would not see the workspace mounted here: run it "
+            f"in the host's mount namespace ({hint})"
+        )
+    image = workspace.parent / IMAGE_NAME
+    seed = Path(tempfile.mkdtemp(prefix=".workspace-seed-", dir=workspace.parent))  # 0700
+    try:
+        for part in PARTS:
+            (seed / part).mkdir(mode=0o755)
         fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size_mib * 2**20)
         finally:
             os.close(fd)
-        hint = (
-            "shared workspaces live on a loop-mounted file system of their own "
-            "(needs root and /dev/loop-control); use the api workspace mode, or set "
-            "AGENTVM_WORKSPACE_CAP=none to allow uncapped ones"
-        )
+        what = f"cannot make the workspace file system of {workspace.parent.name} ({hint})"
         _run(
-            ["mkfs.ext4", "-q", "-F", "-m", "0", "-L", "agentvm-ws", "-E",
+            ["mkfs.ext4", "-q", "-F", "-m", "0", "-L", "agentvm-ws", "-d", str(seed), "-E",
              "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1", str(image)],
-            f"cannot make the workspace file system of {workspace.parent.name} ({hint})",
+            what,
         )  # fmt: skip
-        _run(
-            ["mount", "-t", "ext4", "-o", "loop,nosuid,nodev", str(image), str(workspace)],
-            f"cannot mount the workspace of {workspace.parent.name} ({hint})",
-        )
-        # Only root (virtiofsd, the executor) may enter: whatever the guest
-        # creates in there (setuid files, device nodes) is out of reach of
-        # other users of the host (and nosuid,nodev make it inert anyway).
-        os.chmod(workspace, 0o700)
-        with contextlib.suppress(OSError):
-            (workspace / "lost+found").rmdir()
-    for part in PARTS:
-        (workspace / part).mkdir(mode=0o755)
+        # The root is 0700 before it is ever mounted: no moment where another
+        # user of the host could open it (whatever the guest creates in there,
+        # setuid files or device nodes, stays out of their reach; nosuid,nodev
+        # make it inert anyway).
+        _run(["debugfs", "-w", "-R", "sif <2> mode 040700", str(image)], what)
+    finally:
+        shutil.rmtree(seed, ignore_errors=True)
+    workspace.mkdir(mode=0o700)
+    _run(
+        ["mount", "-t", "ext4", "-o", "loop,nosuid,nodev", str(image), str(workspace)],
+        f"cannot mount the workspace of {workspace.parent.name} ({hint})",
+    )
+    if workspace.stat().st_mode & 0o777 != 0o700:
+        release(workspace)
+        raise FailedPrecondition(f"the workspace of {workspace.parent.name} is not private")
+    with contextlib.suppress(OSError):
+        (workspace / "lost+found").rmdir()
 
 
-def mounts_under(path: Path, mountinfo: str | None = None) -> list[Path]:
+_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def mounts_under(path: Path, mountinfo: bytes | None = None) -> list[Path]:
     """Mount points at or below ``path``, deepest first."""
     if mountinfo is None:
         try:
-            mountinfo = Path("/proc/self/mountinfo").read_text()
+            mountinfo = Path("/proc/self/mountinfo").read_bytes()
         except OSError:
             return []
     root = os.path.realpath(path)
@@ -87,8 +123,9 @@ def mounts_under(path: Path, mountinfo: str | None = None) -> list[Path]:
         fields = line.split()
         if len(fields) < 5:
             continue
-        # Octal escapes (\040 for a space) as the kernel writes them.
-        point = fields[4].encode().decode("unicode_escape")
+        # The kernel writes space, tab, newline and backslash as octal escapes.
+        raw = _ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), fields[4])
+        point = os.fsdecode(raw)
         if point == root or point.startswith(root.rstrip("/") + "/"):
             out.append(Path(point))
     return sorted(out, key=lambda p: len(p.parts), reverse=True)
