@@ -651,3 +651,16 @@ def test_services_down_still_says_agent_vm_up(tmp_path: Path) -> None:
     for args in (("vm", "list"), ("run", "--network", "isolated", "--cmd", "true")):
         result = CliRunner(env=env).invoke(cli, list(args))
         assert_one_line_exit_2(result, "agent-vm up")
+
+
+def test_up_refuses_one_processs_certificate_for_four_services(tmp_path: Path) -> None:
+    env = {
+        "AGENTVM_TLS": "mutual",
+        "AGENTVM_TLS_CERT": str(tmp_path / "mine.pem"),
+        "AGENTVM_RUN_DIR": str(tmp_path / "run"),
+        "AGENTVM_LOG_DIR": str(tmp_path / "log"),
+    }
+    result = CliRunner(env=env).invoke(cli, ["up"])
+    assert_one_line_exit_2(result, "AGENTVM_TLS_CERT", "four services", "deploy/systemd")
+    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "log").exists()

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from prometheus_client import REGISTRY
 
-from agentvm.common import telemetry
+from agentvm.common import telemetry, tls
 from agentvm.common.config import Settings
 from agentvm.common.errors import InvalidArgument
 from agentvm.common.events import EventReporter, make_event
@@ -315,3 +320,78 @@ def test_events_carry_json_safe_attributes() -> None:
     assert got["f"] == "nan"
     assert isinstance(got["o"], str)
     assert asyncio.iscoroutinefunction(Monitor.flush)
+
+
+def _cn_less_pair(tls_dir: Path, out: Path) -> tls.TLSFiles:
+    """A certificate of the installation's CA with no common name (SAN only), as an
+    operator's own PKI may issue."""
+    ca_cert, ca_key = tls._load_ca(tls_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "elsewhere")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("executor.agent-vm")]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (out / "nocn.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / "nocn.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return tls.TLSFiles(tls_dir / "ca.pem", out / "nocn.pem", out / "nocn.key")
+
+
+def test_under_mutual_tls_only_services_report_events_and_only_as_themselves(
+    tmp_path: Path,
+) -> None:
+    d = tmp_path / "tls"
+    tls.ensure(d)
+    callers = {
+        "executor": tls.files_in(d, "executor"),
+        "client": tls.files_in(d, "client"),
+        "no common name": _cn_less_pair(d, tmp_path),
+    }
+    sock = f"unix:{tmp_path}/m.sock"
+    got: dict[str, str] = {}
+
+    async def main() -> None:
+        mon = new_monitor(tmp_path)
+        await mon.start()
+        server = grpc.aio.server()
+        monitor_pb2_grpc.add_MonitorServiceServicer_to_server(MonitorServicer(mon), server)
+        server.add_secure_port(sock, tls.server_credentials(tls.files_in(d, "monitor")))
+        await server.start()
+        try:
+            for who, files in callers.items():
+                for service in ("executor", "vm-manager"):
+                    ev = make_event(service, f"{service}/{who}/1", "vm.ready")
+                    async with grpc.aio.secure_channel(
+                        sock, tls.channel_credentials(files), tls.target_options("monitor")
+                    ) as ch:
+                        try:
+                            resp = await monitor_pb2_grpc.MonitorServiceStub(ch).ReportEvents(
+                                monitor_pb2.ReportEventsRequest(events=[ev]), timeout=10
+                            )
+                            got[f"{who} as {service}"] = f"accepted {resp.accepted}"
+                        except grpc.aio.AioRpcError as exc:
+                            got[f"{who} as {service}"] = f"{exc.code().name}: {exc.details()}"
+        finally:
+            await server.stop(None)
+            await mon.close()
+
+    run_async(main())
+    assert got.pop("executor as executor") == "accepted 1"
+    assert "reports its own events only" in got.pop("executor as vm-manager")
+    for key, outcome in got.items():
+        assert outcome.startswith("PERMISSION_DENIED"), (key, outcome)
+    assert "only agent-vm services" in got["client as executor"]
+    assert "no common name" in got["no common name as executor"]
