@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -118,7 +120,7 @@ def test_an_unusable_directory_is_failed_precondition_naming_the_fix(tmp_path: P
     with pytest.raises(FailedPrecondition) as err:
         tls_files(settings, "executor")
     assert str(blocker / "tls") in err.value.message
-    assert "AGENTVM_TLS_DIR" in err.value.message
+    assert "AGENTVM_TLS_CERT" in err.value.message
 
 
 def test_settings_refuse_an_unknown_tls_mode() -> None:
@@ -236,3 +238,28 @@ def test_a_pair_that_cannot_be_renewed_serves_until_it_expires(
     monkeypatch.setattr(tls, "_now", lambda: later)
     with pytest.raises(tls.TLSError, match="Read-only"):
         tls.for_identity("mutual", d, "executor")
+
+
+def test_a_user_who_cannot_read_the_certificates_gets_one_line_naming_the_fix(
+    tmp_path: Path,
+) -> None:
+    """The CLI run by another user than the services' (here: nobody) cannot read the
+    installation's 0700 directory: one line, exit 2, saying what to do."""
+    d = tmp_path / "tls"
+    tls.ensure(d)
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         sys.executable, "-m", "agentvm.cli.main", "vm", "list"],
+        env={**os.environ, "AGENTVM_TLS": "mutual", "AGENTVM_TLS_DIR": str(d),
+             "AGENTVM_VM_MANAGER_ADDR": f"unix:{tmp_path}/nothing.sock", "HOME": "/"},
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"cannot use the TLS directory {d}" in lines[0]
+    assert "AGENTVM_TLS_CERT" in lines[0]

@@ -157,8 +157,9 @@ def _locked(tls_dir: Path) -> Iterator[None]:
     except OSError as exc:
         raise TLSError(
             f"cannot use the TLS directory {tls_dir}: {exc.strerror}; run as the services' "
-            "user, or set AGENTVM_TLS_DIR to a directory of your own (or AGENTVM_TLS_CA, "
-            "AGENTVM_TLS_CERT and AGENTVM_TLS_KEY to your files)"
+            "user, or point AGENTVM_TLS_CA, AGENTVM_TLS_CERT and AGENTVM_TLS_KEY at a copy "
+            f"of {tls_dir}/ca.pem and a client certificate of that CA (e.g. its client.pem "
+            "and client.key)"
         ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -286,6 +287,14 @@ def expires(cert_file: Path) -> datetime.datetime:
     return x509.load_pem_x509_certificate(cert_file.read_bytes()).not_valid_after_utc
 
 
+def _exists(path: Path) -> bool:
+    """Path.exists() that says False where it may not look (another user's directory)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def _valid(tls_dir: Path, who: str, margin: datetime.timedelta) -> bool:
     """``who`` has a pair signed by the directory's CA, valid for ``margin`` more."""
     files = files_in(tls_dir, who)
@@ -312,11 +321,11 @@ def ensure(tls_dir: Path, identities: tuple[str, ...] = IDENTITIES) -> list[str]
     for who in identities:
         if who not in IDENTITIES:
             raise TLSError(f"unknown identity {who!r}: use one of {', '.join(IDENTITIES)}")
-    if (tls_dir / "ca.pem").exists() and all(_usable(tls_dir, w) for w in identities):
+    if _exists(tls_dir / "ca.pem") and all(_usable(tls_dir, w) for w in identities):
         return []
     made: list[str] = []
     with _locked(tls_dir):
-        if not (tls_dir / "ca.pem").exists():
+        if not _exists(tls_dir / "ca.pem"):
             try:
                 _make_ca(tls_dir)
             except OSError as exc:
