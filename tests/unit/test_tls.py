@@ -263,3 +263,32 @@ def test_a_user_who_cannot_read_the_certificates_gets_one_line_naming_the_fix(
     assert len(lines) == 1, proc.stderr
     assert f"cannot use the TLS directory {d}" in lines[0]
     assert "AGENTVM_TLS_CERT" in lines[0]
+
+
+def test_reads_wait_while_a_pair_is_being_renewed(tmp_path: Path) -> None:
+    """A reader never gets a new key with the old certificate: it waits for ensure()."""
+    d = tmp_path / "tls"
+    tls.ensure(d)
+    done = threading.Event()
+
+    def read() -> None:
+        tls.files_in(d, "executor").read()
+        done.set()
+
+    with tls._locked(d):  # what ensure() holds while it writes
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert not done.wait(0.3), "read() did not wait for the renewal"
+    assert done.wait(5)
+    reader.join()
+
+
+def test_a_service_channel_before_tls_is_decided_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No accidental plaintext: setup_tls() or use_plaintext() must come first."""
+    from agentvm.common import grpc_util
+
+    monkeypatch.setattr(grpc_util, "_TLS_DECIDED", [])
+    with pytest.raises(RuntimeError, match="setup_tls"):
+        grpc_util.aio_channel("unix:/nonexistent.sock", "vm-manager")

@@ -152,10 +152,8 @@ def cli() -> None:
 def up() -> None:
     """Start every agent-vm service (idempotent)."""
     s = settings()
-    given = [
-        n for n in ("AGENTVM_TLS_CA", "AGENTVM_TLS_CERT", "AGENTVM_TLS_KEY") if n in os.environ
-    ]
-    if given:
+    given = [n for n in tls.FILE_VARIABLES if os.environ.get(n, "").strip()]
+    if given and s.tls == "mutual":
         fail(
             f"{', '.join(given)} name one process's certificate, but `agent-vm up` starts "
             "four services that each need their own: unset them (up makes the "

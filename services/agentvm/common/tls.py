@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import logging
 import os
 import secrets
 from collections.abc import Iterator, Mapping
@@ -36,6 +37,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+log = logging.getLogger("agentvm.tls")
 
 SERVICES = ("vm-manager", "pool-manager", "executor", "monitor")
 CLIENT = "client"
@@ -126,11 +129,17 @@ def for_identity(mode: str, tls_dir: Path, who: str) -> TLSFiles | None:
     if generate:
         try:
             ensure(tls_dir, (who,))
-        except TLSError:
+        except TLSError as exc:
             # Cannot renew (a read-only directory, another user's): a pair that
-            # is still valid serves until it expires; `agent-vm doctor` shows when.
+            # is still valid serves until it expires.
             if not _valid(tls_dir, who, datetime.timedelta(0)):
                 raise
+            log.warning(
+                "using %s's certificate until it expires (%s): it cannot be renewed: %s",
+                who,
+                expires(files.cert).isoformat(),
+                exc,
+            )
     return files
 
 

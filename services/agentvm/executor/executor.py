@@ -311,9 +311,12 @@ class AgentExecutor:
                 pool_manager_pb2.ReleaseVMRequest(lease_id=lease_id), timeout=60
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return  # released already (a sweep and a close crossed): the VM is gone
-            log.warning("cannot release %s to the pool (%s); destroying it", vm_name, exc.details())
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                log.warning(
+                    "cannot release %s to the pool (%s); destroying it", vm_name, exc.details()
+                )
+            # NOT_FOUND: released already (a sweep and a close crossed), or a pool-manager
+            # still starting has not adopted the lease yet; destroying is safe either way.
             await self._destroy_vm(vm_name)
 
     def _pool_key(

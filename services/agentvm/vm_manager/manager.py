@@ -315,8 +315,10 @@ class VMManager:
                 try:
                     await asyncio.shield(defining)
                 except asyncio.CancelledError:
-                    with contextlib.suppress(Exception):
-                        await defining
+                    # However often we are cancelled meanwhile (a client, then SIGTERM).
+                    while not defining.done():
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await asyncio.shield(defining)
                     raise
                 vm.transition(VMState.DEFINED)
             except BaseException:

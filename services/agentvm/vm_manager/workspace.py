@@ -34,12 +34,19 @@ CAPS = ("loop", "none")
 
 
 def _run(argv: list[str], what: str) -> None:
+    _output(argv, what)
+
+
+def _output(argv: list[str], what: str = "") -> str:
+    """stdout of ``argv``; FailedPrecondition starting with ``what`` when it fails."""
+    what = what or f"{argv[0]} failed"
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise FailedPrecondition(f"{what}: {exc}") from None
     if proc.returncode != 0:
         raise FailedPrecondition(f"{what}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
 
 
 def _own_mount_namespace() -> bool:
@@ -93,6 +100,11 @@ def create(workspace: Path, size_mib: int, cap: str) -> None:
         # setuid files or device nodes, stays out of their reach; nosuid,nodev
         # make it inert anyway).
         _run(["debugfs", "-w", "-R", "sif <2> mode 040700", str(image)], what)
+        # debugfs exits 0 even when it could not write: read the mode back.
+        if not re.search(r"Mode:\s+0700\b", _output(["debugfs", "-R", "stat <2>", str(image)])):
+            raise FailedPrecondition(
+                f"{what}: debugfs could not make the root directory private (mode 0700)"
+            )
     finally:
         shutil.rmtree(seed, ignore_errors=True)
     workspace.mkdir(mode=0o700)
@@ -119,8 +131,9 @@ def mounts_under(path: Path, mountinfo: bytes | None = None) -> list[Path]:
             return []
     root = os.path.realpath(path)
     out = []
-    for line in mountinfo.splitlines():
-        fields = line.split()
+    # Split on what the kernel writes (it escapes space, tab, newline, backslash).
+    for line in mountinfo.split(b"\n"):
+        fields = line.split(b" ")
         if len(fields) < 5:
             continue
         # The kernel writes space, tab, newline and backslash as octal escapes.
