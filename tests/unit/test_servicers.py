@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc_testing
@@ -327,3 +328,66 @@ def test_recovery_reclaims_directories_no_domain_owns_and_audits_it(tmp_path: Pa
     reclaimed = [e for e in sink.events if e[0] == "vm.reclaimed"]
     assert [vm for _, vm, _ in reclaimed] == [name, name]
     assert all("no domain owns" in str(attrs["reason"]) for _, _, attrs in reclaimed)
+
+
+def test_a_create_cancelled_twice_cleans_up_only_after_its_define_thread(
+    tmp_path: Path, fake_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The define thread (overlay, workspace mount, domain) cannot be cancelled: a
+    create cancelled by its client and then by the server's stop must wait for it,
+    or the cleanup would run first and the thread mount or define afterwards."""
+    import threading
+    import time as time_mod
+
+    from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
+
+    settings = Settings(
+        libvirt_uri="test:///default",
+        state_dir=tmp_path / "state",
+        run_dir=tmp_path / "run",
+        cache_dir=fake_image,
+        vm_prefix="agent-vm-unit-",
+    )
+    order: list[str] = []
+    in_define = threading.Event()
+
+    def slow_define(vm: Any, *args: Any) -> None:
+        in_define.set()
+        time_mod.sleep(0.5)
+        order.append("define finished")
+
+    def remove_everything(vm: Any) -> None:
+        order.append("cleanup")
+
+    async def main() -> None:
+        conn = LibvirtConnection(settings.libvirt_uri)
+        try:
+            manager = VMManager(
+                settings,
+                conn,
+                ImageStore(fake_image),
+                AccelInfo(Accel.TCG, "test"),
+                memory_limit=False,
+            )
+            monkeypatch.setattr(manager, "_define", slow_define)
+            monkeypatch.setattr(manager, "_remove_everything", remove_everything)
+            task = asyncio.ensure_future(
+                manager.create(
+                    profile=ResourceProfile.STANDARD,
+                    network_mode=NetworkMode.ISOLATED,
+                    resources=Resources.for_profile(ResourceProfile.STANDARD),
+                    labels={},
+                    start=False,
+                )
+            )
+            await asyncio.to_thread(in_define.wait, 10)
+            task.cancel()
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            conn.close()
+
+    asyncio.run(main())
+    assert order == ["define finished", "cleanup"]
