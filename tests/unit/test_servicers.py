@@ -105,22 +105,36 @@ def fake_image(tmp_path: Path) -> Path:
     return cache
 
 
+def unit_settings(tmp_path: Path, cache: Path) -> Settings:
+    """A vm-manager on libvirt's test driver with the test's own directories."""
+    return Settings(
+        libvirt_uri="test:///default",
+        state_dir=tmp_path / "state",
+        run_dir=tmp_path / "run",
+        cache_dir=cache,
+        vm_prefix="agent-vm-unit-",
+    )
+
+
+def unit_manager(settings: Settings, conn: LibvirtConnection, **kw: Any) -> VMManager:
+    return VMManager(
+        settings,
+        conn,
+        ImageStore(settings.cache_dir),
+        AccelInfo(Accel.TCG, "test"),
+        memory_limit=False,
+        **kw,
+    )
+
+
 def run_servicer_test(tmp_path: Path, cache: Path, body: object) -> None:
     """Serve VMManagerService on the test driver in-process and run ``body(stub)``."""
 
     async def main() -> None:
-        settings = Settings(
-            libvirt_uri="test:///default",
-            state_dir=tmp_path / "state",
-            run_dir=tmp_path / "run",
-            cache_dir=cache,
-            vm_prefix="agent-vm-unit-",
-        )
+        settings = unit_settings(tmp_path, cache)
         conn = LibvirtConnection(settings.libvirt_uri)
         images = ImageStore(cache)
-        manager = VMManager(
-            settings, conn, images, AccelInfo(Accel.TCG, "test"), memory_limit=False
-        )
+        manager = unit_manager(settings, conn)
         server = grpc.aio.server(options=SERVER_OPTIONS)
         vm_manager_pb2_grpc.add_VMManagerServiceServicer_to_server(
             VMManagerServicer(manager, images), server
@@ -292,13 +306,7 @@ class RecordingSink:
 def test_recovery_reclaims_directories_no_domain_owns_and_audits_it(tmp_path: Path) -> None:
     """A create cut short by a crash leaves a VM directory without a domain: the next
     vm-manager removes it at start and reports a vm.reclaimed event."""
-    settings = Settings(
-        libvirt_uri="test:///default",
-        state_dir=tmp_path / "state",
-        run_dir=tmp_path / "run",
-        cache_dir=tmp_path / "cache",
-        vm_prefix="agent-vm-unit-",
-    )
+    settings = unit_settings(tmp_path, tmp_path / "cache")
     name = "agent-vm-unit-cutshort"
     for base in (settings.vms_state_dir, settings.vms_run_dir):
         (base / name).mkdir(parents=True)
@@ -309,15 +317,7 @@ def test_recovery_reclaims_directories_no_domain_owns_and_audits_it(tmp_path: Pa
     async def main() -> None:
         conn = LibvirtConnection(settings.libvirt_uri)
         try:
-            manager = VMManager(
-                settings,
-                conn,
-                ImageStore(settings.cache_dir),
-                AccelInfo(Accel.TCG, "test"),
-                memory_limit=False,
-                events=sink,
-            )
-            await manager.recover()
+            await unit_manager(settings, conn, events=sink).recover()
         finally:
             conn.close()
 
@@ -341,13 +341,7 @@ def test_a_create_cancelled_twice_cleans_up_only_after_its_define_thread(
 
     from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
 
-    settings = Settings(
-        libvirt_uri="test:///default",
-        state_dir=tmp_path / "state",
-        run_dir=tmp_path / "run",
-        cache_dir=fake_image,
-        vm_prefix="agent-vm-unit-",
-    )
+    settings = unit_settings(tmp_path, fake_image)
     order: list[str] = []
     in_define = threading.Event()
 
@@ -362,13 +356,7 @@ def test_a_create_cancelled_twice_cleans_up_only_after_its_define_thread(
     async def main() -> None:
         conn = LibvirtConnection(settings.libvirt_uri)
         try:
-            manager = VMManager(
-                settings,
-                conn,
-                ImageStore(fake_image),
-                AccelInfo(Accel.TCG, "test"),
-                memory_limit=False,
-            )
+            manager = unit_manager(settings, conn)
             monkeypatch.setattr(manager, "_define", slow_define)
             monkeypatch.setattr(manager, "_remove_everything", remove_everything)
             task = asyncio.ensure_future(
