@@ -247,10 +247,12 @@ def test_a_user_who_cannot_read_the_certificates_gets_one_line_naming_the_fix(
     installation's 0700 directory: one line, exit 2, saying what to do."""
     d = tmp_path / "tls"
     tls.ensure(d)
+    # Not measured by coverage: nobody could not write its data file (the checkout's).
+    own_env = {k: v for k, v in os.environ.items() if not k.startswith(("COV_CORE", "COVERAGE"))}
     proc = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
          sys.executable, "-m", "agentvm.cli.main", "vm", "list"],
-        env={**os.environ, "AGENTVM_TLS": "mutual", "AGENTVM_TLS_DIR": str(d),
+        env={**own_env, "AGENTVM_TLS": "mutual", "AGENTVM_TLS_DIR": str(d),
              "AGENTVM_VM_MANAGER_ADDR": f"unix:{tmp_path}/nothing.sock", "HOME": "/"},
         cwd="/",
         capture_output=True,
