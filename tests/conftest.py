@@ -94,8 +94,7 @@ def monitor_proc(
     try:
         yield proc
     finally:
-        if proc.proc is not None and proc.proc.poll() is None:
-            proc.stop()
+        proc.stop_if_running()
 
 
 @pytest.fixture(scope="session")
@@ -139,8 +138,7 @@ def vmm(
     try:
         yield proc
     finally:
-        if proc.proc is not None and proc.proc.poll() is None:
-            proc.stop()
+        proc.stop_if_running()
         left = leftovers(proc)
         assert not left, f"the tests left resources behind: {left}"
 
@@ -161,8 +159,7 @@ def executor(
             os.environ.pop("AGENTVM_EXECUTOR_ADDR", None)
         else:
             os.environ["AGENTVM_EXECUTOR_ADDR"] = old
-        if proc.proc is not None and proc.proc.poll() is None:
-            proc.stop()
+        proc.stop_if_running()
 
 
 @pytest.fixture

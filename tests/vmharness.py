@@ -166,6 +166,11 @@ class VMManagerProcess:
             self.proc.kill()
             return self.proc.wait()
 
+    def stop_if_running(self) -> None:
+        """Teardown: stop the process unless it was never started or already ended."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+
     def health(self) -> int:
         try:
             files = tls.for_identity("mutual", self.tls_dir, tls.CLIENT)
@@ -460,8 +465,7 @@ def lone_vmm_process() -> Iterator[VMManagerProcess]:
     try:
         yield proc
     finally:
-        if proc.proc is not None and proc.proc.poll() is None:
-            proc.stop()
+        proc.stop_if_running()
         left = leftovers(proc)
         remove_vmm_dirs(proc)
         assert not left, f"left behind: {left}"

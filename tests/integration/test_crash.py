@@ -274,8 +274,7 @@ def test_kill_9_of_the_monitor_mid_batch_loses_and_repeats_nothing(tmp_path: Pat
         if reporter.poll() is None:
             reporter.kill()
             reporter.wait()
-        if monitor.proc is not None and monitor.proc.poll() is None:
-            monitor.stop()
+        monitor.stop_if_running()
     verified = subprocess.run(
         [sys.executable, "-m", "agentvm.cli.main", "audit", "verify", str(monitor.audit_dir)],
         capture_output=True,

@@ -64,8 +64,7 @@ def pm(
     try:
         yield proc
     finally:
-        if proc.proc is not None and proc.proc.poll() is None:
-            proc.stop()
+        proc.stop_if_running()
         for vm in pool_vms(vmm, proc):
             vmm.stub().DestroyVM(vm_manager_pb2.DestroyVMRequest(name=vm.name), timeout=60)
 
