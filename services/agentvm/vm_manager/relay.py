@@ -11,10 +11,28 @@ becomes one stream:
 * vsock (KVM hosts with /dev/vhost-vsock): each stream is its own AF_VSOCK
   connection to the guest's port, no multiplexing needed.
 
+The guest is hostile; what it can cost the host is bounded:
+
+* Memory: one partial frame plus asyncio's transport buffers per VM.
+* Time: every write to the guest or to a client has a timeout
+  (``write_timeout``); a guest that stops reading its port ends its session
+  and counts as a failed handshake. The handshake itself (connect, writes,
+  answer) is bounded by ``handshake_timeout``.
+* Waiting: at most one handshake runs at a time per VM and every client
+  that needs a session waits for that same attempt; while waiting, the
+  client's socket is read (kept for the stream, at most one frame's worth),
+  so a client that hangs up is noticed and closed at once.
+* Failing fast: after a failed handshake the agent is marked unresponsive
+  (:attr:`HostRelay.unresponsive`) and, until a retry delay that doubles with
+  each failure in a row has passed, clients are answered at once with gRPC
+  status UNAVAILABLE and a message that says so (:mod:`.relay_refuse`).
+* Descriptors: at most ``max_clients`` client connections per VM (of which
+  ``max_waiting`` wait for a handshake) plus ``max_refusing`` being answered
+  UNAVAILABLE; beyond that a connection is closed as soon as it is accepted.
+
 Everything read from the guest is validated by the frame decoder; a protocol
 error ends the session (all streams of that VM close) and the next client
-starts a new one. Memory per VM is bounded: one partial frame plus asyncio's
-transport buffers, with backpressure (drain) on every write.
+starts a new one.
 """
 
 from __future__ import annotations
@@ -25,19 +43,36 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from agentvm.vm_manager import relay_refuse
 from agentvm_guest import mux
 
 log = logging.getLogger("agentvm.vm_manager.relay")
 
 SYNC_RETRY_S = 0.5
+HANDSHAKE_TIMEOUT_S = 5.0
+# A peer (the guest's port, or a host client) that takes longer than this to
+# accept what was written to it is treated as gone.
+WRITE_TIMEOUT_S = 15.0
+# Retry delay after the first failed handshake, doubling with each failure in
+# a row up to the maximum.
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 30.0
+MAX_CLIENTS = 64
+MAX_WAITING = 16
+MAX_REFUSING = 16
+# How long a refused client has to start its calls and read the answer.
+REFUSE_WAIT_S = 2.0
+# Bytes of a waiting client kept for its stream (one DATA frame).
+WAIT_BUFFER = mux.MAX_PAYLOAD
 
 
 class SessionError(Exception):
-    """No session with the guest could be established."""
+    """No session with the guest could be established (or it ended)."""
 
 
 class _Session:
@@ -55,11 +90,6 @@ class _Session:
         self.closed = asyncio.Event()
         self.write_lock = asyncio.Lock()
 
-    async def send(self, ftype: mux.FrameType, stream: int, payload: bytes = b"") -> None:
-        async with self.write_lock:
-            self.writer.write(mux.encode(ftype, stream, payload))
-            await self.writer.drain()
-
 
 class HostRelay:
     """Serves ``listen_path`` and carries each client connection to the guest agent."""
@@ -71,7 +101,11 @@ class HostRelay:
         *,
         channel_path: str | None = None,
         vsock_cid: int | None = None,
-        handshake_timeout: float = 5.0,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+        write_timeout: float = WRITE_TIMEOUT_S,
+        max_clients: int = MAX_CLIENTS,
+        max_waiting: int = MAX_WAITING,
+        max_refusing: int = MAX_REFUSING,
     ) -> None:
         if (channel_path is None) == (vsock_cid is None):
             raise ValueError("give exactly one of channel_path and vsock_cid")
@@ -80,12 +114,25 @@ class HostRelay:
         self.channel_path = channel_path
         self.vsock_cid = vsock_cid
         self.handshake_timeout = handshake_timeout
+        self.write_timeout = write_timeout
+        self.max_clients = max_clients
+        self.max_waiting = max_waiting
+        self.max_refusing = max_refusing
         self._server: asyncio.AbstractServer | None = None
         self._session: _Session | None = None
-        self._session_lock = asyncio.Lock()
+        self._attempt: asyncio.Task[_Session] | None = None
+        self._failures = 0  # failed handshakes (or sessions) in a row
+        self._retry_at = 0.0
+        self._last_error = ""
         self._tasks: set[asyncio.Task[None]] = set()
+        self._conns: dict[asyncio.StreamWriter, asyncio.Task[Any]] = {}
+        self.clients = 0  # client connections being carried or waiting
+        self.waiting = 0  # of which waiting for a handshake
+        self.refusing = 0  # connections being answered UNAVAILABLE
         self.sessions_started = 0
         self.protocol_errors = 0
+        self.handshake_failures = 0
+        self.refused = 0
 
     async def start(self) -> None:
         self.listen_path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +152,8 @@ class HostRelay:
             self._server = None
         with contextlib.suppress(FileNotFoundError):
             self.listen_path.unlink()
+        if self._attempt is not None:
+            self._attempt.cancel()
         if self._session is not None:
             await self._end_session(self._session)
         for task in list(self._tasks):
@@ -112,57 +161,133 @@ class HostRelay:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        # Client connections still open (waiting, refused, carried): hang up on them.
+        conns = dict(self._conns)
+        for writer in conns:
+            writer.transport.abort()
+        if conns:
+            await asyncio.wait(conns.values(), timeout=self.write_timeout)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    # -- health --------------------------------------------------------
+    @property
+    def unresponsive(self) -> str:
+        """Why the guest agent is considered unresponsive ("" while it is not)."""
+        if not self._failures:
+            return ""
+        wait = max(0.0, self._retry_at - time.monotonic())
+        again = f"the next in {wait:.0f} s" if wait >= 0.5 else "the next now"
+        return (
+            f"the guest agent of VM {self.vm_name} is not answering: {self._last_error} "
+            f"({self._failures} failed attempt{'s' if self._failures > 1 else ''} in a row; "
+            f"{again}). A guest that keeps failing is broken or hostile: destroy the VM "
+            f"(or close its sandbox)"
+        )
+
+    def _failed(self, reason: str) -> None:
+        self._failures += 1
+        self.handshake_failures += 1
+        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** min(self._failures - 1, 16))
+        self._retry_at = time.monotonic() + delay
+        self._last_error = reason
+        log.warning(
+            "guest agent of %s not answering (%d in a row, retry in %.0f s): %s",
+            self.vm_name,
+            self._failures,
+            delay,
+            reason,
+        )
+
     # -- session -------------------------------------------------------
-    async def _get_session(self) -> _Session:
-        async with self._session_lock:
-            if self._session is not None and not self._session.closed.is_set():
-                return self._session
-            self._session = await self._handshake()
-            self.sessions_started += 1
-            self._spawn(self._read_loop(self._session))
+    def _live_session(self) -> _Session | None:
+        if self._session is not None and not self._session.closed.is_set():
             return self._session
+        return None
+
+    def _session_attempt(self) -> asyncio.Task[_Session] | None:
+        """The handshake every waiting client shares; None while backing off."""
+        if self._attempt is None:
+            if self._failures and time.monotonic() < self._retry_at:
+                return None
+            self._attempt = asyncio.ensure_future(self._connect())
+            self._attempt.add_done_callback(self._attempt_done)
+        return self._attempt
+
+    def _attempt_done(self, task: asyncio.Task[_Session]) -> None:
+        if self._attempt is task:
+            self._attempt = None
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter may have hung up
+
+    async def _connect(self) -> _Session:
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                session = await self._handshake()
+        except TimeoutError:
+            self._failed(
+                f"it did not answer the session handshake within {self.handshake_timeout:g} s"
+            )
+            raise SessionError(self.unresponsive) from None
+        except SessionError as exc:
+            self._failed(str(exc))
+            raise SessionError(self.unresponsive) from None
+        self._failures = 0
+        self._last_error = ""
+        self._session = session
+        self.sessions_started += 1
+        self._spawn(self._read_loop(session))
+        return session
 
     async def _handshake(self) -> _Session:
+        """PAD + SYNC until the SYNC_ACK; the caller bounds the time."""
         if self.channel_path is None:
             raise SessionError(f"{self.vm_name} has no virtio-serial agent channel")
         try:
             reader, writer = await asyncio.open_unix_connection(self.channel_path)
         except OSError as exc:
-            raise SessionError(f"cannot open the agent channel of {self.vm_name}: {exc}") from exc
+            raise SessionError(f"cannot open its agent channel: {exc}") from exc
         nonce = secrets.token_bytes(mux.NONCE_SIZE)
         scanner = mux.PatternScanner(mux.sync_ack(nonce))
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.handshake_timeout
         try:
             writer.write(mux.PAD)
             while True:
                 writer.write(mux.encode(mux.FrameType.SYNC, 0, nonce))
                 await writer.drain()
-                retry_at = min(deadline, loop.time() + SYNC_RETRY_S)
+                retry_at = loop.time() + SYNC_RETRY_S
                 while (remaining := retry_at - loop.time()) > 0:
                     try:
                         data = await asyncio.wait_for(reader.read(mux.MAX_PAYLOAD), remaining)
                     except TimeoutError:
                         break
                     if not data:
-                        raise SessionError(f"the agent channel of {self.vm_name} closed")
+                        raise SessionError("its agent channel closed during the handshake")
                     rest = scanner.feed(data)
                     if rest is not None:
                         return _Session(reader, writer, pending=rest)
-                if loop.time() >= deadline:
-                    raise SessionError(
-                        f"the guest agent of {self.vm_name} did not answer the session "
-                        f"handshake within {self.handshake_timeout:.0f} s"
-                    )
         except BaseException:
-            writer.close()
+            writer.transport.abort()  # unsent PAD/SYNC bytes must not hold the close
             raise
+
+    async def _send(
+        self, session: _Session, ftype: mux.FrameType, stream: int, payload: bytes = b""
+    ) -> None:
+        """Write one frame to the guest, waiting at most ``write_timeout`` for room."""
+        async with session.write_lock:
+            if session.closed.is_set():
+                raise SessionError(f"the session with the guest of {self.vm_name} ended")
+            session.writer.write(mux.encode(ftype, stream, payload))
+            try:
+                async with asyncio.timeout(self.write_timeout):
+                    await session.writer.drain()
+            except TimeoutError:
+                self._failed(f"it read nothing from its port for {self.write_timeout:g} s")
+                await self._end_session(session)
+                raise SessionError(self.unresponsive) from None
 
     async def _read_loop(self, session: _Session) -> None:
         decoder = mux.FrameDecoder()
@@ -181,6 +306,8 @@ class HostRelay:
             log.warning(
                 "protocol error from the guest of %s, ending session: %s", self.vm_name, exc
             )
+        except SessionError as exc:
+            log.info("%s", exc)
         except (OSError, asyncio.IncompleteReadError) as exc:
             log.info("agent channel of %s failed: %s", self.vm_name, exc)
         finally:
@@ -193,15 +320,17 @@ class HostRelay:
                 return  # a stream we already closed; the guest may still be sending
             try:
                 client.write(frame.payload)
-                await client.drain()
-            except (OSError, RuntimeError):
+                async with asyncio.timeout(self.write_timeout):
+                    await client.drain()
+            except (OSError, RuntimeError, TimeoutError):
+                # The client hung up, or reads nothing: its stream ends.
                 session.streams.pop(frame.stream, None)
-                client.close()
-                await session.send(mux.FrameType.CLOSE, frame.stream)
+                client.transport.abort()
+                await self._send(session, mux.FrameType.CLOSE, frame.stream)
         elif frame.type is mux.FrameType.CLOSE:
             client = session.streams.pop(frame.stream, None)
             if client is not None:
-                client.close()
+                self._close_writer(client)
         elif frame.type is mux.FrameType.SYNC_ACK:
             return  # a duplicate answer to one of our retried SYNCs
         else:
@@ -212,48 +341,158 @@ class HostRelay:
             return
         session.closed.set()
         for client in session.streams.values():
-            client.close()
+            self._close_writer(client)
         session.streams.clear()
-        session.writer.close()
+        # Abort: bytes the guest has not read must not keep the channel open.
+        session.writer.transport.abort()
         with contextlib.suppress(OSError, ConnectionError):
             await session.writer.wait_closed()
+
+    def _close_writer(self, writer: asyncio.StreamWriter) -> None:
+        """Close a client connection; abort it if its peer does not read what is left."""
+        writer.close()
+        if writer.transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(self.write_timeout, writer.transport.abort)
 
     # -- clients -------------------------------------------------------
     async def _handle_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._conns[writer] = task
         try:
-            if self.vsock_cid is not None:
-                await self._vsock_client(reader, writer)
-            else:
-                await self._serial_client(reader, writer)
+            if self.clients >= self.max_clients:
+                await self._refuse(
+                    reader,
+                    writer,
+                    f"VM {self.vm_name} already has {self.clients} connections to its guest "
+                    "agent, the most it takes: close some (one connection carries any number "
+                    "of calls) or retry later",
+                )
+                return
+            self.clients += 1
+            try:
+                if self.vsock_cid is not None:
+                    await self._vsock_client(reader, writer)
+                else:
+                    await self._serial_client(reader, writer)
+            finally:
+                self.clients -= 1
         except SessionError as exc:
             log.info("%s", exc)
         except (OSError, ConnectionError) as exc:
             log.debug("client of %s: %s", self.vm_name, exc)
         finally:
-            writer.close()
+            self._conns.pop(writer, None)
+            self._close_writer(writer)
+
+    async def _refuse(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        message: str,
+        prefix: bytes = b"",
+    ) -> None:
+        """Answer the client's calls with UNAVAILABLE and ``message`` (or just hang up)."""
+        self.refused += 1
+        if self.refusing >= self.max_refusing:
+            writer.transport.abort()
+            return
+        self.refusing += 1
+        try:
+            await relay_refuse.answer(reader, writer, message, prefix=prefix, wait=REFUSE_WAIT_S)
+        finally:
+            self.refusing -= 1
 
     async def _serial_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        session = await self._get_session()
+        early = bytearray()
+        session = self._live_session()
+        if session is None:
+            attempt = self._session_attempt()
+            if attempt is None:
+                await self._refuse(reader, writer, self.unresponsive)
+                return
+            if self.waiting >= self.max_waiting:
+                await self._refuse(
+                    reader,
+                    writer,
+                    f"{self.waiting} connections are already waiting for the guest agent of "
+                    f"VM {self.vm_name} to answer; retry later (destroy the VM if its agent "
+                    "never answers)",
+                )
+                return
+            self.waiting += 1
+            try:
+                outcome = await self._wait_for(attempt, reader, early)
+            finally:
+                self.waiting -= 1
+            if outcome is None:
+                return  # the client hung up while waiting
+            if isinstance(outcome, str):
+                await self._refuse(reader, writer, outcome, bytes(early))
+                return
+            session = outcome
         stream = session.next_id
         session.next_id += 2
         session.streams[stream] = writer
-        await session.send(mux.FrameType.OPEN, stream)
         try:
+            await self._send(session, mux.FrameType.OPEN, stream)
+            if early:
+                await self._send(session, mux.FrameType.DATA, stream, bytes(early))
             while not session.closed.is_set():
                 data = await reader.read(mux.MAX_PAYLOAD)
                 if not data:
                     break
                 if stream not in session.streams:
                     return
-                await session.send(mux.FrameType.DATA, stream, data)
+                await self._send(session, mux.FrameType.DATA, stream, data)
         finally:
             if session.streams.pop(stream, None) is not None and not session.closed.is_set():
-                with contextlib.suppress(OSError, ConnectionError):
-                    await session.send(mux.FrameType.CLOSE, stream)
+                with contextlib.suppress(OSError, ConnectionError, SessionError):
+                    await self._send(session, mux.FrameType.CLOSE, stream)
+
+    async def _wait_for(
+        self, attempt: asyncio.Task[_Session], reader: asyncio.StreamReader, early: bytearray
+    ) -> _Session | str | None:
+        """Wait for the shared handshake while reading the client into ``early``.
+
+        Returns the session, the reason there is none, or None when the client
+        hung up (or the relay is closing).
+        """
+        read: asyncio.Task[bytes] | None = None
+        try:
+            while True:
+                if read is None and len(early) < WAIT_BUFFER:
+                    read = asyncio.ensure_future(reader.read(WAIT_BUFFER - len(early)))
+                waits: set[asyncio.Future[Any]] = {attempt}
+                if read is not None:
+                    waits.add(read)
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if read is not None and read in done:
+                    task, read = read, None
+                    try:
+                        data = task.result()
+                    except (OSError, ConnectionError):
+                        return None
+                    if not data:
+                        return None
+                    early += data
+                    continue
+                if attempt.cancelled():
+                    return None
+                try:
+                    return attempt.result()
+                except SessionError as exc:
+                    return str(exc)
+        finally:
+            if read is not None:
+                read.cancel()
+                await asyncio.wait({read})
+                if not read.cancelled() and read.exception() is None:
+                    early += read.result()
 
     async def _vsock_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -264,13 +503,26 @@ class HostRelay:
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, (self.vsock_cid, mux.VSOCK_PORT))
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                await loop.sock_connect(sock, (self.vsock_cid, mux.VSOCK_PORT))
+        except BaseException:
+            sock.close()
+            raise
         g_reader, g_writer = await asyncio.open_connection(sock=sock)
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            while data := await src.read(mux.MAX_PAYLOAD):
-                dst.write(data)
-                await dst.drain()
-            dst.close()
+            try:
+                while data := await src.read(mux.MAX_PAYLOAD):
+                    dst.write(data)
+                    async with asyncio.timeout(self.write_timeout):
+                        await dst.drain()
+            finally:
+                self._close_writer(dst)
 
-        await asyncio.gather(pump(reader, g_writer), pump(g_reader, writer), return_exceptions=True)
+        try:
+            await asyncio.gather(
+                pump(reader, g_writer), pump(g_reader, writer), return_exceptions=True
+            )
+        finally:
+            g_writer.transport.abort()
