@@ -42,11 +42,12 @@ def rules_of(detections: list[Detection]) -> list[str]:
 
 
 def warmed(det: Detector, n: int = 40) -> Detector:
-    """Feed ``n`` slightly varying normal executions."""
+    """Feed ``n`` slightly varying normal executions, 5 per VM (what each VM may give the
+    shared prior), so the prior is warm and ``VM`` itself is new."""
     for i in range(n):
         wobble = (i % 5) * 0.01
         feats = {k: v * (1 + wobble) for k, v in NORMAL.items()}
-        assert det.on_execution(VM, SB, feats) == []
+        assert det.on_execution(f"agent-vm-warm-{i // 5}", SB, feats) == []
     return det
 
 
@@ -229,7 +230,9 @@ def test_warmup_never_fires() -> None:
         assert det.on_execution(VM, SB, NORMAL) == []
     # Still warming up: 29 values in the baseline, a spike is just added.
     assert det.on_execution(VM, SB, {"cpu_s": 500.0}) == []
-    assert det.baseline("cpu_s").count == 30
+    assert det.baseline("cpu_s", VM).count == 30
+    # The VM gave the shared prior only its first few values.
+    assert det.baseline("cpu_s").count == 5
 
 
 def test_spike_fires_zscore_with_configured_action() -> None:
@@ -268,7 +271,7 @@ def test_floor_suppresses_small_bump_over_constant_baseline() -> None:
     det = detector()
     for _ in range(40):
         det.on_execution(VM, SB, NORMAL)
-    assert det.baseline("cpu_s").std == 0.0
+    assert det.baseline("cpu_s", VM).std == 0.0
     # Infinite z-score but below every floor: no anomaly, and the values join the baseline.
     bumped = {
         "cpu_s": 1.5,
@@ -279,7 +282,7 @@ def test_floor_suppresses_small_bump_over_constant_baseline() -> None:
         "duration_s": 3.9,
     }
     assert det.on_execution(VM, SB, bumped) == []
-    assert det.baseline("cpu_s").count == 41
+    assert det.baseline("cpu_s", VM).count == 41
     # At the floor it fires.
     over = det.on_execution(VM, SB, {"cpu_s": 1.0 + 1.0 + 0.5, "denied_egress": 9})
     assert sorted(rules_of(over)) == ["zscore_cpu_s", "zscore_denied_egress"]
@@ -571,9 +574,82 @@ def test_random_calls_never_raise_and_stay_bounded(
             assert d.severity in ("warning", "critical")
             assert d.action in tuple(Action)
         assert det.tracked_vms <= 4
+        assert det.baseline_vms <= 4
         assert all(len(s.denied) <= 5 for s in det._vms.values())
         for f in FEATURES:
             b = det.baseline(f)
             assert b.count <= 6
             assert math.isfinite(b.mean)
             assert math.isfinite(b.std)
+
+
+# --- per-VM baselines (issue 22, item 8) ------------------------------------------------------
+
+
+def _flood(det: Detector, vm: str, n: int) -> None:
+    """``vm`` creeps upward as far as it can without ever firing: each cpu_s just under
+    the threshold of the baseline it is scored against (its own once warm, else the prior)."""
+    for _ in range(n):
+        b, _own = det._baselines.for_scoring(vm, "cpu_s")
+        x = min(b.mean + max(0.9, 3.9 * b.std), 1e6)
+        assert det.on_execution(vm, SB, {**NORMAL, "cpu_s": x}) == []
+
+
+def test_one_vm_flooding_cannot_hide_a_new_vms_anomaly() -> None:
+    det = warmed(detector(), 50)  # ten VMs, five executions each
+    _flood(det, "agent-vm-flooder", 3000)
+    # A new VM (scored against the prior) that spikes is still caught.
+    out = det.on_execution("agent-vm-victim", "sb-v", {**NORMAL, "cpu_s": 60.0})
+    assert rules_of(out) == ["zscore_cpu_s"]
+    assert "across VMs" in out[0].description
+    # The flooder raised its own baseline a long way, but gave the shared prior only
+    # its first five values.
+    assert det.baseline("cpu_s", "agent-vm-flooder").mean > 1000
+    assert det.baseline("cpu_s").count == 55
+    assert det.baseline("cpu_s").mean < 5
+
+
+def test_one_vm_flooding_cannot_move_another_vms_own_baseline() -> None:
+    det = warmed(detector(), 50)
+    victim = "agent-vm-victim"
+    for i in range(40):
+        feats = {k: v * (1 + (i % 5) * 0.01) for k, v in NORMAL.items()}
+        assert det.on_execution(victim, SB, feats) == []
+    own = det.baseline("cpu_s", victim)
+    before = (own.count, own.mean, own.std)
+    _flood(det, "agent-vm-flooder", 3000)
+    after = det.baseline("cpu_s", victim)
+    assert (after.count, after.mean, after.std) == before
+    out = det.on_execution(victim, SB, {**NORMAL, "cpu_s": 60.0})
+    assert rules_of(out) == ["zscore_cpu_s"]
+    assert "of this VM" in out[0].description
+
+
+def test_many_vms_cannot_swamp_the_prior_one_value_at_a_time() -> None:
+    det = warmed(detector("window=100"), 100)  # twenty VMs
+    # Each flooder VM gives the prior at most five values.
+    for i in range(4):
+        _flood(det, f"agent-vm-flooder-{i}", 200)
+    out = det.on_execution("agent-vm-victim", SB, {**NORMAL, "cpu_s": 60.0})
+    assert rules_of(out) == ["zscore_cpu_s"]
+    assert det.baseline("cpu_s").count == 100
+
+
+def test_per_vm_baselines_are_bounded_and_forgotten() -> None:
+    det = detector("warmup=3,window=500")
+    for i in range(3000):
+        det.on_execution(f"agent-vm-{i}", SB, NORMAL)
+    assert det.baseline_vms == 1024  # the cap (MAX_BASELINE_VMS), oldest evicted
+    assert det.baseline("cpu_s", "agent-vm-0").count == 0  # evicted
+    assert det.baseline("cpu_s", "agent-vm-2999").count == 1
+    # A long-lived VM keeps at most its own window.
+    for _ in range(1000):
+        det.on_execution("agent-vm-2999", SB, NORMAL)
+    assert det.baseline("cpu_s", "agent-vm-2999").count == 64
+    det.forget("agent-vm-2999")
+    assert det.baseline_vms == 1023
+    assert det.baseline("cpu_s", "agent-vm-2999").count == 0
+    small = detector(max_vms=3)
+    for i in range(10):
+        small.on_execution(f"agent-vm-{i}", SB, NORMAL)
+    assert small.baseline_vms == 3

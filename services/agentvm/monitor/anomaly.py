@@ -10,11 +10,14 @@ finite, negative or beyond what any real guest could report is ignored (it neith
 detection nor enters a baseline), so a guest cannot crash the detector, poison its
 statistics or make it fire on nonsense.
 
-* Statistical: one :class:`RollingBaseline` per feature in :data:`FEATURES`, shared by all
-  VMs of the installation. A value fires ``zscore_<feature>`` when its z-score against the
-  window *before* it exceeds ``Thresholds.zscore`` and it is at least the feature's floor
-  above the mean. Values that fire are not added to the baseline (an attack does not become
-  the new normal); every anomalous execution fires (no de-duplication).
+* Statistical: per feature in :data:`FEATURES`, each VM is scored against its own
+  baseline once that has ``warmup`` values, and against the installation-wide prior until
+  then; each VM feeds the prior with only its first few values, so no guest can move
+  another VM's baseline (:mod:`agentvm.monitor.baselines`). A value fires
+  ``zscore_<feature>`` when its z-score against the window *before* it exceeds
+  ``Thresholds.zscore`` and it is at least the feature's floor above the mean. Values that
+  fire are not added to any baseline (an attack does not become the new normal); every
+  anomalous execution fires (no de-duplication).
 * Rules: ``process_storm``, ``egress_denied``, ``cpu_pegged``, ``disk_full``. Each fires once
   per (VM, rule) and re-arms when its condition clears.
 
@@ -31,6 +34,9 @@ from enum import StrEnum
 from typing import Any, Final, Literal
 
 from agentvm.common.errors import InvalidArgument
+from agentvm.monitor.baselines import MAX_BASELINE_VMS, Baselines, RollingBaseline
+
+__all__ = ["Baselines", "RollingBaseline"]  # re-exported: the detector's statistics
 
 RULES_SETTING: Final = "AGENTVM_ANOMALY_RULES"
 RESPONSES_SETTING: Final = "AGENTVM_ANOMALY_RESPONSES"
@@ -95,12 +101,8 @@ _MAX_FRACTION: Final = 2.0
 # Per-VM state is kept for at most this many VMs (least recently active evicted first).
 MAX_TRACKED_VMS: Final = 10_000
 
-# RollingBaseline refuses values this large: their squares would overflow.
-_MAX_ABS: Final = 1e150
 # Upper bound of Thresholds.window (memory: len(FEATURES) deques of this many floats).
 _MAX_WINDOW: Final = 10_000
-# RollingBaseline recomputes exactly when n * variance falls below this share of its peak.
-_CANCELLATION: Final = 1e-6
 
 
 def _number(value: object) -> float | None:
@@ -364,102 +366,6 @@ class Detection:
     action: Action
 
 
-# --- statistics -----------------------------------------------------------------------------
-
-
-class RollingBaseline:
-    """Mean and population standard deviation of the last ``window`` values.
-
-    Sums are kept incrementally around a shift close to the data (so large values with a
-    small spread do not cancel catastrophically) and recomputed exactly (two passes,
-    math.fsum) every ``window`` additions, and whenever removing a large value has cancelled
-    most of the sum of squares, so rounding error can neither accumulate nor dominate.
-    """
-
-    def __init__(self, window: int, warmup: int) -> None:
-        if window < 1 or warmup < 1 or warmup > window:
-            raise ValueError(f"need 1 <= warmup <= window, got window={window} warmup={warmup}")
-        self.window = window
-        self.warmup = warmup
-        self._values: deque[float] = deque(maxlen=window)
-        self._shift = 0.0
-        self._sum = 0.0  # sum of (x - shift)
-        self._sumsq = 0.0  # sum of (x - shift) ** 2
-        self._peak = 0.0  # largest _sumsq since the last exact recompute
-        self._adds = 0  # since the last exact recompute
-
-    @property
-    def count(self) -> int:
-        return len(self._values)
-
-    @property
-    def mean(self) -> float:
-        n = len(self._values)
-        return self._shift + self._sum / n if n else 0.0
-
-    @property
-    def variance(self) -> float:
-        """Population variance (as statistics.pvariance), never negative."""
-        n = len(self._values)
-        if n == 0:
-            return 0.0
-        m = self._sum / n
-        return max(self._sumsq / n - m * m, 0.0)
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.variance)
-
-    def add(self, x: float) -> None:
-        """Add ``x`` (dropping the oldest value once the window is full).
-
-        Raises ValueError for a value that is not finite or whose magnitude is above 1e150.
-        """
-        if not math.isfinite(x) or abs(x) > _MAX_ABS:
-            raise ValueError(f"baseline value must be finite and at most {_MAX_ABS:g}, got {x!r}")
-        if not self._values:
-            self._shift, self._sum, self._sumsq, self._peak, self._adds = x, 0.0, 0.0, 0.0, 0
-        elif len(self._values) == self.window:
-            d = self._values[0] - self._shift
-            self._sum -= d
-            self._sumsq -= d * d
-        self._values.append(x)
-        d = x - self._shift
-        self._sum += d
-        self._sumsq += d * d
-        self._peak = max(self._peak, self._sumsq)
-        self._adds += 1
-        # n * variance; when it is tiny next to the largest sum of squares since the last
-        # exact recompute, subtraction has cancelled the significant digits: recompute.
-        spread = self._sumsq - self._sum * self._sum / len(self._values)
-        if self._adds >= self.window or spread < self._peak * _CANCELLATION:
-            self._recompute()
-
-    def _recompute(self) -> None:
-        values = self._values
-        n = len(values)
-        self._shift = values[0] if min(values) == max(values) else math.fsum(values) / n
-        diffs = [v - self._shift for v in values]
-        self._sum = math.fsum(diffs)
-        self._sumsq = math.fsum(d * d for d in diffs)
-        self._peak = self._sumsq
-        self._adds = 0
-
-    def score(self, x: float) -> float | None:
-        """z-score of ``x`` against the current window (x is not added).
-
-        None during warm-up (fewer than ``warmup`` values) or when ``x`` is not finite.
-        Over a constant window: 0.0 for the same value, +/-inf for any other.
-        """
-        if len(self._values) < self.warmup or not math.isfinite(x):
-            return None
-        diff = x - self.mean
-        std = self.std
-        if std == 0.0:
-            return 0.0 if diff == 0.0 else math.copysign(math.inf, diff)
-        return diff / std
-
-
 # --- detector -------------------------------------------------------------------------------
 
 
@@ -485,26 +391,40 @@ class Detector:
         self.thresholds = thresholds
         self.responses = responses
         self.max_vms = max_vms
-        self._baselines = {
-            f: RollingBaseline(thresholds.window, thresholds.warmup) for f in FEATURES
-        }
+        self._baselines = Baselines(
+            FEATURES,
+            thresholds.window,
+            thresholds.warmup,
+            max_vms=min(max_vms, MAX_BASELINE_VMS),
+        )
         self._vms: OrderedDict[str, _VMState] = OrderedDict()
         self._denied_keep = thresholds.denied_egress * 2 + 1
 
     # -- introspection (metrics, tests) --
 
-    def baseline(self, feature: str) -> RollingBaseline:
-        """The rolling baseline of one of :data:`FEATURES` (KeyError for others)."""
-        return self._baselines[feature]
+    def baseline(self, feature: str, vm: str | None = None) -> RollingBaseline:
+        """The installation-wide prior of one of :data:`FEATURES` (KeyError for others),
+        or ``vm``'s own baseline of it (an empty one while it has none)."""
+        prior = self._baselines.prior[feature]
+        if vm is None:
+            return prior
+        own = self._baselines.own(vm, feature)
+        return own if own is not None else RollingBaseline(prior.window, prior.warmup)
 
     @property
     def tracked_vms(self) -> int:
-        """How many VMs have per-VM state (at most ``max_vms``)."""
+        """How many VMs have rule state (at most ``max_vms``)."""
         return len(self._vms)
 
+    @property
+    def baseline_vms(self) -> int:
+        """How many VMs have baselines of their own (at most min(max_vms, 1024))."""
+        return self._baselines.tracked_vms
+
     def forget(self, vm: str) -> None:
-        """Drop the per-VM state of ``vm`` (it was destroyed)."""
+        """Drop the per-VM state and baselines of ``vm`` (it was destroyed)."""
         self._vms.pop(vm, None)
+        self._baselines.forget(vm)
 
     # -- per-VM state --
 
@@ -578,7 +498,8 @@ class Detector:
     def on_execution(self, vm: str, sandbox: str, features: Mapping[str, float]) -> list[Detection]:
         """A finished execution's figures (keys of :data:`FEATURES`; others ignored).
 
-        Each feature is scored against its baseline, then added to it unless it fired.
+        Each feature is scored against ``vm``'s own baseline (the prior while that is
+        still warming up), then added to the baselines unless it fired.
         ``pids_peak`` above ``max_processes`` also fires ``process_storm`` (once per VM until
         an execution or stats sample shows the count back within the limit).
         """
@@ -599,7 +520,7 @@ class Detector:
             )
         zlimit = self.thresholds.zscore
         for feature, x in values.items():
-            baseline = self._baselines[feature]
+            baseline, own = self._baselines.for_scoring(vm, feature)
             z = baseline.score(x)
             mean = baseline.mean
             floor = FEATURE_FLOORS[feature]
@@ -615,11 +536,12 @@ class Detector:
                         boundary,
                         f"{feature} {_fmt(feature, x)} is {sigmas} standard deviations above "
                         f"the mean {_fmt(feature, mean)} of the last {baseline.count} "
-                        f"executions (limit {zlimit:g})",
+                        f"executions {'of this VM' if own else 'across VMs'} "
+                        f"(limit {zlimit:g})",
                     )
                 )
             else:
-                baseline.add(x)
+                self._baselines.add(vm, feature, x)
         return out
 
     def on_vm_stats(
