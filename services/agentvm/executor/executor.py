@@ -46,6 +46,7 @@ from agentvm.common.errors import (
 )
 from agentvm.common.events import EventSink, NullSink
 from agentvm.common.grpc_util import guest_channel, malformed_response
+from agentvm.common.guest_figures import Bounds, clamp_exit_status
 from agentvm.v1 import (
     common_pb2,
     executor_pb2,
@@ -573,7 +574,7 @@ class AgentExecutor:
             command=command,
             command_sha256=command_sha,
         )
-        started_wall = time.time()
+        started_wall, started = time.time(), time.monotonic()
         final: common_pb2.ExitStatus | None = None
         failure = ""
         call = sb.agent.Execute(greq, timeout=timeout + 30)
@@ -603,6 +604,20 @@ class AgentExecutor:
                         )
                 elif kind == "exited":
                     status = ev.exited
+                    # The guest's figures, bounded by what the host measured (noted if not).
+                    elapsed = time.monotonic() - started
+                    if clamped := clamp_exit_status(status, Bounds.of_vm(sb.vm, elapsed)):
+                        log.warning(
+                            "guest of %s reported impossible figures: %s", sb.vm.name, clamped
+                        )
+                        self.events.emit(
+                            "guest.figures_clamped",
+                            vm=sb.vm.name,
+                            sandbox=sb.id,
+                            severity="warning",
+                            exec_id=exec_id,
+                            clamped=clamped,
+                        )
                     status.stdout_truncated |= truncated[common_pb2.OUTPUT_STREAM_STDOUT]
                     status.stderr_truncated |= truncated[common_pb2.OUTPUT_STREAM_STDERR]
                     final = status
