@@ -76,6 +76,15 @@ class Settings:
     )
     # AGENTVM_MAX_SANDBOXES: sandboxes (VMs) the executor runs at once.
     max_sandboxes: int = field(default_factory=lambda: int(_env("AGENTVM_MAX_SANDBOXES", "16")))
+    # AGENTVM_MAX_OUTPUT_FILE_BYTES: the most bytes the executor reads of one
+    # output file (Run) or file (ReadFile); larger and sparse files are refused.
+    max_output_file_bytes: int = field(
+        default_factory=lambda: int(_env("AGENTVM_MAX_OUTPUT_FILE_BYTES", str(2**30)))
+    )
+    # AGENTVM_MAX_OUTPUT_FILES_BYTES: the most bytes of output files one Run collects.
+    max_output_files_bytes: int = field(
+        default_factory=lambda: int(_env("AGENTVM_MAX_OUTPUT_FILES_BYTES", str(4 * 2**30)))
+    )
     # AGENTVM_RECONCILE_INTERVAL: seconds between the executor's sweeps for VMs
     # it owns but no sandbox holds (a create cut short by a crash).
     reconcile_interval_s: float = field(
