@@ -371,7 +371,7 @@ def test_a_guest_that_never_reads_cannot_stall_the_handshake(
         await asyncio.get_running_loop().sock_connect(sock, path)
         return await real_open(sock=sock, **kw)
 
-    monkeypatch.setattr(relay_mod.asyncio, "open_unix_connection", small_buffer)
+    monkeypatch.setattr(asyncio, "open_unix_connection", small_buffer)
 
     async def body() -> None:
         relay = make_relay(tmp_path, handshake_timeout=0.3)
