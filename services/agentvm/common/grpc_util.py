@@ -248,6 +248,7 @@ class Caller:
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+T = TypeVar("T")
 
 
 def grpc_errors(func: F) -> F:
@@ -274,6 +275,21 @@ def grpc_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+@contextlib.asynccontextmanager
+async def closing(items: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
+    """Close an async iterator (a generator's ``aclose``) on every exit, in this task.
+
+    A server stream's generator left to the garbage collector runs its
+    ``finally`` blocks later, in another task, after the call is gone.
+    """
+    try:
+        yield items
+    finally:
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 def grpc_stream_errors(
     func: Callable[..., AsyncIterator[Any]],
 ) -> Callable[..., AsyncIterator[Any]]:
@@ -284,8 +300,9 @@ def grpc_stream_errors(
         self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         try:
-            async for item in func(self, request, context):
-                yield item
+            async with closing(func(self, request, context)) as items:
+                async for item in items:
+                    yield item
         except AgentVMError as exc:
             await context.abort(exc.code, exc.message)
         except grpc.aio.AbortError:

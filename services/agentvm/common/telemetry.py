@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -160,6 +161,28 @@ def start_metrics(address: str, service: str) -> Callable[[], None]:
 Behavior = Callable[[Any, Any], Any]
 
 
+@dataclass(frozen=True)
+class _CallFacts:
+    """Who made a call, read from its context before the handler runs.
+
+    Only the call's status may be read from the context after the handler:
+    the rest of it lives in gRPC core's call, which a cancel frees.
+    """
+
+    caller: str
+    identity: str
+    peer: str
+
+    @classmethod
+    def of(cls, context: grpc.aio.ServicerContext[Any, Any]) -> _CallFacts:
+        metadata = dict(context.invocation_metadata() or ())
+        return cls(
+            caller=str(metadata.get("user-agent", "")),
+            identity=tls.peer_identity(context),
+            peer=context.peer(),
+        )
+
+
 class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Counts every served call and reports mutating or failed ones as events."""
 
@@ -179,7 +202,7 @@ class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             inner: Any = handler.unary_unary or handler.stream_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                with self._observed(method, context):
+                with self._observed(method, context, _CallFacts.of(context)):
                     return await inner(request, context)
 
             make = (
@@ -195,11 +218,20 @@ class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         inner_stream: Any = handler.unary_stream or handler.stream_stream
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            with self._observed(method, context):
+            # Everything the record needs is read from the context now: once a
+            # caller cancels (or its deadline passes) the call is freed, and
+            # peer()/auth_context()/invocation_metadata() then read freed memory
+            # (a SIGSEGV of the whole service, issue 22 item 1).
+            facts = _CallFacts.of(context)
+            with self._observed(method, context, facts):
                 result = inner_stream(request, context)
                 if hasattr(result, "__aiter__"):
-                    async for item in result:
-                        yield item
+                    # Closed here, on every exit path: never left to the garbage
+                    # collector, which would run its finally blocks later, after
+                    # the call is gone.
+                    async with grpc_util.closing(result) as items:
+                        async for item in items:
+                            yield item
                 else:
                     await result
 
@@ -215,7 +247,9 @@ class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         )
 
     @contextlib.contextmanager
-    def _observed(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[None]:
+    def _observed(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], facts: _CallFacts
+    ) -> Iterator[None]:
         start = time.monotonic()
         error: BaseException | None = None
         try:
@@ -224,17 +258,10 @@ class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             error = exc
             raise
         finally:
-            self._record(method, context, start, error)
+            self._record(method, _status(context, error), facts, start)
 
-    def _record(
-        self,
-        method: str,
-        context: grpc.aio.ServicerContext[Any, Any],
-        start: float,
-        error: BaseException | None,
-    ) -> None:
+    def _record(self, method: str, code: grpc.StatusCode, facts: _CallFacts, start: float) -> None:
         elapsed = time.monotonic() - start
-        code = _status(context, error)
         HANDLED.labels(method, code.name).inc()
         HANDLING.labels(method).observe(elapsed)
         if method in QUIET_METHODS:
@@ -242,14 +269,13 @@ class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         name = method.rpartition("/")[2]
         if code is grpc.StatusCode.OK and name.startswith(READ_PREFIXES):
             return
-        metadata = dict(context.invocation_metadata() or ())
         self.events.emit(
             "api.call",
             severity="info" if code is grpc.StatusCode.OK else "warning",
             method=method,
-            caller=str(metadata.get("user-agent", "")),
-            identity=tls.peer_identity(context),
-            peer=context.peer(),
+            caller=facts.caller,
+            identity=facts.identity,
+            peer=facts.peer,
             code=code.name,
             duration_s=round(elapsed, 6),
         )
@@ -275,9 +301,55 @@ def _status(
     return grpc.StatusCode.UNKNOWN
 
 
+class StreamCloser(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Serve server-streaming handlers through ``context.write``, closing them in their task.
+
+    grpc.aio iterates an async-generator handler from its own loop and, when the
+    caller cancels or its deadline passes, cancels that loop while the generator
+    sits at a ``yield``: the generator (and every one it wraps: tracing,
+    accounting, the servicer) is then closed later by the garbage collector, in
+    another task and context. Their ``finally`` blocks run late and out of
+    context (the tracing interceptor logs "Failed to detach context" for each
+    such call, a log flood any caller can cause). Outermost, this interceptor
+    turns the handler into a coroutine that writes each item: a cancel arrives
+    as CancelledError at the write, in the handler's own task, and the chain is
+    closed there at once.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler: Any = await continuation(details)
+        if handler is None or not (handler.unary_stream or handler.stream_stream):
+            return handler
+        inner: Any = handler.unary_stream or handler.stream_stream
+
+        async def written(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            result = inner(request, context)
+            if not hasattr(result, "__aiter__"):
+                await result  # already a writer coroutine
+                return
+            async with grpc_util.closing(result) as items:
+                async for item in items:
+                    await context.write(item)
+
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.unary_stream
+            else grpc.stream_stream_rpc_method_handler
+        )
+        return make(
+            written,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
 def server_interceptors(events: EventSink, provider: TracerProvider | None) -> Sequence[Any]:
-    """Interceptors for a service's gRPC server: tracing (outermost), then accounting."""
-    out: list[Any] = []
+    """Interceptors for a service's gRPC server: stream closing, tracing, then accounting."""
+    out: list[Any] = [StreamCloser()]
     if provider is not None:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
