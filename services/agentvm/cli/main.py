@@ -465,7 +465,17 @@ def vm_list() -> None:
         click.echo(
             f"{v.name}  {common_pb2.VMState.Name(v.state).removeprefix('VM_STATE_')}  "
             f"{common_pb2.ResourceProfile.Name(v.profile).removeprefix('RESOURCE_PROFILE_')}"
+            + _pool_mark(v)
         )
+
+
+def _pool_mark(v: common_pb2.VM) -> str:
+    """``  pool: KEY (warm)`` / ``(leased to WHO)`` for pool VMs, else ""."""
+    if not v.HasField("pool"):
+        return ""
+    if v.pool.state == common_pb2.POOL_VM_STATE_LEASED:
+        return f"  pool: {v.pool.pool} (leased to {v.pool.lessee or 'unnamed'})"
+    return f"  pool: {v.pool.pool} (warm)"
 
 
 @vm.command("get")
@@ -560,6 +570,15 @@ def vm_exec(name: str, argv: tuple[str, ...], timeout: float) -> None:
     """Run a command in a running VM; exits with its exit code."""
     check_timeout(timeout)
     v = vm_stub().GetVM(vm_manager_pb2.GetVMRequest(name=name), timeout=10).vm
+    if v.pool.state == common_pb2.POOL_VM_STATE_WARM or not v.agent_endpoint:
+        # vm-manager withholds a warm pool VM's agent from all but pool-manager.
+        fail(
+            f"FAILED_PRECONDITION: VM {name} is a warm pool VM of pool {v.pool.pool} and is "
+            "not leased: acquire it from the pool (agent-vm pool status shows the pools) "
+            "before using it"
+            if v.HasField("pool")
+            else f"FAILED_PRECONDITION: VM {name} has no agent endpoint"
+        )
     sys.exit(_exec(v.agent_endpoint, list(argv), timeout))
 
 

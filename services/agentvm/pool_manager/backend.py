@@ -19,6 +19,8 @@ from agentvm.v1 import (
 )
 
 CREATE_TIMEOUT_S = 60.0
+LEASE_TIMEOUT_S = 30.0
+POOL_KEY_LABEL = "agent-vm/pool"
 BOOT_TIMEOUT_S = 180.0
 TEMPLATE_TIMEOUT_S = 600.0
 
@@ -51,7 +53,8 @@ class VMManagerBackend:
             profile=key.profile.to_proto(),
             network_mode=key.network_mode.to_proto(),
             start=True,
-            labels=self.labels,
+            # vm-manager keeps a VM with these labels the pool's alone until it is leased.
+            labels={**self.labels, POOL_KEY_LABEL: str(key)},
             from_template=from_template,
         )
         try:
@@ -73,6 +76,15 @@ class VMManagerBackend:
         # closes it): a channel left to a dead VM would keep reconnecting.
         self._agents[vm.name] = guest_channel(vm.agent_endpoint)
         return vm
+
+    async def mark_leased(self, name: str, lessee: str, lease_id: str) -> common_pb2.VM:
+        """Tell vm-manager that ``name`` now belongs to ``lessee``: until then it refuses
+        everyone but pool-manager. Returns the VM as the lessee will see it."""
+        req = vm_manager_pb2.LeasePoolVMRequest(name=name, lessee=lessee, lease_id=lease_id)
+        try:
+            return (await self.vmm.LeasePoolVM(req, timeout=LEASE_TIMEOUT_S)).vm
+        except grpc.RpcError as exc:
+            raise _remote(exc, f"handing pool VM {name} to {lessee}") from exc
 
     async def destroy(self, name: str, reason: str = "") -> None:
         channel = self._agents.pop(name, None)

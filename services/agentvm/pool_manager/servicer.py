@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from typing import Any
 
 import grpc
 
-from agentvm.common.errors import InvalidArgument
+from agentvm.common import identity
+from agentvm.common.errors import AgentVMError, InvalidArgument
 from agentvm.common.grpc_util import grpc_errors, remaining_time
 from agentvm.pool_manager.manager import PoolManager
 from agentvm.pool_manager.pool import Lease, PoolKey, VMPool
@@ -80,7 +83,16 @@ class PoolManagerServicer(pool_manager_pb2_grpc.PoolManagerServiceServicer):
                 )
         timeout = remaining_time(context, timeout)
         start = time.monotonic()
+        lessee = identity.caller(context) or "unnamed"
         lease = await pool.acquire(timeout, dict(request.labels))
+        try:
+            # vm-manager keeps a warm pool VM from everyone but pool-manager until now.
+            lease.vm = await self.manager.backend.mark_leased(lease.vm.name, lessee, lease.lease_id)
+        except BaseException:
+            # Never hand out a VM its lessee could not use; the release destroys it.
+            with contextlib.suppress(AgentVMError):
+                await asyncio.shield(pool.release(lease.lease_id))
+            raise
         self.manager.events.emit(
             "pool.acquired",
             vm=lease.vm.name,

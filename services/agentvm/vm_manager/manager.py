@@ -38,8 +38,8 @@ from agentvm.common.errors import (
 from agentvm.common.events import EventSink, NullSink
 from agentvm.common.grpc_util import guest_channel
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc, vm_manager_pb2
+from agentvm.vm_manager import access, observe, workspace
 from agentvm.vm_manager import domain_xml as dx
-from agentvm.vm_manager import observe, workspace
 from agentvm.vm_manager.accel import AccelInfo
 from agentvm.vm_manager.clones import (
     DISK,
@@ -227,6 +227,7 @@ class VMManager:
             created_at=float(f.get("created_at", time.time())),
             shared_workspace=f.get("shared_workspace") == "1",
             template_key=f.get("template_key", ""),
+            agent_socket_name=access.adopted_socket_name(f.get("agent_socket", "")),
         )
         if vm.network_mode is NetworkMode.NAT_FILTERED:
             try:
@@ -295,6 +296,7 @@ class VMManager:
             labels=dict(labels),
             shared_workspace=shared_workspace,
             template_key=template.key if template else "",
+            agent_socket_name=access.socket_name(labels),
         )
         base = self.templates.disk(template.key) if template else image.disk
         async with self._lock(name):
@@ -377,6 +379,7 @@ class VMManager:
                 "created_at": f"{vm.created_at:.3f}",
                 "shared_workspace": "1" if vm.shared_workspace else "0",
                 "template_key": vm.template_key,
+                "agent_socket": vm.agent_socket_name,
                 **self._net_metadata(vm),
             },
             vm.labels,
@@ -657,6 +660,24 @@ class VMManager:
             await asyncio.to_thread(self._store_metadata, vm, dom)
         log.info("network policy of %s updated", name, extra={"vm": name})
         self.events.emit("vm.policy_updated", vm=name, policy=policy.to_json())
+        return vm
+
+    async def lease_pool_vm(self, name: str, lessee: str, lease_id: str) -> VM:
+        """Record that pool-manager handed pool VM ``name`` to ``lessee`` (access.py)."""
+        async with self._lock(name):
+            vm = self._get(name)
+            if vm.labels.get(access.LESSEE_LABEL) == lessee:
+                return vm
+            labels = {**vm.labels, access.LESSEE_LABEL: lessee, access.LEASE_LABEL: lease_id}
+            self._check_labels(labels)
+            dom = await asyncio.to_thread(self.conn.lookup, name)
+            old, vm.labels = vm.labels, labels
+            try:
+                await asyncio.to_thread(self._store_metadata, vm, dom)
+            except BaseException:
+                vm.labels = old
+                raise
+        self.events.emit("vm.leased", vm=name, lessee=lessee, lease_id=lease_id)
         return vm
 
     def _store_metadata(self, vm: VM, dom: libvirt.virDomain) -> None:

@@ -11,9 +11,11 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
+from agentvm.common import identity
 from agentvm.common.errors import InvalidArgument
 from agentvm.common.grpc_util import grpc_errors, grpc_stream_errors, remaining_time
 from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
+from agentvm.vm_manager import access
 from agentvm.vm_manager.accel import Accel
 from agentvm.vm_manager.clones import TemplateInfo
 from agentvm.vm_manager.dnsproxy import EgressRecord
@@ -120,6 +122,23 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
         self.manager = manager
         self.images = images
 
+    async def _require_usable(self, name: str, context: Ctx, what: str) -> str:
+        """The caller's name; FAILED_PRECONDITION when the VM is a warm pool VM it
+        may not ``what`` (access.py)."""
+        who = identity.caller(context)
+        access.require_usable(await self.manager.get(name), who, what)
+        return who
+
+    @grpc_errors
+    async def LeasePoolVM(
+        self, request: vm_manager_pb2.LeasePoolVMRequest, context: Ctx
+    ) -> vm_manager_pb2.LeasePoolVMResponse:
+        who = identity.caller(context)
+        lessee = request.lessee[: identity.MAX_NAME] or "unnamed"
+        access.check_lease(await self.manager.get(request.name), who, lessee)
+        vm = await self.manager.lease_pool_vm(request.name, lessee, request.lease_id[:64])
+        return vm_manager_pb2.LeasePoolVMResponse(vm=access.view(vm, who))
+
     @grpc_errors
     async def CreateVM(
         self, request: vm_manager_pb2.CreateVMRequest, context: Ctx
@@ -141,6 +160,8 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
             raise InvalidArgument(
                 f"network_policy is only valid with NETWORK_MODE_NAT_FILTERED, not {mode.name}"
             )
+        who = identity.caller(context)
+        access.check_create(request.labels, who)
         res = request.resources
         resources = Resources.for_profile(profile, res.vcpus, res.memory_mib, res.disk_mib)
         vm = await self.manager.create(
@@ -154,7 +175,7 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
             shared_workspace=request.shared_workspace,
             from_template=request.from_template,
         )
-        return vm_manager_pb2.CreateVMResponse(vm=vm.to_proto())
+        return vm_manager_pb2.CreateVMResponse(vm=access.view(vm, who))
 
     @grpc_errors
     async def PrepareTemplate(
@@ -177,9 +198,10 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
     async def UpdateNetworkPolicy(
         self, request: vm_manager_pb2.UpdateNetworkPolicyRequest, context: Ctx
     ) -> vm_manager_pb2.UpdateNetworkPolicyResponse:
+        who = await self._require_usable(request.name, context, "change its network policy")
         policy = Policy.from_proto(request.policy, self.manager.settings)
         vm = await self.manager.update_network_policy(request.name, policy)
-        return vm_manager_pb2.UpdateNetworkPolicyResponse(vm=vm.to_proto())
+        return vm_manager_pb2.UpdateNetworkPolicyResponse(vm=access.view(vm, who))
 
     @grpc_stream_errors
     async def WatchEgress(
@@ -209,16 +231,18 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
     async def StartVM(
         self, request: vm_manager_pb2.StartVMRequest, context: Ctx
     ) -> vm_manager_pb2.StartVMResponse:
+        who = await self._require_usable(request.name, context, "start it")
         vm = await self.manager.start(request.name)
-        return vm_manager_pb2.StartVMResponse(vm=vm.to_proto())
+        return vm_manager_pb2.StartVMResponse(vm=access.view(vm, who))
 
     @grpc_errors
     async def StopVM(
         self, request: vm_manager_pb2.StopVMRequest, context: Ctx
     ) -> vm_manager_pb2.StopVMResponse:
         grace = seconds(request, "grace_period", DEFAULT_GRACE_S, 0, 600)
+        who = await self._require_usable(request.name, context, "stop it")
         vm, forced = await self.manager.stop(request.name, grace, request.force)
-        return vm_manager_pb2.StopVMResponse(vm=vm.to_proto(), forced=forced)
+        return vm_manager_pb2.StopVMResponse(vm=access.view(vm, who), forced=forced)
 
     @grpc_errors
     async def DestroyVM(
@@ -266,14 +290,15 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
         self, request: vm_manager_pb2.GetVMRequest, context: Ctx
     ) -> vm_manager_pb2.GetVMResponse:
         vm = await self.manager.get(request.name)
-        return vm_manager_pb2.GetVMResponse(vm=vm.to_proto())
+        return vm_manager_pb2.GetVMResponse(vm=access.view(vm, identity.caller(context)))
 
     @grpc_errors
     async def ListVMs(
         self, request: vm_manager_pb2.ListVMsRequest, context: Ctx
     ) -> vm_manager_pb2.ListVMsResponse:
         vms = await self.manager.list_vms(dict(request.label_selector))
-        return vm_manager_pb2.ListVMsResponse(vms=[v.to_proto() for v in vms])
+        who = identity.caller(context)
+        return vm_manager_pb2.ListVMsResponse(vms=[access.view(v, who) for v in vms])
 
     @grpc_errors
     async def WaitVM(
@@ -288,12 +313,13 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
         timeout = seconds(request, "timeout", DEFAULT_WAIT_S, 0.001, 3600)
         timeout = remaining_time(context, timeout)
         vm = await self.manager.wait(request.name, state, timeout)
-        return vm_manager_pb2.WaitVMResponse(vm=vm.to_proto())
+        return vm_manager_pb2.WaitVMResponse(vm=access.view(vm, identity.caller(context)))
 
     @grpc_errors
     async def CreateSnapshot(
         self, request: vm_manager_pb2.CreateSnapshotRequest, context: Ctx
     ) -> vm_manager_pb2.CreateSnapshotResponse:
+        await self._require_usable(request.vm_name, context, "snapshot it")
         info = await self.manager.create_snapshot(
             request.vm_name, request.snapshot_name, request.include_memory, request.description
         )
@@ -310,13 +336,15 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
     async def RestoreSnapshot(
         self, request: vm_manager_pb2.RestoreSnapshotRequest, context: Ctx
     ) -> vm_manager_pb2.RestoreSnapshotResponse:
+        who = await self._require_usable(request.vm_name, context, "restore a snapshot into it")
         vm = await self.manager.restore_snapshot(request.vm_name, request.snapshot_name)
-        return vm_manager_pb2.RestoreSnapshotResponse(vm=vm.to_proto())
+        return vm_manager_pb2.RestoreSnapshotResponse(vm=access.view(vm, who))
 
     @grpc_errors
     async def DeleteSnapshot(
         self, request: vm_manager_pb2.DeleteSnapshotRequest, context: Ctx
     ) -> vm_manager_pb2.DeleteSnapshotResponse:
+        await self._require_usable(request.vm_name, context, "delete its snapshots")
         await self.manager.delete_snapshot(request.vm_name, request.snapshot_name)
         return vm_manager_pb2.DeleteSnapshotResponse()
 

@@ -92,6 +92,8 @@ class VM:
     template_key: str = ""
     # Address, MAC and policy on the NAT network (None: no NIC).
     network: common_pb2.NetworkAttachment | None = None
+    # File name of the agent relay's socket in run_dir (random for pool VMs: access.py).
+    agent_socket_name: str = "agent.sock"
 
     @property
     def overlay(self) -> Path:
@@ -108,7 +110,7 @@ class VM:
 
     @property
     def agent_socket(self) -> Path:
-        return self.run_dir / "agent.sock"
+        return self.run_dir / self.agent_socket_name
 
     @property
     def agent_endpoint(self) -> str:
