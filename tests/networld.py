@@ -10,6 +10,16 @@ after a failed test.
         198.18.0.2   dnsmasq (the world's resolver)
         198.18.0.10  allowed.test  (HTTP on 80, TCP echo on 22 and 8080)
         198.18.0.11  other.test    (HTTP on 80)
+
+    and a second network on the same veth that plays the host's own LAN:
+    host 198.18.1.1/24, a "neighbour" 198.18.1.5 in the namespace, which the
+    world's resolver gives out as lan.test (nothing listens there unless a
+    test starts a listener).
+
+All of it is in special-purpose space (198.18.0.0/15), which the NAT
+resolver never opens from a DNS answer; the vm-manager of the tests lets the
+world's internet through by configuration (``nat_env``:
+AGENTVM_NAT_DNS_ALLOW_PRIVATE=198.18.0.0/24), not the LAN.
 """
 
 from __future__ import annotations
@@ -26,6 +36,12 @@ from dataclasses import dataclass, field
 HOST_IP = "198.18.0.1"
 DNS_IP = "198.18.0.2"
 NAMES = {"allowed.test": "198.18.0.10", "other.test": "198.18.0.11"}
+# The world's "internet", opened to DNS answers by configuration.
+WORLD_NET = "198.18.0.0/24"
+# The host's LAN on the uplink, and a neighbour on it that a name points to.
+LAN_HOST_IP = "198.18.1.1"
+LAN_NET = "198.18.1.0/24"
+LAN_NAMES = {"lan.test": "198.18.1.5"}
 SERVER = r"""
 import socket, sys, threading
 def serve(addr, port, http):
@@ -110,17 +126,18 @@ class NetWorld(_Namespace):
         sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.peer_if)
         sh("ip", "link", "set", self.peer_if, "netns", self.ns)
         sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", self.host_if)
+        sh("ip", "addr", "add", f"{LAN_HOST_IP}/24", "dev", self.host_if)
         sh("ip", "link", "set", self.host_if, "up")
         inside = ["ip", "netns", "exec", self.ns]
         sh(*inside, "ip", "link", "set", "lo", "up")
-        for ip in (DNS_IP, *NAMES.values()):
+        for ip in (DNS_IP, *NAMES.values(), *LAN_NAMES.values()):
             sh(*inside, "ip", "addr", "add", f"{ip}/24", "dev", self.peer_if)
         sh(*inside, "ip", "link", "set", self.peer_if, "up")
         dns = [
             *inside, "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
             "--bind-interfaces", f"--listen-address={DNS_IP}", "--except-interface=lo",
             "--pid-file=", "--user=root", "--log-queries", "--log-facility=-",
-            *(f"--address=/{name}/{ip}" for name, ip in NAMES.items()),
+            *(f"--address=/{name}/{ip}" for name, ip in {**NAMES, **LAN_NAMES}.items()),
         ]  # fmt: skip
         self.procs.append(
             subprocess.Popen(dns, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -148,7 +165,9 @@ class NetWorld(_Namespace):
         filter cannot send a packet anywhere but into this namespace.
         """
         self.table = str(4000 + int(self.tag, 16) % 50000)
-        sh("ip", "route", "add", "198.18.0.0/24", "dev", self.host_if, "table", self.table)
+        sh("ip", "route", "add", WORLD_NET, "dev", self.host_if, "table", self.table)
+        # The "host LAN" is reachable too: only agent-vm's resolver keeps VMs off it.
+        sh("ip", "route", "add", LAN_NET, "dev", self.host_if, "table", self.table)
         # VM to VM falls through to the main table (the bridge's own route), so
         # it reaches the forward hook and agent-vm's own rule must stop it.
         sh("ip", "route", "add", "throw", subnet, "table", self.table)
@@ -252,6 +271,8 @@ def nat_env(world: NetWorld) -> dict[str, str]:
         "AGENTVM_NAT_DNS_UPSTREAM": DNS_IP,
         "AGENTVM_NAT_SUBNET": f"10.214.{int(world.tag, 16) % 250 + 1}.0/24",
         "AGENTVM_NAT_DEFAULT_DOMAINS": "allowed.test",
+        # The world's internet is special-purpose space: opened by configuration.
+        "AGENTVM_NAT_DNS_ALLOW_PRIVATE": WORLD_NET,
     }
 
 

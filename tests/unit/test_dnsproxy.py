@@ -11,6 +11,7 @@ from typing import Any
 import dns.asyncquery
 import dns.message
 import dns.rcode
+import dns.rdatatype
 import dns.rrset
 import pytest
 from hypothesis import given, settings
@@ -26,6 +27,7 @@ from agentvm.vm_manager.dnsproxy import (
     EgressRecord,
     fit,
     serve,
+    strip_refused,
 )
 from tests.networld import DNS_IP, NAMES, NetWorld, networld
 
@@ -176,3 +178,54 @@ def test_answers_too_large_for_udp_keep_a_few_addresses() -> None:
     assert set(kept) <= set(addrs)
     small = dns.message.make_response(query)
     assert fit(small) == small.to_wire()
+
+
+@aio
+async def test_refused_addresses_are_cut_from_the_answer_and_recorded(world: NetWorld) -> None:
+    """An allowlisted name answered with an address the filter refuses: the guest
+    never sees the address, and the query is recorded as denied with the reason."""
+    records: list[EgressRecord] = []
+
+    async def refuse(vm: str, name: str, addrs: list[tuple[str, int]]) -> dict[str, str]:
+        return {a: "on the host's own network 198.18.0.0/24" for a, _ in addrs}
+
+    proxy = DNSProxy(
+        upstream=(DNS_IP, 53),
+        policy_for=lambda src: ClientPolicy("vm1", DomainAllowlist(["allowed.test"])),
+        on_addresses=refuse,
+        on_record=records.append,
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    transport, _ = await serve(proxy, "127.0.0.1", port)
+    try:
+        got = await ask(port, "allowed.test", "A")
+    finally:
+        transport.close()
+    assert got.rcode() == dns.rcode.NOERROR
+    assert [r for rrset in got.answer for r in rrset] == []
+    (rec,) = records
+    assert (rec.vm, rec.name, rec.verdict, rec.address) == (
+        "vm1", "allowed.test", "denied", NAMES["allowed.test"],
+    )  # fmt: skip
+    assert "answer refused" in rec.detail
+    assert "host's own network" in rec.detail
+
+
+def test_a_partly_refused_answer_keeps_only_the_usable_addresses() -> None:
+    query = dns.message.make_query("mixed.allowed.test", "A")
+    reply = dns.message.make_response(query)
+    reply.answer.append(
+        dns.rrset.from_text("mixed.allowed.test.", 60, "IN", "CNAME", "cdn.allowed.test.")
+    )
+    reply.answer.append(
+        dns.rrset.from_text_list(
+            "cdn.allowed.test.", 60, "IN", "A", ["151.101.0.223", "10.0.0.5", "192.168.1.1"]
+        )
+    )
+    strip_refused(reply, {"10.0.0.5": "private", "192.168.1.1": "private"})
+    assert [rr.rdtype for rr in reply.answer] == [dns.rdatatype.CNAME, dns.rdatatype.A]
+    assert [r.address for r in reply.answer[1]] == ["151.101.0.223"]
+    strip_refused(reply, {"151.101.0.223": "host"})
+    assert [rr.rdtype for rr in reply.answer] == [dns.rdatatype.CNAME]

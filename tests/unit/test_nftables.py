@@ -13,9 +13,12 @@ import pytest
 
 from agentvm.common.errors import InvalidArgument
 from agentvm.vm_manager.nftables import (
+    BridgedTaps,
     Ruleset,
     VMRules,
     render_add,
+    render_bridged,
+    render_bridged_delete,
     render_delete,
     render_policy,
     render_remove,
@@ -147,3 +150,43 @@ def test_bad_names_and_duplicates_are_refused() -> None:
         render_table(Ruleset("filter", "avbt1", "10.213.0.1", "avtt1", None, (VM1,)))
     with pytest.raises(InvalidArgument, match="IPv4"):
         render_resolved("agentvm_t1", "vm1", [("1.2.3.4 }; flush ruleset", 30)])
+
+
+def test_the_bridged_taps_table_loads_and_keeps_learnt_leases(netns: str) -> None:
+    one = BridgedTaps("agentvm_t1_u", "avut1", (("avut1vm1", MAC),))
+    two = BridgedTaps("agentvm_t1_u", "avut1", (("avut1vm1", MAC), ("avut1vm2", VM2.mac)))
+    proc = nft(netns, "-f", "-", script=render_bridged(one))
+    assert proc.returncode == 0, proc.stderr
+    # A lease learnt from a DHCP answer (198.19.0.112 for vm1's tap) ...
+    lease = 'add element bridge agentvm_t1_u leases { "avut1vm1" . 0xc6130070 }'
+    assert nft(netns, "-f", "-", script=lease).returncode == 0
+    for bt in (two, one, two):  # ... survives other VMs coming and going
+        proc = nft(netns, "-f", "-", script=render_bridged(bt))
+        assert proc.returncode == 0, proc.stderr
+    listed = nft(netns, "list", "table", "bridge", "agentvm_t1_u").stdout
+    assert '"avut1vm1" . 0xc6130070' in listed
+    assert f'"avut1vm1" . {MAC} . {MAC}' in listed
+    assert '"avut1vm2" . 0x525400aabbcd' in listed  # its DHCP answers are read
+    assert 'iifname "avu*" oifname "avu*"' in listed  # isolation from every bridged tap
+    proc = nft(netns, "-f", "-", script=render_bridged(one))
+    assert VM2.mac not in nft(netns, "list", "table", "bridge", "agentvm_t1_u").stdout
+    lines = [line.strip() for line in render_bridged(one).splitlines()]
+    pre = lines[lines.index("chain pre {", 12) : lines.index("chain isolate {", 12)]
+    assert pre[-2] == 'iifname "avut1*" counter drop'  # everything else from a tap
+    assert all("@macs" in r or "@arps" in r for r in pre[1:-2])  # own MAC only
+    assert nft(netns, "-f", "-", script=render_bridged_delete("agentvm_t1_u")).returncode == 0
+    assert "agentvm_t1_u" not in nft(netns, "list", "tables").stdout
+
+
+@pytest.mark.parametrize(
+    ("bt", "word"),
+    [
+        (BridgedTaps("agentvm_t1_u", "avut1", (("avut1a", '52:54:00:aa:bb:cc"; flush'),)), "MAC"),
+        (BridgedTaps("agentvm_t1_u", "avut1", (("eth0", MAC),)), "avut1"),
+        (BridgedTaps("agentvm_t1_u", 'avu" accept', ()), "interface"),
+        (BridgedTaps("filter", "avut1", ()), "table"),
+    ],
+)
+def test_bad_bridged_input_never_reaches_the_script(bt: BridgedTaps, word: str) -> None:
+    with pytest.raises(InvalidArgument, match=word):
+        render_bridged(bt)

@@ -111,6 +111,12 @@ class Settings:
     nat_default_ports: str = field(
         default_factory=lambda: _env("AGENTVM_NAT_DEFAULT_PORTS", "80,443,22")
     )
+    # AGENTVM_NAT_DNS_ALLOW_PRIVATE: comma-separated networks a DNS answer may open
+    # although they are special-purpose (private, benchmarking, ...) or the host's own
+    # interface networks (empty: none; see docs/NETWORK_DESIGN.md).
+    nat_dns_allow_private: str = field(
+        default_factory=lambda: _env("AGENTVM_NAT_DNS_ALLOW_PRIVATE", "")
+    )
     # AGENTVM_MONITOR_ADDR: where monitor serves and services report events
     # (empty: services report nothing).
     monitor_addr: str = field(

@@ -7,7 +7,9 @@ REFUSED and never leaves the host (so a guest cannot leak data through
 queries for names in a zone it controls); an allowed A query goes to the
 upstream resolver, and the addresses of the answer are handed to
 ``on_addresses`` (which fills the VM's nftables set) with their TTL clamped
-to [MIN_TTL, MAX_TTL]. AAAA gets an empty answer (IPv6 is off), every other
+to [MIN_TTL, MAX_TTL]; the addresses it refuses (private, special-purpose,
+the host's own networks) are cut from the guest's answer and recorded as
+denied. AAAA gets an empty answer (IPv6 is off), every other
 type REFUSED. Everything the guest sends is parsed defensively: malformed
 packets are dropped and recorded.
 """
@@ -19,7 +21,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -134,7 +136,10 @@ class DNSProxy(asyncio.DatagramProtocol):
         *,
         upstream: tuple[str, int],
         policy_for: Callable[[str], ClientPolicy | None],
-        on_addresses: Callable[[str, str, list[tuple[str, int]]], Awaitable[None]],
+        # Returns the addresses it refused, each with the reason (None: none).
+        on_addresses: Callable[
+            [str, str, list[tuple[str, int]]], Awaitable[Mapping[str, str] | None]
+        ],
         on_record: Callable[[EgressRecord], None],
     ) -> None:
         self.upstream = upstream
@@ -252,9 +257,10 @@ class DNSProxy(asyncio.DatagramProtocol):
             if rrset.rdtype == dns.rdatatype.A:
                 ttl = min(max(int(rrset.ttl), MIN_TTL), MAX_TTL)
                 found += [(r.address, ttl) for r in rrset]
+        refused: Mapping[str, str] = {}
         if found:
             try:
-                await self.on_addresses(policy.vm, name, found)
+                refused = await self.on_addresses(policy.vm, name, found) or {}
             except Exception as exc:  # noqa: BLE001 - no address the guest cannot use
                 log.warning("cannot allow the addresses of %s: %s", name, exc)
                 reply = dns.message.make_response(query)
@@ -262,12 +268,40 @@ class DNSProxy(asyncio.DatagramProtocol):
                 self._record(policy.vm, name, "denied", f"firewall update failed: {exc}", qtype="A")
                 self._send(reply, addr)
                 return
+        if refused:
+            strip_refused(reply, refused)
+            why = "; ".join(f"{a} {r}" for a, r in refused.items())
+            usable = [a for a, _ in found if a not in refused]
+            if not usable:
+                self._record(
+                    policy.vm, name, "denied", f"answer refused: {why}",
+                    address=next(iter(refused)), qtype="A",
+                )  # fmt: skip
+                self._send(reply, addr)
+                return
+            detail = f"answered {', '.join(usable)}; refused {why}"
+            self._record(policy.vm, name, "allowed", detail, address=usable[0], qtype="A")
+            self._send(reply, addr)
+            return
         addrs = ", ".join(a for a, _ in found) or "no address"
         self._record(
             policy.vm, name, "allowed", f"answered {addrs}",
             address=found[0][0] if found else "", qtype="A",
         )  # fmt: skip
         self._send(reply, addr)
+
+
+def strip_refused(reply: dns.message.Message, refused: Mapping[str, str]) -> None:
+    """Cut the refused addresses out of ``reply`` (the guest never learns them)."""
+    kept = []
+    for rrset in reply.answer:
+        if rrset.rdtype == dns.rdatatype.A:
+            left = [r for r in rrset if r.address not in refused]
+            if left:
+                kept.append(dns.rrset.from_rdata_list(rrset.name, rrset.ttl, left))
+        else:
+            kept.append(rrset)
+    reply.answer = kept
 
 
 async def serve(

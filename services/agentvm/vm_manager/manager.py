@@ -58,7 +58,7 @@ from agentvm.vm_manager.libvirt_conn import (
     LibvirtConnection,
     libvirt_errors,
 )
-from agentvm.vm_manager.network import NatNetwork, Policy, check_bridge
+from agentvm.vm_manager.network import NatNetwork, Policy
 from agentvm.vm_manager.relay import HostRelay
 from agentvm.vm_manager.snapshots import SnapshotInfo, SnapshotManager
 from agentvm.vm_manager.templates import (
@@ -240,6 +240,8 @@ class VMManager:
             vm.network = common_pb2.NetworkAttachment(
                 mac=f.get("net_mac", ""), bridge=f.get("net_bridge", "")
             )
+            if vm.network.mac:
+                self.net.adopt_bridged(name, self._vm_id(vm), vm.network.mac)
         active = await asyncio.to_thread(dom.isActive)
         if active:
             vm.state = VMState.BOOTING
@@ -270,7 +272,7 @@ class VMManager:
                 profile, network_mode, resources, shared_workspace
             )
         if network_mode is NetworkMode.BRIDGE:
-            check_bridge(bridge)
+            await self.net.check_bridge(bridge)
         if shared_workspace and self.virtiofsd is None:
             raise FailedPrecondition(
                 "shared workspaces need virtiofsd, which this host lacks (Debian: "
@@ -309,6 +311,7 @@ class VMManager:
                     vm.network = self._net_proto(name)
                 elif network_mode is NetworkMode.BRIDGE:
                     vm.network = common_pb2.NetworkAttachment(mac=random_mac(), bridge=bridge)
+                    await self.net.attach_bridged(name, self._vm_id(vm), vm.network.mac)
                 # The thread cannot be cancelled: a cancelled create waits for it
                 # before cleaning up, or it could mount or define after the cleanup.
                 defining = asyncio.ensure_future(

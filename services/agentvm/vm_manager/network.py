@@ -12,235 +12,48 @@ all named after the vm-manager's prefix so several can share a host:
 * the nftables tables ``agentvm_<tag>`` (``nftables.py``);
 * the resolver on the bridge address (``dnsproxy.py``): only allowlisted
   names are answered, and their addresses are added to the VM's firewall set
-  before the guest sees the answer;
+  before the guest sees the answer, except those ``special_ranges.AnswerFilter``
+  refuses (the IANA special-purpose blocks and the host's own interface
+  networks, watched by ``hostaddrs.py``, unless AGENTVM_NAT_DNS_ALLOW_PRIVATE
+  names them), which the guest never sees;
 * the NFLOG reader turning logged packets into connection records, and the
-  per-VM egress log (bounded) with live subscribers.
+  per-VM egress log (``egresslog.py``) with live subscribers;
+* the filter table of its BRIDGE-mode VMs' taps (``agentvm_<tag>_u``, see
+  ``bridged.py``), and the refusal of agent-vm's own bridges for them.
 
-Everything is created with the first NAT VM and removed with the last, and a
+Names, policies and attachments are in ``netpolicy.py``. Everything is
+created with the first VM that needs it and removed with the last, and a
 restarted vm-manager re-creates its state from the VMs it adopts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import hashlib
 import ipaddress
-import json
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import libvirt
 
 from agentvm.common.config import Settings
 from agentvm.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from agentvm.v1 import common_pb2
 from agentvm.vm_manager import nftables as nft
-from agentvm.vm_manager.dnsproxy import (
-    ClientPolicy,
-    DNSProxy,
-    DomainAllowlist,
-    EgressRecord,
-    check_pattern,
-)
+from agentvm.vm_manager.bridged import check_bridge, own_network_bridges
+from agentvm.vm_manager.dnsproxy import ClientPolicy, DNSProxy, EgressRecord
+from agentvm.vm_manager.egresslog import EgressLog
+from agentvm.vm_manager.hostaddrs import HostAddresses
 from agentvm.vm_manager.libvirt_conn import LibvirtConnection, libvirt_errors
+from agentvm.vm_manager.netpolicy import Attachment, NetNames, Policy
 from agentvm.vm_manager.nflog import LoggedPacket, NflogReader
+from agentvm.vm_manager.special_ranges import AnswerFilter, parse_allow_private
 from agentvm.vm_manager.templates import random_mac
 
 log = logging.getLogger("agentvm.vm_manager.network")
 
-MAX_DOMAINS = 256
-MAX_CIDRS = 64
-MAX_PORTS = 32
-RING_SIZE = 2000
-# Addresses a DNS answer never opens unless allow_cidrs names them.
-NEVER_FROM_DNS = tuple(
-    ipaddress.IPv4Network(n)
-    for n in (
-        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
-        "172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
-    )
-)  # fmt: skip
-SUBSCRIBER_QUEUE = 4096
-
-
-def check_bridge(name: str) -> None:
-    """``name`` must be an existing Linux bridge of this host (NETWORK_MODE_BRIDGE)."""
-    if not name:
-        raise InvalidArgument(
-            "NETWORK_MODE_BRIDGE needs bridge: the name of an existing host bridge"
-        )
-    if not nft.IFNAME_RE.match(name):
-        raise InvalidArgument(f"bridge {name!r} is not an interface name")
-    if not Path(f"/sys/class/net/{name}/bridge").is_dir():
-        raise FailedPrecondition(
-            f"there is no bridge named {name} on this host: create it (ip link add {name} "
-            "type bridge) or name an existing one (ip -br link show type bridge)"
-        )
-
-
-@dataclass(frozen=True)
-class NetNames:
-    """Names of one vm-manager's network objects (interface names are <= 15 chars)."""
-
-    network: str
-    bridge: str
-    tap_prefix: str
-    table: str
-    log_group: int
-
-    @classmethod
-    def for_prefix(cls, prefix: str) -> NetNames:
-        tag = hashlib.sha256(prefix.encode()).hexdigest()[:4]
-        return cls(
-            network=f"{prefix}nat",
-            bridge=f"avb{tag}",
-            tap_prefix=f"avt{tag}",
-            table=f"agentvm_{tag}",
-            log_group=100 + int(tag, 16) % 60000,
-        )
-
-    def tap(self, vm_id: str) -> str:
-        return f"{self.tap_prefix}{vm_id}"
-
-    def bridge_tap(self, vm_id: str) -> str:
-        """Tap of a BRIDGE-mode VM: outside ``tap_prefix``, so the NAT rules never see it."""
-        return f"avu{self.tap_prefix[3:]}{vm_id}"
-
-
-@dataclass(frozen=True)
-class Policy:
-    """A VM's egress policy with the server defaults filled in."""
-
-    domains: tuple[str, ...]
-    cidrs: tuple[str, ...]
-    ports: tuple[int, ...]
-
-    @classmethod
-    def from_proto(cls, p: common_pb2.NetworkPolicy, settings: Settings) -> Policy:
-        """Validated; each empty field takes its default (AGENTVM_NAT_DEFAULT_*)."""
-        domains = list(p.allow_domains) or [
-            d for d in settings.nat_default_domains.split(",") if d.strip()
-        ]
-        ports = list(p.ports) or [int(x) for x in settings.nat_default_ports.split(",") if x]
-        if len(domains) > MAX_DOMAINS or len(p.allow_cidrs) > MAX_CIDRS or len(ports) > MAX_PORTS:
-            raise InvalidArgument(
-                f"network policy too large: at most {MAX_DOMAINS} domains, {MAX_CIDRS} CIDRs "
-                f"and {MAX_PORTS} ports (use '*.' wildcards for many names of one zone)"
-            )
-        cidrs = []
-        for c in p.allow_cidrs:
-            try:
-                net = ipaddress.IPv4Network(c.strip(), strict=True)
-            except ValueError as exc:
-                raise InvalidArgument(
-                    f"allow_cidrs entry {c!r} is not an IPv4 network ({exc}); write it like "
-                    "'203.0.113.0/24' with the host bits zero"
-                ) from None
-            cidrs.append(str(net))
-        for port in ports:
-            if not 1 <= port <= 65535:
-                raise InvalidArgument(f"ports entry {port} is not a TCP port (1-65535)")
-        return cls(
-            tuple(dict.fromkeys(check_pattern(d) for d in domains)),
-            tuple(dict.fromkeys(cidrs)),
-            tuple(sorted(set(ports))),
-        )
-
-    def to_proto(self) -> common_pb2.NetworkPolicy:
-        return common_pb2.NetworkPolicy(
-            allow_domains=self.domains, allow_cidrs=self.cidrs, ports=self.ports
-        )
-
-    def to_json(self) -> str:
-        return json.dumps({"d": self.domains, "c": self.cidrs, "p": self.ports})
-
-    @classmethod
-    def from_json(cls, text: str) -> Policy:
-        data = json.loads(text)
-        return cls(tuple(data["d"]), tuple(data["c"]), tuple(int(p) for p in data["p"]))
-
-
-@dataclass
-class Attachment:
-    """One VM on the network."""
-
-    vm_name: str
-    vm_id: str
-    ip: str
-    mac: str
-    prefixlen: int
-    gateway: str
-    policy: Policy
-    allowlist: DomainAllowlist = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.allowlist = DomainAllowlist(list(self.policy.domains))
-
-    @property
-    def rules(self) -> nft.VMRules:
-        return nft.VMRules(self.vm_id, self.ip, self.mac, self.policy.ports, self.policy.cidrs)
-
-    def to_proto(self, bridge: str) -> common_pb2.NetworkAttachment:
-        return common_pb2.NetworkAttachment(
-            address=f"{self.ip}/{self.prefixlen}",
-            mac=self.mac,
-            gateway=self.gateway,
-            policy=self.policy.to_proto(),
-            bridge=bridge,
-        )
-
-
-class EgressLog:
-    """A bounded ring of records per VM, and live subscribers (one VM or all)."""
-
-    def __init__(self) -> None:
-        self._rings: dict[str, collections.deque[EgressRecord]] = {}
-        self._subs: list[tuple[str, asyncio.Queue[EgressRecord | None]]] = []
-        self.dropped = 0
-
-    def add(self, rec: EgressRecord) -> None:
-        if not rec.vm:
-            return
-        self._rings.setdefault(rec.vm, collections.deque(maxlen=RING_SIZE)).append(rec)
-        for name, queue in self._subs:
-            if name in ("", rec.vm):
-                try:
-                    queue.put_nowait(rec)
-                except asyncio.QueueFull:
-                    self.dropped += 1
-
-    def records(self, vm: str) -> list[EgressRecord]:
-        if vm:
-            return list(self._rings.get(vm, ()))
-        return sorted((r for ring in self._rings.values() for r in ring), key=lambda r: r.time)
-
-    def forget(self, vm: str) -> None:
-        self._rings.pop(vm, None)
-        for name, queue in self._subs:
-            if name == vm:
-                # The end marker must arrive even when the subscriber lags.
-                while queue.full():
-                    queue.get_nowait()
-                    self.dropped += 1
-                queue.put_nowait(None)
-
-    async def follow(self, vm: str) -> AsyncIterator[EgressRecord]:
-        """Records kept so far, then new ones until the VM is forgotten."""
-        queue: asyncio.Queue[EgressRecord | None] = asyncio.Queue(SUBSCRIBER_QUEUE)
-        entry = (vm, queue)
-        self._subs.append(entry)
-        try:
-            for rec in self.records(vm):
-                yield rec
-            while (rec2 := await queue.get()) is not None:
-                yield rec2
-        finally:
-            self._subs.remove(entry)
+__all__ = ["Attachment", "EgressLog", "NatNetwork", "NetNames", "Policy", "check_bridge"]
 
 
 def _host_resolver() -> str:
@@ -284,6 +97,12 @@ class NatNetwork:
         self.uplink = settings.nat_uplink or None
         self.upstream = settings.nat_dns_upstream or _host_resolver()
         self.egress = EgressLog()
+        self.host_addresses = HostAddresses()
+        self.answers = AnswerFilter(
+            self.subnet, self.host_addresses, parse_allow_private(settings.nat_dns_allow_private)
+        )
+        # BRIDGE-mode VMs: name -> (tap, MAC), filtered by names.bridged_table.
+        self._bridged: dict[str, tuple[str, str]] = {}
         self._atts: dict[str, Attachment] = {}
         self._by_ip: dict[str, Attachment] = {}
         # Per VM: address -> name it was resolved from (for connection records).
@@ -409,6 +228,7 @@ class NatNetwork:
                 "resolver bound to all addresses? bind it to specific ones)"
             ) from exc
         self._proxy = proxy
+        await self.host_addresses.start()
         reader = NflogReader(self.names.log_group, self._on_packet)
         try:
             await reader.start()
@@ -428,6 +248,7 @@ class NatNetwork:
         if self._proxy is not None:
             await self._proxy.close()
             self._proxy = None
+        await self.host_addresses.close()
         if self._nflog is not None:
             await self._nflog.close()
             self._nflog = None
@@ -465,6 +286,41 @@ class NatNetwork:
                 await self._ensure_up()
             else:
                 await self._tear_down()
+            await self._apply_bridged()
+
+    # -- BRIDGE-mode VMs -------------------------------------------------------
+    async def check_bridge(self, name: str) -> None:
+        """``bridged.check_bridge`` with the bridges of agent-vm's libvirt networks."""
+        own = await asyncio.to_thread(lambda: own_network_bridges(self.conn.checked()))
+        check_bridge(name, own)
+
+    async def _apply_bridged(self) -> None:
+        if self._bridged:
+            bt = nft.BridgedTaps(
+                self.names.bridged_table,
+                self.names.bridged_prefix,
+                tuple(sorted(self._bridged.values())),
+            )
+            await self._nft(nft.render_bridged(bt), "the bridged taps' table")
+        else:
+            with contextlib.suppress(FailedPrecondition):
+                await self._nft(
+                    nft.render_bridged_delete(self.names.bridged_table), "removing a table"
+                )
+
+    async def attach_bridged(self, vm_name: str, vm_id: str, mac: str) -> None:
+        """Filter the tap of a new BRIDGE-mode VM (before its domain exists)."""
+        async with self._lock:
+            self._bridged[vm_name] = (self.names.bridge_tap(vm_id), mac)
+            try:
+                await self._apply_bridged()
+            except BaseException:
+                self._bridged.pop(vm_name, None)
+                raise
+
+    def adopt_bridged(self, vm_name: str, vm_id: str, mac: str) -> None:
+        """Record a BRIDGE-mode VM found at start; ``finish_recovery`` applies them."""
+        self._bridged[vm_name] = (self.names.bridge_tap(vm_id), mac)
 
     # -- VMs ------------------------------------------------------------------
     def _allocate_ip(self) -> str:
@@ -540,6 +396,8 @@ class NatNetwork:
     async def detach(self, vm_name: str) -> None:
         """Remove a VM's entries; the network goes with its last VM."""
         async with self._lock:
+            if self._bridged.pop(vm_name, None) is not None:
+                await self._apply_bridged()
             att = self._atts.pop(vm_name, None)
             if att is None:
                 return
@@ -566,32 +424,37 @@ class NatNetwork:
         att = self._by_ip.get(src)
         return ClientPolicy(att.vm_name, att.allowlist) if att else None
 
-    def _reachable(self, att: Attachment, addr: str) -> bool:
-        """Whether a DNS answer may open ``addr``: never the host's own ranges,
-        link-local (metadata services), private or special ranges, or the VMs'
-        subnet, unless the policy's CIDRs name them."""
-        ip = ipaddress.IPv4Address(addr)
-        if any(ip in ipaddress.IPv4Network(c) for c in att.policy.cidrs):
-            return True
-        return ip not in self.subnet and not any(ip in net for net in NEVER_FROM_DNS)
+    def _refusal(self, att: Attachment, addr: str) -> str:
+        """Why a DNS answer may not open ``addr`` ("" if it may): the VMs' subnet,
+        the host's own networks, special-purpose blocks, unless the operator
+        (AGENTVM_NAT_DNS_ALLOW_PRIVATE) or the policy's CIDRs name them."""
+        return self.answers.refusal(addr, att.policy.cidrs)
 
-    async def _on_addresses(self, vm_name: str, name: str, found: list[tuple[str, int]]) -> None:
+    def _reachable(self, att: Attachment, addr: str) -> bool:
+        return not self._refusal(att, addr)
+
+    async def _on_addresses(
+        self, vm_name: str, name: str, found: list[tuple[str, int]]
+    ) -> dict[str, str]:
+        """Open the usable addresses of an answer; return the refused ones with why."""
         async with self._lock:
             att = self._atts.get(vm_name)
             # The policy may have changed while the query was upstream.
             if att is None or not att.allowlist.allows(name):
-                return
-            usable = [(a, ttl) for a, ttl in found if self._reachable(att, a)]
-            if len(usable) < len(found):
-                log.info("%s answered addresses %s may not reach; not allowed", name, vm_name)
+                return {a: "(the VM's policy changed meanwhile)" for a, _ in found}
+            refused = {a: why for a, _ in found if (why := self._refusal(att, a))}
+            usable = [(a, ttl) for a, ttl in found if a not in refused]
+            if refused:
+                log.info("%s answered %s addresses it may not reach: %s", name, vm_name, refused)
             if not usable:
-                return
+                return refused
             await self._nft(
                 nft.render_resolved(self.names.table, att.vm_id, usable), f"addresses for {name}"
             )
             names = self._resolved.setdefault(vm_name, {})
             for addr, _ttl in usable:
                 names[addr] = name
+            return refused
 
     def _on_dns_record(self, rec: EgressRecord) -> None:
         if rec.vm in self._atts:  # not for VMs gone while their query was upstream

@@ -312,3 +312,118 @@ def render_delete(table: str) -> str:
         f"table bridge {table} {{}}\ndelete table bridge {table}\n"
         f"table inet {table} {{}}\ndelete table inet {table}\n"
     )
+
+
+@dataclass(frozen=True)
+class BridgedTaps:
+    """The taps of one vm-manager's NETWORK_MODE_BRIDGE VMs on users' bridges.
+
+    A bridged VM is on a LAN agent-vm does not own: its address comes from
+    that LAN's DHCP server. The table pins each tap, whichever bridge it is
+    on, the way the NAT table pins NAT taps:
+
+    * a frame from the tap must carry the VM's own MAC (ARP also as sender
+      hardware address); only IPv4 and ARP pass;
+    * its IPv4 source (and ARP sender address) must be one the LAN's DHCP
+      server gave this MAC: DHCP answers on their way to the tap are read
+      (``yiaddr`` for the ``chaddr`` of this tap's VM) into the ``leases``
+      set, refreshed by every renewal (LEASE_TIMEOUT after the last one);
+      before that only DHCP from 0.0.0.0 and ARP probes pass;
+    * no frame goes from one agent-vm bridged tap to another (of any
+      vm-manager): port isolation, and a VM cannot answer another's DHCP.
+
+    libvirt's clean-traffic filter on the same tap (DHCP learning) enforces
+    the same independently.
+    """
+
+    table: str
+    tap_prefix: str
+    # (tap, MAC) of each VM.
+    taps: tuple[tuple[str, str], ...] = ()
+
+    def validate(self) -> None:
+        if not TABLE_RE.match(self.table):
+            raise InvalidArgument(f"table name {self.table!r} must look like agentvm_<tag>")
+        if not IFNAME_RE.match(self.tap_prefix):
+            raise InvalidArgument(f"interface name {self.tap_prefix!r} is not valid")
+        for tap, mac in self.taps:
+            if not IFNAME_RE.match(tap) or not tap.startswith(self.tap_prefix):
+                raise InvalidArgument(f"tap {tap!r} is not a {self.tap_prefix}* interface")
+            if not MAC_RE.match(mac):
+                raise InvalidArgument(f"{mac!r} is not a lowercase MAC address")
+
+
+# Every agent-vm bridged tap (all vm-managers) starts with this.
+BRIDGED_TAPS = "avu"
+# A learnt lease outlives the LAN's lease time (renewals refresh it at half of
+# it): long enough for the usual 1-8 day leases.
+LEASE_TIMEOUT = "10d"
+# In a DHCP (BOOTP) message after the UDP header: yiaddr at byte 16, chaddr at 28.
+_YIADDR = "@th,192,32"
+_CHADDR = "@th,288,48"
+# The set holds raw 32-bit keys, so the sources are matched as raw fields too:
+# the IPv4 source address, the ARP sender protocol address.
+_IP_SADDR = "@nh,96,32"
+_ARP_SPA = "@nh,112,32"
+
+
+def render_bridged(bt: BridgedTaps) -> str:
+    """Create or update the bridge table of ``bt`` in one transaction.
+
+    The VMs' sets and the rules are replaced; the learnt leases stay (a VM
+    joining or leaving never costs another its address).
+    """
+    bt.validate()
+    t = f"bridge {bt.table}"
+    taps = f'"{bt.tap_prefix}*"'
+    every = f'"{BRIDGED_TAPS}*"'
+    chaddr = [f'"{tap}" . 0x{mac.replace(":", "")}' for tap, mac in bt.taps]
+    out = [
+        f"table {t} {{",
+        "  set macs { type ifname . ether_addr; }",
+        "  set arps { type ifname . ether_addr . ether_addr; }",
+        f"  set chaddr {{ typeof oifname . {_CHADDR}; }}",
+        f"  set leases {{ typeof iifname . {_YIADDR}; flags dynamic,timeout; "
+        f"timeout {LEASE_TIMEOUT}; size 4096; }}",
+        "  chain pre { type filter hook prerouting priority filter; policy accept; }",
+        "  chain isolate { type filter hook forward priority filter; policy accept; }",
+        "  chain learn { type filter hook forward priority 10; policy accept; }",
+        "}",
+        *(f"flush chain {t} {c}" for c in ("pre", "isolate", "learn")),
+        *(f"flush set {t} {name}" for name in ("macs", "arps", "chaddr")),
+        f"table {t} {{",
+        "  chain pre {",
+        f"    iifname {taps} ether type arp "
+        f"iifname . ether saddr . arp saddr ether @arps iifname . {_ARP_SPA} @leases accept",
+        # ARP probes (RFC 5227) before the address is in use.
+        f"    iifname {taps} ether type arp "
+        "iifname . ether saddr . arp saddr ether @arps arp saddr ip 0.0.0.0 accept",
+        f"    iifname {taps} ether type ip iifname . ether saddr @macs "
+        f"iifname . {_IP_SADDR} @leases accept",
+        f"    iifname {taps} ether type ip iifname . ether saddr @macs "
+        "ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept",
+        f"    iifname {taps} counter drop",
+        "  }",
+        "  chain isolate {",
+        f"    iifname {every} oifname {every} counter drop",
+        "  }",
+        "  chain learn {",
+        f"    iifname != {every} oifname {taps} ether type ip udp sport 67 udp dport 68 "
+        f"oifname . {_CHADDR} @chaddr update @leases {{ oifname . {_YIADDR} }}",
+        "  }",
+        "}",
+    ]
+    for name, items in (
+        ("macs", [f'"{tap}" . {mac}' for tap, mac in bt.taps]),
+        ("arps", [f'"{tap}" . {mac} . {mac}' for tap, mac in bt.taps]),
+        ("chaddr", chaddr),
+    ):
+        if items:
+            out.append(f"add element {t} {name} {{ {', '.join(items)} }}")
+    return "\n".join(out) + "\n"
+
+
+def render_bridged_delete(table: str) -> str:
+    if not TABLE_RE.match(table):
+        raise InvalidArgument(f"table name {table!r} must look like agentvm_<tag>")
+    return f"table bridge {table} {{}}\ndelete table bridge {table}\n"
