@@ -81,10 +81,8 @@ def _handlers(flood: Flood) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
 async def serve(path: str) -> None:
     provider = TracerProvider()  # spans made and dropped: the interceptor runs for real
     # Exactly what a service installs (ServiceTelemetry.interceptors), tracing on.
-    interceptors = [
-        *telemetry.server_interceptors(_Sink(), provider),
-        auth.TokenAuth(TOKEN, Path("/nonexistent/token")),
-    ]
+    token = auth.TokenAuth(TOKEN, Path("/nonexistent/token"))
+    interceptors = telemetry.server_interceptors(_Sink(), provider, token)
     server = grpc.aio.server(interceptors=interceptors)
     server.add_generic_rpc_handlers((_handlers(Flood()),))
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # type: ignore[attr-defined]

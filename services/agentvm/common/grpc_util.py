@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agentvm.common import auth, tls
+from agentvm.common import auth, tls, wire
 from agentvm.common.config import Settings
 from agentvm.common.errors import AgentVMError, FailedPrecondition
 
@@ -248,7 +248,6 @@ class Caller:
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-T = TypeVar("T")
 
 
 def grpc_errors(func: F) -> F:
@@ -265,29 +264,14 @@ def grpc_errors(func: F) -> F:
             await context.abort(exc.code, exc.message)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:
-            log.exception("unexpected error in %s", func.__name__)
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback by wire.unexpected
+            wire.unexpected(context, func.__name__)
             await context.abort(
                 grpc.StatusCode.INTERNAL,
                 f"internal error in {func.__name__}: {exc!r}; see the service log",
             )
 
     return wrapper  # type: ignore[return-value]
-
-
-@contextlib.asynccontextmanager
-async def closing(items: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
-    """Close an async iterator (a generator's ``aclose``) on every exit, in this task.
-
-    A server stream's generator left to the garbage collector runs its
-    ``finally`` blocks later, in another task, after the call is gone.
-    """
-    try:
-        yield items
-    finally:
-        aclose = getattr(items, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 def grpc_stream_errors(
@@ -300,15 +284,15 @@ def grpc_stream_errors(
         self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         try:
-            async with closing(func(self, request, context)) as items:
+            async with wire.closing(func(self, request, context)) as items:
                 async for item in items:
                     yield item
         except AgentVMError as exc:
             await context.abort(exc.code, exc.message)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:
-            log.exception("unexpected error in %s", func.__name__)
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback by wire.unexpected
+            wire.unexpected(context, func.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
 
     return wrapper

@@ -36,7 +36,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from prometheus_client import Counter, Histogram, start_http_server
 
-from agentvm.common import grpc_util, tls
+from agentvm.common import grpc_util, tls, wire
 from agentvm.common.config import Settings
 from agentvm.common.errors import InvalidArgument
 from agentvm.common.events import EventReporter, EventSink
@@ -229,7 +229,7 @@ class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     # Closed here, on every exit path: never left to the garbage
                     # collector, which would run its finally blocks later, after
                     # the call is gone.
-                    async with grpc_util.closing(result) as items:
+                    async with wire.closing(result) as items:
                         async for item in items:
                             yield item
                 else:
@@ -301,60 +301,25 @@ def _status(
     return grpc.StatusCode.UNKNOWN
 
 
-class StreamCloser(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Serve server-streaming handlers through ``context.write``, closing them in their task.
+def server_interceptors(
+    events: EventSink, provider: TracerProvider | None, auth: Any = None
+) -> Sequence[Any]:
+    """Interceptors for a service's gRPC server, outermost first.
 
-    grpc.aio iterates an async-generator handler from its own loop and, when the
-    caller cancels or its deadline passes, cancels that loop while the generator
-    sits at a ``yield``: the generator (and every one it wraps: tracing,
-    accounting, the servicer) is then closed later by the garbage collector, in
-    another task and context. Their ``finally`` blocks run late and out of
-    context (the tracing interceptor logs "Failed to detach context" for each
-    such call, a log flood any caller can cause). Outermost, this interceptor
-    turns the handler into a coroutine that writes each item: a cancel arrives
-    as CancelledError at the write, in the handler's own task, and the chain is
-    closed there at once.
+    Stream closing, tracing, accounting, then the token check (refused calls
+    are counted and audited too) and the malformed-request check (innermost:
+    it replaces the deserializer every outer layer hands on, and refuses
+    before any handler runs; see :mod:`agentvm.common.wire`).
     """
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler: Any = await continuation(details)
-        if handler is None or not (handler.unary_stream or handler.stream_stream):
-            return handler
-        inner: Any = handler.unary_stream or handler.stream_stream
-
-        async def written(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            result = inner(request, context)
-            if not hasattr(result, "__aiter__"):
-                await result  # already a writer coroutine
-                return
-            async with grpc_util.closing(result) as items:
-                async for item in items:
-                    await context.write(item)
-
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if handler.unary_stream
-            else grpc.stream_stream_rpc_method_handler
-        )
-        return make(
-            written,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-
-def server_interceptors(events: EventSink, provider: TracerProvider | None) -> Sequence[Any]:
-    """Interceptors for a service's gRPC server: stream closing, tracing, then accounting."""
-    out: list[Any] = [StreamCloser()]
+    out: list[Any] = [wire.StreamCloser()]
     if provider is not None:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
         out.append(aio_server_interceptor(tracer_provider=provider))  # type: ignore[no-untyped-call]
     out.append(CallObserver(events))
+    if auth is not None:
+        out.append(auth)
+    out.append(wire.RejectMalformed())
     return out
 
 
@@ -372,9 +337,7 @@ class ServiceTelemetry:
         self.events = EventReporter(service, settings.monitor_addr if report_events else "")
 
     def interceptors(self, sink: EventSink | None = None) -> Sequence[Any]:
-        # Auth inside the observer: refused calls are counted and audited too.
-        auth = [self.auth] if self.auth is not None else []
-        return [*server_interceptors(sink or self.events, self.provider), *auth]
+        return server_interceptors(sink or self.events, self.provider, self.auth)
 
     async def start(self) -> None:
         await self.events.start()
