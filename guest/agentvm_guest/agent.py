@@ -31,6 +31,7 @@ import grpc
 
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
 from agentvm_guest import __version__, confine, paths
+from agentvm_guest.wire import RejectMalformed
 
 log = logging.getLogger("agentvm_guest.agent")
 
@@ -664,13 +665,22 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         h = hashlib.sha256()
         first = True
         try:
-            for data, size in paths.read_chunks(self.workspace, request.path):
+            for data, size in paths.read_chunks(
+                self.workspace,
+                request.path,
+                max_bytes=request.max_bytes,
+                refuse_sparse=request.refuse_sparse,
+            ):
                 h.update(data)
                 msg = guest_agent_pb2.GuestAgentServiceReadFileResponse(chunk=data)
                 if first:
                     msg.size_bytes = size
                     first = False
                 yield msg
+        except paths.SparseError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except paths.LimitError as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except paths.PathError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except FileNotFoundError:
@@ -683,7 +693,15 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         context: grpc.ServicerContext,
     ) -> guest_agent_pb2.GuestAgentServiceListFilesResponse:
         try:
-            entries = paths.list_dir(self.workspace, request.path, recursive=request.recursive)
+            entries = paths.list_dir(
+                self.workspace,
+                request.path,
+                recursive=request.recursive,
+                limit=min(request.max_entries or paths.MAX_LIST_ENTRIES, paths.MAX_LIST_ENTRIES),
+                max_bytes=min(request.max_bytes or paths.MAX_LIST_BYTES, paths.MAX_LIST_BYTES),
+            )
+        except paths.LimitError as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except paths.PathError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except FileNotFoundError:
@@ -793,6 +811,7 @@ def serve(address: str, max_workers: int = 32) -> grpc.Server:
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ],
+        interceptors=[RejectMalformed()],
     )
     guest_agent_pb2_grpc.add_GuestAgentServiceServicer_to_server(GuestAgent(), server)
     server.add_insecure_port(address)

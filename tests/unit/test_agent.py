@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import logging
 import os
 import signal
 import subprocess
@@ -447,3 +448,40 @@ def test_reseed_random_writes_at_most_4096_bytes(
     seed = bytes(range(256)) * 20
     stub.ReseedRandom(guest_agent_pb2.ReseedRandomRequest(seed=seed), timeout=5)
     assert sink.read_bytes() == seed[:4096]
+
+
+def _bad_call(channel: grpc.Channel, method: str, streamed: bool) -> None:
+    """``method`` of the guest agent with bytes that end inside a length-delimited field."""
+    path = f"/agentvm.v1.GuestAgentService/{method}"
+    if streamed:
+        list(channel.unary_stream(path, None, None)(b"\x0a\x05ab", timeout=10))
+    else:
+        channel.unary_unary(path, None, None)(b"\x0a\x05ab", timeout=10)
+
+
+def test_undecodable_requests_are_invalid_argument_and_run_nothing(
+    agent_address: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The guest agent answers bytes that are no valid request like the host services do."""
+    with grpc.insecure_channel(agent_address) as channel, caplog.at_level(logging.WARNING):
+        for method, streamed in (("GetStatus", False), ("Execute", True), ("ReadFile", True)):
+            with pytest.raises(grpc.RpcError) as info:
+                _bad_call(channel, method, streamed)
+            err: Any = info.value
+            assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert f"GuestAgentService/{method}: the request is not a valid agentvm.v1." in (
+                err.details()
+            )
+        with pytest.raises(grpc.RpcError) as info:
+            channel.stream_unary("/agentvm.v1.GuestAgentService/WriteFile", None, None)(
+                iter([b"\xff"]), timeout=10
+            )
+        err = info.value
+        assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+        # The agent still serves.
+        assert (
+            Stub(channel).GetStatus(guest_agent_pb2.GetStatusRequest(), timeout=10).HasField("info")
+        )
+    refused = [r for r in caplog.records if "malformed" in r.getMessage()]
+    assert 1 <= len(refused) <= 5
+    assert not any(r.exc_info for r in refused)
