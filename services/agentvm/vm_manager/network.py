@@ -397,7 +397,11 @@ class NatNetwork:
         """Remove a VM's entries; the network goes with its last VM."""
         async with self._lock:
             if self._bridged.pop(vm_name, None) is not None:
-                await self._apply_bridged()
+                try:
+                    await self._apply_bridged()
+                except FailedPrecondition as exc:
+                    # Its tap is gone with the domain; what is left matches nothing.
+                    log.warning("%s (after removing %s)", exc, vm_name)
             att = self._atts.pop(vm_name, None)
             if att is None:
                 return
