@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -49,6 +50,10 @@ DISK = "disk.qcow2"
 SAVE_BANDWIDTH = 16 << 30
 MIGRATION_TIMEOUT_S = 120.0
 QMP_FD_NAME = "agentvm-state"
+
+
+# What TemplateSpec.key makes: image id, profile, sizes, accelerator (a file name).
+KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ class TemplateStore:
         self.root = root
 
     def _dir(self, key: str) -> Path:
-        if not key or "/" in key or key.startswith("."):
+        if not KEY_RE.fullmatch(key):
             raise InvalidArgument(
                 f"template key {key!r} is malformed: ListTemplates shows the keys"
             )

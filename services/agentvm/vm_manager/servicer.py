@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from agentvm.common import identity
+from agentvm.common import fields, identity
 from agentvm.common.errors import InvalidArgument
 from agentvm.common.grpc_util import grpc_errors, grpc_stream_errors, remaining_time
 from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
@@ -209,7 +209,7 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
     ) -> AsyncIterator[vm_manager_pb2.WatchEgressResponse]:
         if request.name:
             await self.manager.get(request.name)
-        since = request.since.ToNanoseconds() / 1e9 if request.HasField("since") else 0.0
+        since = fields.timestamp_seconds(request, "since") or 0.0
         async for rec in self.manager.net.watch(request.name, request.follow, since):
             yield vm_manager_pb2.WatchEgressResponse(record=egress_to_proto(rec))
 
