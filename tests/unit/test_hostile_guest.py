@@ -39,7 +39,8 @@ from agentvm.common.errors import (
     RemoteError,
 )
 from agentvm.common.grpc_util import MAX_MESSAGE_BYTES, guest_channel
-from agentvm.executor.executor import AgentExecutor, SandboxState, check_path
+from agentvm.executor.executor import AgentExecutor, SandboxState
+from agentvm.executor.files import check_path
 from agentvm.v1 import (
     common_pb2,
     executor_pb2,

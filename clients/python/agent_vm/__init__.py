@@ -20,10 +20,8 @@ from agent_vm._async import (
     EgressRecord,
     FileInfo,
     NetworkPolicy,
-    OutputFile,
-    RunResult,
-    arun,
 )
+from agent_vm._oneshot import OutputFile, RunResult, SkippedOutputFile, arun
 from agent_vm._sync import CommandHandle, Files, Sandbox, run
 from agent_vm.errors import (
     AgentVMError,
@@ -61,6 +59,7 @@ __all__ = [
     "ResourceExhaustedError",
     "RunResult",
     "Sandbox",
+    "SkippedOutputFile",
     "UnavailableError",
     "UnimplementedError",
     "arun",

@@ -8,7 +8,7 @@ import hashlib
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -175,26 +175,6 @@ class EgressRecord:
             verdict="allowed" if r.verdict == common_pb2.EGRESS_VERDICT_ALLOWED else "denied",
             reason=r.reason,
         )
-
-
-@dataclass(frozen=True)
-class OutputFile:
-    path: str
-    size_bytes: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class RunResult(CommandResult):
-    """A one-shot run: the command's result plus the VM it ran in and its output files."""
-
-    boot_s: float = 0.0
-    vm_name: str = ""
-    output_files: tuple[OutputFile, ...] = ()
-    # Content of output files, when asked for with ``download_outputs``.
-    output_contents: Mapping[str, bytes] = field(default_factory=dict)
-    # Every DNS query and connection attempt of the run (nat-filtered).
-    network_log: tuple[EgressRecord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -416,10 +396,10 @@ class AsyncFiles:
         resp = await self._sb._stub.WriteFile(requests())
         return int(resp.size_bytes)
 
-    async def _read_stream(self, path: str) -> AsyncIterator[bytes]:
+    async def _read_stream(self, path: str, max_bytes: int) -> AsyncIterator[bytes]:
         h = hashlib.sha256()
         call = self._sb._stub.ReadFile(
-            executor_pb2.ReadFileRequest(sandbox_id=self._sb.id, path=path)
+            executor_pb2.ReadFileRequest(sandbox_id=self._sb.id, path=path, max_bytes=max_bytes)
         )
         async for msg in call:
             if msg.chunk:
@@ -429,25 +409,34 @@ class AsyncFiles:
                 raise AgentVMError(f"{path}: checksum mismatch in transfer", "DATA_LOSS")
 
     @_translate
-    async def read(self, path: str) -> bytes:
-        """The whole content of ``path`` (use ``download`` for large files)."""
+    async def read(self, path: str, *, max_bytes: int = 0) -> bytes:
+        """The whole content of ``path`` (use ``download`` for large files).
+
+        Files over ``max_bytes`` (0: the executor's cap, AGENTVM_MAX_OUTPUT_FILE_BYTES)
+        raise ResourceExhaustedError, sparse ones FailedPreconditionError.
+        """
         buf = bytearray()
-        async for data in self._read_stream(path):
+        async for data in self._read_stream(path, max_bytes):
             buf.extend(data)
         return bytes(buf)
 
-    async def read_text(self, path: str) -> str:
-        return (await self.read(path)).decode("utf-8", "replace")
+    async def read_text(self, path: str, *, max_bytes: int = 0) -> str:
+        return (await self.read(path, max_bytes=max_bytes)).decode("utf-8", "replace")
 
     @_translate
-    async def download(self, path: str, local: str | os.PathLike[str]) -> int:
-        """Stream ``path`` to a local file (verified with SHA-256); returns its size."""
+    async def download(
+        self, path: str, local: str | os.PathLike[str], *, max_bytes: int = 0
+    ) -> int:
+        """Stream ``path`` to a local file (verified with SHA-256); returns its size.
+
+        ``max_bytes`` as for ``read``.
+        """
         dst = Path(local)
         tmp = dst.with_name(dst.name + f".part-{secrets.token_hex(4)}")
         size = 0
         try:
             with tmp.open("wb") as fh:
-                async for data in self._read_stream(path):
+                async for data in self._read_stream(path, max_bytes):
                     fh.write(data)
                     size += len(data)
             tmp.replace(dst)
@@ -688,84 +677,3 @@ class AsyncSandbox:
             ),
             timeout=60,
         )
-
-
-async def arun(
-    cmd: str | Sequence[str] | None = None,
-    *,
-    code: str | None = None,
-    language: str = "python",
-    args: Sequence[str] = (),
-    inputs: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
-    env: Mapping[str, str] | None = None,
-    stdin: bytes | str = b"",
-    timeout: float = 300.0,
-    profile: Profile = "standard",
-    network: Network = "nat-filtered",
-    policy: NetworkPolicy | None = None,
-    cpus: int = 0,
-    memory_mib: int = 0,
-    download_outputs: bool = False,
-    on_stdout: Callback | None = None,
-    on_stderr: Callback | None = None,
-    max_output_bytes: int = 0,
-    address: str | None = None,
-) -> RunResult:
-    """One shot: a fresh VM runs the program and is destroyed, whatever happens.
-
-    ``inputs`` maps paths under /workspace/input to content (bytes, str or a
-    local path). With ``download_outputs`` the files the program left under
-    /workspace/output come back in ``result.output_contents``.
-    """
-    addr = address or default_address()
-    files = []
-    for path, content in (inputs or {}).items():
-        if isinstance(content, (str, bytes)):
-            data = content.encode() if isinstance(content, str) else content
-            mode = 0o644
-        else:
-            src = _local_file(content)
-            data = src.read_bytes()
-            mode = src.stat().st_mode & 0o777
-        files.append(executor_pb2.InputFile(path=path, content=data, mode=mode))
-    req = executor_pb2.RunRequest(
-        spec=_spec(profile, network, cpus, memory_mib, None, "auto", None, policy),
-        program=_program(cmd, code, language, args),
-        inputs=files,
-        env=dict(env or {}),
-        stdin=stdin.encode() if isinstance(stdin, str) else stdin,
-        max_output_bytes=max_output_bytes,
-        return_output_files=download_outputs,
-    )
-    req.timeout.FromNanoseconds(int(timeout * 1e9))
-    out = _Output(on_stdout, on_stderr)
-    contents: dict[str, bytearray] = {}
-    result: RunResult | None = None
-    async with _channel(addr) as channel:
-        stub = executor_pb2_grpc.ExecutorServiceStub(channel)
-        try:
-            async for ev in stub.Run(req, timeout=timeout + 600):
-                kind = ev.WhichOneof("event")
-                if kind == "output":
-                    out.add(ev.output)
-                elif kind == "file":
-                    contents.setdefault(ev.file.path, bytearray()).extend(ev.file.data)
-                elif kind == "result" and result is None:
-                    r = ev.result
-                    base = out.result(r.status)
-                    result = RunResult(
-                        **{f: getattr(base, f) for f in CommandResult.__dataclass_fields__},
-                        boot_s=r.boot_duration.ToNanoseconds() / 1e9,
-                        vm_name=r.vm_name,
-                        output_files=tuple(
-                            OutputFile(o.path, o.size_bytes, o.sha256) for o in r.output_files
-                        ),
-                        output_contents={k: bytes(v) for k, v in contents.items()},
-                        network_log=tuple(EgressRecord.from_proto(x) for x in r.network_log),
-                    )
-        except grpc.aio.AioRpcError as exc:
-            if result is None:
-                raise from_rpc(exc, addr) from exc
-    if result is not None:
-        return result
-    raise AgentVMError("the executor ended the run without a result", "UNKNOWN")

@@ -23,10 +23,9 @@ from agent_vm._async import (
     Network,
     NetworkPolicy,
     Profile,
-    RunResult,
     Workspace,
-    arun,
 )
+from agent_vm._oneshot import RunResult, arun
 
 T = TypeVar("T")
 _lock = threading.Lock()
@@ -81,14 +80,14 @@ class Files:
     def upload(self, local: str | os.PathLike[str], path: str, *, mode: int | None = None) -> int:
         return _call(self._inner.upload(local, path, mode=mode))
 
-    def read(self, path: str) -> bytes:
-        return _call(self._inner.read(path))
+    def read(self, path: str, *, max_bytes: int = 0) -> bytes:
+        return _call(self._inner.read(path, max_bytes=max_bytes))
 
-    def read_text(self, path: str) -> str:
-        return _call(self._inner.read_text(path))
+    def read_text(self, path: str, *, max_bytes: int = 0) -> str:
+        return _call(self._inner.read_text(path, max_bytes=max_bytes))
 
-    def download(self, path: str, local: str | os.PathLike[str]) -> int:
-        return _call(self._inner.download(path, local))
+    def download(self, path: str, local: str | os.PathLike[str], *, max_bytes: int = 0) -> int:
+        return _call(self._inner.download(path, local, max_bytes=max_bytes))
 
     def list(self, path: str = "", *, recursive: bool = False) -> list[FileInfo]:
         return _call(self._inner.list(path, recursive=recursive))
@@ -247,6 +246,9 @@ def run(
     on_stderr: Callback | None = None,
     max_output_bytes: int = 0,
     address: str | None = None,
+    outputs_dir: str | os.PathLike[str] | None = None,
+    max_output_file_bytes: int = 0,
+    max_output_files_bytes: int = 0,
 ) -> RunResult:
     """One shot in a fresh VM, destroyed whatever happens (see ``arun``)."""
     return _call(
@@ -269,5 +271,8 @@ def run(
             on_stderr=on_stderr,
             max_output_bytes=max_output_bytes,
             address=address,
+            outputs_dir=outputs_dir,
+            max_output_file_bytes=max_output_file_bytes,
+            max_output_files_bytes=max_output_files_bytes,
         )
     )

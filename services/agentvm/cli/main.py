@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -737,15 +737,17 @@ def run_cmd(
             policy=policy,
             cpus=cpus,
             memory_mib=memory,
-            download_outputs=output_dir is not None,
+            outputs_dir=output_dir,
             on_stdout=live(sys.stdout),
             on_stderr=live(sys.stderr),
             address=settings().executor_addr,
         )
     except agent_vm.AgentVMError as exc:
         fail(f"{exc.code}: {exc.message}")
-    if output_dir is not None:
-        _save_outputs(Path(output_dir), result.output_contents)
+    for skipped in result.skipped_output_files:
+        click.echo(f"agent-vm: output {skipped.path!r} not read: {skipped.detail}", err=True)
+    if result.output_files_error:
+        click.echo(f"agent-vm: {result.output_files_error}", err=True)
     if as_json:
         click.echo(
             json.dumps(
@@ -759,8 +761,13 @@ def run_cmd(
                     "vm": result.vm_name,
                     "output_files": [
                         {"path": f.path, "size_bytes": f.size_bytes, "sha256": f.sha256}
+                        | ({"truncated": True} if f.truncated else {})
                         for f in result.output_files
                     ],
+                    "skipped_output_files": [
+                        dataclasses.asdict(f) for f in result.skipped_output_files
+                    ],
+                    "output_files_error": result.output_files_error,
                     "stdout_truncated": result.stdout_truncated,
                     "stderr_truncated": result.stderr_truncated,
                     "network_log": [dataclasses.asdict(r) for r in result.network_log],
@@ -770,19 +777,6 @@ def run_cmd(
     elif result.timed_out:
         click.echo(f"agent-vm: timed out after {timeout:g} s", err=True)
     sys.exit(result.exit_code)
-
-
-def _save_outputs(dest: Path, contents: Mapping[str, bytes]) -> None:
-    from agentvm_guest.paths import AtomicWriter, PathError
-
-    dest.mkdir(parents=True, exist_ok=True)
-    for rel, data in contents.items():
-        try:
-            writer = AtomicWriter(str(dest), rel)
-            writer.write(data)
-            writer.commit("")
-        except PathError as exc:
-            click.echo(f"agent-vm: skipped output {rel!r}: {exc}", err=True)
 
 
 # -- audit log ------------------------------------------------------------------

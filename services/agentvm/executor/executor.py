@@ -22,10 +22,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import secrets
 import shlex
-import stat
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -45,8 +43,10 @@ from agentvm.common.errors import (
     ResourceExhausted,
 )
 from agentvm.common.events import EventSink, NullSink
-from agentvm.common.grpc_util import guest_channel, malformed_response
+from agentvm.common.grpc_util import guest_channel
 from agentvm.common.guest_figures import Bounds, clamp_exit_status
+from agentvm.executor.files import CHUNK, GUEST_WORKSPACE, WorkspaceFiles, check_path
+from agentvm.executor.outputs import collect_outputs, run_caps
 from agentvm.v1 import (
     common_pb2,
     executor_pb2,
@@ -57,7 +57,6 @@ from agentvm.v1 import (
     vm_manager_pb2,
     vm_manager_pb2_grpc,
 )
-from agentvm_guest import paths
 
 log = logging.getLogger("agentvm.executor")
 
@@ -71,10 +70,6 @@ MAX_LIFETIME_S = 24 * 3600.0
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 MAX_OUTPUT = 1024 * 1024 * 1024
 BOOT_TIMEOUT_S = 180.0
-GUEST_WORKSPACE = "/workspace"
-CHUNK = 64 * 1024
-# The fix a NOT_FOUND of the file calls names.
-NOT_THERE = f" (paths are relative to {GUEST_WORKSPACE}; ListFiles shows what is there)"
 
 
 def seconds_of(msg: Any, field_name: str, default: float, high: float) -> float:
@@ -95,14 +90,6 @@ def output_cap(value: int) -> int:
     if value > MAX_OUTPUT:
         raise InvalidArgument(f"max_output_bytes must be at most {MAX_OUTPUT}, got {value}")
     return value or DEFAULT_MAX_OUTPUT
-
-
-def check_path(path: str, *, allow_root: bool = False) -> str:
-    """Normalised workspace path; INVALID_ARGUMENT for absolute paths, '..', NUL."""
-    try:
-        return "/".join(paths.split(path, allow_root=allow_root))
-    except paths.PathError as exc:
-        raise InvalidArgument(str(exc)) from exc
 
 
 @dataclass
@@ -200,6 +187,7 @@ class AgentExecutor:
         self._reaper: asyncio.Task[None] | None = None
         self._shared_supported: bool | None = None
         self._slots = asyncio.Semaphore(settings.max_sandboxes)
+        self.files = WorkspaceFiles(self)
 
     # -- housekeeping -------------------------------------------------------
     def _owner_labels(self) -> dict[str, str]:
@@ -739,7 +727,7 @@ class AgentExecutor:
         except grpc.aio.AioRpcError as exc:
             raise RemoteError.from_rpc(exc, f"guest agent of {sb.vm.name}") from exc
 
-    # -- files -------------------------------------------------------------------
+    # -- files (agentvm.executor.files) ---------------------------------------------
     async def write_file(
         self,
         sb: SandboxState,
@@ -748,149 +736,27 @@ class AgentExecutor:
         chunks: AsyncIterator[bytes],
         expected: list[str],
     ) -> tuple[int, str]:
-        """Write a file from ``chunks``; ``expected`` gets the sender's SHA-256 (last message)."""
-        path = check_path(path)
-        root = sb.shared_root
-        if root is not None:
-            try:
-                writer = await asyncio.to_thread(paths.AtomicWriter, root, path, mode or 0o644)
-            except paths.PathError as exc:
-                raise InvalidArgument(str(exc)) from exc
-            try:
-                async for data in chunks:
-                    await asyncio.to_thread(writer.write, data)
-                await asyncio.to_thread(writer.commit, expected[0] if expected else "")
-            except paths.ChecksumError as exc:
-                raise DataLoss(str(exc)) from exc
-            finally:
-                writer.abort()
-            self._file_event("file.written", sb, path, writer.size, writer.sha256)
-            return writer.size, writer.sha256
+        return await self.files.write_file(sb, path, mode, chunks, expected)
 
-        async def requests() -> AsyncIterator[guest_agent_pb2.GuestAgentServiceWriteFileRequest]:
-            yield guest_agent_pb2.GuestAgentServiceWriteFileRequest(path=path, mode=mode)
-            async for data in chunks:
-                yield guest_agent_pb2.GuestAgentServiceWriteFileRequest(chunk=data)
-            yield guest_agent_pb2.GuestAgentServiceWriteFileRequest(
-                sha256=expected[0] if expected else ""
-            )
-
-        try:
-            resp = await sb.agent.WriteFile(requests(), timeout=3600)
-        except grpc.aio.AioRpcError as exc:
-            raise _file_error(exc, sb, path) from exc
-        if resp is None:  # grpc.aio's stand-in for a response it could not parse
-            raise _file_error(malformed_response("WriteFile"), sb, path)
-        self._file_event("file.written", sb, path, resp.size_bytes, resp.sha256)
-        return resp.size_bytes, resp.sha256
-
-    def _file_event(self, type_: str, sb: SandboxState, path: str, size: int, sha: str) -> None:
-        self.events.emit(type_, vm=sb.vm.name, sandbox=sb.id, path=path, size=size, sha256=sha)
-
-    async def read_file(self, sb: SandboxState, path: str) -> AsyncIterator[tuple[bytes, int, str]]:
-        """(chunk, size on first chunk else 0, sha256 on the last item else '')."""
-        path = check_path(path)
-        h = hashlib.sha256()
-        root = sb.shared_root
-        if root is not None:
-            try:
-                fd = await asyncio.to_thread(paths.open_read, root, path)
-            except paths.PathError as exc:
-                raise InvalidArgument(str(exc)) from exc
-            except FileNotFoundError as exc:
-                raise NotFound(f"no file {path!r} in the workspace{NOT_THERE}") from exc
-            try:
-                size = os.fstat(fd).st_size
-                first = True
-                while data := await asyncio.to_thread(os.read, fd, CHUNK):
-                    h.update(data)
-                    yield data, size if first else 0, ""
-                    first = False
-                if first:
-                    yield b"", 0, ""
-            finally:
-                os.close(fd)
-            self._file_event("file.read", sb, path, size, h.hexdigest())
-            yield b"", 0, h.hexdigest()
-            return
-        call = sb.agent.ReadFile(
-            guest_agent_pb2.GuestAgentServiceReadFileRequest(path=path), timeout=3600
-        )
-        total = 0
-        try:
-            claimed = ""
-            async for msg in call:
-                if msg.chunk:
-                    h.update(msg.chunk)
-                    total += len(msg.chunk)
-                    yield msg.chunk, msg.size_bytes, ""
-                if msg.sha256:
-                    claimed = msg.sha256
-        except grpc.aio.AioRpcError as exc:
-            raise _file_error(exc, sb, path) from exc
-        finally:
-            call.cancel()
-        # The guest is not trusted: the hash is computed here, and compared.
-        if claimed and claimed != h.hexdigest():
-            raise DataLoss(f"{path!r} from {sb.vm.name} does not match the checksum the guest sent")
-        self._file_event("file.read", sb, path, total, h.hexdigest())
-        yield b"", 0, h.hexdigest()
+    def read_file(
+        self, sb: SandboxState, path: str, max_bytes: int = 0
+    ) -> AsyncIterator[tuple[bytes, int, str]]:
+        return self.files.read_file(sb, path, max_bytes)
 
     async def list_files(
         self, sb: SandboxState, path: str, recursive: bool
     ) -> list[common_pb2.FileInfo]:
-        path = check_path(path, allow_root=True)
-        root = sb.shared_root
-        if root is not None:
-            try:
-                entries = await asyncio.to_thread(paths.list_dir, root, path, recursive=recursive)
-            except paths.PathError as exc:
-                raise InvalidArgument(str(exc)) from exc
-            except FileNotFoundError as exc:
-                raise NotFound(f"no directory {path!r} in the workspace{NOT_THERE}") from exc
-            out = []
-            for e in entries:
-                info = common_pb2.FileInfo(
-                    path=e.path, size_bytes=e.size, mode=e.mode, is_dir=e.is_dir
-                )
-                info.modified_at.FromNanoseconds(int(e.mtime * 1e9))
-                out.append(info)
-            return out
-        try:
-            resp = await sb.agent.ListFiles(
-                guest_agent_pb2.GuestAgentServiceListFilesRequest(path=path, recursive=recursive),
-                timeout=60,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _file_error(exc, sb, path) from exc
-        for info in resp.files:
-            check_path(info.path)  # hostile guests may invent paths
-        return list(resp.files)
+        return await self.files.list_files(sb, path, recursive)
 
     async def remove_file(self, sb: SandboxState, path: str, recursive: bool) -> None:
-        path = check_path(path)
-        root = sb.shared_root
-        if root is not None:
-            try:
-                await asyncio.to_thread(paths.remove, root, path, recursive=recursive)
-            except paths.PathError as exc:
-                raise InvalidArgument(str(exc)) from exc
-            except FileNotFoundError as exc:
-                raise NotFound(f"no file {path!r} in the workspace{NOT_THERE}") from exc
-            return
-        try:
-            await sb.agent.RemoveFile(
-                guest_agent_pb2.GuestAgentServiceRemoveFileRequest(path=path, recursive=recursive),
-                timeout=60,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _file_error(exc, sb, path) from exc
+        await self.files.remove_file(sb, path, recursive)
 
     # -- one shot ------------------------------------------------------------------
     async def run(self, req: executor_pb2.RunRequest) -> AsyncIterator[executor_pb2.RunResponse]:
         """Fresh sandbox, inputs, program, outputs; the sandbox is always destroyed."""
         timeout = seconds_of(req, "timeout", DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S)
         output_cap(req.max_output_bytes)
+        caps = run_caps(self.files, req)
         if not req.program.WhichOneof("kind"):
             raise InvalidArgument("program is empty: set program.argv or program.code")
         for f in req.inputs:
@@ -917,15 +783,12 @@ class AgentExecutor:
                     status = ev.exited
             if status is None:
                 raise FailedPrecondition("the execution ended without an exit status")
-            outputs: list[executor_pb2.OutputFile] = []
-            async for item in self._collect_outputs(sb, req.return_output_files, outputs):
+            result = executor_pb2.RunResult(status=status, vm_name=sb.vm.name)
+            async for item in collect_outputs(
+                self.files, sb, req.return_output_files, caps, result
+            ):
                 yield item
-            result = executor_pb2.RunResult(
-                status=status,
-                vm_name=sb.vm.name,
-                output_files=outputs,
-                network_log=await self.network_log(sb),
-            )
+            result.network_log.extend(await self.network_log(sb))
             result.boot_duration.FromNanoseconds(int(sb.boot_duration * 1e9))
             result.total_duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
             # The VM is gone before the caller sees the result.
@@ -936,35 +799,6 @@ class AgentExecutor:
             cleanup = self._spawn(self.close_sandbox(sb.id))
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(cleanup)
-
-    async def _collect_outputs(
-        self, sb: SandboxState, send: bool, outputs: list[executor_pb2.OutputFile]
-    ) -> AsyncIterator[executor_pb2.RunResponse]:
-        try:
-            files = await self.list_files(sb, "output", recursive=True)
-        except AgentVMError as exc:
-            log.warning("cannot list outputs of %s: %s", sb.id, exc.message)
-            return
-        for info in files:
-            if info.is_dir or not stat.S_ISREG(info.mode):
-                continue
-            rel = info.path.removeprefix("output/")
-            offset = 0
-            digest = ""
-            async for data, _size, sha in self.read_file(sb, info.path):
-                if sha:
-                    digest = sha
-                    break
-                if send and data:
-                    yield executor_pb2.RunResponse(
-                        file=executor_pb2.FileChunk(path=rel, offset=offset, data=data)
-                    )
-                offset += len(data)
-            if send:
-                yield executor_pb2.RunResponse(
-                    file=executor_pb2.FileChunk(path=rel, offset=offset, last=True)
-                )
-            outputs.append(executor_pb2.OutputFile(path=rel, size_bytes=offset, sha256=digest))
 
 
 def describe_program(program: common_pb2.Program) -> tuple[str, str]:
@@ -993,12 +827,3 @@ def outcome_of(status: common_pb2.ExitStatus | None, failure: str) -> str:
 async def _one(data: bytes) -> AsyncIterator[bytes]:
     for i in range(0, len(data), CHUNK):
         yield data[i : i + CHUNK]
-
-
-def _file_error(exc: grpc.aio.AioRpcError, sb: SandboxState, path: str) -> AgentVMError:
-    code = exc.code()
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument(exc.details() or f"invalid path {path!r}")
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound((exc.details() or f"no file {path!r} in the workspace") + NOT_THERE)
-    return RemoteError.from_rpc(exc, f"guest agent of {sb.vm.name}")

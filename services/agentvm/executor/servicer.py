@@ -111,7 +111,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self, request: executor_pb2.ReadFileRequest, context: Ctx
     ) -> AsyncIterator[executor_pb2.ReadFileResponse]:
         sb = self.executor.get(request.sandbox_id)
-        async for data, size, sha in self.executor.read_file(sb, request.path):
+        async for data, size, sha in self.executor.read_file(sb, request.path, request.max_bytes):
             yield executor_pb2.ReadFileResponse(chunk=data, size_bytes=size, sha256=sha)
 
     @grpc_errors
