@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -53,6 +54,40 @@ async def _echo(request: bytes, context: Any) -> bytes:
     return request
 
 
+PING = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+async def _check(request: Any, context: Any) -> Any:
+    """A handler with protobuf messages: what the malformed-request check wraps."""
+    return PING
+
+
+async def _flood(request: Any, context: Any) -> Any:
+    """A server stream of ``FLOOD`` messages (what StreamCloser serves via context.write)."""
+    for _ in range(FLOOD):
+        yield PING
+
+
+FLOOD = 2000
+
+
+def _handlers() -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
+    req = health_pb2.HealthCheckRequest.FromString
+    resp = health_pb2.HealthCheckResponse.SerializeToString
+    return grpc.method_handlers_generic_handler(
+        "bench.S",
+        {
+            "Do": grpc.unary_unary_rpc_method_handler(_echo),
+            "Check": grpc.unary_unary_rpc_method_handler(
+                _check, request_deserializer=req, response_serializer=resp
+            ),
+            "Flood": grpc.unary_stream_rpc_method_handler(
+                _flood, request_deserializer=req, response_serializer=resp
+            ),
+        },
+    )
+
+
 async def _latency(
     sock: Path,
     interceptors: list[Any],
@@ -61,19 +96,14 @@ async def _latency(
     token: str = "",
     tls_dir: Path | None = None,
     setups: list[float] | None = None,
+    method: str = "Do",
 ) -> list[float]:
     """Unary call latencies (ms); with ``tls_dir``, over mutual TLS as between services.
 
     ``setups`` gets the time of a new channel's first call (connection and handshake).
     """
     server = grpc.aio.server(interceptors=interceptors or None)
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "bench.S", {"Do": grpc.unary_unary_rpc_method_handler(_echo)}
-            ),
-        )
-    )
+    server.add_generic_rpc_handlers((_handlers(),))
     if tls_dir is None:
         server.add_insecure_port(f"unix:{sock}")
         grpc_util.use_plaintext()
@@ -92,13 +122,21 @@ async def _latency(
     try:
         await _setup_times(sock, setups)
         async with grpc_util.aio_channel(f"unix:{sock}", "monitor") as ch:
-            call = ch.unary_unary("/bench.S/Do", None, None)
+            if method == "Flood":  # ms per streamed message, one stream per sample
+                stream = ch.unary_stream("/bench.S/Flood", None, None)
+                out = []
+                for _ in range(max(calls // 100, 5)):
+                    t0 = time.perf_counter()
+                    n = sum([1 async for _ in stream(b"")])
+                    out.append((time.perf_counter() - t0) * 1000 / n)
+                return out
+            call = ch.unary_unary(f"/bench.S/{method}", None, None)
             for _ in range(50):
-                await call(b"x")
+                await call(b"")
             out = []
             for _ in range(calls):
                 t0 = time.perf_counter()
-                await call(b"x")
+                await call(b"")
                 out.append((time.perf_counter() - t0) * 1000)
             return out
     finally:
@@ -197,6 +235,17 @@ async def main(calls: int, events: int) -> dict[str, Any]:
         traced = await _latency(
             tmp / "c.sock", list(telemetry.server_interceptors(sink, provider)), calls, True
         )
+        # The whole chain a service installs minus tracing (stream closing,
+        # accounting, token, malformed-request check), on a protobuf method.
+        checked = await _latency(tmp / "f.sock", [], calls, False, method="Check")
+        chain = list(
+            telemetry.server_interceptors(sink, None, auth.TokenAuth(token, tmp / "token"))
+        )
+        chained = await _latency(tmp / "g.sock", chain, calls, False, token=token, method="Check")
+        flood_bare = await _latency(tmp / "h.sock", [], calls, False, method="Flood")
+        flood_chain = await _latency(
+            tmp / "i.sock", chain, calls, False, token=token, method="Flood"
+        )
         ingest = await _ingest(tmp, events)
     provider.shutdown()
     base = statistics.median(bare)
@@ -219,6 +268,16 @@ async def main(calls: int, events: int) -> dict[str, Any]:
             "mutual_tls_p50": round(statistics.median(tls_setup), 3),
         },
         "unary_call_ms_observer_and_tracing": fig(traced),
+        "protobuf_unary_ms_bare": fig(checked),
+        "protobuf_unary_ms_service_chain": fig(chained),
+        "protobuf_unary_chain_over_its_bare": round(
+            statistics.median(chained) / statistics.median(checked), 3
+        ),
+        "stream_ms_per_message_bare": fig(flood_bare),
+        "stream_ms_per_message_service_chain": fig(flood_chain),
+        "stream_chain_over_its_bare": round(
+            statistics.median(flood_chain) / statistics.median(flood_bare), 3
+        ),
         "monitor_ingest": ingest,
     }
 

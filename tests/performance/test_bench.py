@@ -113,3 +113,8 @@ def test_telemetry_benchmark_prints_figures(vmm: VMManagerProcess) -> None:
         assert figures[f"unary_call_ms_{key}"]["p50_over_bare"] > 0
     assert figures["new_channel_first_call_ms"]["mutual_tls_p50"] > 0
     assert figures["monitor_ingest"]["events_per_s_to_disk"] > 0
+    # What the wire guards cost: the service chain against the same protobuf method bare.
+    assert figures["protobuf_unary_ms_service_chain"]["n"] == 200
+    assert figures["protobuf_unary_chain_over_its_bare"] > 0
+    assert figures["stream_ms_per_message_service_chain"]["p50"] > 0
+    assert figures["stream_chain_over_its_bare"] > 0
