@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -232,3 +233,28 @@ def test_a_bridged_vm_cannot_send_frames_as_someone_else(
         assert res.stdout == b"sent\n", res.stderr
         assert wait_for(lambda: f"self-{tag}.test" in seen, 10), seen
     assert [n for n in seen if tag in n] == [f"self-{tag}.test"], seen
+
+
+def test_bridged_taps_stay_filtered_across_a_vm_manager_restart(
+    bridged_vms: tuple[common_pb2.VM, common_pb2.VM], vmm: VMManagerProcess
+) -> None:
+    """A restarted vm-manager adopts the bridged VMs and re-applies their table
+    without losing the leases it learnt: A still reaches the LAN under its own
+    address, still never B, and a forged source still does not leave its tap."""
+    a, b = bridged_vms
+    b_ip = b.network.address.split("/")[0]
+    vmm.stop(signal.SIGTERM)
+    vmm.start()
+    for vm in (a, b):
+        req = vm_manager_pb2.WaitVMRequest(name=vm.name, state=common_pb2.VM_STATE_READY)
+        req.timeout.FromSeconds(60)
+        vmm.stub().WaitVM(req, timeout=70)
+    execute(a.agent_endpoint, "busybox ip addr replace 198.19.0.200/24 dev eth0")
+    out = probe(
+        a, f"connect:{BRIDGE_SERVER_IP},80", f"connect:{b_ip},8001",
+        f"connect:{BRIDGE_SERVER_IP},80,198.19.0.200",
+    )  # fmt: skip
+    assert out[0].startswith("OK"), out
+    # Nothing listens on B's 8001: reachable, B would refuse; isolated, B is not there.
+    assert out[1] == "ERR OSError No route to host", out
+    assert out[2].startswith("ERR"), out
