@@ -238,9 +238,11 @@ def test_a_bridged_vm_cannot_send_frames_as_someone_else(
 def test_bridged_taps_stay_filtered_across_a_vm_manager_restart(
     bridged_vms: tuple[common_pb2.VM, common_pb2.VM], vmm: VMManagerProcess
 ) -> None:
-    """A restarted vm-manager adopts the bridged VMs and re-applies their table
-    without losing the leases it learnt: A still reaches the LAN under its own
-    address, still never B, and a forged source still does not leave its tap."""
+    """A restarted vm-manager adopts the bridged VMs and re-applies their table:
+    A still reaches the LAN under its own address, still never B, and a forged
+    source still does not leave its tap. (The guests take their leases again
+    after the restart; that a table update keeps the leases of running VMs is
+    test_nftables' test_the_bridged_taps_table_loads_and_keeps_learnt_leases.)"""
     a, b = bridged_vms
     b_ip = b.network.address.split("/")[0]
     vmm.stop(signal.SIGTERM)
