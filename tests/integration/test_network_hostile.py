@@ -235,6 +235,22 @@ def test_a_bridged_vm_cannot_send_frames_as_someone_else(
     assert [n for n in seen if tag in n] == [f"self-{tag}.test"], seen
 
 
+def test_another_bridged_vm_coming_and_going_keeps_the_learnt_leases(
+    bridged_vms: tuple[common_pb2.VM, common_pb2.VM], lan: BridgeWorld, vmm: VMManagerProcess
+) -> None:
+    """The bridged taps' table is updated when a VM is created or destroyed; A's
+    lease, learnt at its boot, must survive both (A does not ask DHCP again)."""
+    a, _ = bridged_vms
+    f = VMFactory(vmm)
+    try:
+        c = f.create(network=common_pb2.NETWORK_MODE_BRIDGE, bridge=lan.bridge, start=False)
+        assert probe(a, f"connect:{BRIDGE_SERVER_IP},80")[0].startswith("OK")
+        f.destroy(c.name)
+        assert probe(a, f"connect:{BRIDGE_SERVER_IP},80")[0].startswith("OK")
+    finally:
+        f.cleanup()
+
+
 def test_bridged_taps_stay_filtered_across_a_vm_manager_restart(
     bridged_vms: tuple[common_pb2.VM, common_pb2.VM], vmm: VMManagerProcess
 ) -> None:
