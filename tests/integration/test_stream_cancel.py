@@ -158,10 +158,13 @@ def test_guest_agent_streams_survive_cancels_and_deadlines(shared_vm: common_pb2
         req = guest_agent_pb2.ExecuteRequest(program=program("yes agent-vm"))
         req.timeout.FromSeconds(60)
         _cut(_abuse(lambda t: stub.Execute(req, timeout=t)))
-        res = execute(shared_vm.agent_endpoint, "head -c 33554432 /dev/zero > /tmp/big", channel=ch)
+        big = "head -c 33554432 /dev/zero > /workspace/work/cancel-big"
+        res = execute(shared_vm.agent_endpoint, big, channel=ch)
         assert res.status.exit_code == 0
-        read = guest_agent_pb2.GuestAgentServiceReadFileRequest(path="/tmp/big")
+        read = guest_agent_pb2.GuestAgentServiceReadFileRequest(path="work/cancel-big")
         _cut(_abuse(lambda t: stub.ReadFile(read, timeout=t)))
         # The agent still answers on the same channel: no process was left flooding it.
-        res = execute(shared_vm.agent_endpoint, "pgrep -c -x yes || true", channel=ch)
-        assert res.stdout.strip() == b"0"
+        count = "cat /proc/[0-9]*/comm 2>/dev/null | grep -cx yes || true"
+        res = execute(shared_vm.agent_endpoint, count, channel=ch)
+        assert res.stdout.strip() == b"0", res
+        execute(shared_vm.agent_endpoint, "rm -f /workspace/work/cancel-big", channel=ch)
