@@ -1064,6 +1064,8 @@ class RecordingClient:
     def __init__(self) -> None:
         self.data = bytearray()
         self.closed = False
+        # The relay asks what is left unsent when it closes a client (nothing here).
+        self.transport = SimpleNamespace(get_write_buffer_size=lambda: 0, abort=self.close)
 
     def write(self, data: bytes) -> None:
         assert not self.closed, "written after close"
