@@ -34,7 +34,6 @@ from agentvm_guest import __version__, agent, mux
 from .helpers import FakeChannel, GuestSide, async_wait_until, run_async
 
 VM = "agent-vm-hostile"
-SERVER_SETTINGS = relay_refuse.frame(relay_refuse.SETTINGS, 0, 0)
 FLOOD = 300
 MAX_WAITING = 16
 MAX_REFUSING = 16
@@ -118,6 +117,8 @@ def hostile(tmp_path: Path, mode: str) -> Iterator[HostileGuest]:
 
 
 def make_relay(tmp_path: Path, **kw: Any) -> HostRelay:
+    """A relay whose waiting clients outwait the handshake (unless told otherwise)."""
+    kw.setdefault("client_wait", kw.get("handshake_timeout", relay_mod.HANDSHAKE_TIMEOUT_S) + 5)
     return HostRelay(
         VM,
         tmp_path / "run" / "agent.sock",
@@ -215,7 +216,9 @@ def test_after_a_failed_handshake_callers_get_unavailable_without_a_new_one(
             # wait_for_ready callers too: each gets its answer without a handshake.
             for _ in range(20):
                 details = unavailable(await call_status(target))
-                assert "1 failed attempt in a row; the next in 600 s" in details
+                assert "(1 failed attempt in a row; the next in 600 s)" in details.replace(
+                    "599 s", "600 s"
+                )
             assert relay.handshake_failures == 1
             assert relay.unresponsive.startswith(f"the guest agent of VM {VM} is not answering")
         finally:
@@ -280,6 +283,26 @@ def test_waiting_clients_share_one_handshake_and_are_capped(tmp_path: Path) -> N
             for c in calls:
                 c.cancel()
             await asyncio.gather(*calls, return_exceptions=True)
+            await relay.close()
+
+    with hostile(tmp_path, "silent") as guest:
+        run_async(body(), timeout=30)
+    assert guest.accepted == 1
+
+
+def test_a_waiting_client_is_answered_before_its_connect_timeout(tmp_path: Path) -> None:
+    """gRPC gives a connection 5 s to deliver SETTINGS (grpc_util): a client waits for
+    a handshake in progress only ``client_wait`` seconds, and the handshake goes on."""
+
+    async def body() -> None:
+        relay = make_relay(tmp_path, handshake_timeout=600, client_wait=0.3)
+        await relay.start()
+        try:
+            details = unavailable(await call_status(f"unix:{relay.listen_path}"))
+            assert "no answer to the session handshake after 0.3 s (still trying)" in details
+            assert relay.handshake_failures == 0
+            assert relay.unresponsive == ""
+        finally:
             await relay.close()
 
     with hostile(tmp_path, "silent") as guest:
@@ -380,7 +403,7 @@ def test_a_guest_that_never_reads_cannot_stall_the_handshake(
             for n in range(1, 6):
                 r, w = await real_open(str(relay.listen_path))
                 w.write(b"not http/2")
-                assert await asyncio.wait_for(r.read(), 10) == SERVER_SETTINGS
+                assert await asyncio.wait_for(r.read(), 10) == b""  # not HTTP/2: no answer
                 w.close()
                 assert relay.handshake_failures == n
         finally:

@@ -28,7 +28,9 @@ The guest is hostile; what it can cost the host is bounded:
   status UNAVAILABLE and a message that says so (:mod:`.relay_refuse`).
 * Descriptors: at most ``max_clients`` client connections per VM (of which
   ``max_waiting`` wait for a handshake) plus ``max_refusing`` being answered
-  UNAVAILABLE; beyond that a connection is closed as soon as it is accepted.
+  UNAVAILABLE, plus the one to the guest's port. Connections are accepted
+  one at a time and one past every cap is closed at once, so a burst of
+  connects never holds more.
 
 Everything read from the guest is validated by the frame decoder; a protocol
 error ends the session (all streams of that VM close) and the next client
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -55,6 +58,10 @@ log = logging.getLogger("agentvm.vm_manager.relay")
 
 SYNC_RETRY_S = 0.5
 HANDSHAKE_TIMEOUT_S = 5.0
+# How long a client waits for a handshake in progress before it is answered
+# UNAVAILABLE: below the 5 s that agent-vm's gRPC channels allow a connection
+# to deliver the server's SETTINGS (grpc.min_reconnect_backoff_ms, grpc_util).
+CLIENT_WAIT_S = 3.0
 # A peer (the guest's port, or a host client) that takes longer than this to
 # accept what was written to it is treated as gone.
 WRITE_TIMEOUT_S = 15.0
@@ -67,6 +74,8 @@ MAX_WAITING = 16
 MAX_REFUSING = 16
 # How long a refused client has to start its calls and read the answer.
 REFUSE_WAIT_S = 2.0
+# Connections not accepted yet wait in the kernel, not in vm-manager.
+LISTEN_BACKLOG = 64
 # Bytes of a waiting client kept for its stream (one DATA frame).
 WAIT_BUFFER = mux.MAX_PAYLOAD
 
@@ -102,6 +111,7 @@ class HostRelay:
         channel_path: str | None = None,
         vsock_cid: int | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+        client_wait: float = CLIENT_WAIT_S,
         write_timeout: float = WRITE_TIMEOUT_S,
         max_clients: int = MAX_CLIENTS,
         max_waiting: int = MAX_WAITING,
@@ -114,18 +124,22 @@ class HostRelay:
         self.channel_path = channel_path
         self.vsock_cid = vsock_cid
         self.handshake_timeout = handshake_timeout
+        self.client_wait = client_wait
         self.write_timeout = write_timeout
         self.max_clients = max_clients
         self.max_waiting = max_waiting
         self.max_refusing = max_refusing
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._open = 0  # accepted client connections whose descriptor is not yet closed
         self._session: _Session | None = None
         self._attempt: asyncio.Task[_Session] | None = None
         self._failures = 0  # failed handshakes (or sessions) in a row
         self._retry_at = 0.0
         self._last_error = ""
         self._tasks: set[asyncio.Task[None]] = set()
-        self._conns: dict[asyncio.StreamWriter, asyncio.Task[Any]] = {}
+        self._conns: dict[asyncio.StreamWriter, asyncio.Task[None]] = {}
+        self._conn_tasks: set[asyncio.Task[None]] = set()
         self.clients = 0  # client connections being carried or waiting
         self.waiting = 0  # of which waiting for a handshake
         self.refusing = 0  # connections being answered UNAVAILABLE
@@ -138,18 +152,29 @@ class HostRelay:
         self.listen_path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.listen_path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(
-                self._handle_client, path=str(self.listen_path)
-            )
+            listener.bind(str(self.listen_path))
+            listener.listen(LISTEN_BACKLOG)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
         finally:
             os.umask(old)
+        self._listener = listener
+        self._accept_task = asyncio.ensure_future(self._accept_loop(listener))
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+            self._accept_task = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         with contextlib.suppress(FileNotFoundError):
             self.listen_path.unlink()
         if self._attempt is not None:
@@ -162,11 +187,10 @@ class HostRelay:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         # Client connections still open (waiting, refused, carried): hang up on them.
-        conns = dict(self._conns)
-        for writer in conns:
+        for writer in list(self._conns):
             writer.transport.abort()
-        if conns:
-            await asyncio.wait(conns.values(), timeout=self.write_timeout)
+        if self._conn_tasks:
+            await asyncio.wait(set(self._conn_tasks), timeout=self.write_timeout)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -225,8 +249,9 @@ class HostRelay:
 
     async def _connect(self) -> _Session:
         try:
-            async with asyncio.timeout(self.handshake_timeout):
-                session = await self._handshake()
+            deadline = asyncio.get_running_loop().time() + self.handshake_timeout
+            async with asyncio.timeout_at(deadline):
+                session = await self._handshake(deadline)
         except TimeoutError:
             self._failed(
                 f"it did not answer the session handshake within {self.handshake_timeout:g} s"
@@ -242,8 +267,13 @@ class HostRelay:
         self._spawn(self._read_loop(session))
         return session
 
-    async def _handshake(self) -> _Session:
-        """PAD + SYNC until the SYNC_ACK; the caller bounds the time."""
+    async def _handshake(self, deadline: float) -> _Session:
+        """PAD + SYNC until the SYNC_ACK; TimeoutError at ``deadline`` (loop time).
+
+        The deadline is checked here as well as by the caller's timeout: a
+        guest that floods the port keeps every read ready, and a cancellation
+        racing a completed read can be lost.
+        """
         if self.channel_path is None:
             raise SessionError(f"{self.vm_name} has no virtio-serial agent channel")
         try:
@@ -258,10 +288,11 @@ class HostRelay:
             while True:
                 writer.write(mux.encode(mux.FrameType.SYNC, 0, nonce))
                 await writer.drain()
-                retry_at = loop.time() + SYNC_RETRY_S
+                retry_at = min(deadline, loop.time() + SYNC_RETRY_S)
                 while (remaining := retry_at - loop.time()) > 0:
                     try:
-                        data = await asyncio.wait_for(reader.read(mux.MAX_PAYLOAD), remaining)
+                        async with asyncio.timeout(remaining):
+                            data = await reader.read(mux.MAX_PAYLOAD)
                     except TimeoutError:
                         break
                     if not data:
@@ -269,6 +300,8 @@ class HostRelay:
                     rest = scanner.feed(data)
                     if rest is not None:
                         return _Session(reader, writer, pending=rest)
+                if loop.time() >= deadline:
+                    raise TimeoutError
         except BaseException:
             writer.transport.abort()  # unsent PAD/SYNC bytes must not hold the close
             raise
@@ -355,12 +388,55 @@ class HostRelay:
             asyncio.get_running_loop().call_later(self.write_timeout, writer.transport.abort)
 
     # -- clients -------------------------------------------------------
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept one connection at a time; past every cap, close it at once.
+
+        (asyncio's own server accepts a whole backlog before any handler runs:
+        a burst of connects would hold that many descriptors at once.)
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                log.warning("cannot accept clients of %s: %s", self.vm_name, exc)
+                await asyncio.sleep(0.1)
+                continue
+            if self._open >= self.max_clients + self.max_refusing:
+                self.refused += 1
+                sock.close()
+                continue
+            self._open += 1
+            task = asyncio.ensure_future(self._serve_conn(sock))
+            self._conn_tasks.add(task)
+            task.add_done_callback(self._conn_tasks.discard)
+
+    async def _serve_conn(self, sock: socket.socket) -> None:
+        try:
+            try:
+                reader, writer = await asyncio.open_unix_connection(sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                self._conns[writer] = task
+            try:
+                await self._handle_client(reader, writer)
+            finally:
+                self._conns.pop(writer, None)
+                self._close_writer(writer)
+                # Closed within write_timeout (see _close_writer): then the descriptor is free.
+                with contextlib.suppress(OSError, ConnectionError):
+                    await writer.wait_closed()
+        finally:
+            self._open -= 1
+
     async def _handle_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._conns[writer] = task
         try:
             if self.clients >= self.max_clients:
                 await self._refuse(
@@ -383,9 +459,6 @@ class HostRelay:
             log.info("%s", exc)
         except (OSError, ConnectionError) as exc:
             log.debug("client of %s: %s", self.vm_name, exc)
-        finally:
-            self._conns.pop(writer, None)
-            self._close_writer(writer)
 
     async def _refuse(
         self,
@@ -393,21 +466,25 @@ class HostRelay:
         writer: asyncio.StreamWriter,
         message: str,
         prefix: bytes = b"",
+        *,
+        wait: float = REFUSE_WAIT_S,
     ) -> None:
-        """Answer the client's calls with UNAVAILABLE and ``message`` (or just hang up)."""
+        """Answer the calls the client starts within ``wait`` seconds with UNAVAILABLE
+        and ``message`` (or just hang up)."""
         self.refused += 1
         if self.refusing >= self.max_refusing:
             writer.transport.abort()
             return
         self.refusing += 1
         try:
-            await relay_refuse.answer(reader, writer, message, prefix=prefix, wait=REFUSE_WAIT_S)
+            await relay_refuse.answer(reader, writer, message, prefix=prefix, wait=wait)
         finally:
             self.refusing -= 1
 
     async def _serial_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        accepted = asyncio.get_running_loop().time()
         early = bytearray()
         session = self._live_session()
         if session is None:
@@ -432,7 +509,12 @@ class HostRelay:
             if outcome is None:
                 return  # the client hung up while waiting
             if isinstance(outcome, str):
-                await self._refuse(reader, writer, outcome, bytes(early))
+                # An HTTP/2 client sends its preface at once: one that has sent
+                # nothing gets what is left of REFUSE_WAIT_S since it connected.
+                wait = REFUSE_WAIT_S
+                if not early:
+                    wait = max(0.0, wait - (asyncio.get_running_loop().time() - accepted))
+                await self._refuse(reader, writer, outcome, bytes(early), wait=wait)
                 return
             session = outcome
         stream = session.next_id
@@ -460,9 +542,12 @@ class HostRelay:
         """Wait for the shared handshake while reading the client into ``early``.
 
         Returns the session, the reason there is none, or None when the client
-        hung up (or the relay is closing).
+        hung up (or the relay is closing). A client waits at most
+        ``client_wait`` seconds (the handshake goes on for the next ones).
         """
         read: asyncio.Task[bytes] | None = None
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.client_wait
         try:
             while True:
                 if read is None and len(early) < WAIT_BUFFER:
@@ -470,7 +555,17 @@ class HostRelay:
                 waits: set[asyncio.Future[Any]] = {attempt}
                 if read is not None:
                     waits.add(read)
-                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    waits,
+                    timeout=max(0.0, give_up - loop.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if not done:
+                    return (
+                        f"the guest agent of VM {self.vm_name} is not answering: no answer to "
+                        f"the session handshake after {self.client_wait:g} s (still trying); "
+                        "retry, and destroy the VM (or close its sandbox) if this persists"
+                    )
                 if read is not None and read in done:
                     task, read = read, None
                     try:

@@ -100,13 +100,13 @@ class FrameScanner:
 
     def __init__(self) -> None:
         self._buf = b""
-        self._preface = False
+        self.preface = False  # the whole client preface has arrived
         self._skip = 0
 
     def feed(self, data: bytes) -> list[tuple[int, int, int]]:
         out: list[tuple[int, int, int]] = []
         buf = self._buf + data
-        if not self._preface:
+        if not self.preface:
             if len(buf) < len(PREFACE):
                 if not PREFACE.startswith(buf):
                     raise NotHTTP2("the client did not send the HTTP/2 preface")
@@ -114,7 +114,7 @@ class FrameScanner:
                 return out
             if not buf.startswith(PREFACE):
                 raise NotHTTP2("the client did not send the HTTP/2 preface")
-            self._preface = True
+            self.preface = True
             buf = buf[len(PREFACE) :]
         pos = 0
         while True:
@@ -147,24 +147,28 @@ async def answer(
 ) -> int:
     """Answer every call the client starts within ``wait`` seconds; return how many.
 
-    ``prefix``: bytes of this connection already read by the relay. After the
-    first answers come GOAWAY (start nothing more here) and the end of our
-    side of the stream; then the client's bytes are read and dropped until it
-    hangs up too (closing with unread bytes would reset the connection under
-    the answer) or ``wait`` ends. Does not
-    close ``writer``.
+    ``prefix``: bytes of this connection already read by the relay. Nothing is
+    written to a client that has not sent the HTTP/2 preface (an HTTP/2 client
+    sends it at once, unprompted). After the first answers come GOAWAY (start
+    nothing more here) and the end of our side of the stream; then the
+    client's bytes are read and dropped until it hangs up too (closing with
+    unread bytes would reset the connection under the answer) or ``wait``
+    ends. Does not close ``writer``.
     """
     scanner = FrameScanner()
     answered = 0
     last = 0
-    writer.write(frame(SETTINGS, 0, 0))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     data = prefix
     with contextlib.suppress(TimeoutError, NotHTTP2, OSError, ConnectionError):
         while True:
             gone_away = answered > 0
-            for ftype, flags, stream in scanner.feed(data):
+            started = scanner.preface
+            events = scanner.feed(data)
+            if scanner.preface and not started:
+                writer.write(frame(SETTINGS, 0, 0))
+            for ftype, flags, stream in events:
                 if ftype == SETTINGS and not flags & FLAG_ACK:
                     writer.write(frame(SETTINGS, FLAG_ACK, 0))
                 elif ftype == HEADERS and not gone_away and stream > last and stream % 2:
