@@ -375,6 +375,42 @@ def test_malformed_file_responses_are_internal_errors(tmp_path: Path) -> None:
     run_async(body())
 
 
+@pytest.mark.parametrize(
+    ("size", "sha"),
+    [(2**63, "right"), (7, "f" * 64), (7, "right-but-long" * 1000), (0, "")],
+)
+def test_write_file_size_and_hash_are_the_hosts_not_the_guests_claim(
+    tmp_path: Path, size: int, sha: str
+) -> None:
+    """A guest that lies about what it wrote (size or digest) fails the write with DataLoss."""
+    content = b"content"
+    digest = hashlib.sha256(content).hexdigest()
+
+    async def write_file(requests: AsyncIterator[bytes], context: Ctx) -> bytes:
+        async for _ in requests:
+            pass
+        claim = digest if sha == "right" else sha
+        return guest_agent_pb2.GuestAgentServiceWriteFileResponse(
+            size_bytes=size, sha256=claim
+        ).SerializeToString()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield content
+
+    async def body() -> None:
+        async with (
+            fake_agent(tmp_path / "a.sock", stream_in={"WriteFile": write_file}) as target,
+            guest_channel(target) as ch,
+        ):
+            with pytest.raises(DataLoss) as info:
+                await executor().write_file(sandbox(ch), "input/x", 0, chunks(), [])
+        assert "7 bytes" in info.value.message
+        assert digest in info.value.message
+        assert len(info.value.message) < 600
+
+    run_async(body())
+
+
 # -- oversize messages ----------------------------------------------------------------------------
 def test_oversize_get_status_is_resource_exhausted_and_never_materialised(tmp_path: Path) -> None:
     huge = status_bytes(hostname="h" * (MAX_MESSAGE_BYTES + 1))

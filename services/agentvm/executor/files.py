@@ -135,9 +135,16 @@ class WorkspaceFiles:
             self._event("file.written", sb, path, writer.size, writer.sha256)
             return writer.size, writer.sha256
 
+        # What was sent is counted and hashed here: the guest's answer is only a claim.
+        sent = hashlib.sha256()
+        size = 0
+
         async def requests() -> AsyncIterator[guest_agent_pb2.GuestAgentServiceWriteFileRequest]:
+            nonlocal size
             yield guest_agent_pb2.GuestAgentServiceWriteFileRequest(path=path, mode=mode)
             async for data in chunks:
+                sent.update(data)
+                size += len(data)
                 yield guest_agent_pb2.GuestAgentServiceWriteFileRequest(chunk=data)
             yield guest_agent_pb2.GuestAgentServiceWriteFileRequest(
                 sha256=expected[0] if expected else ""
@@ -149,8 +156,15 @@ class WorkspaceFiles:
             raise file_error(exc, sb, path) from exc
         if resp is None:  # grpc.aio's stand-in for a response it could not parse
             raise file_error(malformed_response("WriteFile"), sb, path)
-        self._event("file.written", sb, path, resp.size_bytes, resp.sha256)
-        return resp.size_bytes, resp.sha256
+        digest = sent.hexdigest()
+        if (resp.size_bytes, resp.sha256) != (size, digest):
+            raise DataLoss(
+                f"{path}: the guest says it wrote {resp.size_bytes} bytes with sha256 "
+                f"{resp.sha256[:80]!r}, but {size} bytes with sha256 {digest} were sent; "
+                "the file in the sandbox cannot be trusted: write it again or close the sandbox"
+            )
+        self._event("file.written", sb, path, size, digest)
+        return size, digest
 
     async def stream(
         self, sb: SandboxState, path: str, cap: int, state: Stream
