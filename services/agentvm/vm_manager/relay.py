@@ -51,7 +51,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from agentvm.vm_manager import relay_refuse
+from agentvm.vm_manager import relay_refuse, relay_vsock
 from agentvm_guest import mux
 
 log = logging.getLogger("agentvm.vm_manager.relay")
@@ -595,29 +595,10 @@ class HostRelay:
         """One AF_VSOCK connection per client (KVM hosts with vhost-vsock)."""
         if self.vsock_cid is None:
             raise SessionError(f"{self.vm_name} has no vsock device")
-        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self.handshake_timeout):
-                await loop.sock_connect(sock, (self.vsock_cid, mux.VSOCK_PORT))
-        except BaseException:
-            sock.close()
-            raise
-        g_reader, g_writer = await asyncio.open_connection(sock=sock)
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(mux.MAX_PAYLOAD):
-                    dst.write(data)
-                    async with asyncio.timeout(self.write_timeout):
-                        await dst.drain()
-            finally:
-                self._close_writer(dst)
-
-        try:
-            await asyncio.gather(
-                pump(reader, g_writer), pump(g_reader, writer), return_exceptions=True
-            )
-        finally:
-            g_writer.transport.abort()
+        await relay_vsock.carry(
+            self.vsock_cid,
+            reader,
+            writer,
+            connect_timeout=self.handshake_timeout,
+            write_timeout=self.write_timeout,
+        )
