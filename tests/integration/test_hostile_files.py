@@ -13,6 +13,7 @@ serving.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -25,7 +26,7 @@ from grpc_health.v1 import health_pb2
 
 import agent_vm
 from agentvm.v1 import common_pb2, executor_pb2, executor_pb2_grpc
-from tests.vmharness import ExecutorProcess
+from tests.vmharness import ExecutorProcess, wait_for
 
 pytestmark = pytest.mark.vm
 
@@ -137,6 +138,63 @@ def test_hostile_trees_are_refused_with_the_limit_named_in_bounded_memory(
     assert (host_dir / "precious").read_text() == "keep"
     grown = hwm_kib(executor) - before
     assert grown < RSS_BOUND_KIB, f"the executor's peak RSS grew by {grown} KiB"
+
+
+RACE = r"""
+import os, sys, time
+host, seconds = sys.argv[1], float(sys.argv[2])
+base = "/workspace/work/race"
+end = time.time() + seconds
+n = 0
+while time.time() < end:
+    v = base + "/v"
+    try:
+        os.makedirs(v + "/x/y", exist_ok=True)
+        open(v + "/x/y/f", "w").close()
+        os.rename(v, base + "/old%d" % n)  # the directory goes away...
+        os.symlink(host, v)  # ...a link to a host directory takes its place
+        os.unlink(v)
+        os.mkfifo(v)  # ...then a FIFO
+        os.unlink(v)
+    except OSError:
+        pass
+    n += 1
+print(n)
+"""
+
+
+def test_recursive_remove_racing_a_guest_that_swaps_dirs_for_links_and_fifos(
+    sandbox: agent_vm.Sandbox, executor: ExecutorProcess, host_dir: Path
+) -> None:
+    """A guest flips a directory into a symlink to a host directory and a FIFO while
+    the caller removes the tree: every RemoveFile ends (no worker blocked on a
+    FIFO), with success or a clear error, and the host directory is untouched."""
+    stub = executor_pb2_grpc.ExecutorServiceStub(executor.channel())
+    handle = sandbox.start(["python3", "-c", RACE, str(host_dir), "30"], timeout=120)
+    assert wait_for(lambda: "work/race" in {f.path for f in sandbox.files.list("work")}, 60)
+    codes: dict[str, int] = {}
+    for _ in range(200):
+        try:
+            stub.RemoveFile(
+                executor_pb2.RemoveFileRequest(
+                    sandbox_id=sandbox.id, path="work/race", recursive=True
+                ),
+                timeout=60,
+            )
+            code = "OK"
+        except grpc.RpcError as exc:
+            code = exc.code().name
+        codes[code] = codes.get(code, 0) + 1
+    flips = handle.wait()
+    print(f"[{sandbox.workspace_mode}] removals racing {flips.stdout.strip()} flips: {codes}")
+    assert flips.exit_code == 0, flips.stderr
+    assert set(codes) <= {"OK", "NOT_FOUND", "INVALID_ARGUMENT"}, codes
+    assert codes.get("OK", 0) > 0, codes
+    assert sorted(os.listdir(host_dir)) == ["precious"]
+    assert (host_dir / "precious").read_text() == "keep"
+    with contextlib.suppress(agent_vm.NotFoundError):
+        sandbox.files.remove("work/race", recursive=True)
+    assert sandbox.run("echo alive").stdout == "alive\n"
 
 
 def test_output_listing_past_the_limits_is_reported_not_collected(
