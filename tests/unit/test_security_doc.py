@@ -13,7 +13,7 @@ def defined_tests() -> dict[str, set[str]]:
     """test function name -> the test files that define it."""
     out: dict[str, set[str]] = {}
     for path in (REPO / "tests").rglob("test_*.py"):
-        for name in re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M):
+        for name in re.findall(r"^(?:async )?def (test_\w+)", path.read_text(), flags=re.M):
             out.setdefault(name, set()).add(path.name)
     return out
 
