@@ -150,7 +150,8 @@ def _fill_map(draw: st.DrawFn, msg: Message, field: FieldDescriptor, depth: int)
         target[key] = _small(value_f)
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """``n`` as a protobuf base-128 varint."""
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -166,5 +167,5 @@ def wire_messages(draw: st.DrawFn, desc: Descriptor) -> bytes:
     if draw(st.booleans()):
         number = draw(st.integers(1000, 536_870_911))
         payload = draw(st.binary(max_size=32))
-        raw += _varint(number << 3 | 2) + _varint(len(payload)) + payload
+        raw += varint(number << 3 | 2) + varint(len(payload)) + payload
     return raw

@@ -33,6 +33,7 @@ from agentvm.v1 import (
     pool_manager_pb2,
     vm_manager_pb2,
 )
+from tests.protofuzz import varint as _varint
 from tests.vmharness import (
     ExecutorProcess,
     MonitorProcess,
@@ -46,15 +47,6 @@ pytestmark = pytest.mark.vm
 EXAMPLES = int(os.environ.get("AGENTVM_FUZZ_EXAMPLES", "6"))
 # Lines a burst of malformed requests from one caller may add to a service log.
 LOG_BURST = 5
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _string_fields(desc: Descriptor) -> list[int]:

@@ -205,16 +205,7 @@ class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 with self._observed(method, context, _CallFacts.of(context)):
                     return await inner(request, context)
 
-            make = (
-                grpc.unary_unary_rpc_method_handler
-                if handler.unary_unary
-                else grpc.stream_unary_rpc_method_handler
-            )
-            return make(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return wire.same_kind(handler, unary, handler.request_deserializer)
         inner_stream: Any = handler.unary_stream or handler.stream_stream
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -235,16 +226,7 @@ class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 else:
                     await result
 
-        make_stream = (
-            grpc.unary_stream_rpc_method_handler
-            if handler.unary_stream
-            else grpc.stream_stream_rpc_method_handler
-        )
-        return make_stream(
-            stream,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return wire.same_kind(handler, stream, handler.request_deserializer)
 
     @contextlib.contextmanager
     def _observed(

@@ -218,10 +218,10 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     await refuse(context, request)
                 return await inner(request, context)
 
-        return _same_kind(handler, behavior, _tolerant(handler.request_deserializer))
+        return same_kind(handler, behavior, _tolerant(handler.request_deserializer))
 
 
-def _same_kind(handler: Any, behavior: Any, deserializer: Any) -> Any:
+def same_kind(handler: Any, behavior: Any, deserializer: Any) -> Any:
     """A method handler of ``handler``'s kind serving ``behavior``."""
     make = {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -271,4 +271,4 @@ class StreamCloser(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 async for item in items:
                     await context.write(item)
 
-        return _same_kind(handler, written, handler.request_deserializer)
+        return same_kind(handler, written, handler.request_deserializer)
