@@ -3,6 +3,7 @@ file system itself is proven on a real VM in test_hostile_code.py)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,26 @@ def test_a_private_mount_namespace_is_refused_before_anything_is_made(
     with pytest.raises(FailedPrecondition, match="mount namespace of its own"):
         workspace.create(ws, 2048, "loop")
     assert list(ws.parent.iterdir()) == []
+
+
+def test_a_vm_directory_of_any_depth_is_removed(tmp_path: Path) -> None:
+    """A guest's 1,500-level tree in an uncapped workspace cannot stop a VM's removal."""
+    vm_dir = tmp_path / "vms" / "agent-vm-deep"
+    (vm_dir / "workspace").mkdir(parents=True)
+    host = tmp_path / "host-dir"
+    host.mkdir()
+    (host / "keep").write_text("host file\n")
+    fd = os.open(vm_dir / "workspace", os.O_DIRECTORY)
+    try:
+        for _ in range(1500):
+            os.mkdir("d", dir_fd=fd)
+            os.symlink(str(host), "link", dir_fd=fd)
+            nxt = os.open("d", os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    finally:
+        os.close(fd)
+    workspace.remove_tree(vm_dir)
+    assert not vm_dir.exists()
+    assert (host / "keep").read_text() == "host file\n"
+    workspace.remove_tree(vm_dir)  # gone already: nothing to do

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from agentvm.common.errors import FailedPrecondition
+from agentvm_guest import paths
 
 log = logging.getLogger("agentvm.vm_manager.workspace")
 
@@ -156,6 +157,22 @@ def release(path: Path) -> None:
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a VM directory: its workspace mount first, then everything in it."""
+    """Remove a VM directory: its workspace mount first, then everything in it.
+
+    An uncapped shared workspace is a directory the guest filled: the removal
+    walks it with directory descriptors (paths.remove_tree), iteratively, so
+    a tree of any depth (shutil.rmtree raised RecursionError past about 1,000
+    levels, ignore_errors or not) or a directory swapped for a symlink or a
+    FIFO cannot stop a VM's destruction or reach outside it.
+    """
     release(path)
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        parent = os.open(path.parent, os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        paths.remove_tree(parent, path.name)
+    except (OSError, paths.PathError) as exc:
+        log.warning("cannot remove all of %s: %s", path, exc)
+    finally:
+        os.close(parent)
