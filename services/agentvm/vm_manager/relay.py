@@ -21,7 +21,9 @@ The guest is hostile; what it can cost the host is bounded:
 * Waiting: at most one handshake runs at a time per VM and every client
   that needs a session waits for that same attempt; while waiting, the
   client's socket is read (kept for the stream, at most one frame's worth),
-  so a client that hangs up is noticed and closed at once.
+  so a client that hangs up is noticed and closed at once. A client waits
+  at most ``client_wait`` seconds (below gRPC's connect timeout in agent-vm's
+  channels), then is answered UNAVAILABLE while the handshake goes on.
 * Failing fast: after a failed handshake the agent is marked unresponsive
   (:attr:`HostRelay.unresponsive`) and, until a retry delay that doubles with
   each failure in a row has passed, clients are answered at once with gRPC
@@ -69,7 +71,7 @@ WRITE_TIMEOUT_S = 15.0
 # a row up to the maximum.
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
-MAX_CLIENTS = 64
+MAX_CLIENTS = 32
 MAX_WAITING = 16
 MAX_REFUSING = 16
 # How long a refused client has to start its calls and read the answer.
