@@ -254,6 +254,11 @@ def grpc_errors(func: F) -> F:
     """Servicer decorator: AgentVMError -> its status code, anything else -> INTERNAL.
 
     BaseExceptions (cancellation, KeyboardInterrupt) pass through untouched.
+    A call that was answered already (a malformed message in the middle of a
+    client stream is refused by wire.RejectMalformed from inside the request
+    iterator, which the handler may hand to code that swallows the abort) is
+    not answered twice: the handler returns, and gRPC raises the first abort
+    again, quietly (a second abort raised UsageError, logged with a traceback).
     """
 
     @functools.wraps(func)
@@ -261,10 +266,14 @@ def grpc_errors(func: F) -> F:
         try:
             return await func(self, request, context)
         except AgentVMError as exc:
+            if context.done():
+                return None  # already answered (see above)
             await context.abort(exc.code, exc.message)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - logged with its traceback by wire.unexpected
+            if context.done():
+                return None
             wire.unexpected(context, func.__name__)
             await context.abort(
                 grpc.StatusCode.INTERNAL,
@@ -288,10 +297,14 @@ def grpc_stream_errors(
                 async for item in items:
                     yield item
         except AgentVMError as exc:
+            if context.done():
+                return
             await context.abort(exc.code, exc.message)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - logged with its traceback by wire.unexpected
+            if context.done():
+                return
             wire.unexpected(context, func.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
 

@@ -215,16 +215,12 @@ class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             # (a SIGSEGV of the whole service, issue 22 item 1).
             facts = _CallFacts.of(context)
             with self._observed(method, context, facts):
-                result = inner_stream(request, context)
-                if hasattr(result, "__aiter__"):
-                    # Closed here, on every exit path: never left to the garbage
-                    # collector, which would run its finally blocks later, after
-                    # the call is gone.
-                    async with wire.closing(result) as items:
-                        async for item in items:
-                            yield item
-                else:
-                    await result
+                # Closed here, on every exit path: never left to the garbage
+                # collector, which would run its finally blocks later, after
+                # the call is gone.
+                async with wire.closing(wire.forward(inner_stream(request, context))) as items:
+                    async for item in items:
+                        yield item
 
         return wire.same_kind(handler, stream, handler.request_deserializer)
 

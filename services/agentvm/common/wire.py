@@ -193,7 +193,7 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler.request_streaming and handler.response_streaming:
 
             async def behavior(items: Any, context: Any) -> Any:
-                async with closing(inner(checked(items, context), context)) as out:
+                async with closing(forward(inner(checked(items, context), context))) as out:
                     async for item in out:
                         yield item
 
@@ -207,7 +207,7 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             async def behavior(request: Any, context: Any) -> Any:  # type: ignore[misc]
                 if isinstance(request, Malformed):
                     await refuse(context, request)
-                async with closing(inner(request, context)) as out:
+                async with closing(forward(inner(request, context))) as out:
                     async for item in out:
                         yield item
 
@@ -219,6 +219,21 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 return await inner(request, context)
 
         return same_kind(handler, behavior, _tolerant(handler.request_deserializer))
+
+
+async def forward(result: Any) -> AsyncIterator[Any]:
+    """The items of a server-streaming handler's result, whichever API it uses.
+
+    An async generator's items are passed on (and it is closed on every exit);
+    a coroutine that writes through ``context.write`` itself (grpc's
+    reader/writer API, e.g. the health service's Watch) is awaited.
+    """
+    if not hasattr(result, "__aiter__"):
+        await result
+        return
+    async with closing(result) as items:
+        async for item in items:
+            yield item
 
 
 def same_kind(handler: Any, behavior: Any, deserializer: Any) -> Any:
@@ -263,11 +278,7 @@ class StreamCloser(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         inner: Any = handler.unary_stream or handler.stream_stream
 
         async def written(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            result = inner(request, context)
-            if not hasattr(result, "__aiter__"):
-                await result  # already a writer coroutine
-                return
-            async with closing(result) as items:
+            async with closing(forward(inner(request, context))) as items:
                 async for item in items:
                     await context.write(item)
 
