@@ -317,7 +317,11 @@ def list_dir(
     prefix = base + "/" if base else ""
     stack: list[tuple[int, str, int, list[os.DirEntry[str]]]] = []
     try:
-        entries = _scan(fd, limit, where, limit)
+        try:
+            entries = _scan(fd, limit, where, limit)
+        except BaseException:
+            os.close(fd)  # not on the stack yet
+            raise
         scanned += len(entries)
         entries.reverse()
         stack.append((fd, prefix, len(os.fsencode(prefix)), entries))

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from agentvm.common import grpc_util
-from agentvm_guest import agent
+from agentvm_guest import agent, paths
 
 from .helpers import EchoServer, GuestSide
 
@@ -65,3 +65,20 @@ def plaintext_services(monkeypatch: pytest.MonkeyPatch) -> None:
     certificates. tls.py and test_tls.py cover mutual TLS."""
     monkeypatch.setenv("AGENTVM_TLS", "off")
     grpc_util.use_plaintext()
+
+
+@pytest.fixture
+def deep_tmp() -> Iterator[Path]:
+    """A directory outside pytest's temporary tree, removed at the end with the
+    iterative remover, also when the test fails: pytest's own cleanup
+    (shutil.rmtree) dies of RecursionError on the deep trees these tests build,
+    and a tree left in its temporary tree would break every later run."""
+    path = Path(tempfile.mkdtemp(prefix="agentvm-deep-"))
+    try:
+        yield path
+    finally:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            paths.remove_tree(fd, path.name)
+        finally:
+            os.close(fd)

@@ -77,11 +77,11 @@ def test_a_private_mount_namespace_is_refused_before_anything_is_made(
     assert list(ws.parent.iterdir()) == []
 
 
-def test_a_vm_directory_of_any_depth_is_removed(tmp_path: Path) -> None:
+def test_a_vm_directory_of_any_depth_is_removed(deep_tmp: Path) -> None:
     """A guest's 1,500-level tree in an uncapped workspace cannot stop a VM's removal."""
-    vm_dir = tmp_path / "vms" / "agent-vm-deep"
+    vm_dir = deep_tmp / "vms" / "agent-vm-deep"
     (vm_dir / "workspace").mkdir(parents=True)
-    host = tmp_path / "host-dir"
+    host = deep_tmp / "host-dir"
     host.mkdir()
     (host / "keep").write_text("host file\n")
     fd = os.open(vm_dir / "workspace", os.O_DIRECTORY)
