@@ -183,3 +183,29 @@ def test_setup_routes_root_logging_to_stderr_as_json(
     lines = capsys.readouterr().err.splitlines()
     rec = json.loads(lines[-1])
     assert (rec["service"], rec["message"], rec["k"]) == ("pool-manager", "hello", "v")
+
+
+def test_services_raise_their_open_file_limit_to_the_hard_limit() -> None:
+    """A 1024 soft limit would let callers and guests exhaust a service's descriptors."""
+    import resource
+    import subprocess
+    import sys
+
+    code = (
+        "import resource; from agentvm.common.grpc_util import raise_descriptor_limit;"
+        "print(raise_descriptor_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))"
+    )
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(1024, hard)
+
+    def limit_low() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=limit_low,
+    ).stdout.split()
+    assert [int(x) for x in out] == [hard, hard, hard]

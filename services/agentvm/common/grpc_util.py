@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import os
+import resource
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -334,6 +335,24 @@ def prepare_unix_address(address: str) -> None:
         path.unlink()
 
 
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft open-file limit to its hard limit; returns the new soft one.
+
+    A service holds descriptors for every VM, client and walk of a guest's
+    tree: the common default soft limit of 1024 is reached long before the
+    hard limit the host allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+            return soft
+        return hard
+    return soft
+
+
 async def serve(
     *,
     service_name: str,
@@ -349,6 +368,7 @@ async def serve(
 
     ``credentials``: serve mutual TLS only (None: plaintext).
     """
+    raise_descriptor_limit()
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors) or None)
     register(server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]

@@ -44,6 +44,11 @@ CHUNK = 64 * 1024
 # The fix a NOT_FOUND of the file calls names.
 NOT_THERE = f" (paths are relative to {GUEST_WORKSPACE}; ListFiles shows what is there)"
 
+# Walks of a guest-made tree hold up to MAX_LIST_DEPTH (listing) or 64 (removal)
+# descriptors each: at most this many run at once per executor, so callers
+# cannot add them up to the descriptor limit every sandbox shares.
+TREE_WALKS = 4
+
 
 class Owner(Protocol):
     settings: Settings
@@ -92,6 +97,7 @@ class WorkspaceFiles:
 
     def __init__(self, owner: Owner) -> None:
         self.owner = owner
+        self._walks = asyncio.Semaphore(TREE_WALKS)
 
     def file_cap(self, requested: int, what: str = "max_bytes") -> int:
         """The per-file byte cap: ``requested`` (0: the server's), at most the server's."""
@@ -279,14 +285,15 @@ class WorkspaceFiles:
         root = sb.shared_root
         if root is not None:
             try:
-                entries = await asyncio.to_thread(
-                    paths.list_dir,
-                    root,
-                    path,
-                    recursive=recursive,
-                    limit=limit,
-                    max_bytes=max_bytes,
-                )
+                async with self._walks:
+                    entries = await asyncio.to_thread(
+                        paths.list_dir,
+                        root,
+                        path,
+                        recursive=recursive,
+                        limit=limit,
+                        max_bytes=max_bytes,
+                    )
             except paths.LimitError as exc:
                 raise limit_error(exc) from exc
             except paths.PathError as exc:
@@ -326,7 +333,8 @@ class WorkspaceFiles:
         root = sb.shared_root
         if root is not None:
             try:
-                await asyncio.to_thread(paths.remove, root, path, recursive=recursive)
+                async with self._walks:
+                    await asyncio.to_thread(paths.remove, root, path, recursive=recursive)
             except paths.PathError as exc:
                 raise InvalidArgument(str(exc)) from exc
             except FileNotFoundError as exc:
