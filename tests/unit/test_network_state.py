@@ -76,6 +76,7 @@ def _net(allow_private: str = "", host: tuple[str, ...] = ()) -> tuple[NatNetwor
     net = NatNetwork(settings, LibvirtConnection("test:///default"))
     # The host's interface networks, as the watcher would have read them.
     net.host_addresses.networks = tuple(ipaddress.ip_network(n) for n in host)
+    net.host_addresses.reads = 1
     att = Attachment(
         "agent-vm-x", "1234abcd", "10.213.7.2", "52:54:00:00:00:01", 24, "10.213.7.1",
         Policy(("a.test",), ("192.168.5.0/24",), (80,)),
@@ -125,6 +126,15 @@ def test_the_hosts_own_networks_are_refused_even_when_public() -> None:
     assert net._reachable(att, "151.102.0.1")
     # A change the watcher reads is in force at once.
     net.host_addresses.networks = ()
+    assert net._reachable(att, "151.101.0.223")
+
+
+def test_until_the_hosts_networks_are_read_no_answer_opens_anything() -> None:
+    """Fail closed: a host network that was never read could be any address."""
+    net, att = _net()
+    net.host_addresses.reads = 0
+    assert "not known yet" in net._refusal(att, "151.101.0.223")
+    net.host_addresses.reads = 1
     assert net._reachable(att, "151.101.0.223")
 
 

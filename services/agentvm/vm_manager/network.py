@@ -219,16 +219,18 @@ class NatNetwork:
             on_addresses=self._on_addresses,
             on_record=self._on_dns_record,
         )
+        # Known before the first answer is filtered (the filter refuses all until then).
+        await self.host_addresses.start()
         loop = asyncio.get_running_loop()
         try:
             await loop.create_datagram_endpoint(lambda: proxy, local_addr=(self.gateway, 53))
         except OSError as exc:
+            await self.host_addresses.close()
             raise FailedPrecondition(
                 f"cannot serve DNS on {self.gateway}:53 for the NAT network: {exc} (another "
                 "resolver bound to all addresses? bind it to specific ones)"
             ) from exc
         self._proxy = proxy
-        await self.host_addresses.start()
         reader = NflogReader(self.names.log_group, self._on_packet)
         try:
             await reader.start()

@@ -159,6 +159,9 @@ class AnswerFilter:
             return ""
         if (net := self.host.covering(ip)) is not None:
             return f"on the host's own network {net}"
+        if not self.host.reads:
+            # Fail closed: which networks are the host's own is not known yet.
+            return "the host's own networks are not known yet (they could not be read)"
         if label := classify(ip):
             return f"in the special-purpose block {label}"
         return ""
