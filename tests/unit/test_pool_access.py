@@ -73,6 +73,10 @@ class Context:
     def time_remaining(self) -> float | None:
         return None
 
+    def done(self) -> bool:
+        """Whether the call was answered (never, until abort)."""
+        return False
+
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise Aborted(code, details)
 
