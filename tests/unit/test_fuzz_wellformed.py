@@ -4,9 +4,10 @@ Every request decodes (tests/protofuzz.py builds it from the method's input
 type: unknown enum numbers, extreme integers, NaN, path-like and huge
 strings, thousands of repeated or map entries, unknown fields), so it reaches
 the real handler, served in process: vm-manager over libvirt's test driver
-and the executor (the stack of test_bad_input.py), and the monitor. The
-pool-manager's handlers need a vm-manager that boots VMs: its process gets
-the undecodable half of this in tests/integration/test_malformed.py. Each
+and the executor (the stack of test_bad_input.py), the monitor, and the
+pool-manager (its real PoolManager over test_pool.py's fake vm-manager
+backend). tests/integration/test_malformed.py sends the undecodable half to
+the four real service processes. Each
 answer must be a deliberate status: never UNKNOWN or INTERNAL (a handler
 bug), and what failed leaves nothing behind.
 
@@ -16,23 +17,39 @@ bug), and what failed leaves nothing behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
 from google.protobuf.descriptor import MethodDescriptor
 from hypothesis import given, settings
 
+from agentvm.common.config import Settings
 from agentvm.common.grpc_util import SERVER_OPTIONS
 from agentvm.monitor.servicer import MonitorServicer
-from agentvm.v1 import executor_pb2, monitor_pb2, monitor_pb2_grpc, vm_manager_pb2
+from agentvm.pool_manager.manager import PoolManager
+from agentvm.pool_manager.servicer import PoolManagerServicer
+from agentvm.v1 import (
+    common_pb2,
+    executor_pb2,
+    monitor_pb2,
+    monitor_pb2_grpc,
+    pool_manager_pb2,
+    pool_manager_pb2_grpc,
+    vm_manager_pb2,
+)
 from tests.protofuzz import wire_messages
 from tests.unit.test_bad_input import Stack, image_cache, services  # noqa: F401 (fixture)
 from tests.unit.test_monitor_service import new_monitor
+from tests.unit.test_pool import KEY as POOL_KEY
+from tests.unit.test_pool import FakeBackend
+from tests.unit.test_pool import cfg as pool_cfg
 
 EXAMPLES = int(os.environ.get("AGENTVM_FUZZ_EXAMPLES", "8"))
 # The methods not fuzzed here, and why.
@@ -49,6 +66,7 @@ def _methods() -> list[MethodDescriptor]:
         (vm_manager_pb2, "VMManagerService"),
         (executor_pb2, "ExecutorService"),
         (monitor_pb2, "MonitorService"),
+        (pool_manager_pb2, "PoolManagerService"),
     ):
         service = module.DESCRIPTOR.services_by_name[name]
         out += [m for m in service.methods if f"{service.full_name}/{m.name}" not in SKIPPED]
@@ -78,35 +96,86 @@ def stack(tmp_path: Path, image_cache: Path) -> Iterator[Stack]:  # noqa: F811
         yield s
 
 
-@pytest.fixture
-def monitor_addr(tmp_path: Path) -> Iterator[str]:
-    """The real monitor servicer, served in process on a background loop."""
+@contextlib.contextmanager
+def _served(
+    addr: str, register: Callable[[grpc.aio.Server], None], up: Any, down: Any
+) -> Iterator[None]:
+    """Serve on a background loop: ``up()``, then the server; at the end, ``down()``."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    addr = f"unix:{tmp_path}/monitor.sock"
-    mon = new_monitor(tmp_path / "mon")
 
     async def start() -> grpc.aio.Server:
-        await mon.start()
+        await up()
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        monitor_pb2_grpc.add_MonitorServiceServicer_to_server(MonitorServicer(mon), server)
+        register(server)
         server.add_insecure_port(addr)
         await server.start()
         return server
 
     async def stop(server: grpc.aio.Server) -> None:
         await server.stop(None)
-        await mon.close()
+        await down()
 
     server = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
     try:
-        yield addr
+        yield
     finally:
         asyncio.run_coroutine_threadsafe(stop(server), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+@pytest.fixture
+def monitor_addr(tmp_path: Path) -> Iterator[str]:
+    """The real monitor servicer, served in process."""
+    addr = f"unix:{tmp_path}/monitor.sock"
+    mon = new_monitor(tmp_path / "mon")
+    with _served(
+        addr,
+        lambda s: monitor_pb2_grpc.add_MonitorServiceServicer_to_server(MonitorServicer(mon), s),
+        mon.start,
+        mon.close,
+    ):
+        yield addr
+
+
+class _Backend(FakeBackend):
+    """test_pool's fake vm-manager, with what a PoolManager asks besides."""
+
+    async def list_vms(self, labels: dict[str, str]) -> list[common_pb2.VM]:
+        return []
+
+    async def mark_leased(self, name: str, lessee: str, lease_id: str) -> common_pb2.VM:
+        return common_pb2.VM(name=name, state=common_pb2.VM_STATE_READY)
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.fixture
+def pool_stack(tmp_path: Path) -> Iterator[tuple[str, Callable[[], list[str]]]]:
+    """The real pool-manager (PoolManager + servicer) over a fake vm-manager."""
+    addr = f"unix:{tmp_path}/pool.sock"
+    settings = dataclasses.replace(Settings(), state_dir=tmp_path / "state", pool_manager_addr=addr)
+    backend = _Backend()
+    manager = PoolManager(settings, cast(Any, backend), {POOL_KEY: pool_cfg(0, 2)})
+
+    def leftovers() -> list[str]:
+        """VMs the fake vm-manager holds and leases the journal keeps open."""
+        leased = [f"lease {lid}" for lid in manager.journal.open()]
+        return [f"vm {n}" for n in sorted(backend.alive)] + leased
+
+    with _served(
+        addr,
+        lambda s: pool_manager_pb2_grpc.add_PoolManagerServiceServicer_to_server(
+            PoolManagerServicer(manager), s
+        ),
+        manager.start,
+        manager.close,
+    ):
+        yield addr, leftovers
 
 
 @pytest.mark.parametrize("method", _methods(), ids=lambda m: m.name)
@@ -116,6 +185,8 @@ def test_hostile_wellformed_requests_get_deliberate_answers(
     left: Callable[[], list[str]] = list
     if method.containing_service.name == "MonitorService":
         addr = request.getfixturevalue("monitor_addr")
+    elif method.containing_service.name == "PoolManagerService":
+        addr, left = request.getfixturevalue("pool_stack")
     else:
         stack: Stack = request.getfixturevalue("stack")
         addr, left = (
@@ -131,7 +202,8 @@ def test_hostile_wellformed_requests_get_deliberate_answers(
         @settings(max_examples=EXAMPLES, deadline=None)
         @given(raw=wire_messages(method.input_type))
         def check(raw: bytes) -> None:
+            before = left()
             if _call(ch, method, raw) is not grpc.StatusCode.OK:
-                assert left() == [], method.name
+                assert left() == before, method.name
 
         check()
