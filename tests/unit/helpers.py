@@ -66,6 +66,23 @@ def sync(nonce: bytes) -> bytes:
 
 
 # -- local servers -------------------------------------------------------------------------
+
+
+def accept_until(
+    listener: socket.socket, stop: threading.Event, on_conn: Callable[[socket.socket], None]
+) -> None:
+    """Hand each connection of ``listener`` (a short accept timeout) to ``on_conn``
+    until ``stop`` is set or the listener is closed."""
+    while not stop.is_set():
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        on_conn(conn)
+
+
 class EchoConn:
     """One connection accepted by :class:`EchoServer`."""
 
@@ -321,23 +338,19 @@ class FakeChannel:
             t.start()
 
     def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                old, self._current = self._current, conn
-                self.accepted += 1
-                stale, self._stale = bytes(self._stale), bytearray()
-                with contextlib.suppress(OSError):
-                    if stale:
-                        conn.sendall(stale)
-            if old is not None:
-                self._shutdown(old)
-            threading.Thread(target=self._to_port, args=(conn,), daemon=True).start()
+        accept_until(self._listener, self._stop, self._accepted)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        with self._lock:
+            old, self._current = self._current, conn
+            self.accepted += 1
+            stale, self._stale = bytes(self._stale), bytearray()
+            with contextlib.suppress(OSError):
+                if stale:
+                    conn.sendall(stale)
+        if old is not None:
+            self._shutdown(old)
+        threading.Thread(target=self._to_port, args=(conn,), daemon=True).start()
 
     def _to_port(self, conn: socket.socket) -> None:
         while True:

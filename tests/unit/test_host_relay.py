@@ -27,7 +27,14 @@ from agentvm.vm_manager.relay import HostRelay
 from agentvm_guest import __version__, agent, mux
 from agentvm_guest.mux import FrameType
 
-from .helpers import FakeChannel, GuestSide, PortHost, async_wait_until, run_async
+from .helpers import (
+    FakeChannel,
+    GuestSide,
+    PortHost,
+    accept_until,
+    async_wait_until,
+    run_async,
+)
 
 VM = "agent-vm-relaytest"
 
@@ -260,16 +267,12 @@ class ScriptedGuest:
         self._thread.start()
 
     def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            self._conns.append(conn)
-            threading.Thread(target=self._run, args=(conn, self.accepted), daemon=True).start()
+        accept_until(self._listener, self._stop, self._accepted)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        self.accepted += 1
+        self._conns.append(conn)
+        threading.Thread(target=self._run, args=(conn, self.accepted), daemon=True).start()
 
     def _run(self, conn: socket.socket, n: int) -> None:
         try:

@@ -31,7 +31,7 @@ from agentvm.vm_manager import relay_refuse
 from agentvm.vm_manager.relay import HostRelay
 from agentvm_guest import __version__, agent, mux
 
-from .helpers import FakeChannel, GuestSide, async_wait_until, run_async
+from .helpers import FakeChannel, GuestSide, accept_until, async_wait_until, run_async
 
 VM = "agent-vm-hostile"
 FLOOD = 300
@@ -63,18 +63,14 @@ class HostileGuest:
         self._threads[0].start()
 
     def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            self.conns.append(conn)
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(t)
-            t.start()
+        accept_until(self._listener, self._stop, self._accepted)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        self.accepted += 1
+        self.conns.append(conn)
+        t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+        self._threads.append(t)
+        t.start()
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(0.05)
