@@ -1,5 +1,8 @@
 """Requests the agent cannot decode: INVALID_ARGUMENT and one quiet log line.
 
+Malformed, tolerant, message_name and same_kind are the part both ends
+share: the host services' ``agentvm.common.wire`` builds on them.
+
 The guest's counterpart of the host services' ``agentvm.common.wire`` for
 its synchronous gRPC server (the guest image carries only this package):
 grpcio's sync server answers an undecodable request ``INTERNAL`` "Exception
@@ -55,7 +58,9 @@ class _Quiet:
 _QUIET = _Quiet()
 
 
-def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+def tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """``deserializer`` that returns Malformed(reason) instead of raising."""
+
     def parse(raw: bytes) -> Any:
         try:
             return deserializer(raw)
@@ -63,6 +68,29 @@ def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
             return Malformed(str(exc) or type(exc).__name__)
 
     return parse
+
+
+def message_name(deserializer: Any) -> str:
+    """``agentvm.v1.RunRequest`` for ``RunRequest.FromString``, else a generic name."""
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", None)
+    return name if isinstance(name, str) else "request message"
+
+
+def same_kind(handler: Any, behavior: Any, deserializer: Any) -> Any:
+    """A method handler of ``handler``'s kind serving ``behavior`` (sync or aio alike)."""
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    return make(
+        behavior,
+        request_deserializer=deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 class RejectMalformed(grpc.ServerInterceptor):  # type: ignore[type-arg]
@@ -77,8 +105,7 @@ class RejectMalformed(grpc.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or handler.request_deserializer is None:
             return handler
         method = (details.method or "").lstrip("/")
-        owner = getattr(handler.request_deserializer, "__self__", None)
-        kind = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request message")
+        kind = message_name(handler.request_deserializer)
 
         def refuse(context: grpc.ServicerContext, bad: Malformed) -> None:
             _QUIET.warning("refused a malformed %s request: %s", method, bad.reason)
@@ -111,14 +138,4 @@ class RejectMalformed(grpc.ServerInterceptor):  # type: ignore[type-arg]
                     refuse(context, request)
                 return inner(request, context)
 
-        make = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(bool(handler.request_streaming), bool(handler.response_streaming))]
-        return make(
-            behavior,
-            request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
+        return same_kind(handler, behavior, tolerant(handler.request_deserializer))

@@ -40,6 +40,7 @@ from agentvm.common import grpc_util, tls, wire
 from agentvm.common.config import Settings
 from agentvm.common.errors import InvalidArgument
 from agentvm.common.events import EventReporter, EventSink
+from agentvm_guest.wire import same_kind
 
 log = logging.getLogger("agentvm.telemetry")
 
@@ -205,7 +206,7 @@ class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 with self._observed(method, context, _CallFacts.of(context)):
                     return await inner(request, context)
 
-            return wire.same_kind(handler, unary, handler.request_deserializer)
+            return same_kind(handler, unary, handler.request_deserializer)
         inner_stream: Any = handler.unary_stream or handler.stream_stream
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -222,7 +223,7 @@ class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     async for item in items:
                         yield item
 
-        return wire.same_kind(handler, stream, handler.request_deserializer)
+        return same_kind(handler, stream, handler.request_deserializer)
 
     @contextlib.contextmanager
     def _observed(

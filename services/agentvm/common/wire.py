@@ -23,12 +23,12 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 
 from agentvm.common import tls
+from agentvm_guest.wire import Malformed, message_name, same_kind, tolerant
 
 log = logging.getLogger("agentvm.wire")
 
@@ -117,31 +117,6 @@ def unexpected(context: grpc.aio.ServicerContext[Any, Any], where: str) -> None:
     CALLER_LOG.warning(key, "unexpected error in %s (caller %s)", where, key, exc_info=True)
 
 
-@dataclass(frozen=True)
-class Malformed:
-    """What a request's deserializer returned instead of raising: why it failed."""
-
-    reason: str
-
-
-def message_name(deserializer: Any) -> str:
-    """``agentvm.v1.RunRequest`` for ``RunRequest.FromString``, else a generic name."""
-    owner = getattr(deserializer, "__self__", None)
-    descriptor = getattr(owner, "DESCRIPTOR", None)
-    name = getattr(descriptor, "full_name", None)
-    return name if isinstance(name, str) else "request message"
-
-
-def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def parse(raw: bytes) -> Any:
-        try:
-            return deserializer(raw)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is the caller's bad bytes
-            return Malformed(str(exc) or type(exc).__name__)
-
-    return parse
-
-
 def _caller_key(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return tls.peer_identity(context) or "(no verified identity)"
 
@@ -218,7 +193,7 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     await refuse(context, request)
                 return await inner(request, context)
 
-        return same_kind(handler, behavior, _tolerant(handler.request_deserializer))
+        return same_kind(handler, behavior, tolerant(handler.request_deserializer))
 
 
 async def forward(result: Any) -> AsyncIterator[Any]:
@@ -234,21 +209,6 @@ async def forward(result: Any) -> AsyncIterator[Any]:
     async with closing(result) as items:
         async for item in items:
             yield item
-
-
-def same_kind(handler: Any, behavior: Any, deserializer: Any) -> Any:
-    """A method handler of ``handler``'s kind serving ``behavior``."""
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(bool(handler.request_streaming), bool(handler.response_streaming))]
-    return make(
-        behavior,
-        request_deserializer=deserializer,
-        response_serializer=handler.response_serializer,
-    )
 
 
 class StreamCloser(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
