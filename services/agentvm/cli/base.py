@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import click
 import grpc
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
 from agentvm.common.config import Settings
 from agentvm.common.errors import AgentVMError
@@ -30,6 +32,8 @@ NETWORKS = {
     "bridge": common_pb2.NETWORK_MODE_BRIDGE,
 }
 DEFAULT_NETWORK = "nat-filtered"
+# The exit status of a command ended by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -63,8 +67,14 @@ class Group(click.Group):
             return super().make_context(info_name, args, parent, **extra)
 
     def invoke(self, ctx: click.Context) -> Any:
-        with one_line_usage_errors():
-            return super().invoke(ctx)
+        try:
+            with one_line_usage_errors():
+                return super().invoke(ctx)
+        except KeyboardInterrupt:
+            # Ctrl-C: every `finally` below has run (a `vm run` VM is destroyed, a
+            # one-shot run's call cancelled, which ends its sandbox); exit as shells expect.
+            click.echo("agent-vm: interrupted", err=True)
+            sys.exit(INTERRUPTED)
 
 
 def handle_errors(func: F) -> F:
@@ -115,5 +125,74 @@ def vm_stub() -> vm_manager_pb2_grpc.VMManagerServiceStub:
     )
 
 
-def print_json(msg: Any) -> None:
-    click.echo(json.dumps(MessageToDict(msg, preserving_proto_field_name=True), indent=2))
+_INT64_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def message_dict(msg: Message) -> dict[str, Any]:
+    """``msg`` as JSON-ready data, with 64-bit integers as numbers.
+
+    (protobuf's JSON mapping writes them as strings, for JavaScript's sake; a
+    command-line user piping into jq or Python wants ``"size_bytes": 1024``.)
+    """
+    out = MessageToDict(msg, preserving_proto_field_name=True)
+    _numbers(msg, out)
+    return out
+
+
+def _numbers(msg: Message, out: dict[str, Any]) -> None:
+    for field, value in msg.ListFields():
+        key = field.name
+        if key not in out:
+            continue
+        if field.type in _INT64_TYPES:
+            if field.is_repeated:
+                out[key] = [int(v) for v in out[key]]
+            else:
+                out[key] = int(out[key])
+        elif (mtype := field.message_type) is not None and not _well_known(mtype):
+            if mtype.GetOptions().map_entry:
+                vfield = mtype.fields_by_name["value"]
+                if vfield.type in _INT64_TYPES:
+                    out[key] = {k: int(v) for k, v in out[key].items()}
+                elif vfield.type == FieldDescriptor.TYPE_MESSAGE:
+                    for k, v in value.items():
+                        _numbers(v, out[key][str(k)])
+            elif field.is_repeated:
+                for sub, sub_out in zip(value, out[key], strict=True):
+                    _numbers(sub, sub_out)
+            else:
+                _numbers(value, out[key])
+
+
+def _well_known(mtype: Descriptor) -> bool:
+    """Timestamp, Duration & co. keep their JSON forms (RFC 3339, "1.5s")."""
+    return mtype.full_name.startswith("google.protobuf.")
+
+
+def print_json(msg: Message) -> None:
+    click.echo(json.dumps(message_dict(msg), indent=2))
+
+
+def print_json_lines(msgs: Iterable[Message]) -> None:
+    """One compact JSON object per line (for `--json` of list commands and streams)."""
+    for msg in msgs:
+        click.echo(json.dumps(message_dict(msg)))
+
+
+def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Aligned columns under a header line; "(none)" when there are no rows."""
+    table = [list(headers)] + [[str(c) for c in row] for row in rows]
+    if len(table) == 1:
+        click.echo("(none)")
+        return
+    widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
+    for r in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
