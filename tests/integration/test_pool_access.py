@@ -125,7 +125,7 @@ def test_a_warm_pool_vm_is_out_of_reach_until_leased(
     listing = cli(vmm, "vm", "list")
     assert listing.returncode == 0, listing.stderr
     (line,) = [ln for ln in listing.stdout.splitlines() if ln.startswith(name)]
-    assert line.endswith("pool: standard/isolated (warm)")
+    assert line.endswith("standard/isolated (warm)"), line
     planted = cli(vmm, "vm", "exec", name, "--", "sh", "-c", PLANT)
     assert planted.returncode == 2
     assert "is a warm pool VM of pool standard/isolated and is not leased" in planted.stderr
@@ -150,7 +150,7 @@ def test_a_warm_pool_vm_is_out_of_reach_until_leased(
     assert ran.returncode == 0, ran.stderr
     listing = cli(vmm, "vm", "list")
     (line,) = [ln for ln in listing.stdout.splitlines() if ln.startswith(name)]
-    assert line.endswith("pool: standard/isolated (leased to client)")
+    assert line.endswith("standard/isolated (leased to client)"), line
 
     pm.pool_stub().ReleaseVM(pool_manager_pb2.ReleaseVMRequest(lease_id=lease.lease_id), timeout=60)
     with pytest.raises(grpc.RpcError) as err:

@@ -36,6 +36,32 @@ DEFAULT_NETWORK = "nat-filtered"
 INTERRUPTED = 130
 
 
+def enum_word(enum: Any, value: int, prefix: str) -> str:
+    """``VM_STATE_READY`` -> ``ready``: an enum value as the CLI spells it."""
+    try:
+        return str(enum.Name(value)).removeprefix(prefix).lower().replace("_", "-")
+    except ValueError:
+        return str(value)  # a value newer than this CLI
+
+
+def network_word(mode: int) -> str:
+    """A network mode as `--network` takes it (``nat-filtered``, ``isolated``, ``bridge``)."""
+    for word, value in NETWORKS.items():
+        if value == mode:
+            return word
+    return "-" if mode == common_pb2.NETWORK_MODE_UNSPECIFIED else str(mode)
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> ``1.5 KiB`` (binary units, as the profiles and `df -h` use)."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     click.echo(f"agent-vm: error: {message}", err=True)
     sys.exit(code)

@@ -12,9 +12,14 @@ from agentvm.cli.base import (
     NETWORKS,
     PROFILES,
     check_timeout,
+    enum_word,
     fail,
     handle_errors,
+    human_bytes,
+    network_word,
     print_json,
+    print_json_lines,
+    print_table,
     vm_stub,
 )
 from agentvm.common.grpc_util import sync_channel
@@ -78,24 +83,36 @@ def vm_create(profile: str, network: str, no_wait: bool) -> None:
 
 
 @vm.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per VM, one per line.")
 @handle_errors
-def vm_list() -> None:
-    """List VMs."""
-    for v in vm_stub().ListVMs(vm_manager_pb2.ListVMsRequest(), timeout=10).vms:
-        click.echo(
-            f"{v.name}  {common_pb2.VMState.Name(v.state).removeprefix('VM_STATE_')}  "
-            f"{common_pb2.ResourceProfile.Name(v.profile).removeprefix('RESOURCE_PROFILE_')}"
-            + _pool_mark(v)
-        )
+def vm_list(as_json: bool) -> None:
+    """List VMs: name, state, profile, network and, for pool VMs, their pool."""
+    vms = vm_stub().ListVMs(vm_manager_pb2.ListVMsRequest(), timeout=10).vms
+    if as_json:
+        print_json_lines(vms)
+        return
+    print_table(
+        ("NAME", "STATE", "PROFILE", "NETWORK", "POOL"),
+        (
+            (
+                v.name,
+                enum_word(common_pb2.VMState, v.state, "VM_STATE_"),
+                enum_word(common_pb2.ResourceProfile, v.profile, "RESOURCE_PROFILE_"),
+                network_word(v.network_mode),
+                _pool_mark(v),
+            )
+            for v in vms
+        ),
+    )
 
 
 def _pool_mark(v: common_pb2.VM) -> str:
-    """``  pool: KEY (warm)`` / ``(leased to WHO)`` for pool VMs, else ""."""
+    """``KEY (warm)`` / ``KEY (leased to WHO)`` for pool VMs, else "-"."""
     if not v.HasField("pool"):
-        return ""
+        return "-"
     if v.pool.state == common_pb2.POOL_VM_STATE_LEASED:
-        return f"  pool: {v.pool.pool} (leased to {v.pool.lessee or 'unnamed'})"
-    return f"  pool: {v.pool.pool} (warm)"
+        return f"{v.pool.pool} (leased to {v.pool.lessee or 'unnamed'})"
+    return f"{v.pool.pool} (warm)"
 
 
 @vm.command("get")
@@ -150,13 +167,29 @@ def snapshot_create(name: str, snapshot: str, description: str) -> None:
 
 @vm_snapshot.command("list")
 @click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per snapshot, one per line.")
 @handle_errors
-def snapshot_list(name: str) -> None:
+def snapshot_list(name: str, as_json: bool) -> None:
     """List the snapshots of VM NAME."""
     resp = vm_stub().ListSnapshots(vm_manager_pb2.ListSnapshotsRequest(vm_name=name), timeout=60)
-    for s in resp.snapshots:
-        kind = "memory+disk" if s.includes_memory else "disk"
-        click.echo(f"{s.name}  {kind}  {s.size_bytes} bytes  {s.description}")
+    if as_json:
+        print_json_lines(resp.snapshots)
+        return
+    print_table(
+        ("NAME", "KIND", "SIZE", "CREATED", "DESCRIPTION"),
+        (
+            (
+                s.name,
+                "memory+disk" if s.includes_memory else "disk",
+                human_bytes(s.size_bytes),
+                s.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+                if s.HasField("created_at")
+                else "-",
+                s.description,
+            )
+            for s in resp.snapshots
+        ),
+    )
 
 
 @vm_snapshot.command("restore")
