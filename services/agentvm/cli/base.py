@@ -207,10 +207,9 @@ def print_json(msg: Message) -> None:
     click.echo(json.dumps(message_dict(msg), indent=2))
 
 
-def print_json_lines(msgs: Iterable[Message]) -> None:
-    """One compact JSON object per line (for `--json` of list commands and streams)."""
-    for msg in msgs:
-        click.echo(json.dumps(message_dict(msg)))
+def print_json_list(msgs: Iterable[Message]) -> None:
+    """A JSON array of ``msgs`` (the `--json` of list commands)."""
+    click.echo(json.dumps([message_dict(m) for m in msgs], indent=2))
 
 
 def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:

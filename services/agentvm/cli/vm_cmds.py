@@ -18,7 +18,7 @@ from agentvm.cli.base import (
     human_bytes,
     network_word,
     print_json,
-    print_json_lines,
+    print_json_list,
     print_table,
     vm_stub,
 )
@@ -83,13 +83,13 @@ def vm_create(profile: str, network: str, no_wait: bool) -> None:
 
 
 @vm.command("list")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per VM, one per line.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of the VMs.")
 @handle_errors
 def vm_list(as_json: bool) -> None:
     """List VMs: name, state, profile, network and, for pool VMs, their pool."""
     vms = vm_stub().ListVMs(vm_manager_pb2.ListVMsRequest(), timeout=10).vms
     if as_json:
-        print_json_lines(vms)
+        print_json_list(vms)
         return
     print_table(
         ("NAME", "STATE", "PROFILE", "NETWORK", "POOL"),
@@ -167,13 +167,13 @@ def snapshot_create(name: str, snapshot: str, description: str) -> None:
 
 @vm_snapshot.command("list")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per snapshot, one per line.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of the snapshots.")
 @handle_errors
 def snapshot_list(name: str, as_json: bool) -> None:
     """List the snapshots of VM NAME."""
     resp = vm_stub().ListSnapshots(vm_manager_pb2.ListSnapshotsRequest(vm_name=name), timeout=60)
     if as_json:
-        print_json_lines(resp.snapshots)
+        print_json_list(resp.snapshots)
         return
     print_table(
         ("NAME", "KIND", "SIZE", "CREATED", "DESCRIPTION"),
