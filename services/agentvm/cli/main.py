@@ -14,12 +14,19 @@ from pathlib import Path
 
 import click
 import grpc
-from google.protobuf.json_format import MessageToJson
 
 from agentvm.cli import bench as bench_mod
 from agentvm.cli import doctor as doctor_mod
 from agentvm.cli import image_cmds, pool_cmds, run_cmd, services, vm_cmds
-from agentvm.cli.base import Group, fail, handle_errors, service, settings, vm_stub
+from agentvm.cli.base import (
+    Group,
+    fail,
+    handle_errors,
+    message_dict,
+    service,
+    settings,
+    vm_stub,
+)
 from agentvm.cli.run_cmd import MAX_INLINE_INPUT
 from agentvm.common import tls
 from agentvm.v1 import (
@@ -197,22 +204,23 @@ def bench(as_json: bool, cold: int, restores: int, acquires: int, concurrent: in
 
 # -- audit log ------------------------------------------------------------------
 @cli.command("alerts")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per alert.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per alert, one per line.")
 @handle_errors
 def alerts_cmd(as_json: bool) -> None:
-    """Print the monitor's alerts (anomalies and the responses taken) as they happen."""
+    """Print the monitor's alerts (anomalies and the responses taken) as they happen.
+
+    Runs until Ctrl-C (exit 130).
+    """
     channel = service(settings().monitor_addr, "monitor")
     stub = monitor_pb2_grpc.MonitorServiceStub(channel)
     try:
         for resp in stub.WatchAlerts(monitor_pb2.WatchAlertsRequest()):
             a = resp.alert
             if as_json:
-                click.echo(MessageToJson(a, indent=None))
+                click.echo(json.dumps(message_dict(a)))
             else:
                 when = a.time.ToDatetime().strftime("%H:%M:%S")
                 click.echo(f"{when}  {a.rule}  {a.vm_name}  {a.response}: {a.description}")
-    except KeyboardInterrupt:
-        pass
     finally:
         channel.close()
 
@@ -223,7 +231,7 @@ def audit() -> None:
 
 
 @audit.command("verify")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option(
     "--head",
     type=click.Path(path_type=Path),
@@ -233,9 +241,14 @@ def audit() -> None:
 def audit_verify(paths: tuple[Path, ...], head: Path | None, strict_start: bool) -> None:
     """Check the hash chain of audit FILEs (any order) or of an audit DIR.
 
-    Exit 0 when intact, 1 when tampered with, 2 when a file cannot be read.
+    Without PATHS, the installation's audit directory (AGENTVM_AUDIT_DIR,
+    default /var/log/agent-vm/audit). Exit 0 when intact, 1 when tampered
+    with, 2 when a file cannot be read.
     """
     from agentvm.monitor import audit as audit_log
+
+    if not paths:
+        paths = (settings().audit_dir,)
 
     files: list[Path] = []
     for path in paths:

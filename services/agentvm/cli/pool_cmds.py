@@ -6,8 +6,13 @@ import click
 
 from agentvm.cli.base import (
     PROFILES,
+    enum_word,
     handle_errors,
+    human_bytes,
+    network_word,
     print_json,
+    print_json_list,
+    print_table,
     service,
     settings,
     vm_stub,
@@ -33,15 +38,29 @@ def template_prepare(profile: str, force: bool) -> None:
 
 
 @template.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of the templates.")
 @handle_errors
-def template_list() -> None:
+def template_list(as_json: bool) -> None:
     """List the memory templates on this host."""
     resp = vm_stub().ListTemplates(vm_manager_pb2.ListTemplatesRequest(), timeout=30)
-    for t in resp.templates:
-        click.echo(
-            f"{t.key}  memory {t.memory_state_bytes >> 20} MiB  disk {t.disk_bytes >> 20} MiB  "
-            f"built in {t.build_duration.ToNanoseconds() / 1e9:.1f} s  QEMU {t.qemu_version}"
-        )
+    if as_json:
+        print_json_list(resp.templates)
+        return
+    print_table(
+        ("KEY", "PROFILE", "NETWORK", "MEMORY", "DISK", "BUILT IN", "QEMU"),
+        (
+            (
+                t.key,
+                enum_word(common_pb2.ResourceProfile, t.profile, "RESOURCE_PROFILE_"),
+                network_word(t.network_mode),
+                human_bytes(t.memory_state_bytes),
+                human_bytes(t.disk_bytes),
+                f"{t.build_duration.ToNanoseconds() / 1e9:.1f} s",
+                t.qemu_version,
+            )
+            for t in resp.templates
+        ),
+    )
 
 
 @template.command("delete")
