@@ -282,7 +282,7 @@ def test_fork_storm_is_detected_and_killed(
     out, _ = watcher.communicate(timeout=30)
     alerts = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert any(
-        a["rule"] == "process_storm" and a["vmName"] == vm and a["response"] == "kill"
+        a["rule"] == "process_storm" and a["vm_name"] == vm and a["response"] == "kill"
         for a in alerts
     ), out
 
