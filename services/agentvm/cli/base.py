@@ -36,6 +36,29 @@ DEFAULT_NETWORK = "nat-filtered"
 INTERRUPTED = 130
 
 
+def profile_option(default: str = "standard") -> Callable[[F], F]:
+    """`--profile`: the resource profile (the same words and help on every command)."""
+    return click.option(
+        "--profile",
+        type=click.Choice(list(PROFILES)),
+        default=default,
+        show_default=True,
+        help="Resource profile: vCPUs, memory and disk (docs/USER_GUIDE.md, 'Resource profiles').",
+    )
+
+
+def network_option() -> Callable[[F], F]:
+    """`--network`: the network mode (the same words and help on every command)."""
+    return click.option(
+        "--network",
+        type=click.Choice(list(NETWORKS)),
+        default=DEFAULT_NETWORK,
+        show_default=True,
+        help="nat-filtered: NAT with a domain allowlist; isolated: no network interface; "
+        "bridge: on a host bridge.",
+    )
+
+
 def enum_word(enum: Any, value: int, prefix: str) -> str:
     """``VM_STATE_READY`` -> ``ready``: an enum value as the CLI spells it."""
     try:

@@ -13,6 +13,7 @@ from agentvm.cli.base import (
     print_json,
     print_json_list,
     print_table,
+    profile_option,
     service,
     settings,
     vm_stub,
@@ -27,7 +28,7 @@ def template() -> None:
 
 
 @template.command("prepare")
-@click.option("--profile", type=click.Choice(list(PROFILES)), default="standard")
+@profile_option()
 @click.option("--force", is_flag=True, help="Rebuild even if a current template exists.")
 @handle_errors
 def template_prepare(profile: str, force: bool) -> None:

@@ -12,11 +12,10 @@ from typing import Any
 import click
 
 from agentvm.cli.base import (
-    DEFAULT_NETWORK,
-    NETWORKS,
-    PROFILES,
     check_timeout,
     fail,
+    network_option,
+    profile_option,
     settings,
 )
 from agentvm.vm_manager.templates import MAX_MEMORY_MIB, MAX_VCPUS
@@ -51,8 +50,8 @@ def _collect_inputs(paths: tuple[str, ...]) -> dict[str, Path]:
 @click.option("-c", "code", help="Python code to run (instead of FILE).")
 @click.option("--cmd", "shell", help="Shell command to run (instead of FILE).")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")
-@click.option("--profile", type=click.Choice(list(PROFILES)), default="standard")
-@click.option("--network", type=click.Choice(list(NETWORKS)), default=DEFAULT_NETWORK)
+@profile_option()
+@network_option()
 @click.option(
     "--allow-domain",
     "allow_domains",

@@ -8,7 +8,6 @@ import time
 import click
 
 from agentvm.cli.base import (
-    DEFAULT_NETWORK,
     NETWORKS,
     PROFILES,
     check_timeout,
@@ -16,10 +15,12 @@ from agentvm.cli.base import (
     fail,
     handle_errors,
     human_bytes,
+    network_option,
     network_word,
     print_json,
     print_json_list,
     print_table,
+    profile_option,
     vm_stub,
 )
 from agentvm.common.grpc_util import sync_channel
@@ -70,8 +71,8 @@ def _exec(endpoint: str, argv: list[str], timeout: float) -> int:
 
 
 @vm.command("create")
-@click.option("--profile", type=click.Choice(list(PROFILES)), default="standard")
-@click.option("--network", type=click.Choice(list(NETWORKS)), default=DEFAULT_NETWORK)
+@profile_option()
+@network_option()
 @click.option("--no-wait", is_flag=True, help="Return before the guest agent is ready.")
 @handle_errors
 def vm_create(profile: str, network: str, no_wait: bool) -> None:
@@ -151,7 +152,7 @@ def vm_snapshot() -> None:
 @vm_snapshot.command("create")
 @click.argument("name")
 @click.argument("snapshot")
-@click.option("--description", default="")
+@click.option("--description", default="", help="Free text kept with the snapshot.")
 @handle_errors
 def snapshot_create(name: str, snapshot: str, description: str) -> None:
     """Snapshot VM NAME as SNAPSHOT."""
@@ -237,8 +238,8 @@ def vm_exec(name: str, argv: tuple[str, ...], timeout: float) -> None:
 
 @vm.command("run", context_settings={"ignore_unknown_options": True})
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
-@click.option("--profile", type=click.Choice(list(PROFILES)), default="standard")
-@click.option("--network", type=click.Choice(list(NETWORKS)), default=DEFAULT_NETWORK)
+@profile_option()
+@network_option()
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")
 @handle_errors
 def vm_run(argv: tuple[str, ...], profile: str, network: str, timeout: float) -> None:
