@@ -140,6 +140,23 @@ def test_the_run_cap_refuses_what_would_pass_it(tmp_path: Path) -> None:
     assert "max_output_files_bytes" in skip.detail
 
 
+def test_symlinks_and_fifos_in_output_are_reported_not_dropped(tmp_path: Path) -> None:
+    """Run returns regular files only; anything else is named with why (issue 23 item 2)."""
+    out = tmp_path / "output"
+    (out / "sub").mkdir(parents=True)
+    (out / "real.txt").write_text("real")
+    (out / "link").symlink_to("/etc/passwd")
+    os.mkfifo(out / "sub" / "pipe")
+    result, sent = run(collect(executor(), sandbox(tmp_path), executor_pb2.RunRequest()))
+    assert sent == {"real.txt": b"real"}
+    skipped = {s.path: (s.reason, s.detail) for s in result.skipped_output_files}
+    assert set(skipped) == {"link", "sub/pipe"}
+    assert {r for r, _ in skipped.values()} == {Reason.OUTPUT_FILE_SKIP_REASON_NOT_REGULAR}
+    assert "symlink" in skipped["link"][1]
+    assert "FIFO" in skipped["sub/pipe"][1]
+    assert "regular files only" in skipped["link"][1]
+
+
 def test_callers_may_lower_the_caps_but_not_raise_them() -> None:
     ex = executor(max_output_file_bytes=MiB, max_output_files_bytes=2 * MiB)
     assert run_caps(ex.files, executor_pb2.RunRequest()) == (MiB, 2 * MiB)

@@ -36,12 +36,16 @@ from agentvm_guest.paths import AtomicWriter, PathError
 
 # not_saved: read, but it could not be written under ``outputs_dir`` (e.g. a
 # directory of that name is there).
-SkipReason = Literal["too_large", "run_cap", "sparse", "unreadable", "not_saved", "unknown"]
+# not_regular: a symlink, FIFO, socket or device (never followed or opened).
+SkipReason = Literal[
+    "too_large", "run_cap", "sparse", "unreadable", "not_regular", "not_saved", "unknown"
+]
 _REASONS: dict[int, SkipReason] = {
     executor_pb2.OUTPUT_FILE_SKIP_REASON_TOO_LARGE: "too_large",
     executor_pb2.OUTPUT_FILE_SKIP_REASON_RUN_CAP: "run_cap",
     executor_pb2.OUTPUT_FILE_SKIP_REASON_SPARSE: "sparse",
     executor_pb2.OUTPUT_FILE_SKIP_REASON_UNREADABLE: "unreadable",
+    executor_pb2.OUTPUT_FILE_SKIP_REASON_NOT_REGULAR: "not_regular",
 }
 
 
@@ -56,7 +60,7 @@ class OutputFile:
 
 @dataclass(frozen=True)
 class SkippedOutputFile:
-    """An output file the executor refused before reading it (caps, sparse files)."""
+    """An output file the executor refused before reading it (caps, sparse, not regular)."""
 
     path: str
     size_bytes: int
@@ -75,7 +79,7 @@ class RunResult(CommandResult):
     output_contents: Mapping[str, bytes] = field(default_factory=dict)
     # Every DNS query and connection attempt of the run (nat-filtered).
     network_log: tuple[EgressRecord, ...] = ()
-    # Output files refused before they were read (over a cap, or sparse).
+    # Output files refused before they were read (over a cap, sparse, not regular).
     skipped_output_files: tuple[SkippedOutputFile, ...] = ()
     # Set when output/ could not be listed at all (too many entries, too deep).
     output_files_error: str = ""
@@ -154,6 +158,7 @@ async def arun(
     outputs_dir: str | os.PathLike[str] | None = None,
     max_output_file_bytes: int = 0,
     max_output_files_bytes: int = 0,
+    cwd: str = "",
 ) -> RunResult:
     """One shot: a fresh VM runs the program and is destroyed, whatever happens.
 
@@ -163,7 +168,11 @@ async def arun(
     ``outputs_dir`` they are written there as they arrive instead (nothing is
     held in memory). Output files over ``max_output_file_bytes`` (or past
     ``max_output_files_bytes`` for the run; 0: the executor's caps), and sparse
-    ones, are not read: see ``result.skipped_output_files``.
+    ones, are not read, nor are symlinks, FIFOs and other files that are not
+    regular: see ``result.skipped_output_files``. ``cwd`` is the program's
+    working directory in the guest (absolute; default /workspace/work);
+    ``max_output_bytes`` caps each of stdout and stderr (0: 16 MiB), and
+    ``result.stdout_truncated``/``stderr_truncated`` say when it cut them.
     """
     addr = address or default_address()
     files = []
@@ -186,6 +195,7 @@ async def arun(
         return_output_files=download_outputs or outputs_dir is not None,
         max_output_file_bytes=max_output_file_bytes,
         max_output_files_bytes=max_output_files_bytes,
+        cwd=cwd,
     )
     req.timeout.FromNanoseconds(int(timeout * 1e9))
     out = _Output(on_stdout, on_stderr)

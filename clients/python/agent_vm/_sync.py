@@ -249,6 +249,7 @@ def run(
     outputs_dir: str | os.PathLike[str] | None = None,
     max_output_file_bytes: int = 0,
     max_output_files_bytes: int = 0,
+    cwd: str = "",
 ) -> RunResult:
     """One shot in a fresh VM, destroyed whatever happens (see ``arun``)."""
     return _call(
@@ -274,5 +275,6 @@ def run(
             outputs_dir=outputs_dir,
             max_output_file_bytes=max_output_file_bytes,
             max_output_files_bytes=max_output_files_bytes,
+            cwd=cwd,
         )
     )

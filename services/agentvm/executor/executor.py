@@ -761,6 +761,11 @@ class AgentExecutor:
             raise InvalidArgument("program is empty: set program.argv or program.code")
         for f in req.inputs:
             check_path(f.path)
+        if req.cwd and not req.cwd.startswith("/"):
+            raise InvalidArgument(
+                f"cwd {req.cwd!r} is relative: give an absolute directory in the guest "
+                "(e.g. /workspace/input)"
+            )
         started = time.monotonic()
         sb = await self.create_sandbox(req.spec, default_lifetime=timeout + BOOT_TIMEOUT_S + 60)
         try:
@@ -770,6 +775,7 @@ class AgentExecutor:
                 )
             ereq = executor_pb2.ExecRequest(
                 program=req.program,
+                cwd=req.cwd,
                 env=req.env,
                 stdin=req.stdin,
                 timeout=req.timeout,

@@ -9,7 +9,9 @@ sparse file takes it no disk and no time. So the collection is bounded:
   past what is left of the per-run cap, or sparse, it is refused and
   reported in ``RunResult.skipped_output_files``;
 * a file that grows past its cap while it is read is cut there
-  (``OutputFile.truncated``).
+  (``OutputFile.truncated``);
+* what is not a regular file (a symlink, a FIFO) is never followed or
+  opened, and is reported as skipped (NOT_REGULAR), not dropped.
 """
 
 from __future__ import annotations
@@ -51,6 +53,20 @@ def run_caps(files: WorkspaceFiles, req: executor_pb2.RunRequest) -> tuple[int, 
     return per_file, req.max_output_files_bytes or high
 
 
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, name in (
+        (stat.S_ISLNK, "symlink"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
+        if test(mode):
+            return name
+    return f"file of type {stat.S_IFMT(mode):o}"
+
+
 async def collect_outputs(
     files: WorkspaceFiles,
     sb: SandboxState,
@@ -78,9 +94,18 @@ async def collect_outputs(
         result.skipped_output_files.add(path=rel, size_bytes=size, reason=reason, detail=detail)
 
     for info in listing:
-        if info.is_dir or not stat.S_ISREG(info.mode):
+        if info.is_dir:
             continue
         rel = info.path.removeprefix("output/")
+        if not stat.S_ISREG(info.mode):
+            skip(
+                rel,
+                info.size_bytes,
+                Reason.OUTPUT_FILE_SKIP_REASON_NOT_REGULAR,
+                f"a {file_kind(info.mode)}, not a regular file: Run returns regular files "
+                "only (copy the content into a file under output/ to get it back)",
+            )
+            continue
         size = info.size_bytes
         if size > per_file:
             skip(
