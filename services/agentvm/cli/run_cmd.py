@@ -61,7 +61,11 @@ def _collect_inputs(paths: tuple[str, ...]) -> dict[str, Path]:
     "Replaces the default allowlist.",
 )
 @click.option(
-    "--allow-cidr", "allow_cidrs", multiple=True, metavar="CIDR", help="Address range allowed."
+    "--allow-cidr",
+    "allow_cidrs",
+    multiple=True,
+    metavar="CIDR",
+    help="Address range the run may connect to (repeat).",
 )
 @click.option(
     "--allow-port",
@@ -80,7 +84,12 @@ def _collect_inputs(paths: tuple[str, ...]) -> dict[str, Path]:
     default=0,
     help="Memory in MiB (default: the profile's).",
 )
-@click.option("--input", "inputs", multiple=True, help="File or directory for /workspace/input.")
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    help="File or directory to copy into /workspace/input (repeat).",
+)
 @click.option(
     "--output", "output_dir", type=click.Path(file_okay=False), help="Save /workspace/output here."
 )

@@ -1,0 +1,124 @@
+"""What every `agent-vm` command owes its user: help for each option, tables with
+headers, `--json` with numbers as numbers, and Ctrl-C as exit 130."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from agentvm.cli import base
+from agentvm.cli.main import cli
+from agentvm.v1 import common_pb2, vm_manager_pb2
+
+
+def commands(cmd: click.Command, path: tuple[str, ...]) -> Iterator[tuple[str, click.Command]]:
+    yield " ".join(path), cmd
+    if isinstance(cmd, click.Group):
+        for name, sub in sorted(cmd.commands.items()):
+            yield from commands(sub, (*path, name))
+
+
+ALL = list(commands(cli, ("agent-vm",)))
+
+
+def test_the_tree_is_walked() -> None:
+    names = {name for name, _ in ALL}
+    assert {"agent-vm run", "agent-vm vm list", "agent-vm vm snapshot list"} <= names
+
+
+@pytest.mark.parametrize(("name", "cmd"), ALL, ids=[n for n, _ in ALL])
+def test_every_command_and_option_is_described(name: str, cmd: click.Command) -> None:
+    assert (cmd.help or "").strip(), f"`{name}` has no description"
+    for param in cmd.params:
+        if not isinstance(param, click.Option) or param.hidden:
+            continue
+        assert (param.help or "").strip(), f"`{name} {param.opts[0]}` has no help text"
+        if param.multiple:
+            assert re.search(r"\brepeat", param.help or ""), (
+                f"`{name} {param.opts[0]}` can be given many times: its help must say so "
+                "('repeat')"
+            )
+
+
+@pytest.mark.parametrize(("name", "cmd"), ALL, ids=[n for n, _ in ALL])
+def test_help_runs_for_every_command(name: str, cmd: click.Command) -> None:
+    args = name.split()[1:]
+    result = CliRunner().invoke(cli, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage: " in result.output
+
+
+LISTS = [n for n, _ in ALL if n.endswith((" list", " status")) and " image " not in n]
+
+
+@pytest.mark.parametrize("name", LISTS)
+def test_list_commands_offer_json(name: str) -> None:
+    cmd = dict(ALL)[name]
+    assert any(isinstance(p, click.Option) and "--json" in p.opts for p in cmd.params), name
+
+
+def test_json_keeps_64_bit_integers_as_numbers() -> None:
+    t = vm_manager_pb2.Template(
+        key="k",
+        memory_state_bytes=3 << 30,
+        disk_bytes=7,
+        network_mode=common_pb2.NETWORK_MODE_ISOLATED,
+    )
+    t.build_duration.FromMilliseconds(1500)
+    t.created_at.FromSeconds(0)
+    v = common_pb2.VM(name="vm", labels={"a": "b"})
+    data: Any = json.loads(json.dumps(base.message_dict(t)))
+    assert data["memory_state_bytes"] == 3 << 30
+    assert data["disk_bytes"] == 7
+    assert data["build_duration"] == "1.500s"  # well-known types keep their JSON form
+    assert data["created_at"] == "1970-01-01T00:00:00Z"
+    assert data["network_mode"] == "NETWORK_MODE_ISOLATED"
+    assert base.message_dict(v)["labels"] == {"a": "b"}
+
+
+def test_json_numbers_inside_repeated_and_nested_messages() -> None:
+    resp = vm_manager_pb2.ListSnapshotsResponse(
+        snapshots=[vm_manager_pb2.Snapshot(name="a", size_bytes=1 << 40)]
+    )
+    assert base.message_dict(resp)["snapshots"][0]["size_bytes"] == 1 << 40
+
+
+def test_tables_have_headers_and_aligned_columns(capsys: pytest.CaptureFixture[str]) -> None:
+    base.print_table(("NAME", "SIZE"), [("a", "1 B"), ("longer-name", "2.0 KiB")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["NAME         SIZE", "a            1 B", "longer-name  2.0 KiB"]
+    base.print_table(("NAME",), [])
+    assert capsys.readouterr().out == "(none)\n"
+
+
+def test_words_as_the_cli_spells_them() -> None:
+    assert base.network_word(common_pb2.NETWORK_MODE_NAT_FILTERED) == "nat-filtered"
+    assert base.network_word(common_pb2.NETWORK_MODE_UNSPECIFIED) == "-"
+    assert base.enum_word(common_pb2.VMState, common_pb2.VM_STATE_READY, "VM_STATE_") == "ready"
+    assert base.enum_word(common_pb2.VMState, 999, "VM_STATE_") == "999"
+    assert base.human_bytes(512) == "512 B"
+    assert base.human_bytes(1536) == "1.5 KiB"
+    assert base.human_bytes(4 << 30) == "4.0 GiB"
+
+
+def test_ctrl_c_exits_130_after_cleanup(monkeypatch: pytest.MonkeyPatch) -> None:
+    cleaned: list[str] = []
+
+    class Interrupted:
+        def ListVMs(self, *_: object, **__: object) -> object:
+            try:
+                raise KeyboardInterrupt
+            finally:
+                cleaned.append("finally ran")
+
+    monkeypatch.setattr("agentvm.cli.vm_cmds.vm_stub", Interrupted)
+    result = CliRunner().invoke(cli, ["vm", "list"])
+    assert result.exit_code == base.INTERRUPTED == 130
+    assert cleaned == ["finally ran"]
+    assert "interrupted" in result.output
