@@ -16,18 +16,26 @@ Error tree::
      ├── DataLoss                     (DATA_LOSS) checksum mismatch
      └── RemoteError                  (the code another service returned)
 
-Every message says what was wrong and what to do about it.
+Every message says what was wrong and what to do about it. An error may
+carry a ``reason`` (a stable word for clients: the status code alone does not
+tell them apart), sent as the trailing metadata ``REASON_KEY``.
 """
 
 from __future__ import annotations
 
 import grpc
 
+# Trailing metadata that carries AgentVMError.reason to clients.
+REASON_KEY = "agentvm-reason"
+# The sandbox reached the end of its lifetime (the executor destroyed it).
+REASON_SANDBOX_EXPIRED = "sandbox-expired"
+
 
 class AgentVMError(Exception):
     """Root of every agent-vm error."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = ""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

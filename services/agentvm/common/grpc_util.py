@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from agentvm.common import auth, tls, wire
 from agentvm.common.config import Settings
-from agentvm.common.errors import AgentVMError, FailedPrecondition
+from agentvm.common.errors import REASON_KEY, AgentVMError, FailedPrecondition
 
 log = logging.getLogger("agentvm.grpc")
 
@@ -251,6 +251,11 @@ class Caller:
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
+def _reason(exc: AgentVMError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that tells clients ``exc.reason`` (none without one)."""
+    return ((REASON_KEY, exc.reason),) if exc.reason else ()
+
+
 def grpc_errors(func: F) -> F:
     """Servicer decorator: AgentVMError -> its status code, anything else -> INTERNAL.
 
@@ -269,7 +274,7 @@ def grpc_errors(func: F) -> F:
         except AgentVMError as exc:
             if context.done():
                 return None  # already answered (see above)
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, _reason(exc))
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - logged with its traceback by wire.unexpected
@@ -300,7 +305,7 @@ def grpc_stream_errors(
         except AgentVMError as exc:
             if context.done():
                 return
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, _reason(exc))
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - logged with its traceback by wire.unexpected
