@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shutil
 from pathlib import Path
 
-from agentvm.cli import doctor
+import pytest
+from click.testing import CliRunner, Result
+
+from agentvm.cli import doctor, main
 from agentvm.cli.doctor import Check, cgroup_controllers, qemu_confinement
 from agentvm.common import tls
 from agentvm.common.config import Settings
@@ -125,3 +129,47 @@ def test_workspace_check_names_what_is_missing(tmp_path: Path) -> None:
         and shutil.which("mkfs.ext4") is not None
         and shutil.which("debugfs") is not None
     )
+
+
+SVIRT_MISSING = Check("svirt", False, "no AppArmor/SELinux", "enable AppArmor", required=False)
+LIBVIRT_OK = Check("libvirt", True, "libvirt 9.0")
+LIBVIRT_DOWN = Check("libvirt", False, "cannot connect", "libvirtd -d")
+
+
+def _doctor(monkeypatch: pytest.MonkeyPatch, checks: list[Check], *args: str) -> Result:
+    monkeypatch.setattr(doctor, "run_checks", lambda settings: checks)
+    return CliRunner().invoke(main.cli, ["doctor", *args])
+
+
+def test_levels_ok_warn_fail() -> None:
+    assert LIBVIRT_OK.level == "ok"
+    assert SVIRT_MISSING.level == "warn"
+    assert LIBVIRT_DOWN.level == "fail"
+    assert Check("x", True, "", required=False).level == "ok"
+
+
+def test_an_unmet_optional_check_warns_and_the_doctor_stays_ready(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    result = _doctor(monkeypatch, [LIBVIRT_OK, SVIRT_MISSING])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "WARN svirt: no AppArmor/SELinux" in lines
+    assert "     fix: enable AppArmor" in lines
+    assert "FAIL" not in result.output
+    assert lines[-1] == "ready (1 warning)"
+    assert _doctor(monkeypatch, [LIBVIRT_OK]).output.splitlines()[-1] == "ready"
+
+
+def test_a_failed_required_check_exits_1_and_counts_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = _doctor(monkeypatch, [LIBVIRT_DOWN, SVIRT_MISSING, SVIRT_MISSING])
+    assert result.exit_code == 1
+    assert "FAIL libvirt: cannot connect" in result.output
+    assert result.output.splitlines()[-1] == "1 problem found (2 warnings)"
+
+
+def test_json_has_a_level_per_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = _doctor(monkeypatch, [LIBVIRT_OK, SVIRT_MISSING, LIBVIRT_DOWN], "--json")
+    assert result.exit_code == 1
+    levels = [(c["name"], c["level"], c["required"]) for c in json.loads(result.output)]
+    assert levels == [("libvirt", "ok", True), ("svirt", "warn", False), ("libvirt", "fail", True)]

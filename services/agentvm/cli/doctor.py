@@ -31,8 +31,33 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
-    # Informational checks never fail the doctor.
+    # Optional checks that are not met warn; they never fail the doctor.
     required: bool = True
+
+    @property
+    def level(self) -> str:
+        """``ok``, ``warn`` (an optional check not met) or ``fail`` (a required one)."""
+        if self.ok:
+            return "ok"
+        return "fail" if self.required else "warn"
+
+    def as_dict(self) -> dict[str, object]:
+        """The check as `agent-vm doctor --json` prints it (with its level)."""
+        return {**self.__dict__, "level": self.level}
+
+
+MARKS = {"ok": ("ok  ", "green"), "warn": ("WARN", "yellow"), "fail": ("FAIL", "red")}
+
+
+def summary(checks: list[Check]) -> tuple[str, int]:
+    """The doctor's last line and exit status: 1 only when a required check failed."""
+    failed = sum(c.level == "fail" for c in checks)
+    warned = sum(c.level == "warn" for c in checks)
+    warnings = f"{warned} warning{'s' if warned != 1 else ''}"
+    if failed:
+        line = f"{failed} problem{'s' if failed != 1 else ''} found"
+        return (f"{line} ({warnings})" if warned else line), 1
+    return (f"ready ({warnings})" if warned else "ready"), 0
 
 
 def auth_checks(settings: Settings, now: datetime.datetime | None = None) -> list[Check]:

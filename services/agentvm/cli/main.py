@@ -139,21 +139,25 @@ def gc(dry_run: bool, min_age: float) -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON, a level each.")
 def doctor(as_json: bool) -> None:
-    """Check prerequisites; exit 1 if agent-vm cannot run VMs here."""
+    """Check prerequisites; exit 1 if agent-vm cannot run VMs here.
+
+    Each check is ok, WARN (optional, not met: agent-vm works, with less) or
+    FAIL (required); only a FAIL makes the exit status 1.
+    """
     checks = doctor_mod.run_checks(settings())
-    failed = [c for c in checks if c.required and not c.ok]
+    line, status = doctor_mod.summary(checks)
     if as_json:
-        click.echo(json.dumps([c.__dict__ for c in checks], indent=2))
+        click.echo(json.dumps([c.as_dict() for c in checks], indent=2))
     else:
         for c in checks:
-            mark = click.style("ok  ", fg="green") if c.ok else click.style("FAIL", fg="red")
-            click.echo(f"{mark} {c.name}: {c.detail}")
+            word, color = doctor_mod.MARKS[c.level]
+            click.echo(f"{click.style(word, fg=color)} {c.name}: {c.detail}")
             if not c.ok and c.fix:
                 click.echo(f"     fix: {c.fix}")
-        click.echo("ready" if not failed else f"{len(failed)} problem(s) found")
-    sys.exit(1 if failed else 0)
+        click.echo(line)
+    sys.exit(status)
 
 
 # -- benchmark ----------------------------------------------------------------
