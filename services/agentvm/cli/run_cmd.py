@@ -18,35 +18,23 @@ from agentvm.cli.base import (
     profile_option,
     settings,
 )
+from agentvm.cli.program_args import ProgramCommand
+from agentvm.cli.run_inputs import (
+    MAX_INLINE_INPUT,
+    Inputs,
+    check_cwd,
+    parse_env,
+    read_stdin,
+)
 from agentvm.vm_manager.templates import MAX_MEMORY_MIB, MAX_VCPUS
 
-MAX_INLINE_INPUT = 15 * 1024 * 1024
+__all__ = ["MAX_INLINE_INPUT", "run_cmd"]
+DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
+MAX_OUTPUT = 1024 * 1024 * 1024
 
 
-def _collect_inputs(paths: tuple[str, ...]) -> dict[str, Path]:
-    """input/-relative name -> local file, for files and (recursively) directories."""
-    out: dict[str, Path] = {}
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and not f.is_symlink():
-                    out[f"{p.name}/{f.relative_to(p).as_posix()}"] = f
-        elif p.is_file():
-            out[p.name] = p
-        else:
-            fail(f"--input {raw}: no such file or directory")
-    total = sum(f.stat().st_size for f in out.values())
-    if total > MAX_INLINE_INPUT:
-        fail(
-            f"--input files total {total} bytes, more than a run carries ({MAX_INLINE_INPUT}): "
-            "use the Python client (Sandbox.files.upload) for large inputs"
-        )
-    return out
-
-
-@click.command("run", context_settings={"ignore_unknown_options": True})
-@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+@click.command("run", cls=ProgramCommand, example="agent-vm run FILE.py -- --its-flag")
+@click.argument("argv", nargs=-1)
 @click.option("-c", "code", help="Python code to run (instead of FILE).")
 @click.option("--cmd", "shell", help="Shell command to run (instead of FILE).")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")
@@ -94,6 +82,33 @@ def _collect_inputs(paths: tuple[str, ...]) -> dict[str, Path]:
     "--output", "output_dir", type=click.Path(file_okay=False), help="Save /workspace/output here."
 )
 @click.option(
+    "--env",
+    "env_pairs",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Environment variable for the program (repeat).",
+)
+@click.option(
+    "--cwd",
+    metavar="DIR",
+    help="Working directory in the VM, absolute (default /workspace/work).",
+)
+@click.option(
+    "--max-output",
+    type=click.IntRange(1, MAX_OUTPUT),
+    default=DEFAULT_MAX_OUTPUT,
+    show_default=True,
+    metavar="BYTES",
+    help="Cap on each of stdout and stderr; past it the rest is dropped and stderr says so.",
+)
+@click.option(
+    "--stdin/--no-stdin",
+    "pass_stdin",
+    default=True,
+    help="Pass this command's stdin to the program when it is not a terminal (default); "
+    "--no-stdin leaves it unread.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object instead of live output."
 )
 def run_cmd(
@@ -110,12 +125,19 @@ def run_cmd(
     memory: int,
     inputs: tuple[str, ...],
     output_dir: str | None,
+    env_pairs: tuple[str, ...],
+    cwd: str | None,
+    max_output: int,
+    pass_stdin: bool,
     as_json: bool,
 ) -> None:
     """Run FILE.py [-- ARGS], -c CODE or --cmd 'SHELL' in a fresh VM; exit with its code.
 
-    Exits 124 when the program timed out. Output files written to
-    /workspace/output are listed (and saved with --output DIR).
+    Options of agent-vm come first; the program's own options go after `--`
+    (agent-vm run agent.py -- --verbose). Piped stdin is passed to the
+    program. Exits 124 when the program timed out. Output files written to
+    /workspace/output are saved with --output DIR (listed with --json); what
+    is cut or not saved is said on stderr.
     """
     import agent_vm
 
@@ -131,7 +153,10 @@ def run_cmd(
         if network != "nat-filtered":
             fail("--allow-domain, --allow-cidr and --allow-port need --network nat-filtered")
         policy = agent_vm.NetworkPolicy(allow_domains, allow_cidrs, ports)
-    files = _collect_inputs(inputs)
+    env = parse_env(env_pairs)
+    workdir = check_cwd(cwd)
+    files = Inputs()
+    files.add_paths(inputs)
     kwargs: dict[str, Any] = {}
     if code is not None:
         kwargs = {"code": code, "args": argv}
@@ -141,8 +166,12 @@ def run_cmd(
         script = Path(argv[0])
         if not script.is_file():
             fail(f"{argv[0]}: no such file (to run a command, use --cmd)")
-        files[script.name] = script
+        files.add(script.name, script)
         kwargs = {"cmd": ["python3", f"/workspace/input/{script.name}"], "args": argv[1:]}
+    total = files.check_size()
+    stdin = b""
+    if pass_stdin and sys.stdin is not None:  # None: this process has no fd 0
+        stdin = read_stdin(sys.stdin.buffer, MAX_INLINE_INPUT - total)
 
     def live(stream: Any) -> Callable[[str], object] | None:
         if as_json:
@@ -152,7 +181,11 @@ def run_cmd(
     try:
         result = agent_vm.run(
             **kwargs,
-            inputs=files,
+            inputs=files.files,
+            env=env,
+            cwd=workdir,
+            stdin=stdin,
+            max_output_bytes=max_output,
             timeout=timeout,
             profile=profile,  # type: ignore[arg-type]
             network=network,  # type: ignore[arg-type]
@@ -170,6 +203,14 @@ def run_cmd(
         click.echo(f"agent-vm: output {skipped.path!r} not read: {skipped.detail}", err=True)
     if result.output_files_error:
         click.echo(f"agent-vm: {result.output_files_error}", err=True)
+    for stream, cut in (("stdout", result.stdout_truncated), ("stderr", result.stderr_truncated)):
+        if cut:
+            click.echo(
+                f"agent-vm: {stream} truncated at {max_output} bytes (--max-output): the rest "
+                f"was dropped; raise --max-output (at most {MAX_OUTPUT}), or have the program "
+                "write large output to /workspace/output/ and save it with --output DIR",
+                err=True,
+            )
     if as_json:
         click.echo(
             json.dumps(

@@ -23,6 +23,7 @@ from agentvm.cli.base import (
     profile_option,
     vm_stub,
 )
+from agentvm.cli.program_args import ProgramCommand
 from agentvm.common.grpc_util import sync_channel
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc, vm_manager_pb2
 
@@ -215,13 +216,16 @@ def snapshot_delete(name: str, snapshot: str) -> None:
     click.echo(f"snapshot {snapshot} of {name} deleted")
 
 
-@vm.command("exec", context_settings={"ignore_unknown_options": True})
+@vm.command("exec", cls=ProgramCommand, example="agent-vm vm exec NAME -- ls -la")
 @click.argument("name")
-@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument("argv", nargs=-1, required=True)
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")
 @handle_errors
 def vm_exec(name: str, argv: tuple[str, ...], timeout: float) -> None:
-    """Run a command in a running VM; exits with its exit code."""
+    """Run a command in running VM NAME; exits with its exit code.
+
+    The command's own options go after `--`: agent-vm vm exec NAME -- ls -la.
+    """
     check_timeout(timeout)
     v = vm_stub().GetVM(vm_manager_pb2.GetVMRequest(name=name), timeout=10).vm
     if v.pool.state == common_pb2.POOL_VM_STATE_WARM or not v.agent_endpoint:
@@ -236,14 +240,17 @@ def vm_exec(name: str, argv: tuple[str, ...], timeout: float) -> None:
     sys.exit(_exec(v.agent_endpoint, list(argv), timeout))
 
 
-@vm.command("run", context_settings={"ignore_unknown_options": True})
-@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@vm.command("run", cls=ProgramCommand, example="agent-vm vm run -- ls -la")
+@click.argument("argv", nargs=-1, required=True)
 @profile_option()
 @network_option()
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")
 @handle_errors
 def vm_run(argv: tuple[str, ...], profile: str, network: str, timeout: float) -> None:
-    """Boot a fresh VM, run a command in it, destroy it; exits with the command's code."""
+    """Boot a fresh VM, run a command in it, destroy it; exits with the command's code.
+
+    The command's own options go after `--`: agent-vm vm run -- uname -r.
+    """
     check_timeout(timeout)
     start = time.monotonic()
     v = _create(profile, network, {"created-by": "agent-vm-cli"})

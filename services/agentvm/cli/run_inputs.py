@@ -1,0 +1,138 @@
+"""What `agent-vm run` sends: input files, environment, stdin; nothing of it dropped unsaid.
+
+Two inputs that would land at the same place under /workspace/input are an
+error naming both (one of them would silently be lost); what an input
+directory holds that is not a regular file (symlinks, FIFOs) is named on
+stderr; stdin is sent when it is not a terminal, up to what a run carries.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+import click
+
+from agentvm.cli.base import fail
+
+# Inputs and stdin travel in the run's one request (16 MiB message cap).
+MAX_INLINE_INPUT = 15 * 1024 * 1024
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _walk(root: Path) -> Iterable[tuple[str, Path]]:
+    """(path relative to root, file) of the regular files under ``root``; the rest named."""
+    for dirpath, dirnames, filenames in os.walk(root):  # never follows symlinks
+        dirnames.sort()
+        here = Path(dirpath)
+        for name in sorted(filenames + [d for d in dirnames if (here / d).is_symlink()]):
+            f = here / name
+            mode = f.lstat().st_mode
+            if stat.S_ISREG(mode):
+                yield f.relative_to(root).as_posix(), f
+            else:
+                click.echo(
+                    f"agent-vm: --input {root}: {f} is {_kind(mode)}, not sent "
+                    "(inputs carry regular files only)",
+                    err=True,
+                )
+
+
+class Inputs:
+    """input/-relative name -> local file; refuses two files for one place."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, Path] = {}
+
+    def add(self, name: str, local: Path) -> None:
+        for other, there in self.files.items():
+            if other == name and there.resolve() == local.resolve():
+                return  # the same file named twice: nothing is lost
+            if other == name or other.startswith(name + "/") or name.startswith(other + "/"):
+                where = min(other, name, key=len)
+                fail(
+                    f"--input {there} and {local} would both be /workspace/input/{where}: "
+                    "rename one, or give their directories as --input (a directory lands "
+                    "as input/DIRNAME/)"
+                )
+        self.files[name] = local
+
+    def add_paths(self, paths: Iterable[str]) -> None:
+        for raw in paths:
+            p = Path(raw)
+            if p.is_dir():
+                for rel, f in _walk(p):
+                    self.add(f"{p.name or p.resolve().name}/{rel}", f)
+            elif p.is_file():
+                self.add(p.name, p)
+            else:
+                fail(f"--input {raw}: no such file or directory")
+
+    def total(self) -> int:
+        return sum(f.stat().st_size for f in self.files.values())
+
+    def check_size(self) -> int:
+        """The bytes they total; exit 2 past what a run carries."""
+        total = self.total()
+        if total > MAX_INLINE_INPUT:
+            fail(
+                f"--input files total {total} bytes, more than a run carries "
+                f"({MAX_INLINE_INPUT}): use the Python client (Sandbox.files.upload) for "
+                "large inputs"
+            )
+        return total
+
+
+def parse_env(pairs: Iterable[str]) -> dict[str, str]:
+    """``--env NAME=VALUE`` pairs as a dict; exit 2 on a bad shape or a name given twice."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq or not ENV_NAME.match(name):
+            fail(
+                f"--env {pair!r}: use NAME=VALUE, NAME of letters, digits and _ not "
+                "starting with a digit (e.g. --env DEBUG=1)"
+            )
+        if name in env:
+            fail(f"--env {name} given twice ({name}={env[name]}, {pair}): give each name once")
+        env[name] = value
+    return env
+
+
+def check_cwd(cwd: str | None) -> str:
+    if cwd is None:
+        return ""
+    if not cwd.startswith("/"):
+        fail(
+            f"--cwd {cwd}: give an absolute directory in the VM (e.g. /workspace/input; "
+            "the default is /workspace/work)"
+        )
+    return cwd
+
+
+def read_stdin(stream: BinaryIO, budget: int) -> bytes:
+    """This process's stdin, unless it is a terminal; exit 2 past ``budget`` bytes."""
+    if stream.isatty():
+        return b""
+    data = stream.read(budget + 1)
+    if len(data) > budget:
+        fail(
+            f"stdin carries more than {budget} bytes, more than a run has room for beside "
+            f"its --input files ({MAX_INLINE_INPUT} bytes in all): write it to a file and "
+            "pass it with --input, or give --no-stdin if the program does not read stdin"
+        )
+    return data
