@@ -425,15 +425,15 @@ def test_reading_or_listing_a_missing_path_is_not_found(stack: Stack, sid: str) 
     err = rpc_error(
         stack.ex.ReadFile, executor_pb2.ReadFileRequest(sandbox_id=sid, path="input/nope.txt")
     )
-    assert_status(err, grpc.StatusCode.NOT_FOUND, "input/nope.txt", "ListFiles")
+    assert_status(err, grpc.StatusCode.NOT_FOUND, "input/nope.txt", "files.list()")
     err = rpc_error(
         stack.ex.ListFiles, executor_pb2.ListFilesRequest(sandbox_id=sid, path="nowhere")
     )
-    assert_status(err, grpc.StatusCode.NOT_FOUND, "nowhere", "ListFiles")
+    assert_status(err, grpc.StatusCode.NOT_FOUND, "nowhere", "files.list()")
     err = rpc_error(
         stack.ex.RemoveFile, executor_pb2.RemoveFileRequest(sandbox_id=sid, path="input/gone")
     )
-    assert_status(err, grpc.StatusCode.NOT_FOUND, "input/gone", "ListFiles")
+    assert_status(err, grpc.StatusCode.NOT_FOUND, "input/gone", "files.list()")
     # The sandbox is fine: what exists is still there.
     listed = stack.ex.ListFiles(
         executor_pb2.ListFilesRequest(sandbox_id=sid, path="input"), timeout=10
@@ -443,7 +443,7 @@ def test_reading_or_listing_a_missing_path_is_not_found(stack: Stack, sid: str) 
 
 def test_file_calls_on_an_unknown_sandbox_are_not_found(stack: Stack) -> None:
     err = rpc_error(stack.ex.ReadFile, executor_pb2.ReadFileRequest(sandbox_id="sb-x", path="a"))
-    assert_status(err, grpc.StatusCode.NOT_FOUND, "sb-x", "ListSandboxes")
+    assert_status(err, grpc.StatusCode.NOT_FOUND, "sb-x", "closed")
 
 
 def test_client_upload_of_a_missing_local_file_sends_nothing(stack: Stack, tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ import grpc
 
 from agentvm.common.config import Settings
 from agentvm.common.errors import (
+    REASON_SANDBOX_EXPIRED,
     Aborted,
     AgentVMError,
     DataLoss,
@@ -70,6 +71,25 @@ MAX_LIFETIME_S = 24 * 3600.0
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 MAX_OUTPUT = 1024 * 1024 * 1024
 BOOT_TIMEOUT_S = 180.0
+# How many expired sandboxes get() still recognises (to say why they are gone).
+REMEMBER_EXPIRED = 1024
+
+
+class SandboxExpired(Aborted):
+    """The sandbox reached the end of its lifetime: ABORTED for a call it cut
+    short, NOT_FOUND for a call that came after."""
+
+    reason = REASON_SANDBOX_EXPIRED
+
+    def __init__(self, sandbox_id: str, lifetime: float, *, cut_short: bool) -> None:
+        what = "and was destroyed while this call ran" if cut_short else "and was destroyed"
+        super().__init__(
+            f"sandbox {sandbox_id} reached the end of its lifetime ({lifetime:g} s) {what}; "
+            "a lifetime cannot be extended: create the sandbox with a longer one "
+            f"(lifetime=SECONDS in the Python client, at most {MAX_LIFETIME_S:.0f} s)"
+        )
+        if not cut_short:
+            self.code = grpc.StatusCode.NOT_FOUND
 
 
 def seconds_of(msg: Any, field_name: str, default: float, high: float) -> float:
@@ -105,6 +125,8 @@ class SandboxState:
     boot_duration: float
     channel: grpc.aio.Channel
     closing: bool = False
+    # Closed by the reaper at the end of its lifetime (not by its caller).
+    expired: bool = False
     # Set when the VM came from the pool-manager: closing releases the lease.
     lease_id: str = ""
     execs: set[str] = field(default_factory=set)
@@ -187,6 +209,8 @@ class AgentExecutor:
         self._reaper: asyncio.Task[None] | None = None
         self._shared_supported: bool | None = None
         self._slots = asyncio.Semaphore(settings.max_sandboxes)
+        # Sandboxes the reaper closed: id -> their lifetime in seconds (oldest first).
+        self._expired: dict[str, float] = {}
         self.files = WorkspaceFiles(self)
 
     # -- housekeeping -------------------------------------------------------
@@ -226,6 +250,7 @@ class AgentExecutor:
             for sb in list(self._sandboxes.values()):
                 if sb.expires_at <= now and not sb.closing:
                     log.info("sandbox %s reached the end of its lifetime", sb.id)
+                    sb.expired = True
                     self._spawn(self.close_sandbox(sb.id))
             interval = self.settings.reconcile_interval_s
             if interval > 0 and time.monotonic() - last_sweep >= interval:
@@ -368,6 +393,16 @@ class AgentExecutor:
         lifetime = seconds_of(
             spec, "lifetime", default_lifetime or self.settings.sandbox_lifetime_s, MAX_LIFETIME_S
         )
+        if spec.bridge and spec.network_mode != common_pb2.NETWORK_MODE_BRIDGE:
+            raise InvalidArgument(
+                f"bridge {spec.bridge!r} was given, but the network mode is not bridge: "
+                "ask for network='bridge' too, or leave bridge out"
+            )
+        if spec.network_mode == common_pb2.NETWORK_MODE_BRIDGE and not spec.bridge:
+            raise InvalidArgument(
+                "network mode bridge needs the name of an existing host bridge "
+                "(bridge='br0' in the Python client, --bridge with agent-vm run)"
+            )
         mode = spec.workspace_mode
         if mode not in common_pb2.WorkspaceMode.values():
             raise InvalidArgument(f"unknown workspace_mode {mode}: use SHARED or API")
@@ -479,6 +514,7 @@ class AgentExecutor:
                         profile=spec.profile,
                         network_mode=spec.network_mode,
                         network_policy=spec.network_policy,
+                        bridge=spec.bridge,
                         resources=spec.resources,
                         labels=labels,
                         start=True,
@@ -501,11 +537,22 @@ class AgentExecutor:
     def get(self, sandbox_id: str) -> SandboxState:
         sb = self._sandboxes.get(sandbox_id)
         if sb is None or sb.closing:
-            raise NotFound(
-                f"no sandbox {sandbox_id!r}: it was closed or reached the end of its lifetime "
-                "(ListSandboxes shows the open ones)"
-            )
+            raise self.gone_error(sandbox_id, cut_short=False)
         return sb
+
+    def gone_error(self, sandbox_id: str, *, cut_short: bool) -> AgentVMError:
+        """Why ``sandbox_id`` cannot serve a call (it expired, was closed, never was)."""
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is not None and sb.expired:
+            return SandboxExpired(sandbox_id, sb.expires_at - sb.created_at, cut_short=cut_short)
+        if sandbox_id in self._expired:
+            return SandboxExpired(sandbox_id, self._expired[sandbox_id], cut_short=cut_short)
+        if cut_short:
+            return Aborted(f"sandbox {sandbox_id} was closed while this call ran")
+        return NotFound(
+            f"no sandbox {sandbox_id!r}: it was closed or reached the end of its lifetime, or "
+            "the executor restarted since it was created (sandboxes do not survive a restart)"
+        )
 
     def sandboxes(self) -> list[SandboxState]:
         return [s for s in self._sandboxes.values() if not s.closing]
@@ -523,6 +570,10 @@ class AgentExecutor:
             else:
                 await self._destroy_vm(sb.vm.name)
         finally:
+            if sb.expired:
+                self._expired[sandbox_id] = sb.expires_at - sb.created_at
+                while len(self._expired) > REMEMBER_EXPIRED:
+                    del self._expired[next(iter(self._expired))]
             self._sandboxes.pop(sandbox_id, None)
             self._slots.release()
             self.events.emit("sandbox.closed", vm=sb.vm.name, sandbox=sandbox_id)
@@ -630,6 +681,15 @@ class AgentExecutor:
                     f"exec {exec_id} ended because the VM of sandbox {sb.id} is gone: {gone}"
                 ) from exc
             raise RemoteError.from_rpc(exc, f"guest agent of {sb.vm.name}") from exc
+        except asyncio.CancelledError as exc:
+            failure = failure or "cancelled"
+            task = asyncio.current_task()
+            if sb.closing and task is not None and not task.cancelling():
+                # Closing the sandbox closed its agent channel, which cancels the
+                # guest call: answer with why, or the caller waits for its deadline.
+                failure = "sandbox closed"
+                raise self.gone_error(sb.id, cut_short=True) from exc
+            raise
         except BaseException as exc:
             failure = failure or type(exc).__name__
             raise

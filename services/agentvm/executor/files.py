@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import stat
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 GUEST_WORKSPACE = "/workspace"
 CHUNK = 64 * 1024
 # The fix a NOT_FOUND of the file calls names.
-NOT_THERE = f" (paths are relative to {GUEST_WORKSPACE}; ListFiles shows what is there)"
+NOT_THERE = f" (paths are relative to {GUEST_WORKSPACE}; files.list() shows what is there)"
 
 # Walks of a guest-made tree hold up to MAX_LIST_DEPTH (listing) or 64 (removal)
 # descriptors each: at most this many run at once per executor, so callers
@@ -347,3 +348,67 @@ class WorkspaceFiles:
             )
         except grpc.aio.AioRpcError as exc:
             raise file_error(exc, sb, path) from exc
+
+    async def stat_file(self, sb: SandboxState, path: str) -> common_pb2.FileInfo | None:
+        """The entry at ``path`` (a symlink is one of its own), None when there is none.
+
+        Found in a listing of its directory, which has the listing limits.
+        """
+        path = check_path(path)
+        parent = path.rpartition("/")[0]
+        try:
+            entries = await self.list_files(sb, parent, False)
+        except (NotFound, InvalidArgument):  # no such directory, or a part is no directory
+            return None
+        return next((e for e in entries if e.path == path), None)
+
+    async def make_dir(self, sb: SandboxState, path: str) -> None:
+        """Create directory ``path`` and its missing parents; FAILED_PRECONDITION if a
+        file of that name is there."""
+        path = check_path(path)
+        root = sb.shared_root
+        if root is not None:
+            try:
+                await asyncio.to_thread(_make_dir, root, path)
+            except paths.PathError as exc:
+                raise InvalidArgument(str(exc)) from exc
+            return
+        # The guest agent has no call of its own for it: mkdir runs there like a
+        # command (in the guest, whatever it follows stays in the guest).
+        req = guest_agent_pb2.ExecuteRequest(
+            program=common_pb2.Program(
+                argv=common_pb2.Argv(args=["mkdir", "-p", "--", f"{GUEST_WORKSPACE}/{path}"])
+            ),
+            cwd=GUEST_WORKSPACE,
+            max_output_bytes=4096,
+        )
+        req.timeout.FromSeconds(30)
+        err = bytearray()
+        code: int | None = None
+        call = sb.agent.Execute(req, timeout=60)
+        try:
+            async for ev in call:
+                if ev.HasField("output") and len(err) < 4096:
+                    err.extend(ev.output.data)
+                elif ev.HasField("exited"):
+                    code = ev.exited.exit_code
+                    break
+        except grpc.aio.AioRpcError as exc:
+            raise file_error(exc, sb, path) from exc
+        finally:
+            call.cancel()
+        if code != 0:
+            said = err.decode("utf-8", "replace").strip()[:500] or f"mkdir exited with {code}"
+            raise FailedPrecondition(f"cannot create directory {path!r}: {said}")
+
+
+def _make_dir(root: str, path: str) -> None:
+    """mkdir -p under a host-side workspace, never following a symlink."""
+    with paths.parent_dir(root, path, create=True) as (dfd, name):
+        try:
+            os.mkdir(name, 0o755, dir_fd=dfd)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
+                raise FailedPrecondition(
+                    f"cannot create directory {path!r}: something else of that name is there"
+                ) from None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -20,6 +22,23 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
 
     def __init__(self, executor: AgentExecutor) -> None:
         self.executor = executor
+
+    @contextlib.contextmanager
+    def _guard(self, sandbox_id: str) -> Iterator[None]:
+        """Answer a call the closing of its sandbox cut short with why.
+
+        Closing a sandbox (its caller, or the end of its lifetime) closes its
+        agent channel, which cancels the guest calls in flight: their
+        CancelledError would end the handler without a status, and the caller
+        would wait for its own deadline.
+        """
+        try:
+            yield
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling():  # not this call's own cancel
+                raise self.executor.gone_error(sandbox_id, cut_short=True) from exc
+            raise
 
     @grpc_stream_errors
     async def Run(
@@ -63,15 +82,17 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self, request: executor_pb2.ExecRequest, context: Ctx
     ) -> AsyncIterator[executor_pb2.ExecResponse]:
         sb = self.executor.get(request.sandbox_id)
-        async for ev in self.executor.exec(sb, request):
-            yield ev
+        with self._guard(sb.id):
+            async for ev in self.executor.exec(sb, request):
+                yield ev
 
     @grpc_errors
     async def SignalExec(
         self, request: executor_pb2.SignalExecRequest, context: Ctx
     ) -> executor_pb2.SignalExecResponse:
         sb = self.executor.get(request.sandbox_id)
-        await self.executor.signal(sb, request.exec_id, request.signal)
+        with self._guard(sb.id):
+            await self.executor.signal(sb, request.exec_id, request.signal)
         return executor_pb2.SignalExecResponse()
 
     @grpc_errors
@@ -79,7 +100,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self, request: executor_pb2.ExecutorServiceWriteStdinRequest, context: Ctx
     ) -> executor_pb2.ExecutorServiceWriteStdinResponse:
         sb = self.executor.get(request.sandbox_id)
-        await self.executor.write_stdin(sb, request.exec_id, request.data, request.eof)
+        with self._guard(sb.id):
+            await self.executor.write_stdin(sb, request.exec_id, request.data, request.eof)
         return executor_pb2.ExecutorServiceWriteStdinResponse()
 
     @grpc_errors
@@ -103,7 +125,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                     yield msg.chunk
                 msg = await anext(it, None)
 
-        size, sha = await self.executor.write_file(sb, first.path, first.mode, chunks(), expected)
+        with self._guard(sb.id):
+            size, sha = await self.executor.write_file(
+                sb, first.path, first.mode, chunks(), expected
+            )
         return executor_pb2.WriteFileResponse(size_bytes=size, sha256=sha)
 
     @grpc_stream_errors
@@ -111,15 +136,19 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self, request: executor_pb2.ReadFileRequest, context: Ctx
     ) -> AsyncIterator[executor_pb2.ReadFileResponse]:
         sb = self.executor.get(request.sandbox_id)
-        async for data, size, sha in self.executor.read_file(sb, request.path, request.max_bytes):
-            yield executor_pb2.ReadFileResponse(chunk=data, size_bytes=size, sha256=sha)
+        with self._guard(sb.id):
+            async for data, size, sha in self.executor.read_file(
+                sb, request.path, request.max_bytes
+            ):
+                yield executor_pb2.ReadFileResponse(chunk=data, size_bytes=size, sha256=sha)
 
     @grpc_errors
     async def ListFiles(
         self, request: executor_pb2.ListFilesRequest, context: Ctx
     ) -> executor_pb2.ListFilesResponse:
         sb = self.executor.get(request.sandbox_id)
-        files = await self.executor.list_files(sb, request.path, request.recursive)
+        with self._guard(sb.id):
+            files = await self.executor.list_files(sb, request.path, request.recursive)
         return executor_pb2.ListFilesResponse(files=files)
 
     @grpc_errors
@@ -127,8 +156,29 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self, request: executor_pb2.RemoveFileRequest, context: Ctx
     ) -> executor_pb2.RemoveFileResponse:
         sb = self.executor.get(request.sandbox_id)
-        await self.executor.remove_file(sb, request.path, request.recursive)
+        with self._guard(sb.id):
+            await self.executor.remove_file(sb, request.path, request.recursive)
         return executor_pb2.RemoveFileResponse()
+
+    @grpc_errors
+    async def StatFile(
+        self, request: executor_pb2.StatFileRequest, context: Ctx
+    ) -> executor_pb2.StatFileResponse:
+        sb = self.executor.get(request.sandbox_id)
+        with self._guard(sb.id):
+            info = await self.executor.files.stat_file(sb, request.path)
+        if info is None:
+            return executor_pb2.StatFileResponse(exists=False)
+        return executor_pb2.StatFileResponse(exists=True, file=info)
+
+    @grpc_errors
+    async def MakeDirectory(
+        self, request: executor_pb2.MakeDirectoryRequest, context: Ctx
+    ) -> executor_pb2.MakeDirectoryResponse:
+        sb = self.executor.get(request.sandbox_id)
+        with self._guard(sb.id):
+            await self.executor.files.make_dir(sb, request.path)
+        return executor_pb2.MakeDirectoryResponse()
 
     @grpc_errors
     async def GetNetworkLog(
