@@ -10,6 +10,8 @@ tests/e2e/test_cli_run.py.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -19,6 +21,7 @@ import grpc
 import pytest
 from click.testing import CliRunner, Result
 
+from agentvm.cli import run_inputs
 from agentvm.cli.main import MAX_INLINE_INPUT, cli
 from agentvm.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 
@@ -240,3 +243,26 @@ def test_symlinks_in_an_input_directory_are_named(fake: FakeExecutor, tmp_path: 
     assert [f.path for f in fake.requests[0].inputs] == ["data/a.txt"]
     for name, kind in (("link", "a symlink"), ("dirlink", "a symlink"), ("fifo", "a FIFO")):
         assert f"{data / name} is {kind}, not sent" in result.stderr
+
+
+def test_a_silent_open_stdin_is_waited_for_with_a_word(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A parent that keeps stdin open (e.g. Node's default pipe) must not hang us in silence."""
+    monkeypatch.setattr(run_inputs, "STDIN_QUIET_S", 0.05)
+    r, w = os.pipe()
+
+    def late_writer() -> None:
+        time.sleep(0.3)
+        os.write(w, b"late\n")
+        os.close(w)
+
+    t = threading.Thread(target=late_writer)
+    t.start()
+    with os.fdopen(r, "rb") as stream:
+        assert run_inputs.read_stdin(stream, 100) == b"late\n"
+    t.join()
+    err = capsys.readouterr().err
+    assert "waiting for stdin to end" in err
+    assert "--no-stdin" in err
+    assert len(err.splitlines()) == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import stat
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +22,8 @@ from agentvm.cli.base import fail
 
 # Inputs and stdin travel in the run's one request (16 MiB message cap).
 MAX_INLINE_INPUT = 15 * 1024 * 1024
+# How long stdin may stay silent before a line says the run is waiting for it.
+STDIN_QUIET_S = 2.0
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -125,14 +128,41 @@ def check_cwd(cwd: str | None) -> str:
 
 
 def read_stdin(stream: BinaryIO, budget: int) -> bytes:
-    """This process's stdin, unless it is a terminal; exit 2 past ``budget`` bytes."""
+    """This process's stdin, unless it is a terminal; exit 2 past ``budget`` bytes.
+
+    A pipe that stays open without data (a parent that never closes it) is
+    waited for, but not in silence: after STDIN_QUIET_S a line on stderr says
+    what is awaited and how not to.
+    """
     if stream.isatty():
         return b""
-    data = stream.read(budget + 1)
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # not a real file (tests' in-memory stdin)
+        return _within(stream.read(budget + 1), budget)
+    data = bytearray()
+    told = False
+    while True:
+        if not told and not select.select([fd], [], [], STDIN_QUIET_S)[0]:
+            click.echo(
+                "agent-vm: waiting for stdin to end (it is not a terminal, so it is passed "
+                "to the program); give --no-stdin if the program does not read it",
+                err=True,
+            )
+            told = True
+            continue
+        chunk = os.read(fd, min(1 << 20, budget + 1 - len(data)))
+        if not chunk:
+            return bytes(data)
+        data += chunk
+        _within(data, budget)
+
+
+def _within(data: bytes | bytearray, budget: int) -> bytes:
     if len(data) > budget:
         fail(
             f"stdin carries more than {budget} bytes, more than a run has room for beside "
             f"its --input files ({MAX_INLINE_INPUT} bytes in all): write it to a file and "
             "pass it with --input, or give --no-stdin if the program does not read stdin"
         )
-    return data
+    return bytes(data)
