@@ -1,0 +1,653 @@
+"""OCI and Docker image archives: read them, verify every blob, refuse what could escape.
+
+The first half of `agent-vm image import` (docs/IMAGES.md, "Importing an OCI
+image"): the host reads the archive a user made with ``docker save``,
+``podman save --format oci-archive`` or ``skopeo copy ... oci:DIR``, checks
+every blob against its digest and size, and walks every layer's tar headers,
+refusing what could write outside the image's root or create devices. It
+extracts nothing to the host's file system: the layers are applied inside a
+build VM.
+
+References use skopeo's transport names::
+
+    oci-archive:PATH          a tar of an OCI image layout
+    docker-archive:PATH       what `docker save` / `podman save` write
+    oci:DIR[:TAG]             an OCI image layout directory
+
+Everything read from an archive is hostile: JSON documents are size-capped
+and type-checked, digests are ``sha256:`` + 64 hex digits before they become
+file names, and counts and sizes have caps. Every error is an
+:class:`ImageArchiveError` whose message names the archive, the blob or layer
+and the entry, and says what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import posixpath
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from agentvm.common.errors import InvalidArgument
+
+MAX_JSON_BYTES = 4 << 20
+MAX_LAYERS = 128
+MAX_ENTRIES = 1_000_000
+MAX_PATH = 4096
+MAX_IMAGE_BYTES = 64 << 30  # uncompressed, all layers together
+MAX_CONFIG_ITEMS = 4096
+
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+REF_NAME = "org.opencontainers.image.ref.name"
+INDEX_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+
+
+class ImageArchiveError(InvalidArgument):
+    """An archive that cannot be imported; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Ref:
+    transport: str  # "oci-archive" | "docker-archive" | "oci"
+    path: Path
+    tag: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.transport}:{self.path}" + (f":{self.tag}" if self.tag else "")
+
+
+def parse_ref(text: str) -> Ref:
+    """``oci-archive:PATH`` / ``docker-archive:PATH`` / ``oci:DIR[:TAG]`` -> :class:`Ref`."""
+    transport, sep, rest = text.partition(":")
+    if not sep or transport not in ("oci-archive", "docker-archive", "oci") or not rest:
+        raise ImageArchiveError(
+            f"image reference {text!r}: use oci-archive:PATH (podman save --format "
+            "oci-archive), docker-archive:PATH (docker save, podman save) or oci:DIR[:TAG] "
+            "(skopeo copy ... oci:DIR)"
+        )
+    tag = ""
+    if transport == "oci":
+        head, colon, last = rest.rpartition(":")
+        if colon and head and "/" not in last:
+            rest, tag = head, last
+    return Ref(transport, Path(rest), tag)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """The parts of an image's config agent-vm honours."""
+
+    env: tuple[str, ...] = ()
+    workdir: str = ""
+    user: str = ""
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    architecture: str = "amd64"
+    os: str = "linux"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer: where its blob is in the archive and what it must hash to."""
+
+    path: str  # inside the archive / layout
+    size: int  # -1: not declared (docker-archive)
+    digest: str  # of the blob as stored; "" when not declared (docker-archive)
+    diff_id: str  # of the uncompressed tar (the config's rootfs.diff_ids)
+
+
+@dataclass(frozen=True)
+class LayerScan:
+    """What walking one layer found."""
+
+    entries: int
+    uncompressed_bytes: int
+    whiteouts: int
+
+
+class _Store(Protocol):
+    def open(self, name: str) -> IO[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+class _DirStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def open(self, name: str) -> IO[bytes]:
+        return (self.root / name).open("rb")
+
+    def close(self) -> None:
+        pass
+
+
+class _TarStore:
+    """Files of an (uncompressed) outer tar, by name, read in place."""
+
+    def __init__(self, path: Path, ref: Ref) -> None:
+        try:
+            self.tar = tarfile.open(path, "r:")  # noqa: SIM115 (closed by close())
+            self.members: dict[str, tarfile.TarInfo] = {}
+            for m in self.tar.getmembers():
+                name = _normal(m.name)
+                if m.isfile() and name:
+                    if name in self.members:
+                        raise ImageArchiveError(f"{ref}: {name} is in the archive twice")
+                    self.members[name] = m
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise ImageArchiveError(
+                f"{ref}: not a readable tar archive ({exc}): it is truncated or corrupt; "
+                "save the image again (docker save / podman save) and retry"
+            ) from exc
+
+    def open(self, name: str) -> IO[bytes]:
+        member = self.members.get(_normal(name))
+        if member is None:
+            raise FileNotFoundError(name)
+        f = self.tar.extractfile(member)
+        if f is None:
+            raise FileNotFoundError(name)
+        return f
+
+    def close(self) -> None:
+        self.tar.close()
+
+
+@dataclass
+class Image:
+    """An image in an archive: its config and layers, not yet scanned."""
+
+    ref: Ref
+    config: ImageConfig
+    layers: list[Layer]
+    _store: _Store
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def open_layer(self, index: int) -> Iterator[IO[bytes]]:
+        """The layer's uncompressed tar stream (not verified: use :func:`scan`)."""
+        layer = self.layers[index]
+        with self._open(layer.path, f"layer {index + 1} ({layer.digest or layer.path})") as raw:
+            yield _decompressed(raw, self.ref, index)
+
+    @contextlib.contextmanager
+    def _open(self, name: str, what: str) -> Iterator[IO[bytes]]:
+        try:
+            f = self._store.open(name)
+        except (FileNotFoundError, KeyError) as exc:
+            raise ImageArchiveError(
+                f"{self.ref}: {what} is missing from the archive ({name}); the archive is "
+                "incomplete: save the image again"
+            ) from exc
+        with f:
+            yield f
+
+
+def open_image(text: str) -> Image:
+    """Read the image ``text`` names (see :func:`parse_ref`): manifest and config."""
+    ref = parse_ref(text)
+    if ref.transport == "oci":
+        if not (ref.path / "index.json").is_file():
+            raise ImageArchiveError(
+                f"{ref}: {ref.path} has no index.json: not an OCI image layout directory "
+                "(make one with `skopeo copy docker-archive:X oci:DIR`)"
+            )
+        store: _Store = _DirStore(ref.path)
+    else:
+        if not ref.path.is_file():
+            raise ImageArchiveError(f"{ref}: no such file {ref.path}")
+        store = _TarStore(ref.path, ref)
+    try:
+        if ref.transport == "docker-archive":
+            config, layers = _read_docker(store, ref)
+        else:
+            config, layers = _read_oci(store, ref)
+    except BaseException:
+        store.close()
+        raise
+    return Image(ref, config, layers, store)
+
+
+# -- manifests ------------------------------------------------------------------
+def _json(store: _Store, name: str, ref: Ref, what: str, digest: str = "") -> Any:
+    try:
+        with store.open(name) as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    except (FileNotFoundError, KeyError) as exc:
+        raise ImageArchiveError(
+            f"{ref}: {what} ({name}) is missing: the archive is incomplete; save the image again"
+        ) from exc
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        raise ImageArchiveError(f"{ref}: cannot read {what} ({name}): {exc}") from exc
+    if len(data) > MAX_JSON_BYTES:
+        raise ImageArchiveError(f"{ref}: {what} ({name}) is over {MAX_JSON_BYTES} bytes")
+    if digest and "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        raise ImageArchiveError(
+            f"{ref}: {what} does not match its digest {digest}: the archive is corrupt or "
+            "was altered; save the image again"
+        )
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ImageArchiveError(f"{ref}: {what} ({name}) is not valid JSON: {exc}") from exc
+
+
+def _descriptor(obj: Any, ref: Ref, what: str) -> tuple[str, int, str]:
+    """(digest, size, media type) of a descriptor, type-checked."""
+    if not isinstance(obj, dict):
+        raise ImageArchiveError(f"{ref}: {what} is not a descriptor object")
+    digest, size, media = obj.get("digest"), obj.get("size"), obj.get("mediaType", "")
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+        raise ImageArchiveError(
+            f"{ref}: {what} has digest {str(digest)[:80]!r}: only sha256 digests are supported"
+        )
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ImageArchiveError(f"{ref}: {what} has no valid size")
+    if not isinstance(media, str):
+        raise ImageArchiveError(f"{ref}: {what} has a mediaType that is not a string")
+    return digest, size, media
+
+
+def _blob(digest: str) -> str:
+    return "blobs/sha256/" + digest.removeprefix("sha256:")
+
+
+def _read_oci(store: _Store, ref: Ref) -> tuple[ImageConfig, list[Layer]]:
+    index = _json(store, "index.json", ref, "index.json")
+    chosen = _choose_manifest(index, ref, "index.json")
+    digest, _, media = _descriptor(chosen, ref, "the manifest")
+    manifest = _json(store, _blob(digest), ref, f"manifest {digest}", digest)
+    if media in INDEX_TYPES or (isinstance(manifest, dict) and "manifests" in manifest):
+        # A multi-platform image: take the linux/amd64 manifest.
+        nested = _choose_manifest(manifest, Ref(ref.transport, ref.path), f"index {digest}")
+        digest, _, _ = _descriptor(nested, ref, "the linux/amd64 manifest")
+        manifest = _json(store, _blob(digest), ref, f"manifest {digest}", digest)
+    if not isinstance(manifest, dict):
+        raise ImageArchiveError(f"{ref}: manifest {digest} is not a JSON object")
+    cfg_digest, _, _ = _descriptor(manifest.get("config"), ref, "the manifest's config")
+    raw_layers = manifest.get("layers")
+    if not isinstance(raw_layers, list):
+        raise ImageArchiveError(f"{ref}: manifest {digest} has no layers list")
+    _check_count(len(raw_layers), ref)
+    config_doc = _json(store, _blob(cfg_digest), ref, f"config {cfg_digest}", cfg_digest)
+    config, diff_ids = _config(config_doc, ref)
+    if len(diff_ids) != len(raw_layers):
+        raise ImageArchiveError(
+            f"{ref}: the manifest lists {len(raw_layers)} layers but the config "
+            f"{len(diff_ids)}: the archive is inconsistent; save the image again"
+        )
+    layers = []
+    for i, (raw, diff_id) in enumerate(zip(raw_layers, diff_ids, strict=True)):
+        d, size, media = _descriptor(raw, ref, f"layer {i + 1}")
+        if "zstd" in media:
+            raise ImageArchiveError(
+                f"{ref}: layer {i + 1} is zstd-compressed ({media}), which this version cannot "
+                "read: save the image with gzip layers (podman save --format oci-archive "
+                "without --compression-format zstd)"
+            )
+        layers.append(Layer(_blob(d), size, d, diff_id))
+    return config, layers
+
+
+def _choose_manifest(index: Any, ref: Ref, what: str) -> Any:
+    """The manifest ``ref.tag`` names, or the linux/amd64 one, or the only one."""
+    if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+        raise ImageArchiveError(f"{ref}: {what} has no manifests list")
+    manifests = [m for m in index["manifests"] if isinstance(m, dict)]
+    if ref.tag:
+        named = [
+            m
+            for m in manifests
+            if isinstance(m.get("annotations"), dict) and m["annotations"].get(REF_NAME) == ref.tag
+        ]
+        if not named:
+            raise ImageArchiveError(f"{ref}: no image tagged {ref.tag!r} in {what}")
+        manifests = named
+    amd64 = [
+        m
+        for m in manifests
+        if isinstance(m.get("platform"), dict)
+        and m["platform"].get("architecture") == "amd64"
+        and m["platform"].get("os") == "linux"
+    ]
+    if len(manifests) > 1 and len(amd64) == 1:
+        return amd64[0]
+    if len(manifests) != 1:
+        raise ImageArchiveError(
+            f"{ref}: {what} holds {len(manifests)} images: name one with oci:DIR:TAG"
+            if manifests
+            else f"{ref}: {what} holds no image"
+        )
+    return manifests[0]
+
+
+def _read_docker(store: _Store, ref: Ref) -> tuple[ImageConfig, list[Layer]]:
+    entries = _json(store, "manifest.json", ref, "manifest.json")
+    if not isinstance(entries, list) or not entries:
+        raise ImageArchiveError(f"{ref}: manifest.json lists no image")
+    if len(entries) != 1:
+        raise ImageArchiveError(
+            f"{ref}: the archive holds {len(entries)} images; save one image per archive"
+        )
+    entry = entries[0]
+    if not isinstance(entry, dict):
+        raise ImageArchiveError(f"{ref}: manifest.json's entry is not an object")
+    cfg_path, layer_paths = entry.get("Config"), entry.get("Layers")
+    if not isinstance(cfg_path, str) or not isinstance(layer_paths, list):
+        raise ImageArchiveError(f"{ref}: manifest.json's entry has no Config or Layers")
+    _check_count(len(layer_paths), ref)
+    cfg_digest = _digest_in_name(cfg_path)
+    config_doc = _json(store, _inside(cfg_path, ref), ref, "the image config", cfg_digest)
+    config, diff_ids = _config(config_doc, ref)
+    if len(diff_ids) != len(layer_paths):
+        raise ImageArchiveError(
+            f"{ref}: manifest.json lists {len(layer_paths)} layers but the config "
+            f"{len(diff_ids)}: the archive is inconsistent; save the image again"
+        )
+    layers = []
+    for path, diff_id in zip(layer_paths, diff_ids, strict=True):
+        if not isinstance(path, str):
+            raise ImageArchiveError(f"{ref}: manifest.json has a layer path that is not a string")
+        layers.append(Layer(_inside(path, ref), -1, _digest_in_name(path), diff_id))
+    return config, layers
+
+
+def _digest_in_name(path: str) -> str:
+    """``blobs/sha256/HEX`` or ``HEX.json`` names its own digest; others do not."""
+    m = re.fullmatch(r"(?:blobs/sha256/)?([0-9a-f]{64})(?:\.json)?", path)
+    return f"sha256:{m.group(1)}" if m else ""
+
+
+def _inside(path: str, ref: Ref) -> str:
+    name = _normal(path)
+    if not name or name.startswith("/") or ".." in name.split("/"):
+        raise ImageArchiveError(f"{ref}: manifest.json names {path!r}, outside the archive")
+    return name
+
+
+def _check_count(n: int, ref: Ref) -> None:
+    if n > MAX_LAYERS:
+        raise ImageArchiveError(
+            f"{ref}: {n} layers, more than the {MAX_LAYERS} this version imports: squash the "
+            "image (e.g. podman build --squash) and save it again"
+        )
+
+
+def _strings(value: Any, ref: Ref, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_CONFIG_ITEMS
+        or not all(isinstance(v, str) and len(v) <= 65536 and "\0" not in v for v in value)
+    ):
+        raise ImageArchiveError(f"{ref}: the image config's {what} is not a list of strings")
+    return tuple(value)
+
+
+def _string(value: Any, ref: Ref, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > MAX_PATH or "\0" in value:
+        raise ImageArchiveError(f"{ref}: the image config's {what} is not a valid string")
+    return value
+
+
+def _config(doc: Any, ref: Ref) -> tuple[ImageConfig, list[str]]:
+    if not isinstance(doc, dict):
+        raise ImageArchiveError(f"{ref}: the image config is not a JSON object")
+    arch, osname = doc.get("architecture", "amd64"), doc.get("os", "linux")
+    if arch != "amd64" or osname != "linux":
+        raise ImageArchiveError(
+            f"{ref}: the image is for {osname}/{arch}; agent-vm's guests are linux/amd64: "
+            "save the linux/amd64 variant (e.g. podman pull --platform linux/amd64)"
+        )
+    rootfs = doc.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(
+        isinstance(d, str) and DIGEST.fullmatch(d) for d in diff_ids
+    ):
+        raise ImageArchiveError(f"{ref}: the image config has no valid rootfs.diff_ids")
+    c = doc.get("config") or {}
+    if not isinstance(c, dict):
+        raise ImageArchiveError(f"{ref}: the image config's config is not an object")
+    env = _strings(c.get("Env"), ref, "Env")
+    for item in env:
+        if not re.fullmatch(r"[^=]+=.*", item, re.DOTALL):
+            raise ImageArchiveError(f"{ref}: the image config's Env has {item[:80]!r}, not K=V")
+    labels = c.get("Labels") or {}
+    if (
+        not isinstance(labels, dict)
+        or len(labels) > MAX_CONFIG_ITEMS
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
+    ):
+        raise ImageArchiveError(f"{ref}: the image config's Labels are not strings")
+    config = ImageConfig(
+        env=env,
+        workdir=_string(c.get("WorkingDir"), ref, "WorkingDir"),
+        user=_string(c.get("User"), ref, "User"),
+        entrypoint=_strings(c.get("Entrypoint"), ref, "Entrypoint"),
+        cmd=_strings(c.get("Cmd"), ref, "Cmd"),
+        labels=dict(labels),
+        architecture=arch,
+        os=osname,
+    )
+    return config, list(diff_ids)
+
+
+# -- layers -----------------------------------------------------------------------
+class _Hashing(io.RawIOBase):
+    """A reader that hashes and counts what passes through it."""
+
+    def __init__(self, raw: IO[bytes] | io.RawIOBase) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        data = self.raw.read(len(buf))
+        n = len(data)
+        buf[:n] = data
+        self.sha.update(data)
+        self.count += n
+        return n
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.sha.hexdigest()
+
+
+def _decompressed(raw: IO[bytes] | io.RawIOBase, ref: Ref, index: int) -> IO[bytes]:
+    head = io.BufferedReader(raw if isinstance(raw, io.RawIOBase) else _Passthrough(raw))
+    magic = head.peek(4)[:4]
+    if magic.startswith(GZIP_MAGIC):
+        return gzip.GzipFile(fileobj=head, mode="rb")  # type: ignore[return-value]
+    if magic == ZSTD_MAGIC:
+        raise ImageArchiveError(
+            f"{ref}: layer {index + 1} is zstd-compressed, which this version cannot read: "
+            "save the image with gzip layers"
+        )
+    return head
+
+
+class _Passthrough(io.RawIOBase):
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        data = self.raw.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+
+def _normal(name: str) -> str:
+    """A tar entry name without ``./`` and trailing ``/`` ("" for the root itself)."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    prefix = "/" if name.startswith("/") else ""
+    return prefix + "/".join(parts)
+
+
+@dataclass
+class Scanner:
+    """Validates the layers of one image in order, tracking what exists for hard links."""
+
+    ref: Ref
+    max_entries: int = MAX_ENTRIES
+    max_bytes: int = MAX_IMAGE_BYTES
+    files: set[str] = field(default_factory=set)  # regular files present after each layer
+    entries: int = 0
+    total_bytes: int = 0
+
+    def scan(self, image: Image, index: int) -> LayerScan:
+        """Walk layer ``index``; check its digests, sizes and every entry."""
+        layer = self.layers_label(image, index)
+        declared = image.layers[index]
+        before, whiteouts = self.entries, 0
+        with image._open(declared.path, layer) as raw:
+            blob = _Hashing(raw)
+            try:
+                plain = _Hashing(_decompressed(blob, self.ref, index))
+                with tarfile.open(fileobj=plain, mode="r|") as tar:
+                    added: set[str] = set()
+                    for member in tar:
+                        whiteouts += self._entry(member, layer, added)
+                    self.files |= added
+                plain.drain()
+                blob.drain()
+            except ImageArchiveError:
+                raise
+            except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as exc:
+                raise ImageArchiveError(
+                    f"{self.ref}: {layer} is not a readable tar stream ({exc}): the archive is "
+                    "truncated or corrupt; save the image again"
+                ) from exc
+        if declared.size >= 0 and blob.count != declared.size:
+            raise ImageArchiveError(
+                f"{self.ref}: {layer} is {blob.count} bytes, its manifest says "
+                f"{declared.size}: the archive is truncated or altered; save the image again"
+            )
+        if declared.digest and blob.digest != declared.digest:
+            raise ImageArchiveError(
+                f"{self.ref}: {layer} does not match its digest (got {blob.digest}): the "
+                "archive is corrupt or was altered; save the image again"
+            )
+        if plain.digest != declared.diff_id:
+            raise ImageArchiveError(
+                f"{self.ref}: {layer}'s content does not match the config's diff_id "
+                f"{declared.diff_id} (got {plain.digest}): the archive is corrupt or was "
+                "altered; save the image again"
+            )
+        return LayerScan(self.entries - before, plain.count, whiteouts)
+
+    @staticmethod
+    def layers_label(image: Image, index: int) -> str:
+        layer = image.layers[index]
+        return f"layer {index + 1} of {len(image.layers)} ({layer.digest or layer.path})"
+
+    def _entry(self, member: tarfile.TarInfo, layer: str, added: set[str]) -> int:
+        """Check one entry; returns 1 for a whiteout."""
+        self.entries += 1
+        if self.entries > self.max_entries:
+            raise ImageArchiveError(
+                f"{self.ref}: more than {self.max_entries} files in the image; agent-vm "
+                "imports images up to that many"
+            )
+        where = f"{self.ref}: {layer}: entry {member.name[:200]!r}"
+        if len(member.name) > MAX_PATH:
+            raise ImageArchiveError(f"{where}: the path is over {MAX_PATH} bytes")
+        name = _normal(member.name)
+        if name.startswith("/"):
+            raise ImageArchiveError(f"{where}: an absolute path; layers hold relative paths")
+        if ".." in name.split("/"):
+            raise ImageArchiveError(f"{where}: the path leaves the image's root ('..')")
+        if member.ischr() or member.isblk():
+            raise ImageArchiveError(
+                f"{where}: a device node; agent-vm does not import devices (the guest's /dev "
+                "is provided): remove it from the image"
+            )
+        if member.issym():
+            if not member.linkname or len(member.linkname) > MAX_PATH:
+                raise ImageArchiveError(f"{where}: a symlink without a valid target")
+        elif member.islnk():
+            target = _normal(member.linkname)
+            if target.startswith("/") or ".." in target.split("/") or not target:
+                raise ImageArchiveError(
+                    f"{where}: a hard link to {member.linkname[:200]!r}, outside the image"
+                )
+            if target not in added and target not in self.files:
+                raise ImageArchiveError(
+                    f"{where}: a hard link to {target!r}, which is not a file of the image "
+                    "at that point"
+                )
+        elif not (member.isfile() or member.isdir() or member.isfifo()):
+            raise ImageArchiveError(f"{where}: an entry of unsupported type {member.type!r}")
+        if member.size < 0:
+            raise ImageArchiveError(f"{where}: a negative size")
+        self.total_bytes += member.size
+        if self.total_bytes > self.max_bytes:
+            raise ImageArchiveError(
+                f"{self.ref}: the image is over {self.max_bytes} bytes uncompressed; agent-vm "
+                "imports images up to that size"
+            )
+        base = posixpath.basename(name)
+        if base.startswith(WHITEOUT):
+            parent = posixpath.dirname(name)
+            if base == OPAQUE:
+                prefix = f"{parent}/" if parent else ""
+                self.files = {f for f in self.files if not f.startswith(prefix)}
+            else:
+                gone = base[len(WHITEOUT) :]
+                if gone in ("", ".", "..") or gone.startswith(WHITEOUT):
+                    raise ImageArchiveError(f"{where}: a whiteout of nothing")
+                path = posixpath.join(parent, gone)
+                self.files = {f for f in self.files if f != path and not f.startswith(path + "/")}
+            return 1
+        if member.isfile() or member.islnk():
+            added.add(name)
+        else:
+            added.discard(name)
+            self.files.discard(name)
+        return 0
+
+
+def scan_all(
+    image: Image, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_IMAGE_BYTES
+) -> list[LayerScan]:
+    """Verify and walk every layer of ``image`` in order."""
+    scanner = Scanner(image.ref, max_entries=max_entries, max_bytes=max_bytes)
+    return [scanner.scan(image, i) for i in range(len(image.layers))]

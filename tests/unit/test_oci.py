@@ -1,0 +1,395 @@
+"""OCI and Docker archives: read, verify and refuse what could escape (vm_manager/oci.py).
+
+The archives are made here byte by byte to the OCI image layout and `docker
+save` formats, so each hostile variant (a truncated blob, a digest that does
+not match, a path that leaves the root) differs from a good archive in
+exactly one thing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentvm.vm_manager import oci
+
+Entry = tuple[str, str, bytes | str]  # (name, kind, content or link target)
+
+
+def make_layer(entries: list[Entry]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, value in entries:
+            info = tarfile.TarInfo(name)
+            data = b""
+            if kind == "file":
+                data = value if isinstance(value, bytes) else value.encode()
+                info.size = len(data)
+            elif kind == "dir":
+                info.type = tarfile.DIRTYPE
+            elif kind == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, str(value)
+            elif kind == "hardlink":
+                info.type, info.linkname = tarfile.LNKTYPE, str(value)
+            elif kind == "chr":
+                info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+            elif kind == "blk":
+                info.type = tarfile.BLKTYPE
+            elif kind == "fifo":
+                info.type = tarfile.FIFOTYPE
+            tar.addfile(info, io.BytesIO(data) if kind == "file" else None)
+    return buf.getvalue()
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+CONFIG = {
+    "Env": ["PATH=/usr/bin:/bin", "GREETING=hello world"],
+    "WorkingDir": "/home/app",
+    "User": "app",
+    "Entrypoint": ["/bin/sh", "-c"],
+    "Cmd": ["echo hi"],
+    "Labels": {"org.example.team": "agents"},
+}
+
+
+def config_doc(layers: list[bytes], **over: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": CONFIG,
+        "rootfs": {"type": "layers", "diff_ids": [sha(x) for x in layers]},
+    }
+    doc.update(over)
+    return doc
+
+
+class Layout:
+    """An OCI image layout being written (blobs by digest), then packed or used as a dir."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "blobs" / "sha256").mkdir(parents=True)
+        (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+    def blob(self, data: bytes) -> str:
+        digest = sha(data)
+        (self.root / "blobs" / "sha256" / digest[7:]).write_bytes(data)
+        return digest
+
+    def image(
+        self,
+        layers: list[bytes],
+        *,
+        compress: bool = False,
+        config: dict[str, Any] | None = None,
+        tag: str = "latest",
+        mutate: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        cfg = json.dumps(config or config_doc(layers)).encode()
+        descs = []
+        for layer in layers:
+            blob = gzip.compress(layer, mtime=0) if compress else layer
+            media = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if compress else "")
+            descs.append({"mediaType": media, "digest": self.blob(blob), "size": len(blob)})
+        manifest: dict[str, Any] = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": self.blob(cfg),
+                "size": len(cfg),
+            },
+            "layers": descs,
+        }
+        if mutate is not None:
+            mutate(manifest)
+        raw = json.dumps(manifest).encode()
+        desc = {
+            "mediaType": manifest["mediaType"],
+            "digest": self.blob(raw),
+            "size": len(raw),
+            "annotations": {oci.REF_NAME: tag},
+        }
+        index_path = self.root / "index.json"
+        index = json.loads(index_path.read_text()) if index_path.exists() else {"manifests": []}
+        index["schemaVersion"] = 2
+        index["manifests"].append(desc)
+        index_path.write_text(json.dumps(index))
+        return manifest
+
+    def pack(self, path: Path) -> Path:
+        with tarfile.open(path, "w") as tar:
+            for f in sorted(self.root.rglob("*")):
+                tar.add(f, arcname=f.relative_to(self.root).as_posix(), recursive=False)
+        return path
+
+
+def docker_archive(path: Path, layers: list[bytes], config: dict[str, Any] | None = None) -> Path:
+    cfg = json.dumps(config or config_doc(layers)).encode()
+    cfg_name = f"{hashlib.sha256(cfg).hexdigest()}.json"
+    members: dict[str, bytes] = {cfg_name: cfg}
+    names = []
+    for i, layer in enumerate(layers):
+        name = f"{i:064x}/layer.tar"
+        members[name] = layer
+        names.append(name)
+    members["manifest.json"] = json.dumps(
+        [{"Config": cfg_name, "RepoTags": ["example:latest"], "Layers": names}]
+    ).encode()
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+BASE = make_layer(
+    [
+        ("bin", "dir", ""),
+        ("bin/busybox", "file", b"\x7fELF busybox"),
+        ("bin/sh", "hardlink", "bin/busybox"),
+        ("bin/ls", "symlink", "busybox"),
+        ("etc", "dir", ""),
+        ("etc/passwd", "file", "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n"),
+        ("etc/secret", "file", "lower"),
+        ("opt/old/a", "file", "a"),
+        ("run/fifo", "fifo", ""),
+    ]
+)
+UPPER = make_layer(
+    [
+        ("etc/.wh.secret", "file", ""),
+        ("opt/old/.wh..wh..opq", "file", ""),
+        ("home/app/notes", "file", "upper"),
+    ]
+)
+
+
+def scan(ref: str, **kw: Any) -> tuple[oci.Image, list[oci.LayerScan]]:
+    with oci.open_image(ref) as image:
+        return image, oci.scan_all(image, **kw)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_oci_archive_and_layout_dir_read_config_and_verify_layers(
+    tmp_path: Path, compress: bool
+) -> None:
+    layout = Layout(tmp_path / "layout")
+    layout.image([BASE, UPPER], compress=compress)
+    archive = layout.pack(tmp_path / "image.tar")
+    for ref in (f"oci-archive:{archive}", f"oci:{layout.root}", f"oci:{layout.root}:latest"):
+        image, scans = scan(ref)
+        assert image.config.env == ("PATH=/usr/bin:/bin", "GREETING=hello world")
+        assert image.config.workdir == "/home/app"
+        assert image.config.user == "app"
+        assert image.config.entrypoint == ("/bin/sh", "-c")
+        assert image.config.cmd == ("echo hi",)
+        assert image.config.labels == {"org.example.team": "agents"}
+        assert [s.entries for s in scans] == [9, 3]
+        assert [s.whiteouts for s in scans] == [0, 2]
+        assert scans[0].uncompressed_bytes == len(BASE)
+
+
+def test_docker_archive_is_read_and_verified_by_diff_ids(tmp_path: Path) -> None:
+    image, scans = scan(f"docker-archive:{docker_archive(tmp_path / 'd.tar', [BASE, UPPER])}")
+    assert image.config.user == "app"
+    assert len(scans) == 2
+
+
+def test_a_tag_chooses_the_image_and_an_unknown_tag_says_so(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "layout")
+    layout.image([BASE], tag="one")
+    layout.image([BASE, UPPER], tag="two")
+    with oci.open_image(f"oci:{layout.root}:two") as image:
+        assert len(image.layers) == 2
+    with pytest.raises(oci.ImageArchiveError, match="holds 2 images: name one with oci:DIR:TAG"):
+        oci.open_image(f"oci:{layout.root}")
+    with pytest.raises(oci.ImageArchiveError, match="no image tagged 'three'"):
+        oci.open_image(f"oci:{layout.root}:three")
+
+
+@pytest.mark.parametrize(
+    "ref",
+    ["", "docker://busybox", "oci-archive:", "podman:x", "busybox:latest"],
+)
+def test_bad_references_name_the_accepted_forms(ref: str) -> None:
+    with pytest.raises(oci.ImageArchiveError, match="oci-archive:PATH") as err:
+        oci.parse_ref(ref)
+    assert repr(ref) in str(err.value)
+
+
+def test_missing_files_say_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(oci.ImageArchiveError, match="no such file"):
+        oci.open_image(f"oci-archive:{tmp_path / 'nope.tar'}")
+    with pytest.raises(oci.ImageArchiveError, match=r"has no index\.json"):
+        oci.open_image(f"oci:{tmp_path}")
+
+
+def test_a_truncated_archive_is_refused(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "layout")
+    layout.image([BASE, UPPER], compress=True)
+    packed = layout.pack(tmp_path / "image.tar")
+    data = packed.read_bytes()
+    with tarfile.open(packed) as tar:
+        last = max(tar.getmembers(), key=lambda m: m.offset_data + m.size)
+    # Cut inside the headers, and inside the last blob's data (tar's zero padding at the
+    # end of a record is not content: cutting only that loses nothing).
+    for cut in (len(data) // 3, last.offset_data + last.size // 2):
+        short = tmp_path / f"short-{cut}.tar"
+        short.write_bytes(data[:cut])
+        with pytest.raises(oci.ImageArchiveError, match=r"save the image again|incomplete"):
+            scan(f"oci-archive:{short}")
+
+
+def test_a_layer_that_does_not_match_its_digest_is_refused(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "layout")
+    manifest = layout.image([BASE, UPPER])
+    blob = layout.root / "blobs" / "sha256" / manifest["layers"][1]["digest"][7:]
+    altered = bytearray(blob.read_bytes())
+    altered[600] ^= 0x01  # inside the first file's data: still a valid tar
+    blob.write_bytes(bytes(altered))
+    with pytest.raises(oci.ImageArchiveError, match=r"layer 2 of 2 .* does not match its digest"):
+        scan(f"oci:{layout.root}")
+
+
+def test_a_layer_whose_content_does_not_match_the_config_is_refused(tmp_path: Path) -> None:
+    # A consistent blob digest, but the config's diff_id names other content (docker-archive
+    # has only diff_ids to check against).
+    other = make_layer([("x", "file", "other")])
+    path = docker_archive(tmp_path / "d.tar", [BASE], config_doc([other]))
+    with pytest.raises(oci.ImageArchiveError, match="does not match the config's diff_id"):
+        scan(f"docker-archive:{path}")
+
+
+def test_a_config_that_does_not_match_its_digest_is_refused(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "layout")
+    manifest = layout.image([BASE])
+    cfg = layout.root / "blobs" / "sha256" / manifest["config"]["digest"][7:]
+    cfg.write_bytes(cfg.read_bytes().replace(b'"app"', b'"root"'))
+    with pytest.raises(oci.ImageArchiveError, match=r"config .* does not match its digest"):
+        oci.open_image(f"oci:{layout.root}")
+
+
+def test_a_declared_size_that_is_wrong_is_refused(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "layout")
+
+    def grow(m: dict[str, Any]) -> None:
+        m["layers"][0]["size"] += 1
+
+    layout.image([BASE], mutate=grow)
+    with pytest.raises(oci.ImageArchiveError, match="its manifest says"):
+        scan(f"oci:{layout.root}")
+
+
+HOSTILE = [
+    ([("../escape", "file", "x")], "leaves the image's root"),
+    ([("etc/../../escape", "file", "x")], "leaves the image's root"),
+    ([("/etc/passwd", "file", "x")], "an absolute path"),
+    ([("dev/mem", "chr", "")], "a device node"),
+    ([("dev/sda", "blk", "")], "a device node"),
+    ([("passwd", "hardlink", "/etc/passwd")], "outside the image"),
+    ([("passwd", "hardlink", "../../etc/shadow")], "outside the image"),
+    ([("passwd", "hardlink", "etc/not-there")], "not a file of the image"),
+    ([("x" * 5000, "file", "x")], "over 4096 bytes"),
+    ([("etc/.wh.", "file", "")], "a whiteout of nothing"),
+]
+
+
+@pytest.mark.parametrize(("entries", "why"), HOSTILE, ids=[w for _, w in HOSTILE])
+def test_hostile_entries_are_refused_naming_layer_and_entry(
+    tmp_path: Path, entries: list[Entry], why: str
+) -> None:
+    layout = Layout(tmp_path / "layout")
+    layout.image([BASE, make_layer(entries)])
+    with pytest.raises(oci.ImageArchiveError) as err:
+        scan(f"oci:{layout.root}")
+    assert why in str(err.value)
+    assert "layer 2 of 2" in str(err.value)
+    assert repr(entries[0][0][:200]) in str(err.value)
+
+
+def test_a_hard_link_to_a_whited_out_file_is_refused(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "layout")
+    third = make_layer([("keep", "hardlink", "etc/secret")])
+    layout.image([BASE, UPPER, third])
+    with pytest.raises(oci.ImageArchiveError, match="'etc/secret', which is not a file"):
+        scan(f"oci:{layout.root}")
+    # ... and one under an opaque directory too; a file of a lower layer is fine.
+    layout2 = Layout(tmp_path / "layout2")
+    layout2.image([BASE, UPPER, make_layer([("keep", "hardlink", "opt/old/a")])])
+    with pytest.raises(oci.ImageArchiveError, match="'opt/old/a', which is not a file"):
+        scan(f"oci:{layout2.root}")
+    layout3 = Layout(tmp_path / "layout3")
+    layout3.image([BASE, UPPER, make_layer([("keep", "hardlink", "bin/busybox")])])
+    scan(f"oci:{layout3.root}")
+
+
+def test_caps_on_entries_and_size(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "layout")
+    layout.image([BASE])
+    with pytest.raises(oci.ImageArchiveError, match="more than 3 files"):
+        scan(f"oci:{layout.root}", max_entries=3)
+    with pytest.raises(oci.ImageArchiveError, match="over 10 bytes uncompressed"):
+        scan(f"oci:{layout.root}", max_bytes=10)
+
+
+def test_zstd_layers_and_foreign_architectures_say_what_to_do(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "layout")
+
+    def zstd(m: dict[str, Any]) -> None:
+        m["layers"][0]["mediaType"] = "application/vnd.oci.image.layer.v1.tar+zstd"
+
+    layout.image([BASE], mutate=zstd)
+    with pytest.raises(oci.ImageArchiveError, match=r"zstd-compressed.*gzip layers"):
+        oci.open_image(f"oci:{layout.root}")
+    arm = Layout(tmp_path / "arm")
+    arm.image([BASE], config=config_doc([BASE], architecture="arm64"))
+    with pytest.raises(oci.ImageArchiveError, match=r"linux/arm64.*linux/amd64"):
+        oci.open_image(f"oci:{arm.root}")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("Env", "PATH=/bin"),
+        ("Env", ["NOEQUALS"]),
+        ("Entrypoint", [1, 2]),
+        ("WorkingDir", ["/"]),
+        ("Labels", {"a": 1}),
+    ],
+)
+def test_a_config_of_the_wrong_shape_is_refused(tmp_path: Path, field: str, value: Any) -> None:
+    layout = Layout(tmp_path / "layout")
+    layout.image([BASE], config=config_doc([BASE], config={**CONFIG, field: value}))
+    with pytest.raises(oci.ImageArchiveError, match=field):
+        oci.open_image(f"oci:{layout.root}")
+
+
+def test_docker_archive_paths_may_not_leave_the_archive(tmp_path: Path) -> None:
+    path = tmp_path / "d.tar"
+    manifest = json.dumps([{"Config": "../../etc/passwd", "Layers": []}]).encode()
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+    with pytest.raises(oci.ImageArchiveError, match="outside the archive"):
+        oci.open_image(f"docker-archive:{path}")
+
+
+def test_a_file_that_is_not_a_tar_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.tar"
+    path.write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(oci.ImageArchiveError, match="not a readable tar archive"):
+        oci.open_image(f"oci-archive:{path}")
