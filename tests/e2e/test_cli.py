@@ -32,6 +32,8 @@ def agent_vm(
     return subprocess.run(
         [sys.executable, "-m", "agentvm.cli.main", *args],
         env=env,
+        # `run` passes a stdin that is not a terminal to the program: none here.
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=timeout,
