@@ -9,7 +9,7 @@
 
 ``AsyncSandbox`` is the same API for asyncio (``await AsyncSandbox.create()``);
 ``run()`` / ``arun()`` are one-shot runs in a fresh VM. Every error is an
-``AgentVMError``.
+``AgentVMError`` (the tree is in ``agent_vm.errors``).
 """
 
 from agent_vm._async import (
@@ -25,6 +25,7 @@ from agent_vm._oneshot import OutputFile, RunResult, SkippedOutputFile, arun
 from agent_vm._sync import CommandHandle, Files, Sandbox, run
 from agent_vm.errors import (
     AgentVMError,
+    ArgumentTypeError,
     CommandExitError,
     CommandTimeoutError,
     DataLossError,
@@ -33,12 +34,15 @@ from agent_vm.errors import (
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    SandboxClosedError,
+    SandboxExpiredError,
     UnavailableError,
     UnimplementedError,
 )
 
 __all__ = [
     "AgentVMError",
+    "ArgumentTypeError",
     "AsyncCommandHandle",
     "AsyncFiles",
     "AsyncSandbox",
@@ -59,6 +63,8 @@ __all__ = [
     "ResourceExhaustedError",
     "RunResult",
     "Sandbox",
+    "SandboxClosedError",
+    "SandboxExpiredError",
     "SkippedOutputFile",
     "UnavailableError",
     "UnimplementedError",

@@ -30,6 +30,8 @@ from agent_vm._async import (
     _spec,
     default_address,
 )
+from agent_vm._calls import count, seconds, str_map, text
+from agent_vm._calls import data as bytes_of
 from agent_vm.errors import AgentVMError, from_rpc
 from agentvm.v1 import executor_pb2, executor_pb2_grpc
 from agentvm_guest.paths import AtomicWriter, PathError
@@ -159,6 +161,7 @@ async def arun(
     max_output_file_bytes: int = 0,
     max_output_files_bytes: int = 0,
     cwd: str = "",
+    bridge: str | None = None,
 ) -> RunResult:
     """One shot: a fresh VM runs the program and is destroyed, whatever happens.
 
@@ -173,6 +176,12 @@ async def arun(
     working directory in the guest (absolute; default /workspace/work);
     ``max_output_bytes`` caps each of stdout and stderr (0: 16 MiB), and
     ``result.stdout_truncated``/``stderr_truncated`` say when it cut them.
+    ``network="bridge"`` needs ``bridge``, the name of an existing host bridge.
+
+    Raises ArgumentTypeError / InvalidArgumentError for bad arguments and
+    NotFoundError for a missing local input file (before anything is sent),
+    FailedPreconditionError when the host cannot make such a VM (e.g. no
+    bridge of that name), UnavailableError when the executor is down.
     """
     addr = address or default_address()
     files = []
@@ -186,18 +195,18 @@ async def arun(
             mode = src.stat().st_mode & 0o777
         files.append(executor_pb2.InputFile(path=path, content=data, mode=mode))
     req = executor_pb2.RunRequest(
-        spec=_spec(profile, network, cpus, memory_mib, None, "auto", None, policy),
+        spec=_spec(profile, network, cpus, memory_mib, None, "auto", None, policy, bridge),
         program=_program(cmd, code, language, args),
         inputs=files,
-        env=dict(env or {}),
-        stdin=stdin.encode() if isinstance(stdin, str) else stdin,
-        max_output_bytes=max_output_bytes,
+        env=str_map("env", env),
+        stdin=bytes_of("stdin", stdin),
+        max_output_bytes=count("max_output_bytes", max_output_bytes),
         return_output_files=download_outputs or outputs_dir is not None,
-        max_output_file_bytes=max_output_file_bytes,
-        max_output_files_bytes=max_output_files_bytes,
-        cwd=cwd,
+        max_output_file_bytes=count("max_output_file_bytes", max_output_file_bytes),
+        max_output_files_bytes=count("max_output_files_bytes", max_output_files_bytes),
+        cwd=text("cwd", cwd),
     )
-    req.timeout.FromNanoseconds(int(timeout * 1e9))
+    req.timeout.FromNanoseconds(int(seconds("timeout", timeout) * 1e9))
     out = _Output(on_stdout, on_stderr)
     saver = _Saver(Path(outputs_dir)) if outputs_dir is not None else None
     contents: dict[str, bytearray] = {}

@@ -59,45 +59,96 @@ class CommandHandle:
         self.exec_id = inner.exec_id
 
     def wait(self) -> CommandResult:
+        """Wait for the command to end; its result (raises as ``AsyncCommandHandle.wait``)."""
         return _call(self._inner.wait())
 
     def kill(self, signal: int = 9) -> None:
+        """Send ``signal`` (default SIGKILL: the whole process tree dies).
+
+        Raises NotFoundError when the command is not running any more.
+        """
         _call(self._inner.kill(signal))
 
     def send_stdin(self, data: bytes | str, *, eof: bool = False) -> None:
+        """Write to the command's stdin (started with keep_stdin_open=True);
+        ``eof=True`` closes it after ``data``."""
         _call(self._inner.send_stdin(data, eof=eof))
 
 
 class Files:
-    """Files under the sandbox's /workspace (paths relative to it)."""
+    """Files under the sandbox's /workspace (paths relative to it, e.g. "input/data.csv").
+
+    Every method raises SandboxClosedError once the sandbox is closed,
+    SandboxExpiredError once it reached the end of its lifetime, and
+    InvalidArgumentError for paths that are absolute, contain ".." or go
+    through a symbolic link.
+    """
 
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._inner = sandbox.files
 
     def write(self, path: str, data: bytes | str, *, mode: int = 0o644) -> int:
+        """Write ``data`` to ``path``, making missing parent directories; the size written."""
         return _call(self._inner.write(path, data, mode=mode))
 
     def upload(self, local: str | os.PathLike[str], path: str, *, mode: int | None = None) -> int:
+        """Stream a local file to ``path`` (any size; verified with SHA-256); its size.
+
+        Raises NotFoundError, before anything is sent, when ``local`` is no file.
+        """
         return _call(self._inner.upload(local, path, mode=mode))
 
     def read(self, path: str, *, max_bytes: int = 0) -> bytes:
+        """The whole content of ``path``.
+
+        Raises NotFoundError when there is no such file; files over ``max_bytes``
+        (0: the executor's cap) ResourceExhaustedError, sparse ones
+        FailedPreconditionError.
+        """
         return _call(self._inner.read(path, max_bytes=max_bytes))
 
     def read_text(self, path: str, *, max_bytes: int = 0) -> str:
+        """``read`` decoded as UTF-8 (undecodable bytes replaced); raises as ``read``."""
         return _call(self._inner.read_text(path, max_bytes=max_bytes))
 
     def download(self, path: str, local: str | os.PathLike[str], *, max_bytes: int = 0) -> int:
+        """Stream ``path`` to a local file (verified; it appears only once complete);
+        its size. Raises as ``read``."""
         return _call(self._inner.download(path, local, max_bytes=max_bytes))
 
     def list(self, path: str = "", *, recursive: bool = False) -> list[FileInfo]:
+        """The entries of directory ``path`` ("" is /workspace), or of its whole tree.
+
+        Raises NotFoundError when there is no such directory,
+        ResourceExhaustedError past the listing limits.
+        """
         return _call(self._inner.list(path, recursive=recursive))
 
+    def exists(self, path: str) -> bool:
+        """Whether ``path`` exists (a file, directory or symbolic link of that name)."""
+        return _call(self._inner.exists(path))
+
+    def mkdir(self, path: str) -> None:
+        """Create directory ``path`` and any missing parents; nothing to do if it exists.
+
+        Raises FailedPreconditionError when a file of that name is there.
+        """
+        _call(self._inner.mkdir(path))
+
     def remove(self, path: str, *, recursive: bool = False) -> None:
+        """Remove a file, or a directory with ``recursive=True``.
+
+        Raises NotFoundError when there is nothing of that name.
+        """
         _call(self._inner.remove(path, recursive=recursive))
 
 
 class Sandbox:
-    """A VM for one agent. ``with Sandbox.create() as sb: sb.run("ls")``."""
+    """A VM for one agent. ``with Sandbox.create() as sb: sb.run("ls")``.
+
+    Once closed (or past its lifetime), every call raises SandboxClosedError
+    (SandboxExpiredError).
+    """
 
     def __init__(self, inner: AsyncSandbox) -> None:
         self._inner = inner
@@ -105,19 +156,28 @@ class Sandbox:
 
     @property
     def id(self) -> str:
+        """The sandbox's id ("sb-...")."""
         return self._inner.id
 
     @property
     def vm_name(self) -> str:
+        """The name of its VM (as ``agent-vm vm list`` shows it)."""
         return self._inner.vm_name
 
     @property
     def boot_s(self) -> float:
+        """Seconds from asking for the VM to its agent answering."""
         return self._inner.boot_s
 
     @property
     def workspace_mode(self) -> str:
+        """ "shared" or "api": how /workspace reaches the VM."""
         return self._inner.workspace_mode
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+        return self._inner.closed
 
     @classmethod
     def create(
@@ -133,7 +193,11 @@ class Sandbox:
         labels: Mapping[str, str] | None = None,
         address: str | None = None,
         request_timeout: float = 300.0,
+        bridge: str | None = None,
     ) -> Sandbox:
+        """Boot a sandbox VM (see ``AsyncSandbox.create``: the same arguments, and
+        what it raises). ``lifetime`` (seconds; default 1 h, at most 24 h) bounds
+        it even if this process dies; ``network="bridge"`` needs ``bridge``."""
         inner = _call(
             AsyncSandbox.create(
                 profile=profile,
@@ -146,6 +210,7 @@ class Sandbox:
                 labels=labels,
                 address=address,
                 request_timeout=request_timeout,
+                bridge=bridge,
             )
         )
         return cls(inner)
@@ -157,9 +222,12 @@ class Sandbox:
         self.close()
 
     def network_log(self) -> list[EgressRecord]:
+        """Every DNS query and connection attempt of this sandbox so far, with its
+        verdict (empty unless the network is "nat-filtered")."""
         return _call(self._inner.network_log())
 
     def close(self) -> None:
+        """Destroy the VM and its workspace. Idempotent (also after the lifetime ended)."""
         _call(self._inner.close())
 
     def run(
@@ -177,6 +245,12 @@ class Sandbox:
         on_stderr: Callback | None = None,
         max_output_bytes: int = 0,
     ) -> CommandResult:
+        """Run a shell command (str), an argv (list) or ``code=`` and wait for it.
+
+        Arguments, result and errors as for ``AsyncSandbox.run``: e.g.
+        SandboxExpiredError when the sandbox's lifetime ends during the command,
+        ArgumentTypeError for env values that are not str (before anything is sent).
+        """
         return _call(
             self._inner.run(
                 cmd,
@@ -208,6 +282,8 @@ class Sandbox:
         on_stderr: Callback | None = None,
         keep_stdin_open: bool = True,
     ) -> CommandHandle:
+        """Start a command in the background; a handle once it runs (``wait()`` for
+        its result). Arguments and errors as for ``run``."""
         inner = _call(
             self._inner.start(
                 cmd,
@@ -250,8 +326,10 @@ def run(
     max_output_file_bytes: int = 0,
     max_output_files_bytes: int = 0,
     cwd: str = "",
+    bridge: str | None = None,
 ) -> RunResult:
-    """One shot in a fresh VM, destroyed whatever happens (see ``arun``)."""
+    """One shot in a fresh VM, destroyed whatever happens (see ``arun``: the same
+    arguments, and what it raises)."""
     return _call(
         arun(
             cmd,
@@ -276,5 +354,6 @@ def run(
             max_output_file_bytes=max_output_file_bytes,
             max_output_files_bytes=max_output_files_bytes,
             cwd=cwd,
+            bridge=bridge,
         )
     )

@@ -1,12 +1,36 @@
 """One exception root for the client: every failure is an ``AgentVMError``.
 
 gRPC status codes are translated here, at exactly one boundary, into
-subclasses whose messages say what to do.
+subclasses whose messages say what to do. Arguments of the wrong type raise
+``ArgumentTypeError`` (an ``InvalidArgumentError`` and a ``TypeError``), bad
+values ``InvalidArgumentError`` (also a ``ValueError``), before anything is sent.
+
+::
+
+    AgentVMError
+     ├── InvalidArgumentError (ValueError)    a bad argument: what to pass instead
+     │    └── ArgumentTypeError (TypeError)   an argument of the wrong type
+     ├── NotFoundError                        no such file, directory or sandbox
+     ├── FailedPreconditionError              e.g. TLS files missing, a sparse file
+     │    └── SandboxClosedError              the sandbox was closed
+     │         └── SandboxExpiredError        ... by the end of its lifetime
+     ├── UnavailableError                     a service (or a VM's agent) is unreachable
+     ├── DeadlineExceededError                a call took longer than its deadline
+     ├── ResourceExhaustedError               a limit: sizes, sandboxes, listings
+     ├── DataLossError                        content did not arrive intact
+     ├── UnimplementedError                   not offered by this installation
+     ├── CommandTimeoutError                  result.check(): the command timed out
+     └── CommandExitError                     result.check(): a non-zero exit
 """
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import grpc
+
+from agentvm.common.errors import REASON_KEY, REASON_SANDBOX_EXPIRED
 
 
 class AgentVMError(Exception):
@@ -21,16 +45,38 @@ class AgentVMError(Exception):
             self.code = code
 
 
-class InvalidArgumentError(AgentVMError):
+class InvalidArgumentError(AgentVMError, ValueError):
+    """A bad argument (the message names it and what to pass instead)."""
+
     code = "INVALID_ARGUMENT"
 
 
+class ArgumentTypeError(InvalidArgumentError, TypeError):
+    """An argument of the wrong type, found before anything was sent."""
+
+
 class NotFoundError(AgentVMError):
+    """No such file, directory or sandbox."""
+
     code = "NOT_FOUND"
 
 
 class FailedPreconditionError(AgentVMError):
+    """The request cannot be served in this state (e.g. TLS files missing, a sparse file)."""
+
     code = "FAILED_PRECONDITION"
+
+
+class SandboxClosedError(FailedPreconditionError):
+    """The sandbox was closed: create a new one."""
+
+
+class SandboxExpiredError(SandboxClosedError):
+    """The sandbox reached the end of its lifetime and was destroyed (also during a call).
+
+    A lifetime cannot be extended: create the sandbox with a longer one
+    (``Sandbox.create(lifetime=SECONDS)``).
+    """
 
 
 class UnavailableError(AgentVMError):
@@ -40,10 +86,14 @@ class UnavailableError(AgentVMError):
 
 
 class DeadlineExceededError(AgentVMError):
+    """A call took longer than its deadline."""
+
     code = "DEADLINE_EXCEEDED"
 
 
 class ResourceExhaustedError(AgentVMError):
+    """A limit was reached: a size, the number of sandboxes, a listing."""
+
     code = "RESOURCE_EXHAUSTED"
 
 
@@ -54,6 +104,8 @@ class DataLossError(AgentVMError):
 
 
 class UnimplementedError(AgentVMError):
+    """Not offered by this installation."""
+
     code = "UNIMPLEMENTED"
 
 
@@ -85,18 +137,47 @@ _BY_CODE: dict[grpc.StatusCode, type[AgentVMError]] = {
 }
 
 
+# gRPC's own words for a connection that could not be made or broke: the
+# service is down (or went down during the call), not a service's own answer.
+_TRANSPORT = re.compile(
+    r"failed to connect|socket closed|stream removed|connection reset|connection refused|"
+    r"broken pipe|connection timed out|end of tcp stream|goaway|recvmsg",
+    re.IGNORECASE,
+)
+# What the executor prefixes the errors of the services behind it with.
+_SERVICES = ("vm-manager", "pool-manager", "monitor")
+
+
+def _reason(exc: grpc.aio.AioRpcError) -> str:
+    """The service's reason for the error (trailing metadata), "" without one."""
+    metadata: Any = exc.trailing_metadata() or ()
+    for key, value in metadata:
+        if key == REASON_KEY:
+            return str(value)
+    return ""
+
+
 def from_rpc(exc: grpc.aio.AioRpcError, address: str) -> AgentVMError:
     """The client exception for a failed call."""
     code = exc.code()
     details = exc.details() or code.name
     cls = _BY_CODE.get(code, AgentVMError)
-    # gRPC's words for "nothing listens there"; a service's own UNAVAILABLE
-    # (e.g. "cannot connect to libvirt") names its own fix.
-    if code == grpc.StatusCode.UNAVAILABLE and details.startswith("failed to connect"):
-        details = (
-            f"the agent-vm executor is not reachable at {address} ({details}): start the "
-            "services with `agent-vm up`, or pass address= / set AGENTVM_EXECUTOR_ADDR"
-        )
+    if _reason(exc) == REASON_SANDBOX_EXPIRED:
+        return SandboxExpiredError(details, code.name)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        service = next((s for s in _SERVICES if details.startswith(s + ": ")), None)
+        said = details[len(service) + 2 :] if service is not None else details
+        if service is not None and _TRANSPORT.match(said):
+            details = (
+                f"{details}: the agent-vm {service} service is down; see `agent-vm status`, "
+                "and start it with `agent-vm up`"
+            )
+        elif service is None and _TRANSPORT.match(details):
+            details = (
+                f"the agent-vm executor service is not reachable at {address} ({details}): "
+                "see `agent-vm status`, start the services with `agent-vm up`, or pass "
+                "address= / set AGENTVM_EXECUTOR_ADDR if it listens elsewhere"
+            )
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
         details += (
             " (a request or response is over the services' message limit: pass large "

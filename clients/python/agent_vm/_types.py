@@ -1,0 +1,133 @@
+"""The client's value types: what a command returned, egress records, file entries, policies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from agent_vm.errors import CommandExitError, CommandTimeoutError
+from agentvm.v1 import common_pb2
+
+Callback = Callable[[str], object]
+Profile = Literal["light", "standard", "intensive"]
+Network = Literal["isolated", "nat-filtered", "bridge"]
+Workspace = Literal["auto", "shared", "api"]
+
+PROFILES = {
+    "light": common_pb2.RESOURCE_PROFILE_LIGHT,
+    "standard": common_pb2.RESOURCE_PROFILE_STANDARD,
+    "intensive": common_pb2.RESOURCE_PROFILE_INTENSIVE,
+}
+NETWORKS = {
+    "isolated": common_pb2.NETWORK_MODE_ISOLATED,
+    "nat-filtered": common_pb2.NETWORK_MODE_NAT_FILTERED,
+    "bridge": common_pb2.NETWORK_MODE_BRIDGE,
+}
+WORKSPACES = {
+    "auto": common_pb2.WORKSPACE_MODE_UNSPECIFIED,
+    "shared": common_pb2.WORKSPACE_MODE_SHARED,
+    "api": common_pb2.WORKSPACE_MODE_API,
+}
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """How a command ended, with everything it printed (up to the output cap)."""
+
+    exit_code: int
+    stdout_bytes: bytes
+    stderr_bytes: bytes
+    timed_out: bool
+    duration_s: float
+    signal: int = 0
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    exec_id: str = ""
+
+    @property
+    def stdout(self) -> str:
+        """stdout decoded as UTF-8 (undecodable bytes replaced)."""
+        return self.stdout_bytes.decode("utf-8", "replace")
+
+    @property
+    def stderr(self) -> str:
+        """stderr decoded as UTF-8 (undecodable bytes replaced)."""
+        return self.stderr_bytes.decode("utf-8", "replace")
+
+    @property
+    def ok(self) -> bool:
+        """Exit code 0 and not timed out."""
+        return self.exit_code == 0 and not self.timed_out
+
+    def check(self) -> CommandResult:
+        """Return self, or raise CommandTimeoutError / CommandExitError (carrying this result)."""
+        if self.timed_out:
+            raise CommandTimeoutError(f"the command timed out after {self.duration_s:.1f} s")
+        if self.exit_code != 0:
+            raise CommandExitError(
+                f"the command exited with {self.exit_code}: {self.stderr[-500:]}", self
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class EgressRecord:
+    """One DNS query or connection attempt of a sandbox, and what the network did."""
+
+    time: float
+    kind: Literal["dns", "connect"]
+    # The name queried (dns), or the allowed name the address came from (connect).
+    name: str
+    address: str
+    port: int
+    # "tcp"/"udp"/... (connect) or the query type (dns).
+    protocol: str
+    verdict: Literal["allowed", "denied"]
+    reason: str
+
+    @classmethod
+    def from_proto(cls, r: common_pb2.EgressRecord) -> EgressRecord:
+        """The record of the executor's message."""
+        return cls(
+            time=r.time.ToNanoseconds() / 1e9,
+            kind="dns" if r.kind == common_pb2.EGRESS_KIND_DNS else "connect",
+            name=r.name,
+            address=r.address,
+            port=r.port,
+            protocol=r.protocol,
+            verdict="allowed" if r.verdict == common_pb2.EGRESS_VERDICT_ALLOWED else "denied",
+            reason=r.reason,
+        )
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One entry of a workspace listing (path relative to /workspace)."""
+
+    path: str
+    size_bytes: int
+    mode: int
+    is_dir: bool
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """What a nat-filtered sandbox may reach; an empty field takes the server's default.
+
+    ``allow_domains``: names it may resolve and connect to ("pypi.org",
+    "*.github.com"); ``allow_cidrs``: address ranges; ``ports``: TCP ports
+    (server default 80, 443, 22).
+    """
+
+    allow_domains: Sequence[str] = ()
+    allow_cidrs: Sequence[str] = ()
+    ports: Sequence[int] = ()
+
+    def to_proto(self) -> common_pb2.NetworkPolicy:
+        """The policy as the executor takes it."""
+        return common_pb2.NetworkPolicy(
+            allow_domains=list(self.allow_domains),
+            allow_cidrs=list(self.allow_cidrs),
+            ports=list(self.ports),
+        )
