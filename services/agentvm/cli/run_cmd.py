@@ -18,6 +18,7 @@ from agentvm.cli.base import (
     profile_option,
     settings,
 )
+from agentvm.cli.bridge_opt import bridge_option, check_bridge
 from agentvm.cli.program_args import ProgramCommand
 from agentvm.cli.run_inputs import (
     MAX_INLINE_INPUT,
@@ -40,6 +41,7 @@ MAX_OUTPUT = 1024 * 1024 * 1024
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")
 @profile_option()
 @network_option()
+@bridge_option()
 @click.option(
     "--allow-domain",
     "allow_domains",
@@ -118,6 +120,7 @@ def run_cmd(
     timeout: float,
     profile: str,
     network: str,
+    bridge: str | None,
     allow_domains: tuple[str, ...],
     allow_cidrs: tuple[str, ...],
     ports: tuple[int, ...],
@@ -148,6 +151,7 @@ def run_cmd(
     ):
         fail("give exactly one of FILE.py, -c CODE or --cmd 'SHELL COMMAND'")
     check_timeout(timeout)
+    bridge = check_bridge(network, bridge) or None
     policy = None
     if allow_domains or allow_cidrs or ports:
         if network != "nat-filtered":
@@ -189,6 +193,7 @@ def run_cmd(
             timeout=timeout,
             profile=profile,  # type: ignore[arg-type]
             network=network,  # type: ignore[arg-type]
+            bridge=bridge,
             policy=policy,
             cpus=cpus,
             memory_mib=memory,

@@ -23,6 +23,7 @@ from agentvm.cli.base import (
     profile_option,
     vm_stub,
 )
+from agentvm.cli.bridge_opt import bridge_option, check_bridge
 from agentvm.cli.program_args import ProgramCommand
 from agentvm.common.grpc_util import sync_channel
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc, vm_manager_pb2
@@ -34,9 +35,15 @@ def vm() -> None:
     """Create, inspect and remove VMs directly through vm-manager."""
 
 
-def _create(profile: str, network: str, labels: dict[str, str] | None = None) -> common_pb2.VM:
+def _create(
+    profile: str, network: str, labels: dict[str, str] | None = None, bridge: str = ""
+) -> common_pb2.VM:
     req = vm_manager_pb2.CreateVMRequest(
-        profile=PROFILES[profile], network_mode=NETWORKS[network], start=True, labels=labels or {}
+        profile=PROFILES[profile],
+        network_mode=NETWORKS[network],
+        bridge=bridge,
+        start=True,
+        labels=labels or {},
     )
     return vm_stub().CreateVM(req, timeout=60).vm
 
@@ -74,11 +81,12 @@ def _exec(endpoint: str, argv: list[str], timeout: float) -> int:
 @vm.command("create")
 @profile_option()
 @network_option()
+@bridge_option()
 @click.option("--no-wait", is_flag=True, help="Return before the guest agent is ready.")
 @handle_errors
-def vm_create(profile: str, network: str, no_wait: bool) -> None:
+def vm_create(profile: str, network: str, bridge: str | None, no_wait: bool) -> None:
     """Create and start a VM; print it as JSON once its agent answers."""
-    v = _create(profile, network)
+    v = _create(profile, network, bridge=check_bridge(network, bridge))
     if not no_wait:
         v = _wait_ready(v.name, 120)
     print_json(v)
@@ -244,16 +252,20 @@ def vm_exec(name: str, argv: tuple[str, ...], timeout: float) -> None:
 @click.argument("argv", nargs=-1, required=True)
 @profile_option()
 @network_option()
+@bridge_option()
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")
 @handle_errors
-def vm_run(argv: tuple[str, ...], profile: str, network: str, timeout: float) -> None:
+def vm_run(
+    argv: tuple[str, ...], profile: str, network: str, bridge: str | None, timeout: float
+) -> None:
     """Boot a fresh VM, run a command in it, destroy it; exits with the command's code.
 
     The command's own options go after `--`: agent-vm vm run -- uname -r.
     """
     check_timeout(timeout)
+    name = check_bridge(network, bridge)
     start = time.monotonic()
-    v = _create(profile, network, {"created-by": "agent-vm-cli"})
+    v = _create(profile, network, {"created-by": "agent-vm-cli"}, name)
     try:
         v = _wait_ready(v.name, 120)
         click.echo(
