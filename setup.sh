@@ -12,7 +12,7 @@ step() { printf '\n==> %s\n' "$*"; }
 step "Debian packages"
 pkgs=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config qemu-system-x86 qemu-utils
       mmdebstrap libxml2-utils e2fsprogs busybox-static python3-venv python3-dev gcc
-      nftables iptables ebtables conntrack iproute2 dnsmasq-base)
+      nftables iptables ebtables conntrack iproute2 dnsmasq-base umoci skopeo)
 command -v npm >/dev/null || pkgs+=(npm)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
