@@ -238,7 +238,7 @@ def test_a_closed_sandbox_says_so() -> None:
             "unix:/nonexistent/agent-vm.sock", channel, executor_pb2.Sandbox(id="sb-1")
         )
         sb._closed = True  # as close() leaves it (close() itself needs a server)
-        await channel.close()
+        await channel.close(grace=None)
         assert sb.closed
         for call in (
             sb.run("true"),
