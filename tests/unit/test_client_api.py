@@ -225,6 +225,8 @@ def test_bad_create_arguments_fail_before_any_call() -> None:
             assert word in info.value.message, (kwargs, info.value.message)
     with pytest.raises(agent_vm.InvalidArgumentError, match="needs network='bridge'"):
         agent_vm.run("true", bridge="br0", address="unix:/nonexistent/agent-vm.sock")
+    with pytest.raises(agent_vm.ArgumentTypeError, match=r"inputs\['a.txt'\] must be bytes"):
+        agent_vm.run("true", inputs={"a.txt": 5}, address="unix:/nonexistent/agent-vm.sock")  # type: ignore[dict-item]
     with pytest.raises(agent_vm.ArgumentTypeError, match=r"env\['A'\]"):
         agent_vm.run("true", env={"A": 1}, address="unix:/nonexistent/agent-vm.sock")  # type: ignore[dict-item]
 

@@ -32,7 +32,7 @@ from agent_vm._async import (
 )
 from agent_vm._calls import count, seconds, str_map, text
 from agent_vm._calls import data as bytes_of
-from agent_vm.errors import AgentVMError, from_rpc
+from agent_vm.errors import AgentVMError, ArgumentTypeError, from_rpc
 from agentvm.v1 import executor_pb2, executor_pb2_grpc
 from agentvm_guest.paths import AtomicWriter, PathError
 
@@ -185,10 +185,20 @@ async def arun(
     """
     addr = address or default_address()
     files = []
+    if inputs is not None and not isinstance(inputs, Mapping):
+        raise ArgumentTypeError(
+            f"inputs must be a mapping of input/ paths to content, got {type(inputs).__name__}"
+        )
     for path, content in (inputs or {}).items():
+        text("each key of inputs", path)
         if isinstance(content, (str, bytes)):
             data = content.encode() if isinstance(content, str) else content
             mode = 0o644
+        elif not isinstance(content, os.PathLike):
+            raise ArgumentTypeError(
+                f"inputs[{path!r}] must be bytes, str or a local path (pathlib.Path), "
+                f"got {type(content).__name__}"
+            )
         else:
             src = _local_file(content)
             data = src.read_bytes()
