@@ -31,6 +31,10 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agentvm_guest.pivot import Pivot
 
 # <linux/prctl.h>, <linux/sched.h>
 PR_CAPBSET_DROP = 24
@@ -139,6 +143,7 @@ class Confiner:
         *,
         drop_caps: bool | None = None,
         hide: tuple[str, ...] | None = None,
+        pivot: Pivot | None = None,
     ) -> None:
         libc_name = ctypes.util.find_library("c") or "libc.so.6"
         libc = ctypes.CDLL(libc_name, use_errno=True)
@@ -170,6 +175,9 @@ class Confiner:
         if drop_caps is None:
             drop_caps = os.geteuid() == 0
         self._drop = dropped_caps() if drop_caps else []
+        # Into an image's root (:mod:`.pivot`): the agent's directories are then
+        # not hidden but gone from the program's view with the whole old root.
+        self._pivot = pivot
 
     def __call__(self) -> None:
         # In the child, after fork: system calls only.
@@ -181,15 +189,18 @@ class Confiner:
             _write(self._procs, b"0")
             if self._unshare(CLONE_NEWCGROUP) != 0:
                 raise ConfinementError(ctypes.get_errno(), "unshare(CLONE_NEWCGROUP)")
-        if self._hide:
+        if self._hide or self._pivot is not None:
             # A mount namespace of its own, where the hidden directories are
             # covered by an empty read-only tmpfs (it cannot unmount it
             # without CAP_SYS_ADMIN, nor reach them through /proc/<agent>/root
-            # without CAP_SYS_PTRACE).
+            # without CAP_SYS_PTRACE), or whose root is the image's.
             if self._unshare(CLONE_NEWNS) != 0:
                 raise ConfinementError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
             if self._mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
                 raise ConfinementError(ctypes.get_errno(), "mount(/, MS_PRIVATE)")
+        if self._pivot is not None:
+            self._pivot.enter()
+        elif self._hide:
             flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
             for path in self._hide:
                 if self._mount(b"tmpfs", path, b"tmpfs", flags, b"size=4k,mode=0555") != 0:
@@ -201,3 +212,5 @@ class Confiner:
                     raise ConfinementError(err, f"prctl(PR_CAPBSET_DROP, {cap})")
         if self._prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             raise ConfinementError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+        if self._pivot is not None:
+            self._pivot.become_user()  # last: the steps above need root
