@@ -135,13 +135,14 @@ def handle_errors(func: F) -> F:
         except grpc.RpcError as exc:
             code = exc.code()
             details = exc.details() or ""
-            # gRPC's own words for "nothing listens there" (not e.g. a service
-            # that cannot connect to libvirt: it is up, and says what to do).
-            if code == grpc.StatusCode.UNAVAILABLE and details.startswith("failed to connect"):
-                fail(
-                    f"an agent-vm service is not reachable ({details}): "
-                    "start the services with `agent-vm up`"
-                )
+            # gRPC's own words for "nothing listens there" or "the connection
+            # broke" (not e.g. a service that cannot connect to libvirt: it is
+            # up, and says what to do): name the service, and what to run.
+            if code == grpc.StatusCode.UNAVAILABLE:
+                from agentvm.cli import services as procs
+
+                if procs.connection_failed(details):
+                    fail(procs.unreachable(settings(), details, CONTACTED))
             fail(f"{code.name}: {details}")
         except AgentVMError as exc:
             fail(exc.message)
@@ -163,8 +164,14 @@ def settings() -> Settings:
         fail(exc.message)
 
 
+# The services this command made channels to (name -> address): the suspects
+# when a connection fails.
+CONTACTED: dict[str, str] = {}
+
+
 def service(address: str, name: str) -> grpc.Channel:
     """A channel to the agent-vm service ``name``: the installation's token and certificate."""
+    CONTACTED[name] = address
     return Caller.of(settings()).channel(address, name)
 
 

@@ -1,13 +1,13 @@
 """`agent-vm`: the command line (bring-up, doctor, images, VMs).
 
-One module per command family: :mod:`.run_cmd`, :mod:`.vm_cmds`, :mod:`.pool_cmds`
-(templates and pools), :mod:`.image_cmds`; what they share is in :mod:`.base`.
+One module per command family: :mod:`.bringup_cmds` (up, down, status, restart),
+:mod:`.run_cmd`, :mod:`.vm_cmds`, :mod:`.pool_cmds` (templates and pools),
+:mod:`.image_cmds`; what they share is in :mod:`.base`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,8 +16,8 @@ import click
 import grpc
 
 from agentvm.cli import bench as bench_mod
+from agentvm.cli import bringup_cmds, image_cmds, pool_cmds, run_cmd, vm_cmds
 from agentvm.cli import doctor as doctor_mod
-from agentvm.cli import image_cmds, pool_cmds, run_cmd, services, vm_cmds
 from agentvm.cli.base import (
     Group,
     fail,
@@ -28,7 +28,6 @@ from agentvm.cli.base import (
     vm_stub,
 )
 from agentvm.cli.run_cmd import MAX_INLINE_INPUT
-from agentvm.common import tls
 from agentvm.v1 import (
     common_pb2,
     executor_pb2,
@@ -47,43 +46,7 @@ def cli() -> None:
     """Run untrusted agent code in throw-away KVM/QEMU virtual machines."""
 
 
-# -- bring-up ---------------------------------------------------------------
-@cli.command()
-@handle_errors
-def up() -> None:
-    """Start every agent-vm service (idempotent)."""
-    s = settings()
-    given = [n for n in tls.FILE_VARIABLES if os.environ.get(n, "").strip()]
-    if given and s.tls == "mutual":
-        fail(
-            f"{', '.join(given)} name one process's certificate, but `agent-vm up` starts "
-            "four services that each need their own: unset them (up makes the "
-            "installation's in AGENTVM_TLS_DIR), or start each service with its own "
-            "files (deploy/systemd)"
-        )
-    if s.tls == "mutual":
-        try:
-            made = tls.ensure(s.tls_dir)
-        except tls.TLSError as exc:
-            fail(str(exc))
-        if made:
-            click.echo(f"tls: certificates for {', '.join(made)} in {s.tls_dir}")
-    for spec in services.service_specs(s):
-        try:
-            click.echo(f"{spec.name}: {services.start(s, spec)}")
-        except RuntimeError as exc:
-            fail(str(exc))
-
-
-@cli.command()
-@handle_errors
-def down() -> None:
-    """Stop every agent-vm service started by `agent-vm up` (idempotent)."""
-    s = settings()
-    for spec in reversed(services.service_specs(s)):
-        click.echo(f"{spec.name}: {services.stop(s, spec)}")
-
-
+# -- maintenance ----------------------------------------------------------------
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Only list what would be reclaimed.")
 @click.option(
@@ -280,6 +243,8 @@ def audit_verify(paths: tuple[Path, ...], head: Path | None, strict_start: bool)
     sys.exit(0 if result.ok else 1)
 
 
+for command in (bringup_cmds.up, bringup_cmds.down, bringup_cmds.status, bringup_cmds.restart):
+    cli.add_command(command)
 cli.add_command(image_cmds.image)
 cli.add_command(pool_cmds.template)
 cli.add_command(pool_cmds.pool)

@@ -1,13 +1,19 @@
-"""Local bring-up: start and stop each service as its own process (`agent-vm up/down`)."""
+"""One service process: spawn it, see whether it serves, stop it (`agent-vm up/down/restart`).
+
+The supervisor (:mod:`.supervisor`) keeps them running.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +34,10 @@ class ServiceSpec:
     address: str
     # Extra environment of the process (on top of the caller's).
     env: tuple[tuple[str, str], ...] = ()
+
+
+# The services this version runs, in start order (service_specs' names).
+NAMES = ("vm-manager", "pool-manager", "executor", "monitor")
 
 
 def service_specs(settings: Settings) -> list[ServiceSpec]:
@@ -67,79 +77,182 @@ def health(settings: Settings, spec: ServiceSpec, timeout: float = 1.0) -> str:
         return "UNREACHABLE"
 
 
-def _pidfile(settings: Settings, spec: ServiceSpec) -> Path:
+# gRPC's words for a connection that could not be made or broke (lower case).
+CONNECTION_FAILED = (
+    "failed to connect",
+    "socket closed",
+    "stream removed",
+    "connection reset",
+    "connection refused",
+    "broken pipe",
+    "connections to all backends failing",
+    "goaway",
+    "endpoint closing",
+)
+
+
+def connection_failed(details: str) -> bool:
+    """Whether an UNAVAILABLE's details are gRPC's own words for a failed connection."""
+    lower = details.lower()
+    return any(words in lower for words in CONNECTION_FAILED)
+
+
+def unreachable(settings: Settings, details: str, contacted: Mapping[str, str]) -> str:
+    """What to tell a caller whose connection to a service failed: which one, what to run.
+
+    The suspects: the service whose address the details name, else those the
+    command talked to, else all; the ones that do not answer a health check now
+    are named as down.
+    """
+    specs = service_specs(settings)
+    suspects = (
+        [spec for spec in specs if spec.address in details]
+        or [spec for spec in specs if spec.name in contacted]
+        or specs
+    )
+    with ThreadPoolExecutor(len(suspects)) as pool:
+        states = list(pool.map(lambda spec: health(settings, spec), suspects))
+    down = [spec for spec, state in zip(suspects, states, strict=True) if state != "SERVING"]
+    if down:
+        who = ", ".join(f"{spec.name} ({spec.address})" for spec in down)
+        return (
+            f"{who} {'is' if len(down) == 1 else 'are'} not reachable ({details}): "
+            "`agent-vm status` shows each service and its last exit; `agent-vm up` starts them"
+        )
+    who = " or ".join(spec.name for spec in suspects)
+    return (
+        f"the connection to {who} broke ({details}), and it serves again now (restarted?): "
+        "`agent-vm status` shows restarts and last exits; run the command again"
+    )
+
+
+def pidfile(settings: Settings, spec: ServiceSpec) -> Path:
     return settings.run_dir / f"{spec.name}.pid"
 
 
-def _alive(pid: int) -> bool:
+def log_path(settings: Settings, spec: ServiceSpec) -> Path:
+    return settings.log_dir / f"{spec.name}.log"
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, exited but not reaped, is not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def read_pid(settings: Settings, spec: ServiceSpec) -> int | None:
     try:
-        pid = int(_pidfile(settings, spec).read_text().strip())
+        pid = int(pidfile(settings, spec).read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if _alive(pid) else None
+    return pid if alive(pid) else None
 
 
-def start(settings: Settings, spec: ServiceSpec, timeout: float = 20.0) -> str:
-    """Start ``spec`` unless it already serves; returns what was done."""
-    if health(settings, spec) == "SERVING":
-        return "already running"
-    pid = read_pid(settings, spec)
-    if pid is not None:
-        stop(settings, spec)
+def describe_exit(returncode: int | None) -> str:
+    """A Popen return code in words: ``status 1``, ``signal 9 (SIGKILL)``."""
+    if returncode is None:
+        return "exit status unknown (not started by this supervisor)"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}"
+        return f"signal {-returncode} ({name})"
+    return f"status {returncode}"
+
+
+def note_in_log(settings: Settings, spec: ServiceSpec, level: str, message: str) -> None:
+    """Append a line to the service's own log (JSON, as the service writes it).
+
+    A service killed by a signal cannot say so itself: its log then says why it
+    ended and what happens next.
+    """
+    line = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+        "level": level,
+        "service": spec.name,
+        "logger": "agentvm.supervisor",
+        "message": message,
+    }
+    with contextlib.suppress(OSError), open(log_path(settings, spec), "a") as log:
+        log.write(json.dumps(line) + "\n")
+
+
+def spawn(settings: Settings, spec: ServiceSpec) -> subprocess.Popen[bytes]:
+    """Start ``spec``'s process, its stdout and stderr appended to its log.
+
+    PYTHONFAULTHANDLER: a crash below Python (a segfault in a C extension)
+    still leaves each thread's Python traceback in the log.
+    """
     settings.run_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
     settings.log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = settings.log_dir / f"{spec.name}.log"
-    with open(log_path, "ab") as log:
+    with open(log_path(settings, spec), "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", spec.module],
-            env={**os.environ, **dict(spec.env)},
+            env={**os.environ, **dict(spec.env), "PYTHONFAULTHANDLER": "1"},
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             close_fds=True,
         )
-    _pidfile(settings, spec).write_text(f"{proc.pid}\n")
+    pidfile(settings, spec).write_text(f"{proc.pid}\n")
+    return proc
+
+
+def wait_serving(
+    settings: Settings,
+    spec: ServiceSpec,
+    proc: subprocess.Popen[bytes],
+    timeout: float,
+    stopping: Callable[[], bool] = lambda: False,
+) -> str | None:
+    """Wait until ``proc`` serves: None when it does, else why not."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stopping():
         if proc.poll() is not None:
-            raise RuntimeError(
-                f"{spec.name} exited with status {proc.returncode} at start; see {log_path}"
-            )
+            return f"exited with {describe_exit(proc.returncode)} at start"
         if health(settings, spec, 0.5) == "SERVING":
-            return f"started (pid {proc.pid}, log {log_path})"
+            return None
         time.sleep(0.1)
-    raise RuntimeError(f"{spec.name} did not become healthy within {timeout:.0f} s; see {log_path}")
+    if stopping():
+        return "stopped while starting"
+    return f"did not become healthy within {timeout:.0f} s"
 
 
-def stop(settings: Settings, spec: ServiceSpec, timeout: float = 60.0) -> str:
-    """Stop ``spec`` (SIGTERM, then SIGKILL after ``timeout``)."""
-    pid = read_pid(settings, spec)
-    pidfile = _pidfile(settings, spec)
-    if pid is None:
-        with contextlib.suppress(FileNotFoundError):
-            pidfile.unlink()
-        return "not running"
-    os.kill(pid, signal.SIGTERM)
+def stop_pid(pid: int, timeout: float = 60.0) -> str:
+    """SIGTERM ``pid``, then SIGKILL after ``timeout``; reaps it if it is a child."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and alive(pid):
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         time.sleep(0.1)
-    result = "stopped"
-    if _alive(pid):
+    if not alive(pid):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        return "stopped"
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-        result = "killed after the grace period"
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    return "killed after the grace period"
+
+
+def stop(settings: Settings, spec: ServiceSpec, timeout: float = 60.0) -> str:
+    """Stop ``spec`` by its pid file (SIGTERM, then SIGKILL after ``timeout``)."""
+    pid = read_pid(settings, spec)
+    result = "not running" if pid is None else stop_pid(pid, timeout)
     with contextlib.suppress(FileNotFoundError):
-        pidfile.unlink()
+        pidfile(settings, spec).unlink()
     return result

@@ -1,0 +1,284 @@
+"""`agent-vm up` supervises what it starts: a service that dies is started again.
+
+Each test brings up an installation of its own (run/state/log directories,
+sockets, metrics ports and VM prefix of its own; an empty pool, so no VM
+boots) through the real CLI, and kills its services for real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentvm.cli.services import alive
+from tests.vmharness import REPO, free_port, libvirt_domains
+
+pytestmark = pytest.mark.vm
+
+PREFIX = "agent-vm-testsuper-"
+
+
+def agent_vm(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agentvm.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        check=False,
+    )
+
+
+class Installation:
+    def __init__(self, base: Path) -> None:
+        self.run = Path("/run/agent-vm-tests") / secrets.token_hex(4)
+        self.log = base / "log"
+        self.audit = base / "audit"
+        self.env = dict(
+            os.environ,
+            AGENTVM_RUN_DIR=str(self.run),
+            AGENTVM_VM_MANAGER_ADDR=f"unix:{self.run}/vm-manager.sock",
+            AGENTVM_POOL_MANAGER_ADDR=f"unix:{self.run}/pool-manager.sock",
+            AGENTVM_EXECUTOR_ADDR=f"unix:{self.run}/executor.sock",
+            AGENTVM_MONITOR_ADDR=f"unix:{self.run}/monitor.sock",
+            AGENTVM_LOG_DIR=str(self.log),
+            AGENTVM_STATE_DIR=str(base / "state"),
+            AGENTVM_VM_PREFIX=PREFIX,
+            AGENTVM_POOLS="standard:min=0,max=1",
+            AGENTVM_AUDIT_DIR=str(self.audit),
+            AGENTVM_TOKEN_FILE=str(base / "token"),
+            AGENTVM_TLS_DIR=str(base / "tls"),
+            AGENTVM_RESTART_BACKOFF="1",
+            AGENTVM_RESTART_BACKOFF_MAX="8",
+        )
+        for service in ("VM_MANAGER", "POOL_MANAGER", "EXECUTOR", "MONITOR"):
+            self.env[f"AGENTVM_{service}_METRICS_ADDR"] = f"127.0.0.1:{free_port()}"
+
+    def status(self) -> dict[str, Any]:
+        proc = agent_vm(self.env, "status", "--json")
+        out: dict[str, Any] = json.loads(proc.stdout)
+        out["exit"] = proc.returncode
+        out["by_name"] = {row["service"]: row for row in out["services"]}
+        return out
+
+    def service(self, name: str) -> dict[str, Any]:
+        row: dict[str, Any] = self.status()["by_name"][name]
+        return row
+
+    def supervised_pid(self, name: str) -> int | None:
+        """The pid the supervisor has now (read from its file, no health check)."""
+        try:
+            data = json.loads((self.run / "supervisor.json").read_text())
+        except (OSError, ValueError):
+            return None
+        pid = data["services"][name]["pid"]
+        return int(pid) if pid else None
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+@pytest.fixture
+def inst(tmp_path: Path) -> Iterator[Installation]:
+    inst = Installation(tmp_path)
+    try:
+        up = agent_vm(inst.env, "up")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert up.stdout.count("started (pid") == 4, up.stdout
+        yield inst
+    finally:
+        sup_pid = (inst.run / "supervisor.pid").read_text() if inst.run.exists() else ""
+        down = agent_vm(inst.env, "down")
+        shutil.rmtree(inst.run, ignore_errors=True)
+        assert down.returncode == 0, down.stderr
+        if sup_pid.strip():
+            # (a zombie until init reaps it)
+            assert not alive(int(sup_pid)), "the supervisor outlived down"
+        assert not libvirt_domains(PREFIX)
+
+
+def test_a_killed_service_serves_again_and_status_counts_the_restart(inst: Installation) -> None:
+    status = inst.status()
+    assert status["exit"] == 0
+    assert status["supervisor"]["phase"] == "running"
+    before = status["by_name"]
+    assert all(row["status"] == "SERVING" and row["restarts"] == 0 for row in before.values())
+    victim = before["executor"]["pid"]
+
+    os.kill(victim, signal.SIGKILL)
+    wait_for(
+        lambda: (
+            inst.service("executor")["status"] == "SERVING"
+            and inst.service("executor")["pid"] not in (None, victim)
+        ),
+        60,
+        "the executor serves again under a new pid",
+    )
+    after = inst.status()["by_name"]
+    assert after["executor"]["restarts"] == 1
+    assert after["executor"]["last_exit"] == "signal 9 (SIGKILL)"
+    assert after["executor"]["state"] == "running"
+    # Nobody else was touched.
+    for name in ("vm-manager", "pool-manager", "monitor"):
+        assert after[name]["pid"] == before[name]["pid"]
+        assert after[name]["restarts"] == 0
+    # The table says it too.
+    table = agent_vm(inst.env, "status").stdout.splitlines()
+    assert table[1].split() == [
+        "SERVICE",
+        "STATUS",
+        "STATE",
+        "PID",
+        "UPTIME",
+        "RESTARTS",
+        "LAST",
+        "EXIT",
+    ]
+    executor_row = next(line for line in table if line.startswith("executor"))
+    assert "SERVING" in executor_row
+    assert "signal 9 (SIGKILL)" in executor_row
+    # A process killed by SIGKILL cannot say so: its log says it anyway.
+    log = (inst.log / "executor.log").read_text()
+    assert "executor exited with signal 9 (SIGKILL)" in log
+    assert "restarts it in 1 s" in log
+
+    # The restart is in the monitor's audit log, reported as the executor.
+    def audited() -> list[dict[str, Any]]:
+        path = inst.audit / "audit.log"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [r for r in map(json.loads, lines) if r["type"] == "service.restarted"]
+
+    wait_for(lambda: bool(audited()), 30, "a service.restarted record in the audit log")
+    record = audited()[0]
+    assert record["service"] == "executor"
+    assert record["attributes"]["cause"] == "signal 9 (SIGKILL)"
+    assert record["attributes"]["serving"] is True
+
+
+def test_a_crash_lands_in_the_services_log_and_its_callers_are_told_which(
+    inst: Installation,
+) -> None:
+    """SIGSEGV: faulthandler's traceback in the monitor's log; a watching CLI names it."""
+    alerts = subprocess.Popen(
+        [sys.executable, "-m", "agentvm.cli.main", "alerts"],
+        env=inst.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        time.sleep(3)  # its stream is open
+        assert alerts.poll() is None, alerts.communicate()
+        os.kill(inst.service("monitor")["pid"], signal.SIGSEGV)
+        _, err = alerts.communicate(timeout=30)
+    finally:
+        alerts.kill()
+        alerts.wait()
+    assert alerts.returncode == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("agent-vm: error: "), err
+    assert "monitor" in err
+    assert "`agent-vm status`" in err
+    wait_for(lambda: inst.service("monitor")["status"] == "SERVING", 60, "monitor serves again")
+    monitor = inst.service("monitor")
+    assert monitor["restarts"] == 1
+    assert monitor["last_exit"] == "signal 11 (SIGSEGV)"
+    log = (inst.log / "monitor.log").read_text()
+    assert "Fatal Python error: Segmentation fault" in log
+    assert "monitor exited with signal 11 (SIGSEGV)" in log
+
+
+def test_a_service_that_keeps_dying_is_backed_off(inst: Installation) -> None:
+    """Killed at every start for 14 s: restarts after 1, 2, 4, 8 s, not a spin."""
+    killed: list[int] = []
+    deadline = time.monotonic() + 14
+    while time.monotonic() < deadline:
+        pid = inst.supervised_pid("pool-manager")
+        if pid is not None and pid not in killed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        time.sleep(0.05)
+    # 1 + 2 + 4 = 7 s of delays fit in the window, the next (8 s) does not:
+    # the first kill and three restarts. Without backoff it would be dozens.
+    assert len(killed) == 4, killed
+    row = inst.service("pool-manager")
+    assert row["restarts"] == 3
+    assert row["state"] == "backoff"
+    assert row["status"] == "UNREACHABLE"
+    assert 0 < row["next_restart_in_s"] <= 8
+    assert inst.status()["exit"] == 1  # not every service serves
+    sup_log = (inst.log / "supervisor.log").read_text()
+    delays = [
+        json.loads(line)["message"].split("restarts it in ")[1].split(" s")[0]
+        for line in sup_log.splitlines()
+        if "pool-manager exited" in line
+    ]
+    assert delays == ["1", "2", "4", "8"]
+    # Left alone, it comes back.
+    wait_for(lambda: inst.service("pool-manager")["status"] == "SERVING", 30, "pool-manager back")
+    assert inst.service("pool-manager")["restarts"] == 4
+
+
+def test_restart_one_service_and_then_all(inst: Installation) -> None:
+    before = inst.status()["by_name"]
+    one = agent_vm(inst.env, "restart", "pool-manager")
+    assert one.returncode == 0, one.stderr
+    after = inst.status()["by_name"]
+    assert one.stdout.strip() == f"pool-manager: restarted (pid {after['pool-manager']['pid']})"
+    assert after["pool-manager"]["pid"] != before["pool-manager"]["pid"]
+    assert after["pool-manager"]["status"] == "SERVING"
+    assert after["pool-manager"]["last_exit"] == "stopped by `agent-vm restart`"
+    for name in ("vm-manager", "executor", "monitor"):
+        assert after[name]["pid"] == before[name]["pid"]
+    every = agent_vm(inst.env, "restart")
+    assert every.returncode == 0, every.stderr
+    assert [line.split(":")[0] for line in every.stdout.splitlines()] == [
+        "vm-manager",
+        "pool-manager",
+        "executor",
+        "monitor",
+    ]
+    final = inst.status()
+    assert final["exit"] == 0
+    for name, row in final["by_name"].items():
+        assert row["pid"] != after[name]["pid"], name
+    bad = agent_vm(inst.env, "restart", "executer")
+    assert bad.returncode == 2
+    assert "executor" in bad.stderr  # the choices are named
+
+
+def test_restart_and_status_without_a_supervisor_say_what_to_run(tmp_path: Path) -> None:
+    inst = Installation(tmp_path)
+    try:
+        restart = agent_vm(inst.env, "restart", "executor")
+        assert restart.returncode == 2
+        assert "`agent-vm up`" in restart.stderr
+        status = agent_vm(inst.env, "status")
+        assert status.returncode == 1
+        assert status.stdout.startswith("supervisor: not running")
+        assert status.stdout.count("UNREACHABLE") == 4
+    finally:
+        shutil.rmtree(inst.run, ignore_errors=True)
