@@ -9,18 +9,14 @@ is killed instead. Output is streamed as it is read and capped per stream.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import ipaddress
 import logging
 import os
 import re
 import selectors
 import signal
 import socket
-import struct
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +26,9 @@ from typing import IO
 import grpc
 
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
-from agentvm_guest import __version__, confine, paths
+from agentvm_guest import __version__, paths
+from agentvm_guest.hostconf import configure_dhcp, configure_network, reidentify
+from agentvm_guest.proctree import ProcessTree, meminfo, read_first_line
 from agentvm_guest.wire import RejectMalformed
 
 log = logging.getLogger("agentvm_guest.agent")
@@ -41,7 +39,6 @@ DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 READ_CHUNK = 32 * 1024
 # How long output is still read after the tree was killed.
 KILL_GRACE_S = 1.0
-CGROUP_ROOT = "/sys/fs/cgroup/agentvm"
 WORKSPACE = "/workspace"
 DEFAULT_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -52,171 +49,25 @@ DEFAULT_ENV = {
 }
 
 
-def _read_first_line(path: str, default: str = "") -> str:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.readline().strip()
-    except OSError:
-        return default
-
-
-def _meminfo() -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                key, _, rest = line.partition(":")
-                parts = rest.split()
-                if parts and parts[0].isdigit():
-                    out[key] = int(parts[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
 def guest_info() -> common_pb2.GuestInfo:
     """What the agent reports about its VM."""
     info = common_pb2.GuestInfo(agent_version=__version__)
     uname = os.uname()
     info.kernel_release = uname.release
     info.hostname = uname.nodename
-    uptime = _read_first_line("/proc/uptime", "0 0").split()[0]
+    uptime = read_first_line("/proc/uptime", "0 0").split()[0]
     info.uptime.FromNanoseconds(int(float(uptime) * 1e9))
     info.load1, info.load5, info.load15 = os.getloadavg()
-    mem = _meminfo()
+    mem = meminfo()
     info.memory_total_bytes = mem.get("MemTotal", 0)
     info.memory_available_bytes = mem.get("MemAvailable", 0)
     st = os.statvfs("/")
     info.disk_total_bytes = st.f_blocks * st.f_frsize
     info.disk_free_bytes = st.f_bavail * st.f_frsize
     info.process_count = sum(1 for d in os.listdir("/proc") if d.isdigit())
-    info.boot_id = _read_first_line("/proc/sys/kernel/random/boot_id")
-    info.machine_id = _read_first_line("/etc/machine-id")
+    info.boot_id = read_first_line("/proc/sys/kernel/random/boot_id")
+    info.machine_id = read_first_line("/etc/machine-id")
     return info
-
-
-# <linux/random.h>: _IOW('R', 0x03, int[2]) and _IO('R', 0x07).
-RNDADDENTROPY = 0x40085203
-RNDRESEEDCRNG = 0x5207
-HOSTNAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-MACHINE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-MAC_RE = re.compile(r"^[0-9a-f][02468ace](?::[0-9a-f]{2}){5}$")
-
-
-def reidentify(hostname: str, machine_id: str, seed: bytes, wall_clock_ns: int) -> None:
-    """Make a VM restored from a memory template its own (raises ValueError on bad input).
-
-    Every clone of a template wakes up with the template's hostname, machine
-    id, clock and, worst, CRNG state: two clones would draw the same "random"
-    numbers. The seed is credited to the input pool and the CRNG reseeded at
-    once, so nothing drawn afterwards is shared with a sibling.
-    """
-    if not HOSTNAME_RE.match(hostname):
-        raise ValueError(f"hostname {hostname!r} is not a valid host name")
-    if not MACHINE_ID_RE.match(machine_id):
-        raise ValueError("machine_id must be 32 lowercase hexadecimal digits")
-    if len(seed) < 32:
-        raise ValueError("seed must be at least 32 bytes")
-    seed = seed[:512]
-    with open("/dev/random", "wb", buffering=0) as fh:
-        fcntl.ioctl(fh, RNDADDENTROPY, struct.pack("ii", len(seed) * 8, len(seed)) + seed)
-        fcntl.ioctl(fh, RNDRESEEDCRNG)
-    if wall_clock_ns > 0:
-        time.clock_settime_ns(time.CLOCK_REALTIME, wall_clock_ns)
-    socket.sethostname(hostname)
-    for path, text in (("/etc/hostname", hostname), ("/etc/machine-id", machine_id)):
-        tmp = f"{path}.agentvm-tmp"
-        with open(tmp, "w") as fh:
-            fh.write(text + "\n")
-        os.replace(tmp, path)
-
-
-def _run_ip(*args: str) -> None:
-    done = subprocess.run(["busybox", "ip", *args], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise OSError(f"ip {' '.join(args)}: {done.stderr.strip() or done.returncode}")
-
-
-def _eth0_address() -> str:
-    out = subprocess.run(
-        ["busybox", "ip", "-4", "-o", "addr", "show", "dev", "eth0"],
-        capture_output=True, text=True, check=False,
-    ).stdout.split()  # fmt: skip
-    return out[out.index("inet") + 1] if "inet" in out else ""
-
-
-def _prepare_eth0(mac: str) -> None:
-    deadline = time.monotonic() + 10
-    while not os.path.exists("/sys/class/net/eth0"):
-        if time.monotonic() > deadline:
-            raise OSError("this VM has no eth0 (no virtio NIC, or virtio_net not loaded)")
-        time.sleep(0.05)
-    with (
-        contextlib.suppress(OSError),
-        open("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "w") as fh,
-    ):
-        fh.write("1")
-    _run_ip("link", "set", "eth0", "down")
-    _run_ip("link", "set", "eth0", "address", mac)
-    _run_ip("addr", "flush", "dev", "eth0")
-
-
-def configure_dhcp(mac: str) -> str:
-    """Give eth0 its MAC and take an address by DHCP (user bridges); the address got.
-
-    udhcpc returns once it has a lease and stays in the background to renew
-    it (so the LAN never hands the address to someone else while we use it).
-    """
-    if not MAC_RE.match(mac):
-        raise ValueError(f"mac {mac!r} is not a lowercase unicast MAC address")
-    _prepare_eth0(mac)
-    _run_ip("link", "set", "eth0", "up")
-    # A second ConfigureNetwork replaces the client of the first.
-    subprocess.run(["busybox", "pkill", "-f", "udhcpc -i eth0"], capture_output=True, check=False)
-    # The daemon keeps the inherited descriptors: a file, not a pipe we would wait on.
-    with tempfile.TemporaryFile() as err:
-        done = subprocess.run(
-            ["busybox", "udhcpc", "-i", "eth0", "-n", "-t", "10", "-T", "2",
-             "-s", "/usr/local/sbin/agentvm-dhcp"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-            check=False, timeout=60,
-        )  # fmt: skip
-        if done.returncode != 0:
-            err.seek(0)
-            text = err.read().decode(errors="replace").strip()
-            raise OSError(f"no DHCP lease on eth0: {text[-300:]}")
-    return _eth0_address()
-
-
-def configure_network(mac: str, address: str, gateway: str, nameservers: list[str]) -> None:
-    """Give eth0 its MAC, static address, default route and resolvers.
-
-    Raises ValueError on bad input and OSError when the interface cannot be
-    set up. vm-manager hands out addresses itself (there is no DHCP on its
-    networks), and the host drops every frame whose MAC and address do not
-    match what it assigned, so a guest that ignores this only cuts itself off.
-    IPv6 is switched off on eth0: the host filters it anyway.
-    """
-    if not MAC_RE.match(mac):
-        raise ValueError(f"mac {mac!r} is not a lowercase unicast MAC address")
-    try:
-        iface = ipaddress.IPv4Interface(address)
-        gw = ipaddress.IPv4Address(gateway)
-        resolvers = [ipaddress.IPv4Address(n) for n in nameservers]
-    except ValueError as exc:
-        raise ValueError(f"network configuration: {exc}") from None
-    if iface.network.prefixlen in (0, 32) or gw not in iface.network:
-        raise ValueError(f"gateway {gw} is not on {iface.network}")
-    if len(resolvers) > 3:
-        raise ValueError("at most 3 nameservers")
-    _prepare_eth0(mac)
-    _run_ip("addr", "add", str(iface), "dev", "eth0")
-    _run_ip("link", "set", "eth0", "up")
-    _run_ip("route", "replace", "default", "via", str(gw), "dev", "eth0")
-    tmp = "/etc/resolv.conf.agentvm-tmp"
-    with open(tmp, "w") as fh:
-        fh.write("".join(f"nameserver {n}\n" for n in resolvers) + "options timeout:2 attempts:2\n")
-    os.replace(tmp, "/etc/resolv.conf")
 
 
 _TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -248,143 +99,6 @@ def build_argv(program: common_pb2.Program) -> list[str]:
             "program.code.language must be CODE_LANGUAGE_PYTHON or CODE_LANGUAGE_SHELL"
         )
     raise ValueError("program is empty: set program.argv or program.code")
-
-
-class ProcessTree:
-    """The processes of one Execute: a cgroup when available, else a process group."""
-
-    _seq = 0
-    _seq_lock = threading.Lock()
-
-    def __init__(self) -> None:
-        with ProcessTree._seq_lock:
-            ProcessTree._seq += 1
-            seq = ProcessTree._seq
-        self.cgroup: str | None = os.path.join(CGROUP_ROOT, f"exec-{os.getpid()}-{seq}")
-        try:
-            os.makedirs(self.cgroup)
-        except OSError:
-            self.cgroup = None
-        self.pgid: int | None = None
-        self.pids_max = 0
-        self._sampled = 0.0
-        self.pids_limit = 0
-        self.memory_limit = 0
-        if self.cgroup is not None:
-            self._set_limits()
-
-    def _set_limits(self) -> None:
-        """The Execute's process and memory limits (see confine.py); best effort."""
-        if self._write("pids.max", str(confine.PIDS_MAX)):
-            self.pids_limit = confine.PIDS_MAX
-        limit = confine.memory_limit(_meminfo().get("MemTotal", 0))
-        if limit and self._write("memory.max", str(limit)):
-            self.memory_limit = limit
-            self._write("memory.swap.max", "0")
-            self._write("memory.oom.group", "1")
-
-    def _write(self, name: str, value: str) -> bool:
-        if self.cgroup is None:
-            return False
-        try:
-            with open(os.path.join(self.cgroup, name), "w", encoding="ascii") as fh:
-                fh.write(value)
-        except OSError as exc:
-            log.warning("cannot set %s of %s: %s", name, self.cgroup, exc)
-            return False
-        return True
-
-    def confiner(self) -> confine.Confiner:
-        """The preexec_fn that moves the main process into the cgroup and confines it.
-
-        It joins before exec, so no fork of the program escapes the cgroup.
-        """
-        return confine.Confiner(self.cgroup)
-
-    def signal(self, signum: int) -> None:
-        """Send ``signum`` to the main process group."""
-        if self.pgid is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pgid, signum)
-
-    def kill_all(self) -> None:
-        """SIGKILL everything the Execute started."""
-        if self.cgroup is not None:
-            try:
-                with open(os.path.join(self.cgroup, "cgroup.kill"), "w", encoding="ascii") as fh:
-                    fh.write("1")
-            except OSError:
-                log.warning("cgroup.kill failed for %s", self.cgroup)
-        self.signal(signal.SIGKILL)
-
-    def _read(self, name: str) -> str:
-        if self.cgroup is None:
-            return ""
-        try:
-            with open(os.path.join(self.cgroup, name), encoding="ascii") as fh:
-                return fh.read()
-        except (OSError, ValueError):
-            return ""
-
-    def sample(self) -> None:
-        """Note the current process count (kernels without pids.peak), every 0.1 s."""
-        now = time.monotonic()
-        if now - self._sampled < 0.1:
-            return
-        self._sampled = now
-        value = self._read("pids.current").strip()
-        if value.isdigit():
-            self.pids_max = max(self.pids_max, int(value))
-
-    def usage(self) -> common_pb2.ResourceUsage:
-        """What the tree used, from its cgroup (zeros without cgroups)."""
-        out = common_pb2.ResourceUsage()
-        for line in self._read("cpu.stat").splitlines():
-            key, _, value = line.partition(" ")
-            if key == "usage_usec" and value.strip().isdigit():
-                out.cpu_time.FromMicroseconds(int(value))
-        peak = self._read("memory.peak").strip()
-        if peak.isdigit():
-            out.memory_peak_bytes = int(peak)
-        pids = self._read("pids.peak").strip()
-        out.pids_peak = max(int(pids) if pids.isdigit() else 0, self.pids_max)
-        out.pids_limit = self.pids_limit
-        out.memory_limit_bytes = self.memory_limit
-        out.pids_limit_hits = self._event("pids.events", "max")
-        out.oom_kills = self._event("memory.events", "oom_kill")
-        return out
-
-    def _event(self, name: str, key: str) -> int:
-        for line in self._read(name).splitlines():
-            k, _, value = line.partition(" ")
-            if k == key and value.strip().isdigit():
-                return min(int(value), 2**32 - 1)
-        return 0
-
-    def remove(self) -> None:
-        """Remove the cgroup once it is empty (waits briefly for the kernel)."""
-        if self.cgroup is None:
-            return
-        if self._rmdir(100):
-            return
-        # A large tree (a fork bomb) takes the kernel a while to reap: finish
-        # in the background rather than hold up the caller's answer.
-        threading.Thread(target=self._rmdir, args=(6000,), daemon=True).start()
-
-    def _rmdir(self, attempts: int) -> bool:
-        if self.cgroup is None:
-            return True
-        for _ in range(attempts):
-            try:
-                os.rmdir(self.cgroup)
-                return True
-            except FileNotFoundError:
-                return True
-            except OSError:
-                time.sleep(0.01)
-        if attempts > 100:
-            log.warning("cgroup %s still busy", self.cgroup)
-        return False
 
 
 @dataclass

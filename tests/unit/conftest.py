@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from agentvm.common import grpc_util
-from agentvm_guest import agent, paths
+from agentvm_guest import paths, proctree
 
 from .helpers import EchoServer, GuestSide
 
@@ -36,7 +36,7 @@ NO_CGROUP_ROOT = "/proc/nonexistent/agentvm"
 @pytest.fixture(autouse=True)
 def no_cgroups(monkeypatch: pytest.MonkeyPatch) -> None:
     """Never create cgroups on the host: ProcessTree falls back to process groups."""
-    monkeypatch.setattr(agent, "CGROUP_ROOT", NO_CGROUP_ROOT)
+    monkeypatch.setattr(proctree, "CGROUP_ROOT", NO_CGROUP_ROOT)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
-from agentvm_guest import __version__, agent, confine
+from agentvm_guest import __version__, agent, confine, proctree
 
 from .conftest import NO_CGROUP_ROOT
 from .helpers import wait_until
@@ -73,7 +73,7 @@ def _gone(pid: int) -> bool:
 
 
 def test_process_tree_falls_back_to_process_group(tmp_path: Path) -> None:
-    tree = agent.ProcessTree()
+    tree = proctree.ProcessTree()
     assert tree.cgroup is None
     argv = ["sh", "-c", f"sleep 30 & echo $! > {tmp_path}/bg; wait"]
     tree.signal(signal.SIGTERM)  # no process yet: a no-op
@@ -90,8 +90,8 @@ def test_process_tree_falls_back_to_process_group(tmp_path: Path) -> None:
 
 def test_process_tree_with_cgroup_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a (fake, plain directory) cgroup: limits written, the command joins before exec."""
-    monkeypatch.setattr(agent, "CGROUP_ROOT", str(tmp_path))
-    tree = agent.ProcessTree()
+    monkeypatch.setattr(proctree, "CGROUP_ROOT", str(tmp_path))
+    tree = proctree.ProcessTree()
     assert tree.cgroup is not None
     assert Path(tree.cgroup).parent == tmp_path
     assert Path(tree.cgroup, "pids.max").read_text() == str(confine.PIDS_MAX)
@@ -117,8 +117,8 @@ def test_process_tree_with_cgroup_dir(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_process_tree_cgroups_are_unique(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(agent, "CGROUP_ROOT", str(tmp_path))
-    trees = [agent.ProcessTree() for _ in range(3)]
+    monkeypatch.setattr(proctree, "CGROUP_ROOT", str(tmp_path))
+    trees = [proctree.ProcessTree() for _ in range(3)]
     assert len({t.cgroup for t in trees}) == 3
     assert all(t.cgroup is not None and Path(t.cgroup).is_dir() for t in trees)
     for t in trees:
@@ -131,8 +131,8 @@ def test_process_tree_cgroups_are_unique(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_no_cgroup_root_is_unusable() -> None:
     """The autouse fixture really keeps the agent away from /sys/fs/cgroup."""
-    assert agent.CGROUP_ROOT == NO_CGROUP_ROOT
-    assert agent.ProcessTree().cgroup is None
+    assert proctree.CGROUP_ROOT == NO_CGROUP_ROOT
+    assert proctree.ProcessTree().cgroup is None
 
 
 # -- the gRPC service -----------------------------------------------------------------------

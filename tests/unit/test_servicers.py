@@ -21,13 +21,14 @@ from agentvm.vm_manager.libvirt_conn import LibvirtConnection
 from agentvm.vm_manager.manager import VMManager
 from agentvm.vm_manager.servicer import VMManagerServicer
 from agentvm_guest import agent as agent_mod
+from agentvm_guest import proctree
 
 GUEST_SERVICE = guest_agent_pb2.DESCRIPTOR.services_by_name["GuestAgentService"]
 
 
 @pytest.fixture
 def guest_server(monkeypatch: pytest.MonkeyPatch) -> grpc_testing.Server:
-    monkeypatch.setattr(agent_mod, "CGROUP_ROOT", "/proc/no-cgroups-here")
+    monkeypatch.setattr(proctree, "CGROUP_ROOT", "/proc/no-cgroups-here")
     return grpc_testing.server_from_dictionary(
         {GUEST_SERVICE: agent_mod.GuestAgent()}, grpc_testing.strict_real_time()
     )
