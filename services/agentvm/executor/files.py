@@ -373,11 +373,11 @@ class WorkspaceFiles:
             except paths.PathError as exc:
                 raise InvalidArgument(str(exc)) from exc
             return
-        # The guest agent has no call of its own for it: mkdir runs there like a
-        # command (in the guest, whatever it follows stays in the guest).
+        # The guest agent has no call of its own for it: a small script runs there
+        # like a command, with the rules of the shared case (no symlink followed).
         req = guest_agent_pb2.ExecuteRequest(
             program=common_pb2.Program(
-                argv=common_pb2.Argv(args=["mkdir", "-p", "--", f"{GUEST_WORKSPACE}/{path}"])
+                argv=common_pb2.Argv(args=["sh", "-c", _MKDIR, "mkdir", *path.split("/")])
             ),
             cwd=GUEST_WORKSPACE,
             max_output_bytes=4096,
@@ -397,9 +397,38 @@ class WorkspaceFiles:
             raise file_error(exc, sb, path) from exc
         finally:
             call.cancel()
+        said = err.decode("utf-8", "replace").strip()[:200]
+        if code == 3:
+            raise InvalidArgument(
+                f"{path!r}: {said!r} is not a directory inside the workspace "
+                "(symbolic links are not followed)"
+            )
+        if code == 4:
+            raise FailedPrecondition(
+                f"cannot create directory {path!r}: something else of that name is there"
+            )
         if code != 0:
-            said = err.decode("utf-8", "replace").strip()[:500] or f"mkdir exited with {code}"
-            raise FailedPrecondition(f"cannot create directory {path!r}: {said}")
+            raise FailedPrecondition(
+                f"cannot create directory {path!r}: {said or f'exit status {code}'}"
+            )
+
+
+# mkdir -p in the guest, one component at a time, following no symlink: exit 3
+# when a parent is not a directory (or a link), 4 when the last one is not.
+_MKDIR = """
+cd /workspace || exit 5
+n=$#; i=0
+for p in "$@"; do
+  i=$((i + 1))
+  if [ -L "$p" ] || { [ -e "$p" ] && [ ! -d "$p" ]; }; then
+    printf "%s\n" "$p" >&2
+    if [ "$i" -eq "$n" ]; then exit 4; fi
+    exit 3
+  fi
+  [ -d "$p" ] || mkdir -- "$p" || exit 5
+  cd -- "$p" || exit 5
+done
+"""
 
 
 def _make_dir(root: str, path: str) -> None:
