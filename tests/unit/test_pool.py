@@ -270,7 +270,7 @@ def test_parse_pools() -> None:
     assert parse_pools("") == {}
     for bad, word in [
         ("huge:min=1", "unknown profile"),
-        ("standard:min=3,max=2", "min <= max"),
+        ("standard:min=3,max=2", "min=3 is above max=2"),
         ("standard:size=3", "unknown option"),
         ("standard:min=x", "not a number"),
         ("standard;standard", "twice"),

@@ -83,6 +83,12 @@ def _pending_env_note(status: dict[str, Any]) -> None:
             "applies them)",
             err=True,
         )
+    if "AGENTVM_POOLS" in differ:
+        click.echo(
+            "note: pool sizes change without a restart: `agent-vm pool set KEY min=N max=N "
+            "ttl=SECONDS` (KEY as `agent-vm pool status` shows it)",
+            err=True,
+        )
 
 
 @click.command()

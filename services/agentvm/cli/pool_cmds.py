@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from agentvm.cli.base import (
+    NETWORKS,
     PROFILES,
     enum_word,
+    fail,
     handle_errors,
     human_bytes,
     network_word,
@@ -20,6 +24,10 @@ from agentvm.cli.base import (
 )
 from agentvm.v1 import common_pb2, pool_manager_pb2, pool_manager_pb2_grpc, vm_manager_pb2
 
+# The modes a memory template (and so a pool) can hold: a bridged VM's network
+# is the caller's own, made per sandbox.
+TEMPLATE_NETWORKS = ("nat-filtered", "isolated")
+
 
 # -- memory templates -------------------------------------------------------------
 @click.group()
@@ -29,11 +37,21 @@ def template() -> None:
 
 @template.command("prepare")
 @profile_option()
+@click.option(
+    "--network",
+    type=click.Choice(TEMPLATE_NETWORKS),
+    default="nat-filtered",
+    show_default=True,
+    help="Network mode of the template's VMs: each pool restores from the template of its "
+    "own mode (bridged VMs are never made from a template).",
+)
 @click.option("--force", is_flag=True, help="Rebuild even if a current template exists.")
 @handle_errors
-def template_prepare(profile: str, force: bool) -> None:
-    """Build the template of PROFILE unless a current one exists."""
-    req = vm_manager_pb2.PrepareTemplateRequest(profile=PROFILES[profile], force=force)
+def template_prepare(profile: str, network: str, force: bool) -> None:
+    """Build the template of PROFILE and NETWORK unless a current one exists."""
+    req = vm_manager_pb2.PrepareTemplateRequest(
+        profile=PROFILES[profile], network_mode=NETWORKS[network], force=force
+    )
     resp = vm_stub().PrepareTemplate(req, timeout=900)
     print_json(resp)
 
@@ -79,27 +97,101 @@ def pool() -> None:
     """The pool-manager's pools of pre-warmed VMs."""
 
 
+def pool_stub() -> pool_manager_pb2_grpc.PoolManagerServiceStub:
+    return pool_manager_pb2_grpc.PoolManagerServiceStub(
+        service(settings().pool_manager_addr, "pool-manager")
+    )
+
+
+def pool_key_word(key: pool_manager_pb2.PoolKey) -> str:
+    """``standard/nat-filtered``: a pool as `pool status` shows it and `pool set` takes it."""
+    profile = common_pb2.ResourceProfile.Name(key.profile).removeprefix("RESOURCE_PROFILE_")
+    return f"{profile.lower()}/{network_word(key.network_mode)}"
+
+
+def template_source(p: pool_manager_pb2.PoolStatus) -> str:
+    if p.template_ready:
+        return "memory template"
+    if p.template_building:
+        return "building memory template (new VMs boot cold meanwhile)"
+    return "cold boot (no memory template)"
+
+
 @pool.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print the status message as JSON.")
 @handle_errors
 def pool_status(as_json: bool) -> None:
     """Show each pool: ready, in use and warming VMs, and its counters."""
-    stub = pool_manager_pb2_grpc.PoolManagerServiceStub(
-        service(settings().pool_manager_addr, "pool-manager")
-    )
-    resp = stub.GetPoolStatus(pool_manager_pb2.GetPoolStatusRequest(), timeout=10)
+    resp = pool_stub().GetPoolStatus(pool_manager_pb2.GetPoolStatusRequest(), timeout=10)
     if as_json:
         print_json(resp)
         return
     for p in resp.pools:
-        profile = common_pb2.ResourceProfile.Name(p.key.profile).removeprefix("RESOURCE_PROFILE_")
-        source = "memory template" if p.template_ready else "cold boot (template not ready)"
         click.echo(
-            f"{profile.lower()}: ready {p.ready}, in use {p.in_use}, warming {p.warming} "
-            f"(min {p.min_size}, max {p.max_size}, ttl {p.ttl.seconds} s); new VMs from {source}"
+            f"{pool_key_word(p.key)}: ready {p.ready}, in use {p.in_use}, warming {p.warming} "
+            f"(min {p.min_size}, max {p.max_size}, ttl {p.ttl.seconds} s); "
+            f"source: {template_source(p)}"
         )
         click.echo(
             f"  acquired {p.acquired_total}, created {p.created_total}, on demand "
             f"{p.on_demand_total}, replaced unhealthy {p.replaced_unhealthy}, "
             f"evicted by ttl {p.evicted_ttl}"
         )
+
+
+def parse_key(text: str) -> pool_manager_pb2.PoolKey:
+    profile, _, network = text.strip().lower().partition("/")
+    if profile not in PROFILES or network not in TEMPLATE_NETWORKS:
+        fail(
+            f"pool {text!r}: write PROFILE/NETWORK as `agent-vm pool status` shows it "
+            f"(profiles {', '.join(PROFILES)}; networks {', '.join(TEMPLATE_NETWORKS)}), "
+            "e.g. standard/isolated"
+        )
+    return pool_manager_pb2.PoolKey(profile=PROFILES[profile], network_mode=NETWORKS[network])
+
+
+@pool.command("set")
+@click.argument("key")
+@click.argument("settings_", metavar="min=N|max=N|ttl=SECONDS...", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the pool's new status as JSON.")
+@handle_errors
+def pool_set(key: str, settings_: tuple[str, ...], as_json: bool) -> None:
+    """Change pool KEY's min, max or ttl now, without restarting anything.
+
+    KEY is the pool as `agent-vm pool status` shows it (e.g. standard/isolated).
+    The pool warms VMs up to the new min and destroys idle VMs down to the new
+    max; VMs in use are never touched. The change lasts until the pool-manager
+    stops: put the sizes in AGENTVM_POOLS to keep them.
+    """
+    req = pool_manager_pb2.SetPoolConfigRequest(key=parse_key(key))
+    seen: set[str] = set()
+    for item in settings_:
+        name, sep, value = item.partition("=")
+        if not sep or name not in ("min", "max", "ttl"):
+            fail(f"{item!r}: write min=N, max=N or ttl=SECONDS")
+        if name in seen:
+            fail(f"{name}= is given twice")
+        seen.add(name)
+        try:
+            number = float(value) if name == "ttl" else int(value)
+            if not math.isfinite(number):
+                raise ValueError(value)
+        except ValueError:
+            fail(f"{name}={value!r} is not a {'number' if name == 'ttl' else 'whole number'}")
+        if not 0 <= number < 2**32:
+            fail(f"{name}={value} is out of range (0 or more)")
+        if name == "min":
+            req.min_size = int(number)
+        elif name == "max":
+            req.max_size = int(number)
+        else:
+            req.ttl.FromNanoseconds(int(number * 1e9))
+    resp = pool_stub().SetPoolConfig(req, timeout=30)
+    if as_json:
+        print_json(resp)
+        return
+    p = resp.pool
+    click.echo(
+        f"{pool_key_word(p.key)}: min {p.min_size}, max {p.max_size}, ttl {p.ttl.seconds} s "
+        f"(now ready {p.ready}, in use {p.in_use}, warming {p.warming})"
+    )

@@ -63,9 +63,15 @@ class Settings:
             "AGENTVM_POOL_MANAGER_ADDR", "unix:/run/agent-vm/pool-manager.sock"
         )
     )
-    # AGENTVM_POOLS: pool-manager's pools, "profile:min=N,max=N,ttl=SECONDS;..."
+    # AGENTVM_POOLS: pool-manager's pools,
+    # "profile:min=N,max=N,ttl=SECONDS,network=nat-filtered|isolated;..."
+    # (default: standard VMs of both modes sandboxes come from a pool in).
     pools: str = field(
-        default_factory=lambda: _env("AGENTVM_POOLS", "standard:min=2,max=10,ttl=900,network=nat")
+        default_factory=lambda: _env(
+            "AGENTVM_POOLS",
+            "standard:min=2,max=10,ttl=900,network=nat-filtered;"
+            "standard:min=1,max=4,ttl=900,network=isolated",
+        )
     )
     # AGENTVM_EXECUTOR_POOL: pool-manager address the executor takes VMs from;
     # empty means the executor creates every VM itself.

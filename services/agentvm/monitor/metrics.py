@@ -111,7 +111,7 @@ class StateCollector(Collector):
             name = pool_name(p.key)
             size.add_metric([name, "ready"], p.ready)
             size.add_metric([name, "in_use"], p.in_use)
-            size.add_metric([name, "starting"], p.warming)
+            size.add_metric([name, "warming"], p.warming)
             target.add_metric([name, "min"], p.min_size)
             target.add_metric([name, "max"], p.max_size)
         yield size
@@ -119,9 +119,9 @@ class StateCollector(Collector):
 
 
 def pool_name(key: pool_manager_pb2.PoolKey) -> str:
-    """A pool's label value: "<profile>/<network>" in lower case."""
+    """A pool's label value as `agent-vm pool status` shows it: ``standard/nat-filtered``."""
     from agentvm.v1 import common_pb2
 
     profile = common_pb2.ResourceProfile.Name(key.profile).removeprefix("RESOURCE_PROFILE_")
     network = common_pb2.NetworkMode.Name(key.network_mode).removeprefix("NETWORK_MODE_")
-    return f"{profile}/{network}".lower()
+    return f"{profile}/{network}".lower().replace("_", "-")

@@ -69,6 +69,7 @@ EVENT_TYPES = frozenset(
         "vm.evidence_captured",
         "pool.acquired",
         "pool.released",
+        "pool.configured",
         "sandbox.created",
         "sandbox.closed",
         "execution.started",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
@@ -12,7 +13,7 @@ from agentvm.common.errors import AgentVMError, InvalidArgument, NotFound
 from agentvm.common.events import EventSink, NullSink
 from agentvm.pool_manager.backend import VMManagerBackend
 from agentvm.pool_manager.journal import LeaseJournal
-from agentvm.pool_manager.pool import Lease, PoolConfig, PoolKey, VMPool
+from agentvm.pool_manager.pool import Lease, PoolConfig, PoolKey, VMPool, check_config
 from agentvm.vm_manager.templates import NetworkMode, ResourceProfile
 
 log = logging.getLogger("agentvm.pool_manager")
@@ -21,14 +22,19 @@ OWNER_LABEL = "agent-vm/owner"
 POOL_LABEL = "agent-vm/pool-manager"
 
 
-NETWORKS = {"nat": NetworkMode.NAT_FILTERED, "isolated": NetworkMode.ISOLATED}
+# AGENTVM_POOLS' network= values: the CLI's spelling of the modes a pool can hold
+# (a bridged VM's network is the caller's; no template, so no pool).
+NETWORKS = {"nat-filtered": NetworkMode.NAT_FILTERED, "isolated": NetworkMode.ISOLATED}
+# Spellings of earlier releases, still accepted (with a warning in the log).
+OLD_NETWORKS = {"nat": "nat-filtered"}
 
 
 def parse_pools(spec: str) -> dict[PoolKey, PoolConfig]:
-    """``"standard:min=2,max=10,ttl=900,network=nat;light:min=0,max=4"`` -> pool configs.
+    """``"standard:min=2,max=10,ttl=900,network=nat-filtered;standard:min=1"`` -> configs.
 
-    ``network`` is ``nat`` (NAT_FILTERED: the executor sets each sandbox's
-    policy when it takes a VM) or ``isolated`` (the default).
+    ``network`` is ``nat-filtered`` (the executor sets each sandbox's policy
+    when it takes a VM) or ``isolated`` (the default); one profile may have a
+    pool per network. The old ``nat`` is read as ``nat-filtered`` with a warning.
     """
     pools: dict[PoolKey, PoolConfig] = {}
     for part in filter(None, (p.strip() for p in spec.split(";"))):
@@ -44,8 +50,18 @@ def parse_pools(spec: str) -> dict[PoolKey, PoolConfig]:
         for opt in filter(None, (o.strip() for o in opts.split(","))):
             k, _, v = opt.partition("=")
             if k == "network":
+                if v in OLD_NETWORKS:
+                    log.warning(
+                        "AGENTVM_POOLS: network=%s is deprecated, write network=%s",
+                        v,
+                        OLD_NETWORKS[v],
+                    )
+                    v = OLD_NETWORKS[v]
                 if v not in NETWORKS:
-                    raise InvalidArgument(f"AGENTVM_POOLS: network={v!r}; use nat or isolated")
+                    raise InvalidArgument(
+                        f"AGENTVM_POOLS: network={v!r}; use nat-filtered or isolated (bridged "
+                        "VMs are made per sandbox, never pooled)"
+                    )
                 network = NETWORKS[v]
                 continue
             if k not in values:
@@ -57,13 +73,13 @@ def parse_pools(spec: str) -> dict[PoolKey, PoolConfig]:
             except ValueError:
                 raise InvalidArgument(f"AGENTVM_POOLS: {k}={v!r} is not a number") from None
         lo, hi = int(values["min"]), int(values["max"])
-        if not 0 <= lo <= hi or hi < 1 or values["ttl"] <= 0:
-            raise InvalidArgument(
-                f"AGENTVM_POOLS: {name} needs 0 <= min <= max, max >= 1 and ttl > 0"
-            )
         key = PoolKey(profile, network)
+        try:
+            check_config(lo, hi, values["ttl"])
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"AGENTVM_POOLS: {key}: {exc.message}") from None
         if key in pools:
-            raise InvalidArgument(f"AGENTVM_POOLS: {name} is listed twice")
+            raise InvalidArgument(f"AGENTVM_POOLS: {key} is listed twice")
         pools[key] = PoolConfig(min_size=lo, max_size=hi, ttl_s=values["ttl"])
     return pools
 
@@ -106,7 +122,9 @@ class PoolManager:
         """Recover from a previous run, then start warming."""
         open_leases = await asyncio.to_thread(self.journal.open)
         by_vm = {rec.get("vm"): rec for rec in open_leases.values()}
+        # Journals of earlier releases spell NAT pools "standard/nat_filtered".
         keys = {str(k): k for k in self.pools}
+        keys.update({str(k).replace("-", "_"): k for k in self.pools})
         vms = await self.backend.list_vms(self.labels(self.settings))
         alive = set()
         for vm in vms:
@@ -146,6 +164,32 @@ class PoolManager:
         if pool is None:
             have = ", ".join(str(k) for k in self.pools) or "none"
             raise NotFound(f"no pool for {key} (pools: {have}); configure one with AGENTVM_POOLS")
+        return pool
+
+    def set_config(
+        self,
+        key: PoolKey,
+        min_size: int | None = None,
+        max_size: int | None = None,
+        ttl_s: float | None = None,
+    ) -> VMPool:
+        """Change a running pool's sizes and TTL (None keeps a value); lasts until restart."""
+        pool = self.pool(key)
+        cur = pool.config
+        new = dataclasses.replace(
+            cur,
+            min_size=cur.min_size if min_size is None else min_size,
+            max_size=cur.max_size if max_size is None else max_size,
+            ttl_s=cur.ttl_s if ttl_s is None else ttl_s,
+        )
+        try:
+            check_config(new.min_size, new.max_size, new.ttl_s)
+        except InvalidArgument as exc:
+            raise InvalidArgument(
+                f"pool {key} (now min={cur.min_size}, max={cur.max_size}, ttl={cur.ttl_s:g}): "
+                f"{exc.message}"
+            ) from None
+        pool.reconfigure(new)
         return pool
 
     def find_lease(self, lease_id: str) -> tuple[VMPool, Lease]:

@@ -34,6 +34,7 @@ from agentvm.common.errors import (
     AgentVMError,
     DeadlineExceeded,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     Unavailable,
 )
@@ -48,17 +49,55 @@ MAX_PARALLEL_WARM = max(1, (os.cpu_count() or 2) // 2)
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 30.0
 TEMPLATE_WAIT_S = 60.0
+# Bounds of a pool's configuration (AGENTVM_POOLS and `agent-vm pool set` alike).
+MAX_POOL_SIZE = 256
+MIN_TTL_S = 1.0
+MAX_TTL_S = 7 * 86400.0
+
+
+def check_config(min_size: int, max_size: int, ttl_s: float) -> None:
+    """InvalidArgument naming the field (as AGENTVM_POOLS and `pool set` spell it) when
+    the sizes or the TTL cannot make a pool."""
+    if not 1 <= max_size <= MAX_POOL_SIZE:
+        raise InvalidArgument(f"max={max_size}: a pool's max must be 1 to {MAX_POOL_SIZE}")
+    if not 0 <= min_size <= max_size:
+        raise InvalidArgument(
+            f"min={min_size} is above max={max_size}: min must be 0 to max (raise max too)"
+        )
+    if not MIN_TTL_S <= ttl_s <= MAX_TTL_S:
+        raise InvalidArgument(
+            f"ttl={ttl_s:g}: a pool's ttl must be {MIN_TTL_S:g} to {MAX_TTL_S:g} seconds"
+        )
+
+
+def network_word(mode: NetworkMode) -> str:
+    """A network mode as users write it everywhere (``nat-filtered``, ``isolated``)."""
+    return mode.name.lower().replace("_", "-")
 
 
 @dataclass(frozen=True)
 class PoolKey:
-    """Which kind of VM a pool holds."""
+    """Which kind of VM a pool holds; shown (and parsed) as ``standard/nat-filtered``."""
 
     profile: ResourceProfile
     network_mode: NetworkMode = NetworkMode.ISOLATED
 
     def __str__(self) -> str:
-        return f"{self.profile.name.lower()}/{self.network_mode.name.lower()}"
+        return f"{self.profile.name.lower()}/{network_word(self.network_mode)}"
+
+    @classmethod
+    def parse(cls, text: str) -> PoolKey:
+        """``standard/isolated`` -> PoolKey (also the old ``standard/nat_filtered``)."""
+        profile, _, network = text.strip().lower().partition("/")
+        try:
+            return cls(
+                ResourceProfile[profile.upper()], NetworkMode[network.replace("-", "_").upper()]
+            )
+        except KeyError:
+            raise InvalidArgument(
+                f"pool key {text!r}: write PROFILE/NETWORK as `agent-vm pool status` shows "
+                "it, e.g. standard/nat-filtered or standard/isolated"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -173,6 +212,37 @@ class VMPool:
 
     def leases(self) -> list[Lease]:
         return list(self._leases.values())
+
+    @property
+    def template_building(self) -> bool:
+        """True while the memory template is being built (new VMs boot cold meanwhile)."""
+        task = self._template_task
+        return not self.template_ready and task is not None and not task.done()
+
+    def reconfigure(self, config: PoolConfig) -> list[str]:
+        """New sizes and TTL, live: refill warms up to the new min, idle VMs beyond the
+        new max are destroyed (oldest first; VMs being made are destroyed when done),
+        leased VMs are never touched. Returns the names of the VMs destroyed now."""
+        if not 0 <= config.min_size <= config.max_size or config.max_size < 1:
+            raise ValueError(f"pool {self.key}: need 0 <= min <= max and max >= 1")
+        old, self.config = self.config, config
+        evicted = []
+        while self._idle and self.total > config.max_size:
+            pvm = self._idle.popleft()
+            evicted.append(pvm.vm.name)
+            self._discard(pvm.vm.name, f"the pool's max went down to {config.max_size}")
+        log.info(
+            "pool %s: min %d -> %d, max %d -> %d, ttl %g -> %g s",
+            self.key,
+            old.min_size,
+            config.min_size,
+            old.max_size,
+            config.max_size,
+            old.ttl_s,
+            config.ttl_s,
+        )
+        self._refill_wake.set()
+        return evicted
 
     # -- lifecycle -------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -383,6 +453,14 @@ class VMPool:
         self._refill_wake.set()
         if self._closing:
             await self._destroy(pvm.vm.name, f"pool {self.key}: pool-manager shutting down")
+            return
+        if self.total >= self.config.max_size:
+            # The max went down while this VM was being made.
+            await self._destroy(
+                pvm.vm.name, f"pool {self.key}: the pool's max went down to {self.config.max_size}"
+            )
+            async with self._changed:
+                self._changed.notify_all()
             return
         self._idle.append(pvm)
         async with self._changed:

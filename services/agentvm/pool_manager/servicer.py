@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2
 
 from agentvm.common import identity
 from agentvm.common.errors import AgentVMError, InvalidArgument
@@ -34,6 +35,13 @@ def key_to_proto(key: PoolKey) -> pool_manager_pb2.PoolKey:
     )
 
 
+def ttl_seconds(ttl: duration_pb2.Duration) -> float:
+    """A TTL Duration in seconds; InvalidArgument naming ``ttl`` when it is malformed."""
+    if ttl.seconds < 0 or ttl.nanos < 0 or ttl.nanos >= 10**9:
+        raise InvalidArgument(f"ttl={ttl.seconds}s{ttl.nanos}ns is not a valid duration")
+    return float(ttl.seconds) + ttl.nanos / 1e9
+
+
 def lease_to_proto(lease: Lease) -> pool_manager_pb2.Lease:
     msg = pool_manager_pb2.Lease(
         lease_id=lease.lease_id,
@@ -55,6 +63,7 @@ def status_to_proto(pool: VMPool) -> pool_manager_pb2.PoolStatus:
         in_use=pool.leased,
         warming=pool.warming,
         template_ready=pool.template_ready,
+        template_building=pool.template_building,
         acquired_total=c.acquired,
         created_total=c.created,
         replaced_unhealthy=c.replaced_unhealthy,
@@ -133,3 +142,29 @@ class PoolManagerServicer(pool_manager_pb2_grpc.PoolManagerServiceServicer):
     ) -> pool_manager_pb2.ListLeasesResponse:
         leases = self.manager.leases(dict(request.label_selector))
         return pool_manager_pb2.ListLeasesResponse(leases=[lease_to_proto(x) for x in leases])
+
+    @grpc_errors
+    async def SetPoolConfig(
+        self, request: pool_manager_pb2.SetPoolConfigRequest, context: Ctx
+    ) -> pool_manager_pb2.SetPoolConfigResponse:
+        if not request.HasField("key"):
+            raise InvalidArgument("key is missing: name the pool, e.g. standard/isolated")
+        ttl_s = None
+        if request.HasField("ttl"):
+            ttl_s = ttl_seconds(request.ttl)
+        pool = self.manager.set_config(
+            key_from_proto(request.key),
+            min_size=request.min_size if request.HasField("min_size") else None,
+            max_size=request.max_size if request.HasField("max_size") else None,
+            ttl_s=ttl_s,
+        )
+        c = pool.config
+        self.manager.events.emit(
+            "pool.configured",
+            pool=str(pool.key),
+            min_size=c.min_size,
+            max_size=c.max_size,
+            ttl_s=c.ttl_s,
+            by=identity.caller(context) or "unnamed",
+        )
+        return pool_manager_pb2.SetPoolConfigResponse(pool=status_to_proto(pool))

@@ -51,7 +51,9 @@ def is_warm(vm: VM) -> bool:
 
 
 def pool_key(vm: VM) -> str:
-    return vm.labels.get(POOL_LABEL) or f"{vm.profile.name}/{vm.network_mode.name}".lower()
+    return vm.labels.get(POOL_LABEL) or (
+        f"{vm.profile.name}/{vm.network_mode.name}".lower().replace("_", "-")
+    )
 
 
 def socket_name(labels: Mapping[str, str]) -> str:
