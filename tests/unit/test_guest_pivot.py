@@ -57,6 +57,19 @@ def workspace(tmp_path: Path) -> Path:
     return ws
 
 
+def shell_in(pivot: Pivot, script: str) -> subprocess.CompletedProcess[str]:
+    """The image's /bin/sh runs ``script``, confined and pivoted as the agent does it."""
+    return subprocess.run(
+        ["/bin/sh", "-c", script],
+        preexec_fn=Confiner(None, drop_caps=True, hide=(), pivot=pivot),
+        env={"PATH": "/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 def run_in(image: Path, workspace: Path, resolv: Path, user: dict[str, int]) -> dict[str, str]:
     pivot = Pivot.prepare(
         str(image),
@@ -66,15 +79,7 @@ def run_in(image: Path, workspace: Path, resolv: Path, user: dict[str, int]) -> 
         uid=user.get("uid"),
         gid=user.get("gid"),
     )
-    proc = subprocess.run(
-        ["/bin/sh", "-c", PROBE],
-        preexec_fn=Confiner(None, drop_caps=True, hide=(), pivot=pivot),
-        env={"PATH": "/bin"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    proc = shell_in(pivot, PROBE)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert not [ln for ln in lines if ln.startswith("LEAK")], proc.stdout
@@ -123,16 +128,7 @@ def test_an_image_without_etc_gets_no_resolv_conf_and_still_runs(
     before = Path("/etc/resolv.conf").read_bytes() if Path("/etc/resolv.conf").exists() else b""
     pivot = Pivot.prepare(str(image), workspace=str(workspace), resolv_conf=str(resolv))
     assert not [b for b in pivot.binds if b[1].endswith(b"resolv.conf")]
-    out = subprocess.run(
-        ["/bin/sh", "-c", "echo $((1 + 1))"],
-        preexec_fn=Confiner(None, drop_caps=True, hide=(), pivot=pivot),
-        env={"PATH": "/bin"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    assert out.stdout == "2\n"
+    assert shell_in(pivot, "echo $((1 + 1))").stdout == "2\n"
     after = Path("/etc/resolv.conf").read_bytes() if Path("/etc/resolv.conf").exists() else b""
     assert after == before
 
@@ -143,10 +139,4 @@ def test_a_root_that_cannot_be_entered_fails_the_start_not_silently(
     os.remove(image / "bin" / "sh")
     pivot = Pivot.prepare(str(image), workspace=str(workspace))
     with pytest.raises(FileNotFoundError):
-        subprocess.run(
-            ["/bin/sh", "-c", "true"],
-            preexec_fn=Confiner(None, drop_caps=True, hide=(), pivot=pivot),
-            env={"PATH": "/bin"},
-            timeout=30,
-            check=True,
-        )
+        shell_in(pivot, "true")

@@ -293,14 +293,10 @@ def _read_oci(store: _Store, ref: Ref) -> tuple[ImageConfig, list[Layer]]:
     raw_layers = manifest.get("layers")
     if not isinstance(raw_layers, list):
         raise ImageArchiveError(f"{ref}: manifest {digest} has no layers list")
-    _check_count(len(raw_layers), ref)
-    config_doc = _json(store, _blob(cfg_digest), ref, f"config {cfg_digest}", cfg_digest)
-    config, diff_ids = _config(config_doc, ref)
-    if len(diff_ids) != len(raw_layers):
-        raise ImageArchiveError(
-            f"{ref}: the manifest lists {len(raw_layers)} layers but the config "
-            f"{len(diff_ids)}: the archive is inconsistent; save the image again"
-        )
+    config, diff_ids = _config_of(
+        store, ref, _blob(cfg_digest), f"config {cfg_digest}", cfg_digest,
+        len(raw_layers), "the manifest",
+    )  # fmt: skip
     layers = []
     for i, (raw, diff_id) in enumerate(zip(raw_layers, diff_ids, strict=True)):
         d, size, media = _descriptor(raw, ref, f"layer {i + 1}")
@@ -360,21 +356,30 @@ def _read_docker(store: _Store, ref: Ref) -> tuple[ImageConfig, list[Layer]]:
     cfg_path, layer_paths = entry.get("Config"), entry.get("Layers")
     if not isinstance(cfg_path, str) or not isinstance(layer_paths, list):
         raise ImageArchiveError(f"{ref}: manifest.json's entry has no Config or Layers")
-    _check_count(len(layer_paths), ref)
-    cfg_digest = _digest_in_name(cfg_path)
-    config_doc = _json(store, _inside(cfg_path, ref), ref, "the image config", cfg_digest)
-    config, diff_ids = _config(config_doc, ref)
-    if len(diff_ids) != len(layer_paths):
-        raise ImageArchiveError(
-            f"{ref}: manifest.json lists {len(layer_paths)} layers but the config "
-            f"{len(diff_ids)}: the archive is inconsistent; save the image again"
-        )
+    config, diff_ids = _config_of(
+        store, ref, _inside(cfg_path, ref), "the image config", _digest_in_name(cfg_path),
+        len(layer_paths), "manifest.json",
+    )  # fmt: skip
     layers = []
     for path, diff_id in zip(layer_paths, diff_ids, strict=True):
         if not isinstance(path, str):
             raise ImageArchiveError(f"{ref}: manifest.json has a layer path that is not a string")
         layers.append(Layer(_inside(path, ref), -1, _digest_in_name(path), diff_id))
     return config, layers
+
+
+def _config_of(
+    store: _Store, ref: Ref, name: str, what: str, digest: str, listed: int, lister: str
+) -> tuple[ImageConfig, list[str]]:
+    """The config (and its diff_ids), which must name as many layers as ``lister`` does."""
+    _check_count(listed, ref)
+    config, diff_ids = _config(_json(store, name, ref, what, digest), ref)
+    if len(diff_ids) != listed:
+        raise ImageArchiveError(
+            f"{ref}: {lister} lists {listed} layers but the config {len(diff_ids)}: the "
+            "archive is inconsistent; save the image again"
+        )
+    return config, diff_ids
 
 
 def _digest_in_name(path: str) -> str:
