@@ -282,3 +282,21 @@ def test_restart_and_status_without_a_supervisor_say_what_to_run(tmp_path: Path)
         assert status.stdout.count("UNREACHABLE") == 4
     finally:
         shutil.rmtree(inst.run, ignore_errors=True)
+
+
+def test_up_that_cannot_start_a_service_says_which_and_leaves_nothing(tmp_path: Path) -> None:
+    inst = Installation(tmp_path)
+    inst.env["AGENTVM_MONITOR_METRICS_ADDR"] = "127.0.0.1:99999"  # the monitor cannot bind it
+    try:
+        up = agent_vm(inst.env, "up")
+        assert up.returncode == 2
+        assert up.stderr.startswith("agent-vm: error: monitor exited with status 1 at start")
+        assert str(inst.log / "monitor.log") in up.stderr
+        assert "port must be 0-65535" in (inst.log / "monitor.log").read_text()
+        status = agent_vm(inst.env, "status")
+        assert status.stdout.startswith("supervisor: not running")
+        assert status.stdout.count("UNREACHABLE") == 4
+        assert not list(inst.run.glob("*.pid"))
+    finally:
+        agent_vm(inst.env, "down")
+        shutil.rmtree(inst.run, ignore_errors=True)

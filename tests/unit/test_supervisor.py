@@ -1,0 +1,87 @@
+"""The supervisor's rules that need no service: backoff, exit words, whom to blame."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from agentvm.cli import services
+from agentvm.cli.supervisor import RestartPolicy
+from agentvm.common.config import Settings
+
+
+def test_backoff_doubles_from_the_first_delay_up_to_the_cap() -> None:
+    policy = RestartPolicy(first=1, cap=60, stable=60)
+    assert [policy.delay(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert RestartPolicy(first=0.5, cap=3, stable=1).delay(10) == 3
+
+
+def test_policy_from_the_environment_refuses_nonsense(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTVM_RESTART_BACKOFF", "2")
+    monkeypatch.setenv("AGENTVM_RESTART_BACKOFF_MAX", "30")
+    assert RestartPolicy().delay(5) == 30
+    monkeypatch.setenv("AGENTVM_RESTART_BACKOFF", "soon")
+    with pytest.raises(ValueError, match="AGENTVM_RESTART_BACKOFF='soon' is not a number"):
+        RestartPolicy()
+    monkeypatch.setenv("AGENTVM_RESTART_BACKOFF", "0")
+    with pytest.raises(ValueError, match="between 0 and 86400"):
+        RestartPolicy()
+
+
+def test_exits_in_words() -> None:
+    assert services.describe_exit(1) == "status 1"
+    assert services.describe_exit(-signal.SIGKILL) == "signal 9 (SIGKILL)"
+    assert services.describe_exit(-signal.SIGSEGV) == "signal 11 (SIGSEGV)"
+    assert services.describe_exit(-77) == "signal 77"
+    assert "unknown" in services.describe_exit(None)
+
+
+@pytest.mark.parametrize(
+    ("details", "broken"),
+    [
+        ("failed to connect to all addresses; last error: ...", True),
+        ("Stream removed (Socket closed)", True),
+        ("Socket closed", True),
+        ("recvmsg:Connection reset by peer", True),
+        ("connections to all backends failing; last error: UNAVAILABLE", True),
+        ("cannot connect to libvirt at qemu:///system (is libvirtd running?)", False),
+        ("no VM is ready in the pool standard/isolated", False),
+    ],
+)
+def test_connection_failures_are_grpcs_words_not_a_services(details: str, broken: bool) -> None:
+    assert services.connection_failed(details) is broken
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return Settings(
+        vm_manager_addr=f"unix:{tmp_path}/vm-manager.sock",
+        pool_manager_addr=f"unix:{tmp_path}/pool-manager.sock",
+        executor_addr=f"unix:{tmp_path}/executor.sock",
+        monitor_addr=f"unix:{tmp_path}/monitor.sock",
+        tls="off",
+    )
+
+
+def test_the_service_a_message_names_is_blamed(tmp_path: Path) -> None:
+    s = _settings(tmp_path)
+    msg = services.unreachable(s, f"connect failed: addr: {s.executor_addr}", {})
+    assert msg.startswith(f"executor ({s.executor_addr}) is not reachable")
+    assert "`agent-vm status`" in msg
+    assert "`agent-vm up`" in msg
+
+
+def test_otherwise_the_services_the_command_talked_to_that_are_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = _settings(tmp_path)
+    msg = services.unreachable(
+        s, "Stream removed (Socket closed)", {"monitor": s.monitor_addr, "executor": "x"}
+    )
+    assert msg.startswith(f"executor ({s.executor_addr}), monitor ({s.monitor_addr}) are not")
+    # Back already (the supervisor restarted it): said so, with what to do.
+    monkeypatch.setattr(services, "health", lambda settings, spec, timeout=1.0: "SERVING")
+    again = services.unreachable(s, "Socket closed", {"monitor": s.monitor_addr})
+    assert again.startswith("the connection to monitor broke (Socket closed)")
+    assert "run the command again" in again
