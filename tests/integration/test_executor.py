@@ -162,6 +162,30 @@ def test_files_api(sandbox: agent_vm.Sandbox) -> None:
     assert sandbox.files.list("work") == []
 
 
+def test_files_exists_and_mkdir(sandbox: agent_vm.Sandbox) -> None:
+    files = sandbox.files
+    assert not files.exists("work/made")
+    files.mkdir("work/made/deeper")  # parents too
+    assert files.exists("work/made")
+    assert files.exists("work/made/deeper")
+    assert sandbox.run("test -d /workspace/work/made/deeper").exit_code == 0
+    files.mkdir("work/made/deeper")  # there already: nothing to do
+    files.write("work/made/f.txt", "x")
+    assert files.exists("work/made/f.txt")
+    assert not files.exists("work/made/f.txt/below")  # a file is no directory
+    assert not files.exists("nowhere/at/all")
+    sandbox.run("ln -s /etc /workspace/work/made/link")
+    assert files.exists("work/made/link")  # the link itself, not followed
+    with pytest.raises(agent_vm.FailedPreconditionError, match=r"f\.txt"):
+        files.mkdir("work/made/f.txt")
+    with pytest.raises(agent_vm.InvalidArgumentError):
+        files.exists("../etc/passwd")
+    with pytest.raises(agent_vm.InvalidArgumentError):
+        files.mkdir("work/made/link/x")  # through a symlink
+    files.remove("work/made", recursive=True)
+    assert not files.exists("work/made")
+
+
 def test_output_is_capped_and_host_memory_stays_bounded(
     sandbox: agent_vm.Sandbox, executor: ExecutorProcess
 ) -> None:
@@ -240,9 +264,49 @@ def test_lifetime_destroys_an_abandoned_sandbox(
     sb = agent_vm.Sandbox.create(lifetime=2)
     name = sb.vm_name
     assert wait_for(lambda: vm_gone(vmm, name), 30)
-    with pytest.raises(agent_vm.NotFoundError, match="lifetime"):
+    with pytest.raises(agent_vm.SandboxExpiredError, match="lifetime"):
         sb.run("true")
     sb.close()  # idempotent, also after expiry
+    with pytest.raises(agent_vm.SandboxClosedError, match="is closed"):
+        sb.files.list()
+
+
+def test_the_end_of_a_lifetime_ends_a_running_command_at_once(
+    executor: ExecutorProcess, vmm: VMManagerProcess
+) -> None:
+    """It used to hang until the call's deadline (timeout + 60 s), then DeadlineExceeded."""
+    sb = agent_vm.Sandbox.create(lifetime=5)
+    started = time.monotonic()
+    handle = sb.start("sleep 30", timeout=25)
+    with pytest.raises(agent_vm.SandboxExpiredError) as info:
+        sb.run("sleep 20", timeout=10)
+    took = time.monotonic() - started
+    assert took < 9, took  # the lifetime, plus the reaper's one-second beat
+    assert f"sandbox {sb.id} reached the end of its lifetime (5 s)" in info.value.message
+    assert "lifetime=" in info.value.message  # how to get a longer one
+    with pytest.raises(agent_vm.SandboxExpiredError):
+        handle.wait()  # the background command ends the same way
+    with pytest.raises(agent_vm.SandboxExpiredError):
+        sb.files.read("work/x")  # and every later call
+    assert wait_for(lambda: vm_gone(vmm, sb.vm_name), 30)
+    sb.close()
+
+
+def test_bridge_mode_sandbox_on_a_named_bridge(
+    executor: ExecutorProcess, vmm: VMManagerProcess
+) -> None:
+    from tests.networld import bridge_world
+
+    with pytest.raises(agent_vm.FailedPreconditionError, match="no bridge named avmb-nosuch"):
+        agent_vm.Sandbox.create(network="bridge", bridge="avmb-nosuch")
+    with (
+        bridge_world() as lan,
+        agent_vm.Sandbox.create(network="bridge", bridge=lan.bridge, lifetime=300) as sb,
+    ):
+        out = sb.run("busybox ip -4 addr show eth0").check().stdout
+        assert "198.19.0.1" in out, out  # a DHCP lease of the bridge's LAN (.100-.120)
+        name = sb.vm_name
+    assert wait_for(lambda: vm_gone(vmm, name), 30)
 
 
 def _running_vms(vmm: VMManagerProcess) -> set[str]:
