@@ -66,4 +66,4 @@ step "doctor"
 .venv/bin/agent-vm doctor
 
 step "the main job: examples/hello_agent.py in a fresh VM (agent-vm run)"
-.venv/bin/agent-vm run examples/hello_agent.py
+.venv/bin/agent-vm run examples/hello_agent.py </dev/null  # run passes a piped stdin on
