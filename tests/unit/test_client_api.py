@@ -154,6 +154,14 @@ def test_the_end_of_a_lifetime_is_its_own_error() -> None:
     assert type(err) is errors.SandboxExpiredError
     assert isinstance(err, errors.SandboxClosedError)
     assert "lifetime" in err.message
+    closed = grpc.aio.AioRpcError(
+        grpc.StatusCode.ABORTED,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(("agentvm-reason", "sandbox-closed")),
+        "sandbox sb-1 was closed while this call ran",
+        None,
+    )
+    assert type(errors.from_rpc(closed, "x")) is errors.SandboxClosedError
 
 
 def test_unreachable_service_says_how_to_start_it() -> None:

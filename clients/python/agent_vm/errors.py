@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from agentvm.common.errors import REASON_KEY, REASON_SANDBOX_EXPIRED
+from agentvm.common.errors import REASON_KEY, REASON_SANDBOX_CLOSED, REASON_SANDBOX_EXPIRED
 
 
 class AgentVMError(Exception):
@@ -162,8 +162,11 @@ def from_rpc(exc: grpc.aio.AioRpcError, address: str) -> AgentVMError:
     code = exc.code()
     details = exc.details() or code.name
     cls = _BY_CODE.get(code, AgentVMError)
-    if _reason(exc) == REASON_SANDBOX_EXPIRED:
+    reason = _reason(exc)
+    if reason == REASON_SANDBOX_EXPIRED:
         return SandboxExpiredError(details, code.name)
+    if reason == REASON_SANDBOX_CLOSED:
+        return SandboxClosedError(details, code.name)
     if code == grpc.StatusCode.UNAVAILABLE:
         service = next((s for s in _SERVICES if details.startswith(s + ": ")), None)
         said = details[len(service) + 2 :] if service is not None else details

@@ -29,6 +29,8 @@ import grpc
 REASON_KEY = "agentvm-reason"
 # The sandbox reached the end of its lifetime (the executor destroyed it).
 REASON_SANDBOX_EXPIRED = "sandbox-expired"
+# The sandbox was closed (by its caller) while the call ran.
+REASON_SANDBOX_CLOSED = "sandbox-closed"
 
 
 class AgentVMError(Exception):

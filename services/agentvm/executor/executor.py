@@ -33,6 +33,7 @@ import grpc
 
 from agentvm.common.config import Settings
 from agentvm.common.errors import (
+    REASON_SANDBOX_CLOSED,
     REASON_SANDBOX_EXPIRED,
     Aborted,
     AgentVMError,
@@ -548,7 +549,9 @@ class AgentExecutor:
         if sandbox_id in self._expired:
             return SandboxExpired(sandbox_id, self._expired[sandbox_id], cut_short=cut_short)
         if cut_short:
-            return Aborted(f"sandbox {sandbox_id} was closed while this call ran")
+            closed = Aborted(f"sandbox {sandbox_id} was closed while this call ran")
+            closed.reason = REASON_SANDBOX_CLOSED
+            return closed
         return NotFound(
             f"no sandbox {sandbox_id!r}: it was closed or reached the end of its lifetime, or "
             "the executor restarted since it was created (sandboxes do not survive a restart)"
