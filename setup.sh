@@ -53,7 +53,9 @@ step "buf (protobuf lint and breaking-change checks)"
 if [ ! -x .tools/node_modules/.bin/buf ]; then
   npm install --silent --prefix .tools @bufbuild/buf@1.75.0
 fi
-.tools/node_modules/.bin/buf --version
+# Next to agent-vm in .venv/bin, where the README's `.venv/bin/buf curl` finds it.
+ln -sfn ../../.tools/node_modules/.bin/buf .venv/bin/buf
+.venv/bin/buf --version
 
 step "services"
 .venv/bin/agent-vm down >/dev/null

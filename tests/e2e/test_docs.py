@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import subprocess
@@ -47,3 +49,41 @@ def test_user_guide_example_runs(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert expected in proc.stdout, proc.stdout
     assert set(libvirt_domains(vmm.prefix)) <= before, "the example left a VM behind"
+
+
+SH_BLOCKS = {
+    doc: re.findall(r"```sh\n(.*?)```", (REPO / doc).read_text(), flags=re.S)
+    for doc in ("README.md", "docs/USER_GUIDE.md")
+}
+
+
+@pytest.mark.parametrize("doc", sorted(SH_BLOCKS))
+def test_the_buf_curl_example_runs_as_written(doc: str, executor: ExecutorProcess) -> None:
+    """The `buf curl` line from the repository root, with no PATH of ours (issue 23 item 8).
+
+    Only the installation's paths are swapped for the test executor's.
+    """
+    (block,) = [b for b in SH_BLOCKS[doc] if "buf curl" in b]
+    script = (
+        block.replace("/run/agent-vm/executor.sock", executor.address.removeprefix("unix:"))
+        .replace("/etc/agent-vm/tls", str(executor.tls_dir))
+        .replace("/etc/agent-vm/token", str(executor.token_file))
+    )
+    proc = subprocess.run(
+        ["bash", "-euc", script],
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    decoder, events, text = json.JSONDecoder(), [], proc.stdout.strip()
+    while text:
+        obj, end = decoder.raw_decode(text)
+        events.append(obj)
+        text = text[end:].strip()
+    out = b"".join(base64.b64decode(e["output"]["data"]) for e in events if "output" in e)
+    assert out.decode().strip().endswith("cloud-amd64")
+    assert events[-1]["result"]["status"].get("exitCode", 0) == 0
