@@ -23,6 +23,7 @@ def interrupt_when_started(env: dict[str, str], *args: str) -> tuple[int, str]:
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
+        stdin=subprocess.DEVNULL,
     )
     try:
         assert proc.stdout is not None

@@ -41,17 +41,17 @@ def test_every_command_and_option_is_described(name: str, cmd: click.Command) ->
         assert (param.help or "").strip(), f"`{name} {param.opts[0]}` has no help text"
         if param.multiple:
             assert re.search(r"\brepeat", param.help or ""), (
-                f"`{name} {param.opts[0]}` can be given many times: its help must say so "
-                "('repeat')"
+                f"`{name} {param.opts[0]}` can be given many times: its help must say so ('repeat')"
             )
 
 
 @pytest.mark.parametrize(("name", "cmd"), ALL, ids=[n for n, _ in ALL])
 def test_help_runs_for_every_command(name: str, cmd: click.Command) -> None:
     args = name.split()[1:]
-    result = CliRunner().invoke(cli, [*args, "--help"])
-    assert result.exit_code == 0, result.output
-    assert "Usage: " in result.output
+    for flag in ("--help", "-h"):
+        result = CliRunner().invoke(cli, [*args, flag])
+        assert result.exit_code == 0, (flag, result.output)
+        assert "Usage: " in result.output
 
 
 LISTS = [n for n, _ in ALL if n.endswith((" list", " status")) and " image " not in n]

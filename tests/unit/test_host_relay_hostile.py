@@ -349,8 +349,10 @@ def test_a_connect_flood_costs_a_bounded_number_of_descriptors(tmp_path: Path) -
             # ... and the connections hung up on at once are closed (an aborted transport
             # lets go of its descriptor on the next loop turn: count only once settled).
             assert await async_wait_until(
-                lambda: relay.waiting + relay.refused == FLOOD
-                and relay._open == relay.waiting + relay.refusing,
+                lambda: (
+                    relay.waiting + relay.refused == FLOOD
+                    and relay._open == relay.waiting + relay.refusing
+                ),
                 timeout=15,
             ), (relay.waiting, relay.refused, relay.refusing, relay._open)
             # Ours: FLOOD client sockets and the handshake's two ends. The relay's:

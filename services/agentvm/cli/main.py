@@ -40,7 +40,7 @@ from agentvm.v1 import (
 __all__ = ["MAX_INLINE_INPUT", "cli", "main"]
 
 
-@click.group(cls=Group)
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option("0.1.0", prog_name="agent-vm")
 def cli() -> None:
     """Run untrusted agent code in throw-away KVM/QEMU virtual machines."""
