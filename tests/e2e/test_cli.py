@@ -101,6 +101,10 @@ def test_doctor_reports_qemu_confinement(vmm: VMManagerProcess, shared_vm: objec
     # These hosts have no AppArmor/SELinux: reported, not required.
     assert not checks["svirt"]["required"]
     assert checks["svirt"]["ok"] == checks["svirt"]["detail"].startswith("security driver")
+    # Not met, it is a warning, never a failure.
+    assert checks["svirt"]["level"] == ("ok" if checks["svirt"]["ok"] else "warn")
+    # The tests' services run without `up`'s supervisor: said, not failed.
+    assert checks["supervisor"]["level"] == "warn"
     assert checks["cgroups"]["ok"], checks["cgroups"]
 
 
@@ -167,6 +171,9 @@ def test_up_and_down_are_idempotent(tmp_path: Path) -> None:
         assert "stopped" in down.stdout
         again = agent_vm(env, "down", timeout=60)
         assert "not running" in again.stdout
+        # down stopped the supervisor too.
+        assert not (run / "supervisor.pid").exists()
+        assert agent_vm(env, "status").stdout.startswith("supervisor: not running")
         assert not (run / "vm-manager.sock").exists()
         assert not (run / "pool-manager.sock").exists()
         assert not (run / "monitor.sock").exists()

@@ -173,3 +173,18 @@ def test_json_has_a_level_per_check(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.exit_code == 1
     levels = [(c["name"], c["level"], c["required"]) for c in json.loads(result.output)]
     assert levels == [("libvirt", "ok", True), ("svirt", "warn", False), ("libvirt", "fail", True)]
+
+
+def test_supervisor_check_warns_when_nothing_restarts_the_services(tmp_path: Path) -> None:
+    settings = Settings(run_dir=tmp_path)
+    no_systemd = tmp_path / "no-systemd"
+    none = doctor.supervisor_check(settings, 3, systemd=no_systemd)
+    assert none.level == "warn"
+    assert "3 service(s) run unsupervised" in none.detail
+    assert none.fix.startswith("agent-vm up")
+    (tmp_path / "supervisor.pid").write_text(f"{os.getpid()}\n")
+    running = doctor.supervisor_check(settings, 4, systemd=no_systemd)
+    assert running.ok
+    assert f"pid {os.getpid()}" in running.detail
+    (tmp_path / "supervisor.pid").unlink()
+    assert doctor.supervisor_check(settings, 4, systemd=tmp_path).ok  # systemd's job

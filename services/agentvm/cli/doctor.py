@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agentvm.cli.services import health, service_specs
+from agentvm.cli.supervisor import running_pid
 from agentvm.common import tls
 from agentvm.common.config import Settings
 from agentvm.common.errors import AgentVMError
@@ -340,6 +341,31 @@ def _read(path: Path) -> str:
         return ""
 
 
+def supervisor_check(
+    settings: Settings, serving: int, systemd: Path = Path("/run/systemd/system")
+) -> Check:
+    """Whether something restarts a service that exits (`up`'s supervisor, or systemd)."""
+    pid = running_pid(settings)
+    if pid is not None:
+        return Check(
+            "supervisor",
+            True,
+            f"pid {pid} restarts a service that exits (`agent-vm status` shows restarts)",
+            required=False,
+        )
+    if systemd.is_dir():
+        return Check("supervisor", True, "systemd (deploy/systemd units)", required=False)
+    return Check(
+        "supervisor",
+        False,
+        f"none: {serving} service(s) run unsupervised, one that exits stays down"
+        if serving
+        else "not running",
+        "agent-vm up (it supervises services already running, too)",
+        required=False,
+    )
+
+
 def run_checks(settings: Settings) -> list[Check]:
     checks: list[Check] = []
     conn = LibvirtConnection(settings.libvirt_uri)
@@ -462,8 +488,10 @@ def run_checks(settings: Settings) -> list[Check]:
         )
     checks += auth_checks(settings)
     checks.append(workspace_check(settings))
+    serving = 0
     for spec in service_specs(settings):
         status = health(settings, spec)
+        serving += status == "SERVING"
         checks.append(
             Check(
                 f"service {spec.name}",
@@ -472,6 +500,7 @@ def run_checks(settings: Settings) -> list[Check]:
                 "agent-vm up",
             )
         )
+    checks.append(supervisor_check(settings, serving))
     if os.geteuid() != 0:
         checks.append(
             Check(
