@@ -300,3 +300,36 @@ def test_up_that_cannot_start_a_service_says_which_and_leaves_nothing(tmp_path: 
     finally:
         agent_vm(inst.env, "down")
         shutil.rmtree(inst.run, ignore_errors=True)
+
+
+def test_a_killed_supervisor_is_replaced_by_up_which_adopts_the_running_services(
+    inst: Installation,
+) -> None:
+    before = inst.status()["by_name"]
+    sup_pid = int((inst.run / "supervisor.pid").read_text())
+    os.kill(sup_pid, signal.SIGKILL)
+    wait_for(lambda: not alive(sup_pid), 10, "the supervisor is gone")
+    # The services outlive it, unsupervised: status and doctor say so.
+    orphaned = inst.status()
+    assert orphaned["supervisor"] is None
+    assert orphaned["exit"] == 0
+    assert {row["state"] for row in orphaned["services"]} == {"not supervised"}
+    assert [row["pid"] for row in orphaned["services"]] == [r["pid"] for r in before.values()]
+    up = agent_vm(inst.env, "up")
+    assert up.returncode == 0, up.stderr
+    for name, row in before.items():
+        assert f"{name}: already running (pid {row['pid']}, now supervised)" in up.stdout
+    # Adopted (not its child): its end is noticed all the same, and it is restarted.
+    victim = before["executor"]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(
+        lambda: (
+            inst.service("executor")["status"] == "SERVING"
+            and inst.service("executor")["pid"] not in (None, victim)
+        ),
+        60,
+        "the adopted executor is restarted",
+    )
+    row = inst.service("executor")
+    assert row["restarts"] == 1
+    assert row["last_exit"] == "exit status unknown (not started by this supervisor)"
