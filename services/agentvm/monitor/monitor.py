@@ -82,6 +82,7 @@ EVENT_TYPES = frozenset(
         "anomaly.response",
         "audit.started",
         "monitor.events_lost",
+        "service.restarted",
     }
 )
 # Records waiting for a disk that keeps failing are capped (then dropped, logged).
