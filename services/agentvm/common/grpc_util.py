@@ -251,9 +251,12 @@ class Caller:
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
-def _reason(exc: AgentVMError) -> tuple[tuple[str, str], ...]:
-    """The trailing metadata that tells clients ``exc.reason`` (none without one)."""
-    return ((REASON_KEY, exc.reason),) if exc.reason else ()
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: AgentVMError) -> None:
+    """Answer with ``exc``: its code, message and, when it has one, its reason
+    (trailing metadata REASON_KEY)."""
+    if exc.reason:
+        await context.abort(exc.code, exc.message, ((REASON_KEY, exc.reason),))
+    await context.abort(exc.code, exc.message)
 
 
 def grpc_errors(func: F) -> F:
@@ -274,7 +277,7 @@ def grpc_errors(func: F) -> F:
         except AgentVMError as exc:
             if context.done():
                 return None  # already answered (see above)
-            await context.abort(exc.code, exc.message, _reason(exc))
+            await _abort(context, exc)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - logged with its traceback by wire.unexpected
@@ -305,7 +308,7 @@ def grpc_stream_errors(
         except AgentVMError as exc:
             if context.done():
                 return
-            await context.abort(exc.code, exc.message, _reason(exc))
+            await _abort(context, exc)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - logged with its traceback by wire.unexpected
