@@ -1,0 +1,168 @@
+"""A sandbox's state and the executor's rules that need no service: limits,
+durations, which VMs and leases are orphaned, how an execution is described."""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from agentvm.common.errors import REASON_SANDBOX_EXPIRED, Aborted, InvalidArgument
+from agentvm.v1 import (
+    common_pb2,
+    executor_pb2,
+    guest_agent_pb2_grpc,
+    pool_manager_pb2,
+)
+
+OWNER_LABEL = ("agent-vm/owner", "executor")
+# Which executor: several may share one vm-manager, and each reclaims only its own.
+EXECUTOR_LABEL = "agent-vm/executor"
+SANDBOX_LABEL = "agent-vm/sandbox"
+DEFAULT_TIMEOUT_S = 300.0
+MAX_TIMEOUT_S = 24 * 3600.0
+MAX_LIFETIME_S = 24 * 3600.0
+DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
+MAX_OUTPUT = 1024 * 1024 * 1024
+BOOT_TIMEOUT_S = 180.0
+# How many expired sandboxes get() still recognises (to say why they are gone).
+REMEMBER_EXPIRED = 1024
+
+
+class SandboxExpired(Aborted):
+    """The sandbox reached the end of its lifetime: ABORTED for a call it cut
+    short, NOT_FOUND for a call that came after."""
+
+    reason = REASON_SANDBOX_EXPIRED
+
+    def __init__(self, sandbox_id: str, lifetime: float, *, cut_short: bool) -> None:
+        what = "and was destroyed while this call ran" if cut_short else "and was destroyed"
+        super().__init__(
+            f"sandbox {sandbox_id} reached the end of its lifetime ({lifetime:g} s) {what}; "
+            "a lifetime cannot be extended: create the sandbox with a longer one "
+            f"(lifetime=SECONDS in the Python client, at most {MAX_LIFETIME_S:.0f} s)"
+        )
+        if not cut_short:
+            self.code = grpc.StatusCode.NOT_FOUND
+
+
+def seconds_of(msg: Any, field_name: str, default: float, high: float) -> float:
+    """A Duration field in seconds; ``default`` when unset; INVALID_ARGUMENT outside (0, high]."""
+    if not msg.HasField(field_name):
+        return default
+    value = float(getattr(msg, field_name).ToNanoseconds()) / 1e9
+    if value == 0:
+        return default
+    if not 0 < value <= high:
+        raise InvalidArgument(
+            f"{field_name} must be between 0 and {high:.0f} seconds, got {value:g}"
+        )
+    return value
+
+
+def output_cap(value: int) -> int:
+    if value > MAX_OUTPUT:
+        raise InvalidArgument(f"max_output_bytes must be at most {MAX_OUTPUT}, got {value}")
+    return value or DEFAULT_MAX_OUTPUT
+
+
+@dataclass
+class SandboxState:
+    """One sandbox: its VM, workspace mode and agent channel."""
+
+    id: str
+    spec: executor_pb2.SandboxSpec
+    vm: common_pb2.VM
+    workspace_mode: common_pb2.WorkspaceMode.ValueType
+    created_at: float
+    expires_at: float
+    boot_duration: float
+    channel: grpc.aio.Channel
+    closing: bool = False
+    # Closed by the reaper at the end of its lifetime (not by its caller).
+    expired: bool = False
+    # Set when the VM came from the pool-manager: closing releases the lease.
+    lease_id: str = ""
+    execs: set[str] = field(default_factory=set)
+
+    @property
+    def agent(self) -> guest_agent_pb2_grpc.GuestAgentServiceAsyncStub:
+        return guest_agent_pb2_grpc.GuestAgentServiceStub(self.channel)
+
+    @property
+    def shared_root(self) -> str | None:
+        if self.workspace_mode == common_pb2.WORKSPACE_MODE_SHARED:
+            return self.vm.workspace_path
+        return None
+
+    def to_proto(self) -> executor_pb2.Sandbox:
+        msg = executor_pb2.Sandbox(
+            id=self.id, vm_name=self.vm.name, spec=self.spec, workspace_mode=self.workspace_mode
+        )
+        msg.created_at.FromNanoseconds(int(self.created_at * 1e9))
+        msg.expires_at.FromNanoseconds(int(self.expires_at * 1e9))
+        msg.boot_duration.FromNanoseconds(int(self.boot_duration * 1e9))
+        return msg
+
+
+def orphaned_vms(
+    vms: Iterable[common_pb2.VM],
+    open_sandboxes: set[str],
+    *,
+    now: float = 0.0,
+    min_age: float = 0.0,
+) -> list[common_pb2.VM]:
+    """The executor-owned VMs whose sandbox is not open (and older than ``min_age`` s)."""
+    out = []
+    for vm in vms:
+        if vm.labels.get(OWNER_LABEL[0]) != OWNER_LABEL[1]:
+            continue
+        if vm.labels.get(SANDBOX_LABEL, "") in open_sandboxes:
+            continue
+        if min_age > 0 and now - vm.created_at.ToSeconds() < min_age:
+            continue
+        out.append(vm)
+    return out
+
+
+def orphaned_leases(
+    leases: Iterable[pool_manager_pb2.Lease], held: set[str], creating: set[str]
+) -> list[pool_manager_pb2.Lease]:
+    """The pool leases this executor took that no sandbox holds.
+
+    Such a lease is left when pool-manager recorded it but its AcquireVM answer
+    never arrived (pool-manager killed, a deadline): the sandbox went on with a
+    VM of its own, or failed. Leases of sandboxes still being created are kept.
+    """
+    return [
+        lease
+        for lease in leases
+        if lease.lease_id not in held and lease.labels.get(SANDBOX_LABEL, "") not in creating
+    ]
+
+
+def describe_program(program: common_pb2.Program) -> tuple[str, str]:
+    """The command for the audit log (first 4 KiB) and the SHA-256 of all of it."""
+    if program.WhichOneof("kind") == "argv":
+        text = shlex.join(program.argv.args)
+    else:
+        lang = common_pb2.CodeLanguage.Name(program.code.language)
+        text = f"[{lang}] {program.code.source}"
+        if program.code.args:
+            text += " -- " + shlex.join(program.code.args)
+    return text[:4096], hashlib.sha256(program.SerializeToString(deterministic=True)).hexdigest()
+
+
+def outcome_of(status: common_pb2.ExitStatus | None, failure: str) -> str:
+    """ok | nonzero_exit | timeout | killed | error."""
+    if status is None:
+        return "error"
+    if status.timed_out:
+        return "timeout"
+    if status.signal:
+        return "killed"
+    return "ok" if status.exit_code == 0 else "nonzero_exit"
