@@ -48,7 +48,10 @@ INITRD_MODULES = (
     "vmw_vsock_virtio_transport",
     "virtio_net",
 )
-ROOTFS_SIZE = "2G"
+# The image's root file system; each VM's guest grows it to the VM's disk at
+# its first boot (guest/image/agentvm-setup), which reads the size it spans
+# from /etc/agentvm/root-sectors.
+ROOTFS_MIB = 2048
 REPO_ROOT = Path(__file__).resolve().parents[3]
 GUEST_DIR = REPO_ROOT / "guest"
 PROTO_OUT = REPO_ROOT / "services" / "agentvm" / "v1"
@@ -419,6 +422,8 @@ class ImageStore:
             init.unlink()
         init.symlink_to("/bin/busybox")
         (root / "etc" / "hostname").write_text("agent-vm\n")
+        (root / "etc" / "agentvm").mkdir(exist_ok=True)
+        (root / "etc" / "agentvm" / "root-sectors").write_text(f"{ROOTFS_MIB * 2048}\n")
         (root / "etc" / "fstab").write_text("# root is mounted by the initrd\n")
         with contextlib.suppress(FileNotFoundError):
             (root / "etc" / "machine-id").unlink()
@@ -484,7 +489,7 @@ class ImageStore:
                 "root_owner=0:0",
                 "-F",
                 str(raw),
-                ROOTFS_SIZE,
+                f"{ROOTFS_MIB}M",
             ],
             log,
         )
