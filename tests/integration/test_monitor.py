@@ -166,7 +166,7 @@ def traced_pool(
     pool = PoolManagerProcess(
         base=vmm.base,
         prefix=vmm.prefix,
-        pools="standard:min=1,max=2,ttl=600,network=nat",
+        pools="standard:min=1,max=2,ttl=600,network=nat-filtered",
         extra_env=dict(otel[1]),
     )
     pool.start()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -15,7 +17,7 @@ import pytest
 import agent_vm
 from agentvm.v1 import common_pb2, pool_manager_pb2, vm_manager_pb2
 from tests.networld import NAMES
-from tests.vmharness import ExecutorProcess, PoolManagerProcess, VMManagerProcess, execute
+from tests.vmharness import REPO, ExecutorProcess, PoolManagerProcess, VMManagerProcess, execute
 
 pytestmark = pytest.mark.vm
 
@@ -201,7 +203,7 @@ def test_shutdown_leaves_nothing_and_a_restart_keeps_only_live_leases(
     wait_no_vms(vmm, pm, timeout=10)
 
 
-@pytest.mark.pools("standard:min=2,max=10,ttl=600,network=nat")
+@pytest.mark.pools("standard:min=2,max=10,ttl=600,network=nat-filtered")
 def test_ten_concurrent_executions_through_the_executor_and_the_pool(
     vmm: VMManagerProcess, pm: PoolManagerProcess
 ) -> None:
@@ -320,3 +322,114 @@ def test_the_executor_releases_a_lease_whose_answer_it_never_got(
     finally:
         ex.stop()
     pm.wait_status(lambda s: s.in_use == 0)
+
+
+def cli(pm: PoolManagerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agentvm.cli.main", *args],
+        env=pm.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
+
+
+def statuses(pm: PoolManagerProcess) -> dict[str, pool_manager_pb2.PoolStatus]:
+    resp = pm.pool_stub().GetPoolStatus(pool_manager_pb2.GetPoolStatusRequest(), timeout=10)
+    words = {common_pb2.NETWORK_MODE_ISOLATED: "isolated"}
+    return {words.get(p.key.network_mode, "nat-filtered"): p for p in resp.pools}
+
+
+def wait_for(
+    pm: PoolManagerProcess,
+    mode: str,
+    check: Callable[[pool_manager_pb2.PoolStatus], bool],
+    timeout: float = 180,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not check(statuses(pm)[mode]):
+        assert time.monotonic() < deadline, statuses(pm)[mode]
+        time.sleep(0.2)
+
+
+def test_pools_of_both_modes_change_size_live_through_the_cli(
+    vmm: VMManagerProcess, template: vm_manager_pb2.Template
+) -> None:
+    """Items 6, 7, 12 of issue 23 on real VMs: an isolated and a NAT pool side by side,
+    `agent-vm pool set` resizing them without a restart (never touching a leased VM),
+    the template build shown by `pool status`, one spelling of the NAT mode."""
+    # No NAT template yet, so that the pool's build of it is there to be seen.
+    stub = vmm.stub()
+    for t in stub.ListTemplates(vm_manager_pb2.ListTemplatesRequest(), timeout=30).templates:
+        if t.network_mode == common_pb2.NETWORK_MODE_NAT_FILTERED:
+            stub.DeleteTemplate(vm_manager_pb2.DeleteTemplateRequest(key=t.key), timeout=60)
+    pm = PoolManagerProcess(
+        base=vmm.base,
+        prefix=vmm.prefix,
+        name="pool-live",
+        # The NAT pool in the spelling of earlier releases.
+        pools="standard:min=0,max=3,ttl=600,network=isolated;"
+        "standard:min=0,max=2,ttl=600,network=nat",
+    )
+    pm.start()
+    try:
+        live_resize(vmm, pm)
+    finally:
+        pm.stop_if_running()
+        for vm in pool_vms(vmm, pm):
+            stub.DestroyVM(vm_manager_pb2.DestroyVMRequest(name=vm.name), timeout=60)
+
+
+def live_resize(vmm: VMManagerProcess, pm: PoolManagerProcess) -> None:
+    # The old spelling still starts the pool, under the new name, with a warning.
+    assert "network=nat is deprecated, write network=nat-filtered" in pm.log_path.read_text()
+    shown = cli(pm, "pool", "status")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith("standard/isolated: ready 0, in use 0, warming 0 (min 0, max 3")
+    assert lines[2].startswith("standard/nat-filtered: ready 0")
+    assert "source: building memory template" in lines[2], shown.stdout
+    assert "nat_filtered" not in shown.stdout
+
+    # Up, live: the isolated pool warms two VMs, the NAT pool one once its template is built.
+    up = cli(pm, "pool", "set", "standard/isolated", "min=2")
+    assert up.returncode == 0, up.stderr
+    assert up.stdout.startswith("standard/isolated: min 2, max 3, ttl 600 s")
+    assert cli(pm, "pool", "set", "standard/nat-filtered", "min=1", "ttl=900").returncode == 0
+    wait_for(pm, "isolated", lambda s: s.ready == 2)
+    wait_for(pm, "nat-filtered", lambda s: s.ready == 1 and s.template_ready)
+    assert statuses(pm)["nat-filtered"].ttl.seconds == 900
+    assert "source: memory template" in cli(pm, "pool", "status").stdout.splitlines()[2]
+    held = acquire(pm, owner="live")
+    wait_for(pm, "isolated", lambda s: s.ready == 2 and s.in_use == 1)
+
+    # Down, live: idle VMs go down to the new max; the leased one is not touched.
+    idle = {v.name for v in pool_vms(vmm, pm)} - {held.vm.name}
+    down = cli(pm, "pool", "set", "standard/isolated", "max=1", "min=0")
+    assert down.returncode == 0, down.stderr
+    wait_for(pm, "isolated", lambda s: s.ready == 0 and s.in_use == 1)
+    deadline = time.monotonic() + 60
+    while idle & {v.name for v in pool_vms(vmm, pm)} - nat_vms(vmm, pm):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert execute(held.vm.agent_endpoint, "true").status.exit_code == 0
+
+    # Refused with the field named; nothing changes.
+    bad = cli(pm, "pool", "set", "standard/isolated", "min=3")
+    assert bad.returncode == 2
+    assert "INVALID_ARGUMENT" in bad.stderr
+    assert "min=3 is above max=1" in bad.stderr
+    missing = cli(pm, "pool", "set", "light/isolated", "min=1")
+    assert missing.returncode == 2
+    assert "no pool for light/isolated" in missing.stderr
+    assert statuses(pm)["isolated"].max_size == 1
+    release(pm, held.lease_id)
+    assert cli(pm, "pool", "set", "standard/nat-filtered", "min=0", "max=1").returncode == 0
+
+
+def nat_vms(vmm: VMManagerProcess, pm: PoolManagerProcess) -> set[str]:
+    return {
+        v.name for v in pool_vms(vmm, pm) if v.network_mode == common_pb2.NETWORK_MODE_NAT_FILTERED
+    }

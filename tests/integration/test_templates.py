@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import grpc
@@ -9,7 +12,7 @@ import pytest
 
 from agentvm.common.grpc_util import sync_channel
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc, vm_manager_pb2
-from tests.vmharness import VMFactory, VMManagerProcess, execute
+from tests.vmharness import REPO, VMFactory, VMManagerProcess, execute
 
 pytestmark = pytest.mark.vm
 
@@ -35,6 +38,38 @@ def test_prepare_is_idempotent_and_keyed_by_image_and_profile(
     assert template.memory_state_bytes > 16 << 20
     keys = [t.key for t in stub.ListTemplates(vm_manager_pb2.ListTemplatesRequest()).templates]
     assert template.key in keys
+
+
+def test_template_prepare_takes_the_network_mode_of_the_pool_it_serves(
+    vmm: VMManagerProcess, template: vm_manager_pb2.Template
+) -> None:
+    """`agent-vm template prepare --network isolated` finds the isolated template (the
+    session's), not the NAT one the command builds by default."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "agentvm.cli.main", "template", "prepare", "--network", "isolated"],
+        env=vmm.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["template"]["key"] == template.key
+    assert got["template"]["network_mode"] == "NETWORK_MODE_ISOLATED"
+    assert not got.get("built")
+    bridge = subprocess.run(
+        [sys.executable, "-m", "agentvm.cli.main", "template", "prepare", "--network", "bridge"],
+        env=vmm.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    assert bridge.returncode == 2
+    assert "'bridge' is not one of 'nat-filtered', 'isolated'" in bridge.stderr
 
 
 def test_clones_are_restored_not_booted_and_each_is_its_own_vm(

@@ -56,7 +56,7 @@ def test_agent_vm_bench_prints_every_figure(
         base=vmm.base,
         prefix=vmm.prefix,
         name="pool-bench",
-        pools="standard:min=1,max=3,network=nat",
+        pools="standard:min=1,max=3,network=nat-filtered",
     )
     pm.start()
     ex = ExecutorProcess(base=vmm.base, prefix=vmm.prefix, name="executor-bench", pool=pm.address)

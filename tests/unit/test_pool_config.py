@@ -15,6 +15,7 @@ from agentvm.cli.main import cli
 from agentvm.common.config import Settings
 from agentvm.common.errors import InvalidArgument
 from agentvm.monitor.metrics import StateCollector
+from agentvm.pool_manager.journal import LeaseJournal
 from agentvm.pool_manager.manager import PoolManager, parse_pools
 from agentvm.pool_manager.pool import PoolConfig, PoolKey, VMPool
 from agentvm.v1 import common_pb2, pool_manager_pb2
@@ -203,3 +204,36 @@ def test_pool_set_refuses_what_it_cannot_send_before_calling_anything() -> None:
     assert "KEY is the pool as `agent-vm pool status` shows it" in result.output
     result = runner.invoke(cli, ["template", "prepare", "--help"])
     assert "--network [nat-filtered|isolated]" in result.output
+
+
+@aio
+async def test_a_lease_journaled_under_the_old_nat_spelling_survives_the_upgrade(
+    tmp_path: Path,
+) -> None:
+    """A pool-manager of an earlier release journaled "standard/nat_filtered": the lease
+    is kept (its holder can still release it), not taken for an idle VM and destroyed."""
+
+    class Listing(FakeBackend):
+        async def list_vms(self, labels: dict[str, str]) -> list[common_pb2.VM]:
+            return [common_pb2.VM(name="agent-vm-old1"), common_pb2.VM(name="agent-vm-old2")]
+
+    settings = dataclasses.replace(
+        Settings(), state_dir=tmp_path, pool_manager_addr=f"unix:{tmp_path}/p.sock"
+    )
+    be = Listing()
+    be.alive |= {"agent-vm-old1", "agent-vm-old2"}
+    manager = PoolManager(settings, cast(Any, be), {NAT: cfg(0, 2)})
+    old = LeaseJournal(manager.journal.path)
+    old.open()
+    old.lease("l1", "agent-vm-old1", "standard/nat_filtered", {"o": "x"}, 1.0)
+    old.close()
+    await manager.start()
+    try:
+        assert [lease.lease_id for lease in manager.leases({})] == ["l1"]
+        assert manager.pools[NAT].leased == 1
+        assert be.destroyed == ["agent-vm-old2"]  # idle, left by the previous pool-manager
+        pool, lease = manager.find_lease("l1")
+        await pool.release(lease.lease_id)
+    finally:
+        await asyncio.gather(*(p.close() for p in manager.pools.values()))
+        manager.journal.close()

@@ -174,7 +174,7 @@ class Bench:
                 return st
         raise FailedPrecondition(
             "pool-manager has no standard NAT pool: set "
-            "AGENTVM_POOLS=standard:min=2,max=10,network=nat "
+            "AGENTVM_POOLS=standard:min=2,max=10,network=nat-filtered "
             "and restart it (agent-vm down; agent-vm up)"
         )
 
