@@ -219,16 +219,23 @@ class Supervisor:
         }
         path = self.settings.run_dir / STATUS_NAME
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(status, indent=1))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(status, indent=1))
+            tmp.replace(path)
+        except OSError as exc:  # status goes stale; supervising goes on
+            log.error("cannot write %s: %s", path, exc)  # noqa: TRY400 (no traceback needed)
 
     # -- starting and stopping one service ------------------------------------
     def _start(self, child: Child) -> str | None:
         """Start ``child`` and wait until it serves: None, or why it does not."""
-        proc = spawn(self.settings, child.spec)
+        child.started, child.started_mono = time.time(), time.monotonic()
+        try:
+            proc = spawn(self.settings, child.spec)
+        except OSError as exc:  # e.g. its log cannot be opened
+            child.proc, child.pid = None, None
+            return f"could not be started: {exc}"
         child.proc, child.pid = proc, proc.pid
         child.state = "starting"
-        child.started, child.started_mono = time.time(), time.monotonic()
         self.write_status()
         why = wait_serving(
             self.settings, child.spec, proc, START_TIMEOUT, stopping=lambda: self.stopping
@@ -303,9 +310,12 @@ class Supervisor:
         self.phase = "running"
         self.write_status()
         while not self.stopping:
-            self.check_children()
-            self.handle_requests()
-            self.events.flush()
+            try:
+                self.check_children()
+                self.handle_requests()
+                self.events.flush()
+            except Exception:  # the supervisor must outlive its own bugs
+                log.exception("supervisor loop failed; going on")
             time.sleep(self.tick)
         self.shut_down()
         return 0
@@ -321,19 +331,20 @@ class Supervisor:
             elif child.state == "backoff" and time.monotonic() >= child.next_start:
                 self._restart(child, reason="")
 
-    def _exited(self, child: Child, rc: int | None) -> None:
+    def _exited(self, child: Child, rc: int | None, how: str = "") -> None:
         spec = child.spec
         ran = time.monotonic() - child.started_mono
         child.exits_in_a_row = child.exits_in_a_row + 1 if ran < self.policy.stable else 1
         delay = self.policy.delay(child.exits_in_a_row)
-        child.last_exit, child.last_exit_time = describe_exit(rc), time.time()
+        child.last_exit, child.last_exit_time = how or describe_exit(rc), time.time()
         child.proc, child.pid = None, None
         child.state, child.next_start = "backoff", time.monotonic() + delay
         with contextlib.suppress(FileNotFoundError):
             pidfile(self.settings, spec).unlink()
+        what = how or f"exited with {child.last_exit}"
         message = (
-            f"{spec.name} exited with {child.last_exit} after {ran:.1f} s; the supervisor "
-            f"restarts it in {delay:g} s (exit {child.exits_in_a_row} in a row)"
+            f"{spec.name} {what} after {ran:.1f} s; the supervisor restarts it in "
+            f"{delay:g} s (exit {child.exits_in_a_row} in a row)"
         )
         log.warning(message)
         note_in_log(self.settings, spec, "error", message)
@@ -361,8 +372,10 @@ class Supervisor:
             by="agent-vm up (supervisor)",
         )
         if why is not None and not self.stopping:
-            rc = child.proc.returncode if child.proc is not None else None
-            self._exited(child, rc)
+            if child.proc is None:  # it could not even be spawned
+                self._exited(child, None, how=why)
+            else:
+                self._exited(child, child.proc.returncode)
 
     def handle_requests(self) -> None:
         """Restarts asked for by `agent-vm restart` (one JSON file each)."""
