@@ -100,6 +100,39 @@ def test_ingest_writes_a_verifiable_log_counts_metrics_and_drops_duplicates(
     run_async(main())
 
 
+def test_boot_durations_are_observed_by_the_kind_vm_manager_reports(tmp_path: Path) -> None:
+    def count(kind: str) -> float:
+        return metric("agentvm_vm_boot_duration_seconds_count", kind=kind)
+
+    async def main() -> None:
+        mon = new_monitor(tmp_path)
+        await mon.start()
+        kinds = ("cold", "restore", "snapshot", "other")
+        before = {k: count(k) for k in kinds}
+        batch = [
+            event(1, "vm.ready", boot_s=7.0, kind="cold", restored=False),
+            event(2, "vm.ready", boot_s=0.9, kind="restore", restored=True),
+            event(3, "vm.ready", boot_s=1.2, kind="snapshot", restored=False),
+            # An older vm-manager says only whether the VM was restored.
+            event(4, "vm.ready", boot_s=1.1, restored=True),
+            # An adopted VM's boot was not timed: nothing to observe.
+            event(5, "vm.ready", kind="adopted", restored=False),
+            # A made-up kind does not become a series of its own.
+            event(6, "vm.ready", boot_s=2.0, kind="made-up"),
+        ]
+        assert await mon.ingest(batch, dropped=0, reporter="executor") == len(batch)
+        await mon.close()
+        assert {k: count(k) - before[k] for k in kinds} == {
+            "cold": 1,
+            "restore": 2,
+            "snapshot": 1,
+            "other": 1,
+        }
+        assert metric("agentvm_vm_boot_duration_seconds_count", kind="made-up") == 0
+
+    run_async(main())
+
+
 def test_a_batch_written_before_a_crash_is_not_logged_again_after_the_restart(
     tmp_path: Path,
 ) -> None:

@@ -21,7 +21,8 @@ EXECUTION_SECONDS = Histogram(
 )
 BOOT_SECONDS = Histogram(
     "agentvm_vm_boot_duration_seconds",
-    "VM creation to its agent answering, by kind (cold boot or restore from a template).",
+    "VM start to its agent answering, by kind: cold (boot), restore (from a memory "
+    "template), snapshot (reverted to a memory snapshot).",
     ["kind"],
     buckets=_BOOT,
 )

@@ -57,6 +57,9 @@ def _rfc3339(ts: timestamp_pb2.Timestamp) -> str:
 # cannot make monitor grow a series per made-up name.
 SERVICES = frozenset({"vm-manager", "pool-manager", "executor", "monitor"})
 OUTCOMES = frozenset({"ok", "nonzero_exit", "timeout", "killed", "error"})
+# How a VM came up (vm.ready's kind): booted, restored from a memory template,
+# reverted to a memory snapshot.
+BOOT_KINDS = frozenset({"cold", "restore", "snapshot"})
 CODES = frozenset(c.name for c in grpc.StatusCode)
 EVENT_TYPES = frozenset(
     {
@@ -271,7 +274,10 @@ class Monitor:
         elif kind == "vm.ready":
             boot = _num(attrs, "boot_s")
             if boot is not None and boot >= 0:
-                m.BOOT_SECONDS.labels("restore" if attrs.get("restored") else "cold").observe(boot)
+                # Events of vm-managers older than the kind attribute say only "restored".
+                fallback = "restore" if attrs.get("restored") else "cold"
+                kind_ = _bounded(str(attrs.get("kind", fallback)), BOOT_KINDS)
+                m.BOOT_SECONDS.labels(kind_).observe(boot)
         elif kind == "pool.acquired":
             wait = _num(attrs, "wait_s")
             if wait is not None and wait >= 0:
