@@ -245,7 +245,9 @@ class VMManager:
         active = await asyncio.to_thread(dom.isActive)
         if active:
             vm.state = VMState.BOOTING
-            vm.boot_started = time.monotonic()
+            # Booted before this process started: how long that took is unknown,
+            # so no boot duration is reported for it (rather than a made-up one).
+            vm.boot_kind = "adopted"
             await self._start_relay(vm, dom)
         else:
             vm.state = VMState.STOPPED
@@ -494,6 +496,7 @@ class VMManager:
             dom = await asyncio.to_thread(self.conn.lookup, name)
             vm.boot_started = time.monotonic()
             vm.boot_duration = None
+            vm.boot_kind = "cold"
             vm.guest = None
             vm.error = ""
             with libvirt_errors(f"starting VM {name}"):
@@ -606,7 +609,6 @@ class VMManager:
                 vm.boot_duration = time.monotonic() - vm.boot_started
             vm.transition(VMState.READY)
             self._emit_ready(vm)
-            self._emit_ready(vm)
             log.info(
                 "VM %s ready",
                 vm.name,
@@ -614,12 +616,18 @@ class VMManager:
             )
 
     def _emit_ready(self, vm: VM) -> None:
+        """vm.ready: the monitor observes boot_s in agentvm_vm_boot_duration_seconds
+        by kind; an adopted VM's boot was not timed, so it carries none."""
+        timed: dict[str, Any] = {}
+        if vm.boot_duration is not None:
+            timed["boot_s"] = round(vm.boot_duration, 6)
         self.events.emit(
             "vm.ready",
             vm=vm.name,
-            boot_s=round(vm.boot_duration or 0.0, 6),
-            restored=bool(vm.template_key),
+            kind=vm.boot_kind,
+            restored=vm.boot_kind == "restore",
             labels=dict(vm.labels),
+            **timed,
         )
 
     async def _configure_network(self, vm: VM, timeout: float) -> None:
@@ -987,11 +995,14 @@ class VMManager:
                 # next client starts a fresh session (SYNC handshake).
                 await vm.relay.close()
                 vm.relay = None
+            started = time.monotonic()
             await asyncio.to_thread(self.snapshots.revert, dom, name)
             if await asyncio.to_thread(dom.isActive):
                 vm.state = VMState.BOOTING
-                vm.boot_started = time.monotonic()
+                # Timed from the restore request to the agent answering (WaitVM).
+                vm.boot_started = started
                 vm.boot_duration = None
+                vm.boot_kind = "snapshot"
                 await self._start_relay(vm, dom)
             else:
                 vm.state = VMState.STOPPED
@@ -1048,6 +1059,7 @@ class VMManager:
         """Start ``vm`` paused with -incoming defer, load the template, resume, reidentify."""
         async with self._lock(vm.name):
             vm.boot_started = time.monotonic()
+            vm.boot_kind = "restore"
             incoming = await asyncio.to_thread(self._domain, vm, kernel, initrd, incoming=True)
             normal = await asyncio.to_thread(self._domain, vm, kernel, initrd)
             memory = self.templates.memory(info.key)
@@ -1084,6 +1096,7 @@ class VMManager:
                     await asyncio.sleep(POLL_S)
             vm.boot_duration = time.monotonic() - vm.boot_started
             vm.transition(VMState.READY)
+            self._emit_ready(vm)
         log.info(
             "VM %s restored from template",
             vm.name,

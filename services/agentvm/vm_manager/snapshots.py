@@ -22,6 +22,8 @@ from agentvm.vm_manager.domain_xml import DomainSnapshot
 from agentvm.vm_manager.libvirt_conn import libvirt_errors
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# The <qemu:commandline> of a template clone's live definition (domain_xml.Domain.qemu_args).
+_INCOMING = re.compile(r"\s*<qemu:commandline>.*?</qemu:commandline>", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,19 @@ class SnapshotManager:
             raise AlreadyExists(f"VM {dom.name()} already has a snapshot {name!r}")
         xml = DomainSnapshot(name, description, include_memory).to_xml()
         with libvirt_errors(f"snapshot {name} of {dom.name()}"):
-            dom.snapshotCreateXML(xml, 0)
+            snap = dom.snapshotCreateXML(xml, 0)
+            # A VM restored from a memory template was started with
+            # "-incoming defer", and the snapshot keeps that live definition:
+            # its revert would start QEMU with -incoming and -loadvm, which QEMU
+            # refuses. Keep the snapshot's domain without it.
+            saved = snap.getXMLDesc(0)
+            fixed = _INCOMING.sub("", saved)
+            if fixed != saved:
+                dom.snapshotCreateXML(
+                    fixed,
+                    libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
+                    | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT,
+                )
 
     def list_snapshots(self, dom: libvirt.virDomain, overlay: Path) -> list[SnapshotInfo]:
         sizes = _vm_state_sizes(overlay)

@@ -85,6 +85,10 @@ class VM:
     error: str = ""
     boot_started: float | None = None
     boot_duration: float | None = None
+    # How the running VM came up, the kind its vm.ready event reports: "cold"
+    # (booted), "restore" (from a memory template), "snapshot" (reverted to a
+    # memory snapshot), "adopted" (found running at start: boot time unknown).
+    boot_kind: str = "cold"
     guest: common_pb2.GuestInfo | None = None
     relay: HostRelay | None = None
     shared_workspace: bool = False
