@@ -47,6 +47,11 @@ def test_exits_in_words() -> None:
         ("recvmsg:Connection reset by peer", True),
         ("connections to all backends failing; last error: UNAVAILABLE", True),
         ("cannot connect to libvirt at qemu:///system (is libvirtd running?)", False),
+        (
+            "cannot connect to libvirt at qemu+unix:///system?socket=/x: Failed to connect "
+            "socket to '/x': No such file or directory. Start libvirtd",
+            False,
+        ),
         ("no VM is ready in the pool standard/isolated", False),
     ],
 )

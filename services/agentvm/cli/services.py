@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,10 +92,17 @@ CONNECTION_FAILED = (
 )
 
 
+# gRPC's words come first (after at most a "syscall:" prefix, as in "recvmsg:Connection
+# reset by peer"); a service's own UNAVAILABLE may quote them later (vm-manager's "cannot
+# connect to libvirt ...: Failed to connect socket ..."), and then the service is up.
+_CONNECTION_FAILED = re.compile(
+    r"^(?:\w+:\s*)?(?:" + "|".join(re.escape(w) for w in CONNECTION_FAILED) + ")", re.IGNORECASE
+)
+
+
 def connection_failed(details: str) -> bool:
     """Whether an UNAVAILABLE's details are gRPC's own words for a failed connection."""
-    lower = details.lower()
-    return any(words in lower for words in CONNECTION_FAILED)
+    return _CONNECTION_FAILED.match(details) is not None
 
 
 def unreachable(settings: Settings, details: str, contacted: Mapping[str, str]) -> str:
