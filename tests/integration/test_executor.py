@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 import agent_vm
+from agent_vm import _async
 from agentvm.common import tls
 from agentvm.common.auth import aio_token_interceptors
 from agentvm.v1 import common_pb2, executor_pb2, executor_pb2_grpc
@@ -299,6 +300,22 @@ def test_bridge_mode_sandbox_on_a_named_bridge(
 
     with pytest.raises(agent_vm.FailedPreconditionError, match="no bridge named avmb-nosuch"):
         agent_vm.Sandbox.create(network="bridge", bridge="avmb-nosuch")
+
+    async def raw_calls() -> None:
+        """The executor's own checks, for callers that are not this client."""
+        async with _async._channel(executor.address) as ch:
+            stub = executor_pb2_grpc.ExecutorServiceStub(ch)
+            for mode, bridge, words in (
+                (common_pb2.NETWORK_MODE_NAT_FILTERED, "br0", "not bridge"),
+                (common_pb2.NETWORK_MODE_BRIDGE, "", "needs the name of an existing host bridge"),
+            ):
+                spec = executor_pb2.SandboxSpec(network_mode=mode, bridge=bridge)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.CreateSandbox(executor_pb2.CreateSandboxRequest(spec=spec))
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert words in (err.value.details() or "")
+
+    asyncio.run(raw_calls())
     with (
         bridge_world() as lan,
         agent_vm.Sandbox.create(network="bridge", bridge=lan.bridge, lifetime=300) as sb,
