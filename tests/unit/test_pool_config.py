@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any, cast
 
@@ -237,3 +238,17 @@ async def test_a_lease_journaled_under_the_old_nat_spelling_survives_the_upgrade
     finally:
         await asyncio.gather(*(p.close() for p in manager.pools.values()))
         manager.journal.close()
+
+
+def test_up_on_running_services_with_other_pools_points_at_pool_set(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agentvm.cli.bringup_cmds import _pending_env_note
+
+    monkeypatch.setenv("AGENTVM_POOLS", "standard:min=3")
+    _pending_env_note({"env": {"AGENTVM_POOLS": "standard:min=1"}})
+    err = capsys.readouterr().err
+    assert "AGENTVM_POOLS" in err
+    assert "`agent-vm pool set KEY min=N max=N ttl=SECONDS`" in err
+    _pending_env_note({"env": {k: v for k, v in os.environ.items() if k.startswith("AGENTVM_")}})
+    assert capsys.readouterr().err == ""
