@@ -370,8 +370,14 @@ class AgentExecutor(Executions):
             "sandbox.created",
             vm=vm.name,
             sandbox=sandbox_id,
-            network_mode=common_pb2.NetworkMode.Name(vm.network_mode),
-            workspace_mode=common_pb2.WorkspaceMode.Name(mode),
+            # As the CLI spells them: "nat-filtered", "api".
+            network_mode=common_pb2.NetworkMode.Name(vm.network_mode)
+            .removeprefix("NETWORK_MODE_")
+            .lower()
+            .replace("_", "-"),
+            workspace_mode=common_pb2.WorkspaceMode.Name(mode)
+            .removeprefix("WORKSPACE_MODE_")
+            .lower(),
             pooled=bool(lease_id),
             boot_s=round(sb.boot_duration, 6),
             labels=dict(spec.labels),

@@ -337,8 +337,9 @@ class VMManager:
         self.events.emit(
             "vm.created",
             vm=name,
-            profile=profile.name,
-            network_mode=network_mode.name,
+            # As the CLI and pool keys spell them: "standard", "nat-filtered".
+            profile=profile.name.lower(),
+            network_mode=network_mode.name.lower().replace("_", "-"),
             from_template=template is not None,
             labels=dict(labels),
         )
