@@ -32,7 +32,7 @@ from agent_vm._async import (
 )
 from agent_vm._calls import count, seconds, str_map, text
 from agent_vm._calls import data as bytes_of
-from agent_vm.errors import AgentVMError, ArgumentTypeError, from_rpc
+from agent_vm.errors import AgentVMError, ArgumentTypeError, DataLossError, from_rpc
 from agentvm.v1 import executor_pb2, executor_pb2_grpc
 from agentvm_guest.paths import AtomicWriter, PathError
 
@@ -103,7 +103,7 @@ class _Saver:
             return
         if self.writer is not None and self.writer.path != chunk.path:
             self.abort()
-            raise AgentVMError(f"output {chunk.path!r} began before the last ended", "DATA_LOSS")
+            raise DataLossError(f"output {chunk.path!r} began before the last ended")
         if self.writer is None:
             try:
                 self.writer = AtomicWriter(str(self.dest), chunk.path)
@@ -112,7 +112,7 @@ class _Saver:
                 return
         if chunk.offset != self.writer.size:
             self.abort()
-            raise AgentVMError(f"output {chunk.path!r} arrived out of order", "DATA_LOSS")
+            raise DataLossError(f"output {chunk.path!r} arrived out of order")
         try:
             if chunk.data:
                 self.writer.write(chunk.data)
@@ -134,7 +134,7 @@ class _Saver:
         for f in files:
             got = self.sha256.get(f.path)
             if got is not None and got != f.sha256:
-                raise AgentVMError(f"output {f.path!r}: checksum mismatch in transfer", "DATA_LOSS")
+                raise DataLossError(f"output {f.path!r}: checksum mismatch in transfer")
 
 
 async def arun(

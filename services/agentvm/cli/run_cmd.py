@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from agentvm.cli import services
 from agentvm.cli.base import (
     check_timeout,
     fail,
@@ -202,8 +203,17 @@ def run_cmd(
             on_stderr=live(sys.stderr),
             address=settings().executor_addr,
         )
+    except agent_vm.UnavailableError as exc:
+        if "agent-vm up" not in exc.message:
+            fail(f"{exc.code}: {exc.message}")  # a service that is up says what is wrong
+        # The client found a service down: name which, in the CLI's words.
+        fail(f"UNAVAILABLE: {services.unreachable(settings(), 'connection failed', {})}")
     except agent_vm.AgentVMError as exc:
         fail(f"{exc.code}: {exc.message}")
+    except OSError as exc:
+        # Local files: an --output path that cannot be a directory, an unreadable input.
+        where = f" {exc.filename}" if exc.filename else ""
+        fail(f"{where.strip() or 'a local file'}: {exc.strerror or exc} (check --input/--output)")
     for skipped in result.skipped_output_files:
         click.echo(f"agent-vm: output {skipped.path!r} not read: {skipped.detail}", err=True)
     if result.output_files_error:
