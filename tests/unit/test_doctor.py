@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from agentvm.cli import doctor, main
+from agentvm.cli import doctor, main, services
 from agentvm.cli.doctor import Check, cgroup_controllers, qemu_confinement
 from agentvm.common import tls
 from agentvm.common.config import Settings
@@ -177,14 +178,29 @@ def test_json_has_a_level_per_check(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_supervisor_check_warns_when_nothing_restarts_the_services(tmp_path: Path) -> None:
     settings = Settings(run_dir=tmp_path)
-    no_systemd = tmp_path / "no-systemd"
+
+    def no_systemd() -> bool:
+        return False
+
     none = doctor.supervisor_check(settings, 3, systemd=no_systemd)
     assert none.level == "warn"
     assert "3 service(s) run unsupervised" in none.detail
     assert none.fix.startswith("agent-vm up")
     (tmp_path / "supervisor.pid").write_text(f"{os.getpid()}\n")
-    running = doctor.supervisor_check(settings, 4, systemd=no_systemd)
+    # A pid file alone (a supervisor killed with SIGKILL leaves one) is not a supervisor.
+    assert not doctor.supervisor_check(settings, 4, systemd=no_systemd).ok
+    with open(tmp_path / "supervisor.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # what a running supervisor holds
+        running = doctor.supervisor_check(settings, 4, systemd=no_systemd)
     assert running.ok
     assert f"pid {os.getpid()}" in running.detail
     (tmp_path / "supervisor.pid").unlink()
-    assert doctor.supervisor_check(settings, 4, systemd=tmp_path).ok  # systemd's job
+    assert doctor.supervisor_check(settings, 4, systemd=lambda: True).ok  # systemd's job
+
+
+def test_a_host_booted_with_systemd_is_not_one_whose_services_systemd_runs(
+    tmp_path: Path,
+) -> None:
+    # This machine's systemctl (if any) has no agent-vm units active.
+    assert not services.systemd_runs_services(tmp_path)
+    assert not services.systemd_runs_services(tmp_path / "absent")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import signal
 from pathlib import Path
 
 import pytest
 
-from agentvm.cli import services
+from agentvm.cli import services, supervisor
 from agentvm.cli.supervisor import RestartPolicy
 from agentvm.common.config import Settings
 
@@ -90,3 +93,21 @@ def test_otherwise_the_services_the_command_talked_to_that_are_down(
     again = services.unreachable(s, "Socket closed", {"monitor": s.monitor_addr})
     assert again.startswith("the connection to monitor broke (Socket closed)")
     assert "run the command again" in again
+
+
+def test_the_status_file_keeps_digests_of_settings_not_the_token() -> None:
+    env = {"AGENTVM_TOKEN": "s3cret-token", "AGENTVM_POOLS": "x", "HOME": "/root"}
+    digests = supervisor.env_digests(env)
+    assert set(digests) == {"AGENTVM_TOKEN", "AGENTVM_POOLS"}
+    assert "s3cret-token" not in json.dumps(digests)
+    assert digests == supervisor.env_digests(dict(env))
+    assert digests != supervisor.env_digests({**env, "AGENTVM_POOLS": "y"})
+
+
+def test_a_pid_file_without_the_lock_is_no_supervisor(tmp_path: Path) -> None:
+    s = Settings(run_dir=tmp_path)
+    (s.run_dir / supervisor.PID_NAME).write_text(f"{os.getpid()}\n")  # alive, but not it
+    assert supervisor.running_pid(s) is None
+    with open(s.run_dir / supervisor.LOCK_NAME, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert supervisor.running_pid(s) == os.getpid()

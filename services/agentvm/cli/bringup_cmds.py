@@ -26,7 +26,6 @@ from agentvm.common.config import Settings
 # sup.START_TIMEOUT).
 UP_TIMEOUT = 4 * sup.START_TIMEOUT + 30
 DOWN_TIMEOUT = 4 * sup.STOP_TIMEOUT + 30
-SYSTEMD = "/run/systemd/system"
 
 
 def _tls(s: Settings) -> None:
@@ -74,7 +73,7 @@ def _wait_for_bring_up(s: Settings, proc: Any) -> dict[str, Any]:  # noqa: RET50
 def _pending_env_note(status: dict[str, Any]) -> None:
     """Say so when this `up` names settings the running services were not started with."""
     running = status.get("env") or {}
-    mine = {k: v for k, v in os.environ.items() if k.startswith("AGENTVM_")}
+    mine = sup.env_digests(os.environ)
     differ = sorted(k for k in set(running) | set(mine) if running.get(k) != mine.get(k))
     if differ:
         click.echo(
@@ -226,7 +225,7 @@ def status(as_json: bool) -> None:
         if supervisor is None:
             where = (
                 "systemd runs this host's services (deploy/systemd)"
-                if os.path.isdir(SYSTEMD)
+                if services.systemd_runs_services()
                 else "a service that exits stays down; `agent-vm up` starts one"
             )
             click.echo(f"supervisor: not running ({where})")
@@ -275,7 +274,7 @@ def restart(service_name: str | None, timeout: float) -> None:
     """
     s = settings()
     if sup.running_pid(s) is None:
-        if os.path.isdir(SYSTEMD):
+        if services.systemd_runs_services():
             unit = f"agent-vm-{service_name}" if service_name else "'agent-vm-*'"
             how = f"`systemctl restart {unit}`"
             fail(f"no supervisor of `agent-vm up` runs here: under systemd, {how}")

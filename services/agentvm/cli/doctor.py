@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentvm.cli.services import health, service_specs
+from agentvm.cli.services import health, service_specs, systemd_runs_services
 from agentvm.cli.supervisor import running_pid
 from agentvm.common import tls
 from agentvm.common.config import Settings
@@ -342,7 +342,7 @@ def _read(path: Path) -> str:
 
 
 def supervisor_check(
-    settings: Settings, serving: int, systemd: Path = Path("/run/systemd/system")
+    settings: Settings, serving: int, systemd: Callable[[], bool] = systemd_runs_services
 ) -> Check:
     """Whether something restarts a service that exits (`up`'s supervisor, or systemd)."""
     pid = running_pid(settings)
@@ -353,7 +353,7 @@ def supervisor_check(
             f"pid {pid} restarts a service that exits (`agent-vm status` shows restarts)",
             required=False,
         )
-    if systemd.is_dir():
+    if systemd():
         return Check("supervisor", True, "systemd (deploy/systemd units)", required=False)
     return Check(
         "supervisor",

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -264,3 +265,25 @@ def stop(settings: Settings, spec: ServiceSpec, timeout: float = 60.0) -> str:
     with contextlib.suppress(FileNotFoundError):
         pidfile(settings, spec).unlink()
     return result
+
+
+SYSTEMD_DIR = Path("/run/systemd/system")
+
+
+def systemd_runs_services(systemd: Path = SYSTEMD_DIR) -> bool:
+    """Whether systemd runs this host's agent-vm services (deploy/systemd units active).
+
+    A host booted with systemd is not enough: most are, and run agent-vm with `up`.
+    """
+    if not systemd.is_dir() or shutil.which("systemctl") is None:
+        return False
+    try:
+        done = subprocess.run(
+            ["systemctl", "is-active", "--quiet", "agent-vm-vm-manager.service"],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -214,13 +216,16 @@ class Supervisor:
             "phase": self.phase,
             "error": self.error,
             "log": str(self.settings.log_dir / "supervisor.log"),
-            "env": {k: v for k, v in os.environ.items() if k.startswith("AGENTVM_")},
+            # Digests, not values: AGENTVM_TOKEN is a secret (`up` only compares them).
+            "env": env_digests(os.environ),
             "services": {c.spec.name: c.view(self.settings) for c in self.children},
         }
         path = self.settings.run_dir / STATUS_NAME
         tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(status, indent=1))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(status, indent=1))
             tmp.replace(path)
         except OSError as exc:  # status goes stale; supervising goes on
             log.error("cannot write %s: %s", path, exc)  # noqa: TRY400 (no traceback needed)
@@ -431,7 +436,12 @@ def main() -> None:
         log.info("another supervisor runs this installation: exiting")
         sys.exit(0)
     (settings.run_dir / PID_NAME).write_text(f"{os.getpid()}\n")
-    (settings.run_dir / REQUESTS_NAME).mkdir(exist_ok=True, mode=0o700)
+    requests = settings.run_dir / REQUESTS_NAME
+    requests.mkdir(exist_ok=True, mode=0o700)
+    # Restart requests left by an earlier supervisor are not this one's to act on.
+    for stale in requests.iterdir():
+        with contextlib.suppress(OSError):
+            stale.unlink()
     supervisor = Supervisor(settings, RestartPolicy(), service_specs(settings))
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -449,13 +459,33 @@ def main() -> None:
     sys.exit(code)
 
 
+def env_digests(env: Mapping[str, str]) -> dict[str, str]:
+    """Each AGENTVM_* setting as a digest of its value: comparable, not readable."""
+    return {
+        k: hashlib.sha256(v.encode()).hexdigest()[:16]
+        for k, v in env.items()
+        if k.startswith("AGENTVM_")
+    }
+
+
 def running_pid(settings: Settings) -> int | None:
-    """The pid of this installation's supervisor, None when none runs."""
+    """The pid of this installation's supervisor, None when none runs.
+
+    The pid file alone is not trusted (a supervisor killed with SIGKILL leaves
+    it, and its pid may be reused): a running supervisor holds the lock.
+    """
     try:
         pid = int((settings.run_dir / PID_NAME).read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if alive(pid) else None
+    try:
+        with open(settings.run_dir / LOCK_NAME, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return pid if alive(pid) else None
+    except OSError:
+        return pid if alive(pid) else None  # cannot tell (e.g. not root): the pid file
+    return None  # nobody holds the lock: no supervisor runs, whatever the pid file says
 
 
 def read_status(settings: Settings) -> dict[str, Any] | None:
