@@ -39,7 +39,11 @@ def _kind(mode: int) -> str:
 
 def _walk(root: Path) -> Iterable[tuple[str, Path]]:
     """(path relative to root, file) of the regular files under ``root``; the rest named."""
-    for dirpath, dirnames, filenames in os.walk(root):  # never follows symlinks
+
+    def unreadable(exc: OSError) -> None:
+        fail(f"--input {root}: cannot read {exc.filename}: {exc.strerror or exc}")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):  # no symlinks
         dirnames.sort()
         here = Path(dirpath)
         for name in sorted(filenames + [d for d in dirnames if (here / d).is_symlink()]):
@@ -60,19 +64,39 @@ class Inputs:
 
     def __init__(self) -> None:
         self.files: dict[str, Path] = {}
+        # Every directory the files above need: name -> a file under it (for the message).
+        self.dirs: dict[str, str] = {}
 
     def add(self, name: str, local: Path) -> None:
-        for other, there in self.files.items():
-            if other == name and there.resolve() == local.resolve():
+        clash = None
+        if name in self.files:
+            if self.files[name].resolve() == local.resolve():
                 return  # the same file named twice: nothing is lost
-            if other == name or other.startswith(name + "/") or name.startswith(other + "/"):
-                where = min(other, name, key=len)
-                fail(
-                    f"--input {there} and {local} would both be /workspace/input/{where}: "
-                    "rename one, or give their directories as --input (a directory lands "
-                    "as input/DIRNAME/)"
-                )
+            clash = name
+        elif name in self.dirs:
+            clash = self.dirs[name]  # a file where another input needs a directory
+        else:
+            parts = name.split("/")
+            clash = next(
+                (
+                    "/".join(parts[:i])
+                    for i in range(1, len(parts))
+                    if "/".join(parts[:i]) in self.files
+                ),
+                None,
+            )
+        if clash is not None:
+            there = self.files[clash]
+            where = min(clash, name, key=len)
+            fail(
+                f"--input {there} and {local} would both be /workspace/input/{where}: "
+                "rename one, or give their directories as --input (a directory lands "
+                "as input/DIRNAME/)"
+            )
         self.files[name] = local
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            self.dirs.setdefault("/".join(parts[:i]), name)
 
     def add_paths(self, paths: Iterable[str]) -> None:
         for raw in paths:

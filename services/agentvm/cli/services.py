@@ -214,7 +214,13 @@ def spawn(settings: Settings, spec: ServiceSpec) -> subprocess.Popen[bytes]:
             start_new_session=True,
             close_fds=True,
         )
-    pidfile(settings, spec).write_text(f"{proc.pid}\n")
+    try:
+        pidfile(settings, spec).write_text(f"{proc.pid}\n")
+    except OSError:
+        # Untracked, it would run on beside the next attempt: take it down again.
+        proc.kill()
+        proc.wait()
+        raise
     return proc
 
 
