@@ -377,10 +377,9 @@ class Supervisor:
             by="agent-vm up (supervisor)",
         )
         if why is not None and not self.stopping:
-            if child.proc is None:  # it could not even be spawned
-                self._exited(child, None, how=why)
-            else:
-                self._exited(child, child.proc.returncode)
+            # Why it does not serve (it could not be spawned, it exited before serving,
+            # or it did not serve in time and was stopped here: not "SIGTERM").
+            self._exited(child, child.proc.returncode if child.proc else None, how=why)
 
     def handle_requests(self) -> None:
         """Restarts asked for by `agent-vm restart` (one JSON file each)."""
