@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from agentvm.vm_manager import oci
+from agentvm.vm_manager import oci, oci_scan
 
 Entry = tuple[str, str, bytes | str]  # (name, kind, content or link target)
 
@@ -177,9 +177,9 @@ UPPER = make_layer(
 )
 
 
-def scan(ref: str, **kw: Any) -> tuple[oci.Image, list[oci.LayerScan]]:
+def scan(ref: str, **kw: Any) -> tuple[oci.Image, list[oci_scan.LayerScan]]:
     with oci.open_image(ref) as image:
-        return image, oci.scan_all(image, **kw)
+        return image, oci_scan.scan_all(image, **kw)
 
 
 @pytest.mark.parametrize("compress", [False, True])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agentvm.vm_manager import oci
+from agentvm.vm_manager import oci, oci_scan
 from agentvm_guest.layers import apply_layer
 
 BUSYBOX = Path("/bin/busybox")
@@ -82,7 +82,7 @@ def test_real_archives_are_read_verified_and_applied(
         assert image.config.entrypoint == ("/bin/sh",)
         assert image.config.cmd == ("-c", "echo $GREETING")
         assert image.config.labels["org.example.team"] == "agents"
-        scans = oci.scan_all(image)
+        scans = oci_scan.scan_all(image)
         assert len(scans) == 2
         assert scans[1].whiteouts == 1  # etc/secret
         root = tmp_path / "root"
@@ -116,7 +116,7 @@ def test_a_real_archive_with_one_flipped_byte_is_refused(
     bad = tmp_path / "bad.tar"
     bad.write_bytes(bytes(data))
     with oci.open_image(f"oci-archive:{bad}") as image, pytest.raises(oci.ImageArchiveError) as err:
-        oci.scan_all(image)
+        oci_scan.scan_all(image)
     assert "layer 1 of 2" in str(err.value)
 
 
