@@ -250,5 +250,7 @@ def test_up_on_running_services_with_other_pools_points_at_pool_set(
     err = capsys.readouterr().err
     assert "AGENTVM_POOLS" in err
     assert "`agent-vm pool set KEY min=N max=N ttl=SECONDS`" in err
-    _pending_env_note({"env": {k: v for k, v in os.environ.items() if k.startswith("AGENTVM_")}})
+    from agentvm.cli.supervisor import env_digests
+
+    _pending_env_note({"env": env_digests(os.environ)})  # what the supervisor records
     assert capsys.readouterr().err == ""
