@@ -98,10 +98,19 @@ class VM:
     network: common_pb2.NetworkAttachment | None = None
     # File name of the agent relay's socket in run_dir (random for pool VMs: access.py).
     agent_socket_name: str = "agent.sock"
+    # Id of the named image the workload runs in (docs/IMAGES.md): attached
+    # as a second disk (image_disk), an overlay on the image's root.qcow2.
+    # Empty for the built-in image.
+    workload_image_id: str = ""
 
     @property
     def overlay(self) -> Path:
         return self.vm_dir / "overlay.qcow2"
+
+    @property
+    def image_disk(self) -> Path:
+        """The named image's per-VM overlay (when ``workload_image_id``)."""
+        return self.vm_dir / "image.qcow2"
 
     @property
     def console_log(self) -> Path:
@@ -160,6 +169,7 @@ class VM:
             image_id=self.image_id,
             workspace_path=str(self.workspace) if self.shared_workspace else "",
             from_template=bool(self.template_key),
+            workload_image_id=self.workload_image_id,
         )
         msg.created_at.FromNanoseconds(int(self.created_at * 1e9))
         if self.boot_duration is not None:
