@@ -82,6 +82,11 @@ class VMManagerProcess:
         return self.base / "vm-manager.log"
 
     @property
+    def images_dir(self) -> Path:
+        """Named images of the tests (never the installation's)."""
+        return self.base / "images"
+
+    @property
     def address(self) -> str:
         return f"unix:{self.run_dir}/vm-manager.sock"
 
@@ -126,6 +131,7 @@ class VMManagerProcess:
             AGENTVM_AUDIT_DIR=str(self.base / "audit"),
             AGENTVM_TOKEN_FILE=str(self.token_file),
             AGENTVM_TLS_DIR=str(self.tls_dir),
+            AGENTVM_IMAGES_DIR=str(self.images_dir),
         )
         var = self.service_name.upper().replace("-", "_")
         env[f"AGENTVM_{var}_METRICS_ADDR"] = f"127.0.0.1:{self.metrics_port}"
@@ -353,8 +359,10 @@ class VMFactory:
         policy: common_pb2.NetworkPolicy | None = None,
         from_template: bool = False,
         bridge: str = "",
+        image: str = "",
     ) -> common_pb2.VM:
         req = vm_manager_pb2.CreateVMRequest(
+            image=image,
             profile=profile,
             network_mode=network,
             bridge=bridge,
@@ -454,6 +462,9 @@ def leftovers(vmm: VMManagerProcess) -> list[str]:
         if d.exists():
             left += [f"path {p}" for p in d.iterdir()]
     left += [f"mount {p}" for p in workspace.mounts_under(vmm.state_dir)]
+    staging = vmm.images_dir / ".staging"
+    if staging.exists():
+        left += [f"image staging {p}" for p in staging.iterdir()]
     return left
 
 

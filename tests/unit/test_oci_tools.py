@@ -11,7 +11,6 @@ runs (chroot).
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -20,55 +19,13 @@ import pytest
 
 from agentvm.vm_manager import oci, oci_scan
 from agentvm_guest.layers import apply_layer
-
-BUSYBOX = Path("/bin/busybox")
-
-
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=120)
+from tests.ociimages import BUSYBOX, busybox_image
 
 
 @pytest.fixture(scope="module")
 def refs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The same image as an OCI layout, an oci-archive and a docker-archive."""
-    d = tmp_path_factory.mktemp("oci-tools")
-    layout, bundle = d / "layout", d / "bundle"
-    sh("umoci", "init", "--layout", str(layout))
-    sh("umoci", "new", "--image", f"{layout}:t")
-    sh("umoci", "unpack", "--image", f"{layout}:t", str(bundle))
-    rootfs = bundle / "rootfs"
-    (rootfs / "bin").mkdir()
-    shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
-    (rootfs / "bin" / "sh").symlink_to("busybox")
-    (rootfs / "etc").mkdir()
-    (rootfs / "etc" / "passwd").write_text(
-        "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n"
-    )
-    (rootfs / "etc" / "secret").write_text("deleted by the upper layer")
-    sh("umoci", "repack", "--image", f"{layout}:t", str(bundle))
-    # A second layer on top: unpack what is there, change it, repack.
-    upper = d / "upper"
-    sh("umoci", "unpack", "--image", f"{layout}:t", str(upper))
-    (upper / "rootfs" / "etc" / "secret").unlink()
-    (upper / "rootfs" / "home" / "app").mkdir(parents=True)
-    (upper / "rootfs" / "home" / "app" / "notes").write_text("upper layer\n")
-    sh("umoci", "repack", "--image", f"{layout}:t", str(upper))
-    sh(
-        "umoci", "config", "--image", f"{layout}:t",
-        "--config.env", "GREETING=hello world",
-        "--config.workingdir", "/home/app",
-        "--config.user", "app",
-        "--config.entrypoint", "/bin/sh",
-        "--config.cmd", "-c", "--config.cmd", "echo $GREETING",
-        "--config.label", "org.example.team=agents",
-    )  # fmt: skip
-    sh("skopeo", "copy", f"oci:{layout}:t", f"oci-archive:{d}/image.oci.tar")
-    sh("skopeo", "copy", f"oci:{layout}:t", f"docker-archive:{d}/image.docker.tar:example:t")
-    return {
-        "oci": f"oci:{layout}:t",
-        "oci-archive": f"oci-archive:{d}/image.oci.tar",
-        "docker-archive": f"docker-archive:{d}/image.docker.tar",
-    }
+    return busybox_image(tmp_path_factory.mktemp("oci-tools"))
 
 
 @pytest.mark.parametrize("kind", ["oci", "oci-archive", "docker-archive"])
@@ -101,7 +58,7 @@ def test_real_archives_are_read_verified_and_applied(
         timeout=30,
         check=True,
     ).stdout.split()
-    assert out == ["42", "passwd"]
+    assert out == ["42", "group", "passwd"]
 
 
 def test_a_real_archive_with_one_flipped_byte_is_refused(

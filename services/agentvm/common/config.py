@@ -39,6 +39,17 @@ class Settings:
     cache_dir: Path = field(
         default_factory=lambda: Path(_env("AGENTVM_CACHE_DIR", "/var/cache/agent-vm"))
     )
+    # AGENTVM_IMAGES_DIR: named images (docs/IMAGES.md); default CACHE_DIR/named-images.
+    images_dir: Path = field(
+        default_factory=lambda: Path(
+            _env("AGENTVM_IMAGES_DIR", "")
+            or Path(_env("AGENTVM_CACHE_DIR", "/var/cache/agent-vm")) / "named-images"
+        )
+    )
+    # AGENTVM_MAX_IMAGE_DISK_MIB: largest root disk of a named image (import or build).
+    max_image_disk_mib: int = field(
+        default_factory=lambda: int(_env("AGENTVM_MAX_IMAGE_DISK_MIB", "65536"))
+    )
     # AGENTVM_LOG_DIR: service logs when started by `agent-vm up`.
     log_dir: Path = field(
         default_factory=lambda: Path(_env("AGENTVM_LOG_DIR", "/var/log/agent-vm"))

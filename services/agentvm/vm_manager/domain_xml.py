@@ -94,6 +94,8 @@ class Disk:
     driver_type: str = "qcow2"
     cache: str = "none"
     discard: str = "unmap"
+    # virtio-blk serial the guest finds the disk by (/sys/block/vdX/serial).
+    serial: str | None = None
 
     def to_element(self) -> ET.Element:
         el = ET.Element("disk", type="file", device="disk")
@@ -102,6 +104,8 @@ class Disk:
         )
         _sub(el, "source", file=self.source)
         _sub(el, "target", dev=self.target, bus="virtio")
+        if self.serial is not None:
+            _sub(el, "serial", self.serial)
         return el
 
 

@@ -159,6 +159,7 @@ class VMTemplate:
         boot_name: str | None = None,
         qemu_args: tuple[str, ...] = (),
         nic: dx.NetworkInterface | None = None,
+        image_disk: dx.Disk | None = None,
     ) -> dx.Domain:
         """The domain XML. ``boot_name`` (default ``name``) goes on the kernel
         command line; clones of a memory template keep the template's, so the
@@ -176,6 +177,7 @@ class VMTemplate:
         )
         devices: list[dx.Element] = [
             dx.Disk(source=overlay),
+            *([image_disk] if image_disk is not None else []),
             dx.SerialConsole(log_file=console_log),
             dx.Controller("usb", "none"),
             dx.VirtioSerialChannel(name=PORT_NAME),
