@@ -26,7 +26,7 @@ from typing import IO
 import grpc
 
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
-from agentvm_guest import __version__, paths
+from agentvm_guest import __version__, imageroot, paths
 from agentvm_guest.hostconf import configure_dhcp, configure_network, reidentify
 from agentvm_guest.proctree import ProcessTree, meminfo, read_first_line
 from agentvm_guest.wire import RejectMalformed
@@ -112,8 +112,11 @@ class _Running:
 class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
     """Implements GuestAgentService."""
 
-    def __init__(self, workspace: str = WORKSPACE) -> None:
+    def __init__(
+        self, workspace: str = WORKSPACE, image: imageroot.ImageRoot | None = None
+    ) -> None:
         self.workspace = workspace
+        self.image = image or imageroot.ImageRoot()
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
 
@@ -137,10 +140,15 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
             )
         timeout = timeout or DEFAULT_TIMEOUT_S
         cap = request.max_output_bytes or DEFAULT_MAX_OUTPUT
-        cwd = request.cwd or "/root"
-        if not os.path.isdir(cwd):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cwd {cwd!r} is not a directory")
         env = dict(DEFAULT_ENV)
+        try:
+            # A named image: its defaults in env, and the program pivoted into its root.
+            pivot = self.image.plan(request.cwd, env, self.workspace)
+        except imageroot.RootError as exc:
+            context.abort(exc.code, str(exc))
+        cwd = None if pivot is not None else request.cwd or "/root"  # else: in the image, pivot.py
+        if cwd is not None and not os.path.isdir(cwd):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cwd {cwd!r} is not a directory")
         traceparent = _traceparent(context)
         if traceparent:
             # The caller's trace continues in instrumented agent code.
@@ -165,7 +173,7 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
             try:
                 proc = subprocess.Popen(
                     argv,
-                    preexec_fn=tree.confiner(),  # noqa: PLW1509 (system calls only, see confine.py)
+                    preexec_fn=tree.confiner(pivot),  # noqa: PLW1509 (system calls only, see confine.py)
                     cwd=cwd,
                     env=env,
                     stdin=subprocess.PIPE,
@@ -488,6 +496,29 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"network setup failed: {exc}")
         log.info("eth0 configured: %s", address)
         return guest_agent_pb2.ConfigureNetworkResponse(address=address)
+
+    def ConfigureRoot(
+        self, request: guest_agent_pb2.ConfigureRootRequest, context: grpc.ServicerContext
+    ) -> guest_agent_pb2.ConfigureRootResponse:
+        try:
+            mount_point = self.image.configure(request)
+        except imageroot.RootError as exc:
+            context.abort(exc.code, str(exc))
+        log.info("image root (disk %s) at %s", request.serial, mount_point)
+        return guest_agent_pb2.ConfigureRootResponse(mount_point=mount_point)
+
+    def ApplyLayer(
+        self,
+        request_iterator: Iterator[guest_agent_pb2.ApplyLayerRequest],
+        context: grpc.ServicerContext,
+    ) -> guest_agent_pb2.ApplyLayerResponse:
+        try:
+            result = self.image.apply_layer(request_iterator)
+        except imageroot.RootError as exc:
+            context.abort(exc.code, str(exc))
+        return guest_agent_pb2.ApplyLayerResponse(
+            entries=result.entries, whiteouts=result.whiteouts
+        )
 
 
 def _feed_stdin(running: _Running, pipe: IO[bytes], data: bytes, keep_open: bool) -> None:

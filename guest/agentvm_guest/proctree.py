@@ -13,9 +13,13 @@ import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from agentvm.v1 import common_pb2
 from agentvm_guest import confine
+
+if TYPE_CHECKING:
+    from agentvm_guest.pivot import Pivot
 
 log = logging.getLogger("agentvm_guest.agent")
 
@@ -88,12 +92,13 @@ class ProcessTree:
             return False
         return True
 
-    def confiner(self) -> confine.Confiner:
+    def confiner(self, pivot: Pivot | None = None) -> confine.Confiner:
         """The preexec_fn that moves the main process into the cgroup and confines it.
 
         It joins before exec, so no fork of the program escapes the cgroup.
+        With ``pivot`` the program runs in an image's root (:mod:`.imageroot`).
         """
-        return confine.Confiner(self.cgroup)
+        return confine.Confiner(self.cgroup, pivot=pivot)
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the main process group."""
