@@ -26,11 +26,11 @@ from agentvm.common.errors import (
 )
 from agentvm.common.events import EventSink
 from agentvm.common.guest_figures import Bounds, clamp_exit_status
-from agentvm.executor.files import GUEST_WORKSPACE
 from agentvm.executor.sandbox import (
     DEFAULT_TIMEOUT_S,
     MAX_TIMEOUT_S,
     SandboxState,
+    default_cwd,
     describe_program,
     outcome_of,
     output_cap,
@@ -75,7 +75,7 @@ class Executions:
             raise InvalidArgument(f"exec_id {exec_id!r} is already running in this sandbox")
         greq = guest_agent_pb2.ExecuteRequest(
             program=req.program,
-            cwd=req.cwd or f"{GUEST_WORKSPACE}/work",
+            cwd=req.cwd or default_cwd(sb.spec),
             env=req.env,
             stdin=req.stdin,
             exec_id=exec_id,

@@ -58,6 +58,7 @@ from agentvm.executor.sandbox import (
     SandboxExpired,
     SandboxState,
     describe_program,
+    image_ref,
     orphaned_leases,
     orphaned_vms,
     outcome_of,
@@ -262,7 +263,10 @@ class AgentExecutor(Executions):
         ):
             return None
         profile = spec.profile or common_pb2.RESOURCE_PROFILE_STANDARD
-        return pool_manager_pb2.PoolKey(profile=profile, network_mode=network)
+        # A key with an image no pool holds is NOT_FOUND there: _create_vm makes the VM.
+        return pool_manager_pb2.PoolKey(
+            profile=profile, network_mode=network, image=image_ref(spec.image)
+        )
 
     async def _from_pool(
         self, key: pool_manager_pb2.PoolKey, labels: dict[str, str]
@@ -315,6 +319,7 @@ class AgentExecutor(Executions):
                 "network mode bridge needs the name of an existing host bridge "
                 "(bridge='br0' in the Python client, --bridge with agent-vm run)"
             )
+        image_ref(spec.image)  # INVALID_ARGUMENT before any VM is asked for
         mode = spec.workspace_mode
         if mode not in common_pb2.WorkspaceMode.values():
             raise InvalidArgument(f"unknown workspace_mode {mode}: use SHARED or API")
@@ -437,6 +442,8 @@ class AgentExecutor(Executions):
                         labels=labels,
                         start=True,
                         shared_workspace=mode == common_pb2.WORKSPACE_MODE_SHARED,
+                        # vm-manager resolves it (NOT_FOUND reaches the caller as it is).
+                        image=image_ref(spec.image),
                     ),
                     timeout=60,
                 )

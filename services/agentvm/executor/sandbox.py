@@ -4,6 +4,7 @@ durations, which VMs and leases are orphaned, how an execution is described."""
 from __future__ import annotations
 
 import hashlib
+import re
 import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,6 +32,13 @@ MAX_OUTPUT = 1024 * 1024 * 1024
 BOOT_TIMEOUT_S = 180.0
 # How many expired sandboxes get() still recognises (to say why they are gone).
 REMEMBER_EXPIRED = 1024
+# The built-in image's name; an empty SandboxSpec.image means it too.
+BUILTIN_IMAGE = "default"
+# What SandboxSpec.image may hold: a name ("coder"), "name:tag", or a full or
+# unique-prefix id. Resolving it is vm-manager's (NOT_FOUND comes from there);
+# the executor refuses only what cannot be one, before any VM is asked for.
+MAX_IMAGE_REF = 200
+IMAGE_REF = re.compile(r"[a-z0-9][a-z0-9._:-]*")
 
 
 class SandboxExpired(Aborted):
@@ -62,6 +70,28 @@ def seconds_of(msg: Any, field_name: str, default: float, high: float) -> float:
             f"{field_name} must be between 0 and {high:.0f} seconds, got {value:g}"
         )
     return value
+
+
+def image_ref(value: str) -> str:
+    """SandboxSpec.image as sent on: "" for the built-in image; INVALID_ARGUMENT naming
+    the field when it cannot be an image name or id."""
+    if value in ("", BUILTIN_IMAGE):
+        return ""
+    if len(value) > MAX_IMAGE_REF or not IMAGE_REF.fullmatch(value):
+        shown = value[:60] + ("..." if len(value) > 60 else "")
+        raise InvalidArgument(
+            f"image {shown!r}: expected an image name, name:tag or id as `agent-vm image "
+            f"list` shows it (lower-case letters, digits, '.', '_', '-', ':', at most "
+            f"{MAX_IMAGE_REF} "
+            "characters), or empty for the built-in image"
+        )
+    return value
+
+
+def default_cwd(spec: executor_pb2.SandboxSpec) -> str:
+    """The cwd of a command that asked for none: /workspace/work in the built-in image;
+    empty in a named one (the guest then takes the image's workdir, else "/")."""
+    return "" if image_ref(spec.image) else "/workspace/work"
 
 
 def output_cap(value: int) -> int:
