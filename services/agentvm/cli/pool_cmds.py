@@ -104,9 +104,11 @@ def pool_stub() -> pool_manager_pb2_grpc.PoolManagerServiceStub:
 
 
 def pool_key_word(key: pool_manager_pb2.PoolKey) -> str:
-    """``standard/nat-filtered``: a pool as `pool status` shows it and `pool set` takes it."""
+    """``standard/nat-filtered`` (``coder/standard/isolated`` for a named image's pool):
+    a pool as `pool status` shows it and `pool set` takes it."""
     profile = common_pb2.ResourceProfile.Name(key.profile).removeprefix("RESOURCE_PROFILE_")
-    return f"{profile.lower()}/{network_word(key.network_mode)}"
+    word = f"{profile.lower()}/{network_word(key.network_mode)}"
+    return f"{key.image}/{word}" if key.image else word
 
 
 def template_source(p: pool_manager_pb2.PoolStatus) -> str:
@@ -140,14 +142,21 @@ def pool_status(as_json: bool) -> None:
 
 
 def parse_key(text: str) -> pool_manager_pb2.PoolKey:
-    profile, _, network = text.strip().lower().partition("/")
-    if profile not in PROFILES or network not in TEMPLATE_NETWORKS:
+    """``[IMAGE/]PROFILE/NETWORK`` (as `pool status` shows it) -> PoolKey; exit 2 if not."""
+    parts = text.strip().split("/")
+    image = parts.pop(0) if len(parts) == 3 else "default"
+    profile, network = (p.lower() for p in parts) if len(parts) == 2 else ("", "")
+    if not image or profile not in PROFILES or network not in TEMPLATE_NETWORKS:
         fail(
-            f"pool {text!r}: write PROFILE/NETWORK as `agent-vm pool status` shows it "
+            f"pool {text!r}: write [IMAGE/]PROFILE/NETWORK as `agent-vm pool status` shows it "
             f"(profiles {', '.join(PROFILES)}; networks {', '.join(TEMPLATE_NETWORKS)}), "
-            "e.g. standard/isolated"
+            "e.g. standard/isolated or coder/standard/isolated"
         )
-    return pool_manager_pb2.PoolKey(profile=PROFILES[profile], network_mode=NETWORKS[network])
+    return pool_manager_pb2.PoolKey(
+        profile=PROFILES[profile],
+        network_mode=NETWORKS[network],
+        image="" if image == "default" else image,
+    )
 
 
 @pool.command("set")

@@ -120,9 +120,11 @@ class StateCollector(Collector):
 
 
 def pool_name(key: pool_manager_pb2.PoolKey) -> str:
-    """A pool's label value as `agent-vm pool status` shows it: ``standard/nat-filtered``."""
+    """A pool's label value as `agent-vm pool status` shows it: ``standard/nat-filtered``
+    (``coder/standard/isolated`` for a named image's pool)."""
     from agentvm.v1 import common_pb2
 
     profile = common_pb2.ResourceProfile.Name(key.profile).removeprefix("RESOURCE_PROFILE_")
     network = common_pb2.NetworkMode.Name(key.network_mode).removeprefix("NETWORK_MODE_")
-    return f"{profile}/{network}".lower().replace("_", "-")
+    word = f"{profile}/{network}".lower().replace("_", "-")
+    return f"{key.image}/{word}" if key.image else word

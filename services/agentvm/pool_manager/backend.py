@@ -55,7 +55,9 @@ class VMManagerBackend:
             start=True,
             # vm-manager keeps a VM with these labels the pool's alone until it is leased.
             labels={**self.labels, POOL_KEY_LABEL: str(key)},
-            from_template=from_template,
+            # Memory templates hold the built-in image only: a named image boots cold.
+            from_template=from_template and not key.image,
+            image=key.image,
         )
         try:
             vm = (await self.vmm.CreateVM(req, timeout=CREATE_TIMEOUT_S)).vm
@@ -118,7 +120,9 @@ class VMManagerBackend:
 
     async def prepare_template(self, key: PoolKey) -> None:
         req = vm_manager_pb2.PrepareTemplateRequest(
-            profile=key.profile.to_proto(), network_mode=key.network_mode.to_proto()
+            profile=key.profile.to_proto(),
+            network_mode=key.network_mode.to_proto(),
+            image=key.image,
         )
         try:
             await self.vmm.PrepareTemplate(req, timeout=TEMPLATE_TIMEOUT_S)

@@ -13,7 +13,14 @@ from agentvm.common.errors import AgentVMError, InvalidArgument, NotFound
 from agentvm.common.events import EventSink, NullSink
 from agentvm.pool_manager.backend import VMManagerBackend
 from agentvm.pool_manager.journal import LeaseJournal
-from agentvm.pool_manager.pool import Lease, PoolConfig, PoolKey, VMPool, check_config
+from agentvm.pool_manager.pool import (
+    Lease,
+    PoolConfig,
+    PoolKey,
+    VMPool,
+    check_config,
+    check_image,
+)
 from agentvm.vm_manager.templates import NetworkMode, ResourceProfile
 
 log = logging.getLogger("agentvm.pool_manager")
@@ -35,9 +42,23 @@ def parse_pools(spec: str) -> dict[PoolKey, PoolConfig]:
     ``network`` is ``nat-filtered`` (the executor sets each sandbox's policy
     when it takes a VM) or ``isolated`` (the default); one profile may have a
     pool per network. The old ``nat`` is read as ``nat-filtered`` with a warning.
+    An ``IMAGE/`` prefix (``coder/standard:min=1``, ``coder:2/light:...``) pools
+    VMs of a named image (booted cold: no memory template); none, or
+    ``default/``, the built-in image.
     """
     pools: dict[PoolKey, PoolConfig] = {}
-    for part in filter(None, (p.strip() for p in spec.split(";"))):
+    for entry in filter(None, (p.strip() for p in spec.split(";"))):
+        image, part = "", entry
+        if "/" in entry:
+            # The image comes first and may hold a ":tag": split at the "/" before
+            # looking for the ":" of the options.
+            image, _, part = entry.partition("/")
+            if not image.strip():
+                raise InvalidArgument(
+                    f"AGENTVM_POOLS: {entry!r} has no image before '/': write "
+                    "IMAGE/PROFILE:... or leave the prefix out for the built-in image"
+                )
+            image = check_image(image, "AGENTVM_POOLS")
         name, _, opts = part.partition(":")
         try:
             profile = ResourceProfile[name.strip().upper()]
@@ -73,7 +94,7 @@ def parse_pools(spec: str) -> dict[PoolKey, PoolConfig]:
             except ValueError:
                 raise InvalidArgument(f"AGENTVM_POOLS: {k}={v!r} is not a number") from None
         lo, hi = int(values["min"]), int(values["max"])
-        key = PoolKey(profile, network)
+        key = PoolKey(profile, network, image)
         try:
             check_config(lo, hi, values["ttl"])
         except InvalidArgument as exc:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import time
 from collections import deque
@@ -75,28 +76,61 @@ def network_word(mode: NetworkMode) -> str:
     return mode.name.lower().replace("_", "-")
 
 
+# The built-in image's name: a key without an image (or with this one) pools it.
+BUILTIN_IMAGE = "default"
+# An image as a pool key holds it (a name, "name:tag" or an id; vm-manager resolves it).
+IMAGE_REF = re.compile(r"[a-z0-9][a-z0-9._:-]{0,199}")
+
+
+def check_image(image: str, where: str) -> str:
+    """``image`` as a key holds it ("" for the built-in image); InvalidArgument naming
+    ``where`` when it cannot be an image name or id."""
+    image = image.strip()
+    if image in ("", BUILTIN_IMAGE):
+        return ""
+    if not IMAGE_REF.fullmatch(image):
+        raise InvalidArgument(
+            f"{where}: image {image[:60]!r} is not an image name, name:tag or id "
+            "(lower-case letters, digits, '.', '_', '-', ':'; `agent-vm image list`)"
+        )
+    return image
+
+
 @dataclass(frozen=True)
 class PoolKey:
-    """Which kind of VM a pool holds; shown (and parsed) as ``standard/nat-filtered``."""
+    """Which kind of VM a pool holds; shown (and parsed) as ``standard/nat-filtered``,
+    or ``IMAGE/standard/nat-filtered`` for a named image's pool."""
 
     profile: ResourceProfile
     network_mode: NetworkMode = NetworkMode.ISOLATED
+    # Named image of the pool's VMs; "" for the built-in image.
+    image: str = ""
 
     def __str__(self) -> str:
-        return f"{self.profile.name.lower()}/{network_word(self.network_mode)}"
+        base = f"{self.profile.name.lower()}/{network_word(self.network_mode)}"
+        return f"{self.image}/{base}" if self.image else base
 
     @classmethod
     def parse(cls, text: str) -> PoolKey:
-        """``standard/isolated`` -> PoolKey (also the old ``standard/nat_filtered``)."""
-        profile, _, network = text.strip().lower().partition("/")
+        """``[IMAGE/]standard/isolated`` -> PoolKey (also the old ``standard/nat_filtered``)."""
+        parts = text.strip().split("/")
+        image = ""
+        if len(parts) == 3:
+            image = check_image(parts[0], f"pool key {text!r}")
+            parts = parts[1:]
         try:
+            if len(parts) != 2:
+                raise KeyError(text)
+            profile, network = (p.lower() for p in parts)
             return cls(
-                ResourceProfile[profile.upper()], NetworkMode[network.replace("-", "_").upper()]
+                ResourceProfile[profile.upper()],
+                NetworkMode[network.replace("-", "_").upper()],
+                image,
             )
         except KeyError:
             raise InvalidArgument(
-                f"pool key {text!r}: write PROFILE/NETWORK as `agent-vm pool status` shows "
-                "it, e.g. standard/nat-filtered or standard/isolated"
+                f"pool key {text!r}: write [IMAGE/]PROFILE/NETWORK as `agent-vm pool status` "
+                "shows it, e.g. standard/nat-filtered, standard/isolated or coder/standard/isolated"
             ) from None
 
 
@@ -259,7 +293,10 @@ class VMPool:
         task.add_done_callback(self._warm_tasks.discard)
 
     def start(self) -> None:
-        self._prepare_template()
+        if not self.key.image:
+            # Memory templates hold the built-in image only (for now): a named
+            # image's pool boots every VM cold.
+            self._prepare_template()
         self._spawn(self._refill_loop())
         self._spawn(self._health_loop())
 
@@ -381,7 +418,7 @@ class VMPool:
     # -- making and removing VMs ---------------------------------------------
     async def _make(self) -> PoolVM:
         """Create one READY VM (template restore when possible). Caller holds a slot."""
-        use_template = self.template_ready
+        use_template = self.template_ready and not self.key.image
         try:
             vm = await self.backend.create(self.key, use_template)
         except FailedPrecondition:

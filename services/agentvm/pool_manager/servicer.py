@@ -14,7 +14,7 @@ from agentvm.common import identity
 from agentvm.common.errors import AgentVMError, InvalidArgument
 from agentvm.common.grpc_util import grpc_errors, remaining_time
 from agentvm.pool_manager.manager import PoolManager
-from agentvm.pool_manager.pool import Lease, PoolKey, VMPool
+from agentvm.pool_manager.pool import Lease, PoolKey, VMPool, check_image
 from agentvm.v1 import pool_manager_pb2, pool_manager_pb2_grpc
 from agentvm.vm_manager.templates import NetworkMode, ResourceProfile
 
@@ -25,13 +25,15 @@ MAX_ACQUIRE_S = 600.0
 
 def key_from_proto(msg: pool_manager_pb2.PoolKey) -> PoolKey:
     return PoolKey(
-        ResourceProfile.from_proto(msg.profile), NetworkMode.from_proto(msg.network_mode)
+        ResourceProfile.from_proto(msg.profile),
+        NetworkMode.from_proto(msg.network_mode),
+        check_image(msg.image, "key.image"),
     )
 
 
 def key_to_proto(key: PoolKey) -> pool_manager_pb2.PoolKey:
     return pool_manager_pb2.PoolKey(
-        profile=key.profile.to_proto(), network_mode=key.network_mode.to_proto()
+        profile=key.profile.to_proto(), network_mode=key.network_mode.to_proto(), image=key.image
     )
 
 
