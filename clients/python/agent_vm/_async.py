@@ -162,6 +162,7 @@ class AsyncSandbox:
         address: str | None = None,
         request_timeout: float = 300.0,
         bridge: str | None = None,
+        image: str | None = None,
     ) -> AsyncSandbox:
         """Boot a sandbox VM. ``lifetime`` (seconds; default 1 h, at most 24 h) bounds
         it even if this process dies; it cannot be extended later.
@@ -169,14 +170,20 @@ class AsyncSandbox:
         ``network``: "nat-filtered" (default: only the names of ``policy``, or
         the server's default allowlist), "isolated" (no network) or "bridge"
         (attached to the existing host bridge ``bridge``, e.g. "br0").
+        ``image``: a named image the commands run in (a name, "name:tag" or an
+        id, as `agent-vm image list` shows it); None or "default" is the
+        built-in image. In a named image a command without ``cwd`` starts in
+        the image's working directory (else "/"), and the image's environment
+        and user apply.
         Raises InvalidArgumentError / ArgumentTypeError for bad arguments
-        (before anything is sent), FailedPreconditionError when the host cannot
-        make such a VM (e.g. no bridge of that name), ResourceExhaustedError
-        when too many sandboxes run, UnavailableError when the executor is down.
+        (before anything is sent), NotFoundError when there is no such image,
+        FailedPreconditionError when the host cannot make such a VM (e.g. no
+        bridge of that name), ResourceExhaustedError when too many sandboxes
+        run, UnavailableError when the executor is down.
         """
         addr = address or default_address()
         sandbox_spec = spec(
-            profile, network, cpus, memory_mib, lifetime, workspace, labels, policy, bridge
+            profile, network, cpus, memory_mib, lifetime, workspace, labels, policy, bridge, image
         )
         deadline = seconds("request_timeout", request_timeout)
         chan = _channel(addr)
@@ -304,12 +311,13 @@ class AsyncSandbox:
         """Run a shell command (str), an argv (list) or ``code=`` and wait for it.
 
         Output streams to ``on_stdout`` / ``on_stderr`` as it comes. The default
-        working directory is /workspace/work. A command that outlives ``timeout``
-        is killed (``result.timed_out``); a non-zero exit is a result, not an
-        error (``result.check()`` raises for it). Raises SandboxExpiredError
-        when the sandbox's lifetime ends during the command, SandboxClosedError
-        after ``close()``, ArgumentTypeError / InvalidArgumentError for bad
-        arguments (e.g. env values that are not str), before anything is sent.
+        working directory is /workspace/work (in a named image, the image's).
+        A command that outlives ``timeout`` is killed (``result.timed_out``); a
+        non-zero exit is a result, not an error (``result.check()`` raises for
+        it). Raises SandboxExpiredError when the sandbox's lifetime ends during
+        the command, SandboxClosedError after ``close()``, ArgumentTypeError /
+        InvalidArgumentError for bad arguments (e.g. env values that are not
+        str), before anything is sent.
         """
         req = self._exec_request(
             cmd, code, language, args, env, cwd, stdin, timeout, "", False, max_output_bytes

@@ -188,6 +188,20 @@ def str_list(name: str, value: object) -> list[str]:
     return list(value)
 
 
+def image_name(value: object) -> str:
+    """None or a named image's name, "name:tag" or id (`agent-vm image list`); "" and
+    "default" are the built-in image. Whether it exists is the server's to say."""
+    if value is None:
+        return ""
+    image = text("image", value)
+    if image.strip() != image or any(c.isspace() or ord(c) < 0x20 for c in image):
+        raise InvalidArgumentError(
+            f"image={image!r}: an image name, name:tag or id as `agent-vm image list` "
+            "shows it (no spaces)"
+        )
+    return image
+
+
 def callback(name: str, value: object) -> Callback | None:
     """None or a callable taking one str."""
     if value is not None and not callable(value):
@@ -244,6 +258,7 @@ def spec(
     labels: Mapping[str, str] | None,
     policy: NetworkPolicy | None = None,
     bridge: str | None = None,
+    image: str | None = None,
 ) -> executor_pb2.SandboxSpec:
     """The SandboxSpec of create()/run() arguments (checked here)."""
     for name, value, table in (
@@ -281,6 +296,7 @@ def spec(
         workspace_mode=WORKSPACES[workspace],
         labels=str_map("labels", labels),
         bridge=bridge or "",
+        image=image_name(image),
     )
     if lifetime is not None:
         out.lifetime.FromNanoseconds(int(seconds("lifetime", lifetime) * 1e9))

@@ -162,6 +162,7 @@ async def arun(
     max_output_files_bytes: int = 0,
     cwd: str = "",
     bridge: str | None = None,
+    image: str | None = None,
 ) -> RunResult:
     """One shot: a fresh VM runs the program and is destroyed, whatever happens.
 
@@ -173,15 +174,20 @@ async def arun(
     ``max_output_files_bytes`` for the run; 0: the executor's caps), and sparse
     ones, are not read, nor are symlinks, FIFOs and other files that are not
     regular: see ``result.skipped_output_files``. ``cwd`` is the program's
-    working directory in the guest (absolute; default /workspace/work);
+    working directory in the guest (absolute; default /workspace/work, in a
+    named image the image's);
     ``max_output_bytes`` caps each of stdout and stderr (0: 16 MiB), and
     ``result.stdout_truncated``/``stderr_truncated`` say when it cut them.
     ``network="bridge"`` needs ``bridge``, the name of an existing host bridge.
+    ``image`` runs the program in a named image (a name, "name:tag" or an id,
+    as `agent-vm image list` shows it; None or "default": the built-in
+    image); there ``cwd`` defaults to the image's working directory (else "/").
 
     Raises ArgumentTypeError / InvalidArgumentError for bad arguments and
     NotFoundError for a missing local input file (before anything is sent),
-    FailedPreconditionError when the host cannot make such a VM (e.g. no
-    bridge of that name), UnavailableError when the executor is down.
+    NotFoundError when there is no such image, FailedPreconditionError when
+    the host cannot make such a VM (e.g. no bridge of that name),
+    UnavailableError when the executor is down.
     """
     addr = address or default_address()
     files = []
@@ -205,7 +211,7 @@ async def arun(
             mode = src.stat().st_mode & 0o777
         files.append(executor_pb2.InputFile(path=path, content=data, mode=mode))
     req = executor_pb2.RunRequest(
-        spec=_spec(profile, network, cpus, memory_mib, None, "auto", None, policy, bridge),
+        spec=_spec(profile, network, cpus, memory_mib, None, "auto", None, policy, bridge, image),
         program=_program(cmd, code, language, args),
         inputs=files,
         env=str_map("env", env),

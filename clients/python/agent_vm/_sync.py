@@ -194,10 +194,12 @@ class Sandbox:
         address: str | None = None,
         request_timeout: float = 300.0,
         bridge: str | None = None,
+        image: str | None = None,
     ) -> Sandbox:
         """Boot a sandbox VM (see ``AsyncSandbox.create``: the same arguments, and
         what it raises). ``lifetime`` (seconds; default 1 h, at most 24 h) bounds
-        it even if this process dies; ``network="bridge"`` needs ``bridge``."""
+        it even if this process dies; ``network="bridge"`` needs ``bridge``;
+        ``image`` names an image to run in (NotFoundError when there is none)."""
         inner = _call(
             AsyncSandbox.create(
                 profile=profile,
@@ -211,6 +213,7 @@ class Sandbox:
                 address=address,
                 request_timeout=request_timeout,
                 bridge=bridge,
+                image=image,
             )
         )
         return cls(inner)
@@ -327,6 +330,7 @@ def run(
     max_output_files_bytes: int = 0,
     cwd: str = "",
     bridge: str | None = None,
+    image: str | None = None,
 ) -> RunResult:
     """One shot in a fresh VM, destroyed whatever happens (see ``arun``: the same
     arguments, and what it raises)."""
@@ -355,5 +359,6 @@ def run(
             max_output_files_bytes=max_output_files_bytes,
             cwd=cwd,
             bridge=bridge,
+            image=image,
         )
     )

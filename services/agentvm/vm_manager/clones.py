@@ -97,6 +97,9 @@ class TemplateInfo:
     # Name of the VM that was saved: its kernel command line is reused by clones.
     boot_name: str
     network_mode: str = NetworkMode.ISOLATED.name
+    # Named image the template's workload runs in (docs/IMAGES.md); empty for the
+    # built-in image and in records written before named images existed.
+    workload_image_id: str = ""
 
     @property
     def resources(self) -> Resources:

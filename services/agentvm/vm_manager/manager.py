@@ -52,6 +52,9 @@ from agentvm.vm_manager.clones import (
 )
 from agentvm.vm_manager.hostcaps import find_virtiofsd
 from agentvm.vm_manager.image import ImageStore
+from agentvm.vm_manager.image_store import ImageStore as NamedImageStore
+from agentvm.vm_manager.image_store import image_users as named_image_users
+from agentvm.vm_manager.image_store import store_root
 from agentvm.vm_manager.libvirt_conn import (
     DOMAIN_CRASHED,
     DOMAIN_SHUTOFF,
@@ -117,6 +120,8 @@ class VMManager:
         self.virtiofsd = find_virtiofsd()
         self.snapshots = SnapshotManager()
         self.templates = TemplateStore(settings.state_dir / "templates")
+        # Named images (docs/IMAGES.md), the root file systems workloads run in.
+        self.image_store = NamedImageStore(store_root(settings))
         self._template_locks: dict[str, asyncio.Lock] = {}
         self._qemu_ver: str | None = None
         self._vms: dict[str, VM] = {}
@@ -174,6 +179,7 @@ class VMManager:
             except AgentVMError as exc:
                 log.warning("cannot adopt domain %s: %s", dom.name(), exc)
         await asyncio.to_thread(self.templates.clean_staging)
+        await asyncio.to_thread(self.image_store.recover)
         await self.net.finish_recovery()
         # A template build never survives a restart: its VM is garbage.
         for vm in list(self._vms.values()):
@@ -1209,3 +1215,7 @@ class VMManager:
             )
         if not await asyncio.to_thread(self.templates.delete, key):
             raise NotFound(f"no template {key}: ListTemplates shows the templates that exist")
+
+    def image_users(self, image_id: str) -> list[str]:
+        """Who uses the named image ``image_id`` (DeleteImage refuses while anyone does)."""
+        return named_image_users(image_id, self._vms.copy().values(), self.templates.all())

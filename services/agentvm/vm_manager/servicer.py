@@ -22,6 +22,7 @@ from agentvm.vm_manager.dnsproxy import EgressRecord
 from agentvm.vm_manager.image import ImageStore, Manifest
 from agentvm.vm_manager.manager import DEFAULT_GRACE_S, DEFAULT_WAIT_S, VMManager
 from agentvm.vm_manager.network import Policy
+from agentvm.vm_manager.servicer_images import ImageRPCs, image_to_proto
 from agentvm.vm_manager.snapshots import SnapshotInfo
 from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
 from agentvm.vm_manager.vm import VMState
@@ -54,6 +55,7 @@ def template_to_proto(info: TemplateInfo) -> vm_manager_pb2.Template:
         disk_bytes=info.disk_bytes,
         qemu_version=info.qemu_version,
         network_mode=NetworkMode[info.network_mode].to_proto(),
+        workload_image_id=info.workload_image_id,
     )
     msg.created_at.FromNanoseconds(int(info.created_at * 1e9))
     msg.build_duration.FromNanoseconds(int(info.build_s * 1e9))
@@ -82,19 +84,6 @@ def egress_to_proto(rec: EgressRecord) -> common_pb2.EgressRecord:
     return msg
 
 
-def image_to_proto(manifest: Manifest, path: str) -> vm_manager_pb2.Image:
-    msg = vm_manager_pb2.Image(
-        id=manifest.id,
-        distribution=manifest.distribution,
-        kernel_release=manifest.kernel_release,
-        packages=manifest.packages,
-        agent_version=manifest.agent_version,
-        path=path,
-    )
-    msg.built_at.FromNanoseconds(int(manifest.built_at * 1e9))
-    return msg
-
-
 def qemu_version() -> str:
     exe = shutil.which("qemu-system-x86_64")
     if exe is None:
@@ -115,8 +104,9 @@ def seconds(request: Message, field: str, default: float, low: float, high: floa
     return value
 
 
-class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
-    """Maps RPCs to VMManager; every error becomes a status code with advice."""
+class VMManagerServicer(ImageRPCs, vm_manager_pb2_grpc.VMManagerServiceServicer):
+    """Maps RPCs to VMManager; every error becomes a status code with advice.
+    The image RPCs are in servicer_images.py."""
 
     def __init__(self, manager: VMManager, images: ImageStore) -> None:
         self.manager = manager
@@ -347,24 +337,6 @@ class VMManagerServicer(vm_manager_pb2_grpc.VMManagerServiceServicer):
         await self._require_usable(request.vm_name, context, "delete its snapshots")
         await self.manager.delete_snapshot(request.vm_name, request.snapshot_name)
         return vm_manager_pb2.DeleteSnapshotResponse()
-
-    @grpc_errors
-    async def GetImage(
-        self, request: vm_manager_pb2.GetImageRequest, context: Ctx
-    ) -> vm_manager_pb2.GetImageResponse:
-        current = self.images.current()
-        if current is not None:
-            return vm_manager_pb2.GetImageResponse(
-                present=True, image=image_to_proto(current.load_manifest(), str(current.root))
-            )
-        other = self.images.any_built()
-        if other is not None:
-            return vm_manager_pb2.GetImageResponse(
-                present=False,
-                stale=True,
-                image=image_to_proto(other.load_manifest(), str(other.root)),
-            )
-        return vm_manager_pb2.GetImageResponse(present=False)
 
     @grpc_stream_errors
     async def BuildImage(

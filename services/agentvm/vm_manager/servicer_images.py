@@ -1,0 +1,144 @@
+"""The image RPCs of VMManagerService (docs/IMAGES.md), mixed into VMManagerServicer.
+
+GetImage without a name (or "default") describes the built-in image, as it
+always did; with one it resolves a named image in the manager's image store.
+Every change is audited: image.deleted, image.tagged, image.pruned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from agentvm.common import identity
+from agentvm.common.errors import InvalidArgument
+from agentvm.common.grpc_util import grpc_errors
+from agentvm.v1 import vm_manager_pb2, vm_manager_pb2_grpc
+from agentvm.vm_manager.image import ImageStore, Manifest
+from agentvm.vm_manager.image_manifest import BUILTIN
+from agentvm.vm_manager.image_store import StoredImage
+from agentvm.vm_manager.manager import VMManager
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def image_to_proto(manifest: Manifest, path: str) -> vm_manager_pb2.Image:
+    """The built-in image."""
+    msg = vm_manager_pb2.Image(
+        id=manifest.id,
+        distribution=manifest.distribution,
+        kernel_release=manifest.kernel_release,
+        packages=manifest.packages,
+        agent_version=manifest.agent_version,
+        path=path,
+        kind=vm_manager_pb2.IMAGE_KIND_BUILTIN,
+    )
+    msg.built_at.FromNanoseconds(int(manifest.built_at * 1e9))
+    return msg
+
+
+class ImageRPCs(vm_manager_pb2_grpc.VMManagerServiceServicer):
+    """GetImage, ListImages, DeleteImage, TagImage, PruneImages."""
+
+    manager: VMManager
+    # The built-in image (image.py); named images are ``manager.image_store``.
+    images: ImageStore
+
+    def _named(self, image: StoredImage) -> vm_manager_pb2.Image:
+        return image.to_proto(self.manager.image_users(image.id))
+
+    @grpc_errors
+    async def GetImage(
+        self, request: vm_manager_pb2.GetImageRequest, context: Ctx
+    ) -> vm_manager_pb2.GetImageResponse:
+        if request.name not in ("", BUILTIN):
+            store = self.manager.image_store
+            image = await asyncio.to_thread(store.resolve, request.name)
+            named = await asyncio.to_thread(self._named, image)
+            return vm_manager_pb2.GetImageResponse(present=True, image=named)
+        current = self.images.current()
+        if current is not None:
+            return vm_manager_pb2.GetImageResponse(
+                present=True, image=image_to_proto(current.load_manifest(), str(current.root))
+            )
+        other = self.images.any_built()
+        if other is not None:
+            return vm_manager_pb2.GetImageResponse(
+                present=False,
+                stale=True,
+                image=image_to_proto(other.load_manifest(), str(other.root)),
+            )
+        return vm_manager_pb2.GetImageResponse(present=False)
+
+    @grpc_errors
+    async def ListImages(
+        self, request: vm_manager_pb2.ListImagesRequest, context: Ctx
+    ) -> vm_manager_pb2.ListImagesResponse:
+        def collect() -> list[vm_manager_pb2.Image]:
+            return [self._named(i) for i in self.manager.image_store.list()]
+
+        return vm_manager_pb2.ListImagesResponse(images=await asyncio.to_thread(collect))
+
+    @grpc_errors
+    async def DeleteImage(
+        self, request: vm_manager_pb2.DeleteImageRequest, context: Ctx
+    ) -> vm_manager_pb2.DeleteImageResponse:
+        if request.name in ("", BUILTIN):
+            raise InvalidArgument(
+                "name is required (a name, name:tag or id of a named image); the built-in "
+                "image is not deleted this way"
+            )
+        store = self.manager.image_store
+        result = await asyncio.to_thread(store.delete, request.name, self.manager.image_users)
+        self.manager.events.emit(
+            "image.deleted",
+            image=result.id,
+            ref=request.name,
+            untagged=result.untagged,
+            deleted=result.deleted,
+            freed_bytes=result.freed_bytes,
+            caller=identity.caller(context),
+        )
+        return vm_manager_pb2.DeleteImageResponse(
+            id=result.id,
+            untagged=result.untagged,
+            deleted=result.deleted,
+            freed_bytes=result.freed_bytes,
+        )
+
+    @grpc_errors
+    async def TagImage(
+        self, request: vm_manager_pb2.TagImageRequest, context: Ctx
+    ) -> vm_manager_pb2.TagImageResponse:
+        if not request.image or not request.name:
+            raise InvalidArgument(
+                "image and name are both required (agent-vm image tag IMAGE NAME)"
+            )
+        image = await asyncio.to_thread(self.manager.image_store.tag, request.image, request.name)
+        self.manager.events.emit(
+            "image.tagged",
+            image=image.id,
+            ref=request.image,
+            name=request.name,
+            caller=identity.caller(context),
+        )
+        return vm_manager_pb2.TagImageResponse(image=await asyncio.to_thread(self._named, image))
+
+    @grpc_errors
+    async def PruneImages(
+        self, request: vm_manager_pb2.PruneImagesRequest, context: Ctx
+    ) -> vm_manager_pb2.PruneImagesResponse:
+        store = self.manager.image_store
+        result = await asyncio.to_thread(store.prune, self.manager.image_users)
+        if result.removed_ids:
+            self.manager.events.emit(
+                "image.pruned",
+                removed=result.removed_ids,
+                freed_bytes=result.freed_bytes,
+                caller=identity.caller(context),
+            )
+        return vm_manager_pb2.PruneImagesResponse(
+            removed_ids=result.removed_ids, freed_bytes=result.freed_bytes
+        )
