@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+from pathlib import Path
 
 
 def can_raise_memlock() -> bool:
@@ -36,3 +37,22 @@ def find_virtiofsd() -> str | None:
         if os.access(path, os.X_OK):
             return path
     return None
+
+
+def io_weight_supported(cgroup_root: Path = Path("/sys/fs/cgroup")) -> bool:
+    """Whether libvirt can give a VM a block I/O weight (``<blkiotune><weight>``).
+
+    The kernel offers a weight only with the bfq scheduler (or cfq on old
+    kernels) under cgroup v1's blkio controller, or with the io controller of
+    cgroup v2. Elsewhere (mq-deadline or none under cgroup v1) libvirt refuses
+    to start the domain: "blkio device weight is valid only for bfq or cfq
+    scheduler".
+    """
+    v1 = cgroup_root / "blkio"
+    if v1.is_dir():
+        return (v1 / "blkio.weight").exists() or (v1 / "blkio.bfq.weight").exists()
+    try:
+        controllers = (cgroup_root / "cgroup.controllers").read_text().split()
+    except OSError:
+        return False
+    return "io" in controllers

@@ -50,7 +50,7 @@ from agentvm.vm_manager.clones import (
     load_state,
     save_state,
 )
-from agentvm.vm_manager.hostcaps import find_virtiofsd
+from agentvm.vm_manager.hostcaps import find_virtiofsd, io_weight_supported
 from agentvm.vm_manager.image import ImageStore
 from agentvm.vm_manager.image_store import ImageStore as NamedImageStore
 from agentvm.vm_manager.image_store import image_users as named_image_users
@@ -117,6 +117,12 @@ class VMManager:
         self.images = images
         self.accel = accel
         self.memory_limit = memory_limit
+        self.io_weight = io_weight_supported()
+        if not self.io_weight:
+            log.warning(
+                "this host cannot weight block I/O per VM (no bfq scheduler under cgroup v1's "
+                "blkio, no cgroup v2 io controller): VMs run without an I/O weight"
+            )
         self.virtiofsd = find_virtiofsd()
         self.snapshots = SnapshotManager()
         self.templates = TemplateStore(settings.state_dir / "templates")
@@ -375,6 +381,7 @@ class VMManager:
             accel=vm.accel,
             image=ImageFiles(kernel=str(kernel), initrd=str(initrd)),
             memory_limit=self.memory_limit,
+            io_weight=self.io_weight,
             workspace_dir=str(vm.workspace) if vm.shared_workspace else None,
             virtiofsd=self.virtiofsd,
         )

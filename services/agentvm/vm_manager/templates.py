@@ -143,6 +143,8 @@ class VMTemplate:
     accel: Accel
     image: ImageFiles
     memory_limit: bool = True
+    # Whether the host can weight block I/O (hostcaps.io_weight_supported).
+    io_weight: bool = True
     vsock: bool = False
     # Host directory shared at /workspace (virtiofs), and the virtiofsd to use.
     workspace_dir: str | None = None
@@ -211,7 +213,7 @@ class VMTemplate:
                 period_us=period, quota_us=period * self.profile.cpu_quota_pct // 100
             ),
             memtune=memtune,
-            blkiotune=dx.BlkioTune(weight=self.profile.blkio_weight),
+            blkiotune=dx.BlkioTune(weight=self.profile.blkio_weight) if self.io_weight else None,
             memory_backing=dx.MemoryBacking() if self.workspace_dir is not None else None,
             qemu_args=qemu_args,
         )
