@@ -59,6 +59,16 @@ def network_option() -> Callable[[F], F]:
     )
 
 
+def image_option() -> Callable[[F], F]:
+    """`--image`: the named image a VM's workload runs in (the same help on every command)."""
+    return click.option(
+        "--image",
+        metavar="NAME",
+        default=None,
+        help="named image (agent-vm image list); default: the built-in image",
+    )
+
+
 def enum_word(enum: Any, value: int, prefix: str) -> str:
     """``VM_STATE_READY`` -> ``ready``: an enum value as the CLI spells it."""
     try:

@@ -15,6 +15,7 @@ from agentvm.cli import services
 from agentvm.cli.base import (
     check_timeout,
     fail,
+    image_option,
     network_option,
     profile_option,
     settings,
@@ -43,6 +44,7 @@ MAX_OUTPUT = 1024 * 1024 * 1024
 @profile_option()
 @network_option()
 @bridge_option()
+@image_option()
 @click.option(
     "--allow-domain",
     "allow_domains",
@@ -94,7 +96,8 @@ MAX_OUTPUT = 1024 * 1024 * 1024
 @click.option(
     "--cwd",
     metavar="DIR",
-    help="Working directory in the VM, absolute (default /workspace/work).",
+    help="Working directory in the VM, absolute (default /workspace/work; with --image, "
+    "the image's working directory).",
 )
 @click.option(
     "--max-output",
@@ -122,6 +125,7 @@ def run_cmd(
     profile: str,
     network: str,
     bridge: str | None,
+    image: str | None,
     allow_domains: tuple[str, ...],
     allow_cidrs: tuple[str, ...],
     ports: tuple[int, ...],
@@ -195,6 +199,7 @@ def run_cmd(
             profile=profile,  # type: ignore[arg-type]
             network=network,  # type: ignore[arg-type]
             bridge=bridge,
+            image=image,
             policy=policy,
             cpus=cpus,
             memory_mib=memory,

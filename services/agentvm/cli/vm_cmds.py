@@ -15,6 +15,7 @@ from agentvm.cli.base import (
     fail,
     handle_errors,
     human_bytes,
+    image_option,
     network_option,
     network_word,
     print_json,
@@ -36,7 +37,11 @@ def vm() -> None:
 
 
 def _create(
-    profile: str, network: str, labels: dict[str, str] | None = None, bridge: str = ""
+    profile: str,
+    network: str,
+    labels: dict[str, str] | None = None,
+    bridge: str = "",
+    image: str | None = None,
 ) -> common_pb2.VM:
     req = vm_manager_pb2.CreateVMRequest(
         profile=PROFILES[profile],
@@ -44,6 +49,7 @@ def _create(
         bridge=bridge,
         start=True,
         labels=labels or {},
+        image=image or "",
     )
     return vm_stub().CreateVM(req, timeout=60).vm
 
@@ -82,11 +88,14 @@ def _exec(endpoint: str, argv: list[str], timeout: float) -> int:
 @profile_option()
 @network_option()
 @bridge_option()
+@image_option()
 @click.option("--no-wait", is_flag=True, help="Return before the guest agent is ready.")
 @handle_errors
-def vm_create(profile: str, network: str, bridge: str | None, no_wait: bool) -> None:
+def vm_create(
+    profile: str, network: str, bridge: str | None, image: str | None, no_wait: bool
+) -> None:
     """Create and start a VM; print it as JSON once its agent answers."""
-    v = _create(profile, network, bridge=check_bridge(network, bridge))
+    v = _create(profile, network, bridge=check_bridge(network, bridge), image=image)
     if not no_wait:
         v = _wait_ready(v.name, 120)
     print_json(v)
@@ -253,10 +262,16 @@ def vm_exec(name: str, argv: tuple[str, ...], timeout: float) -> None:
 @profile_option()
 @network_option()
 @bridge_option()
+@image_option()
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")
 @handle_errors
 def vm_run(
-    argv: tuple[str, ...], profile: str, network: str, bridge: str | None, timeout: float
+    argv: tuple[str, ...],
+    profile: str,
+    network: str,
+    bridge: str | None,
+    image: str | None,
+    timeout: float,
 ) -> None:
     """Boot a fresh VM, run a command in it, destroy it; exits with the command's code.
 
@@ -265,7 +280,7 @@ def vm_run(
     check_timeout(timeout)
     name = check_bridge(network, bridge)
     start = time.monotonic()
-    v = _create(profile, network, {"created-by": "agent-vm-cli"}, name)
+    v = _create(profile, network, {"created-by": "agent-vm-cli"}, name, image)
     try:
         v = _wait_ready(v.name, 120)
         click.echo(
