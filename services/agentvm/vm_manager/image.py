@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -52,6 +52,13 @@ INITRD_MODULES = (
 # its first boot (guest/image/agentvm-setup), which reads the size it spans
 # from /etc/agentvm/root-sectors.
 ROOTFS_MIB = 2048
+# How every Debian root is made: documentation, manuals and translations are left out.
+MMDEBSTRAP_OPTIONS = (
+    "--variant=minbase",
+    "--dpkgopt=path-exclude=/usr/share/man/*",
+    "--dpkgopt=path-exclude=/usr/share/doc/*",
+    "--dpkgopt=path-exclude=/usr/share/locale/*",
+)
 REPO_ROOT = Path(__file__).resolve().parents[3]
 GUEST_DIR = REPO_ROOT / "guest"
 PROTO_OUT = REPO_ROOT / "services" / "agentvm" / "v1"
@@ -146,6 +153,40 @@ def inputs_id() -> str:
     for path in _boot_files():
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def mmdebstrap_command(include: Iterable[str], out: Path, fmt: str) -> list[str]:
+    """The mmdebstrap call of every Debian root agent-vm makes (built-in and spec images).
+
+    One variant, suite and set of excludes, and the host's apt sources (no
+    mirror argument: mmdebstrap uses the host's for a matching suite).
+    """
+    return [
+        "mmdebstrap",
+        *MMDEBSTRAP_OPTIONS,
+        "--include=" + ",".join(include),
+        f"--format={fmt}",
+        SUITE,
+        str(out),
+    ]
+
+
+def installed_packages(root: Path) -> list[str]:
+    """``name=version`` of every package dpkg installed in the root file system ``root``."""
+    proc = subprocess.run(
+        [
+            "dpkg-query",
+            "--admindir",
+            str(root / "var/lib/dpkg"),
+            "-W",
+            "-f",
+            "${Package}=${Version}\n",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return sorted(line for line in proc.stdout.splitlines() if line)
 
 
 def _sha256(path: Path) -> str:
@@ -297,20 +338,7 @@ class ImageStore:
             raise FailedPrecondition("mmdebstrap is not installed: apt-get install mmdebstrap")
         log(f"building the base root file system with mmdebstrap ({SUITE}, about a minute)")
         tmp = tar.with_suffix(".tmp")
-        _run(
-            [
-                "mmdebstrap",
-                "--variant=minbase",
-                "--include=" + ",".join(GUEST_PACKAGES),
-                "--dpkgopt=path-exclude=/usr/share/man/*",
-                "--dpkgopt=path-exclude=/usr/share/doc/*",
-                "--dpkgopt=path-exclude=/usr/share/locale/*",
-                "--format=tar",
-                SUITE,
-                str(tmp),
-            ],
-            log,
-        )
+        _run(mmdebstrap_command(GUEST_PACKAGES, tmp, "tar"), log)
         tmp.rename(tar)
         return tar
 
@@ -329,7 +357,7 @@ class ImageStore:
             out.mkdir()
             kernel_release = self._install_kernel(root, out, log)
             self._install_agent(root, log)
-            packages = self._packages(root)
+            packages = installed_packages(root)
             self._make_initrd(root, out, kernel_release, work, log)
             self._make_disk(root, out, work, log)
             files = {p.name: _sha256(p) for p in sorted(out.iterdir())}
@@ -430,22 +458,6 @@ class ImageStore:
         (root / "etc" / "machine-id").write_text("")
         shutil.rmtree(root / "var" / "lib" / "apt" / "lists", ignore_errors=True)
         shutil.rmtree(root / "var" / "cache" / "apt", ignore_errors=True)
-
-    def _packages(self, root: Path) -> list[str]:
-        proc = subprocess.run(
-            [
-                "dpkg-query",
-                "--admindir",
-                str(root / "var/lib/dpkg"),
-                "-W",
-                "-f",
-                "${Package}=${Version}\n",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return sorted(line for line in proc.stdout.splitlines() if line)
 
     def _make_initrd(self, root: Path, out: Path, release: str, work: Path, log: Log) -> None:
         busybox = Path("/bin/busybox")
