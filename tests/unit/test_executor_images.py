@@ -82,6 +82,15 @@ class FakePool:
         return pool_manager_pb2.AcquireVMResponse(lease_id="l1", vm=vm, from_pool=True)
 
 
+class Events:
+    def __init__(self) -> None:
+        self.created: list[str] = []
+
+    def emit(self, type_: str, **attrs: Any) -> None:
+        if type_ == "sandbox.created":
+            self.created.append(attrs["image"])
+
+
 def spec(image: str) -> executor_pb2.SandboxSpec:
     return executor_pb2.SandboxSpec(
         image=image,
@@ -98,19 +107,21 @@ async def create(ex: AgentExecutor, image: str) -> SandboxState:
 
 def test_the_image_reaches_vm_manager_and_the_pool_key() -> None:
     async def body() -> None:
-        vmm, pool = FakeVMM(), FakePool()
-        ex = AgentExecutor(Settings(), cast(Any, vmm), cast(Any, pool))
+        vmm, pool, events = FakeVMM(), FakePool(), Events()
+        ex = AgentExecutor(Settings(), cast(Any, vmm), cast(Any, pool), events=cast(Any, events))
         # No pool holds the image: the executor makes the VM, with the image.
         sb = await create(ex, "coder:1")
         assert [k.image for k in pool.keys] == ["coder:1"]
         [req] = vmm.creates
         assert req.image == "coder:1"
         assert sb.vm.name == "agent-vm-1"
+        assert events.created == ["coder:1"]  # the audit record names the image
         # The built-in image, by name or by default: the pool's VM, key without image.
         for name in ("default", ""):
             sb = await create(ex, name)
             assert sb.lease_id == "l1"
             assert pool.keys[-1].image == ""
+        assert events.created[1:] == ["default", "default"]
         # Without a pool-manager, CreateVM carries it too ("default" sent as "").
         ex2 = AgentExecutor(Settings(), cast(Any, vmm))
         await create(ex2, "default")

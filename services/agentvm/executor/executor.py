@@ -384,6 +384,8 @@ class AgentExecutor(Executions):
             .removeprefix("WORKSPACE_MODE_")
             .lower(),
             pooled=bool(lease_id),
+            # The named image the workload runs in, as the caller named it.
+            image=image_ref(spec.image) or "default",
             boot_s=round(sb.boot_duration, 6),
             labels=dict(spec.labels),
         )
