@@ -38,7 +38,7 @@ from agentvm.common.errors import (
 from agentvm.common.events import EventSink, NullSink
 from agentvm.common.grpc_util import guest_channel
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc, vm_manager_pb2
-from agentvm.vm_manager import access, observe, workspace
+from agentvm.vm_manager import access, image_vms, observe, workspace
 from agentvm.vm_manager import domain_xml as dx
 from agentvm.vm_manager.accel import AccelInfo
 from agentvm.vm_manager.clones import (
@@ -240,6 +240,8 @@ class VMManager:
             shared_workspace=f.get("shared_workspace") == "1",
             template_key=f.get("template_key", ""),
             agent_socket_name=access.adopted_socket_name(f.get("agent_socket", "")),
+            workload_image_id=f.get("workload_image", ""),
+            build_disk=f.get("build_disk", ""),
         )
         if vm.network_mode is NetworkMode.NAT_FILTERED:
             try:
@@ -279,8 +281,20 @@ class VMManager:
         from_template: bool = False,
         policy: Policy | None = None,
         bridge: str = "",
+        workload_image: str = "",
+        build_disk: Path | None = None,
     ) -> VM:
+        """``workload_image``: a named image the workload runs in (image_vms.py);
+        ``build_disk``: an import's raw ext4 disk, attached writable instead."""
         template: TemplateInfo | None = None
+        workload = ""
+        if workload_image not in ("", "default"):
+            if from_template:
+                raise FailedPrecondition(
+                    f"memory templates of named images are not available yet "
+                    f"({workload_image}): create the VM without from_template (it boots cold)"
+                )
+            workload = (await asyncio.to_thread(self.image_store.resolve, workload_image)).id
         if from_template:
             template = await self._template_for_clone(
                 profile, network_mode, resources, shared_workspace
@@ -313,6 +327,8 @@ class VMManager:
             shared_workspace=shared_workspace,
             template_key=template.key if template else "",
             agent_socket_name=access.socket_name(labels),
+            workload_image_id=workload,
+            build_disk=str(build_disk) if build_disk is not None else "",
         )
         base = self.templates.disk(template.key) if template else image.disk
         async with self._lock(name):
@@ -399,6 +415,8 @@ class VMManager:
                 "shared_workspace": "1" if vm.shared_workspace else "0",
                 "template_key": vm.template_key,
                 "agent_socket": vm.agent_socket_name,
+                "workload_image": vm.workload_image_id,
+                "build_disk": vm.build_disk,
                 **self._net_metadata(vm),
             },
             vm.labels,
@@ -465,9 +483,20 @@ class VMManager:
                 boot_name=boot_name,
                 qemu_args=("-incoming", "defer") if incoming else (),
                 nic=self._nic(vm),
+                image_disk=self._image_disk(vm),
             )
             .to_xml()
         )
+
+    @staticmethod
+    def _image_disk(vm: VM) -> dx.Disk | None:
+        if vm.workload_image_id:
+            return image_vms.disk_element(vm.image_disk)
+        if vm.build_disk:
+            return image_vms.disk_element(
+                Path(vm.build_disk), raw=not vm.build_disk.endswith(".qcow2")
+            )
+        return None
 
     def _define(self, vm: VM, base: Path, kernel: Path, initrd: Path) -> None:
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -498,6 +527,9 @@ class VMManager:
             raise FailedPrecondition(
                 f"cannot create the overlay of {vm.name}: {proc.stderr.strip()}"
             )
+        if vm.workload_image_id:
+            stored = self.image_store.get(vm.workload_image_id)
+            image_vms.create_overlay(vm, stored.disk, stored.manifest.disk_bytes)
         if vm.shared_workspace:
             # A file system of its own, as large as the VM's disk (workspace.py).
             workspace.create(vm.workspace, vm.resources.disk_mib, self.settings.workspace_cap)
@@ -617,6 +649,17 @@ class VMManager:
                 vm.transition(VMState.FAILED)
                 vm.error = f"the guest could not configure its network: {exc.details()}"
                 return
+        if vm.state is VMState.BOOTING and vm.workload_image_id:
+            try:
+                await self._configure_root(vm, budget)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    return
+                vm.transition(VMState.FAILED)
+                vm.error = f"the guest could not mount image {vm.workload_image_id[:12]}: " + (
+                    exc.details() or exc.code().name
+                )
+                return
         if vm.state is VMState.BOOTING:
             vm.guest = observe.sanitize_guest(info, vm.resources.memory_mib * 2**20)
             if vm.boot_started is not None and vm.boot_duration is None:
@@ -628,6 +671,12 @@ class VMManager:
                 vm.name,
                 extra={"vm": vm.name, "boot_s": round(vm.boot_duration or 0.0, 3)},
             )
+
+    async def _configure_root(self, vm: VM, timeout: float) -> None:
+        stored = await asyncio.to_thread(self.image_store.get, vm.workload_image_id)
+        await image_vms.configure_root(
+            vm.agent_endpoint, stored.manifest.config.to_proto(), timeout
+        )
 
     def _emit_ready(self, vm: VM) -> None:
         """vm.ready: the monitor observes boot_s in agentvm_vm_boot_duration_seconds

@@ -164,6 +164,7 @@ class VMManagerServicer(ImageRPCs, vm_manager_pb2_grpc.VMManagerServiceServicer)
             start=request.start,
             shared_workspace=request.shared_workspace,
             from_template=request.from_template,
+            workload_image=request.image,
         )
         return vm_manager_pb2.CreateVMResponse(vm=access.view(vm, who))
 
@@ -342,6 +343,10 @@ class VMManagerServicer(ImageRPCs, vm_manager_pb2_grpc.VMManagerServiceServicer)
     async def BuildImage(
         self, request: vm_manager_pb2.BuildImageRequest, context: Ctx
     ) -> AsyncIterator[vm_manager_pb2.BuildImageResponse]:
+        if request.HasField("spec"):
+            async for event in self.build_named(request):
+                yield event
+            return
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | None] = asyncio.Queue()
 

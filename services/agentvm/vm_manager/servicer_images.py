@@ -8,18 +8,21 @@ Every change is audited: image.deleted, image.tagged, image.pruned.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from agentvm.common import identity
 from agentvm.common.errors import InvalidArgument
-from agentvm.common.grpc_util import grpc_errors
+from agentvm.common.grpc_util import grpc_errors, grpc_stream_errors
 from agentvm.v1 import vm_manager_pb2, vm_manager_pb2_grpc
 from agentvm.vm_manager.image import ImageStore, Manifest
 from agentvm.vm_manager.image_manifest import BUILTIN
 from agentvm.vm_manager.image_store import StoredImage
+from agentvm.vm_manager.importer import ImageImporter
 from agentvm.vm_manager.manager import VMManager
+from agentvm.vm_manager.spec_build import SpecBuilder
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -40,7 +43,8 @@ def image_to_proto(manifest: Manifest, path: str) -> vm_manager_pb2.Image:
 
 
 class ImageRPCs(vm_manager_pb2_grpc.VMManagerServiceServicer):
-    """GetImage, ListImages, DeleteImage, TagImage, PruneImages."""
+    """GetImage, ImportImage, ListImages, DeleteImage, TagImage, PruneImages, and
+    BuildImage's named-image half (:meth:`build_named`)."""
 
     manager: VMManager
     # The built-in image (image.py); named images are ``manager.image_store``.
@@ -142,3 +146,29 @@ class ImageRPCs(vm_manager_pb2_grpc.VMManagerServiceServicer):
         return vm_manager_pb2.PruneImagesResponse(
             removed_ids=result.removed_ids, freed_bytes=result.freed_bytes
         )
+
+    @grpc_stream_errors
+    async def ImportImage(
+        self, request: vm_manager_pb2.ImportImageRequest, context: Ctx
+    ) -> AsyncIterator[vm_manager_pb2.ImportImageResponse]:
+        if not request.ref:
+            raise InvalidArgument(
+                "ref is empty: give oci-archive:PATH, docker-archive:PATH or oci:DIR[:TAG]"
+            )
+        importer = ImageImporter(
+            self.manager,
+            self.manager.image_store,
+            self.manager.settings.max_image_disk_mib << 20,
+        )
+        async for event in importer.run(request.ref, request.name):
+            yield event
+
+    async def build_named(
+        self, request: vm_manager_pb2.BuildImageRequest
+    ) -> AsyncIterator[vm_manager_pb2.BuildImageResponse]:
+        """BuildImage with a spec (servicer.py's BuildImage hands it here)."""
+        builder = SpecBuilder(
+            self.manager, self.manager.image_store, self.manager.settings.cache_dir
+        )
+        async for event in builder.run(request.spec, request.name, request.no_cache):
+            yield event

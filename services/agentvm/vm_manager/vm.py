@@ -102,6 +102,8 @@ class VM:
     # as a second disk (image_disk), an overlay on the image's root.qcow2.
     # Empty for the built-in image.
     workload_image_id: str = ""
+    # An import's build VM: its raw ext4 disk, attached writable as vdb.
+    build_disk: str = ""
 
     @property
     def overlay(self) -> Path:
