@@ -3,6 +3,7 @@ takes an ``IMAGE/`` prefix, and an image's VMs boot cold (no memory template yet
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
 import pytest
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 
 from agentvm.cli import pool_cmds
 from agentvm.cli.main import cli
-from agentvm.common.errors import InvalidArgument
+from agentvm.common.errors import InvalidArgument, NotFound
 from agentvm.monitor.metrics import pool_name
 from agentvm.pool_manager.backend import POOL_KEY_LABEL, VMManagerBackend
 from agentvm.pool_manager.manager import parse_pools
@@ -167,3 +168,29 @@ def test_pool_set_and_status_show_the_image(monkeypatch: pytest.MonkeyPatch) -> 
         result = CliRunner().invoke(cli, ["pool", "set", bad, "min=1"])
         assert result.exit_code == 2, (bad, result.output)
         assert "[IMAGE/]PROFILE/NETWORK" in result.output
+
+
+@aio
+async def test_an_image_vm_manager_does_not_know_is_not_found_at_acquire_not_a_timeout() -> None:
+    class NoSuchImage(FakeBackend):
+        missing = True
+
+        async def create(self, key: PoolKey, from_template: bool) -> common_pb2.VM:
+            if self.missing:
+                raise NotFound("no image 'coder' (agent-vm image list)")
+            return await super().create(key, from_template)
+
+    be = NoSuchImage()
+    pool = VMPool(PoolKey(STD, ISO, "coder"), cfg(0, 2), be)
+    pool.start()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(NotFound, match="pool coder/standard/isolated: no image 'coder'"):
+        await pool.acquire(30.0, {})
+    assert loop.time() - start < 5
+    # Once the image exists, the next acquire gets a VM.
+    be.missing = False
+    lease = await pool.acquire(30.0, {})
+    assert lease.vm.name
+    await pool.release(lease.lease_id)
+    await pool.close()

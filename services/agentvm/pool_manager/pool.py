@@ -224,6 +224,11 @@ class VMPool:
         self._closing = False
         self._retry_s = RETRY_MIN_S
         self._backoff_until = 0.0
+        # vm-manager's NOT_FOUND of a create (a named image that does not exist),
+        # counted: an acquire waiting when one comes says so at once rather than
+        # waiting for its deadline (the next acquire tries again).
+        self._missing: NotFound | None = None
+        self._missing_count = 0
         self._waiters = 0
         self._template_task: asyncio.Task[None] | None = None
 
@@ -329,6 +334,7 @@ class VMPool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         waited = False
+        missing_seen = self._missing_count
         self._waiters += 1
         try:
             while True:
@@ -347,6 +353,8 @@ class VMPool:
                         return self._lease(pvm.vm, labels, from_pool=not waited)
                     self.counters.replaced_unhealthy += 1
                     self._discard(pvm.vm.name, "its agent did not answer at acquire")
+                if self._missing is not None and self._missing_count != missing_seen:
+                    raise NotFound(f"pool {self.key}: {self._missing.message}")
                 # Nothing idle: start one VM per waiting caller, room permitting.
                 if self._warming < self._waiters and self.total < self.config.max_size:
                     self._start_warm()
@@ -476,6 +484,9 @@ class VMPool:
             if not isinstance(exc, AgentVMError):
                 raise
             self.counters.failed_creates += 1
+            if isinstance(exc, NotFound):
+                self._missing = exc
+                self._missing_count += 1
             self._backoff_until = self._clock() + self._retry_s
             log.warning(
                 "pool %s: creating a VM failed (next try in %.0f s): %s",
@@ -484,6 +495,9 @@ class VMPool:
                 exc,
             )
             self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+            if isinstance(exc, NotFound):
+                async with self._changed:
+                    self._changed.notify_all()  # waiting acquires answer NOT_FOUND now
             return
         self._warming -= 1
         self._retry_s = RETRY_MIN_S
