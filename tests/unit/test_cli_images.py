@@ -161,7 +161,10 @@ def test_import_makes_a_relative_path_absolute_and_shows_progress_then_the_image
         ("oci-archive:/srv/a.tar", "oci-archive:/srv/a.tar"),
         ("oci:layout:v2", "oci:{cwd}/layout:v2"),
         ("oci:./layout", "oci:{cwd}/layout"),
-        ("docker-archive:../a.tar:app:1", "docker-archive:{parent}/a.tar:app:1"),
+        ("oci:/srv/layout", "oci:/srv/layout"),
+        ("oci:my:dir/layout", "oci:{cwd}/my:dir/layout"),
+        ("docker-archive:../a.tar", "docker-archive:{parent}/a.tar"),
+        ("docker-archive:b:c.tar", "docker-archive:{cwd}/b:c.tar"),
     ],
 )
 def test_import_refs_keep_transport_and_tag(

@@ -52,8 +52,9 @@ def absolute_ref(ref: str, cwd: Path | None = None) -> str:
     """``oci-archive:app.tar`` -> ``oci-archive:/home/me/app.tar``: vm-manager reads the
     archive in its own working directory, so a relative path means the caller's here.
 
-    As skopeo does, the path ends at the first ':' after the transport (what
-    follows is a tag or reference, kept as written)."""
+    As vm-manager reads it: an archive's PATH is all that follows the transport;
+    ``oci:DIR:TAG`` ends DIR at the last ':' (when what follows has no '/'),
+    and the TAG is kept as written."""
     transport, sep, rest = ref.partition(":")
     if not sep or transport not in TRANSPORTS:
         fail(
@@ -61,7 +62,11 @@ def absolute_ref(ref: str, cwd: Path | None = None) -> str:
             + ", ".join(f"{t}:{what}" for t, what in TRANSPORTS.items())
             + " (e.g. docker-archive:app.tar from `docker save -o app.tar app`)"
         )
-    path, colon, suffix = rest.partition(":")
+    path, colon, suffix = rest, "", ""
+    if transport == "oci":
+        head, sep, last = rest.rpartition(":")
+        if sep and head and "/" not in last:
+            path, colon, suffix = head, sep, last
     if not path:
         fail(f"image import {ref!r}: no path after {transport}:")
     full = os.path.normpath(os.path.join(cwd or Path.cwd(), os.path.expanduser(path)))
