@@ -13,6 +13,8 @@ from agentvm.common.config import Settings
 from agentvm.v1 import common_pb2, vm_manager_pb2
 from agentvm.vm_manager.image import ImageStore
 from agentvm.vm_manager.network import NetNames
+from tests.imagebuild import CODER_SPEC, spec_source
+from tests.imagebuild import build as build_spec
 from tests.networld import NetWorld, nat_env, networld
 from tests.otelcollector import Collector, otlp_collector
 from tests.vmharness import (
@@ -186,3 +188,11 @@ def shared_vm(vmm: VMManagerProcess) -> Iterator[common_pb2.VM]:
         yield f.booted()
     finally:
         f.cleanup()
+
+
+@pytest.fixture(scope="session")
+def coder_image(vmm: VMManagerProcess) -> vm_manager_pb2.Image:
+    """images/coder.toml built once per session (its build steps are cached across runs)."""
+    built = build_spec(vmm, spec_source(CODER_SPEC))
+    assert built.image is not None
+    return built.image

@@ -222,7 +222,7 @@ class SpecBuilder:
             yield _progress("fetch", 1, 3, root.cached)
             pips: list[spec_fetch.PipResult] = []
             async for ev in self._in_thread(
-                lambda lg: spec_fetch.pip_step(spec, self.cache_dir, lg, size_mib=root.size_mib),
+                lambda lg: spec_fetch.pip_step(spec, self.cache_dir, lg),
                 pips,
             ):
                 yield ev
@@ -230,7 +230,7 @@ class SpecBuilder:
             yield _progress("fetch", 2, 3, pip.cached)
             npms: list[spec_fetch.NpmResult] = []
             async for ev in self._in_thread(
-                lambda lg: spec_fetch.npm_step(spec, self.cache_dir, lg, size_mib=root.size_mib),
+                lambda lg: spec_fetch.npm_step(spec, self.cache_dir, lg),
                 npms,
             ):
                 yield ev
