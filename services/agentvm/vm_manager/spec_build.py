@@ -157,11 +157,13 @@ def layers_of(
             cmds.append(f"python3 -m venv --without-pip {shlex.quote(pip.venv)}")
             py = shlex.quote(pip.venv + "/bin/python")
         extra = "" if pip.venv else " --break-system-packages"
+        # A venv gets pip itself too: agents run `pip install` in it.
+        own = f" {d}/pip/{pip_wheel.name}" if pip.venv else ""
         cmds.append(
             f"{py} {d}/pip/{pip_wheel.name}/pip install --no-index --no-cache-dir{extra} "
-            f"--find-links {d}/wheels -r {d}/requirements.txt"
+            f"--find-links {d}/wheels{own} -r {d}/requirements.txt"
         )
-        out.append(_Layer("pip", ("pip", pip.key), tuple(uploads), tuple(cmds)))
+        out.append(_Layer("pip", ("pip", pip.key, bool(own)), tuple(uploads), tuple(cmds)))
     if npm.packages:
         cmds = [
             "mkdir -p /usr/local/lib/node_modules /usr/local/bin",
