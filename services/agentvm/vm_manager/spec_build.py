@@ -180,17 +180,40 @@ def layers_of(
         )
     if spec.files:
         uploads, cmds, digests = [], [], []
-        for i, copy in enumerate(spec.files):
-            uploads.append((copy.src, f"files/{i}"))
-            mode = copy.mode if copy.mode is not None else copy.src.stat().st_mode & 0o7777
+        for i, (src, dest, mode) in enumerate(_copies(spec.files)):
+            uploads.append((src, f"files/{i}"))
             cmds.append(
-                f"install -D -m {mode:o} /workspace/{GUEST_DIR}/files/{i} {shlex.quote(copy.dest)}"
+                f"install -D -m {mode:o} /workspace/{GUEST_DIR}/files/{i} {shlex.quote(dest)}"
             )
-            digests.append((copy.dest, mode, hashlib.sha256(copy.src.read_bytes()).hexdigest()))
-        out.append(_Layer("files", ("files", digests), tuple(uploads), tuple(cmds)))
+            digests.append((dest, mode, hashlib.sha256(src.read_bytes()).hexdigest()))
+        # One command: a directory of many files costs one Execute.
+        script = "set -e\n" + "\n".join(cmds)
+        out.append(_Layer("files", ("files", digests), tuple(uploads), (script,)))
     for i, cmd in enumerate(spec.run):
         inputs = ("run", cmd, sorted(spec.env.items()))
         out.append(_Layer(f"run {i + 1}/{len(spec.run)}", inputs, (), (cmd,)))
+    return out
+
+
+def _copies(files: tuple[image_spec.FileCopy, ...]) -> list[tuple[Path, str, int]]:
+    """(host file, destination, mode) of every file to copy; a directory's files
+    land under its destination with their relative paths (regular files only)."""
+    out: list[tuple[Path, str, int]] = []
+    for copy in files:
+        if not copy.src.is_dir():
+            mode = copy.mode if copy.mode is not None else copy.src.stat().st_mode & 0o7777
+            out.append((copy.src, copy.dest, mode))
+            continue
+        for path in sorted(copy.src.rglob("*")):
+            if path.is_symlink() or not (path.is_file() or path.is_dir()):
+                raise InvalidArgument(
+                    f"{copy.src}: {path.relative_to(copy.src)} is not a regular file or "
+                    "directory: copy its target instead"
+                )
+            if path.is_file():
+                mode = copy.mode if copy.mode is not None else path.stat().st_mode & 0o7777
+                rel = path.relative_to(copy.src).as_posix()
+                out.append((path, f"{copy.dest.rstrip('/')}/{rel}", mode))
     return out
 
 
