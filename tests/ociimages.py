@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -52,6 +53,8 @@ def busybox_image(d: Path) -> dict[str, str]:
     (upper / "rootfs" / "etc" / "secret").unlink()
     (upper / "rootfs" / "home" / "app").mkdir(parents=True)
     (upper / "rootfs" / "home" / "app" / "notes").write_text("upper layer\n")
+    # The user's home is the user's (clones of a template write there).
+    os.chown(upper / "rootfs" / "home" / "app", 1000, 1000)
     sh("umoci", "repack", "--image", f"{layout}:t", str(upper))
     sh(
         "umoci", "config", "--image", f"{layout}:t",

@@ -119,6 +119,68 @@ def test_an_image_in_use_is_not_removed_and_a_reimport_is_the_same_image(
     assert {NAME, f"{NAME}:docker-archive", f"{NAME}:oci"} <= set(entry.names)
 
 
+def test_a_template_of_an_image_restores_clones_each_with_its_own_image_disk(
+    vmm: VMManagerProcess, factory: VMFactory, imported: vm_manager_pb2.Image
+) -> None:
+    stub = vmm.stub()
+    req = vm_manager_pb2.PrepareTemplateRequest(
+        image=NAME,
+        network_mode=common_pb2.NETWORK_MODE_ISOLATED,
+        profile=common_pb2.RESOURCE_PROFILE_STANDARD,
+    )
+    template = stub.PrepareTemplate(req, timeout=600).template
+    clones: list[common_pb2.VM] = []
+    try:
+        assert template.workload_image_id == imported.id
+        assert template.key.endswith(f"-image-{imported.id}")
+        listed = stub.ListTemplates(vm_manager_pb2.ListTemplatesRequest(), timeout=30).templates
+        assert [t.workload_image_id for t in listed if t.key == template.key] == [imported.id]
+        frozen = vmm.state_dir / "templates" / template.key / "image.qcow2"
+        before = frozen.read_bytes()
+        for _ in range(2):
+            create = vm_manager_pb2.CreateVMRequest(
+                image=NAME,
+                profile=common_pb2.RESOURCE_PROFILE_STANDARD,
+                network_mode=common_pb2.NETWORK_MODE_ISOLATED,
+                from_template=True,
+            )
+            vm = stub.CreateVM(create, timeout=300).vm
+            factory.names.append(vm.name)
+            clones.append(vm)
+        a, b = clones
+        for vm in clones:
+            assert vm.from_template
+            assert vm.state == common_pb2.VM_STATE_READY
+            assert vm.workload_image_id == imported.id
+            print(
+                f"image clone {vm.name} restored in {vm.boot_duration.ToNanoseconds() / 1e9:.3f} s"
+            )
+            r = execute(vm.agent_endpoint, "cat /home/app/notes; id -u; pwd; hostname")
+            assert r.stdout.decode().splitlines() == [
+                "upper layer",
+                "1000",
+                "/home/app",
+                vm.name,
+            ], r
+        # Each clone writes its own vdb overlay; the template's layer is never written.
+        r = execute(a.agent_endpoint, "echo only-in-a > /home/app/a.txt && sync")
+        assert r.status.exit_code == 0, r
+        assert execute(a.agent_endpoint, "cat /home/app/a.txt").stdout == b"only-in-a\n"
+        assert execute(b.agent_endpoint, "cat /home/app/a.txt").status.exit_code != 0
+        assert frozen.read_bytes() == before
+        # The image cannot go while its template exists.
+        with pytest.raises(grpc.RpcError) as err:
+            stub.DeleteImage(vm_manager_pb2.DeleteImageRequest(name=imported.id), timeout=60)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"template:{template.key}" in (err.value.details() or "")
+    finally:
+        for vm in clones:
+            factory.destroy(vm.name)
+        stub.DeleteTemplate(vm_manager_pb2.DeleteTemplateRequest(key=template.key), timeout=60)
+    assert not (vmm.state_dir / "templates" / template.key).exists()
+    assert not leftovers(vmm)
+
+
 def test_a_vm_of_an_unknown_image_is_refused_naming_it(vmm: VMManagerProcess) -> None:
     with pytest.raises(grpc.RpcError) as err:
         vmm.stub().CreateVM(

@@ -93,19 +93,17 @@ def test_keys_parse_and_travel_with_their_image() -> None:
 
 
 @aio
-async def test_a_named_images_pool_boots_cold_and_builds_no_template() -> None:
+async def test_a_named_images_pool_builds_its_template_and_restores_from_it() -> None:
     be = FakeBackend()
     pool = VMPool(PoolKey(STD, ISO, "coder"), cfg(2, 4), be)
     pool.start()
     await settle(pool, 2)
-    assert be.prepares == 0
-    assert not pool.template_ready
-    assert not pool.template_building
-    # Even told a template is ready, a named image's VMs boot cold.
-    pool.template_ready = True
+    assert be.prepares == 1
+    assert pool.template_ready
     lease = await pool.acquire(1.0, {})
     await settle(pool, 2)
-    assert [t for _, t in be.created] == [False] * len(be.created)
+    assert be.created
+    assert [t for _, t in be.created] == [True] * len(be.created)
     await pool.release(lease.lease_id)
     await pool.close()
 
@@ -130,17 +128,20 @@ class RecordingVMM:
 
 
 @aio
-async def test_the_backend_asks_vm_manager_for_the_image_and_never_a_template_of_it() -> None:
+async def test_the_backend_asks_vm_manager_for_the_image_and_its_template() -> None:
     vmm = RecordingVMM()
     be = VMManagerBackend(cast(Any, vmm), {"agent-vm/owner": "pool-manager"})
     await be.create(PoolKey(STD, ISO, "coder"), from_template=True)
     await be.create(PoolKey(STD, ISO), from_template=True)
+    await be.prepare_template(PoolKey(STD, ISO, "coder"))
+    await be.prepare_template(PoolKey(STD, ISO))
     named, builtin = vmm.creates
     assert named.image == "coder"
-    assert not named.from_template
+    assert named.from_template
     assert named.labels[POOL_KEY_LABEL] == "coder/standard/isolated"
     assert builtin.image == ""
     assert builtin.from_template
+    assert [p.image for p in vmm.prepares] == ["coder", ""]
     await be.close()
 
 
@@ -194,3 +195,34 @@ async def test_an_image_vm_manager_does_not_know_is_not_found_at_acquire_not_a_t
     assert lease.vm.name
     await pool.release(lease.lease_id)
     await pool.close()
+
+
+def test_template_prepare_takes_an_image_and_list_shows_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[vm_manager_pb2.PrepareTemplateRequest] = []
+    image_id = "ab" * 32
+
+    class Stub:
+        def PrepareTemplate(
+            self, req: vm_manager_pb2.PrepareTemplateRequest, **_: object
+        ) -> vm_manager_pb2.PrepareTemplateResponse:
+            seen.append(req)
+            return vm_manager_pb2.PrepareTemplateResponse(built=True)
+
+        def ListTemplates(self, *_: object, **__: object) -> vm_manager_pb2.ListTemplatesResponse:
+            return vm_manager_pb2.ListTemplatesResponse(
+                templates=[vm_manager_pb2.Template(key="k-image", workload_image_id=image_id)]
+            )
+
+    monkeypatch.setattr(pool_cmds, "vm_stub", Stub)
+    args = ["template", "prepare", "--image", "coder", "--network", "isolated"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert seen[-1].image == "coder"
+    assert seen[-1].network_mode == common_pb2.NETWORK_MODE_ISOLATED
+    assert CliRunner().invoke(cli, ["template", "prepare"]).exit_code == 0
+    assert seen[-1].image == ""
+    listed = CliRunner().invoke(cli, ["template", "list"])
+    assert listed.exit_code == 0, listed.output
+    assert image_id[:12] in listed.output

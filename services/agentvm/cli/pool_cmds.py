@@ -46,11 +46,18 @@ def template() -> None:
     "own mode (bridged VMs are never made from a template).",
 )
 @click.option("--force", is_flag=True, help="Rebuild even if a current template exists.")
+@click.option(
+    "--image",
+    default="",
+    metavar="NAME",
+    help="Named image (name, name:tag or id) whose VMs the template is for; the built-in "
+    "image when omitted.",
+)
 @handle_errors
-def template_prepare(profile: str, network: str, force: bool) -> None:
-    """Build the template of PROFILE and NETWORK unless a current one exists."""
+def template_prepare(profile: str, network: str, force: bool, image: str) -> None:
+    """Build the template of PROFILE and NETWORK (and IMAGE) unless a current one exists."""
     req = vm_manager_pb2.PrepareTemplateRequest(
-        profile=PROFILES[profile], network_mode=NETWORKS[network], force=force
+        profile=PROFILES[profile], network_mode=NETWORKS[network], force=force, image=image
     )
     resp = vm_stub().PrepareTemplate(req, timeout=900)
     print_json(resp)
@@ -66,12 +73,13 @@ def template_list(as_json: bool) -> None:
         print_json_list(resp.templates)
         return
     print_table(
-        ("KEY", "PROFILE", "NETWORK", "MEMORY", "DISK", "BUILT IN", "QEMU"),
+        ("KEY", "PROFILE", "NETWORK", "IMAGE", "MEMORY", "DISK", "BUILT IN", "QEMU"),
         (
             (
                 t.key,
                 enum_word(common_pb2.ResourceProfile, t.profile, "RESOURCE_PROFILE_"),
                 network_word(t.network_mode),
+                t.workload_image_id[:12] or "default",
                 human_bytes(t.memory_state_bytes),
                 human_bytes(t.disk_bytes),
                 f"{t.build_duration.ToNanoseconds() / 1e9:.1f} s",

@@ -55,8 +55,8 @@ class VMManagerBackend:
             start=True,
             # vm-manager keeps a VM with these labels the pool's alone until it is leased.
             labels={**self.labels, POOL_KEY_LABEL: str(key)},
-            # Memory templates hold the built-in image only: a named image boots cold.
-            from_template=from_template and not key.image,
+            # A named image's template is its own (vm-manager keys it by the image).
+            from_template=from_template,
             image=key.image,
         )
         try:

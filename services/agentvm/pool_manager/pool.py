@@ -298,10 +298,8 @@ class VMPool:
         task.add_done_callback(self._warm_tasks.discard)
 
     def start(self) -> None:
-        if not self.key.image:
-            # Memory templates hold the built-in image only (for now): a named
-            # image's pool boots every VM cold.
-            self._prepare_template()
+        # A named image's pool has its own template (PrepareTemplateRequest.image).
+        self._prepare_template()
         self._spawn(self._refill_loop())
         self._spawn(self._health_loop())
 
@@ -426,7 +424,7 @@ class VMPool:
     # -- making and removing VMs ---------------------------------------------
     async def _make(self) -> PoolVM:
         """Create one READY VM (template restore when possible). Caller holds a slot."""
-        use_template = self.template_ready and not self.key.image
+        use_template = self.template_ready
         try:
             vm = await self.backend.create(self.key, use_template)
         except FailedPrecondition:

@@ -15,6 +15,8 @@ renamed into place, so a half-built template never exists)::
     template.json   the record (key, image, profile, resources, QEMU version)
     memory.state    QEMU migration stream (guest RAM + device state)
     disk.qcow2      the template's overlay when it was saved, read-only
+    image.qcow2     templates of a named image only: the overlay of its root
+                    (``vdb``) when it was saved, read-only, on the image's root.qcow2
 
 The key names everything that must match for a restore to work (image,
 resources, accelerator); the record also holds the QEMU version, and a
@@ -45,6 +47,8 @@ log = logging.getLogger("agentvm.vm_manager.clones")
 RECORD = "template.json"
 MEMORY = "memory.state"
 DISK = "disk.qcow2"
+# A named image's template: the frozen layer of its vdb (image_vms.py).
+IMAGE_DISK = "image.qcow2"
 # QEMU's default migration bandwidth cap (128 MiB/s) would make a save of a
 # file on local disk take seconds; the stream is local, so lift it.
 SAVE_BANDWIDTH = 16 << 30
@@ -52,7 +56,8 @@ MIGRATION_TIMEOUT_S = 120.0
 QMP_FD_NAME = "agentvm-state"
 
 
-# What TemplateSpec.key makes: image id, profile, sizes, accelerator (a file name).
+# What TemplateSpec.key makes: image id, profile, sizes, accelerator, network and
+# the named image's id (a file name).
 KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
@@ -67,14 +72,20 @@ class TemplateSpec:
     # ISOLATED templates have no NIC; NAT_FILTERED ones have one (the device
     # layout must match between the template and its clones).
     network: NetworkMode = NetworkMode.ISOLATED
+    # Named image (its 64-hex id) the workload runs in; "" for the built-in image.
+    # Such a template also holds the frozen layer of the image's disk (vdb).
+    workload_image_id: str = ""
 
     @property
     def key(self) -> str:
+        """``<image>-<profile>-<v>c-<m>m-<d>d-<accel>[-nat][-image-<named image id>]``:
+        built-in templates keep the keys they always had."""
         r = self.resources
         net = "-nat" if self.network is NetworkMode.NAT_FILTERED else ""
+        named = f"-image-{self.workload_image_id}" if self.workload_image_id else ""
         return (
             f"{self.image_id}-{self.profile.name.lower()}-{r.vcpus}c-{r.memory_mib}m-"
-            f"{r.disk_mib}d-{self.accel.value}{net}"
+            f"{r.disk_mib}d-{self.accel.value}{net}{named}"
         )
 
 
@@ -125,6 +136,10 @@ class TemplateStore:
     def memory(self, key: str) -> Path:
         return self._dir(key) / MEMORY
 
+    def image_disk(self, key: str) -> Path:
+        """The frozen vdb layer of a named image's template (clones overlay it)."""
+        return self._dir(key) / IMAGE_DISK
+
     def load(self, key: str) -> TemplateInfo | None:
         """The record of ``key`` when it is complete on disk, else None."""
         d = self._dir(key)
@@ -136,6 +151,8 @@ class TemplateStore:
                 log.warning("template %s is unreadable (%s); it will be rebuilt", key, exc)
             return None
         if info.key != key or not (d / MEMORY).is_file() or not (d / DISK).is_file():
+            return None
+        if info.workload_image_id and not (d / IMAGE_DISK).is_file():
             return None
         return info
 
@@ -217,6 +234,21 @@ class TemplateStore:
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d.name)
         return removed
+
+
+def freeze_layers(staging: Path, overlay: Path, image_disk: Path | None) -> Path:
+    """Move a saved template VM's overlays into ``staging`` as its read-only layers:
+    ``overlay`` becomes disk.qcow2 and a named image's ``image_disk`` (vdb) becomes
+    image.qcow2. Clones only ever get overlays of their own on top. Returns disk.qcow2."""
+    disk = staging / DISK
+    os.replace(overlay, disk)
+    disk.chmod(0o644)
+    if image_disk is not None:
+        frozen = staging / IMAGE_DISK
+        os.replace(image_disk, frozen)
+        frozen.chmod(0o644)
+    (staging / MEMORY).chmod(0o600)
+    return disk
 
 
 # -- QEMU migration stream to and from a file --------------------------------

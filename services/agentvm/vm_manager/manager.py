@@ -13,7 +13,6 @@ import contextlib
 import ipaddress
 import json
 import logging
-import os
 import re
 import secrets
 import subprocess
@@ -42,11 +41,11 @@ from agentvm.vm_manager import access, image_vms, observe, workspace
 from agentvm.vm_manager import domain_xml as dx
 from agentvm.vm_manager.accel import AccelInfo
 from agentvm.vm_manager.clones import (
-    DISK,
     MEMORY,
     TemplateInfo,
     TemplateSpec,
     TemplateStore,
+    freeze_layers,
     load_state,
     save_state,
 )
@@ -287,17 +286,10 @@ class VMManager:
         """``workload_image``: a named image the workload runs in (image_vms.py);
         ``build_disk``: an import's raw ext4 disk, attached writable instead."""
         template: TemplateInfo | None = None
-        workload = ""
-        if workload_image not in ("", "default"):
-            if from_template:
-                raise FailedPrecondition(
-                    f"memory templates of named images are not available yet "
-                    f"({workload_image}): create the VM without from_template (it boots cold)"
-                )
-            workload = (await asyncio.to_thread(self.image_store.resolve, workload_image)).id
+        workload = await self._workload_id(workload_image)
         if from_template:
             template = await self._template_for_clone(
-                profile, network_mode, resources, shared_workspace
+                profile, network_mode, resources, shared_workspace, workload
             )
         if network_mode is NetworkMode.BRIDGE:
             await self.net.check_bridge(bridge)
@@ -529,7 +521,11 @@ class VMManager:
             )
         if vm.workload_image_id:
             stored = self.image_store.get(vm.workload_image_id)
-            image_vms.create_overlay(vm, stored.disk, stored.manifest.disk_bytes)
+            # A clone's vdb overlays its template's frozen vdb layer (clones.py).
+            image_base = (
+                self.templates.image_disk(vm.template_key) if vm.template_key else stored.disk
+            )
+            image_vms.create_overlay(vm, image_base, stored.manifest.disk_bytes)
         if vm.shared_workspace:
             # A file system of its own, as large as the VM's disk (workspace.py).
             workspace.create(vm.workspace, vm.resources.disk_mib, self.settings.workspace_cap)
@@ -1085,8 +1081,18 @@ class VMManager:
             self._qemu_ver = (await asyncio.to_thread(self.conn.versions))[1]
         return self._qemu_ver
 
+    async def _workload_id(self, ref: str) -> str:
+        """The id of named image ``ref``; "" for the built-in image ("" or "default")."""
+        if ref in ("", "default"):
+            return ""
+        return (await asyncio.to_thread(self.image_store.resolve, ref)).id
+
     def _spec(
-        self, profile: ResourceProfile, resources: Resources, network: NetworkMode
+        self,
+        profile: ResourceProfile,
+        resources: Resources,
+        network: NetworkMode,
+        workload_image_id: str = "",
     ) -> TemplateSpec:
         if network is NetworkMode.BRIDGE:
             raise InvalidArgument(
@@ -1094,7 +1100,9 @@ class VMManager:
                 "not vm-manager's to re-address; create bridged VMs without from_template"
             )
         manifest = self.images.require_current().load_manifest()
-        return TemplateSpec(manifest.id, profile, resources, self.accel.accel, network)
+        return TemplateSpec(
+            manifest.id, profile, resources, self.accel.accel, network, workload_image_id
+        )
 
     async def _template_for_clone(
         self,
@@ -1102,19 +1110,21 @@ class VMManager:
         network_mode: NetworkMode,
         resources: Resources,
         shared_workspace: bool,
+        workload_image_id: str = "",
     ) -> TemplateInfo:
         if shared_workspace:
             raise InvalidArgument(
                 "from_template cannot be combined with shared_workspace: QEMU cannot save a "
                 "virtiofs device, so templates have none; move files through the file API"
             )
-        spec = self._spec(profile, resources, network_mode)
+        spec = self._spec(profile, resources, network_mode, workload_image_id)
         info = self.templates.current(spec, await self._qemu_version())
         if info is None:
+            named = f" (named image {workload_image_id[:12]})" if workload_image_id else ""
             raise FailedPrecondition(
-                f"no memory template for {profile.name.lower()} VMs of image {spec.image_id}: "
-                "call PrepareTemplate (agent-vm template prepare) first, or create the VM "
-                "without from_template"
+                f"no memory template for {profile.name.lower()} VMs of image {spec.image_id}"
+                f"{named}: call PrepareTemplate (agent-vm template prepare) first, or create "
+                "the VM without from_template"
             )
         return info
 
@@ -1148,6 +1158,9 @@ class VMManager:
                     guest = await self._reidentify(vm, max(0.5, deadline - loop.time()))
                     vm.guest = observe.sanitize_guest(guest, vm.resources.memory_mib * 2**20)
                     await self._configure_network(vm, max(0.5, deadline - loop.time()))
+                    if vm.workload_image_id:
+                        # The same config as the template's: the guest keeps its mount.
+                        await self._configure_root(vm, max(0.5, deadline - loop.time()))
                     break
                 except grpc.aio.AioRpcError as exc:
                     if loop.time() >= deadline:
@@ -1184,9 +1197,11 @@ class VMManager:
         resources: Resources,
         force: bool,
         network: NetworkMode = NetworkMode.ISOLATED,
+        image: str = "",
     ) -> tuple[TemplateInfo, bool]:
-        """The current template for ``profile``, building it when missing or stale."""
-        spec = self._spec(profile, resources, network)
+        """The current template for ``profile`` (of named image ``image``, "" for the
+        built-in one), building it when missing or stale."""
+        spec = self._spec(profile, resources, network, await self._workload_id(image))
         async with self._template_locks.setdefault(spec.key, asyncio.Lock()):
             qemu = await self._qemu_version()
             info = None if force else self.templates.current(spec, qemu)
@@ -1202,6 +1217,7 @@ class VMManager:
             resources=spec.resources,
             labels=dict([TEMPLATE_ROLE]),
             start=True,
+            workload_image=spec.workload_image_id,
         )
         try:
             await self.wait(vm.name, VMState.READY, DEFAULT_WAIT_S)
@@ -1212,8 +1228,13 @@ class VMManager:
                 req = guest_agent_pb2.ExecuteRequest(
                     program=common_pb2.Program(argv=common_pb2.Argv(args=["sync"]))
                 )
-                async for _ in stub.Execute(req, timeout=30):
-                    pass
+                try:
+                    async for _ in stub.Execute(req, timeout=30):
+                        pass
+                except grpc.aio.AioRpcError:
+                    if not spec.workload_image_id:
+                        raise
+                    # A named image may lack sync; the warm-up is optional.
             staging = await asyncio.to_thread(self.templates.staging, spec.key)
             async with self._lock(vm.name):
                 if vm.relay is not None:
@@ -1224,10 +1245,8 @@ class VMManager:
                     await asyncio.to_thread(save_state, dom, staging / MEMORY)
                     await asyncio.to_thread(dom.destroy)
                 vm.state = VMState.STOPPED
-                disk = staging / DISK
-                await asyncio.to_thread(os.replace, vm.overlay, disk)
-                disk.chmod(0o644)
-                (staging / MEMORY).chmod(0o600)
+                image_disk = vm.image_disk if vm.workload_image_id else None
+                disk = await asyncio.to_thread(freeze_layers, staging, vm.overlay, image_disk)
             info = TemplateInfo(
                 key=spec.key,
                 image_id=spec.image_id,
@@ -1243,6 +1262,7 @@ class VMManager:
                 disk_bytes=disk.stat().st_size,
                 boot_name=vm.name,
                 network_mode=spec.network.name,
+                workload_image_id=spec.workload_image_id,
             )
             await asyncio.to_thread(self.templates.publish, staging, info)
         finally:

@@ -181,7 +181,7 @@ class VMManagerServicer(ImageRPCs, vm_manager_pb2_grpc.VMManagerServiceServicer)
             else NetworkMode.from_proto(request.network_mode)
         )
         info, built = await self.manager.prepare_template(
-            profile, resources, request.force, network
+            profile, resources, request.force, network, request.image
         )
         return vm_manager_pb2.PrepareTemplateResponse(template=template_to_proto(info), built=built)
 
