@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -466,6 +466,16 @@ def leftovers(vmm: VMManagerProcess) -> list[str]:
     if staging.exists():
         left += [f"image staging {p}" for p in staging.iterdir()]
     return left
+
+
+def new_leftovers(vmm: VMManagerProcess, before: Iterable[str]) -> list[str]:
+    """What :func:`leftovers` finds now that was not there ``before``.
+
+    Tests on the session's vm-manager use this: the session's shared VM (and
+    any other session fixture's) is not theirs to clean up.
+    """
+    seen = set(before)
+    return [x for x in leftovers(vmm) if x not in seen]
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import pytest
 
 from agentvm.v1 import vm_manager_pb2
 from tests.imagebuild import CODER_SPEC, build, spec_source
-from tests.vmharness import REPO, VMFactory, VMManagerProcess, execute, leftovers
+from tests.vmharness import REPO, VMFactory, VMManagerProcess, execute, leftovers, new_leftovers
 
 pytestmark = pytest.mark.vm
 
@@ -87,6 +87,7 @@ def test_a_failing_build_step_names_its_output_and_exit_code_and_registers_nothi
     toml = CODER_SPEC.read_text().replace('name = "coder"', 'name = "broken"')
     toml = toml.replace("run = [", 'run = [\n    "echo about to fail; echo oops >&2; exit 3",', 1)
     before = vmm.stub().ListImages(vm_manager_pb2.ListImagesRequest()).images
+    left_before = leftovers(vmm)
     with pytest.raises(grpc.RpcError) as err:
         build(vmm, spec_source(CODER_SPEC, toml))
     details = err.value.details() or ""
@@ -96,7 +97,7 @@ def test_a_failing_build_step_names_its_output_and_exit_code_and_registers_nothi
     assert "coder.toml" in details, details
     after = vmm.stub().ListImages(vm_manager_pb2.ListImagesRequest()).images
     assert [i.id for i in after] == [i.id for i in before]
-    assert not leftovers(vmm)
+    assert not new_leftovers(vmm, left_before)
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,18 @@ from pathlib import Path
 import grpc
 import pytest
 
+import agent_vm
 from agentvm.v1 import common_pb2, vm_manager_pb2
+from tests.e2e.test_cli_run import agent_vm as cli
 from tests.ociimages import BASE_LAYER, Entry, Layout, busybox_image, make_layer
-from tests.vmharness import VMFactory, VMManagerProcess, execute, leftovers
+from tests.vmharness import (
+    ExecutorProcess,
+    VMFactory,
+    VMManagerProcess,
+    execute,
+    leftovers,
+    new_leftovers,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -123,6 +132,7 @@ def test_a_template_of_an_image_restores_clones_each_with_its_own_image_disk(
     vmm: VMManagerProcess, factory: VMFactory, imported: vm_manager_pb2.Image
 ) -> None:
     stub = vmm.stub()
+    left_before = leftovers(vmm)
     req = vm_manager_pb2.PrepareTemplateRequest(
         image=NAME,
         network_mode=common_pb2.NETWORK_MODE_ISOLATED,
@@ -178,7 +188,7 @@ def test_a_template_of_an_image_restores_clones_each_with_its_own_image_disk(
             factory.destroy(vm.name)
         stub.DeleteTemplate(vm_manager_pb2.DeleteTemplateRequest(key=template.key), timeout=60)
     assert not (vmm.state_dir / "templates" / template.key).exists()
-    assert not leftovers(vmm)
+    assert not new_leftovers(vmm, left_before)
 
 
 def test_a_vm_of_an_unknown_image_is_refused_naming_it(vmm: VMManagerProcess) -> None:
@@ -230,6 +240,7 @@ def test_a_bad_archive_is_refused_and_leaves_nothing(
         layout.image([BASE_LAYER, make_layer(HOSTILE_LAYERS[kind])])
         path = layout.pack(tmp_path / "bad.tar")
     before = {i.id for i in vmm.stub().ListImages(vm_manager_pb2.ListImagesRequest()).images}
+    left_before = leftovers(vmm)
     with pytest.raises(grpc.RpcError) as err:
         import_image(vmm, f"oci-archive:{path}", f"bad-{kind}")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
@@ -237,4 +248,27 @@ def test_a_bad_archive_is_refused_and_leaves_nothing(
     after = vmm.stub().ListImages(vm_manager_pb2.ListImagesRequest()).images
     assert {i.id for i in after} == before
     assert not any(f"bad-{kind}" in i.names for i in after)
-    assert not leftovers(vmm)
+    assert not new_leftovers(vmm, left_before)
+
+
+def test_runs_in_an_image_take_its_default_command_or_one_of_its_programs(
+    executor: ExecutorProcess, imported: vm_manager_pb2.Image
+) -> None:
+    # Entrypoint /bin/sh, Cmd -c 'echo $GREETING', as the image's user in its workdir.
+    result = agent_vm.run(image=NAME, network="isolated", timeout=120)
+    assert (result.exit_code, result.stdout) == (0, "hello world\n"), result.stderr
+    proc = cli(
+        executor.env,
+        "run",
+        "--image",
+        NAME,
+        "--network",
+        "isolated",
+        "--",
+        "busybox",
+        "cat",
+        "notes",
+    )
+    assert (proc.returncode, proc.stdout) == (0, "upper layer\n"), proc.stderr
+    with pytest.raises(agent_vm.InvalidArgumentError, match="args without cmd or code"):
+        agent_vm.run(image=NAME, args=["x"])

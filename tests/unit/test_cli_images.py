@@ -406,4 +406,7 @@ def test_vm_create_and_vm_run_pass_the_image(vmm: FakeVMM, monkeypatch: pytest.M
 @pytest.mark.parametrize("command", [("run",), ("vm", "create"), ("vm", "run")])
 def test_the_image_option_says_the_same_everywhere(command: tuple[str, ...]) -> None:
     out = " ".join(invoke(*command, "--help").output.split())
-    assert "--image NAME named image (agent-vm image list); default: the built-in image" in out
+    assert (
+        "--image NAME Named image the program runs in (`agent-vm image list`); "
+        "default: the built-in image." in out
+    ), out

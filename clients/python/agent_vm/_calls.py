@@ -220,9 +220,22 @@ def local_file(local: str | os.PathLike[str]) -> Path:
 
 
 def program(
-    cmd: str | Sequence[str] | None, code: str | None, language: str, args: Sequence[str]
+    cmd: str | Sequence[str] | None,
+    code: str | None,
+    language: str,
+    args: Sequence[str],
+    *,
+    image_default: bool = False,
 ) -> common_pb2.Program:
-    """The Program of ``cmd`` (shell string or argv) or ``code`` in ``language``."""
+    """The Program of ``cmd`` (shell string or argv) or ``code`` in ``language``; with
+    ``image_default`` and neither, an empty one (the image's default command)."""
+    if image_default and cmd is None and code is None:
+        if args:
+            raise InvalidArgumentError(
+                "args without cmd or code: the image's default command takes none; "
+                "give cmd= with the full command instead"
+            )
+        return common_pb2.Program()
     if (cmd is None) == (code is None):
         raise InvalidArgumentError(
             "give either a command (a shell string or an argv list) or code=, not "

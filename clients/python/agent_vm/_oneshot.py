@@ -181,7 +181,9 @@ async def arun(
     ``network="bridge"`` needs ``bridge``, the name of an existing host bridge.
     ``image`` runs the program in a named image (a name, "name:tag" or an id,
     as `agent-vm image list` shows it; None or "default": the built-in
-    image); there ``cwd`` defaults to the image's working directory (else "/").
+    image); there ``cwd`` defaults to the image's working directory (else "/"),
+    and with neither ``cmd`` nor ``code`` the image's default command runs
+    (its Entrypoint + Cmd, or the spec's ``cmd``).
 
     Raises ArgumentTypeError / InvalidArgumentError for bad arguments and
     NotFoundError for a missing local input file (before anything is sent),
@@ -212,7 +214,7 @@ async def arun(
         files.append(executor_pb2.InputFile(path=path, content=data, mode=mode))
     req = executor_pb2.RunRequest(
         spec=_spec(profile, network, cpus, memory_mib, None, "auto", None, policy, bridge, image),
-        program=_program(cmd, code, language, args),
+        program=_program(cmd, code, language, args, image_default=bool(image)),
         inputs=files,
         env=str_map("env", env),
         stdin=bytes_of("stdin", stdin),

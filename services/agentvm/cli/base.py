@@ -65,7 +65,8 @@ def image_option() -> Callable[[F], F]:
         "--image",
         metavar="NAME",
         default=None,
-        help="named image (agent-vm image list); default: the built-in image",
+        help="Named image the program runs in (`agent-vm image list`); "
+        "default: the built-in image.",
     )
 
 

@@ -21,7 +21,7 @@ from agentvm.common import tls
 from agentvm.common.config import Settings
 from agentvm.common.errors import AgentVMError
 from agentvm.vm_manager.accel import detect
-from agentvm.vm_manager.hostcaps import can_raise_memlock
+from agentvm.vm_manager.hostcaps import can_raise_memlock, io_weight_supported
 from agentvm.vm_manager.image import ImageStore
 from agentvm.vm_manager.libvirt_conn import LibvirtConnection
 
@@ -476,7 +476,21 @@ def run_checks(settings: Settings) -> list[Check]:
             "available"
             if memlock
             else "unavailable here (no CAP_SYS_RESOURCE to raise "
-            "RLIMIT_MEMLOCK); CPU quota and I/O weight still apply",
+            "RLIMIT_MEMLOCK); the CPU quota still applies",
+            required=False,
+        )
+    )
+    io_weight = io_weight_supported()
+    checks.append(
+        Check(
+            "I/O weight",
+            io_weight,
+            "available"
+            if io_weight
+            else "unavailable here (cgroup v1 blkio without bfq: the block scheduler has no "
+            "weights); VMs run without an I/O weight, so one VM's disk I/O can crowd others",
+            "use the bfq scheduler for the disk under AGENTVM_STATE_DIR "
+            "(echo bfq > /sys/block/DEV/queue/scheduler) or boot with cgroup v2",
             required=False,
         )
     )

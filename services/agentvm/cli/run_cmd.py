@@ -142,14 +142,17 @@ def run_cmd(
     """Run FILE.py [-- ARGS], -c CODE or --cmd 'SHELL' in a fresh VM; exit with its code.
 
     Options of agent-vm come first; the program's own options go after `--`
-    (agent-vm run agent.py -- --verbose). Piped stdin is passed to the
+    (agent-vm run agent.py -- --verbose). With --image, `-- PROGRAM ARGS`
+    runs PROGRAM of the image, and no program at all runs the image's default
+    command (its Entrypoint + Cmd). Piped stdin is passed to the
     program. Exits 124 when the program timed out. Output files written to
     /workspace/output are saved with --output DIR (listed with --json); what
     is cut or not saved is said on stderr.
     """
     import agent_vm
 
-    if (
+    image_program = bool(image) and code is None and shell is None and not _is_script(argv)
+    if not image_program and (
         sum(x is not None for x in (code, shell))
         + (1 if argv and code is None and shell is None else 0)
         != 1
@@ -167,7 +170,10 @@ def run_cmd(
     files = Inputs()
     files.add_paths(inputs)
     kwargs: dict[str, Any] = {}
-    if code is not None:
+    if image_program:
+        # The image's own program (argv), or its default command (nothing).
+        kwargs = {"cmd": list(argv)} if argv else {}
+    elif code is not None:
         kwargs = {"code": code, "args": argv}
     elif shell is not None:
         kwargs = {"cmd": shell, "args": argv}
@@ -260,3 +266,8 @@ def run_cmd(
     elif result.timed_out:
         click.echo(f"agent-vm: timed out after {timeout:g} s", err=True)
     sys.exit(result.exit_code)
+
+
+def _is_script(argv: tuple[str, ...]) -> bool:
+    """FILE.py (a local Python file, copied in and run with python3) rather than a program."""
+    return bool(argv) and argv[0].endswith(".py") and Path(argv[0]).is_file()

@@ -532,14 +532,31 @@ class AgentExecutor(Executions):
     async def remove_file(self, sb: SandboxState, path: str, recursive: bool) -> None:
         await self.files.remove_file(sb, path, recursive)
 
+    async def _default_command(self, image: str) -> common_pb2.Program:
+        """A named image's default command (OCI Entrypoint + Cmd, a spec's cmd)."""
+        if image in ("", "default"):
+            raise InvalidArgument("program is empty: set program.argv or program.code")
+        try:
+            resp = await self.vmm.GetImage(vm_manager_pb2.GetImageRequest(name=image), timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            raise RemoteError.from_rpc(exc, "vm-manager") from exc
+        argv = [*resp.image.config.entrypoint, *resp.image.config.cmd]
+        if not argv:
+            raise InvalidArgument(
+                f"program is empty and image {image!r} has no default command (OCI "
+                "Entrypoint/Cmd, or cmd in its spec): give the program to run"
+            )
+        return common_pb2.Program(argv=common_pb2.Argv(args=argv[:4096]))
+
     # -- one shot ------------------------------------------------------------------
     async def run(self, req: executor_pb2.RunRequest) -> AsyncIterator[executor_pb2.RunResponse]:
         """Fresh sandbox, inputs, program, outputs; the sandbox is always destroyed."""
         timeout = seconds_of(req, "timeout", DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S)
         output_cap(req.max_output_bytes)
         caps = run_caps(self.files, req)
-        if not req.program.WhichOneof("kind"):
-            raise InvalidArgument("program is empty: set program.argv or program.code")
+        program = req.program
+        if not program.WhichOneof("kind"):
+            program = await self._default_command(req.spec.image)
         for f in req.inputs:
             check_path(f.path)
         if req.cwd and not req.cwd.startswith("/"):
@@ -555,7 +572,7 @@ class AgentExecutor(Executions):
                     sb, "input/" + check_path(f.path), f.mode, _one(f.content), []
                 )
             ereq = executor_pb2.ExecRequest(
-                program=req.program,
+                program=program,
                 cwd=req.cwd,
                 env=req.env,
                 stdin=req.stdin,
