@@ -18,6 +18,7 @@ import pytest
 import agent_vm
 from agentvm.v1 import common_pb2, vm_manager_pb2
 from tests.e2e.test_cli_run import agent_vm as cli
+from tests.imagebuild import build, spec_source
 from tests.ociimages import BASE_LAYER, Entry, Layout, busybox_image, make_layer
 from tests.vmharness import (
     ExecutorProcess,
@@ -272,3 +273,63 @@ def test_runs_in_an_image_take_its_default_command_or_one_of_its_programs(
     assert (proc.returncode, proc.stdout) == (0, "upper layer\n"), proc.stderr
     with pytest.raises(agent_vm.InvalidArgumentError, match="args without cmd or code"):
         agent_vm.run(image=NAME, args=["x"])
+
+
+def test_a_spec_builds_on_an_imported_image_without_debian_or_python(
+    vmm: VMManagerProcess,
+    factory: VMFactory,
+    executor: ExecutorProcess,
+    imported: vm_manager_pb2.Image,
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "motd").write_text("from the spec\n")
+    spec = tmp_path / "plus.toml"
+    spec.write_text(
+        f'name = "{NAME}-plus"\n'
+        f'base = "image:{NAME}"\n'
+        'cmd = ["-c", "echo $GREETING from $EXTRA"]\n'
+        'run = ["busybox mkdir -p /opt/tool && echo ran in the build VM > /opt/tool/marker"]\n'
+        '[env]\nEXTRA = "the spec"\n'
+        '[[files]]\nsrc = "motd"\ndest = "/etc/motd"\nmode = "0604"\n'
+    )
+    left_before = leftovers(vmm)
+    built = build(vmm, spec_source(spec))
+    assert built.image is not None
+    plus = built.image
+    vm: common_pb2.VM | None = None
+    try:
+        assert plus.base == f"image:{imported.id}"
+        assert plus.config.env["GREETING"] == "hello world"  # the base's, kept
+        assert plus.config.env["EXTRA"] == "the spec"
+        assert (plus.config.workdir, plus.config.user) == ("/home/app", "app")
+        assert list(plus.config.entrypoint) == ["/bin/sh"]
+        vm = factory.wait_ready(factory.create(image=f"{NAME}-plus").name)
+        r = execute(
+            vm.agent_endpoint,
+            "busybox id -u; pwd; busybox cat notes /etc/motd /opt/tool/marker; "
+            "busybox stat -c %a /etc/motd; echo $EXTRA; busybox ls /usr/bin/python3 || true",
+        )
+        assert r.stdout.decode().splitlines() == [
+            "1000",
+            "/home/app",
+            "upper layer",  # the base image's files are there
+            "from the spec",
+            "ran in the build VM",
+            "604",
+            "the spec",
+        ], r
+        factory.destroy(vm.name)
+        vm = None
+        result = agent_vm.run(image=f"{NAME}-plus", network="isolated", timeout=120)
+        assert (result.exit_code, result.stdout) == (0, "hello world from the spec\n"), result
+        # Cached: a rebuild runs no step and gives the same image.
+        again = build(vmm, spec_source(spec))
+        assert again.image is not None
+        assert again.image.id == plus.id
+        assert again.cached("files")
+        assert again.cached("run 1/1")
+    finally:
+        if vm is not None:
+            factory.destroy(vm.name)
+        vmm.stub().DeleteImage(vm_manager_pb2.DeleteImageRequest(name=plus.id), timeout=60)
+    assert not new_leftovers(vmm, left_before)

@@ -255,6 +255,13 @@ def test_tag_and_prune(vmm: FakeVMM) -> None:
     assert invoke("image", "prune").stdout == "nothing to prune\n"
     vmm.prune = vm_manager_pb2.PruneImagesResponse(removed_ids=[ID], freed_bytes=1024)
     assert invoke("image", "prune").stdout == f"deleted {ID}\nfreed 1.0 KiB\n"
+    assert not vmm.calls[-1][1].build_cache
+    vmm.prune = vm_manager_pb2.PruneImagesResponse(
+        build_entries_removed=3, build_cache_freed_bytes=2 << 20
+    )
+    out = invoke("image", "prune", "--build-cache").stdout
+    assert vmm.calls[-1][1].build_cache
+    assert out == "removed 3 build cache entries (2.0 MiB)\nfreed 2.0 MiB\n"
 
 
 def test_a_server_error_is_one_line(vmm: FakeVMM, monkeypatch: pytest.MonkeyPatch) -> None:

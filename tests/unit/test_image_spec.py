@@ -104,6 +104,9 @@ def test_an_empty_spec_is_the_default_base(tmp_path: Path) -> None:
         ("files = 'x'", "[[files]] must be an array of tables"),
         ("[[files]]\nsrc = 'x'", "files[0] needs both src and dest"),
         ("apt = [", "not valid TOML"),
+        ("base = 'image:Bad Name'", "base = 'image:Bad Name': expected debian:bookworm, or image:"),
+        ("base = 'ubuntu'", "base = 'ubuntu': expected debian:bookworm, or image:NAME"),
+        ("base = 'image:busybox'\napt = ['git']", 'apt needs base = "debian:bookworm"'),
     ],
 )
 def test_mistakes_name_the_field_and_what_is_allowed(tmp_path: Path, text: str, says: str) -> None:
@@ -142,12 +145,26 @@ def test_a_missing_or_unreadable_spec_says_so(tmp_path: Path) -> None:
         parse("= 1", tmp_path / "x.toml")
 
 
-def test_the_documented_example_parses(tmp_path: Path) -> None:
+def test_every_documented_example_parses(tmp_path: Path) -> None:
     doc = (REPO / "docs" / "IMAGES.md").read_text()
-    block = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in doc.split("```toml\n")[1:]]
+    assert len(blocks) >= 7, "docs/IMAGES.md lost its per-feature examples"
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "motd").write_text("hi")
     (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "gitconfig").write_text("")
-    s = spec(tmp_path, block)
-    assert s.name == "coder"
-    assert s.files[0].dest == "/root/.gitconfig"
-    assert s.pip == ("requests==2.32.3",)
+    (tmp_path / "config" / "a.conf").write_text("")
+    parsed = [
+        spec(tmp_path, b if b.lstrip().startswith("name") else 'name = "doc"\n' + b) for b in blocks
+    ]
+    assert parsed[0].name == "coder"
+    merged = {f.dest for p in parsed for f in p.files}
+    assert {"/etc/motd", "/etc/myapp"} <= merged
+    assert any(p.pip == ("requests==2.32.3", "pyyaml==6.0.2") for p in parsed)
+    assert any(p.run for p in parsed)
+
+
+@pytest.mark.parametrize("ref", ["busybox", "busybox:1.36", "0123456789abcdef" * 4])
+def test_a_stored_image_can_be_the_base(tmp_path: Path, ref: str) -> None:
+    s = spec(tmp_path, f'base = "image:{ref}"\nrun = ["true"]')
+    assert s.base_image == ref
+    assert spec(tmp_path, "").base_image == ""

@@ -80,6 +80,24 @@ def test_docker_archive_is_read_and_verified_by_diff_ids(tmp_path: Path) -> None
     image, scans = scan(f"docker-archive:{docker_archive(tmp_path / 'd.tar', [BASE, UPPER])}")
     assert image.config.user == "app"
     assert len(scans) == 2
+    assert image.name == "example:latest"  # its RepoTags
+
+
+@pytest.mark.parametrize(
+    ("reference", "name"),
+    [
+        ("docker.io/library/busybox:1.36", "busybox:1.36"),
+        ("localhost/my-agent", "my-agent"),
+        ("ghcr.io/org/tool:v1@sha256:" + "a" * 64, "tool:v1"),
+        ("Upper/Case:Tag", ""),
+        ("latest:", ""),
+        ("", ""),
+        (["not", "a", "string"], ""),
+        ("x" * 600, ""),
+    ],
+)
+def test_an_archives_own_name_is_shortened_or_dropped(reference: object, name: str) -> None:
+    assert oci.short_name(reference) == name
 
 
 def test_a_tag_chooses_the_image_and_an_unknown_tag_says_so(tmp_path: Path) -> None:

@@ -39,6 +39,9 @@ def test_real_archives_are_read_verified_and_applied(
         assert image.config.entrypoint == ("/bin/sh",)
         assert image.config.cmd == ("-c", "echo $GREETING")
         assert image.config.labels["org.example.team"] == "agents"
+        # docker-archive keeps skopeo's tag as the image's name; an OCI ref.name of
+        # "t" is a bare tag, not a name.
+        assert image.name == ("example:t" if kind == "docker-archive" else "")
         scans = oci_scan.scan_all(image)
         assert len(scans) == 2
         assert scans[1].whiteouts == 1  # etc/secret

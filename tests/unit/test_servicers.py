@@ -380,3 +380,24 @@ def test_a_create_cancelled_twice_cleans_up_only_after_its_define_thread(
 
     asyncio.run(main())
     assert order == ["define finished", "cleanup"]
+
+
+def test_prune_images_empties_the_build_cache_only_when_asked(
+    tmp_path: Path, fake_image: Path
+) -> None:
+    build = fake_image / "build"
+    (build / ("a" * 64)).mkdir(parents=True)
+    (build / ("a" * 64) / "done").write_text("")
+    (build / ("a" * 64) / "layer.qcow2").write_bytes(b"x" * 8192)
+    (build / f"{'b' * 64}.tmp-1").mkdir()
+
+    async def body(stub: vm_manager_pb2_grpc.VMManagerServiceAsyncStub) -> None:
+        first = await stub.PruneImages(vm_manager_pb2.PruneImagesRequest())
+        assert (list(first.removed_ids), first.build_entries_removed) == ([], 1)
+        assert [p.name for p in build.iterdir()] == ["a" * 64]
+        second = await stub.PruneImages(vm_manager_pb2.PruneImagesRequest(build_cache=True))
+        assert second.build_entries_removed == 1
+        assert second.build_cache_freed_bytes >= 8192
+        assert list(build.iterdir()) == []
+
+    run_servicer_test(tmp_path, fake_image, body)

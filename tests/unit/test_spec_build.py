@@ -16,6 +16,7 @@ from agentvm.common import image_spec
 from agentvm.common.errors import InvalidArgument, ResourceExhausted
 from agentvm.v1 import vm_manager_pb2
 from agentvm.vm_manager import importer, oci, spec_build
+from agentvm.vm_manager.image_manifest import ImageConfigData
 from agentvm.vm_manager.spec_fetch import NpmResult, PipResult
 
 SPEC = """
@@ -115,9 +116,13 @@ def test_steps_in_order_with_their_commands(tmp_path: Path) -> None:
         in (npm_layer.commands[2])
     )
     [script] = files_layer.commands
-    assert "install -D -m 600 /workspace/build/files/0 /etc/app.ini" in script
-    assert "install -D -m 644 /workspace/build/files/1 /opt/tree/a.txt" in script
-    assert "install -D -m 755 /workspace/build/files/2 /opt/tree/sub/run.sh" in script
+    assert (
+        "mkdir -p /etc && rm -f /etc/app.ini && cp /workspace/build/files/0 /etc/app.ini "
+        "&& chmod 600 /etc/app.ini"
+    ) in script
+    assert "cp /workspace/build/files/1 /opt/tree/a.txt && chmod 644 /opt/tree/a.txt" in script
+    assert "mkdir -p /opt/tree/sub && rm -f /opt/tree/sub/run.sh" in script
+    assert "chmod 755 /opt/tree/sub/run.sh" in script
     assert [rel for _, rel in files_layer.uploads] == ["files/0", "files/1", "files/2"]
 
 
@@ -196,3 +201,29 @@ def test_an_import_over_the_disk_cap_is_refused_naming_it() -> None:
     assert plan.disk_bytes == (512 << 20)  # the floor
     with pytest.raises(ResourceExhausted, match="AGENTVM_MAX_IMAGE_DISK_MIB"):
         run._plan(image, (2 << 30,))
+
+
+def test_a_spec_on_an_image_base_overrides_its_config_like_a_dockerfile(tmp_path: Path) -> None:
+    base = ImageConfigData(
+        env={"PATH": "/bin", "A": "1"},
+        workdir="/home/app",
+        user="app",
+        entrypoint=("/bin/sh",),
+        cmd=("-c", "echo base"),
+        labels={"team": "agents"},
+    )
+    spec = image_spec.parse(
+        'base = "image:busybox"\ncmd = ["-c", "echo spec"]\n[env]\nA = "2"', tmp_path / "s.toml"
+    )
+    assert spec_build.config_of(spec, base) == ImageConfigData(
+        env={"PATH": "/bin", "A": "2"},
+        workdir="/home/app",
+        user="app",
+        entrypoint=("/bin/sh",),
+        cmd=("-c", "echo spec"),
+        labels={"team": "agents"},
+    )
+    # The spec's own fields win; with no base (Debian) only the spec's are there.
+    plain = image_spec.parse('workdir = "/w"\nuser = "root"', tmp_path / "p.toml")
+    assert spec_build.config_of(plain, base).workdir == "/w"
+    assert spec_build.config_of(plain) == ImageConfigData(workdir="/w", user="root")

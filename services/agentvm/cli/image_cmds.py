@@ -213,16 +213,29 @@ def image_tag(source: str, name: str) -> None:
 
 
 @image.command("prune")
+@click.option(
+    "--build-cache",
+    is_flag=True,
+    help="Also empty the spec build cache (fetched packages and built steps): the next "
+    "build of every spec starts from scratch. Refused while a build runs.",
+)
 @handle_errors
-def image_prune() -> None:
-    """Remove images no name points at and nothing uses, and unused build steps."""
-    resp = vm_stub().PruneImages(vm_manager_pb2.PruneImagesRequest(), timeout=600)
+def image_prune(build_cache: bool) -> None:
+    """Remove images no name points at and nothing uses, and what interrupted
+    builds left in the build cache."""
+    req = vm_manager_pb2.PruneImagesRequest(build_cache=build_cache)
+    resp = vm_stub().PruneImages(req, timeout=600)
     for image_id in resp.removed_ids:
         click.echo(f"deleted {image_id}")
-    if not resp.removed_ids and not resp.freed_bytes:
+    if resp.build_entries_removed:
+        click.echo(
+            f"removed {resp.build_entries_removed} build cache entries "
+            f"({human_bytes(resp.build_cache_freed_bytes)})"
+        )
+    if not resp.removed_ids and not resp.build_entries_removed:
         click.echo("nothing to prune")
         return
-    click.echo(f"freed {human_bytes(resp.freed_bytes)}")
+    click.echo(f"freed {human_bytes(resp.freed_bytes + resp.build_cache_freed_bytes)}")
 
 
 @image.command("status")

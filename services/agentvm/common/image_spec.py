@@ -26,6 +26,9 @@ from packaging.requirements import InvalidRequirement, Requirement
 from agentvm.common.errors import InvalidArgument
 
 BASES = ("debian:bookworm",)
+# base = "image:REF": an image of the store (imported or built) as the root.
+IMAGE_BASE = "image:"
+IMAGE_ID = re.compile(r"[0-9a-f]{12,64}")
 DEFAULT_DISK_GIB = 8
 MAX_DISK_GIB = 256
 MAX_ITEMS = 1000
@@ -68,6 +71,11 @@ class ImageSpec:
     user: str = ""
     cmd: tuple[str, ...] = ()
     run: tuple[str, ...] = ()
+
+    @property
+    def base_image(self) -> str:
+        """The named image this spec builds on (``base = "image:REF"``), or ""."""
+        return self.base.removeprefix(IMAGE_BASE) if self.base.startswith(IMAGE_BASE) else ""
 
 
 # The fields each table may hold.
@@ -116,14 +124,24 @@ def parse(text: str, path: Path) -> ImageSpec:
     if name and not IMAGE_NAME.fullmatch(name):
         raise p.bad("name", name, "lower-case letters, digits, '.', '_', '-', optional ':tag'")
     base = p.string(doc, "base", BASES[0])
-    if base not in BASES:
-        raise p.bad("base", base, ", ".join(BASES))
+    ref = base.removeprefix(IMAGE_BASE)
+    if base not in BASES and not (
+        base.startswith(IMAGE_BASE) and (IMAGE_NAME.fullmatch(ref) or IMAGE_ID.fullmatch(ref))
+    ):
+        allowed = f"{', '.join(BASES)}, or image:NAME[:TAG] / image:ID of `agent-vm image list`"
+        raise p.bad("base", base, allowed)
     disk = doc.get("disk_gib", DEFAULT_DISK_GIB)
     if not isinstance(disk, int) or isinstance(disk, bool):
         raise p.wrong("disk_gib", "an integer (GiB)", disk)
     if not 1 <= disk <= MAX_DISK_GIB:
         raise p.bad("disk_gib", str(disk), f"1 to {MAX_DISK_GIB}")
     apt = p.strings(doc, "apt")
+    if apt and base.startswith(IMAGE_BASE):
+        raise ImageSpecError(
+            f'{path}: apt needs base = "{BASES[0]}" (Debian packages are installed by '
+            f'mmdebstrap into a fresh root); with base = "{base}" copy .deb files in with '
+            "[[files]] and install them in run = [...] (dpkg -i), or build on Debian"
+        )
     for i, pkg in enumerate(apt):
         if not APT_NAME.fullmatch(pkg):
             raise p.bad(f"apt[{i}]", pkg, "a Debian package name, optionally =VERSION")

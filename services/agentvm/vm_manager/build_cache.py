@@ -10,14 +10,18 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agentvm.common.errors import FailedPrecondition, Unavailable
+from agentvm.vm_manager.image_store import allocated_bytes
 from agentvm.vm_manager.workspace import remove_tree
 
 # Bumped when a step's result changes for the same inputs.
@@ -71,3 +75,77 @@ def run_step(
             remove_tree(tmp)
     log(f"{name}: done ({key[:12]})")
     return final, result, False
+
+
+class CacheUse:
+    """Builds share the build cache; pruning it needs it to itself.
+
+    One per vm-manager, used from its event loop only: the checks and the
+    counters change between awaits, so no lock is needed.
+    """
+
+    def __init__(self) -> None:
+        self.builds = 0
+        self.pruning = False
+
+    @contextlib.contextmanager
+    def building(self) -> Iterator[None]:
+        if self.pruning:
+            raise Unavailable("the build cache is being pruned: build again in a moment")
+        self.builds += 1
+        try:
+            yield
+        finally:
+            self.builds -= 1
+
+    @contextlib.contextmanager
+    def exclusive(self, everything: bool) -> Iterator[bool]:
+        """Held while pruning; yields whether pruning may go ahead. With builds
+        running, emptying the cache is refused and scratch cleanup is skipped
+        (their scratch is not stale)."""
+        if self.builds:
+            if everything:
+                raise FailedPrecondition(
+                    f"{self.builds} image build(s) running: prune the build cache when "
+                    "they have ended"
+                )
+            yield False
+            return
+        self.pruning = True
+        try:
+            yield True
+        finally:
+            self.pruning = False
+
+
+@dataclass(frozen=True)
+class Pruned:
+    entries: int = 0
+    freed_bytes: int = 0
+
+
+def prune(build_dir: Path, everything: bool) -> Pruned:
+    """Remove what interrupted builds left in ``build_dir`` (``*.tmp-*`` and
+    ``spec-*`` scratch, unfinished key directories) and, with ``everything``,
+    every finished step too. Call only with no build running
+    (:meth:`CacheUse.exclusive`)."""
+    if not build_dir.is_dir():
+        return Pruned()
+    entries = freed = 0
+    for path in sorted(build_dir.iterdir()):
+        finished = (
+            path.is_dir()
+            and not path.is_symlink()
+            and ".tmp-" not in path.name
+            and not path.name.startswith("spec-")
+            and (path / DONE).exists()
+        )
+        if finished and not everything:
+            continue
+        freed += allocated_bytes(path)
+        if path.is_dir() and not path.is_symlink():
+            remove_tree(path)
+        else:
+            path.unlink(missing_ok=True)
+        entries += 1
+    return Pruned(entries, freed)

@@ -165,7 +165,8 @@ def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     _fsync_dir(path.parent)
 
 
-def _allocated(path: Path) -> int:
+def allocated_bytes(path: Path) -> int:
+    """Bytes a file or a directory tree occupies on disk (allocated blocks)."""
     total = 0
     for p in [path, *path.rglob("*")]:
         with contextlib.suppress(OSError):
@@ -404,7 +405,7 @@ class ImageStore:
     # -- removing ------------------------------------------------------------------------
     def _trash(self, path: Path) -> int:
         """Move an image directory out of the store, then remove it; its allocated bytes."""
-        freed = _allocated(path)
+        freed = allocated_bytes(path)
         self._ensure_root()
         trash = self._staging_dir / f"trash-{path.name}-{secrets.token_hex(4)}"
         os.rename(path, trash)

@@ -108,6 +108,9 @@ class ImageImporter:
         if name:
             check_name(name)
         image = await asyncio.to_thread(oci.open_image, ref)
+        # Without a name the archive's own (docker save's RepoTags, containerd's
+        # image name) is taken, as `docker load` does.
+        name = name or image.name
         try:
             scanner = oci_scan.Scanner(image.ref)
             sizes: list[int] = []

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from agentvm.common.errors import InvalidArgument
+from agentvm.common.image_spec import IMAGE_NAME
 
 MAX_JSON_BYTES = 4 << 20
 MAX_LAYERS = 128
@@ -47,6 +48,7 @@ MAX_CONFIG_ITEMS = 4096
 
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 REF_NAME = "org.opencontainers.image.ref.name"
+CONTAINERD_NAME = "io.containerd.image.name"
 INDEX_TYPES = (
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -169,6 +171,9 @@ class Image:
     config: ImageConfig
     layers: list[Layer]
     _store: _Store
+    # The archive's own name for the image ("busybox:1.36"), "" if it has none
+    # (see :func:`short_name`): the name an import gets without --name.
+    name: str = ""
 
     def close(self) -> None:
         self._store.close()
@@ -215,13 +220,24 @@ def open_image(text: str) -> Image:
         store = _TarStore(ref.path, ref)
     try:
         if ref.transport == "docker-archive":
-            config, layers = _read_docker(store, ref)
+            config, layers, name = _read_docker(store, ref)
         else:
-            config, layers = _read_oci(store, ref)
+            config, layers, name = _read_oci(store, ref)
     except BaseException:
         store.close()
         raise
-    return Image(ref, config, layers, store)
+    return Image(ref, config, layers, store, short_name(name))
+
+
+def short_name(reference: object) -> str:
+    """An image reference as a store name: ``docker.io/library/busybox:1.36`` ->
+    ``busybox:1.36`` (registry and namespace dropped, a digest too); "" when it is
+    not a string or not a valid name then (the import is then unnamed)."""
+    if not isinstance(reference, str) or len(reference) > 512:
+        return ""
+    ref = reference.split("@", 1)[0]
+    last = ref.rsplit("/", 1)[-1]
+    return last if IMAGE_NAME.fullmatch(last) else ""
 
 
 # -- manifests ------------------------------------------------------------------
@@ -268,9 +284,17 @@ def _blob(digest: str) -> str:
     return "blobs/sha256/" + digest.removeprefix("sha256:")
 
 
-def _read_oci(store: _Store, ref: Ref) -> tuple[ImageConfig, list[Layer]]:
+def _read_oci(store: _Store, ref: Ref) -> tuple[ImageConfig, list[Layer], str]:
     index = _json(store, "index.json", ref, "index.json")
     chosen = _choose_manifest(index, ref, "index.json")
+    notes = chosen.get("annotations") if isinstance(chosen, dict) else None
+    notes = notes if isinstance(notes, dict) else {}
+    # docker save (containerd) names the image; a ref.name is often a bare tag
+    # ("latest"), a name only when it is a whole reference.
+    name = notes.get(CONTAINERD_NAME) or ""
+    ref_name = notes.get(REF_NAME)
+    if not name and isinstance(ref_name, str) and ("/" in ref_name or ":" in ref_name):
+        name = ref_name
     digest, _, media = _descriptor(chosen, ref, "the manifest")
     manifest = _json(store, _blob(digest), ref, f"manifest {digest}", digest)
     if media in INDEX_TYPES or (isinstance(manifest, dict) and "manifests" in manifest):
@@ -298,7 +322,7 @@ def _read_oci(store: _Store, ref: Ref) -> tuple[ImageConfig, list[Layer]]:
                 "without --compression-format zstd)"
             )
         layers.append(Layer(_blob(d), size, d, diff_id))
-    return config, layers
+    return config, layers, name
 
 
 def _choose_manifest(index: Any, ref: Ref, what: str) -> Any:
@@ -333,7 +357,7 @@ def _choose_manifest(index: Any, ref: Ref, what: str) -> Any:
     return manifests[0]
 
 
-def _read_docker(store: _Store, ref: Ref) -> tuple[ImageConfig, list[Layer]]:
+def _read_docker(store: _Store, ref: Ref) -> tuple[ImageConfig, list[Layer], str]:
     entries = _json(store, "manifest.json", ref, "manifest.json")
     if not isinstance(entries, list) or not entries:
         raise ImageArchiveError(f"{ref}: manifest.json lists no image")
@@ -356,7 +380,8 @@ def _read_docker(store: _Store, ref: Ref) -> tuple[ImageConfig, list[Layer]]:
         if not isinstance(path, str):
             raise ImageArchiveError(f"{ref}: manifest.json has a layer path that is not a string")
         layers.append(Layer(_inside(path, ref), -1, _digest_in_name(path), diff_id))
-    return config, layers
+    tags = entry.get("RepoTags")
+    return config, layers, tags[0] if isinstance(tags, list) and tags else ""
 
 
 def _config_of(

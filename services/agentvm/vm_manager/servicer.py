@@ -15,7 +15,7 @@ from agentvm.common import fields, identity
 from agentvm.common.errors import InvalidArgument
 from agentvm.common.grpc_util import grpc_errors, grpc_stream_errors, remaining_time
 from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
-from agentvm.vm_manager import access
+from agentvm.vm_manager import access, build_cache
 from agentvm.vm_manager.accel import Accel
 from agentvm.vm_manager.clones import TemplateInfo
 from agentvm.vm_manager.dnsproxy import EgressRecord
@@ -111,6 +111,7 @@ class VMManagerServicer(ImageRPCs, vm_manager_pb2_grpc.VMManagerServiceServicer)
     def __init__(self, manager: VMManager, images: ImageStore) -> None:
         self.manager = manager
         self.images = images
+        self.build_cache_use = build_cache.CacheUse()
 
     async def _require_usable(self, name: str, context: Ctx, what: str) -> str:
         """The caller's name; FAILED_PRECONDITION when the VM is a warm pool VM it

@@ -17,6 +17,7 @@ from agentvm.common import identity
 from agentvm.common.errors import InvalidArgument
 from agentvm.common.grpc_util import grpc_errors, grpc_stream_errors
 from agentvm.v1 import vm_manager_pb2, vm_manager_pb2_grpc
+from agentvm.vm_manager import build_cache
 from agentvm.vm_manager.image import ImageStore, Manifest
 from agentvm.vm_manager.image_manifest import BUILTIN
 from agentvm.vm_manager.image_store import StoredImage
@@ -49,6 +50,8 @@ class ImageRPCs(vm_manager_pb2_grpc.VMManagerServiceServicer):
     manager: VMManager
     # The built-in image (image.py); named images are ``manager.image_store``.
     images: ImageStore
+    # Spec builds in flight vs pruning the build cache.
+    build_cache_use: build_cache.CacheUse
 
     def _named(self, image: StoredImage) -> vm_manager_pb2.Image:
         return image.to_proto(self.manager.image_users(image.id))
@@ -135,16 +138,26 @@ class ImageRPCs(vm_manager_pb2_grpc.VMManagerServiceServicer):
         self, request: vm_manager_pb2.PruneImagesRequest, context: Ctx
     ) -> vm_manager_pb2.PruneImagesResponse:
         store = self.manager.image_store
-        result = await asyncio.to_thread(store.prune, self.manager.image_users)
-        if result.removed_ids:
+        cache = build_cache.Pruned()
+        with self.build_cache_use.exclusive(request.build_cache) as free:
+            result = await asyncio.to_thread(store.prune, self.manager.image_users)
+            if free:
+                build_dir = self.manager.settings.cache_dir / "build"
+                cache = await asyncio.to_thread(build_cache.prune, build_dir, request.build_cache)
+        if result.removed_ids or cache.entries:
             self.manager.events.emit(
                 "image.pruned",
                 removed=result.removed_ids,
                 freed_bytes=result.freed_bytes,
+                build_entries=cache.entries,
+                build_freed_bytes=cache.freed_bytes,
                 caller=identity.caller(context),
             )
         return vm_manager_pb2.PruneImagesResponse(
-            removed_ids=result.removed_ids, freed_bytes=result.freed_bytes
+            removed_ids=result.removed_ids,
+            freed_bytes=result.freed_bytes,
+            build_entries_removed=cache.entries,
+            build_cache_freed_bytes=cache.freed_bytes,
         )
 
     @grpc_stream_errors
@@ -170,5 +183,6 @@ class ImageRPCs(vm_manager_pb2_grpc.VMManagerServiceServicer):
         builder = SpecBuilder(
             self.manager, self.manager.image_store, self.manager.settings.cache_dir
         )
-        async for event in builder.run(request.spec, request.name, request.no_cache):
-            yield event
+        with self.build_cache_use.building():
+            async for event in builder.run(request.spec, request.name, request.no_cache):
+                yield event

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import grpc
 
 from agentvm.common import image_spec
-from agentvm.common.errors import FailedPrecondition, InvalidArgument
+from agentvm.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from agentvm.common.grpc_util import guest_channel
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc, vm_manager_pb2
 from agentvm.vm_manager import image_vms, spec_fetch
@@ -126,15 +126,31 @@ def parse(source: vm_manager_pb2.ImageSpecSource, into: Path) -> image_spec.Imag
         raise image_spec.ImageSpecError(str(exc).replace(str(path), shown)) from exc
 
 
-def config_of(spec: image_spec.ImageSpec) -> ImageConfigData:
+def config_of(spec: image_spec.ImageSpec, base: ImageConfigData | None = None) -> ImageConfigData:
+    """The image's config: the spec's fields over its base image's (``base``), the
+    way a Dockerfile's ENV/WORKDIR/USER/CMD override its FROM image's; the base's
+    entrypoint and labels are kept."""
+    base = base or ImageConfigData()
     return ImageConfigData(
-        env=dict(spec.env),
-        workdir=spec.workdir,
-        user=spec.user,
-        entrypoint=(),
-        cmd=tuple(spec.cmd),
-        labels={},
+        env={**base.env, **spec.env},
+        workdir=spec.workdir or base.workdir,
+        user=spec.user or base.user,
+        entrypoint=base.entrypoint,
+        cmd=tuple(spec.cmd) or base.cmd,
+        labels=dict(base.labels),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Root:
+    """What the in-VM layers start from: a fetched Debian root or a stored image."""
+
+    key: str
+    disk: Path
+    packages: tuple[str, ...]
+    disk_bytes: int
+    config: ImageConfigData
+    base: str  # the manifest's base: "debian:bookworm" or "image:ID"
 
 
 def layers_of(
@@ -182,8 +198,12 @@ def layers_of(
         uploads, cmds, digests = [], [], []
         for i, (src, dest, mode) in enumerate(_copies(spec.files)):
             uploads.append((src, f"files/{i}"))
+            # mkdir/rm/cp/chmod, not install(1): busybox images often lack it.
+            q = shlex.quote(dest)
+            parent = shlex.quote(str(PurePosixPath(dest).parent))
             cmds.append(
-                f"install -D -m {mode:o} /workspace/{GUEST_DIR}/files/{i} {shlex.quote(dest)}"
+                f"mkdir -p {parent} && rm -f {q} && "
+                f"cp /workspace/{GUEST_DIR}/files/{i} {q} && chmod {mode:o} {q}"
             )
             digests.append((dest, mode, hashlib.sha256(src.read_bytes()).hexdigest()))
         # One command: a directory of many files costs one Execute.
@@ -238,13 +258,26 @@ class SpecBuilder:
             if name:
                 check_name(name)
             yield _progress("fetch", 0, 3)
-            roots: list[spec_fetch.RootResult] = []
-            async for ev in self._in_thread(
-                lambda lg: spec_fetch.root_step(spec, self.cache_dir, lg), roots
-            ):
-                yield ev
-            root = roots[0]
-            yield _progress("fetch", 1, 3, root.cached)
+            if spec.base_image:
+                root = self._image_root(spec)
+                yield _line(f"root: image {spec.base_image} ({root.key[:12]})")
+                yield _progress("fetch", 1, 3, True)
+            else:
+                roots: list[spec_fetch.RootResult] = []
+                async for ev in self._in_thread(
+                    lambda lg: spec_fetch.root_step(spec, self.cache_dir, lg), roots
+                ):
+                    yield ev
+                fetched = roots[0]
+                root = _Root(
+                    fetched.key,
+                    fetched.disk,
+                    tuple(fetched.packages),
+                    fetched.size_mib << 20,
+                    ImageConfigData(),
+                    spec.base,
+                )
+                yield _progress("fetch", 1, 3, fetched.cached)
             pips: list[spec_fetch.PipResult] = []
             async for ev in self._in_thread(
                 lambda lg: spec_fetch.pip_step(spec, self.cache_dir, lg),
@@ -262,16 +295,16 @@ class SpecBuilder:
             npm = npms[0]
             yield _progress("fetch", 3, 3, npm.cached)
             layers = layers_of(spec, pip, npm)
+            config = config_of(spec, root.config)
             key, disk = root.key, root.disk
             for i, layer in enumerate(layers):
                 key = _key(key, layer.inputs)
                 cached = (self.build_dir / key / "done").exists() and not no_cache
                 yield _progress(layer.title, i, len(layers), cached)
                 if not cached:
-                    async for ev in self._build_layer(spec, key, disk, layer):
+                    async for ev in self._build_layer(spec, config.env, key, disk, layer):
                         yield ev
                 disk = self.build_dir / key / "layer.qcow2"
-            config = config_of(spec)
             image_id = _key(key, dataclasses.asdict(config))
             existing = None
             with contextlib.suppress(Exception):
@@ -284,13 +317,13 @@ class SpecBuilder:
                     await asyncio.to_thread(_flatten, disk, staged / "root.qcow2")
                     manifest = ImageManifest(
                         kind="spec",
-                        base=spec.base,
+                        base=root.base,
                         digest="sha256:" + key,
                         created=time.time(),
                         config=config,
                         packages=(*root.packages, *pip.packages, *npm.packages),
                         content_bytes=await asyncio.to_thread(_used_bytes, disk),
-                        disk_bytes=root.size_mib << 20,
+                        disk_bytes=root.disk_bytes,
                     )
                     stored = self.store.commit(staged, image_id, manifest, [name] if name else [])
         self.manager.events.emit("image.built", image=stored.id, names=list(stored.names))
@@ -314,8 +347,24 @@ class SpecBuilder:
             yield _line(text)
         out.append(await task)
 
+    def _image_root(self, spec: image_spec.ImageSpec) -> _Root:
+        """``base = "image:REF"``: the stored image's disk is the first layer's parent;
+        its id (which covers its content and config) keys the layers above it."""
+        try:
+            base = self.store.resolve(spec.base_image)
+        except (InvalidArgument, NotFound) as exc:
+            raise type(exc)(f"{spec.path}: base = {spec.base!r}: {exc.message}") from exc
+        m = base.manifest
+        key = _key("image", base.id)
+        return _Root(key, base.disk, m.packages, m.disk_bytes, m.config, f"image:{base.id}")
+
     async def _build_layer(
-        self, spec: image_spec.ImageSpec, key: str, parent: Path, layer: _Layer
+        self,
+        spec: image_spec.ImageSpec,
+        env: dict[str, str],
+        key: str,
+        parent: Path,
+        layer: _Layer,
     ) -> AsyncIterator[Event]:
         final = self.build_dir / key
         tmp = self.build_dir / f"{key}.tmp-{secrets.token_hex(4)}"
@@ -323,7 +372,7 @@ class SpecBuilder:
         try:
             disk = tmp / "layer.qcow2"
             await asyncio.to_thread(_overlay, parent, disk)
-            async for ev in self._in_vm(spec, disk, layer):
+            async for ev in self._in_vm(spec, env, disk, layer):
                 yield ev
             (tmp / "done").write_text(f"{time.time():.3f}\n")
             try:
@@ -337,7 +386,7 @@ class SpecBuilder:
                 await asyncio.to_thread(remove_tree, tmp)
 
     async def _in_vm(
-        self, spec: image_spec.ImageSpec, disk: Path, layer: _Layer
+        self, spec: image_spec.ImageSpec, env: dict[str, str], disk: Path, layer: _Layer
     ) -> AsyncIterator[Event]:
         vm = await self.manager.create(
             profile=ResourceProfile.STANDARD,
@@ -349,7 +398,7 @@ class SpecBuilder:
         )
         try:
             await self.manager.wait(vm.name, VMState.READY, 300.0)
-            config = common_pb2.ImageConfig(env=dict(spec.env), workdir="/", user="root")
+            config = common_pb2.ImageConfig(env=env, workdir="/", user="root")
             await image_vms.configure_root(vm.agent_endpoint, config, 60.0)
             async with guest_channel(vm.agent_endpoint) as channel:
                 stub: guest_agent_pb2_grpc.GuestAgentServiceAsyncStub = (
