@@ -240,6 +240,62 @@ def boots(vmm: VMManagerProcess, n: int) -> dict[str, Any]:
     return out
 
 
+def template_restores(vmm: VMManagerProcess, n: int) -> dict[str, Any]:
+    """A memory template of each image, then n clones of each, interleaved (the
+    order alternates): CreateVM(from_template) to READY, and the first Execute."""
+    stub = vmm.stub()
+    keys = {}
+    for which in ("default", "coder"):
+        req = vm_manager_pb2.PrepareTemplateRequest(
+            image="" if which == "default" else "coder",
+            profile=common_pb2.RESOURCE_PROFILE_STANDARD,
+            network_mode=common_pb2.NETWORK_MODE_ISOLATED,
+        )
+        keys[which] = stub.PrepareTemplate(req, timeout=BOOT_TIMEOUT_S * 2).template.key
+    ready: dict[str, list[float]] = {"default": [], "coder": []}
+    first_exec: dict[str, list[float]] = {"default": [], "coder": []}
+    try:
+        for i in range(n):
+            order = ["default", "coder"] if i % 2 == 0 else ["coder", "default"]
+            for which in order:
+                t0 = time.perf_counter()
+                vm = stub.CreateVM(
+                    vm_manager_pb2.CreateVMRequest(
+                        image="" if which == "default" else "coder",
+                        profile=common_pb2.RESOURCE_PROFILE_STANDARD,
+                        network_mode=common_pb2.NETWORK_MODE_ISOLATED,
+                        from_template=True,
+                        labels={"bench": "images"},
+                    ),
+                    timeout=BOOT_TIMEOUT_S,
+                ).vm
+                try:
+                    assert vm.from_template, vm
+                    assert vm.state == common_pb2.VM_STATE_READY, vm
+                    ready[which].append(time.perf_counter() - t0)
+                    t1 = time.perf_counter()
+                    res = execute(vm.agent_endpoint, ["true"])
+                    first_exec[which].append(time.perf_counter() - t1)
+                    assert res.status.exit_code == 0, res
+                finally:
+                    stub.DestroyVM(vm_manager_pb2.DestroyVMRequest(name=vm.name), timeout=60)
+    finally:
+        for key in keys.values():
+            stub.DeleteTemplate(vm_manager_pb2.DeleteTemplateRequest(key=key), timeout=60)
+    out: dict[str, Any] = {}
+    for which in ("default", "coder"):
+        out[which] = {
+            "n": len(ready[which]),
+            "create_to_ready_s_p50": round(statistics.median(ready[which]), 3),
+            "create_to_ready_s": [round(x, 3) for x in ready[which]],
+            "first_exec_true_ms_p50": round(statistics.median(first_exec[which]) * 1000, 1),
+        }
+    out["coder_over_default_ready_p50"] = round(
+        out["coder"]["create_to_ready_s_p50"] / out["default"]["create_to_ready_s_p50"], 3
+    )
+    return out
+
+
 def run(vmm: VMManagerProcess, *, n_boots: int, cold: bool, no_cache: bool) -> dict[str, Any]:
     cache_dir = Settings().cache_dir
     stub = vmm.stub()
@@ -300,6 +356,13 @@ def run(vmm: VMManagerProcess, *, n_boots: int, cold: bool, no_cache: bool) -> d
     }
     figures["boot"] = boots(vmm, n_boots)
     progress(figures)
+    figures["template_restore"] = template_restores(vmm, n_boots)
+    figures["template_restore"]["default_restore_over_default_cold_boot_p50"] = round(
+        figures["template_restore"]["default"]["create_to_ready_s_p50"]
+        / figures["boot"]["default"]["create_to_ready_s_p50"],
+        3,
+    )
+    progress(figures)
     oci_dir = vmm.base / "bench-oci"
     oci_dir.mkdir()
     refs = busybox_image(oci_dir)
@@ -343,13 +406,22 @@ def main() -> None:
     parser.add_argument(
         "--skip-no-cache", action="store_true", help="skip the no_cache=True rebuild"
     )
+    parser.add_argument(
+        "--templates-only",
+        action="store_true",
+        help="only template restores of the built-in image and coder (coder from the cache)",
+    )
     args = parser.parse_args()
     with lone_vmm_process() as vmm:
         os.environ["AGENTVM_TOKEN_FILE"] = str(vmm.token_file)
         os.environ["AGENTVM_TLS_DIR"] = str(vmm.tls_dir)
-        figures = run(
-            vmm, n_boots=args.boots, cold=not args.no_cold, no_cache=not args.skip_no_cache
-        )
+        if args.templates_only:
+            assert build(vmm, spec_source(CODER_SPEC), "coder").image is not None
+            figures = {"template_restore": template_restores(vmm, args.boots)}
+        else:
+            figures = run(
+                vmm, n_boots=args.boots, cold=not args.no_cold, no_cache=not args.skip_no_cache
+            )
     print(json.dumps(figures, indent=2))
 
 
