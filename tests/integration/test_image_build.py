@@ -9,6 +9,8 @@ coder shows that only the steps after the shared ones run.
 
 from __future__ import annotations
 
+import secrets
+
 import grpc
 import pytest
 
@@ -56,26 +58,35 @@ def test_coder_has_the_tools_coding_agents_use(
 def test_a_build_after_coder_reuses_its_steps_and_runs_the_rest(
     vmm: VMManagerProcess, factory: VMFactory, coder_image: vm_manager_pb2.Image
 ) -> None:
-    built = build(vmm, spec_source(PLUS_SPEC))
+    # The build cache outlives test runs: a marker new to this run makes the last
+    # run step (only) new, so it must be built while coder's pip layer is reused.
+    marker = f"run-{secrets.token_hex(4)}"
+    last = '"semver 1.2.3 -i minor > /etc/next-version"'
+    text = PLUS_SPEC.read_text()
+    assert text.count(last) == 1
+    text = text.replace(last, last[:-1] + f' && echo {marker} > /etc/m"')
+    built = build(vmm, spec_source(PLUS_SPEC, text))
     assert built.image is not None
     assert built.image.id != coder_image.id
     assert built.cached("pip")  # coder's layer: same root, same wheels
-    assert not built.cached("npm")
+    assert not built.cached("run 3/3")
     vm = factory.wait_ready(factory.create(image="coder-plus").name)
     r = execute(
         vm.agent_endpoint,
-        "cat /etc/next-version; stat -c '%a %U' /etc/motd; cat /etc/motd; semver 2.0.0 -i major",
+        "cat /etc/next-version /etc/m; stat -c '%a %U' /etc/motd; cat /etc/motd; "
+        "semver 2.0.0 -i major",
     )
     assert r.status.exit_code == 0, r.stderr
     assert r.stdout.decode().splitlines() == [
         "1.3.0",
+        marker,
         "640 root",
         "built by agent-vm from a spec",
         "3.0.0",
     ]
     factory.destroy(vm.name)
     # A second build of the same spec runs nothing and gives the same image.
-    again = build(vmm, spec_source(PLUS_SPEC))
+    again = build(vmm, spec_source(PLUS_SPEC, text))
     assert again.image is not None
     assert again.image.id == built.image.id
     assert all(p.cached for p in again.progress if p.phase.startswith("run"))
