@@ -222,6 +222,11 @@ def boots(vmm: VMManagerProcess, n: int) -> dict[str, Any]:
                 assert res.status.exit_code == 0, res
             finally:
                 stub.DestroyVM(vm_manager_pb2.DestroyVMRequest(name=vm.name), timeout=60)
+    return _summary(ready, first_exec)
+
+
+def _summary(ready: dict[str, list[float]], first_exec: dict[str, list[float]]) -> dict[str, Any]:
+    """Per image: the create-to-ready and first-Execute times, and coder / default."""
     out: dict[str, Any] = {}
     for which in ("default", "coder"):
         out[which] = {
@@ -282,18 +287,7 @@ def template_restores(vmm: VMManagerProcess, n: int) -> dict[str, Any]:
     finally:
         for key in keys.values():
             stub.DeleteTemplate(vm_manager_pb2.DeleteTemplateRequest(key=key), timeout=60)
-    out: dict[str, Any] = {}
-    for which in ("default", "coder"):
-        out[which] = {
-            "n": len(ready[which]),
-            "create_to_ready_s_p50": round(statistics.median(ready[which]), 3),
-            "create_to_ready_s": [round(x, 3) for x in ready[which]],
-            "first_exec_true_ms_p50": round(statistics.median(first_exec[which]) * 1000, 1),
-        }
-    out["coder_over_default_ready_p50"] = round(
-        out["coder"]["create_to_ready_s_p50"] / out["default"]["create_to_ready_s_p50"], 3
-    )
-    return out
+    return _summary(ready, first_exec)
 
 
 def run(vmm: VMManagerProcess, *, n_boots: int, cold: bool, no_cache: bool) -> dict[str, Any]:
