@@ -19,6 +19,8 @@ if git rev-parse --verify -q main >/dev/null && git cat-file -e main:buf.yaml 2>
 else
   echo "no main branch with protos to compare against"
 fi
+echo "==> API reference (docs/api: every proto element and client name documented)"
+bash scripts/api-docs.sh
 echo "==> pytest (unit, integration with real VMs, e2e) with coverage"
 set +e
 .venv/bin/pytest --cov --cov-report=term-missing:skip-covered --cov-report=xml "$@"

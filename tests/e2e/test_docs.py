@@ -23,6 +23,7 @@ EXPECTED = [
     "['output/copy.bin']",
     "b'desserts'",
     "['0', '1', '2']",
+    "test 9\nTrue",
     "is closed: create a new one",
     "dns example.com denied name not in allow_domains",
 ]

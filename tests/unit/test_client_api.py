@@ -15,7 +15,11 @@ from agent_vm import _async, _sync, errors
 from agentvm.v1 import executor_pb2
 
 PAIRS: list[tuple[Any, Any, list[str]]] = [
-    (_async.AsyncSandbox, _sync.Sandbox, ["create", "run", "start", "close", "network_log"]),
+    (
+        _async.AsyncSandbox,
+        _sync.Sandbox,
+        ["create", "run", "start", "close", "network_log", "list", "set_timeout", "info"],
+    ),
     (
         _async.AsyncFiles,
         _sync.Files,
@@ -233,6 +237,20 @@ def test_bad_create_arguments_fail_before_any_call() -> None:
             assert word in info.value.message, (kwargs, info.value.message)
     with pytest.raises(agent_vm.InvalidArgumentError, match="needs network='bridge'"):
         agent_vm.run("true", bridge="br0", address="unix:/nonexistent/agent-vm.sock")
+    # A secret's value is never in an error, even a type error about it.
+    bad_secrets: list[tuple[object, str]] = [
+        ({"T": b"hunter2"}, "secret_envs['T'] must be a str, got bytes"),
+        ([("T", "hunter2")], "secret_envs must be a mapping of str to str, got list"),
+    ]
+    for given, says in bad_secrets:
+        with pytest.raises(agent_vm.ArgumentTypeError) as type_err:
+            agent_vm.Sandbox.create(secret_envs=given, address="unix:/nonexistent/x.sock")  # type: ignore[arg-type]
+        assert says in type_err.value.message
+        assert "hunter2" not in type_err.value.message
+    with pytest.raises(agent_vm.InvalidArgumentError, match="'T' is in both envs and secret_envs"):
+        agent_vm.Sandbox.create(
+            envs={"T": "1"}, secret_envs={"T": "2"}, address="unix:/nonexistent/x.sock"
+        )
     with pytest.raises(agent_vm.ArgumentTypeError, match=r"inputs\['a.txt'\] must be bytes"):
         agent_vm.run("true", inputs={"a.txt": 5}, address="unix:/nonexistent/agent-vm.sock")  # type: ignore[dict-item]
     with pytest.raises(agent_vm.ArgumentTypeError, match=r"env\['A'\]"):

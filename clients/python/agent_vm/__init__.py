@@ -23,6 +23,7 @@ from agent_vm._async import (
 )
 from agent_vm._oneshot import OutputFile, RunResult, SkippedOutputFile, arun
 from agent_vm._sync import CommandHandle, Files, Sandbox, run
+from agent_vm._types import SandboxInfo
 from agent_vm.errors import (
     AgentVMError,
     ArgumentTypeError,
@@ -65,6 +66,7 @@ __all__ = [
     "Sandbox",
     "SandboxClosedError",
     "SandboxExpiredError",
+    "SandboxInfo",
     "SkippedOutputFile",
     "UnavailableError",
     "UnimplementedError",

@@ -7,6 +7,7 @@ Value types live in ``_types``, argument checks and the channel in ``_calls``,
 from __future__ import annotations
 
 import asyncio
+import builtins
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,6 +23,7 @@ from agent_vm._calls import (
     default_address,
     local_file,
     program,
+    sandbox_env,
     seconds,
     spec,
     str_map,
@@ -38,6 +40,7 @@ from agent_vm._types import (
     Network,
     NetworkPolicy,
     Profile,
+    SandboxInfo,
     Workspace,
 )
 from agent_vm.errors import AgentVMError, SandboxClosedError, from_rpc
@@ -140,6 +143,25 @@ class AsyncSandbox:
         """Whether ``close()`` was called."""
         return self._closed
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The metadata given at create."""
+        return dict(self._proto.metadata)
+
+    @property
+    def envs(self) -> dict[str, str]:
+        """The default environment's non-secret variables (secret ones are never returned)."""
+        return dict(self._proto.env)
+
+    @property
+    def expires_at(self) -> float:
+        """When the sandbox ends (Unix time), unless ``set_timeout`` moves it."""
+        return self._proto.expires_at.ToNanoseconds() / 1e9
+
+    def info(self) -> SandboxInfo:
+        """What ``AsyncSandbox.list()`` says of this sandbox, as of its last answer."""
+        return SandboxInfo.from_proto(self._proto)
+
     def _live(self) -> None:
         if self._closed:
             raise SandboxClosedError(
@@ -163,9 +185,18 @@ class AsyncSandbox:
         request_timeout: float = 300.0,
         bridge: str | None = None,
         image: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        envs: Mapping[str, str] | None = None,
+        secret_envs: Mapping[str, str] | None = None,
     ) -> AsyncSandbox:
         """Boot a sandbox VM. ``lifetime`` (seconds; default 1 h, at most 24 h) bounds
-        it even if this process dies; it cannot be extended later.
+        it even if this process dies; ``set_timeout`` moves its end later.
+
+        ``metadata``: your key/value pairs, returned by ``list()`` and filterable
+        there. ``envs``: the default environment of every command (a command's
+        own ``env`` wins); ``secret_envs`` too, but their values are never
+        returned and are replaced by "[secret NAME]" in the server's error
+        messages, audit records and logs.
 
         ``network``: "nat-filtered" (default: only the names of ``policy``, or
         the server's default allowlist), "isolated" (no network) or "bridge"
@@ -185,13 +216,16 @@ class AsyncSandbox:
         sandbox_spec = spec(
             profile, network, cpus, memory_mib, lifetime, workspace, labels, policy, bridge, image
         )
+        req = executor_pb2.CreateSandboxRequest(
+            spec=sandbox_spec,
+            metadata=str_map("metadata", metadata),
+            env=sandbox_env(envs, secret_envs),
+        )
         deadline = seconds("request_timeout", request_timeout)
         chan = _channel(addr)
         try:
             stub = executor_pb2_grpc.ExecutorServiceStub(chan)
-            resp = await stub.CreateSandbox(
-                executor_pb2.CreateSandboxRequest(spec=sandbox_spec), timeout=deadline
-            )
+            resp = await stub.CreateSandbox(req, timeout=deadline)
         except grpc.aio.AioRpcError as exc:
             await chan.close(grace=None)
             raise from_rpc(exc, addr) from exc
@@ -200,6 +234,39 @@ class AsyncSandbox:
             raise
         return cls(addr, chan, resp.sandbox)
 
+    @classmethod
+    async def list(
+        cls,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        address: str | None = None,
+        request_timeout: float = 60.0,
+    ) -> builtins.list[SandboxInfo]:
+        """The executor's running sandboxes (of every caller); with ``metadata``, those
+        whose metadata holds every given pair."""
+        addr = address or default_address()
+        req = executor_pb2.ListSandboxesRequest(metadata=str_map("metadata", metadata))
+        deadline = seconds("request_timeout", request_timeout)
+        chan = _channel(addr)
+        try:
+            stub = executor_pb2_grpc.ExecutorServiceStub(chan)
+            resp = await stub.ListSandboxes(req, timeout=deadline)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc(exc, addr) from exc
+        finally:
+            await chan.close(grace=None)
+        return [SandboxInfo.from_proto(sb) for sb in resp.sandboxes]
+
+    @translate
+    async def set_timeout(self, timeout: float) -> None:
+        """End the sandbox ``timeout`` seconds from now (1 s to 24 h; it may also
+        shorten its life). ``expires_at`` shows the new end."""
+        self._live()
+        req = executor_pb2.SetSandboxTimeoutRequest(sandbox_id=self.id)
+        req.timeout.FromNanoseconds(int(seconds("timeout", timeout) * 1e9))
+        resp = await self._stub.SetSandboxTimeout(req, timeout=60)
+        self._proto = resp.sandbox
+
     async def __aenter__(self) -> AsyncSandbox:
         return self
 
@@ -207,7 +274,7 @@ class AsyncSandbox:
         await self.close()
 
     @translate
-    async def network_log(self) -> list[EgressRecord]:
+    async def network_log(self) -> builtins.list[EgressRecord]:
         """Every DNS query and connection attempt of this sandbox so far, with its verdict
         (empty unless the network is "nat-filtered")."""
         self._live()

@@ -175,6 +175,33 @@ def str_map(name: str, value: object) -> dict[str, str]:
     return dict(value)
 
 
+def sandbox_env(envs: object, secret_envs: object) -> dict[str, executor_pb2.EnvValue]:
+    """CreateSandboxRequest.env of ``envs`` and ``secret_envs`` (checked here; an error
+    about a secret names the variable, never its value)."""
+    out = {k: executor_pb2.EnvValue(value=v) for k, v in str_map("envs", envs).items()}
+    if secret_envs is None:
+        return out
+    if not isinstance(secret_envs, Mapping):
+        raise ArgumentTypeError(
+            f"secret_envs must be a mapping of str to str, got {type(secret_envs).__name__}"
+        )
+    for key, item in secret_envs.items():
+        if not isinstance(key, str):
+            raise ArgumentTypeError(
+                f"each key of secret_envs must be a str, got {type(key).__name__}"
+            )
+        if not isinstance(item, str):
+            raise ArgumentTypeError(
+                f"secret_envs[{key!r}] must be a str, got {type(item).__name__}"
+            )
+        if key in out:
+            raise InvalidArgumentError(
+                f"{key!r} is in both envs and secret_envs: give it in one of them"
+            )
+        out[key] = executor_pb2.EnvValue(value=item, secret=True)
+    return out
+
+
 def str_list(name: str, value: object) -> list[str]:
     """A sequence of str (a single str is refused: it is not a list of arguments)."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import os
@@ -160,7 +161,7 @@ class AsyncFiles:
         return size
 
     @translate
-    async def list(self, path: str = "", *, recursive: bool = False) -> list[FileInfo]:
+    async def list(self, path: str = "", *, recursive: bool = False) -> builtins.list[FileInfo]:
         """The entries of directory ``path`` ("" is /workspace), or of its whole tree.
 
         Raises NotFoundError when there is no such directory, ResourceExhaustedError

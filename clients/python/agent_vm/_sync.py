@@ -8,6 +8,7 @@ Streaming callbacks run on the private loop's thread.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import threading
 from collections.abc import Coroutine, Mapping, Sequence
@@ -26,6 +27,7 @@ from agent_vm._async import (
     Workspace,
 )
 from agent_vm._oneshot import RunResult, arun
+from agent_vm._types import SandboxInfo
 
 T = TypeVar("T")
 _lock = threading.Lock()
@@ -116,7 +118,7 @@ class Files:
         its size. Raises as ``read``."""
         return _call(self._inner.download(path, local, max_bytes=max_bytes))
 
-    def list(self, path: str = "", *, recursive: bool = False) -> list[FileInfo]:
+    def list(self, path: str = "", *, recursive: bool = False) -> builtins.list[FileInfo]:
         """The entries of directory ``path`` ("" is /workspace), or of its whole tree.
 
         Raises NotFoundError when there is no such directory,
@@ -179,6 +181,25 @@ class Sandbox:
         """Whether ``close()`` was called."""
         return self._inner.closed
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The metadata given at create."""
+        return self._inner.metadata
+
+    @property
+    def envs(self) -> dict[str, str]:
+        """The default environment's non-secret variables (secret ones are never returned)."""
+        return self._inner.envs
+
+    @property
+    def expires_at(self) -> float:
+        """When the sandbox ends (Unix time), unless ``set_timeout`` moves it."""
+        return self._inner.expires_at
+
+    def info(self) -> SandboxInfo:
+        """What ``Sandbox.list()`` says of this sandbox, as of its last answer."""
+        return self._inner.info()
+
     @classmethod
     def create(
         cls,
@@ -195,11 +216,15 @@ class Sandbox:
         request_timeout: float = 300.0,
         bridge: str | None = None,
         image: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        envs: Mapping[str, str] | None = None,
+        secret_envs: Mapping[str, str] | None = None,
     ) -> Sandbox:
         """Boot a sandbox VM (see ``AsyncSandbox.create``: the same arguments, and
         what it raises). ``lifetime`` (seconds; default 1 h, at most 24 h) bounds
         it even if this process dies; ``network="bridge"`` needs ``bridge``;
-        ``image`` names an image to run in (NotFoundError when there is none)."""
+        ``image`` names an image to run in (NotFoundError when there is none);
+        ``metadata``, ``envs`` and ``secret_envs`` as in ``AsyncSandbox.create``."""
         inner = _call(
             AsyncSandbox.create(
                 profile=profile,
@@ -214,9 +239,31 @@ class Sandbox:
                 request_timeout=request_timeout,
                 bridge=bridge,
                 image=image,
+                metadata=metadata,
+                envs=envs,
+                secret_envs=secret_envs,
             )
         )
         return cls(inner)
+
+    @classmethod
+    def list(
+        cls,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        address: str | None = None,
+        request_timeout: float = 60.0,
+    ) -> builtins.list[SandboxInfo]:
+        """The executor's running sandboxes (of every caller); with ``metadata``, those
+        whose metadata holds every given pair."""
+        return _call(
+            AsyncSandbox.list(metadata=metadata, address=address, request_timeout=request_timeout)
+        )
+
+    def set_timeout(self, timeout: float) -> None:
+        """End the sandbox ``timeout`` seconds from now (1 s to 24 h; it may also
+        shorten its life). ``expires_at`` shows the new end."""
+        _call(self._inner.set_timeout(timeout))
 
     def __enter__(self) -> Sandbox:
         return self
@@ -224,7 +271,7 @@ class Sandbox:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def network_log(self) -> list[EgressRecord]:
+    def network_log(self) -> builtins.list[EgressRecord]:
         """Every DNS query and connection attempt of this sandbox so far, with its
         verdict (empty unless the network is "nat-filtered")."""
         return _call(self._inner.network_log())

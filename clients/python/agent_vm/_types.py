@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from agent_vm.errors import CommandExitError, CommandTimeoutError
-from agentvm.v1 import common_pb2
+from agentvm.v1 import common_pb2, executor_pb2
 
 Callback = Callable[[str], object]
 Profile = Literal["light", "standard", "intensive"]
@@ -130,4 +130,37 @@ class NetworkPolicy:
             allow_domains=list(self.allow_domains),
             allow_cidrs=list(self.allow_cidrs),
             ports=list(self.ports),
+        )
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """A running sandbox as ``Sandbox.list()`` returns it."""
+
+    id: str
+    vm_name: str
+    # The named image it runs ("" for the built-in one).
+    image: str
+    # The caller's metadata, as given at create.
+    metadata: dict[str, str]
+    # The default environment's non-secret variables.
+    envs: dict[str, str]
+    # The names of its secret variables (their values are never returned).
+    secret_env_names: tuple[str, ...]
+    # Unix times.
+    created_at: float
+    expires_at: float
+
+    @classmethod
+    def from_proto(cls, sb: executor_pb2.Sandbox) -> SandboxInfo:
+        """The info of the executor's message."""
+        return cls(
+            id=sb.id,
+            vm_name=sb.vm_name,
+            image=sb.spec.image,
+            metadata=dict(sb.metadata),
+            envs=dict(sb.env),
+            secret_env_names=tuple(sb.secret_env),
+            created_at=sb.created_at.ToNanoseconds() / 1e9,
+            expires_at=sb.expires_at.ToNanoseconds() / 1e9,
         )

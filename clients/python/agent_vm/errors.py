@@ -74,8 +74,8 @@ class SandboxClosedError(FailedPreconditionError):
 class SandboxExpiredError(SandboxClosedError):
     """The sandbox reached the end of its lifetime and was destroyed (also during a call).
 
-    A lifetime cannot be extended: create the sandbox with a longer one
-    (``Sandbox.create(lifetime=SECONDS)``).
+    Extend a running sandbox's lifetime before it ends (``sb.set_timeout(SECONDS)``),
+    or create it with a longer one (``Sandbox.create(lifetime=SECONDS)``).
     """
 
 

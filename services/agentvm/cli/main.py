@@ -16,7 +16,7 @@ import click
 import grpc
 
 from agentvm.cli import bench as bench_mod
-from agentvm.cli import bringup_cmds, image_cmds, pool_cmds, run_cmd, vm_cmds
+from agentvm.cli import bringup_cmds, image_cmds, pool_cmds, run_cmd, sandbox_cmds, vm_cmds
 from agentvm.cli import doctor as doctor_mod
 from agentvm.cli.base import (
     Group,
@@ -249,6 +249,7 @@ cli.add_command(image_cmds.image)
 cli.add_command(pool_cmds.template)
 cli.add_command(pool_cmds.pool)
 cli.add_command(vm_cmds.vm)
+cli.add_command(sandbox_cmds.sandbox)
 cli.add_command(run_cmd.run_cmd)
 
 

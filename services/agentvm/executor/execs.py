@@ -76,7 +76,7 @@ class Executions:
         greq = guest_agent_pb2.ExecuteRequest(
             program=req.program,
             cwd=req.cwd or default_cwd(sb.spec),
-            env=req.env,
+            env=sb.env.for_exec(req.env),
             stdin=req.stdin,
             exec_id=exec_id,
             max_output_bytes=cap,
@@ -87,6 +87,7 @@ class Executions:
         truncated = dict.fromkeys(sent, False)
         sb.execs.add(exec_id)
         command, command_sha = describe_program(req.program)
+        command = sb.env.redact(command)
         self.events.emit(
             "execution.started",
             vm=sb.vm.name,
@@ -244,7 +245,7 @@ class Executions:
                 pids_peak=usage.pids_peak,
             )
         else:
-            attrs["error"] = failure[:500]
+            attrs["error"] = sb.env.redact(failure)[:500]
         self.events.emit(
             "execution.finished",
             vm=sb.vm.name,

@@ -19,11 +19,10 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any
 
 import grpc
@@ -33,7 +32,6 @@ from agentvm.common.errors import (
     REASON_SANDBOX_CLOSED,
     Aborted,
     AgentVMError,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     RemoteError,
@@ -41,9 +39,8 @@ from agentvm.common.errors import (
 )
 from agentvm.common.events import EventSink, NullSink
 from agentvm.common.grpc_util import guest_channel
-from agentvm.executor.execs import Executions
-from agentvm.executor.files import CHUNK, WorkspaceFiles, check_path
-from agentvm.executor.outputs import collect_outputs, run_caps
+from agentvm.executor.files import WorkspaceFiles
+from agentvm.executor.oneshot import OneShot
 from agentvm.executor.sandbox import (
     BOOT_TIMEOUT_S,
     DEFAULT_MAX_OUTPUT,
@@ -65,6 +62,7 @@ from agentvm.executor.sandbox import (
     output_cap,
     seconds_of,
 )
+from agentvm.executor.sandbox_env import SandboxEnv, check_metadata
 from agentvm.v1 import (
     common_pb2,
     executor_pb2,
@@ -100,7 +98,7 @@ __all__ = [
 ]
 
 
-class AgentExecutor(Executions):
+class AgentExecutor(OneShot):
     """Runs agent code in VMs obtained from vm-manager."""
 
     def __init__(
@@ -304,11 +302,17 @@ class AgentExecutor(Executions):
         return self._shared_supported
 
     async def create_sandbox(
-        self, spec: executor_pb2.SandboxSpec, *, default_lifetime: float | None = None
+        self,
+        spec: executor_pb2.SandboxSpec,
+        *,
+        default_lifetime: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        env: SandboxEnv | None = None,
     ) -> SandboxState:
         lifetime = seconds_of(
             spec, "lifetime", default_lifetime or self.settings.sandbox_lifetime_s, MAX_LIFETIME_S
         )
+        metadata = check_metadata(metadata or {})
         if spec.bridge and spec.network_mode != common_pb2.NETWORK_MODE_BRIDGE:
             raise InvalidArgument(
                 f"bridge {spec.bridge!r} was given, but the network mode is not bridge: "
@@ -369,6 +373,8 @@ class AgentExecutor(Executions):
             boot_duration=time.monotonic() - start,
             channel=guest_channel(vm.agent_endpoint),
             lease_id=lease_id,
+            metadata=metadata,
+            env=env or SandboxEnv(),
         )
         self._sandboxes[sandbox_id] = sb
         self.events.emit(
@@ -388,6 +394,8 @@ class AgentExecutor(Executions):
             image=image_ref(spec.image) or "default",
             boot_s=round(sb.boot_duration, 6),
             labels=dict(spec.labels),
+            metadata=metadata,
+            env=sorted(sb.env.values),  # names only
         )
         log.info(
             "sandbox %s ready on %s",
@@ -467,6 +475,10 @@ class AgentExecutor(Executions):
             raise self.gone_error(sandbox_id, cut_short=False)
         return sb
 
+    def sandbox_or_none(self, sandbox_id: str) -> SandboxState | None:
+        """The sandbox, also while it closes; None when there is none."""
+        return self._sandboxes.get(sandbox_id)
+
     def gone_error(self, sandbox_id: str, *, cut_short: bool) -> AgentVMError:
         """Why ``sandbox_id`` cannot serve a call (it expired, was closed, never was)."""
         sb = self._sandboxes.get(sandbox_id)
@@ -483,8 +495,30 @@ class AgentExecutor(Executions):
             "the executor restarted since it was created (sandboxes do not survive a restart)"
         )
 
-    def sandboxes(self) -> list[SandboxState]:
-        return [s for s in self._sandboxes.values() if not s.closing]
+    def sandboxes(self, metadata: Mapping[str, str] | None = None) -> list[SandboxState]:
+        """Open sandboxes; with ``metadata``, those whose metadata holds every pair."""
+        want = (metadata or {}).items()
+        return [
+            s
+            for s in self._sandboxes.values()
+            if not s.closing and all(s.metadata.get(k) == v for k, v in want)
+        ]
+
+    def set_timeout(self, sb: SandboxState, seconds: float) -> None:
+        """``sb`` ends ``seconds`` from now (the reaper closes it then)."""
+        if not 1 <= seconds <= MAX_LIFETIME_S:
+            raise InvalidArgument(
+                f"timeout must be between 1 and {MAX_LIFETIME_S:.0f} seconds, got {seconds:g}"
+            )
+        before = sb.expires_at
+        sb.expires_at = time.time() + seconds
+        self.events.emit(
+            "sandbox.timeout_set",
+            vm=sb.vm.name,
+            sandbox=sb.id,
+            timeout_s=round(seconds, 3),
+            extended_by_s=round(sb.expires_at - before, 3),
+        )
 
     async def close_sandbox(self, sandbox_id: str) -> None:
         """Destroy the sandbox's VM and workspace. Idempotent."""
@@ -531,80 +565,3 @@ class AgentExecutor(Executions):
 
     async def remove_file(self, sb: SandboxState, path: str, recursive: bool) -> None:
         await self.files.remove_file(sb, path, recursive)
-
-    async def _default_command(self, image: str) -> common_pb2.Program:
-        """A named image's default command (OCI Entrypoint + Cmd, a spec's cmd)."""
-        if image in ("", "default"):
-            raise InvalidArgument("program is empty: set program.argv or program.code")
-        try:
-            resp = await self.vmm.GetImage(vm_manager_pb2.GetImageRequest(name=image), timeout=30)
-        except grpc.aio.AioRpcError as exc:
-            raise RemoteError.from_rpc(exc, "vm-manager") from exc
-        argv = [*resp.image.config.entrypoint, *resp.image.config.cmd]
-        if not argv:
-            raise InvalidArgument(
-                f"program is empty and image {image!r} has no default command (OCI "
-                "Entrypoint/Cmd, or cmd in its spec): give the program to run"
-            )
-        return common_pb2.Program(argv=common_pb2.Argv(args=argv[:4096]))
-
-    # -- one shot ------------------------------------------------------------------
-    async def run(self, req: executor_pb2.RunRequest) -> AsyncIterator[executor_pb2.RunResponse]:
-        """Fresh sandbox, inputs, program, outputs; the sandbox is always destroyed."""
-        timeout = seconds_of(req, "timeout", DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S)
-        output_cap(req.max_output_bytes)
-        caps = run_caps(self.files, req)
-        program = req.program
-        if not program.WhichOneof("kind"):
-            program = await self._default_command(req.spec.image)
-        for f in req.inputs:
-            check_path(f.path)
-        if req.cwd and not req.cwd.startswith("/"):
-            raise InvalidArgument(
-                f"cwd {req.cwd!r} is relative: give an absolute directory in the guest "
-                "(e.g. /workspace/input)"
-            )
-        started = time.monotonic()
-        sb = await self.create_sandbox(req.spec, default_lifetime=timeout + BOOT_TIMEOUT_S + 60)
-        try:
-            for f in req.inputs:
-                await self.write_file(
-                    sb, "input/" + check_path(f.path), f.mode, _one(f.content), []
-                )
-            ereq = executor_pb2.ExecRequest(
-                program=program,
-                cwd=req.cwd,
-                env=req.env,
-                stdin=req.stdin,
-                timeout=req.timeout,
-                max_output_bytes=req.max_output_bytes,
-            )
-            status: common_pb2.ExitStatus | None = None
-            async for ev in self.exec(sb, ereq):
-                if ev.HasField("output"):
-                    yield executor_pb2.RunResponse(output=ev.output)
-                elif ev.HasField("exited"):
-                    status = ev.exited
-            if status is None:
-                raise FailedPrecondition("the execution ended without an exit status")
-            result = executor_pb2.RunResult(status=status, vm_name=sb.vm.name)
-            async for item in collect_outputs(
-                self.files, sb, req.return_output_files, caps, result
-            ):
-                yield item
-            result.network_log.extend(await self.network_log(sb))
-            result.boot_duration.FromNanoseconds(int(sb.boot_duration * 1e9))
-            result.total_duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
-            # The VM is gone before the caller sees the result.
-            await asyncio.shield(self._spawn(self.close_sandbox(sb.id)))
-            yield executor_pb2.RunResponse(result=result)
-        finally:
-            # Its own task: a cancelled or disconnected caller cannot stop it.
-            cleanup = self._spawn(self.close_sandbox(sb.id))
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(cleanup)
-
-
-async def _one(data: bytes) -> AsyncIterator[bytes]:
-    for i in range(0, len(data), CHUNK):
-        yield data[i : i + CHUNK]

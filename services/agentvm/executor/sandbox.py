@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from agentvm.common.errors import REASON_SANDBOX_EXPIRED, Aborted, InvalidArgument
+from agentvm.executor.sandbox_env import SandboxEnv
 from agentvm.v1 import (
     common_pb2,
     executor_pb2,
@@ -51,8 +52,9 @@ class SandboxExpired(Aborted):
         what = "and was destroyed while this call ran" if cut_short else "and was destroyed"
         super().__init__(
             f"sandbox {sandbox_id} reached the end of its lifetime ({lifetime:g} s) {what}; "
-            "a lifetime cannot be extended: create the sandbox with a longer one "
-            f"(lifetime=SECONDS in the Python client, at most {MAX_LIFETIME_S:.0f} s)"
+            "extend a running sandbox's lifetime before it ends (SetSandboxTimeout, "
+            "sandbox.set_timeout(SECONDS) in the Python client, `agent-vm sandbox "
+            f"set-timeout`), or create it with a longer one (at most {MAX_LIFETIME_S:.0f} s)"
         )
         if not cut_short:
             self.code = grpc.StatusCode.NOT_FOUND
@@ -118,6 +120,9 @@ class SandboxState:
     # Set when the VM came from the pool-manager: closing releases the lease.
     lease_id: str = ""
     execs: set[str] = field(default_factory=set)
+    # The caller's metadata and the default environment (sandbox_env.py).
+    metadata: dict[str, str] = field(default_factory=dict)
+    env: SandboxEnv = field(default_factory=SandboxEnv)
 
     @property
     def agent(self) -> guest_agent_pb2_grpc.GuestAgentServiceAsyncStub:
@@ -131,7 +136,13 @@ class SandboxState:
 
     def to_proto(self) -> executor_pb2.Sandbox:
         msg = executor_pb2.Sandbox(
-            id=self.id, vm_name=self.vm.name, spec=self.spec, workspace_mode=self.workspace_mode
+            id=self.id,
+            vm_name=self.vm.name,
+            spec=self.spec,
+            workspace_mode=self.workspace_mode,
+            metadata=self.metadata,
+            env=self.env.public(),
+            secret_env=sorted(self.env.secret),
         )
         msg.created_at.FromNanoseconds(int(self.created_at * 1e9))
         msg.expires_at.FromNanoseconds(int(self.expires_at * 1e9))

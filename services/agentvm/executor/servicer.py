@@ -9,9 +9,10 @@ from typing import Any
 
 import grpc
 
-from agentvm.common.errors import InvalidArgument
+from agentvm.common.errors import AgentVMError, InvalidArgument
 from agentvm.common.grpc_util import grpc_errors, grpc_stream_errors
 from agentvm.executor.executor import AgentExecutor
+from agentvm.executor.sandbox_env import SandboxEnv, check_metadata
 from agentvm.v1 import executor_pb2, executor_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -34,6 +35,13 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         """
         try:
             yield
+        except AgentVMError as exc:
+            # No secret of the sandbox leaves in a message (the guest's included).
+            sb = self.executor.sandbox_or_none(sandbox_id)
+            if sb is not None and sb.env.secret:
+                exc.message = sb.env.redact(exc.message)
+                exc.args = (exc.message,)
+            raise
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is not None and not task.cancelling():  # not this call's own cancel
@@ -51,7 +59,11 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def CreateSandbox(
         self, request: executor_pb2.CreateSandboxRequest, context: Ctx
     ) -> executor_pb2.CreateSandboxResponse:
-        sb = await self.executor.create_sandbox(request.spec)
+        sb = await self.executor.create_sandbox(
+            request.spec,
+            metadata=request.metadata,
+            env=SandboxEnv.from_proto(request.env),
+        )
         return executor_pb2.CreateSandboxResponse(sandbox=sb.to_proto())
 
     @grpc_errors
@@ -66,9 +78,22 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def ListSandboxes(
         self, request: executor_pb2.ListSandboxesRequest, context: Ctx
     ) -> executor_pb2.ListSandboxesResponse:
+        want = check_metadata(request.metadata, "metadata filter")
         return executor_pb2.ListSandboxesResponse(
-            sandboxes=[s.to_proto() for s in self.executor.sandboxes()]
+            sandboxes=[s.to_proto() for s in self.executor.sandboxes(want)]
         )
+
+    @grpc_errors
+    async def SetSandboxTimeout(
+        self, request: executor_pb2.SetSandboxTimeoutRequest, context: Ctx
+    ) -> executor_pb2.SetSandboxTimeoutResponse:
+        if not request.HasField("timeout"):
+            raise InvalidArgument(
+                "timeout is unset: give the sandbox's remaining life (1 s to 24 h)"
+            )
+        sb = self.executor.get(request.sandbox_id)
+        self.executor.set_timeout(sb, request.timeout.ToNanoseconds() / 1e9)
+        return executor_pb2.SetSandboxTimeoutResponse(sandbox=sb.to_proto())
 
     @grpc_errors
     async def CloseSandbox(

@@ -31,11 +31,10 @@ import grpc
 from agentvm.common.errors import FailedPrecondition, ResourceExhausted
 from agentvm.common.grpc_util import guest_channel
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc, vm_manager_pb2
-from agentvm.vm_manager import image_vms, oci, oci_scan
+from agentvm.vm_manager import oci, oci_scan
+from agentvm.vm_manager.build_vm import build_vm, stop_cleanly
 from agentvm.vm_manager.image_manifest import ImageConfigData, ImageManifest, check_name
 from agentvm.vm_manager.image_store import ImageStore, StoredImage
-from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
-from agentvm.vm_manager.vm import VMState
 
 if TYPE_CHECKING:
     from agentvm.vm_manager.manager import VMManager
@@ -47,7 +46,6 @@ MIN_DISK = 512 << 20
 # Room for ext4's own metadata (inodes, journal) over the layers' bytes.
 SLACK = 1.25
 EXTRA = 128 << 20
-BUILD_LABEL = "agent-vm/image-build"
 
 
 @dataclass(frozen=True)
@@ -179,32 +177,13 @@ class ImageImporter:
         yield _progress("make file system", 0, 1)
         await asyncio.to_thread(_mkfs, raw, plan.disk_bytes)
         yield _progress("boot build VM", 0, 1)
-        vm = await self.manager.create(
-            profile=ResourceProfile.STANDARD,
-            network_mode=NetworkMode.ISOLATED,
-            resources=Resources.for_profile(ResourceProfile.STANDARD),
-            labels={BUILD_LABEL: "import"},
-            start=True,
-            build_disk=raw,
-        )
-        try:
-            await self.manager.wait(vm.name, VMState.READY, 300.0)
-            await image_vms.configure_root(vm.agent_endpoint, common_pb2.ImageConfig(), 60.0)
+        async with build_vm(self.manager, raw, "import", common_pb2.ImageConfig()) as vm:
             n = len(image.layers)
             for i in range(n):
                 yield _progress(f"apply layer {i + 1}/{n}", i, n)
                 await self._apply(vm.agent_endpoint, image, i, plan)
             yield _progress("shut down build VM", n, n)
-            _vm, forced = await self.manager.stop(vm.name, 60.0, False)
-            if forced:
-                raise FailedPrecondition(
-                    f"the build VM {vm.name} did not shut down within 60 s, so its file "
-                    "system may be incomplete; retry the import (its console log is "
-                    f"{vm.console_log})"
-                )
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.manager.destroy(vm.name, "image import finished"))
+            await stop_cleanly(self.manager, vm, f"importing {image.ref}")
         yield _progress("compress", 0, 1)
         await asyncio.to_thread(_compress, raw, staged / "root.qcow2")
 

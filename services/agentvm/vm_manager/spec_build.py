@@ -40,12 +40,10 @@ from agentvm.common import image_spec
 from agentvm.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from agentvm.common.grpc_util import guest_channel
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc, vm_manager_pb2
-from agentvm.vm_manager import image_vms, spec_fetch
+from agentvm.vm_manager import spec_fetch
+from agentvm.vm_manager.build_vm import build_vm, stop_cleanly
 from agentvm.vm_manager.image_manifest import ImageConfigData, ImageManifest, check_name
 from agentvm.vm_manager.image_store import ImageStore
-from agentvm.vm_manager.importer import BUILD_LABEL
-from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
-from agentvm.vm_manager.vm import VMState
 from agentvm.vm_manager.workspace import remove_tree
 
 log = logging.getLogger("agentvm.vm_manager.spec_build")
@@ -388,18 +386,8 @@ class SpecBuilder:
     async def _in_vm(
         self, spec: image_spec.ImageSpec, env: dict[str, str], disk: Path, layer: _Layer
     ) -> AsyncIterator[Event]:
-        vm = await self.manager.create(
-            profile=ResourceProfile.STANDARD,
-            network_mode=NetworkMode.ISOLATED,
-            resources=Resources.for_profile(ResourceProfile.STANDARD),
-            labels={BUILD_LABEL: "spec"},
-            start=True,
-            build_disk=disk,
-        )
-        try:
-            await self.manager.wait(vm.name, VMState.READY, 300.0)
-            config = common_pb2.ImageConfig(env=env, workdir="/", user="root")
-            await image_vms.configure_root(vm.agent_endpoint, config, 60.0)
+        config = common_pb2.ImageConfig(env=env, workdir="/", user="root")
+        async with build_vm(self.manager, disk, "spec", config) as vm:
             async with guest_channel(vm.agent_endpoint) as channel:
                 stub: guest_agent_pb2_grpc.GuestAgentServiceAsyncStub = (
                     guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
@@ -410,15 +398,7 @@ class SpecBuilder:
                     yield _line(f"{layer.title}: $ {cmd}")
                     async for ev in _execute(stub, spec, layer.title, cmd):
                         yield ev
-            _vm, forced = await self.manager.stop(vm.name, 60.0, False)
-            if forced:
-                raise FailedPrecondition(
-                    f"{layer.title}: the build VM did not shut down within 60 s, so the "
-                    "step's files may be incomplete; build again"
-                )
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.manager.destroy(vm.name, "image build step finished"))
+            await stop_cleanly(self.manager, vm, f"{spec.path}: {layer.title}")
 
 
 async def _upload(
