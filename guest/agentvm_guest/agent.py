@@ -19,7 +19,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -28,6 +28,18 @@ import grpc
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
 from agentvm_guest import __version__, imageroot, paths
 from agentvm_guest.hostconf import configure_dhcp, configure_network, reidentify
+from agentvm_guest.pivot import Pivot
+from agentvm_guest.processes import (
+    DEFAULT_TERM,
+    EXEC_ID,
+    MAX_TAG,
+    TERM_NAME,
+    Launch,
+    ProcessError,
+    ProcessTable,
+    check_pty_size,
+    exit_status,
+)
 from agentvm_guest.proctree import ProcessTree, meminfo, read_first_line
 from agentvm_guest.wire import RejectMalformed
 
@@ -119,6 +131,27 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         self.image = image or imageroot.ImageRoot()
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
+        self.processes = ProcessTable()
+
+    def _placement(
+        self, cwd: str, extra: Mapping[str, str], context: grpc.ServicerContext
+    ) -> tuple[Pivot | None, str | None, dict[str, str]]:
+        """Where a program runs (an image's root or the agent's) and its environment."""
+        env = dict(DEFAULT_ENV)
+        try:
+            # A named image: its defaults in env, and the program pivoted into its root.
+            pivot = self.image.plan(cwd, env, self.workspace)
+        except imageroot.RootError as exc:
+            context.abort(exc.code, str(exc))
+        where = None if pivot is not None else cwd or "/root"  # else: in the image, pivot.py
+        if where is not None and not os.path.isdir(where):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cwd {where!r} is not a directory")
+        traceparent = _traceparent(context)
+        if traceparent:
+            # The caller's trace continues in instrumented agent code.
+            env["TRACEPARENT"] = traceparent
+        env.update(extra)
+        return pivot, where, env
 
     def GetStatus(
         self, request: guest_agent_pb2.GetStatusRequest, context: grpc.ServicerContext
@@ -140,20 +173,7 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
             )
         timeout = timeout or DEFAULT_TIMEOUT_S
         cap = request.max_output_bytes or DEFAULT_MAX_OUTPUT
-        env = dict(DEFAULT_ENV)
-        try:
-            # A named image: its defaults in env, and the program pivoted into its root.
-            pivot = self.image.plan(request.cwd, env, self.workspace)
-        except imageroot.RootError as exc:
-            context.abort(exc.code, str(exc))
-        cwd = None if pivot is not None else request.cwd or "/root"  # else: in the image, pivot.py
-        if cwd is not None and not os.path.isdir(cwd):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cwd {cwd!r} is not a directory")
-        traceparent = _traceparent(context)
-        if traceparent:
-            # The caller's trace continues in instrumented agent code.
-            env["TRACEPARENT"] = traceparent
-        env.update(request.env)
+        pivot, cwd, env = self._placement(request.cwd, request.env, context)
         exec_id = request.exec_id
         if request.keep_stdin_open and not exec_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "keep_stdin_open needs an exec_id")
@@ -161,7 +181,7 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         running = _Running(tree)
         if exec_id:
             with self._lock:
-                if exec_id in self._running:
+                if exec_id in self._running or self.processes.get(exec_id) is not None:
                     tree.remove()
                     context.abort(
                         grpc.StatusCode.ALREADY_EXISTS, f"exec_id {exec_id!r} is already running"
@@ -287,33 +307,31 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         rc = proc.wait()
         proc.stdout.close()
         proc.stderr.close()
-        status = common_pb2.ExitStatus(
-            timed_out=timed_out,
-            stdout_truncated=truncated[common_pb2.OUTPUT_STREAM_STDOUT],
-            stderr_truncated=truncated[common_pb2.OUTPUT_STREAM_STDERR],
-            usage=tree.usage(),
-        )
-        if rc < 0:
-            status.signal = -rc
-            status.exit_code = 128 - rc
-        else:
-            status.exit_code = rc
-        if timed_out:
-            status.exit_code = 124
-        status.duration.FromNanoseconds(int((time.monotonic() - start) * 1e9))
+        status = exit_status(rc, timed_out=timed_out, start=start, tree=tree)
+        status.stdout_truncated = truncated[common_pb2.OUTPUT_STREAM_STDOUT]
+        status.stderr_truncated = truncated[common_pb2.OUTPUT_STREAM_STDERR]
         yield guest_agent_pb2.ExecuteResponse(exited=status)
 
     def SignalProcess(
         self, request: guest_agent_pb2.SignalProcessRequest, context: grpc.ServicerContext
     ) -> guest_agent_pb2.SignalProcessResponse:
-        with self._lock:
-            running = self._running.get(request.exec_id)
-        if running is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no running execution {request.exec_id!r}")
         try:
             signum = signal.Signals(request.signal)
         except ValueError:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown signal {request.signal}")
+        with self._lock:
+            running = self._running.get(request.exec_id)
+        if running is None:
+            background = self.processes.get(request.exec_id)
+            if background is None:
+                context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"no running execution {request.exec_id!r}"
+                )
+            try:
+                background.signal(signum)
+            except ProcessError as exc:
+                context.abort(exc.code, str(exc))
+            return guest_agent_pb2.SignalProcessResponse()
         if signum == signal.SIGKILL:
             running.tree.kill_all()
         else:
@@ -326,7 +344,16 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         with self._lock:
             running = self._running.get(request.exec_id)
         if running is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no running execution {request.exec_id!r}")
+            background = self.processes.get(request.exec_id)
+            if background is None:
+                context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"no running execution {request.exec_id!r}"
+                )
+            try:
+                background.write_stdin(request.data, request.eof)
+            except ProcessError as exc:
+                context.abort(exc.code, str(exc))
+            return guest_agent_pb2.WriteStdinResponse()
         with running.stdin_lock:
             pipe = running.stdin
             if pipe is None:
@@ -346,6 +373,111 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
                     with contextlib.suppress(OSError):
                         pipe.close()
         return guest_agent_pb2.WriteStdinResponse()
+
+    # -- background processes (processes.py) -----------------------------
+
+    def StartProcess(
+        self,
+        request: guest_agent_pb2.GuestAgentServiceStartProcessRequest,
+        context: grpc.ServicerContext,
+    ) -> guest_agent_pb2.GuestAgentServiceStartProcessResponse:
+        try:
+            launch = self._launch(request, context)
+            with self._lock:
+                if launch.exec_id in self._running:
+                    raise ProcessError(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"exec_id {launch.exec_id!r} is already running; choose another",
+                    )
+            pivot = self._placement(request.cwd, {}, context)[0]
+            proc = self.processes.start(launch, lambda tree: tree.confiner(pivot))
+        except ProcessError as exc:
+            context.abort(exc.code, str(exc))
+        out = guest_agent_pb2.GuestAgentServiceStartProcessResponse(pid=proc.pid)
+        out.started_at.FromNanoseconds(int(proc.started_wall * 1e9))
+        return out
+
+    def _launch(
+        self,
+        request: guest_agent_pb2.GuestAgentServiceStartProcessRequest,
+        context: grpc.ServicerContext,
+    ) -> Launch:
+        if not EXEC_ID.fullmatch(request.exec_id):
+            raise ProcessError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"exec_id must be 1-64 of [A-Za-z0-9._-], got {request.exec_id[:80]!r}",
+            )
+        if len(request.tag.encode()) > MAX_TAG:
+            raise ProcessError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"tag is longer than {MAX_TAG} bytes"
+            )
+        try:
+            argv = build_argv(request.program)
+        except ValueError as exc:
+            raise ProcessError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        timeout = request.timeout.ToNanoseconds() / 1e9 if request.HasField("timeout") else 0.0
+        if timeout < 0 or timeout > MAX_TIMEOUT_S:
+            raise ProcessError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"timeout must be between 0 and {MAX_TIMEOUT_S:.0f} seconds, got {timeout}",
+            )
+        pty: tuple[int, int, str] | None = None
+        if request.HasField("pty"):
+            rows, cols = check_pty_size(request.pty.size)
+            term = request.pty.term or DEFAULT_TERM
+            if not TERM_NAME.fullmatch(term):
+                raise ProcessError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"pty.term must be 1-64 of [A-Za-z0-9._+-], got {term[:80]!r}",
+                )
+            pty = (rows, cols, term)
+        _, cwd, env = self._placement(request.cwd, request.env, context)
+        return Launch(
+            exec_id=request.exec_id,
+            argv=argv,
+            cwd=cwd,
+            env=env,
+            tag=request.tag,
+            pty=pty,
+            timeout=timeout,
+            keep_stdin_open=request.keep_stdin_open,
+        )
+
+    def ConnectProcess(
+        self,
+        request: guest_agent_pb2.GuestAgentServiceConnectProcessRequest,
+        context: grpc.ServicerContext,
+    ) -> Iterator[guest_agent_pb2.GuestAgentServiceConnectProcessResponse]:
+        cancelled = threading.Event()
+        context.add_callback(cancelled.set)
+        try:
+            proc = self.processes.lookup(request.exec_id)
+            with self.processes.stream_slot():
+                for event in proc.events(request.offset, cancelled):
+                    yield guest_agent_pb2.GuestAgentServiceConnectProcessResponse(event=event)
+        except ProcessError as exc:
+            context.abort(exc.code, str(exc))
+
+    def ListProcesses(
+        self,
+        request: guest_agent_pb2.GuestAgentServiceListProcessesRequest,
+        context: grpc.ServicerContext,
+    ) -> guest_agent_pb2.GuestAgentServiceListProcessesResponse:
+        return guest_agent_pb2.GuestAgentServiceListProcessesResponse(
+            processes=self.processes.list()
+        )
+
+    def ResizePty(
+        self,
+        request: guest_agent_pb2.GuestAgentServiceResizePtyRequest,
+        context: grpc.ServicerContext,
+    ) -> guest_agent_pb2.GuestAgentServiceResizePtyResponse:
+        try:
+            rows, cols = check_pty_size(request.size)
+            self.processes.lookup(request.exec_id).resize(rows, cols)
+        except ProcessError as exc:
+            context.abort(exc.code, str(exc))
+        return guest_agent_pb2.GuestAgentServiceResizePtyResponse()
 
     # -- files under /workspace -------------------------------------------
     def WriteFile(

@@ -11,14 +11,24 @@ import grpc
 import pytest
 
 import agent_vm
-from agent_vm import _async, _sync, errors
+from agent_vm import _async, _processes, _sync, errors
 from agentvm.v1 import executor_pb2
 
 PAIRS: list[tuple[Any, Any, list[str]]] = [
     (
         _async.AsyncSandbox,
         _sync.Sandbox,
-        ["create", "run", "start", "close", "network_log", "list", "set_timeout", "info"],
+        [
+            "create",
+            "connect",
+            "run",
+            "start",
+            "close",
+            "network_log",
+            "list",
+            "set_timeout",
+            "info",
+        ],
     ),
     (
         _async.AsyncFiles,
@@ -26,6 +36,12 @@ PAIRS: list[tuple[Any, Any, list[str]]] = [
         ["write", "upload", "read", "read_text", "download", "list", "exists", "mkdir", "remove"],
     ),
     (_async.AsyncCommandHandle, _sync.CommandHandle, ["wait", "kill", "send_stdin"]),
+    (_processes.AsyncProcesses, _sync.Processes, ["start", "list", "connect"]),
+    (
+        _processes.AsyncProcess,
+        _sync.Process,
+        ["output", "wait", "send_input", "close_stdin", "signal", "kill", "resize"],
+    ),
 ]
 
 

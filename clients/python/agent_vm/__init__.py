@@ -22,8 +22,9 @@ from agent_vm._async import (
     NetworkPolicy,
 )
 from agent_vm._oneshot import OutputFile, RunResult, SkippedOutputFile, arun
-from agent_vm._sync import CommandHandle, Files, Sandbox, run
-from agent_vm._types import SandboxInfo
+from agent_vm._processes import AsyncProcess, AsyncProcesses
+from agent_vm._sync import CommandHandle, Files, Process, Processes, Sandbox, run
+from agent_vm._types import ProcessExit, ProcessInfo, ProcessOutput, SandboxInfo
 from agent_vm.errors import (
     AgentVMError,
     ArgumentTypeError,
@@ -46,6 +47,8 @@ __all__ = [
     "ArgumentTypeError",
     "AsyncCommandHandle",
     "AsyncFiles",
+    "AsyncProcess",
+    "AsyncProcesses",
     "AsyncSandbox",
     "CommandExitError",
     "CommandHandle",
@@ -61,6 +64,11 @@ __all__ = [
     "NetworkPolicy",
     "NotFoundError",
     "OutputFile",
+    "Process",
+    "ProcessExit",
+    "ProcessInfo",
+    "ProcessOutput",
+    "Processes",
     "ResourceExhaustedError",
     "RunResult",
     "Sandbox",

@@ -31,6 +31,7 @@ from agent_vm._calls import (
     translate,
 )
 from agent_vm._files import CHUNK, AsyncFiles
+from agent_vm._processes import AsyncProcess, AsyncProcesses
 from agent_vm._types import (
     WORKSPACES,
     Callback,
@@ -58,6 +59,8 @@ __all__ = [
     "DEFAULT_ADDRESS",
     "AsyncCommandHandle",
     "AsyncFiles",
+    "AsyncProcess",
+    "AsyncProcesses",
     "AsyncSandbox",
     "Callback",
     "CommandResult",
@@ -116,6 +119,7 @@ class AsyncSandbox:
         self._stub = executor_pb2_grpc.ExecutorServiceStub(channel)
         self._proto = sandbox
         self.files = AsyncFiles(self)
+        self.processes = AsyncProcesses(self)
         self._closed = False
 
     @property
@@ -226,6 +230,28 @@ class AsyncSandbox:
         try:
             stub = executor_pb2_grpc.ExecutorServiceStub(chan)
             resp = await stub.CreateSandbox(req, timeout=deadline)
+        except grpc.aio.AioRpcError as exc:
+            await chan.close(grace=None)
+            raise from_rpc(exc, addr) from exc
+        except BaseException:
+            await chan.close(grace=None)
+            raise
+        return cls(addr, chan, resp.sandbox)
+
+    @classmethod
+    async def connect(
+        cls, sandbox_id: str, *, address: str | None = None, request_timeout: float = 60.0
+    ) -> AsyncSandbox:
+        """A handle on a running sandbox by its id (made by any client): run commands,
+        reach its processes and files. ``close()`` on it closes the sandbox.
+        NotFoundError when there is no such sandbox (closed, expired or unknown)."""
+        addr = address or default_address()
+        req = executor_pb2.GetSandboxRequest(sandbox_id=text("sandbox_id", sandbox_id))
+        deadline = seconds("request_timeout", request_timeout)
+        chan = _channel(addr)
+        try:
+            stub = executor_pb2_grpc.ExecutorServiceStub(chan)
+            resp = await stub.GetSandbox(req, timeout=deadline)
         except grpc.aio.AioRpcError as exc:
             await chan.close(grace=None)
             raise from_rpc(exc, addr) from exc

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import builtins
 import os
+import signal as signals
 import threading
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from agent_vm._async import (
@@ -27,7 +28,8 @@ from agent_vm._async import (
     Workspace,
 )
 from agent_vm._oneshot import RunResult, arun
-from agent_vm._types import SandboxInfo
+from agent_vm._processes import AsyncProcess
+from agent_vm._types import ProcessExit, ProcessInfo, ProcessOutput, SandboxInfo
 
 T = TypeVar("T")
 _lock = threading.Lock()
@@ -145,6 +147,119 @@ class Files:
         _call(self._inner.remove(path, recursive=recursive))
 
 
+class Process:
+    """A background process: its output from any offset, input, signals, resize.
+
+    The same as ``AsyncProcess``; ``exec_id`` names it for any client.
+    """
+
+    def __init__(self, inner: AsyncProcess) -> None:
+        self._inner = inner
+        self.exec_id = inner.exec_id
+        self.pid = inner.pid
+        self.pty = inner.pty
+
+    @property
+    def offset(self) -> int:
+        """Where this handle's reading got to."""
+        return self._inner.offset
+
+    @property
+    def exit(self) -> ProcessExit | None:
+        """How it ended, once seen."""
+        return self._inner.exit
+
+    def output(self, offset: int | None = None) -> Iterator[ProcessOutput]:
+        """Its output from ``offset`` (default: where this handle left off) until it
+        ends; stop iterating at any time (the process goes on)."""
+        agen = self._inner.output(offset)
+
+        async def step() -> ProcessOutput | None:
+            return await anext(agen, None)
+
+        try:
+            while (piece := _call(step())) is not None:
+                yield piece
+        finally:
+            _call(agen.aclose())
+
+    def wait(self, on_output: Callable[[ProcessOutput], object] | None = None) -> ProcessExit:
+        """Read its output (to ``on_output``, if given) until it ends; how it ended."""
+        return _call(self._inner.wait(on_output))
+
+    def send_input(self, data: bytes | str) -> None:
+        """Write to its stdin (its keyboard, on a terminal)."""
+        _call(self._inner.send_input(data))
+
+    def close_stdin(self) -> None:
+        """End its input (on a terminal: Ctrl-D)."""
+        _call(self._inner.close_stdin())
+
+    def signal(self, signal: int = signals.SIGTERM) -> None:
+        """Send ``signal`` (on a terminal: to its foreground job)."""
+        _call(self._inner.signal(signal))
+
+    def kill(self) -> None:
+        """SIGKILL the whole process tree."""
+        _call(self._inner.kill())
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set its terminal's size (FailedPreconditionError without a terminal)."""
+        _call(self._inner.resize(rows, cols))
+
+
+class Processes:
+    """Background processes of the sandbox (``sb.processes``), as ``AsyncProcesses``."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._inner = sandbox.processes
+
+    def start(
+        self,
+        cmd: str | Sequence[str] | None = None,
+        *,
+        code: str | None = None,
+        language: str = "python",
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        cwd: str = "",
+        pty: tuple[int, int] | None = None,
+        term: str = "",
+        tag: str = "",
+        timeout: float = 0,
+        keep_stdin_open: bool = False,
+        exec_id: str = "",
+    ) -> Process:
+        """Start a process that outlives this call; returns once it runs (see
+        ``AsyncProcesses.start``)."""
+        return Process(
+            _call(
+                self._inner.start(
+                    cmd,
+                    code=code,
+                    language=language,
+                    args=args,
+                    env=env,
+                    cwd=cwd,
+                    pty=pty,
+                    term=term,
+                    tag=tag,
+                    timeout=timeout,
+                    keep_stdin_open=keep_stdin_open,
+                    exec_id=exec_id,
+                )
+            )
+        )
+
+    def list(self) -> builtins.list[ProcessInfo]:
+        """Its background processes, running and ended, oldest first."""
+        return _call(self._inner.list())
+
+    def connect(self, exec_id: str) -> Process:
+        """A handle on a process started earlier (NotFoundError if unknown)."""
+        return Process(_call(self._inner.connect(exec_id)))
+
+
 class Sandbox:
     """A VM for one agent. ``with Sandbox.create() as sb: sb.run("ls")``.
 
@@ -155,6 +270,7 @@ class Sandbox:
     def __init__(self, inner: AsyncSandbox) -> None:
         self._inner = inner
         self.files = Files(inner)
+        self.processes = Processes(inner)
 
     @property
     def id(self) -> str:
@@ -245,6 +361,17 @@ class Sandbox:
             )
         )
         return cls(inner)
+
+    @classmethod
+    def connect(
+        cls, sandbox_id: str, *, address: str | None = None, request_timeout: float = 60.0
+    ) -> Sandbox:
+        """A handle on a running sandbox by its id (see ``AsyncSandbox.connect``)."""
+        return cls(
+            _call(
+                AsyncSandbox.connect(sandbox_id, address=address, request_timeout=request_timeout)
+            )
+        )
 
     @classmethod
     def list(

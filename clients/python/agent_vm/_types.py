@@ -164,3 +164,90 @@ class SandboxInfo:
             created_at=sb.created_at.ToNanoseconds() / 1e9,
             expires_at=sb.expires_at.ToNanoseconds() / 1e9,
         )
+
+
+STREAM_NAMES = {
+    common_pb2.OUTPUT_STREAM_STDOUT: "stdout",
+    common_pb2.OUTPUT_STREAM_STDERR: "stderr",
+    common_pb2.OUTPUT_STREAM_PTY: "pty",
+}
+
+
+@dataclass(frozen=True)
+class ProcessOutput:
+    """Bytes a background process printed, at ``offset`` in its whole output.
+
+    ``stream`` is "stdout", "stderr", or "pty" for a process on a terminal.
+    When the process's buffer wrapped before the output was read, one marker
+    comes first with ``stream`` "dropped", no data, and ``dropped`` bytes
+    missing from ``offset`` on.
+    """
+
+    stream: str
+    data: bytes
+    offset: int
+    dropped: int = 0
+
+    @property
+    def end(self) -> int:
+        """The offset after this piece (reconnect with it to go on from here)."""
+        return self.offset + len(self.data) + self.dropped
+
+    @property
+    def text(self) -> str:
+        """``data`` decoded as UTF-8 (undecodable bytes replaced)."""
+        return self.data.decode("utf-8", "replace")
+
+    @classmethod
+    def from_event(cls, ev: common_pb2.ProcessEvent) -> ProcessOutput:
+        """The piece of the executor's output or dropped event."""
+        if ev.WhichOneof("event") == "dropped":
+            d = ev.dropped
+            return cls("dropped", b"", d.from_offset, d.to_offset - d.from_offset)
+        o = ev.output
+        return cls(STREAM_NAMES.get(o.stream, "stdout"), o.data, o.offset)
+
+
+@dataclass(frozen=True)
+class ProcessExit:
+    """How a background process ended."""
+
+    exit_code: int
+    signal: int
+    timed_out: bool
+    duration_s: float
+
+    @classmethod
+    def from_proto(cls, st: common_pb2.ExitStatus) -> ProcessExit:
+        """The exit of the executor's message."""
+        return cls(st.exit_code, st.signal, st.timed_out, st.duration.ToNanoseconds() / 1e9)
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A background process of a sandbox as ``sb.processes.list()`` shows it."""
+
+    exec_id: str
+    tag: str
+    pid: int
+    command: str
+    pty: bool
+    running: bool
+    started_at: float
+    output_bytes: int
+    exit: ProcessExit | None
+
+    @classmethod
+    def from_proto(cls, p: common_pb2.ProcessInfo) -> ProcessInfo:
+        """The info of the executor's message."""
+        return cls(
+            exec_id=p.exec_id,
+            tag=p.tag,
+            pid=p.pid,
+            command=p.command,
+            pty=p.pty,
+            running=p.running,
+            started_at=p.started_at.ToNanoseconds() / 1e9,
+            output_bytes=p.output_bytes,
+            exit=ProcessExit.from_proto(p.exit_status) if p.HasField("exit_status") else None,
+        )

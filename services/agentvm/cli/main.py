@@ -16,7 +16,15 @@ import click
 import grpc
 
 from agentvm.cli import bench as bench_mod
-from agentvm.cli import bringup_cmds, image_cmds, pool_cmds, run_cmd, sandbox_cmds, vm_cmds
+from agentvm.cli import (
+    bringup_cmds,
+    image_cmds,
+    pool_cmds,
+    process_cmds,
+    run_cmd,
+    sandbox_cmds,
+    vm_cmds,
+)
 from agentvm.cli import doctor as doctor_mod
 from agentvm.cli.base import (
     Group,
@@ -250,6 +258,15 @@ cli.add_command(pool_cmds.template)
 cli.add_command(pool_cmds.pool)
 cli.add_command(vm_cmds.vm)
 cli.add_command(sandbox_cmds.sandbox)
+for _command in (
+    process_cmds.sandbox_shell,
+    process_cmds.sandbox_start,
+    process_cmds.sandbox_ps,
+    process_cmds.sandbox_logs,
+    process_cmds.sandbox_kill,
+):
+    sandbox_cmds.sandbox.add_command(_command)
+cli.add_command(process_cmds.shell)
 cli.add_command(run_cmd.run_cmd)
 
 

@@ -129,6 +129,42 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
             await self.executor.write_stdin(sb, request.exec_id, request.data, request.eof)
         return executor_pb2.ExecutorServiceWriteStdinResponse()
 
+    @grpc_stream_errors
+    async def StartProcess(
+        self, request: executor_pb2.StartProcessRequest, context: Ctx
+    ) -> AsyncIterator[executor_pb2.StartProcessResponse]:
+        sb = self.executor.get(request.sandbox_id)
+        with self._guard(sb.id):
+            async for ev in self.executor.start_process(sb, request):
+                yield ev
+
+    @grpc_stream_errors
+    async def ConnectProcess(
+        self, request: executor_pb2.ConnectProcessRequest, context: Ctx
+    ) -> AsyncIterator[executor_pb2.ConnectProcessResponse]:
+        sb = self.executor.get(request.sandbox_id)
+        with self._guard(sb.id):
+            async for ev in self.executor.connect_process(sb, request.exec_id, request.offset):
+                yield executor_pb2.ConnectProcessResponse(event=ev)
+
+    @grpc_errors
+    async def ListProcesses(
+        self, request: executor_pb2.ListProcessesRequest, context: Ctx
+    ) -> executor_pb2.ListProcessesResponse:
+        sb = self.executor.get(request.sandbox_id)
+        with self._guard(sb.id):
+            procs = await self.executor.list_processes(sb)
+        return executor_pb2.ListProcessesResponse(processes=procs)
+
+    @grpc_errors
+    async def ResizePty(
+        self, request: executor_pb2.ResizePtyRequest, context: Ctx
+    ) -> executor_pb2.ResizePtyResponse:
+        sb = self.executor.get(request.sandbox_id)
+        with self._guard(sb.id):
+            await self.executor.resize_pty(sb, request.exec_id, request.size)
+        return executor_pb2.ResizePtyResponse()
+
     @grpc_errors
     async def WriteFile(
         self, request_iterator: AsyncIterator[executor_pb2.WriteFileRequest], context: Ctx
