@@ -29,6 +29,7 @@ from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
 from agentvm_guest import __version__, imageroot, paths
 from agentvm_guest.hostconf import configure_dhcp, configure_network, reidentify
 from agentvm_guest.pivot import Pivot
+from agentvm_guest.ports import PortError, Ports
 from agentvm_guest.processes import (
     DEFAULT_TERM,
     EXEC_ID,
@@ -132,6 +133,7 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
         self.processes = ProcessTable()
+        self.ports = Ports()
 
     def _placement(
         self, cwd: str, extra: Mapping[str, str], context: grpc.ServicerContext
@@ -479,6 +481,16 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
             context.abort(exc.code, str(exc))
         return guest_agent_pb2.GuestAgentServiceResizePtyResponse()
 
+    def OpenPort(
+        self,
+        request_iterator: Iterator[guest_agent_pb2.GuestAgentServiceOpenPortRequest],
+        context: grpc.ServicerContext,
+    ) -> Iterator[guest_agent_pb2.GuestAgentServiceOpenPortResponse]:
+        try:
+            yield from self.ports.open(request_iterator, context)
+        except PortError as exc:
+            context.abort(exc.code, str(exc))
+
     # -- files under /workspace -------------------------------------------
     def WriteFile(
         self,
@@ -678,7 +690,7 @@ def _power_off() -> None:
             os.kill(1, signal.SIGUSR2)
 
 
-def serve(address: str, max_workers: int = 32) -> grpc.Server:
+def serve(address: str, max_workers: int = 96) -> grpc.Server:
     """Start the agent's gRPC server on ``address`` (e.g. ``unix:/run/agentvm/agent.sock``)."""
     from concurrent.futures import ThreadPoolExecutor
 

@@ -24,7 +24,7 @@ EXPECTED = [
     "b'desserts'",
     "['0', '1', '2']",
     "test 9\nTrue",
-    "0 ['web']\n15",
+    "0 ['web']\n200\n15",
     "is closed: create a new one",
     "dns example.com denied name not in allow_domains",
 ]

@@ -5,17 +5,26 @@ errors of bad requests."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pexpect
 import pytest
 
 import agent_vm
+from agent_vm import _calls as agent_vm_calls
+from agentvm.v1 import executor_pb2, executor_pb2_grpc
 from tests.e2e.test_cli_run import agent_vm as cli
 from tests.vmharness import REPO, ExecutorProcess
 
@@ -202,3 +211,148 @@ def test_the_process_commands_of_the_cli(
     p = cli(env, "sandbox", "logs", sandbox.id, "nosuch")
     assert p.returncode == 2
     assert "no process 'nosuch'" in p.stderr
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310 (http to our forward)
+        body: bytes = resp.read()
+        return body
+
+
+def test_a_background_http_server_reached_through_a_port_forward(
+    executor: ExecutorProcess,
+) -> None:
+    blob = os.urandom(1 << 20)
+    with agent_vm.Sandbox.create(network="isolated", lifetime=900) as sb:
+        sb.files.write("www/hello.txt", "hi from the guest\n")
+        sb.files.write("www/blob.bin", blob)
+        server = sb.processes.start(
+            ["python3", "-m", "http.server", "8000", "--bind", "127.0.0.1"],
+            cwd="/workspace/www",
+            tag="web",
+        )
+        fwd = sb.ports.forward(8000)
+        assert fwd.host == "127.0.0.1"
+        assert fwd.port > 0
+        url = f"http://127.0.0.1:{fwd.port}"
+        deadline = time.monotonic() + 60
+        while True:  # the server takes a moment to listen under TCG
+            try:
+                assert _get(f"{url}/hello.txt") == b"hi from the guest\n"
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        # Several connections at once, and a large body byte for byte.
+        with ThreadPoolExecutor(8) as pool:
+            bodies = list(pool.map(_get, [f"{url}/hello.txt"] * 8 + [f"{url}/blob.bin"]))
+        assert bodies[:8] == [b"hi from the guest\n"] * 8
+        assert bodies[8] == blob
+        # Its log, read by a second client process that connects by id.
+        reader = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(
+                    """
+                    import sys
+                    from agent_vm import Sandbox
+                    sb = Sandbox.connect(sys.argv[1])
+                    log = b""
+                    for piece in sb.processes.connect(sys.argv[2]).output(0):
+                        log += piece.data
+                        if log.count(b"GET /hello.txt") >= 9 and b"GET /blob.bin" in log:
+                            break
+                    sb.disconnect()
+                    sys.stdout.write(log.decode())
+                    """
+                ),
+                sb.id,
+                server.exec_id,
+            ],
+            env=executor.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert reader.returncode == 0, reader.stderr
+        assert reader.stdout.count('"GET /hello.txt HTTP/1.1" 200') >= 9
+        assert '"GET /blob.bin HTTP/1.1" 200' in reader.stdout
+        # The second client let go without closing the sandbox.
+        assert sb.run("true").exit_code == 0
+        # Stopped by a signal; the forward's listener goes with close().
+        server.signal(15)
+        assert server.wait().signal == 15
+        fwd.close()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", fwd.port), timeout=5).close()
+        # A forward closes with its sandbox too.
+        other = sb.ports.forward(8000)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", other.port), timeout=5).close()
+
+
+def test_a_forward_to_a_port_nothing_listens_on_says_so(
+    executor: ExecutorProcess, sandbox: agent_vm.Sandbox
+) -> None:
+    async def forward() -> None:
+        chan = agent_vm_calls.channel(executor.address)
+        try:
+            stub = executor_pb2_grpc.ExecutorServiceStub(chan)
+
+            async def requests() -> AsyncIterator[executor_pb2.ForwardPortRequest]:
+                yield executor_pb2.ForwardPortRequest(sandbox_id=sandbox.id, port=9)
+
+            async for _ in stub.ForwardPort(requests(), timeout=60):
+                pass
+        finally:
+            await chan.close(None)
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        asyncio.run(forward())
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "nothing accepts connections on port 9" in (err.value.details() or "")
+
+
+def test_the_port_forward_command_of_the_cli(
+    executor: ExecutorProcess, sandbox: agent_vm.Sandbox
+) -> None:
+    sandbox.files.write("site/index.html", "cli forward\n")
+    server = sandbox.processes.start(
+        ["python3", "-m", "http.server", "8001", "--bind", "127.0.0.1"], cwd="/workspace/site"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentvm.cli.main", "sandbox", "port-forward", sandbox.id, "0:8001"],
+        env=executor.env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("Forwarding from 127.0.0.1:"), (line, proc.stderr)
+        port = int(line.split()[2].rsplit(":", 1)[1])
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert _get(f"http://127.0.0.1:{port}/index.html") == b"cli forward\n"
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, proc.stderr and proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    server.kill()
+    p = cli(executor.env, "sandbox", "port-forward", sandbox.id, "8000")
+    assert p.returncode == 2
+    assert "[HOST:]PORT:GUEST_PORT" in p.stderr

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 import agent_vm
-from agent_vm import _async, _processes, _sync, errors
+from agent_vm import _async, _ports, _processes, _sync, errors
 from agentvm.v1 import executor_pb2
 
 PAIRS: list[tuple[Any, Any, list[str]]] = [
@@ -21,6 +21,7 @@ PAIRS: list[tuple[Any, Any, list[str]]] = [
         [
             "create",
             "connect",
+            "disconnect",
             "run",
             "start",
             "close",
@@ -37,6 +38,8 @@ PAIRS: list[tuple[Any, Any, list[str]]] = [
     ),
     (_async.AsyncCommandHandle, _sync.CommandHandle, ["wait", "kill", "send_stdin"]),
     (_processes.AsyncProcesses, _sync.Processes, ["start", "list", "connect"]),
+    (_ports.AsyncPorts, _sync.Ports, ["forward", "close_all"]),
+    (_ports.AsyncPortForward, _sync.PortForward, ["close"]),
     (
         _processes.AsyncProcess,
         _sync.Process,

@@ -22,8 +22,18 @@ from agent_vm._async import (
     NetworkPolicy,
 )
 from agent_vm._oneshot import OutputFile, RunResult, SkippedOutputFile, arun
+from agent_vm._ports import AsyncPortForward, AsyncPorts
 from agent_vm._processes import AsyncProcess, AsyncProcesses
-from agent_vm._sync import CommandHandle, Files, Process, Processes, Sandbox, run
+from agent_vm._sync import (
+    CommandHandle,
+    Files,
+    PortForward,
+    Ports,
+    Process,
+    Processes,
+    Sandbox,
+    run,
+)
 from agent_vm._types import ProcessExit, ProcessInfo, ProcessOutput, SandboxInfo
 from agent_vm.errors import (
     AgentVMError,
@@ -47,6 +57,8 @@ __all__ = [
     "ArgumentTypeError",
     "AsyncCommandHandle",
     "AsyncFiles",
+    "AsyncPortForward",
+    "AsyncPorts",
     "AsyncProcess",
     "AsyncProcesses",
     "AsyncSandbox",
@@ -64,6 +76,8 @@ __all__ = [
     "NetworkPolicy",
     "NotFoundError",
     "OutputFile",
+    "PortForward",
+    "Ports",
     "Process",
     "ProcessExit",
     "ProcessInfo",

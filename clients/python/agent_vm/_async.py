@@ -31,6 +31,7 @@ from agent_vm._calls import (
     translate,
 )
 from agent_vm._files import CHUNK, AsyncFiles
+from agent_vm._ports import AsyncPortForward, AsyncPorts
 from agent_vm._processes import AsyncProcess, AsyncProcesses
 from agent_vm._types import (
     WORKSPACES,
@@ -59,6 +60,8 @@ __all__ = [
     "DEFAULT_ADDRESS",
     "AsyncCommandHandle",
     "AsyncFiles",
+    "AsyncPortForward",
+    "AsyncPorts",
     "AsyncProcess",
     "AsyncProcesses",
     "AsyncSandbox",
@@ -120,6 +123,7 @@ class AsyncSandbox:
         self._proto = sandbox
         self.files = AsyncFiles(self)
         self.processes = AsyncProcesses(self)
+        self.ports = AsyncPorts(self)
         self._closed = False
 
     @property
@@ -316,9 +320,21 @@ class AsyncSandbox:
             return
         self._closed = True
         try:
+            await self.ports.close_all()
             await self._stub.CloseSandbox(
                 executor_pb2.CloseSandboxRequest(sandbox_id=self.id), timeout=120
             )
+        finally:
+            await self._channel.close(grace=None)
+
+    async def disconnect(self) -> None:
+        """Let go of this handle without closing the sandbox (it lives on until its
+        lifetime ends or someone closes it): its port forwards and connection close."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.ports.close_all()
         finally:
             await self._channel.close(grace=None)
 

@@ -28,6 +28,7 @@ from agent_vm._async import (
     Workspace,
 )
 from agent_vm._oneshot import RunResult, arun
+from agent_vm._ports import AsyncPortForward
 from agent_vm._processes import AsyncProcess
 from agent_vm._types import ProcessExit, ProcessInfo, ProcessOutput, SandboxInfo
 
@@ -260,6 +261,57 @@ class Processes:
         return Process(_call(self._inner.connect(exec_id)))
 
 
+class PortForward:
+    """A listener on this host forwarding to a port in the sandbox (``AsyncPortForward``)."""
+
+    def __init__(self, inner: AsyncPortForward) -> None:
+        self._inner = inner
+        self.guest_port = inner.guest_port
+        self.host = inner.host
+        self.port = inner.port
+        self.unix_path = inner.unix_path
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (or ``unix:PATH``) of the listener."""
+        return self._inner.address
+
+    @property
+    def closed(self) -> bool:
+        """True once it stopped listening."""
+        return self._inner.closed
+
+    def close(self) -> None:
+        """Stop listening and end the connections it carries. Idempotent."""
+        _call(self._inner.close())
+
+    def __enter__(self) -> PortForward:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Ports:
+    """Ports of the sandbox (``sb.ports``), as ``AsyncPorts``."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._inner = sandbox.ports
+
+    def forward(
+        self, guest_port: int, *, host: str = "127.0.0.1", port: int = 0, unix_path: str = ""
+    ) -> PortForward:
+        """Listen on this host (loopback, a free port by default; or ``unix_path``) and
+        forward each connection to the guest's 127.0.0.1:``guest_port``."""
+        return PortForward(
+            _call(self._inner.forward(guest_port, host=host, port=port, unix_path=unix_path))
+        )
+
+    def close_all(self) -> None:
+        """Close every forward of this sandbox handle (the sandbox's close does this)."""
+        _call(self._inner.close_all())
+
+
 class Sandbox:
     """A VM for one agent. ``with Sandbox.create() as sb: sb.run("ls")``.
 
@@ -271,6 +323,7 @@ class Sandbox:
         self._inner = inner
         self.files = Files(inner)
         self.processes = Processes(inner)
+        self.ports = Ports(inner)
 
     @property
     def id(self) -> str:
@@ -402,6 +455,10 @@ class Sandbox:
         """Every DNS query and connection attempt of this sandbox so far, with its
         verdict (empty unless the network is "nat-filtered")."""
         return _call(self._inner.network_log())
+
+    def disconnect(self) -> None:
+        """Let go of this handle without closing the sandbox (``AsyncSandbox.disconnect``)."""
+        _call(self._inner.disconnect())
 
     def close(self) -> None:
         """Destroy the VM and its workspace. Idempotent (also after the lifetime ended)."""

@@ -264,6 +264,7 @@ for _command in (
     process_cmds.sandbox_ps,
     process_cmds.sandbox_logs,
     process_cmds.sandbox_kill,
+    process_cmds.sandbox_port_forward,
 ):
     sandbox_cmds.sandbox.add_command(_command)
 cli.add_command(process_cmds.shell)

@@ -3,6 +3,8 @@ background processes in sandboxes (docs/SANDBOXES.md, section 3)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import signal
 import sys
@@ -20,6 +22,7 @@ from agentvm.cli.base import (
     print_json_list,
     print_table,
     profile_option,
+    settings,
 )
 from agentvm.cli.sandbox_cmds import EXIT_TIMED_OUT, duration, executor_stub, pairs
 from agentvm.cli.terminal import SHELL, Terminal
@@ -214,3 +217,65 @@ def sandbox_kill(sandbox_id: str, exec_id: str, signame: str) -> None:
         executor_pb2.SignalExecRequest(sandbox_id=sandbox_id, exec_id=exec_id, signal=signum),
         timeout=60,
     )
+
+
+FORWARD = re.compile(
+    r"(?:(?P<host>\[[0-9a-fA-F:]+\]|[^:\[\]]+):)?(?P<port>\d{1,5}):(?P<guest>\d{1,5})"
+)
+
+
+@click.command("port-forward")
+@click.argument("sandbox_id", metavar="ID")
+@click.argument("spec", metavar="[HOST:]PORT:GUEST_PORT")
+@click.option(
+    "--unix",
+    "unix_path",
+    default=None,
+    metavar="PATH",
+    help="Listen on this Unix socket instead (SPEC is then GUEST_PORT).",
+)
+@handle_errors
+def sandbox_port_forward(sandbox_id: str, spec: str, unix_path: str | None) -> None:
+    """Forward connections to this host's PORT (on 127.0.0.1 unless HOST is given; 0:
+    any free port) to GUEST_PORT on the sandbox's 127.0.0.1, until Ctrl-C or the
+    sandbox closes. Works in every network mode."""
+    if unix_path is not None:
+        if not spec.isdigit():
+            fail(f"{spec!r}: with --unix give GUEST_PORT alone, e.g. 8000")
+        host, port, guest = "", 0, int(spec)
+    else:
+        m = FORWARD.fullmatch(spec)
+        if m is None:
+            fail(f"{spec!r}: give [HOST:]PORT:GUEST_PORT, e.g. 8080:8000 or 0:8000")
+        host = (m.group("host") or "127.0.0.1").strip("[]")
+        port, guest = int(m.group("port")), int(m.group("guest"))
+    if not 1 <= guest <= 65535 or port > 65535:
+        fail(f"{spec!r}: ports are 1-65535 (0 for PORT: any free one)")
+    asyncio.run(_forward(sandbox_id, host, port, guest, unix_path or ""))
+
+
+async def _forward(sandbox_id: str, host: str, port: int, guest: int, unix_path: str) -> None:
+    import agent_vm
+
+    sb = await agent_vm.AsyncSandbox.connect(sandbox_id, address=settings().executor_addr)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        fwd = await sb.ports.forward(guest, host=host, port=port, unix_path=unix_path)
+        click.echo(f"Forwarding from {fwd.address} -> {guest}")
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=2)
+            try:
+                running = await agent_vm.AsyncSandbox.list(address=settings().executor_addr)
+            except agent_vm.UnavailableError:
+                continue  # the executor restarts: try again
+            if all(s.id != sandbox_id for s in running):
+                click.echo(f"sandbox {sandbox_id} is closed; stopping", err=True)
+                return
+    except agent_vm.AgentVMError as exc:
+        fail(str(exc))
+    finally:
+        await sb.disconnect()

@@ -41,6 +41,7 @@ from agentvm.common.events import EventSink, NullSink
 from agentvm.common.grpc_util import guest_channel
 from agentvm.executor.files import WorkspaceFiles
 from agentvm.executor.oneshot import OneShot
+from agentvm.executor.ports import Ports
 from agentvm.executor.processes import Processes
 from agentvm.executor.sandbox import (
     BOOT_TIMEOUT_S,
@@ -99,7 +100,7 @@ __all__ = [
 ]
 
 
-class AgentExecutor(OneShot, Processes):
+class AgentExecutor(OneShot, Processes, Ports):
     """Runs agent code in VMs obtained from vm-manager."""
 
     def __init__(

@@ -120,6 +120,8 @@ class SandboxState:
     # Set when the VM came from the pool-manager: closing releases the lease.
     lease_id: str = ""
     execs: set[str] = field(default_factory=set)
+    # Forwarded connections open now (ports.py bounds them).
+    open_ports: int = 0
     # The caller's metadata and the default environment (sandbox_env.py).
     metadata: dict[str, str] = field(default_factory=dict)
     env: SandboxEnv = field(default_factory=SandboxEnv)

@@ -12,6 +12,7 @@ import grpc
 from agentvm.common.errors import AgentVMError, InvalidArgument
 from agentvm.common.grpc_util import grpc_errors, grpc_stream_errors
 from agentvm.executor.executor import AgentExecutor
+from agentvm.executor.ports import first_request
 from agentvm.executor.sandbox_env import SandboxEnv, check_metadata
 from agentvm.v1 import executor_pb2, executor_pb2_grpc
 
@@ -164,6 +165,17 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         with self._guard(sb.id):
             await self.executor.resize_pty(sb, request.exec_id, request.size)
         return executor_pb2.ResizePtyResponse()
+
+    @grpc_stream_errors
+    async def ForwardPort(
+        self, request_iterator: AsyncIterator[executor_pb2.ForwardPortRequest], context: Ctx
+    ) -> AsyncIterator[executor_pb2.ForwardPortResponse]:
+        requests = aiter(request_iterator)
+        first = await first_request(requests)
+        sb = self.executor.get(first.sandbox_id)
+        with self._guard(sb.id):
+            async for resp in self.executor.forward_port(sb, first, requests):
+                yield resp
 
     @grpc_errors
     async def WriteFile(
