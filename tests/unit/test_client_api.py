@@ -22,6 +22,8 @@ PAIRS: list[tuple[Any, Any, list[str]]] = [
             "create",
             "connect",
             "disconnect",
+            "pause",
+            "resume",
             "run",
             "start",
             "close",

@@ -297,6 +297,30 @@ class AsyncSandbox:
         resp = await self._stub.SetSandboxTimeout(req, timeout=60)
         self._proto = resp.sandbox
 
+    @translate
+    async def pause(self) -> None:
+        """Save the sandbox's memory and disk on the host and stop its VM: it costs only
+        disk until ``resume()``, which brings back its files and running processes as
+        they were. A paused sandbox does not expire; other calls raise
+        FailedPreconditionError until it is resumed. It also survives an executor
+        restart. FailedPreconditionError when it is paused already or has a shared
+        workspace (create it with ``workspace="api"`` to pause it)."""
+        self._live()
+        resp = await self._stub.PauseSandbox(
+            executor_pb2.PauseSandboxRequest(sandbox_id=self.id), timeout=1200
+        )
+        self._proto = resp.sandbox
+
+    @translate
+    async def resume(self) -> None:
+        """Bring a paused sandbox back (FailedPreconditionError when it runs); it gets
+        the life it had left at the pause."""
+        self._live()
+        resp = await self._stub.ResumeSandbox(
+            executor_pb2.ResumeSandboxRequest(sandbox_id=self.id), timeout=1200
+        )
+        self._proto = resp.sandbox
+
     async def __aenter__(self) -> AsyncSandbox:
         return self
 

@@ -456,6 +456,14 @@ class Sandbox:
         verdict (empty unless the network is "nat-filtered")."""
         return _call(self._inner.network_log())
 
+    def pause(self) -> None:
+        """Save the sandbox on the host and stop its VM (see ``AsyncSandbox.pause``)."""
+        _call(self._inner.pause())
+
+    def resume(self) -> None:
+        """Bring a paused sandbox back as it was (see ``AsyncSandbox.resume``)."""
+        _call(self._inner.resume())
+
     def disconnect(self) -> None:
         """Let go of this handle without closing the sandbox (``AsyncSandbox.disconnect``)."""
         _call(self._inner.disconnect())

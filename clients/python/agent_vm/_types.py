@@ -150,6 +150,8 @@ class SandboxInfo:
     # Unix times.
     created_at: float
     expires_at: float
+    # "running" or "paused".
+    state: str = "running"
 
     @classmethod
     def from_proto(cls, sb: executor_pb2.Sandbox) -> SandboxInfo:
@@ -163,6 +165,7 @@ class SandboxInfo:
             secret_env_names=tuple(sb.secret_env),
             created_at=sb.created_at.ToNanoseconds() / 1e9,
             expires_at=sb.expires_at.ToNanoseconds() / 1e9,
+            state="paused" if sb.state == executor_pb2.SANDBOX_STATE_PAUSED else "running",
         )
 
 

@@ -161,11 +161,12 @@ def sandbox_list(metadata: tuple[str, ...], as_json: bool) -> None:
         print_json_list(sandboxes)
         return
     print_table(
-        ["ID", "VM", "IMAGE", "EXPIRES IN", "METADATA"],
+        ["ID", "VM", "STATE", "IMAGE", "EXPIRES IN", "METADATA"],
         [
             (
                 sb.id,
                 sb.vm_name,
+                "paused" if sb.state == executor_pb2.SANDBOX_STATE_PAUSED else "running",
                 sb.spec.image or "default",
                 _expires_in(sb),
                 ",".join(f"{k}={v}" for k, v in sorted(sb.metadata.items())) or "-",
@@ -261,3 +262,31 @@ def sandbox_rm(sandbox_ids: tuple[str, ...]) -> None:
     for sandbox_id in sandbox_ids:
         stub.CloseSandbox(executor_pb2.CloseSandboxRequest(sandbox_id=sandbox_id), timeout=120)
         click.echo(f"removed {sandbox_id}")
+
+
+@sandbox.command("pause")
+@click.argument("sandbox_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the sandbox as JSON.")
+@handle_errors
+def sandbox_pause(sandbox_id: str, as_json: bool) -> None:
+    """Save the sandbox's memory and disk and stop its VM (until `sandbox resume`)."""
+    req = executor_pb2.PauseSandboxRequest(sandbox_id=sandbox_id)
+    sb = executor_stub().PauseSandbox(req, timeout=1200).sandbox
+    if as_json:
+        print_json(sb)
+    else:
+        click.echo(f"{sb.id} paused")
+
+
+@sandbox.command("resume")
+@click.argument("sandbox_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the sandbox as JSON.")
+@handle_errors
+def sandbox_resume(sandbox_id: str, as_json: bool) -> None:
+    """Bring a paused sandbox back, its processes and files as they were."""
+    req = executor_pb2.ResumeSandboxRequest(sandbox_id=sandbox_id)
+    sb = executor_stub().ResumeSandbox(req, timeout=1200).sandbox
+    if as_json:
+        print_json(sb)
+    else:
+        click.echo(f"{sb.id} resumed; expires in {_expires_in(sb)}")

@@ -32,6 +32,7 @@ from agentvm.common.errors import (
     REASON_SANDBOX_CLOSED,
     Aborted,
     AgentVMError,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     RemoteError,
@@ -40,7 +41,9 @@ from agentvm.common.errors import (
 from agentvm.common.events import EventSink, NullSink
 from agentvm.common.grpc_util import guest_channel
 from agentvm.executor.files import WorkspaceFiles
+from agentvm.executor.journal import Journal
 from agentvm.executor.oneshot import OneShot
+from agentvm.executor.pausing import Pausing
 from agentvm.executor.ports import Ports
 from agentvm.executor.processes import Processes
 from agentvm.executor.sandbox import (
@@ -100,7 +103,7 @@ __all__ = [
 ]
 
 
-class AgentExecutor(OneShot, Processes, Ports):
+class AgentExecutor(OneShot, Processes, Ports, Pausing):
     """Runs agent code in VMs obtained from vm-manager."""
 
     def __init__(
@@ -125,6 +128,7 @@ class AgentExecutor(OneShot, Processes, Ports):
         # Sandboxes the reaper closed: id -> their lifetime in seconds (oldest first).
         self._expired: dict[str, float] = {}
         self.files = WorkspaceFiles(self)
+        self.journal = Journal(settings.state_dir, settings.executor_addr)
 
     # -- housekeeping -------------------------------------------------------
     def _owner_labels(self) -> dict[str, str]:
@@ -145,13 +149,18 @@ class AgentExecutor(OneShot, Processes, Ports):
         except grpc.aio.AioRpcError as exc:
             log.warning("cannot list leftover VMs: %s", exc.details())
         else:
+            # Sandboxes of a previous executor (killed, crashed) are taken up
+            # from the journal; VMs no record holds are reclaimed.
+            kept = await self.take_up(list(resp.vms))
             for vm in resp.vms:
+                if vm.name in kept:
+                    continue
                 log.info("destroying VM %s left by a previous executor", vm.name)
                 await self._destroy_vm(
                     vm.name, "executor restart: its sandbox did not survive the previous executor"
                 )
-        # No sandbox is open yet: every lease with this executor's labels was a
-        # previous executor's.
+        # Every lease with this executor's labels that no sandbox taken up
+        # holds was a previous executor's.
         await self._reconcile_leases()
         self._reaper = asyncio.ensure_future(self._reap())
 
@@ -161,7 +170,7 @@ class AgentExecutor(OneShot, Processes, Ports):
             await asyncio.sleep(1.0)
             now = time.time()
             for sb in list(self._sandboxes.values()):
-                if sb.expires_at <= now and not sb.closing:
+                if sb.expires_at <= now and not sb.closing and not sb.paused:
                     log.info("sandbox %s reached the end of its lifetime", sb.id)
                     sb.expired = True
                     self._spawn(self.close_sandbox(sb.id))
@@ -379,6 +388,7 @@ class AgentExecutor(OneShot, Processes, Ports):
             env=env or SandboxEnv(),
         )
         self._sandboxes[sandbox_id] = sb
+        self.journal.save(sb.record())
         self.events.emit(
             "sandbox.created",
             vm=vm.name,
@@ -471,10 +481,16 @@ class AgentExecutor(OneShot, Processes, Ports):
             raise
         return vm
 
-    def get(self, sandbox_id: str) -> SandboxState:
+    def get(self, sandbox_id: str, *, paused_ok: bool = False) -> SandboxState:
+        """The open sandbox; FAILED_PRECONDITION when it is paused (unless ``paused_ok``)."""
         sb = self._sandboxes.get(sandbox_id)
         if sb is None or sb.closing:
             raise self.gone_error(sandbox_id, cut_short=False)
+        if sb.paused and not paused_ok:
+            raise FailedPrecondition(
+                f"sandbox {sandbox_id} is paused: resume it first (ResumeSandbox, "
+                "agent-vm sandbox resume)"
+            )
         return sb
 
     def sandbox_or_none(self, sandbox_id: str) -> SandboxState | None:
@@ -493,8 +509,8 @@ class AgentExecutor(OneShot, Processes, Ports):
             closed.reason = REASON_SANDBOX_CLOSED
             return closed
         return NotFound(
-            f"no sandbox {sandbox_id!r}: it was closed or reached the end of its lifetime, or "
-            "the executor restarted since it was created (sandboxes do not survive a restart)"
+            f"no sandbox {sandbox_id!r}: it was closed or reached the end of its lifetime "
+            "(ListSandboxes shows the open ones)"
         )
 
     def sandboxes(self, metadata: Mapping[str, str] | None = None) -> list[SandboxState]:
@@ -514,6 +530,7 @@ class AgentExecutor(OneShot, Processes, Ports):
             )
         before = sb.expires_at
         sb.expires_at = time.time() + seconds
+        self.journal.save(sb.record())
         self.events.emit(
             "sandbox.timeout_set",
             vm=sb.vm.name,
@@ -540,7 +557,9 @@ class AgentExecutor(OneShot, Processes, Ports):
                 while len(self._expired) > REMEMBER_EXPIRED:
                     del self._expired[next(iter(self._expired))]
             self._sandboxes.pop(sandbox_id, None)
-            self._slots.release()
+            self.journal.remove(sandbox_id)
+            if sb.slot:
+                self._slots.release()
             self.events.emit("sandbox.closed", vm=sb.vm.name, sandbox=sandbox_id)
             log.info("sandbox %s closed", sandbox_id, extra={"sandbox": sandbox_id})
 

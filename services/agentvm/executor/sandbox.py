@@ -3,6 +3,7 @@ durations, which VMs and leases are orphaned, how an execution is described."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import shlex
@@ -13,6 +14,7 @@ from typing import Any
 import grpc
 
 from agentvm.common.errors import REASON_SANDBOX_EXPIRED, Aborted, InvalidArgument
+from agentvm.executor.journal import Record
 from agentvm.executor.sandbox_env import SandboxEnv
 from agentvm.v1 import (
     common_pb2,
@@ -122,6 +124,14 @@ class SandboxState:
     execs: set[str] = field(default_factory=set)
     # Forwarded connections open now (ports.py bounds them).
     open_ports: int = 0
+    # Paused (pausing.py): its VM is saved and stopped; the life it had left.
+    paused: bool = False
+    paused_left: float = 0.0
+    # Holds one of the executor's AGENTVM_MAX_SANDBOXES slots (a sandbox taken
+    # up after a restart past the limit does not).
+    slot: bool = True
+    # Serializes pause and resume.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The caller's metadata and the default environment (sandbox_env.py).
     metadata: dict[str, str] = field(default_factory=dict)
     env: SandboxEnv = field(default_factory=SandboxEnv)
@@ -136,6 +146,23 @@ class SandboxState:
             return self.vm.workspace_path
         return None
 
+    def record(self) -> Record:
+        """Its journal record (journal.py)."""
+        return Record(
+            id=self.id,
+            vm_name=self.vm.name,
+            spec=self.spec,
+            workspace_mode=self.workspace_mode,
+            created_at=self.created_at,
+            expires_at=self.expires_at,
+            boot_duration=self.boot_duration,
+            lease_id=self.lease_id,
+            metadata=self.metadata,
+            env=self.env,
+            paused=self.paused,
+            paused_left=self.paused_left,
+        )
+
     def to_proto(self) -> executor_pb2.Sandbox:
         msg = executor_pb2.Sandbox(
             id=self.id,
@@ -145,6 +172,9 @@ class SandboxState:
             metadata=self.metadata,
             env=self.env.public(),
             secret_env=sorted(self.env.secret),
+            state=executor_pb2.SANDBOX_STATE_PAUSED
+            if self.paused
+            else executor_pb2.SANDBOX_STATE_RUNNING,
         )
         msg.created_at.FromNanoseconds(int(self.created_at * 1e9))
         msg.expires_at.FromNanoseconds(int(self.expires_at * 1e9))

@@ -72,7 +72,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self, request: executor_pb2.GetSandboxRequest, context: Ctx
     ) -> executor_pb2.GetSandboxResponse:
         return executor_pb2.GetSandboxResponse(
-            sandbox=self.executor.get(request.sandbox_id).to_proto()
+            sandbox=self.executor.get(request.sandbox_id, paused_ok=True).to_proto()
         )
 
     @grpc_errors
@@ -95,6 +95,24 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         sb = self.executor.get(request.sandbox_id)
         self.executor.set_timeout(sb, request.timeout.ToNanoseconds() / 1e9)
         return executor_pb2.SetSandboxTimeoutResponse(sandbox=sb.to_proto())
+
+    @grpc_errors
+    async def PauseSandbox(
+        self, request: executor_pb2.PauseSandboxRequest, context: Ctx
+    ) -> executor_pb2.PauseSandboxResponse:
+        sb = self.executor.get(request.sandbox_id, paused_ok=True)
+        with self._guard(sb.id):
+            await self.executor.pause_sandbox(sb)
+        return executor_pb2.PauseSandboxResponse(sandbox=sb.to_proto())
+
+    @grpc_errors
+    async def ResumeSandbox(
+        self, request: executor_pb2.ResumeSandboxRequest, context: Ctx
+    ) -> executor_pb2.ResumeSandboxResponse:
+        sb = self.executor.get(request.sandbox_id, paused_ok=True)
+        with self._guard(sb.id):
+            await self.executor.resume_sandbox(sb)
+        return executor_pb2.ResumeSandboxResponse(sandbox=sb.to_proto())
 
     @grpc_errors
     async def CloseSandbox(

@@ -1,0 +1,172 @@
+"""Pause and resume of sandboxes, and taking them up again after an executor restart
+(docs/SANDBOXES.md, section 4). A mixin of AgentExecutor.
+
+Pause = a memory snapshot of the VM (vm-manager's CreateSnapshot: memory and
+disk state into the VM's qcow2 overlay, on the host's disk) and StopVM
+(QEMU exits: no RAM, no CPU). Resume = RestoreSnapshot (QEMU starts from the
+saved state: processes and files as they were at the pause), WaitVM READY,
+then the snapshot is deleted. A paused sandbox does not expire; the life it
+had left is given back at resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+
+from agentvm.common.errors import FailedPrecondition, RemoteError
+from agentvm.common.events import EventSink
+from agentvm.common.grpc_util import guest_channel
+from agentvm.executor.journal import Journal
+from agentvm.executor.sandbox import SANDBOX_LABEL, SandboxState
+from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
+
+log = logging.getLogger("agentvm.executor")
+
+PAUSE_SNAPSHOT = "agentvm-pause"
+SAVE_TIMEOUT_S = 900.0
+READY_TIMEOUT_S = 600.0
+
+
+def _delete(vm_name: str) -> vm_manager_pb2.DeleteSnapshotRequest:
+    return vm_manager_pb2.DeleteSnapshotRequest(vm_name=vm_name, snapshot_name=PAUSE_SNAPSHOT)
+
+
+class Pausing:
+    """Pause, resume, restore."""
+
+    events: EventSink
+    vmm: vm_manager_pb2_grpc.VMManagerServiceAsyncStub
+    journal: Journal
+    _sandboxes: dict[str, SandboxState]
+    _slots: asyncio.Semaphore
+
+    async def pause_sandbox(self, sb: SandboxState) -> None:
+        """Save ``sb``'s memory and disk and stop its VM."""
+        async with sb.lock:
+            if sb.paused:
+                raise FailedPrecondition(
+                    f"sandbox {sb.id} is already paused: resume it (ResumeSandbox) or close it"
+                )
+            if sb.workspace_mode == common_pb2.WORKSPACE_MODE_SHARED:
+                raise FailedPrecondition(
+                    f"sandbox {sb.id} has a shared (virtiofs) workspace, whose device state "
+                    "QEMU cannot save: create sandboxes to pause with workspace mode API"
+                )
+            started = time.monotonic()
+            name = sb.vm.name
+            try:
+                with contextlib.suppress(grpc.aio.AioRpcError):  # a pause cut short before
+                    await self.vmm.DeleteSnapshot(
+                        vm_manager_pb2.DeleteSnapshotRequest(
+                            vm_name=name, snapshot_name=PAUSE_SNAPSHOT
+                        ),
+                        timeout=120,
+                    )
+                await self.vmm.CreateSnapshot(
+                    vm_manager_pb2.CreateSnapshotRequest(
+                        vm_name=name,
+                        snapshot_name=PAUSE_SNAPSHOT,
+                        include_memory=True,
+                        description=f"sandbox {sb.id} paused",
+                    ),
+                    timeout=SAVE_TIMEOUT_S,
+                )
+                sb.paused_left = max(1.0, sb.expires_at - time.time())
+                sb.paused = True
+                self.journal.save(sb.record())
+                await sb.channel.close(grace=None)
+                await self.vmm.StopVM(
+                    vm_manager_pb2.StopVMRequest(name=name, force=True), timeout=120
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise RemoteError.from_rpc(exc, "vm-manager") from exc
+            took = time.monotonic() - started
+            self.events.emit("sandbox.paused", vm=name, sandbox=sb.id, duration_s=round(took, 3))
+            log.info("sandbox %s paused in %.2f s", sb.id, took, extra={"sandbox": sb.id})
+
+    async def resume_sandbox(self, sb: SandboxState) -> None:
+        """Bring a paused ``sb`` back as it was at the pause."""
+        async with sb.lock:
+            if not sb.paused:
+                raise FailedPrecondition(
+                    f"sandbox {sb.id} is running, not paused: there is nothing to resume"
+                )
+            started = time.monotonic()
+            name = sb.vm.name
+            try:
+                await self.vmm.RestoreSnapshot(
+                    vm_manager_pb2.RestoreSnapshotRequest(
+                        vm_name=name, snapshot_name=PAUSE_SNAPSHOT
+                    ),
+                    timeout=SAVE_TIMEOUT_S,
+                )
+                wait = vm_manager_pb2.WaitVMRequest(name=name, state=common_pb2.VM_STATE_READY)
+                wait.timeout.FromNanoseconds(int(READY_TIMEOUT_S * 1e9))
+                ready = await self.vmm.WaitVM(wait, timeout=READY_TIMEOUT_S + 30)
+            except grpc.aio.AioRpcError as exc:
+                raise RemoteError.from_rpc(exc, "vm-manager") from exc
+            sb.vm = ready.vm
+            sb.channel = guest_channel(ready.vm.agent_endpoint)
+            sb.paused = False
+            sb.expires_at = time.time() + sb.paused_left
+            self.journal.save(sb.record())
+            took = time.monotonic() - started
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self.vmm.DeleteSnapshot(
+                    vm_manager_pb2.DeleteSnapshotRequest(
+                        vm_name=name, snapshot_name=PAUSE_SNAPSHOT
+                    ),
+                    timeout=120,
+                )
+            self.events.emit("sandbox.resumed", vm=name, sandbox=sb.id, duration_s=round(took, 3))
+            log.info("sandbox %s resumed in %.2f s", sb.id, took, extra={"sandbox": sb.id})
+
+    async def take_up(self, vms: list[common_pb2.VM]) -> set[str]:
+        """Take up the journal's sandboxes whose VM is still there; their VMs' names.
+
+        ``vms`` are this executor's VMs as vm-manager lists them. A record
+        without its VM (destroyed meanwhile) is dropped.
+        """
+        by_name = {vm.name: vm for vm in vms}
+        kept: set[str] = set()
+        for rec in self.journal.load():
+            vm = by_name.get(rec.vm_name)
+            if vm is None or vm.labels.get(SANDBOX_LABEL) != rec.id:
+                log.info("sandbox %s is gone with its VM %s; forgetting it", rec.id, rec.vm_name)
+                self.journal.remove(rec.id)
+                continue
+            sb = SandboxState(
+                id=rec.id,
+                spec=rec.spec,
+                vm=vm,
+                workspace_mode=common_pb2.WorkspaceMode.ValueType(rec.workspace_mode),
+                created_at=rec.created_at,
+                expires_at=rec.expires_at,
+                boot_duration=rec.boot_duration,
+                channel=guest_channel(vm.agent_endpoint),
+                lease_id=rec.lease_id,
+                metadata=rec.metadata,
+                env=rec.env,
+                paused=rec.paused,
+                paused_left=rec.paused_left,
+            )
+            if self._slots.locked():
+                sb.slot = False  # past AGENTVM_MAX_SANDBOXES now: kept all the same
+            else:
+                await self._slots.acquire()
+            self._sandboxes[sb.id] = sb
+            kept.add(vm.name)
+            self.events.emit("sandbox.restored", vm=vm.name, sandbox=sb.id, paused=sb.paused)
+            log.info(
+                "took up sandbox %s (%s) on %s",
+                sb.id,
+                "paused" if sb.paused else "running",
+                vm.name,
+                extra={"sandbox": sb.id},
+            )
+        return kept
