@@ -284,7 +284,8 @@ def test_the_end_of_a_lifetime_ends_a_running_command_at_once(
     took = time.monotonic() - started
     assert took < 9, took  # the lifetime, plus the reaper's one-second beat
     assert f"sandbox {sb.id} reached the end of its lifetime (5 s)" in info.value.message
-    assert "lifetime=" in info.value.message  # how to get a longer one
+    assert "set_timeout(SECONDS)" in info.value.message  # how to get a longer one
+    assert "create it with a longer one" in info.value.message
     with pytest.raises(agent_vm.SandboxExpiredError):
         handle.wait()  # the background command ends the same way
     with pytest.raises(agent_vm.SandboxExpiredError):

@@ -170,6 +170,9 @@ def pool_manager(vmm: VMManagerProcess) -> Iterator[PoolManagerProcess]:
     )
     proc.start()
     try:
+        # Even at min 0 a pool builds its memory template (a VM for a while):
+        # the fuzz starts once it is built, so every VM it sees is the fuzz's.
+        proc.wait_status(lambda s: s.template_ready, timeout=900)
         yield proc
     finally:
         proc.stop_if_running()
