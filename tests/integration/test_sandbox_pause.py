@@ -114,3 +114,28 @@ def test_running_sandboxes_survive_a_killed_executor_and_unrecorded_vms_are_recl
         kept.close()
         lost.close()
     assert not (Journal(vmm.state_dir, executor.address).dir / f"{kept.id}.json").exists()
+
+
+def state_of(sandbox_id: str) -> str:
+    return next(i.state for i in agent_vm.Sandbox.list() if i.id == sandbox_id)
+
+
+def test_an_idle_sandbox_pauses_itself_and_a_call_in_flight_keeps_it_running(
+    executor: ExecutorProcess, monitor_proc: MonitorProcess
+) -> None:
+    with pytest.raises(agent_vm.InvalidArgumentError, match="auto_pause must be"):
+        agent_vm.Sandbox.create(workspace="api", auto_pause=2)
+    with agent_vm.Sandbox.create(
+        network="isolated", workspace="api", lifetime=900, auto_pause=10
+    ) as sb:
+        # A command longer than the idle time: in use all along, never paused.
+        assert sb.run("sleep 14; echo done", timeout=60).stdout == "done\n"
+        assert state_of(sb.id) == "running"
+        assert wait_for(lambda: state_of(sb.id) == "paused", 60)
+        mine = wait_records(
+            monitor_proc,
+            lambda r: r.get("type") == "sandbox.paused" and r.get("sandbox") == sb.id,
+        )
+        assert mine[0]["attributes"]["reason"] == "idle", mine
+        sb.resume()
+        assert sb.run("echo back").stdout == "back\n"

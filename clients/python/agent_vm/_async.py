@@ -196,6 +196,7 @@ class AsyncSandbox:
         metadata: Mapping[str, str] | None = None,
         envs: Mapping[str, str] | None = None,
         secret_envs: Mapping[str, str] | None = None,
+        auto_pause: float | None = None,
     ) -> AsyncSandbox:
         """Boot a sandbox VM. ``lifetime`` (seconds; default 1 h, at most 24 h) bounds
         it even if this process dies; ``set_timeout`` moves its end later.
@@ -204,7 +205,9 @@ class AsyncSandbox:
         there. ``envs``: the default environment of every command (a command's
         own ``env`` wins); ``secret_envs`` too, but their values are never
         returned and are replaced by "[secret NAME]" in the server's error
-        messages, audit records and logs.
+        messages, audit records and logs. ``auto_pause``: pause the sandbox (see
+        ``pause()``) once no call used it for that many seconds (10 s to 24 h;
+        None: never; needs ``workspace="api"``, or a pool).
 
         ``network``: "nat-filtered" (default: only the names of ``policy``, or
         the server's default allowlist), "isolated" (no network) or "bridge"
@@ -229,6 +232,8 @@ class AsyncSandbox:
             metadata=str_map("metadata", metadata),
             env=sandbox_env(envs, secret_envs),
         )
+        if auto_pause:
+            req.auto_pause.FromNanoseconds(int(seconds("auto_pause", auto_pause) * 1e9))
         deadline = seconds("request_timeout", request_timeout)
         chan = _channel(addr)
         try:

@@ -388,6 +388,7 @@ class Sandbox:
         metadata: Mapping[str, str] | None = None,
         envs: Mapping[str, str] | None = None,
         secret_envs: Mapping[str, str] | None = None,
+        auto_pause: float | None = None,
     ) -> Sandbox:
         """Boot a sandbox VM (see ``AsyncSandbox.create``: the same arguments, and
         what it raises). ``lifetime`` (seconds; default 1 h, at most 24 h) bounds
@@ -411,6 +412,7 @@ class Sandbox:
                 metadata=metadata,
                 envs=envs,
                 secret_envs=secret_envs,
+                auto_pause=auto_pause,
             )
         )
         return cls(inner)

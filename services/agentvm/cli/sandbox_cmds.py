@@ -97,6 +97,12 @@ def sandbox() -> None:
     show_default=True,
     help="Lifetime: the sandbox is removed after it (90, 15m, 2h; at most 24h).",
 )
+@click.option(
+    "--auto-pause",
+    default=None,
+    metavar="DURATION",
+    help="Pause it after this long without a call (10s to 24h; default: never).",
+)
 @click.option("--metadata", multiple=True, metavar="K=V", help="Metadata pair (repeatable).")
 @click.option(
     "--env", multiple=True, metavar="K=V", help="Default environment variable (repeatable)."
@@ -116,6 +122,7 @@ def sandbox_create(
     network: str,
     bridge: str | None,
     timeout: str,
+    auto_pause: str | None,
     metadata: tuple[str, ...],
     env: tuple[str, ...],
     secret_env: tuple[str, ...],
@@ -137,6 +144,8 @@ def sandbox_create(
     req = executor_pb2.CreateSandboxRequest(
         spec=spec, metadata=pairs("--metadata", metadata), env=values
     )
+    if auto_pause is not None:
+        req.auto_pause.FromNanoseconds(int(duration("--auto-pause", auto_pause) * 1e9))
     sb = executor_stub().CreateSandbox(req, timeout=600).sandbox
     if as_json:
         print_json(sb)

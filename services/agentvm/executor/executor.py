@@ -78,6 +78,7 @@ from agentvm.v1 import (
 )
 
 log = logging.getLogger("agentvm.executor")
+MIN_AUTO_PAUSE_S = 10.0
 
 # Also importable from here (tests, files.py).
 __all__ = [
@@ -174,6 +175,9 @@ class AgentExecutor(OneShot, Processes, Ports, Pausing):
                     log.info("sandbox %s reached the end of its lifetime", sb.id)
                     sb.expired = True
                     self._spawn(self.close_sandbox(sb.id))
+            for sb in self.idle_sandboxes():
+                log.info("sandbox %s idle for %g s: pausing it", sb.id, sb.auto_pause)
+                self._spawn(self.auto_pause(sb))
             interval = self.settings.reconcile_interval_s
             if interval > 0 and time.monotonic() - last_sweep >= interval:
                 last_sweep = time.monotonic()
@@ -319,6 +323,7 @@ class AgentExecutor(OneShot, Processes, Ports, Pausing):
         default_lifetime: float | None = None,
         metadata: Mapping[str, str] | None = None,
         env: SandboxEnv | None = None,
+        auto_pause: float = 0.0,
     ) -> SandboxState:
         lifetime = seconds_of(
             spec, "lifetime", default_lifetime or self.settings.sandbox_lifetime_s, MAX_LIFETIME_S
@@ -345,6 +350,16 @@ class AgentExecutor(OneShot, Processes, Ports, Pausing):
         if mode == common_pb2.WORKSPACE_MODE_UNSPECIFIED:
             shared = await self._shared_workspace_supported()
             mode = common_pb2.WORKSPACE_MODE_SHARED if shared else common_pb2.WORKSPACE_MODE_API
+        if auto_pause and not MIN_AUTO_PAUSE_S <= auto_pause <= MAX_LIFETIME_S:
+            raise InvalidArgument(
+                f"auto_pause must be {MIN_AUTO_PAUSE_S:.0f} s to {MAX_LIFETIME_S:.0f} s "
+                f"(or unset: off), got {auto_pause:g}"
+            )
+        if auto_pause and mode == common_pb2.WORKSPACE_MODE_SHARED:
+            raise FailedPrecondition(
+                "auto_pause needs a sandbox that can be paused: a shared (virtiofs) workspace "
+                "cannot; ask for workspace mode API"
+            )
         if self._slots.locked():
             raise ResourceExhausted(
                 f"{self.settings.max_sandboxes} sandboxes are running (AGENTVM_MAX_SANDBOXES): "
@@ -386,6 +401,7 @@ class AgentExecutor(OneShot, Processes, Ports, Pausing):
             lease_id=lease_id,
             metadata=metadata,
             env=env or SandboxEnv(),
+            auto_pause=auto_pause,
         )
         self._sandboxes[sandbox_id] = sb
         self.journal.save(sb.record())

@@ -49,6 +49,7 @@ class Record:
     env: SandboxEnv
     paused: bool
     paused_left: float
+    auto_pause: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +67,7 @@ class Record:
             "secret": sorted(self.env.secret),
             "paused": self.paused,
             "paused_left": self.paused_left,
+            "auto_pause": self.auto_pause,
         }
 
     @classmethod
@@ -94,6 +96,7 @@ class Record:
             env=SandboxEnv(values=values, secret=frozenset(map(str, data["secret"]))),
             paused=bool(data["paused"]),
             paused_left=float(data["paused_left"]),
+            auto_pause=float(data.get("auto_pause", 0.0)),
         )
 
 

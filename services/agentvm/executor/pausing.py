@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import grpc
 
@@ -45,9 +47,14 @@ class Pausing:
     _sandboxes: dict[str, SandboxState]
     _slots: asyncio.Semaphore
 
-    async def pause_sandbox(self, sb: SandboxState) -> None:
-        """Save ``sb``'s memory and disk and stop its VM."""
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        raise NotImplementedError
+
+    async def pause_sandbox(self, sb: SandboxState, *, idle: bool = False) -> None:
+        """Save ``sb``'s memory and disk and stop its VM (``idle``: auto-pause)."""
         async with sb.lock:
+            if idle and (sb.paused or sb.busy or sb.closing):
+                return  # used again, paused or closed meanwhile
             if sb.paused:
                 raise FailedPrecondition(
                     f"sandbox {sb.id} is already paused: resume it (ResumeSandbox) or close it"
@@ -62,9 +69,7 @@ class Pausing:
             try:
                 with contextlib.suppress(grpc.aio.AioRpcError):  # a pause cut short before
                     await self.vmm.DeleteSnapshot(
-                        vm_manager_pb2.DeleteSnapshotRequest(
-                            vm_name=name, snapshot_name=PAUSE_SNAPSHOT
-                        ),
+                        _delete(name),
                         timeout=120,
                     )
                 await self.vmm.CreateSnapshot(
@@ -86,8 +91,39 @@ class Pausing:
             except grpc.aio.AioRpcError as exc:
                 raise RemoteError.from_rpc(exc, "vm-manager") from exc
             took = time.monotonic() - started
-            self.events.emit("sandbox.paused", vm=name, sandbox=sb.id, duration_s=round(took, 3))
+            self.events.emit(
+                "sandbox.paused",
+                vm=name,
+                sandbox=sb.id,
+                duration_s=round(took, 3),
+                reason="idle" if idle else "requested",
+            )
             log.info("sandbox %s paused in %.2f s", sb.id, took, extra={"sandbox": sb.id})
+
+    async def _drop_saved_state(self, sb: SandboxState) -> None:
+        async with sb.lock:
+            if sb.paused or sb.closing:
+                return
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self.vmm.DeleteSnapshot(_delete(sb.vm.name), timeout=300)
+
+    def idle_sandboxes(self) -> list[SandboxState]:
+        """Running sandboxes with auto-pause whose last call ended long enough ago."""
+        now = time.monotonic()
+        return [
+            sb
+            for sb in self._sandboxes.values()
+            if sb.auto_pause
+            and not (sb.paused or sb.closing or sb.busy or sb.lock.locked())
+            and now - sb.last_active >= sb.auto_pause
+        ]
+
+    async def auto_pause(self, sb: SandboxState) -> None:
+        try:
+            await self.pause_sandbox(sb, idle=True)
+        except Exception as exc:  # noqa: BLE001 (logged; tried again after the next idle spell)
+            sb.last_active = time.monotonic()
+            log.warning("auto-pause of sandbox %s failed: %s", sb.id, exc)
 
     async def resume_sandbox(self, sb: SandboxState) -> None:
         """Bring a paused ``sb`` back as it was at the pause."""
@@ -114,15 +150,12 @@ class Pausing:
             sb.channel = guest_channel(ready.vm.agent_endpoint)
             sb.paused = False
             sb.expires_at = time.time() + sb.paused_left
+            sb.last_active = time.monotonic()
             self.journal.save(sb.record())
             took = time.monotonic() - started
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await self.vmm.DeleteSnapshot(
-                    vm_manager_pb2.DeleteSnapshotRequest(
-                        vm_name=name, snapshot_name=PAUSE_SNAPSHOT
-                    ),
-                    timeout=120,
-                )
+            # The saved state goes after the answer (deleting an internal snapshot
+            # rewrites the overlay's refcounts): the next pause waits for it.
+            self._spawn(self._drop_saved_state(sb))
             self.events.emit("sandbox.resumed", vm=name, sandbox=sb.id, duration_s=round(took, 3))
             log.info("sandbox %s resumed in %.2f s", sb.id, took, extra={"sandbox": sb.id})
 
@@ -154,6 +187,7 @@ class Pausing:
                 env=rec.env,
                 paused=rec.paused,
                 paused_left=rec.paused_left,
+                auto_pause=rec.auto_pause,
             )
             if self._slots.locked():
                 sb.slot = False  # past AGENTVM_MAX_SANDBOXES now: kept all the same

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import re
 import shlex
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,6 +133,11 @@ class SandboxState:
     slot: bool = True
     # Serializes pause and resume.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Idle auto-pause after this many seconds without a call (0: off); calls in
+    # flight now, and when the last one ended (time.monotonic()).
+    auto_pause: float = 0.0
+    busy: int = 0
+    last_active: float = field(default_factory=time.monotonic)
     # The caller's metadata and the default environment (sandbox_env.py).
     metadata: dict[str, str] = field(default_factory=dict)
     env: SandboxEnv = field(default_factory=SandboxEnv)
@@ -161,6 +167,7 @@ class SandboxState:
             env=self.env,
             paused=self.paused,
             paused_left=self.paused_left,
+            auto_pause=self.auto_pause,
         )
 
     def to_proto(self) -> executor_pb2.Sandbox:
@@ -179,6 +186,8 @@ class SandboxState:
         msg.created_at.FromNanoseconds(int(self.created_at * 1e9))
         msg.expires_at.FromNanoseconds(int(self.expires_at * 1e9))
         msg.boot_duration.FromNanoseconds(int(self.boot_duration * 1e9))
+        if self.auto_pause:
+            msg.auto_pause.FromNanoseconds(int(self.auto_pause * 1e9))
         return msg
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -34,6 +35,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         CancelledError would end the handler without a status, and the caller
         would wait for its own deadline.
         """
+        active = self.executor.sandbox_or_none(sandbox_id)
+        if active is not None:
+            active.busy += 1  # in use: no idle auto-pause meanwhile
         try:
             yield
         except AgentVMError as exc:
@@ -48,6 +52,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
             if task is not None and not task.cancelling():  # not this call's own cancel
                 raise self.executor.gone_error(sandbox_id, cut_short=True) from exc
             raise
+        finally:
+            if active is not None:
+                active.busy -= 1
+                active.last_active = time.monotonic()
 
     @grpc_stream_errors
     async def Run(
@@ -64,6 +72,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
             request.spec,
             metadata=request.metadata,
             env=SandboxEnv.from_proto(request.env),
+            auto_pause=request.auto_pause.ToNanoseconds() / 1e9
+            if request.HasField("auto_pause")
+            else 0.0,
         )
         return executor_pb2.CreateSandboxResponse(sandbox=sb.to_proto())
 
