@@ -356,3 +356,28 @@ def test_the_port_forward_command_of_the_cli(
     p = cli(executor.env, "sandbox", "port-forward", sandbox.id, "8000")
     assert p.returncode == 2
     assert "[HOST:]PORT:GUEST_PORT" in p.stderr
+
+
+def test_the_shell_command_makes_a_sandbox_and_removes_it_on_exit(
+    executor: ExecutorProcess,
+) -> None:
+    before = {i.id for i in agent_vm.Sandbox.list()}
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "agentvm.cli.main", "shell", "--network", "isolated"],
+        env={**executor.env, "TERM": "xterm"},
+        cwd=str(REPO),
+        dimensions=(24, 80),
+        timeout=120,
+    )
+    try:
+        child.sendline("echo in-$((40+2)); cat /proc/sys/kernel/hostname")
+        child.expect_exact("in-42")
+        made = {i.id for i in agent_vm.Sandbox.list()} - before
+        assert len(made) == 1, made
+        child.sendline("exit 5")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 5, (child.exitstatus, child.signalstatus)
+    assert {i.id for i in agent_vm.Sandbox.list()} <= before
