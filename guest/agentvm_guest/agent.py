@@ -19,7 +19,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -35,6 +35,7 @@ from agentvm_guest.processes import (
     EXEC_ID,
     MAX_TAG,
     TERM_NAME,
+    BackgroundProcess,
     Launch,
     ProcessError,
     ProcessTable,
@@ -314,6 +315,27 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         status.stderr_truncated = truncated[common_pb2.OUTPUT_STREAM_STDERR]
         yield guest_agent_pb2.ExecuteResponse(exited=status)
 
+    def _execution(
+        self,
+        exec_id: str,
+        context: grpc.ServicerContext,
+        on_background: Callable[[BackgroundProcess], None],
+    ) -> _Running | None:
+        """The running Execute named ``exec_id``; or, for a background process,
+        ``on_background`` done to it and None. NOT_FOUND when neither exists."""
+        with self._lock:
+            running = self._running.get(exec_id)
+        if running is not None:
+            return running
+        background = self.processes.get(exec_id)
+        if background is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no running execution {exec_id!r}")
+        try:
+            on_background(background)
+        except ProcessError as exc:
+            context.abort(exc.code, str(exc))
+        return None
+
     def SignalProcess(
         self, request: guest_agent_pb2.SignalProcessRequest, context: grpc.ServicerContext
     ) -> guest_agent_pb2.SignalProcessResponse:
@@ -321,18 +343,8 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
             signum = signal.Signals(request.signal)
         except ValueError:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown signal {request.signal}")
-        with self._lock:
-            running = self._running.get(request.exec_id)
+        running = self._execution(request.exec_id, context, lambda bg: bg.signal(signum))
         if running is None:
-            background = self.processes.get(request.exec_id)
-            if background is None:
-                context.abort(
-                    grpc.StatusCode.NOT_FOUND, f"no running execution {request.exec_id!r}"
-                )
-            try:
-                background.signal(signum)
-            except ProcessError as exc:
-                context.abort(exc.code, str(exc))
             return guest_agent_pb2.SignalProcessResponse()
         if signum == signal.SIGKILL:
             running.tree.kill_all()
@@ -343,18 +355,10 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
     def WriteStdin(
         self, request: guest_agent_pb2.WriteStdinRequest, context: grpc.ServicerContext
     ) -> guest_agent_pb2.WriteStdinResponse:
-        with self._lock:
-            running = self._running.get(request.exec_id)
+        running = self._execution(
+            request.exec_id, context, lambda bg: bg.write_stdin(request.data, request.eof)
+        )
         if running is None:
-            background = self.processes.get(request.exec_id)
-            if background is None:
-                context.abort(
-                    grpc.StatusCode.NOT_FOUND, f"no running execution {request.exec_id!r}"
-                )
-            try:
-                background.write_stdin(request.data, request.eof)
-            except ProcessError as exc:
-                context.abort(exc.code, str(exc))
             return guest_agent_pb2.WriteStdinResponse()
         with running.stdin_lock:
             pipe = running.stdin

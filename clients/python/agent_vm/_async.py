@@ -234,18 +234,8 @@ class AsyncSandbox:
         )
         if auto_pause:
             req.auto_pause.FromNanoseconds(int(seconds("auto_pause", auto_pause) * 1e9))
-        deadline = seconds("request_timeout", request_timeout)
-        chan = _channel(addr)
-        try:
-            stub = executor_pb2_grpc.ExecutorServiceStub(chan)
-            resp = await stub.CreateSandbox(req, timeout=deadline)
-        except grpc.aio.AioRpcError as exc:
-            await chan.close(grace=None)
-            raise from_rpc(exc, addr) from exc
-        except BaseException:
-            await chan.close(grace=None)
-            raise
-        return cls(addr, chan, resp.sandbox)
+        chan, sandbox = await cls._open(addr, "CreateSandbox", req, request_timeout)
+        return cls(addr, chan, sandbox)
 
     @classmethod
     async def connect(
@@ -256,18 +246,27 @@ class AsyncSandbox:
         NotFoundError when there is no such sandbox (closed, expired or unknown)."""
         addr = address or default_address()
         req = executor_pb2.GetSandboxRequest(sandbox_id=text("sandbox_id", sandbox_id))
+        chan, sandbox = await cls._open(addr, "GetSandbox", req, request_timeout)
+        return cls(addr, chan, sandbox)
+
+    @staticmethod
+    async def _open(
+        addr: str, method: str, req: Any, request_timeout: float
+    ) -> tuple[grpc.aio.Channel, executor_pb2.Sandbox]:
+        """A channel to the executor and the sandbox ``method`` answered (closed on error)."""
         deadline = seconds("request_timeout", request_timeout)
         chan = _channel(addr)
         try:
             stub = executor_pb2_grpc.ExecutorServiceStub(chan)
-            resp = await stub.GetSandbox(req, timeout=deadline)
+            resp = await getattr(stub, method)(req, timeout=deadline)
         except grpc.aio.AioRpcError as exc:
             await chan.close(grace=None)
             raise from_rpc(exc, addr) from exc
         except BaseException:
             await chan.close(grace=None)
             raise
-        return cls(addr, chan, resp.sandbox)
+        sandbox: executor_pb2.Sandbox = resp.sandbox
+        return chan, sandbox
 
     @classmethod
     async def list(
