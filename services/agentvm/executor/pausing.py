@@ -1,22 +1,18 @@
 """Pause and resume of sandboxes, and taking them up again after an executor restart
 (docs/SANDBOXES.md, section 4). A mixin of AgentExecutor.
 
-Pause = a memory snapshot of the VM (vm-manager's CreateSnapshot: memory and
-disk state into the VM's qcow2 overlay, on the host's disk) and StopVM
-(QEMU exits: no RAM, no CPU). Resume = RestoreSnapshot (QEMU starts from the
-saved state: processes and files as they were at the pause), WaitVM READY,
-then the snapshot is deleted. A paused sandbox does not expire; the life it
+Pause = vm-manager's SuspendVM (the VM's memory and device state written
+to a file next to its overlay, as a memory template is, then QEMU exits: no
+RAM, no CPU). Resume = ResumeVM (QEMU starts from that file: processes and
+files as they were at the pause) and WaitVM READY. A paused sandbox does not expire; the life it
 had left is given back at resume.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Coroutine
-from typing import Any
 
 import grpc
 
@@ -29,13 +25,8 @@ from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
 
 log = logging.getLogger("agentvm.executor")
 
-PAUSE_SNAPSHOT = "agentvm-pause"
 SAVE_TIMEOUT_S = 900.0
 READY_TIMEOUT_S = 600.0
-
-
-def _delete(vm_name: str) -> vm_manager_pb2.DeleteSnapshotRequest:
-    return vm_manager_pb2.DeleteSnapshotRequest(vm_name=vm_name, snapshot_name=PAUSE_SNAPSHOT)
 
 
 class Pausing:
@@ -46,9 +37,6 @@ class Pausing:
     journal: Journal
     _sandboxes: dict[str, SandboxState]
     _slots: asyncio.Semaphore
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        raise NotImplementedError
 
     async def pause_sandbox(self, sb: SandboxState, *, idle: bool = False) -> None:
         """Save ``sb``'s memory and disk and stop its VM (``idle``: auto-pause)."""
@@ -66,30 +54,17 @@ class Pausing:
                 )
             started = time.monotonic()
             name = sb.vm.name
+            left = max(1.0, sb.expires_at - time.time())
             try:
-                with contextlib.suppress(grpc.aio.AioRpcError):  # a pause cut short before
-                    await self.vmm.DeleteSnapshot(
-                        _delete(name),
-                        timeout=120,
-                    )
-                await self.vmm.CreateSnapshot(
-                    vm_manager_pb2.CreateSnapshotRequest(
-                        vm_name=name,
-                        snapshot_name=PAUSE_SNAPSHOT,
-                        include_memory=True,
-                        description=f"sandbox {sb.id} paused",
-                    ),
-                    timeout=SAVE_TIMEOUT_S,
-                )
-                sb.paused_left = max(1.0, sb.expires_at - time.time())
-                sb.paused = True
-                self.journal.save(sb.record())
-                await sb.channel.close(grace=None)
-                await self.vmm.StopVM(
-                    vm_manager_pb2.StopVMRequest(name=name, force=True), timeout=120
+                await self.vmm.SuspendVM(
+                    vm_manager_pb2.SuspendVMRequest(name=name), timeout=SAVE_TIMEOUT_S
                 )
             except grpc.aio.AioRpcError as exc:
                 raise RemoteError.from_rpc(exc, "vm-manager") from exc
+            sb.paused_left = left
+            sb.paused = True
+            self.journal.save(sb.record())
+            await sb.channel.close(grace=None)
             took = time.monotonic() - started
             self.events.emit(
                 "sandbox.paused",
@@ -99,13 +74,6 @@ class Pausing:
                 reason="idle" if idle else "requested",
             )
             log.info("sandbox %s paused in %.2f s", sb.id, took, extra={"sandbox": sb.id})
-
-    async def _drop_saved_state(self, sb: SandboxState) -> None:
-        async with sb.lock:
-            if sb.paused or sb.closing:
-                return
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await self.vmm.DeleteSnapshot(_delete(sb.vm.name), timeout=300)
 
     def idle_sandboxes(self) -> list[SandboxState]:
         """Running sandboxes with auto-pause whose last call ended long enough ago."""
@@ -135,11 +103,8 @@ class Pausing:
             started = time.monotonic()
             name = sb.vm.name
             try:
-                await self.vmm.RestoreSnapshot(
-                    vm_manager_pb2.RestoreSnapshotRequest(
-                        vm_name=name, snapshot_name=PAUSE_SNAPSHOT
-                    ),
-                    timeout=SAVE_TIMEOUT_S,
+                await self.vmm.ResumeVM(
+                    vm_manager_pb2.ResumeVMRequest(name=name), timeout=SAVE_TIMEOUT_S
                 )
                 wait = vm_manager_pb2.WaitVMRequest(name=name, state=common_pb2.VM_STATE_READY)
                 wait.timeout.FromNanoseconds(int(READY_TIMEOUT_S * 1e9))
@@ -153,9 +118,6 @@ class Pausing:
             sb.last_active = time.monotonic()
             self.journal.save(sb.record())
             took = time.monotonic() - started
-            # The saved state goes after the answer (deleting an internal snapshot
-            # rewrites the overlay's refcounts): the next pause waits for it.
-            self._spawn(self._drop_saved_state(sb))
             self.events.emit("sandbox.resumed", vm=name, sandbox=sb.id, duration_s=round(took, 3))
             log.info("sandbox %s resumed in %.2f s", sb.id, took, extra={"sandbox": sb.id})
 
@@ -173,20 +135,27 @@ class Pausing:
                 log.info("sandbox %s is gone with its VM %s; forgetting it", rec.id, rec.vm_name)
                 self.journal.remove(rec.id)
                 continue
+            left, expires = rec.paused_left, rec.expires_at
+            if not rec.paused:
+                left = max(1.0, rec.expires_at - time.time())
+            elif not vm.suspended:
+                expires = time.time() + rec.paused_left  # resumed, not yet recorded
             sb = SandboxState(
                 id=rec.id,
                 spec=rec.spec,
                 vm=vm,
                 workspace_mode=common_pb2.WorkspaceMode.ValueType(rec.workspace_mode),
                 created_at=rec.created_at,
-                expires_at=rec.expires_at,
+                expires_at=expires,
                 boot_duration=rec.boot_duration,
                 channel=guest_channel(vm.agent_endpoint),
                 lease_id=rec.lease_id,
                 metadata=rec.metadata,
                 env=rec.env,
-                paused=rec.paused,
-                paused_left=rec.paused_left,
+                # vm-manager knows best: a pause or resume cut short by a crash
+                # may have happened without its journal record.
+                paused=vm.suspended,
+                paused_left=left,
                 auto_pause=rec.auto_pause,
             )
             if self._slots.locked():

@@ -237,6 +237,22 @@ class VMManagerServicer(ImageRPCs, vm_manager_pb2_grpc.VMManagerServiceServicer)
         return vm_manager_pb2.StopVMResponse(vm=access.view(vm, who), forced=forced)
 
     @grpc_errors
+    async def SuspendVM(
+        self, request: vm_manager_pb2.SuspendVMRequest, context: Ctx
+    ) -> vm_manager_pb2.SuspendVMResponse:
+        who = await self._require_usable(request.name, context, "suspend it")
+        vm = await self.manager.suspend(request.name)
+        return vm_manager_pb2.SuspendVMResponse(vm=access.view(vm, who))
+
+    @grpc_errors
+    async def ResumeVM(
+        self, request: vm_manager_pb2.ResumeVMRequest, context: Ctx
+    ) -> vm_manager_pb2.ResumeVMResponse:
+        who = await self._require_usable(request.name, context, "resume it")
+        vm = await self.manager.resume(request.name)
+        return vm_manager_pb2.ResumeVMResponse(vm=access.view(vm, who))
+
+    @grpc_errors
     async def DestroyVM(
         self, request: vm_manager_pb2.DestroyVMRequest, context: Ctx
     ) -> vm_manager_pb2.DestroyVMResponse:

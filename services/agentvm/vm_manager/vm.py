@@ -110,6 +110,15 @@ class VM:
         return self.vm_dir / "overlay.qcow2"
 
     @property
+    def suspended_state(self) -> Path:
+        """Where SuspendVM writes the VM's memory and device state (suspend.py)."""
+        return self.vm_dir / "suspended.state"
+
+    @property
+    def suspended(self) -> bool:
+        return self.state is VMState.STOPPED and self.suspended_state.exists()
+
+    @property
     def image_disk(self) -> Path:
         """The named image's per-VM overlay (when ``workload_image_id``)."""
         return self.vm_dir / "image.qcow2"
@@ -149,6 +158,7 @@ class VM:
             name=self.name,
             uuid=self.uuid,
             state=self.state.value,
+            suspended=self.suspended,
             profile=self.profile.to_proto(),
             network_mode=self.network_mode.to_proto(),
             resources=common_pb2.Resources(
