@@ -107,12 +107,13 @@ def test_boot_durations_are_observed_by_the_kind_vm_manager_reports(tmp_path: Pa
     async def main() -> None:
         mon = new_monitor(tmp_path)
         await mon.start()
-        kinds = ("cold", "restore", "snapshot", "other")
+        kinds = ("cold", "restore", "snapshot", "resume", "other")
         before = {k: count(k) for k in kinds}
         batch = [
             event(1, "vm.ready", boot_s=7.0, kind="cold", restored=False),
             event(2, "vm.ready", boot_s=0.9, kind="restore", restored=True),
             event(3, "vm.ready", boot_s=1.2, kind="snapshot", restored=False),
+            event(7, "vm.ready", boot_s=0.8, kind="resume", restored=False),
             # An older vm-manager says only whether the VM was restored.
             event(4, "vm.ready", boot_s=1.1, restored=True),
             # An adopted VM's boot was not timed: nothing to observe.
@@ -126,6 +127,7 @@ def test_boot_durations_are_observed_by_the_kind_vm_manager_reports(tmp_path: Pa
             "cold": 1,
             "restore": 2,
             "snapshot": 1,
+            "resume": 1,
             "other": 1,
         }
         assert metric("agentvm_vm_boot_duration_seconds_count", kind="made-up") == 0

@@ -59,7 +59,7 @@ SERVICES = frozenset({"vm-manager", "pool-manager", "executor", "monitor"})
 OUTCOMES = frozenset({"ok", "nonzero_exit", "timeout", "killed", "error"})
 # How a VM came up (vm.ready's kind): booted, restored from a memory template,
 # reverted to a memory snapshot.
-BOOT_KINDS = frozenset({"cold", "restore", "snapshot"})
+BOOT_KINDS = frozenset({"cold", "restore", "snapshot", "resume"})
 CODES = frozenset(c.name for c in grpc.StatusCode)
 EVENT_TYPES = frozenset(
     {
