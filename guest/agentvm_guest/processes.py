@@ -248,6 +248,12 @@ class BackgroundProcess:
             raise ProcessError(
                 grpc.StatusCode.FAILED_PRECONDITION, f"cannot start {launch.argv[0]!r}: {exc}"
             ) from exc
+        except ValueError as exc:  # a NUL byte in an argument or a variable
+            raise ProcessError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"cannot start {launch.argv[0][:80]!r}: {exc} (arguments and environment "
+                "variables cannot hold NUL bytes)",
+            ) from exc
         except subprocess.SubprocessError as exc:
             raise ProcessError(
                 grpc.StatusCode.INTERNAL,

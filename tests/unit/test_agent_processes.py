@@ -235,6 +235,11 @@ def test_bad_requests_are_refused_with_what_to_do(stub: Stub) -> None:
             "pty size",
         ),
         (
+            lambda: start(stub, "true", env={"A": "x\0y"}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "NUL bytes",
+        ),
+        (
             lambda: stub.SignalProcess(G.SignalProcessRequest(exec_id=exec_id, signal=15)),
             grpc.StatusCode.FAILED_PRECONDITION,
             "has ended",
