@@ -26,6 +26,7 @@ from agentvm.cli import (
     vm_cmds,
 )
 from agentvm.cli import doctor as doctor_mod
+from agentvm.cli import e2b_cmds
 from agentvm.cli.base import (
     Group,
     fail,
@@ -254,6 +255,7 @@ def audit_verify(paths: tuple[Path, ...], head: Path | None, strict_start: bool)
 for command in (bringup_cmds.up, bringup_cmds.down, bringup_cmds.status, bringup_cmds.restart):
     cli.add_command(command)
 cli.add_command(image_cmds.image)
+cli.add_command(e2b_cmds.e2b)
 cli.add_command(pool_cmds.template)
 cli.add_command(pool_cmds.pool)
 cli.add_command(vm_cmds.vm)

@@ -39,7 +39,7 @@ class ServiceSpec:
 
 
 # The services this version runs, in start order (service_specs' names).
-NAMES = ("vm-manager", "pool-manager", "executor", "monitor")
+NAMES = ("vm-manager", "pool-manager", "executor", "monitor", "e2b-gateway")
 
 
 def service_specs(settings: Settings) -> list[ServiceSpec]:
@@ -61,6 +61,7 @@ def service_specs(settings: Settings) -> list[ServiceSpec]:
             env=(("AGENTVM_EXECUTOR_POOL", pool),),
         ),
         ServiceSpec("monitor", "agentvm.monitor", settings.monitor_addr),
+        ServiceSpec("e2b-gateway", "agentvm.e2b_gateway", settings.e2b_gateway_addr),
     ]
 
 

@@ -139,6 +139,19 @@ class Settings:
     monitor_addr: str = field(
         default_factory=lambda: _env("AGENTVM_MONITOR_ADDR", "unix:/run/agent-vm/monitor.sock")
     )
+    # AGENTVM_E2B_GATEWAY_ADDR: where e2b-gateway serves gRPC health and reflection.
+    e2b_gateway_addr: str = field(
+        default_factory=lambda: _env(
+            "AGENTVM_E2B_GATEWAY_ADDR", "unix:/run/agent-vm/e2b-gateway.sock"
+        )
+    )
+    # AGENTVM_E2B_HTTP_ADDR: HOST:PORT of the E2B-compatible HTTP API (docs/E2B.md);
+    # plain HTTP on loopback only, else AGENTVM_E2B_TLS_CERT/KEY (PEM files) are needed.
+    e2b_http_addr: str = field(
+        default_factory=lambda: _env("AGENTVM_E2B_HTTP_ADDR", "127.0.0.1:49982")
+    )
+    e2b_tls_cert: str = field(default_factory=lambda: _env("AGENTVM_E2B_TLS_CERT", ""))
+    e2b_tls_key: str = field(default_factory=lambda: _env("AGENTVM_E2B_TLS_KEY", ""))
     # AGENTVM_AUTH: token (every call but health checks needs the bearer token) | none
     auth: str = field(default_factory=lambda: _env("AGENTVM_AUTH", "token"))
     # AGENTVM_TOKEN_FILE: the installation's token (created by `agent-vm up`, mode 0600).

@@ -40,7 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 log = logging.getLogger("agentvm.tls")
 
-SERVICES = ("vm-manager", "pool-manager", "executor", "monitor")
+SERVICES = ("vm-manager", "pool-manager", "executor", "monitor", "e2b-gateway")
 CLIENT = "client"
 IDENTITIES = (*SERVICES, CLIENT)
 # One process's own files (an operator's PKI); never generated.

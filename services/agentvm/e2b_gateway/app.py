@@ -1,0 +1,312 @@
+"""The gateway's one HTTP application: E2B's REST API, envd and the code interpreter.
+
+The E2B SDKs reach everything through one URL. A request for a sandbox
+carries ``E2b-Sandbox-Id`` and ``E2b-Sandbox-Port`` (49983 envd, 49999 the
+code interpreter) and the sandbox's ``X-Access-Token``; anything else is the
+REST API, authenticated by ``X-API-KEY``. Routing is by those headers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from agentvm.e2b_gateway.backend import (
+    ACCESS_TOKEN_HEADER,
+    API_KEY_HEADER,
+    SANDBOX_ID_HEADER,
+    SANDBOX_PORT_HEADER,
+    TRAFFIC_TOKEN_HEADER,
+    Backend,
+)
+from agentvm.e2b_gateway.envd.filesystem.filesystem_connect import FilesystemASGIApplication
+from agentvm.e2b_gateway.envd.process.process_connect import ProcessASGIApplication
+from agentvm.e2b_gateway.envd_files import FileCalls, FilesystemService
+from agentvm.e2b_gateway.envd_process import ProcessService
+from agentvm.e2b_gateway.errors import GatewayError, not_found
+from agentvm.e2b_gateway.interpreter import Interpreter
+from agentvm.e2b_gateway.sandboxes import Sandboxes, body_json, metadata_filter
+from agentvm.e2b_gateway.tenants import AccessTokens, Key, KeyStore, TenantError
+
+log = logging.getLogger("agentvm.e2b_gateway")
+
+ENVD_PORT = 49983
+INTERPRETER_PORT = 49999
+# Largest file an upload may carry (bytes).
+MAX_UPLOAD = 1 << 30
+# ASGI plumbing types.
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+def _error(exc: GatewayError) -> JSONResponse:
+    # The SDK retries 429/5xx unless told not to: a full quota stays full.
+    headers = {"Should-Retry": "false"} if exc.status in (429, 502, 503, 504) else None
+    return JSONResponse(exc.json(), status_code=exc.status, headers=headers)
+
+
+async def _send_error(send: Send, exc: GatewayError) -> None:
+    body = json.dumps(exc.json()).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class Gateway:
+    """The ASGI application (see the module's docstring)."""
+
+    def __init__(self, backend: Backend, keys: KeyStore, tokens: AccessTokens) -> None:
+        self.keys = keys
+        self.tokens = tokens
+        self.sandboxes = Sandboxes(backend, tokens)
+        self.files = FileCalls(backend)
+        self.process_app = ProcessASGIApplication(ProcessService(backend))
+        self.filesystem_app = FilesystemASGIApplication(FilesystemService(self.files))
+        self.interpreter = Interpreter(backend)
+        self.rest = Starlette(routes=self._rest_routes())
+        self.envd_http = Starlette(
+            routes=[
+                Route("/health", self._health, methods=["GET"]),
+                Route("/files", self._read_file, methods=["GET"]),
+                Route("/files", self._write_file, methods=["POST"]),
+            ]
+        )
+
+    # -- routing -------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.rest(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        sandbox_id = headers.get(SANDBOX_ID_HEADER)
+        if sandbox_id is None:
+            await self.rest(scope, receive, send)
+            return
+        port = headers.get(SANDBOX_PORT_HEADER, str(ENVD_PORT))
+        path: str = scope["path"]
+        if port == str(ENVD_PORT) and path == "/health":
+            await self._sandbox_health(sandbox_id, send)
+            return
+        # The code interpreter SDK sends only the traffic token on some calls.
+        token = headers.get(ACCESS_TOKEN_HEADER) or headers.get(TRAFFIC_TOKEN_HEADER, "")
+        if not token or not self.tokens.valid(token, sandbox_id):
+            await _send_error(send, not_found(sandbox_id))
+            return
+        if port == str(ENVD_PORT):
+            if path.startswith("/process.Process/"):
+                await self.process_app(scope, receive, send)  # type: ignore[arg-type]
+            elif path.startswith("/filesystem.Filesystem/"):
+                await self.filesystem_app(scope, receive, send)  # type: ignore[arg-type]
+            else:
+                await self.envd_http(scope, receive, send)
+        elif port == str(INTERPRETER_PORT):
+            await self.interpreter.app(scope, receive, send)
+        else:
+            await _send_error(
+                send,
+                GatewayError(
+                    502,
+                    f"port {port}: the gateway reaches envd ({ENVD_PORT}) and the code "
+                    f"interpreter ({INTERPRETER_PORT}); for other ports use agent-vm's "
+                    "`sandbox port-forward`",
+                ),
+            )
+
+    async def _sandbox_health(self, sandbox_id: str, send: Send) -> None:
+        """204 while the sandbox runs; 502 "... was not found" (the SDK's "not running")."""
+        if await self.sandboxes.running(sandbox_id):
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await _send_error(send, GatewayError(502, f"The sandbox {sandbox_id} was not found"))
+
+    # -- REST ------------------------------------------------------------------------
+
+    def _rest_routes(self) -> list[Route]:
+        sb = "/sandboxes/{sandbox_id}"
+        return [
+            Route("/health", self._health, methods=["GET"]),
+            Route("/sandboxes", self._create, methods=["POST"]),
+            Route("/v2/sandboxes", self._create, methods=["POST"]),
+            Route("/sandboxes", self._list_v1, methods=["GET"]),
+            Route("/v2/sandboxes", self._list_v2, methods=["GET"]),
+            Route(sb, self._get, methods=["GET"]),
+            Route(sb, self._kill, methods=["DELETE"]),
+            Route(sb + "/timeout", self._set_timeout, methods=["POST"]),
+            Route(sb + "/pause", self._pause, methods=["POST"]),
+            Route(sb + "/connect", self._connect, methods=["POST"]),
+            Route("/v2" + sb + "/connect", self._connect, methods=["POST"]),
+            Route(sb + "/resume", self._resume, methods=["POST"]),
+        ]
+
+    def _key(self, request: Request) -> Key:
+        presented = request.headers.get(API_KEY_HEADER, "")
+        if not presented:
+            raise GatewayError(
+                401, "no API key: set E2B_API_KEY (`agent-vm e2b key create NAME` makes one)"
+            )
+        try:
+            key = self.keys.verify(presented)
+        except TenantError as exc:
+            raise GatewayError(500, str(exc)) from exc
+        if key is None:
+            raise GatewayError(
+                401, "invalid API key (unknown or revoked): `agent-vm e2b key create NAME`"
+            )
+        return key
+
+    async def _health(self, request: Request) -> Response:
+        return Response(status_code=204)
+
+    @staticmethod
+    async def _guard(handler: Callable[[], Awaitable[Response]]) -> Response:
+        try:
+            return await handler()
+        except GatewayError as exc:
+            return _error(exc)
+
+    async def _create(self, request: Request) -> Response:
+        async def run() -> Response:
+            key = self._key(request)
+            body = body_json(await request.body())
+            created = await self.sandboxes.create(key, body)
+            log.info("tenant %s created %s", key.tenant, created.id)
+            return JSONResponse(self.sandboxes.brief(created), status_code=201)
+
+        return await self._guard(run)
+
+    async def _list(self, request: Request) -> list[dict[str, object]]:
+        key = self._key(request)
+        metadata = metadata_filter(request.query_params.get("metadata", ""))
+        states = {
+            s for value in request.query_params.getlist("state") for s in value.split(",") if s
+        }
+        out = [self.sandboxes.detail(s) for s in await self.sandboxes.list(key, metadata)]
+        return [d for d in out if not states or d["state"] in states]
+
+    async def _list_v1(self, request: Request) -> Response:
+        async def run() -> Response:
+            return JSONResponse(await self._list(request))
+
+        return await self._guard(run)
+
+    async def _list_v2(self, request: Request) -> Response:
+        async def run() -> Response:
+            items = await self._list(request)
+            try:
+                limit = int(request.query_params.get("limit", "100"))
+                start = int(request.query_params.get("nextToken") or 0)
+            except ValueError as exc:
+                raise GatewayError(400, "limit and nextToken must be whole numbers") from exc
+            if not 1 <= limit <= 1000 or start < 0:
+                raise GatewayError(400, "limit: 1 to 1000; nextToken: as a previous page gave it")
+            page = items[start : start + limit]
+            headers = {}
+            if start + limit < len(items):
+                headers["x-next-token"] = str(start + limit)
+            return JSONResponse(page, headers=headers)
+
+        return await self._guard(run)
+
+    async def _get(self, request: Request) -> Response:
+        async def run() -> Response:
+            key = self._key(request)
+            sb = await self.sandboxes.owned(key, request.path_params["sandbox_id"])
+            return JSONResponse(self.sandboxes.detail(sb))
+
+        return await self._guard(run)
+
+    async def _kill(self, request: Request) -> Response:
+        async def run() -> Response:
+            key = self._key(request)
+            await self.sandboxes.kill(key, request.path_params["sandbox_id"])
+            return Response(status_code=204)
+
+        return await self._guard(run)
+
+    async def _set_timeout(self, request: Request) -> Response:
+        async def run() -> Response:
+            key = self._key(request)
+            body = body_json(await request.body())
+            await self.sandboxes.set_timeout(key, request.path_params["sandbox_id"], body)
+            return Response(status_code=204)
+
+        return await self._guard(run)
+
+    async def _pause(self, request: Request) -> Response:
+        async def run() -> Response:
+            key = self._key(request)
+            await self.sandboxes.pause(key, request.path_params["sandbox_id"])
+            return Response(status_code=204)
+
+        return await self._guard(run)
+
+    async def _connect(self, request: Request) -> Response:
+        async def run() -> Response:
+            key = self._key(request)
+            body = body_json(await request.body())
+            sb, resumed = await self.sandboxes.connect(key, request.path_params["sandbox_id"], body)
+            return JSONResponse(self.sandboxes.brief(sb), status_code=201 if resumed else 200)
+
+        return await self._guard(run)
+
+    async def _resume(self, request: Request) -> Response:
+        async def run() -> Response:
+            key = self._key(request)
+            body = body_json(await request.body())
+            sb, resumed = await self.sandboxes.connect(key, request.path_params["sandbox_id"], body)
+            if not resumed:
+                raise GatewayError(409, f"sandbox {sb.id!r} is not paused")
+            return JSONResponse(self.sandboxes.brief(sb), status_code=201)
+
+        return await self._guard(run)
+
+    # -- envd's plain HTTP ---------------------------------------------------------------
+
+    async def _read_file(self, request: Request) -> Response:
+        async def run() -> Response:
+            sandbox_id = request.headers[SANDBOX_ID_HEADER]
+            path = request.query_params.get("path", "")
+            chunks = await self.files.read(sandbox_id, path)
+            return StreamingResponse(chunks, media_type="application/octet-stream")
+
+        return await self._guard(run)
+
+    async def _write_file(self, request: Request) -> Response:
+        async def run() -> Response:
+            sandbox_id = request.headers[SANDBOX_ID_HEADER]
+            path = request.query_params.get("path", "")
+            ctype = request.headers.get("content-type", "")
+            written = []
+            if ctype.startswith("multipart/form-data"):
+                async with request.form(max_part_size=MAX_UPLOAD) as form:
+                    for _, value in form.multi_items():
+                        if isinstance(value, str):
+                            continue
+                        data = await value.read()
+                        target = path or value.filename or ""
+                        written.append(await self.files.write(sandbox_id, target, data))
+            else:
+                data = await request.body()
+                written.append(await self.files.write(sandbox_id, path, data))
+            if not written:
+                raise GatewayError(400, "no file in the request (multipart field 'file')")
+            return JSONResponse(
+                [{"name": e.name, "type": "file", "path": e.path} for e in written]
+            )
+
+        return await self._guard(run)

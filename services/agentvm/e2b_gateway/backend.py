@@ -1,0 +1,84 @@
+"""What every handler of the gateway shares: the executor stub and the call context.
+
+A request for a sandbox (an envd or code-interpreter call) has been
+authenticated by :mod:`.app` before it reaches a handler: its sandbox id is
+one whose access token the caller presented.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from agentvm.e2b_gateway.errors import from_rpc
+from agentvm.v1 import executor_pb2_grpc
+
+T = TypeVar("T")
+
+# Header names (lower case, as ASGI and connectrpc give them).
+SANDBOX_ID_HEADER = "e2b-sandbox-id"
+SANDBOX_PORT_HEADER = "e2b-sandbox-port"
+ACCESS_TOKEN_HEADER = "x-access-token"
+TRAFFIC_TOKEN_HEADER = "e2b-traffic-access-token"
+API_KEY_HEADER = "x-api-key"
+# Default deadline of one executor call the gateway makes (seconds).
+CALL_TIMEOUT = 60.0
+
+
+@dataclass
+class Backend:
+    """The executor, as the gateway calls it."""
+
+    stub: executor_pb2_grpc.ExecutorServiceAsyncStub
+
+
+async def call(what: str, awaitable: Awaitable[T]) -> T:
+    """Await one executor call; its failure becomes the gateway's error of the same meaning."""
+    try:
+        return await awaitable
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc(exc, what) from exc
+
+
+async def with_keepalive(
+    source: AsyncIterator[T], interval: float, keepalive: T
+) -> AsyncIterator[T]:
+    """``source``'s items, and ``keepalive`` whenever it has been quiet for ``interval`` s.
+
+    A reader task moves items into a queue so that a quiet period never cancels
+    the source's own read (a gRPC stream does not survive that).
+    """
+    queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue(maxsize=64)
+
+    async def pump() -> None:
+        try:
+            async for item in source:
+                await queue.put(("item", item))
+            await queue.put(("end", None))
+        except Exception as exc:  # handed to the consumer, which re-raises it
+            await queue.put(("error", exc))
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(queue.get(), interval)
+            except TimeoutError:
+                yield keepalive
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                assert isinstance(value, BaseException)
+                raise value
+            yield value  # type: ignore[misc]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+

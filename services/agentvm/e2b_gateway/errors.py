@@ -1,0 +1,72 @@
+"""One error type for every protocol the gateway speaks, from the executor's status codes.
+
+REST answers ``{"code": HTTP_STATUS, "message": ...}`` with that HTTP status (what the
+E2B SDKs parse); envd calls answer the Connect error of the same meaning.
+"""
+
+from __future__ import annotations
+
+import grpc
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+
+# gRPC status -> (HTTP status, Connect code).
+_MAP: dict[grpc.StatusCode, tuple[int, Code]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, Code.INVALID_ARGUMENT),
+    grpc.StatusCode.OUT_OF_RANGE: (400, Code.OUT_OF_RANGE),
+    grpc.StatusCode.UNAUTHENTICATED: (401, Code.UNAUTHENTICATED),
+    grpc.StatusCode.PERMISSION_DENIED: (403, Code.PERMISSION_DENIED),
+    grpc.StatusCode.NOT_FOUND: (404, Code.NOT_FOUND),
+    grpc.StatusCode.ALREADY_EXISTS: (409, Code.ALREADY_EXISTS),
+    grpc.StatusCode.FAILED_PRECONDITION: (409, Code.FAILED_PRECONDITION),
+    grpc.StatusCode.ABORTED: (409, Code.ABORTED),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, Code.RESOURCE_EXHAUSTED),
+    grpc.StatusCode.CANCELLED: (499, Code.CANCELED),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, Code.DEADLINE_EXCEEDED),
+    grpc.StatusCode.UNIMPLEMENTED: (501, Code.UNIMPLEMENTED),
+    grpc.StatusCode.UNAVAILABLE: (503, Code.UNAVAILABLE),
+    grpc.StatusCode.DATA_LOSS: (500, Code.DATA_LOSS),
+    grpc.StatusCode.INTERNAL: (500, Code.INTERNAL),
+    grpc.StatusCode.UNKNOWN: (500, Code.UNKNOWN),
+}
+_BY_HTTP = {
+    400: Code.INVALID_ARGUMENT,
+    401: Code.UNAUTHENTICATED,
+    403: Code.PERMISSION_DENIED,
+    404: Code.NOT_FOUND,
+    409: Code.FAILED_PRECONDITION,
+    429: Code.RESOURCE_EXHAUSTED,
+    500: Code.INTERNAL,
+    501: Code.UNIMPLEMENTED,
+    503: Code.UNAVAILABLE,
+    504: Code.DEADLINE_EXCEEDED,
+}
+
+
+class GatewayError(ConnectError):
+    """An answer that is not a success: its HTTP status and what the caller should do.
+
+    A Connect error too, so an envd handler raises it as it is.
+    """
+
+    def __init__(self, status: int, message: str, code: Code | None = None) -> None:
+        super().__init__(code or _BY_HTTP.get(status, Code.UNKNOWN), message)
+        self.status = status
+
+    def json(self) -> dict[str, object]:
+        return {"code": self.status, "message": self.message}
+
+
+def from_rpc(exc: grpc.aio.AioRpcError, what: str = "") -> GatewayError:
+    """The executor's answer as the gateway's: same meaning, its message kept."""
+    status, code = _MAP.get(exc.code(), (500, Code.INTERNAL))
+    detail = exc.details() or exc.code().name
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        detail = f"the agent-vm executor is not reachable ({detail}): `agent-vm status` on the host"
+    return GatewayError(status, f"{what}: {detail}" if what else detail, code)
+
+
+def not_found(sandbox_id: str) -> GatewayError:
+    return GatewayError(
+        404, f"sandbox {sandbox_id!r} not found (closed, expired, or not this API key's)"
+    )

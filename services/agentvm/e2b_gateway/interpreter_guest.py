@@ -1,0 +1,84 @@
+"""The code interpreter's process in the guest (run as ``python3 -u -c SOURCE MARKER``).
+
+Reads one JSON request per line on stdin ({"code", "env"}); runs the code in
+one namespace that persists across requests (a notebook's kernel); answers with
+lines ``MARKER + JSON`` on stdout: stdout/stderr text, the value of a last
+expression ("result"), an exception ("error"), "number_of_executions" and
+"end_of_execution". Other lines on stdout are output of child processes.
+Only the standard library, so any image with python3 runs it.
+"""
+
+import ast
+import io
+import json
+import os
+import sys
+import time
+import traceback
+
+MARK = sys.argv[1]
+_proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
+
+
+def emit(obj):
+    _proto.write(MARK + json.dumps(obj) + "\n")
+    _proto.flush()
+
+
+class _Stream(io.TextIOBase):
+    def __init__(self, kind):
+        self.kind = kind
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        if text:
+            emit({"type": self.kind, "text": text, "timestamp": time.time_ns()})
+        return len(text)
+
+
+def run(code, namespace):
+    tree = ast.parse(code, "<cell>", "exec")
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    exec(compile(tree, "<cell>", "exec"), namespace)
+    if last is not None:
+        value = eval(compile(last, "<cell>", "eval"), namespace)
+        if value is not None:
+            emit({"type": "result", "text": repr(value), "is_main_result": True})
+
+
+def main():
+    sys.stdout = _Stream("stdout")
+    sys.stderr = _Stream("stderr")
+    namespace = {"__name__": "__main__"}
+    count = 0
+    for line in sys.stdin:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            continue
+        count += 1
+        saved = dict(os.environ)
+        os.environ.update(request.get("env") or {})
+        try:
+            run(request.get("code", ""), namespace)
+        except BaseException as exc:  # noqa: BLE001 - the cell's error is the answer
+            emit(
+                {
+                    "type": "error",
+                    "name": type(exc).__name__,
+                    "value": str(exc),
+                    "traceback": "".join(traceback.format_exception(exc)),
+                }
+            )
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        emit({"type": "number_of_executions", "execution_count": count})
+        emit({"type": "end_of_execution"})
+
+
+main()
