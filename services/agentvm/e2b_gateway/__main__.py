@@ -68,7 +68,9 @@ async def run(settings: Settings) -> None:
             hypercorn_serve(gateway, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
         )
         await asyncio.sleep(0)
-        log.info("E2B API on http%s://%s", "s" if config.ssl_enabled else "", settings.e2b_http_addr)
+        log.info(
+            "E2B API on http%s://%s", "s" if config.ssl_enabled else "", settings.e2b_http_addr
+        )
 
     async def on_stop() -> None:
         stop.set()

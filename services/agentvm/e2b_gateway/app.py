@@ -108,9 +108,9 @@ class Gateway:
             return
         if port == str(ENVD_PORT):
             if path.startswith("/process.Process/"):
-                await self.process_app(scope, receive, send)  # type: ignore[arg-type]
+                await self.process_app(scope, receive, send)
             elif path.startswith("/filesystem.Filesystem/"):
-                await self.filesystem_app(scope, receive, send)  # type: ignore[arg-type]
+                await self.filesystem_app(scope, receive, send)
             else:
                 await self.envd_http(scope, receive, send)
         elif port == str(INTERPRETER_PORT):
@@ -305,8 +305,6 @@ class Gateway:
                 written.append(await self.files.write(sandbox_id, path, data))
             if not written:
                 raise GatewayError(400, "no file in the request (multipart field 'file')")
-            return JSONResponse(
-                [{"name": e.name, "type": "file", "path": e.path} for e in written]
-            )
+            return JSONResponse([{"name": e.name, "type": "file", "path": e.path} for e in written])
 
         return await self._guard(run)

@@ -23,8 +23,8 @@ T = TypeVar("T")
 # Header names (lower case, as ASGI and connectrpc give them).
 SANDBOX_ID_HEADER = "e2b-sandbox-id"
 SANDBOX_PORT_HEADER = "e2b-sandbox-port"
-ACCESS_TOKEN_HEADER = "x-access-token"
-TRAFFIC_TOKEN_HEADER = "e2b-traffic-access-token"
+ACCESS_TOKEN_HEADER = "x-access-token"  # noqa: S105 - a header name
+TRAFFIC_TOKEN_HEADER = "e2b-traffic-access-token"  # noqa: S105 - a header name
 API_KEY_HEADER = "x-api-key"
 # Default deadline of one executor call the gateway makes (seconds).
 CALL_TIMEOUT = 60.0
@@ -60,7 +60,7 @@ async def with_keepalive(
             async for item in source:
                 await queue.put(("item", item))
             await queue.put(("end", None))
-        except Exception as exc:  # handed to the consumer, which re-raises it
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             await queue.put(("error", exc))
 
     task = asyncio.create_task(pump())
@@ -73,12 +73,10 @@ async def with_keepalive(
                 continue
             if kind == "end":
                 return
-            if kind == "error":
-                assert isinstance(value, BaseException)
+            if isinstance(value, BaseException):
                 raise value
             yield value  # type: ignore[misc]
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-

@@ -13,7 +13,9 @@ import posixpath
 import secrets
 import stat
 from collections.abc import AsyncIterator
+from typing import Any
 
+import grpc
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
@@ -21,7 +23,7 @@ from connectrpc.request import RequestContext
 from agentvm.e2b_gateway.backend import CALL_TIMEOUT, Backend, call
 from agentvm.e2b_gateway.envd.filesystem import filesystem_pb2 as pb
 from agentvm.e2b_gateway.envd_process import sandbox_of
-from agentvm.e2b_gateway.errors import GatewayError
+from agentvm.e2b_gateway.errors import GatewayError, from_rpc
 from agentvm.e2b_gateway.paths import to_guest, to_workspace
 from agentvm.v1 import common_pb2, executor_pb2
 
@@ -178,11 +180,9 @@ class FileCalls:
         return _chunks(stream)
 
 
-async def _chunks(stream: AsyncIterator[executor_pb2.ReadFileResponse]) -> AsyncIterator[bytes]:
-    import grpc
-
-    from agentvm.e2b_gateway.errors import from_rpc
-
+async def _chunks(
+    stream: grpc.aio.UnaryStreamCall[Any, executor_pb2.ReadFileResponse],
+) -> AsyncIterator[bytes]:
     try:
         async for resp in stream:
             if resp.chunk:

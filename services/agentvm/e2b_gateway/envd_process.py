@@ -9,11 +9,12 @@ while a process is quiet, as envd does.
 from __future__ import annotations
 
 import secrets
-from typing import Any
 import shlex
 import signal as signals
 from collections.abc import AsyncIterator
+from typing import Any
 
+import grpc
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
@@ -29,10 +30,8 @@ from agentvm.e2b_gateway.envd.process import process_pb2 as pb
 from agentvm.e2b_gateway.errors import from_rpc
 from agentvm.v1 import common_pb2, executor_pb2
 
-import grpc
-
 KEEPALIVE_S = 30.0
-_SIGNAL_NAMES = {
+_SIGNAL_NAMES: dict[int, str] = {
     signals.SIGKILL: "killed",
     signals.SIGTERM: "terminated",
     signals.SIGINT: "interrupt",
@@ -51,7 +50,7 @@ _STREAMS = {
 
 def sandbox_of(ctx: RequestContext[Any, Any]) -> str:
     """The (authenticated) sandbox id of an envd call."""
-    sandbox_id = ctx.request_headers().get(SANDBOX_ID_HEADER, "")
+    sandbox_id = ctx.request_headers.get(SANDBOX_ID_HEADER, "")
     if not sandbox_id:
         raise ConnectError(Code.INVALID_ARGUMENT, "missing header E2b-Sandbox-Id")
     return sandbox_id
@@ -166,7 +165,7 @@ class ProcessService:
             req.pty.size.rows = request.pty.size.rows or 24
             req.pty.size.cols = request.pty.size.cols or 80
             req.pty.term = "xterm-256color"
-        timeout_ms = ctx.timeout_ms()
+        timeout_ms = ctx.timeout_ms
         if timeout_ms:
             # The caller's deadline ends the process too, as envd's does.
             req.timeout.FromMilliseconds(int(timeout_ms))
@@ -175,8 +174,9 @@ class ProcessService:
             yield pb.StartResponse(event=event)
 
     async def _events(
-        self, stream: AsyncIterator[executor_pb2.StartProcessResponse]
-        | AsyncIterator[executor_pb2.ConnectProcessResponse],
+        self,
+        stream: grpc.aio.UnaryStreamCall[Any, executor_pb2.StartProcessResponse]
+        | grpc.aio.UnaryStreamCall[Any, executor_pb2.ConnectProcessResponse],
     ) -> AsyncIterator[pb.ProcessEvent]:
         try:
             async for resp in stream:
@@ -195,9 +195,7 @@ class ProcessService:
         except grpc.aio.AioRpcError as exc:
             raise from_rpc(exc, "process") from exc
         finally:
-            cancel = getattr(stream, "cancel", None)
-            if cancel is not None:
-                cancel()
+            stream.cancel()
 
     async def connect(
         self, request: pb.ConnectRequest, ctx: RequestContext[pb.ConnectRequest, pb.ConnectResponse]
@@ -262,7 +260,9 @@ class ProcessService:
     ) -> pb.SendSignalResponse:
         sandbox_id = sandbox_of(ctx)
         if request.signal not in (pb.SIGNAL_SIGKILL, pb.SIGNAL_SIGTERM):
-            raise ConnectError(Code.INVALID_ARGUMENT, "signal: use SIGNAL_SIGTERM or SIGNAL_SIGKILL")
+            raise ConnectError(
+                Code.INVALID_ARGUMENT, "signal: use SIGNAL_SIGTERM or SIGNAL_SIGKILL"
+            )
         exec_id = await self._resolve(sandbox_id, request.process)
         await call(
             "signal",
@@ -285,7 +285,9 @@ class ProcessService:
             await call(
                 "resize",
                 self._stub.ResizePty(
-                    executor_pb2.ResizePtyRequest(sandbox_id=sandbox_id, exec_id=exec_id, size=size),
+                    executor_pb2.ResizePtyRequest(
+                        sandbox_id=sandbox_id, exec_id=exec_id, size=size
+                    ),
                     timeout=CALL_TIMEOUT,
                 ),
             )

@@ -19,7 +19,9 @@ import signal as signals
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
+from typing import Any
 
+import grpc
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -103,9 +105,7 @@ class Interpreter:
                 executor_pb2.ListProcessesRequest(sandbox_id=sandbox_id), timeout=CALL_TIMEOUT
             ),
         )
-        return {
-            p.tag[len(TAG) :]: p for p in resp.processes if p.running and p.tag.startswith(TAG)
-        }
+        return {p.tag[len(TAG) :]: p for p in resp.processes if p.running and p.tag.startswith(TAG)}
 
     async def _start(self, sandbox_id: str, context_id: str, cwd: str) -> None:
         req = executor_pb2.StartProcessRequest(
@@ -294,7 +294,7 @@ class Interpreter:
         self,
         sandbox_id: str,
         context_id: str,
-        stream: AsyncIterator[executor_pb2.ConnectProcessResponse],
+        stream: grpc.aio.UnaryStreamCall[Any, executor_pb2.ConnectProcessResponse],
     ) -> AsyncIterator[dict[str, object]]:
         mark = _marker(sandbox_id, context_id).encode()
         pending = b""

@@ -20,40 +20,56 @@ MARK = sys.argv[1]
 _proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
 
 
-def emit(obj):
+def emit(obj: dict[str, object]) -> None:
     _proto.write(MARK + json.dumps(obj) + "\n")
     _proto.flush()
 
 
 class _Stream(io.TextIOBase):
-    def __init__(self, kind):
-        self.kind = kind
+    """Text written by the cell, sent a line at a time (and the rest at flush)."""
 
-    def writable(self):
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.pending = ""
+
+    def writable(self) -> bool:
         return True
 
-    def write(self, text):
-        if text:
-            emit({"type": self.kind, "text": text, "timestamp": time.time_ns()})
+    def write(self, text: str) -> int:
+        self.pending += text
+        if "\n" in self.pending:
+            cut = self.pending.rindex("\n") + 1
+            self._send(self.pending[:cut])
+            self.pending = self.pending[cut:]
         return len(text)
 
+    def flush(self) -> None:
+        if self.pending:
+            self._send(self.pending)
+            self.pending = ""
 
-def run(code, namespace):
+    def _send(self, text: str) -> None:
+        emit({"type": self.kind, "text": text, "timestamp": time.time_ns()})
+
+
+def run(code: str, namespace: dict[str, object]) -> None:
     tree = ast.parse(code, "<cell>", "exec")
     last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body.pop().value)
-    exec(compile(tree, "<cell>", "exec"), namespace)
+        expr = tree.body.pop()
+        assert isinstance(expr, ast.Expr)  # noqa: S101 - checked just above
+        last = ast.Expression(expr.value)
+    exec(compile(tree, "<cell>", "exec"), namespace)  # noqa: S102 - running the cell is the job
     if last is not None:
-        value = eval(compile(last, "<cell>", "eval"), namespace)
+        value = eval(compile(last, "<cell>", "eval"), namespace)  # noqa: S307 - as above
         if value is not None:
             emit({"type": "result", "text": repr(value), "is_main_result": True})
 
 
-def main():
+def main() -> None:
     sys.stdout = _Stream("stdout")
     sys.stderr = _Stream("stderr")
-    namespace = {"__name__": "__main__"}
+    namespace: dict[str, object] = {"__name__": "__main__"}
     count = 0
     for line in sys.stdin:
         try:
@@ -75,6 +91,8 @@ def main():
                 }
             )
         finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
             os.environ.clear()
             os.environ.update(saved)
         emit({"type": "number_of_executions", "execution_count": count})

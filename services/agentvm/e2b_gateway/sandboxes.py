@@ -41,7 +41,7 @@ _PROFILE_MB = {
 
 
 def _iso(ts: Any) -> str:
-    dt = ts.ToDatetime(tzinfo=datetime.UTC)
+    dt: datetime.datetime = ts.ToDatetime(tzinfo=datetime.UTC)
     return dt.isoformat().replace("+00:00", "Z")
 
 
@@ -155,7 +155,9 @@ class Sandboxes:
         metadata = _str_map("metadata", body.get("metadata"))
         for name in metadata:
             if name.startswith(RESERVED):
-                raise GatewayError(400, f"metadata key {name!r}: the prefix {RESERVED} is agent-vm's")
+                raise GatewayError(
+                    400, f"metadata key {name!r}: the prefix {RESERVED} is agent-vm's"
+                )
         envs = _str_map("envVars", body.get("envVars"))
         timeout = _timeout(body.get("timeout"))
         running = await self.list(key, {})
@@ -169,6 +171,8 @@ class Sandboxes:
         spec = executor_pb2.SandboxSpec(
             lifetime=_duration(timeout),
             image=TEMPLATES.get(template, template),
+            # The API workspace: E2B sandboxes can always be paused (a shared one cannot).
+            workspace_mode=common_pb2.WORKSPACE_MODE_API,
         )
         req = executor_pb2.CreateSandboxRequest(
             spec=spec,

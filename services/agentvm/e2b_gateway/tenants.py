@@ -105,9 +105,11 @@ class KeyStore:
         with self._locked():
             keys = self.keys()
             # One limit per tenant: the newest key's applies to all of them.
-            keys = [Key(**{**asdict(k), "max_sandboxes": max_sandboxes}) for k in keys if k.tenant == tenant] + [
-                k for k in keys if k.tenant != tenant
-            ]
+            keys = [
+                Key(**{**asdict(k), "max_sandboxes": max_sandboxes})
+                for k in keys
+                if k.tenant == tenant
+            ] + [k for k in keys if k.tenant != tenant]
             keys.append(Key(tenant, key[4:12], _hash(key), now, max_sandboxes))
             self._write(keys)
         return key

@@ -1,0 +1,126 @@
+"""The unchanged E2B Python SDK drives agent-vm sandboxes through e2b-gateway (issue 18).
+
+The SDK runs in its own venv (scripts/e2b-sdk-venv.sh) against a real gateway
+process in front of the tests' executor and real VMs; each scenario prints what
+it observed and the checks are here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.vmharness import REPO, ExecutorProcess, NamedServiceProcess
+
+pytestmark = pytest.mark.vm
+SDK = "2.63.0"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class GatewayProcess(NamedServiceProcess):
+    """e2b-gateway as a real process in front of an ExecutorProcess."""
+
+    name: str = "e2b-gateway"
+    executor_addr: str = ""
+    http_port: int = 0
+    module = "agentvm.e2b_gateway"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = super().env
+        env.update(
+            AGENTVM_E2B_GATEWAY_ADDR=self.address,
+            AGENTVM_E2B_HTTP_ADDR=f"127.0.0.1:{self.http_port}",
+            AGENTVM_EXECUTOR_ADDR=self.executor_addr,
+        )
+        return env
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "agentvm.cli.main", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        )
+        return out.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def gateway(executor: ExecutorProcess) -> Iterator[GatewayProcess]:
+    subprocess.run(["bash", str(REPO / "scripts/e2b-sdk-venv.sh"), SDK], check=True)
+    proc = GatewayProcess(
+        base=executor.base,
+        prefix=executor.prefix,
+        executor_addr=executor.address,
+        http_port=_free_port(),
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop_if_running()
+
+
+def scenario(gateway: GatewayProcess, name: str, key: str) -> dict[str, object]:
+    url = f"http://127.0.0.1:{gateway.http_port}"
+    env = {
+        **os.environ,
+        "E2B_API_URL": url,
+        "E2B_SANDBOX_URL": url,
+        "E2B_API_KEY": key,
+    }
+    python = REPO / ".tools" / f"e2b-sdk-{SDK}" / "bin" / "python"
+    out = subprocess.run(
+        [str(python), str(REPO / "tests/e2b/sdk_scenarios.py"), name],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_the_sdk_creates_runs_moves_files_pauses_connects_and_kills(
+    gateway: GatewayProcess,
+) -> None:
+    key = gateway.cli("e2b", "key", "create", "lifecycle")
+    seen = scenario(gateway, "lifecycle", key)
+    assert str(seen["stdout"]).startswith("hello bar\nLinux version")  # the guest kernel's
+    assert seen["exit_code"] == 0
+    assert seen["exit_exc"] == [3, "oops\n"]
+    assert seen["read"] == "hi there"
+    assert seen["big_ok"] is True  # 20 MiB byte for byte
+    assert seen["exists"] == [True, False]
+    assert seen["make_dir"] == [True, False]
+    assert seen["list"] == ["b.txt"]
+    assert seen["removed"] is False
+    assert seen["bg_listed"] is True
+    assert seen["listed"] == [seen["id"]]
+    assert seen["paused_state"] == "paused"
+    assert seen["after_resume"] == [True, True]  # files and the running process kept
+    assert seen["running_after_kill"] is False
+
+
+def test_run_code_keeps_state_and_reports_exceptions(gateway: GatewayProcess) -> None:
+    key = gateway.cli("e2b", "key", "create", "interp")
+    seen = scenario(gateway, "interpreter", key)
+    assert seen["value"] == "42"
+    assert seen["stdout"] == ["hello world\n"]
+    assert seen["error"] == ["ZeroDivisionError", True]
