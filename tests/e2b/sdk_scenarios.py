@@ -9,10 +9,10 @@ import sys
 import time
 
 
-def lifecycle() -> dict:
+def lifecycle() -> dict[str, object]:
     from e2b import CommandExitException, Sandbox
 
-    out: dict = {}
+    out: dict[str, object] = {}
     sb = Sandbox.create(metadata={"suite": "e2b"}, envs={"FOO": "bar"}, timeout=120)
     out["id"] = sb.sandbox_id
     r = sb.commands.run("echo hello $FOO; cat /proc/version")
@@ -48,10 +48,113 @@ def lifecycle() -> dict:
     return out
 
 
-def interpreter() -> dict:
+def commands() -> dict[str, object]:
+    from e2b import CommandExitException, PtySize, Sandbox, SandboxQuery, TimeoutException
+
+    out: dict[str, object] = {}
+    sb = Sandbox.create(timeout=180, metadata={"scenario": "commands"})
+    try:
+        out["env_cwd"] = sb.commands.run("echo $A; pwd", envs={"A": "1"}, cwd="/tmp").stdout
+        try:
+            sb.commands.run("sleep 30", timeout=3)
+        except TimeoutException as exc:
+            out["timeout"] = type(exc).__name__
+        out["after_timeout"] = sb.commands.run("pgrep -x sleep || echo none").stdout
+        cat = sb.commands.run("cat", background=True, stdin=True)
+        sb.commands.send_stdin(cat.pid, "ping\n")
+        sb.commands.close_stdin(cat.pid)
+        out["stdin_echo"] = cat.wait().stdout
+        sleeper = sb.commands.run("sleep 100", background=True, timeout=0)
+        follower = sb.commands.connect(sleeper.pid, timeout=0)
+        out["listed"] = sleeper.pid in [p.pid for p in sb.commands.list()]
+        out["killed"] = [sb.commands.kill(sleeper.pid), sb.commands.kill(999999)]
+        try:
+            follower.wait()
+        except CommandExitException as exc:
+            out["kill_exit"] = [exc.exit_code, exc.error]
+        # A terminal: its size after a resize, and its shell's exit status.
+        chunks: list[bytes] = []
+        term = sb.pty.create(PtySize(rows=24, cols=80), timeout=60)
+        sb.pty.resize(term.pid, PtySize(rows=40, cols=100))
+        sb.pty.send_stdin(term.pid, b"stty size; tty; exit 7\n")
+        try:
+            term.wait(on_pty=chunks.append)
+        except CommandExitException as exc:
+            out["pty_exit"] = exc.exit_code
+        text = b"".join(chunks).decode(errors="replace")
+        out["pty_size"] = "40 100" in text
+        out["pty_tty"] = "/dev/pts/" in text
+        other = sb.pty.create(PtySize(rows=24, cols=80), timeout=60)
+        out["pty_kill"] = sb.pty.kill(other.pid)
+        info = sb.files.write("/workspace/info.txt", b"\x00\x01bytes")
+        got = sb.files.get_info("/workspace/info.txt")
+        out["get_info"] = [info.path, got.name, got.type.value, got.size]
+        out["filter"] = [
+            [s.sandbox_id for s in Sandbox.list(query=SandboxQuery(metadata={"scenario": k})).next_items()]
+            for k in ("commands", "nothing")
+        ]
+        out["id"] = sb.sandbox_id
+        sb.set_timeout(5)
+        time.sleep(9)
+        out["alive_after_timeout"] = sb.is_running()
+    finally:
+        sb.kill()
+    return out
+
+
+def tenants() -> dict[str, object]:
+    """Two tenants (E2B_API_KEY and OTHER_KEY); the second may hold one sandbox."""
+    import os
+
+    from e2b import NotFoundException, RateLimitException, Sandbox
+
+    out: dict[str, object] = {}
+    mine = Sandbox.create(timeout=120)
+    other_key = os.environ["OTHER_KEY"]
+    try:
+        theirs = Sandbox.create(timeout=120, api_key=other_key)
+        try:
+            Sandbox.create(timeout=120, api_key=other_key)
+        except RateLimitException as exc:
+            out["quota"] = str(exc)
+        out["their_list"] = [s.sandbox_id for s in Sandbox.list(api_key=other_key).next_items()]
+        out["my_list"] = [s.sandbox_id for s in Sandbox.list().next_items()]
+        out["ids"] = [mine.sandbox_id, theirs.sandbox_id]
+        try:
+            Sandbox.connect(mine.sandbox_id, api_key=other_key)
+        except NotFoundException:
+            out["connect_other"] = "NotFound"
+        out["kill_other"] = Sandbox.kill(mine.sandbox_id, api_key=other_key)
+        try:
+            Sandbox.get_info(mine.sandbox_id, api_key=other_key)
+        except NotFoundException:
+            out["info_other"] = "NotFound"
+        # envd with my sandbox's id but their sandbox's access token.
+        import httpx
+
+        token = theirs._envd_access_token
+        r = httpx.post(
+            os.environ["E2B_SANDBOX_URL"] + "/process.Process/List",
+            json={},
+            headers={
+                "E2b-Sandbox-Id": mine.sandbox_id,
+                "E2b-Sandbox-Port": "49983",
+                "X-Access-Token": token or "",
+                "Content-Type": "application/json",
+            },
+        )
+        out["envd_other"] = r.status_code
+        out["mine_alive"] = mine.is_running()
+        theirs.kill()
+    finally:
+        mine.kill()
+    return out
+
+
+def interpreter() -> dict[str, object]:
     from e2b_code_interpreter import Sandbox
 
-    out: dict = {}
+    out: dict[str, object] = {}
     with Sandbox.create(timeout=120) as sbx:
         sbx.run_code("x = 41")
         out["value"] = sbx.run_code("x + 1").text
@@ -64,6 +167,12 @@ def interpreter() -> dict:
 
 if __name__ == "__main__":
     started = time.time()
-    result = {"lifecycle": lifecycle, "interpreter": interpreter}[sys.argv[1]]()
+    scenarios = {
+        "lifecycle": lifecycle,
+        "commands": commands,
+        "tenants": tenants,
+        "interpreter": interpreter,
+    }
+    result = scenarios[sys.argv[1]]()
     result["seconds"] = round(time.time() - started, 2)
     print(json.dumps(result))

@@ -151,6 +151,9 @@ def test_up_and_down_are_idempotent(tmp_path: Path) -> None:
         # VMs on the host's real uplink.
         AGENTVM_POOLS="standard:min=1,max=2",
         AGENTVM_MONITOR_ADDR=f"unix:{run}/monitor.sock",
+        AGENTVM_E2B_GATEWAY_ADDR=f"unix:{run}/e2b-gateway.sock",
+        # Not the default E2B port: a running installation may hold it.
+        AGENTVM_E2B_HTTP_ADDR=f"127.0.0.1:{free_port()}",
         AGENTVM_AUDIT_DIR=str(tmp_path / "audit"),
         AGENTVM_TOKEN_FILE=str(tmp_path / "token"),
         AGENTVM_TLS_DIR=str(tmp_path / "tls"),

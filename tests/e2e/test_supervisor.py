@@ -56,6 +56,9 @@ class Installation:
             AGENTVM_POOL_MANAGER_ADDR=f"unix:{self.run}/pool-manager.sock",
             AGENTVM_EXECUTOR_ADDR=f"unix:{self.run}/executor.sock",
             AGENTVM_MONITOR_ADDR=f"unix:{self.run}/monitor.sock",
+            AGENTVM_E2B_GATEWAY_ADDR=f"unix:{self.run}/e2b-gateway.sock",
+            # Not the default E2B port: a running installation may hold it.
+            AGENTVM_E2B_HTTP_ADDR=f"127.0.0.1:{free_port()}",
             AGENTVM_LOG_DIR=str(self.log),
             AGENTVM_STATE_DIR=str(base / "state"),
             AGENTVM_VM_PREFIX=PREFIX,

@@ -76,13 +76,14 @@ def gateway(executor: ExecutorProcess) -> Iterator[GatewayProcess]:
         proc.stop_if_running()
 
 
-def scenario(gateway: GatewayProcess, name: str, key: str) -> dict[str, object]:
+def scenario(gateway: GatewayProcess, name: str, key: str, **extra: str) -> dict[str, object]:
     url = f"http://127.0.0.1:{gateway.http_port}"
     env = {
         **os.environ,
         "E2B_API_URL": url,
         "E2B_SANDBOX_URL": url,
         "E2B_API_KEY": key,
+        **extra,
     }
     python = REPO / ".tools" / f"e2b-sdk-{SDK}" / "bin" / "python"
     out = subprocess.run(
@@ -124,3 +125,45 @@ def test_run_code_keeps_state_and_reports_exceptions(gateway: GatewayProcess) ->
     assert seen["value"] == "42"
     assert seen["stdout"] == ["hello world\n"]
     assert seen["error"] == ["ZeroDivisionError", True]
+
+
+def test_commands_timeouts_stdin_kill_terminals_file_info_filters_and_expiry(
+    gateway: GatewayProcess,
+) -> None:
+    key = gateway.cli("e2b", "key", "create", "commands")
+    seen = scenario(gateway, "commands", key)
+    assert seen["env_cwd"] == "1\n/tmp\n"
+    assert seen["timeout"] == "TimeoutException"
+    assert seen["after_timeout"] == "none\n"  # the timed-out command was killed
+    assert seen["stdin_echo"] == "ping\n"
+    assert seen["listed"] is True
+    assert seen["killed"] == [True, False]
+    assert seen["kill_exit"][0] == -1  # type: ignore[index]
+    assert seen["pty_exit"] == 7
+    assert seen["pty_size"] is True
+    assert seen["pty_tty"] is True
+    assert seen["pty_kill"] is True
+    assert seen["get_info"] == ["/workspace/info.txt", "info.txt", "file", 7]
+    assert seen["filter"] == [[seen["id"]], []]
+    assert seen["alive_after_timeout"] is False  # set_timeout(5) ended it
+
+
+def test_a_tenant_sees_and_touches_only_its_own_sandboxes_within_its_quota(
+    gateway: GatewayProcess,
+) -> None:
+    key = gateway.cli("e2b", "key", "create", "tenant-a")
+    other = gateway.cli("e2b", "key", "create", "tenant-b", "--max-sandboxes", "1")
+    seen = scenario(gateway, "tenants", key, OTHER_KEY=other)
+    mine, theirs = seen["ids"]  # type: ignore[misc]
+    assert "limit" in str(seen["quota"])
+    assert seen["their_list"] == [theirs]
+    assert seen["my_list"] == [mine]
+    assert seen["connect_other"] == "NotFound"
+    assert seen["kill_other"] is False
+    assert seen["info_other"] == "NotFound"
+    assert seen["envd_other"] == 404
+    assert seen["mine_alive"] is True
+    # A revoked key stops working at once.
+    gateway.cli("e2b", "key", "rm", "tenant-b")
+    with pytest.raises(AssertionError, match="invalid API key"):
+        scenario(gateway, "tenants", other, OTHER_KEY=other)

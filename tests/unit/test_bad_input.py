@@ -661,6 +661,6 @@ def test_up_refuses_one_processs_certificate_for_four_services(tmp_path: Path) -
         "AGENTVM_LOG_DIR": str(tmp_path / "log"),
     }
     result = CliRunner(env=env).invoke(cli, ["up"])
-    assert_one_line_exit_2(result, "AGENTVM_TLS_CERT", "four services", "deploy/systemd")
+    assert_one_line_exit_2(result, "AGENTVM_TLS_CERT", "five services", "deploy/systemd")
     assert not (tmp_path / "run").exists()
     assert not (tmp_path / "log").exists()

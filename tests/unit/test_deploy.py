@@ -30,6 +30,7 @@ SERVICES = {
     "pool-manager": "agentvm.pool_manager",
     "executor": "agentvm.executor",
     "monitor": "agentvm.monitor",
+    "e2b-gateway": "agentvm.e2b_gateway",
 }
 # Served by every service itself (the paragraph after the design's metrics table).
 PER_SERVICE_METRICS = {

@@ -33,7 +33,7 @@ def _tls(s: Settings) -> None:
     if given and s.tls == "mutual":
         fail(
             f"{', '.join(given)} name one process's certificate, but `agent-vm up` starts "
-            "four services that each need their own: unset them (up makes the "
+            "five services that each need their own: unset them (up makes the "
             "installation's in AGENTVM_TLS_DIR), or start each service with its own "
             "files (deploy/systemd)"
         )

@@ -18,6 +18,7 @@ import grpc
 from agentvm.cli import bench as bench_mod
 from agentvm.cli import (
     bringup_cmds,
+    e2b_cmds,
     image_cmds,
     pool_cmds,
     process_cmds,
@@ -26,7 +27,6 @@ from agentvm.cli import (
     vm_cmds,
 )
 from agentvm.cli import doctor as doctor_mod
-from agentvm.cli import e2b_cmds
 from agentvm.cli.base import (
     Group,
     fail,

@@ -105,6 +105,10 @@ class ProcessService:
 
     async def _resolve(self, sandbox_id: str, selector: pb.ProcessSelector) -> str:
         """The exec id of the process ``selector`` names (running ones first)."""
+        return (await self._find(sandbox_id, selector)).exec_id
+
+    async def _find(self, sandbox_id: str, selector: pb.ProcessSelector) -> common_pb2.ProcessInfo:
+        """The process ``selector`` names (running ones first)."""
         kind = selector.WhichOneof("selector")
         if kind is None:
             raise ConnectError(Code.INVALID_ARGUMENT, "process selector: give a pid or a tag")
@@ -114,7 +118,7 @@ class ProcessService:
             if (kind == "pid" and proc.pid == selector.pid) or (
                 kind == "tag" and proc.tag and proc.tag == selector.tag
             ):
-                return proc.exec_id
+                return proc
         what = f"pid {selector.pid}" if kind == "pid" else f"tag {selector.tag!r}"
         raise ConnectError(Code.NOT_FOUND, f"process with {what} not found")
 
@@ -201,12 +205,19 @@ class ProcessService:
         self, request: pb.ConnectRequest, ctx: RequestContext[pb.ConnectRequest, pb.ConnectResponse]
     ) -> AsyncIterator[pb.ConnectResponse]:
         sandbox_id = sandbox_of(ctx)
-        exec_id = await self._resolve(sandbox_id, request.process)
+        proc = await self._find(sandbox_id, request.process)
+        # envd's Connect opens with the start event, as Start does.
+        yield pb.ConnectResponse(
+            event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=max(proc.pid, 0)))
+        )
         stream = self._stub.ConnectProcess(
-            executor_pb2.ConnectProcessRequest(sandbox_id=sandbox_id, exec_id=exec_id, offset=0)
+            executor_pb2.ConnectProcessRequest(
+                sandbox_id=sandbox_id, exec_id=proc.exec_id, offset=0
+            )
         )
         async for event in self._follow(self._events(stream)):
-            yield pb.ConnectResponse(event=event)
+            if not event.HasField("start"):
+                yield pb.ConnectResponse(event=event)
 
     async def _stdin(self, sandbox_id: str, exec_id: str, data: bytes, eof: bool) -> None:
         await call(
