@@ -48,6 +48,32 @@ def lifecycle() -> dict[str, object]:
     return out
 
 
+def outside() -> dict[str, object]:
+    """Paths outside /workspace: the sandbox's own root."""
+    from e2b import Sandbox
+
+    out: dict[str, object] = {}
+    sb = Sandbox.create(timeout=120)
+    try:
+        payload = bytes(range(256)) * 4096 * 3  # 3 MiB: several chunks
+        sb.files.write("/home/user/data/blob.bin", payload)
+        out["blob"] = sb.files.read("/home/user/data/blob.bin", format="bytes") == payload
+        out["seen_by_command"] = sb.commands.run("sha256sum /home/user/data/blob.bin").stdout[:64]
+        root = {e.name: e.type.value for e in sb.files.list("/")}
+        out["root"] = [root.get("etc"), root.get("tmp")]
+        out["exists"] = [sb.files.exists("/etc/os-release"), sb.files.exists("/nope")]
+        out["make_dir"] = [sb.files.make_dir("/tmp/x/y"), sb.files.make_dir("/tmp/x/y")]
+        sb.files.rename("/home/user/data/blob.bin", "/tmp/x/y/moved.bin")
+        out["moved"] = [e.name for e in sb.files.list("/tmp/x/y")]
+        info = sb.files.get_info("/tmp/x/y/moved.bin")
+        out["info"] = [info.size, info.permissions]
+        sb.files.remove("/tmp/x")
+        out["removed"] = sb.files.exists("/tmp/x")
+    finally:
+        sb.kill()
+    return out
+
+
 def commands() -> dict[str, object]:
     from e2b import CommandExitException, PtySize, Sandbox, SandboxQuery, TimeoutException
 
@@ -90,7 +116,10 @@ def commands() -> dict[str, object]:
         got = sb.files.get_info("/workspace/info.txt")
         out["get_info"] = [info.path, got.name, got.type.value, got.size]
         out["filter"] = [
-            [s.sandbox_id for s in Sandbox.list(query=SandboxQuery(metadata={"scenario": k})).next_items()]
+            [
+                s.sandbox_id
+                for s in Sandbox.list(query=SandboxQuery(metadata={"scenario": k})).next_items()
+            ]
             for k in ("commands", "nothing")
         ]
         out["id"] = sb.sandbox_id
@@ -170,6 +199,7 @@ if __name__ == "__main__":
     scenarios = {
         "lifecycle": lifecycle,
         "commands": commands,
+        "outside": outside,
         "tenants": tenants,
         "interpreter": interpreter,
     }

@@ -7,6 +7,7 @@ it observed and the checks are here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -76,7 +77,8 @@ def gateway(executor: ExecutorProcess) -> Iterator[GatewayProcess]:
         proc.stop_if_running()
 
 
-def scenario(gateway: GatewayProcess, name: str, key: str, **extra: str) -> dict[str, object]:
+def run_sdk(gateway: GatewayProcess, key: str, *argv: str, **extra: str) -> str:
+    """Run a program under the SDK's venv, pointed at the gateway; its stdout."""
     url = f"http://127.0.0.1:{gateway.http_port}"
     env = {
         **os.environ,
@@ -87,7 +89,7 @@ def scenario(gateway: GatewayProcess, name: str, key: str, **extra: str) -> dict
     }
     python = REPO / ".tools" / f"e2b-sdk-{SDK}" / "bin" / "python"
     out = subprocess.run(
-        [str(python), str(REPO / "tests/e2b/sdk_scenarios.py"), name],
+        [str(python), *argv],
         env=env,
         capture_output=True,
         text=True,
@@ -95,7 +97,12 @@ def scenario(gateway: GatewayProcess, name: str, key: str, **extra: str) -> dict
         check=False,
     )
     assert out.returncode == 0, out.stderr[-4000:]
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    return out.stdout
+
+
+def scenario(gateway: GatewayProcess, name: str, key: str, **extra: str) -> dict[str, object]:
+    out = run_sdk(gateway, key, str(REPO / "tests/e2b/sdk_scenarios.py"), name, **extra)
+    return dict(json.loads(out.strip().splitlines()[-1]))
 
 
 def test_the_sdk_creates_runs_moves_files_pauses_connects_and_kills(
@@ -167,3 +174,28 @@ def test_a_tenant_sees_and_touches_only_its_own_sandboxes_within_its_quota(
     gateway.cli("e2b", "key", "rm", "tenant-b")
     with pytest.raises(AssertionError, match="invalid API key"):
         scenario(gateway, "tenants", other, OTHER_KEY=other)
+
+
+def test_paths_outside_the_workspace_are_the_sandboxs_own(gateway: GatewayProcess) -> None:
+    key = gateway.cli("e2b", "key", "create", "outside")
+    seen = scenario(gateway, "outside", key)
+    assert seen["blob"] is True
+    # What a command in the sandbox reads is what was written (3 MiB, byte for byte).
+    assert seen["seen_by_command"] == hashlib.sha256(bytes(range(256)) * 4096 * 3).hexdigest()
+    assert seen["root"] == ["dir", "dir"]
+    assert seen["exists"] == [True, False]
+    assert seen["make_dir"] == [True, False]
+    assert seen["moved"] == ["moved.bin"]
+    assert seen["info"] == [3 * 2**20, "-rw-r--r--"]
+    assert seen["removed"] is False
+
+
+@pytest.mark.parametrize("example", ["quickstart_e2b.py", "quickstart_code_interpreter.py"])
+def test_the_sdks_quickstarts_run_as_published(gateway: GatewayProcess, example: str) -> None:
+    key = gateway.cli("e2b", "key", "create", "quickstart")
+    out = run_sdk(gateway, key, str(REPO / "tests/e2b" / example))
+    if example == "quickstart_e2b.py":
+        assert out.splitlines() == ["Hello from E2B!", "", "Hello, World!"]
+    else:
+        assert out.splitlines()[0] == "Logs(stdout: ['hello world\\n'], stderr: [])"
+        assert "name='etc'" in out  # files.list("/") lists the sandbox's root

@@ -1,9 +1,10 @@
 """envd's filesystem service (``filesystem.Filesystem``) and its HTTP ``/files``.
 
-Onto the executor's file calls (StatFile, ListFiles, MakeDirectory,
-RemoveFile, WriteFile, ReadFile); Move runs ``mv`` in the sandbox (the
-executor has no rename). Paths: :mod:`.paths`. Directory watching is not
-offered (UNIMPLEMENTED with what to use instead).
+Paths under /workspace go to the executor's file calls (StatFile, ListFiles,
+MakeDirectory, RemoveFile, WriteFile, ReadFile), any other to commands in the
+sandbox (:mod:`.guest_fs`); Move runs ``mv`` in the sandbox (the executor has
+no rename). Paths: :mod:`.paths`. Directory watching is not offered
+(UNIMPLEMENTED with what to use instead).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from agentvm.e2b_gateway.backend import CALL_TIMEOUT, Backend, call
 from agentvm.e2b_gateway.envd.filesystem import filesystem_pb2 as pb
 from agentvm.e2b_gateway.envd_process import sandbox_of
 from agentvm.e2b_gateway.errors import GatewayError, from_rpc
-from agentvm.e2b_gateway.paths import to_guest, to_workspace
+from agentvm.e2b_gateway.guest_fs import GuestFiles
+from agentvm.e2b_gateway.paths import absolute, in_workspace, to_guest, to_workspace
 from agentvm.v1 import common_pb2, executor_pb2
 
 CHUNK = 1 << 20
@@ -59,9 +61,12 @@ class FileCalls:
 
     def __init__(self, backend: Backend) -> None:
         self._stub = backend.stub
+        self._guest = GuestFiles(backend)
 
     async def stat(self, sandbox_id: str, path: str) -> pb.EntryInfo:
-        rel = to_workspace(path)
+        rel = in_workspace(absolute(path))
+        if rel is None:
+            return await self._guest.stat(sandbox_id, absolute(path))
         resp = await call(
             "stat",
             self._stub.StatFile(
@@ -74,8 +79,10 @@ class FileCalls:
         return entry(resp.file)
 
     async def list(self, sandbox_id: str, path: str, depth: int) -> list[pb.EntryInfo]:
-        rel = to_workspace(path)
         depth = max(1, min(depth or 1, MAX_DEPTH))
+        rel = in_workspace(absolute(path))
+        if rel is None:
+            return await self._guest.list(sandbox_id, absolute(path), depth)
         resp = await call(
             "list",
             self._stub.ListFiles(
@@ -95,7 +102,17 @@ class FileCalls:
         return out
 
     async def make_dir(self, sandbox_id: str, path: str) -> pb.EntryInfo:
-        rel = to_workspace(path)
+        rel = in_workspace(absolute(path))
+        if rel is None:
+            try:
+                await self._guest.stat(sandbox_id, absolute(path))
+            except GatewayError as exc:
+                if exc.status != 404:
+                    raise
+            else:
+                raise GatewayError(409, f"{path!r} exists already", Code.ALREADY_EXISTS)
+            await self._guest.make_dir(sandbox_id, absolute(path))
+            return await self.stat(sandbox_id, path)
         exists = await call(
             "stat",
             self._stub.StatFile(
@@ -115,6 +132,10 @@ class FileCalls:
         return await self.stat(sandbox_id, path)
 
     async def remove(self, sandbox_id: str, path: str) -> None:
+        if in_workspace(absolute(path)) is None:
+            await self._guest.stat(sandbox_id, absolute(path))  # 404 when missing
+            await self._guest.remove(sandbox_id, absolute(path))
+            return
         await call(
             "remove",
             self._stub.RemoveFile(
@@ -126,7 +147,7 @@ class FileCalls:
         )
 
     async def move(self, sandbox_id: str, source: str, destination: str) -> pb.EntryInfo:
-        src, dst = to_guest(to_workspace(source)), to_guest(to_workspace(destination))
+        src, dst = absolute(source), absolute(destination)
         await self.stat(sandbox_id, source)  # NOT_FOUND as envd says it
         argv = ["mv", "-f", "--", src, dst]
         stream = self._stub.Exec(
@@ -155,7 +176,10 @@ class FileCalls:
         return await self.stat(sandbox_id, destination)
 
     async def write(self, sandbox_id: str, path: str, data: bytes) -> pb.EntryInfo:
-        rel = to_workspace(path)
+        rel = in_workspace(absolute(path))
+        if rel is None:
+            await self._guest.write(sandbox_id, absolute(path), data)
+            return await self.stat(sandbox_id, path)
         if rel == ".":
             raise GatewayError(400, f"path {path!r} is a directory: name a file")
 
@@ -169,7 +193,9 @@ class FileCalls:
         return await self.stat(sandbox_id, path)
 
     async def read(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
-        rel = to_workspace(path)
+        rel = in_workspace(absolute(path))
+        if rel is None:
+            return await self._guest.read(sandbox_id, absolute(path))
         info = await self.stat(sandbox_id, path)
         if info.type == pb.FILE_TYPE_DIRECTORY:
             raise GatewayError(400, f"path {path!r} is a directory: files.list reads directories")
