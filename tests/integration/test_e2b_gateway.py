@@ -161,7 +161,9 @@ def test_a_tenant_sees_and_touches_only_its_own_sandboxes_within_its_quota(
     key = gateway.cli("e2b", "key", "create", "tenant-a")
     other = gateway.cli("e2b", "key", "create", "tenant-b", "--max-sandboxes", "1")
     seen = scenario(gateway, "tenants", key, OTHER_KEY=other)
-    mine, theirs = seen["ids"]  # type: ignore[misc]
+    ids = seen["ids"]
+    assert isinstance(ids, list)
+    mine, theirs = ids
     assert "limit" in str(seen["quota"])
     assert seen["their_list"] == [theirs]
     assert seen["my_list"] == [mine]
