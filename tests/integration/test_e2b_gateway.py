@@ -1,6 +1,6 @@
 """The unchanged E2B Python SDK drives agent-vm sandboxes through e2b-gateway (issue 18).
 
-The SDK runs in its own venv (scripts/e2b-sdk-venv.sh) against a real gateway
+The SDK runs in its own venv (scripts/e2b-sdks.sh; the npm `e2b` too) against a real gateway
 process in front of the tests' executor and real VMs; each scenario prints what
 it observed and the checks are here.
 """
@@ -22,6 +22,8 @@ from tests.vmharness import REPO, ExecutorProcess, NamedServiceProcess
 
 pytestmark = pytest.mark.vm
 SDK = "2.63.0"
+# Still widely used; no code interpreter (e2b-code-interpreter needs e2b >= 2.55.1).
+OLD_SDK = "2.45.1"
 
 
 def _free_port() -> int:
@@ -63,7 +65,7 @@ class GatewayProcess(NamedServiceProcess):
 
 @pytest.fixture(scope="module")
 def gateway(executor: ExecutorProcess) -> Iterator[GatewayProcess]:
-    subprocess.run(["bash", str(REPO / "scripts/e2b-sdk-venv.sh"), SDK], check=True)
+    subprocess.run(["bash", str(REPO / "scripts/e2b-sdks.sh")], check=True)
     proc = GatewayProcess(
         base=executor.base,
         prefix=executor.prefix,
@@ -77,7 +79,7 @@ def gateway(executor: ExecutorProcess) -> Iterator[GatewayProcess]:
         proc.stop_if_running()
 
 
-def run_sdk(gateway: GatewayProcess, key: str, *argv: str, **extra: str) -> str:
+def run_sdk(gateway: GatewayProcess, key: str, *argv: str, sdk: str = SDK, **extra: str) -> str:
     """Run a program under the SDK's venv, pointed at the gateway; its stdout."""
     url = f"http://127.0.0.1:{gateway.http_port}"
     env = {
@@ -87,7 +89,7 @@ def run_sdk(gateway: GatewayProcess, key: str, *argv: str, **extra: str) -> str:
         "E2B_API_KEY": key,
         **extra,
     }
-    python = REPO / ".tools" / f"e2b-sdk-{SDK}" / "bin" / "python"
+    python = REPO / ".tools" / f"e2b-sdk-{sdk}" / "bin" / "python"
     out = subprocess.run(
         [str(python), *argv],
         env=env,
@@ -100,16 +102,19 @@ def run_sdk(gateway: GatewayProcess, key: str, *argv: str, **extra: str) -> str:
     return out.stdout
 
 
-def scenario(gateway: GatewayProcess, name: str, key: str, **extra: str) -> dict[str, object]:
-    out = run_sdk(gateway, key, str(REPO / "tests/e2b/sdk_scenarios.py"), name, **extra)
+def scenario(
+    gateway: GatewayProcess, name: str, key: str, sdk: str = SDK, **extra: str
+) -> dict[str, object]:
+    out = run_sdk(gateway, key, str(REPO / "tests/e2b/sdk_scenarios.py"), name, sdk=sdk, **extra)
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
+@pytest.mark.parametrize("sdk", [SDK, OLD_SDK])
 def test_the_sdk_creates_runs_moves_files_pauses_connects_and_kills(
-    gateway: GatewayProcess,
+    gateway: GatewayProcess, sdk: str
 ) -> None:
     key = gateway.cli("e2b", "key", "create", "lifecycle")
-    seen = scenario(gateway, "lifecycle", key)
+    seen = scenario(gateway, "lifecycle", key, sdk=sdk)
     assert str(seen["stdout"]).startswith("hello bar\nLinux version")  # the guest kernel's
     assert seen["exit_code"] == 0
     assert seen["exit_exc"] == [3, "oops\n"]
@@ -201,3 +206,27 @@ def test_the_sdks_quickstarts_run_as_published(gateway: GatewayProcess, example:
     else:
         assert out.splitlines()[0] == "Logs(stdout: ['hello world\\n'], stderr: [])"
         assert "name='etc'" in out  # files.list("/") lists the sandbox's root
+
+
+def test_the_javascript_sdk_from_npm(gateway: GatewayProcess) -> None:
+    key = gateway.cli("e2b", "key", "create", "js")
+    url = f"http://127.0.0.1:{gateway.http_port}"
+    env = {**os.environ, "E2B_API_URL": url, "E2B_SANDBOX_URL": url, "E2B_API_KEY": key}
+    out = subprocess.run(
+        ["node", str(REPO / ".tools/e2b-js/scenario.mjs")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["stdout"] == "hello bar\n"
+    assert seen["exit"] == 4
+    assert seen["read"] == "from js"
+    assert seen["list"] == ["a.txt"]
+    assert seen["listed"] is True
+    assert seen["killed"] is True
+    assert seen["sandboxes"] == [seen["id"]]
+    assert seen["running"] is False
