@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -49,6 +50,7 @@ class GatewayProcess(NamedServiceProcess):
             AGENTVM_E2B_HTTP_ADDR=f"127.0.0.1:{self.http_port}",
             AGENTVM_EXECUTOR_ADDR=self.executor_addr,
         )
+        env.update(self.extra_env)  # the test's own settings win
         return env
 
     def cli(self, *args: str) -> str:
@@ -230,3 +232,56 @@ def test_the_javascript_sdk_from_npm(gateway: GatewayProcess) -> None:
     assert seen["killed"] is True
     assert seen["sandboxes"] == [seen["id"]]
     assert seen["running"] is False
+
+
+def test_https_with_a_certificate_from_the_installations_ca(executor: ExecutorProcess) -> None:
+    """AGENTVM_E2B_TLS=ca: HTTP/2 over TLS, verified by the SDK against ca.pem."""
+    proc = GatewayProcess(
+        base=executor.base,
+        prefix=executor.prefix,
+        name="e2b-gateway-tls",
+        executor_addr=executor.address,
+        http_port=_free_port(),
+        extra_env={"AGENTVM_E2B_TLS": "ca", "AGENTVM_E2B_HOSTNAMES": "localhost"},
+    )
+    proc.start()
+    try:
+        key = proc.cli("e2b", "key", "create", "tls")
+        exports = dict(
+            line.removeprefix("export ").split("=", 1)
+            for line in proc.cli("e2b", "env", "--key", key).splitlines()
+            if line.startswith("export ")
+        )
+        assert exports["E2B_API_URL"] == f"https://localhost:{proc.http_port}"
+        ca = exports["SSL_CERT_FILE"]
+        context = ssl.create_default_context(cafile=ca)
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        with (
+            socket.create_connection(("127.0.0.1", proc.http_port)) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls_sock,
+        ):
+            assert tls_sock.selected_alpn_protocol() == "h2"
+        python = REPO / ".tools" / f"e2b-sdk-{SDK}" / "bin" / "python"
+        out = subprocess.run(
+            [str(python), str(REPO / "tests/e2b/quickstart_e2b.py")],
+            env={**os.environ, **exports},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr[-4000:]
+        assert out.stdout.splitlines() == ["Hello from E2B!", "", "Hello, World!"]
+        # Plain HTTP is refused off loopback.
+        plain = GatewayProcess(
+            base=executor.base,
+            prefix=executor.prefix,
+            name="e2b-gateway-plain",
+            executor_addr=executor.address,
+            http_port=_free_port(),
+        )
+        plain.extra_env["AGENTVM_E2B_HTTP_ADDR"] = f"0.0.0.0:{plain.http_port}"
+        with pytest.raises(RuntimeError, match="plain HTTP is served on loopback only"):
+            plain.start(timeout=15)
+    finally:
+        proc.stop_if_running()

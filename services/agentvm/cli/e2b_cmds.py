@@ -89,11 +89,18 @@ def key_list(as_json: bool) -> None:
 def env(api_key: str) -> None:
     """The export lines an E2B SDK client on this host needs."""
     s = settings()
-    scheme = "https" if s.e2b_tls_cert else "http"
-    url = f"{scheme}://{s.e2b_http_addr}"
+    tls_on = bool(s.e2b_tls_cert) or s.e2b_tls == "ca"
+    host, _, port = s.e2b_http_addr.rpartition(":")
+    if s.e2b_tls == "ca" and not s.e2b_tls_cert:
+        # The name the certificate carries, not the address bound.
+        host = next((n.strip() for n in s.e2b_hostnames.split(",") if n.strip()), host)
+    if host in ("0.0.0.0", "::", "[::]"):  # noqa: S104 - a bound address, not a bind
+        host = "127.0.0.1"
+    url = f"{'https' if tls_on else 'http'}://{host}:{port}"
     lines = [f"export E2B_API_URL={shlex.quote(url)}", f"export E2B_SANDBOX_URL={shlex.quote(url)}"]
-    if s.e2b_tls_cert:
-        lines.append(f"export SSL_CERT_FILE={shlex.quote(str(s.tls_dir / 'ca.pem'))}")
+    if s.e2b_tls == "ca" and not s.e2b_tls_cert:
+        ca = shlex.quote(str(s.tls_dir / "ca.pem"))
+        lines += [f"export SSL_CERT_FILE={ca}", f"export NODE_EXTRA_CA_CERTS={ca}"]
     lines.append(
         f"export E2B_API_KEY={shlex.quote(api_key)}"
         if api_key

@@ -152,6 +152,12 @@ class Settings:
     )
     e2b_tls_cert: str = field(default_factory=lambda: _env("AGENTVM_E2B_TLS_CERT", ""))
     e2b_tls_key: str = field(default_factory=lambda: _env("AGENTVM_E2B_TLS_KEY", ""))
+    # AGENTVM_E2B_TLS: off | ca (HTTPS with a certificate from the installation's CA
+    # for AGENTVM_E2B_HOSTNAMES, comma-separated names and addresses clients dial).
+    e2b_tls: str = field(default_factory=lambda: _env("AGENTVM_E2B_TLS", "off"))
+    e2b_hostnames: str = field(
+        default_factory=lambda: _env("AGENTVM_E2B_HOSTNAMES", "localhost,127.0.0.1")
+    )
     # AGENTVM_AUTH: token (every call but health checks needs the bearer token) | none
     auth: str = field(default_factory=lambda: _env("AGENTVM_AUTH", "token"))
     # AGENTVM_TOKEN_FILE: the installation's token (created by `agent-vm up`, mode 0600).
@@ -196,6 +202,8 @@ class Settings:
             raise InvalidArgument(f"AGENTVM_AUTH={self.auth!r}: use token or none")
         if self.workspace_cap not in ("loop", "none"):
             raise InvalidArgument(f"AGENTVM_WORKSPACE_CAP={self.workspace_cap!r}: use loop or none")
+        if self.e2b_tls not in ("off", "ca"):
+            raise InvalidArgument(f"AGENTVM_E2B_TLS={self.e2b_tls!r}: use off or ca")
         if self.tls not in ("mutual", "off"):
             raise InvalidArgument(f"AGENTVM_TLS={self.tls!r}: use mutual or off")
         if not self.vm_prefix.startswith("agent-vm-"):

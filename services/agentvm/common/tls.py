@@ -261,10 +261,21 @@ def _load_ca(tls_dir: Path) -> tuple[x509.Certificate, Any]:
 
 
 def _make_leaf(tls_dir: Path, who: str) -> None:
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    sans: list[x509.GeneralName] = []
+    if who in SERVICES:
+        usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        sans = [x509.DNSName(server_name(who))]
+    _issue(tls_dir, who, usages, sans)
+
+
+def _issue(
+    tls_dir: Path, who: str, usages: list[x509.ObjectIdentifier], sans: list[x509.GeneralName]
+) -> None:
+    """``<who>.pem``/``.key`` signed by the installation's CA."""
     ca_cert, ca_key = _load_ca(tls_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
-    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name(who)))
@@ -279,16 +290,47 @@ def _make_leaf(tls_dir: Path, who: str) -> None:
             critical=False,
         )
     )
-    if who in SERVICES:
-        usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(server_name(who))]), critical=False
-        )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False).sign(
         ca_key, hashes.SHA256()
     )
     _write(tls_dir / f"{who}.key", _key_pem(key), 0o600)
     _write(tls_dir / f"{who}.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def http_server_files(tls_dir: Path, who: str, names: list[str]) -> TLSFiles:
+    """A server certificate from the installation's CA for an HTTPS endpoint named ``names``.
+
+    ``<who>.pem``/``.key`` in ``tls_dir``, its subject alternative names the
+    host names and IP addresses clients dial (the E2B SDKs verify them against
+    ``ca.pem``). Made again when the names change or it nears its end.
+    """
+    import ipaddress
+
+    sans: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.DNSName(name))
+    cert_file, key_file = tls_dir / f"{who}.pem", tls_dir / f"{who}.key"
+    with _locked(tls_dir):
+        if not (tls_dir / "ca.pem").exists():
+            _make_ca(tls_dir)
+        current: list[x509.GeneralName] = []
+        if _exists(cert_file) and _exists(key_file):
+            cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+            with contextlib.suppress(x509.ExtensionNotFound):
+                current = list(
+                    cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                )
+            fresh = cert.not_valid_after_utc - _now() > RENEW_BEFORE
+        else:
+            fresh = False
+        if not fresh or sorted(map(str, current)) != sorted(map(str, sans)):
+            _issue(tls_dir, who, [ExtendedKeyUsageOID.SERVER_AUTH], sans)
+    return TLSFiles(ca=tls_dir / "ca.pem", cert=cert_file, key=key_file)
 
 
 def expires(cert_file: Path) -> datetime.datetime:

@@ -16,6 +16,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 
 from agentvm.common import logging as jsonlog
+from agentvm.common import tls
 from agentvm.common.config import Settings
 from agentvm.common.errors import InvalidArgument
 from agentvm.common.grpc_util import aio_channel, serve, setup_auth, setup_tls
@@ -38,16 +39,26 @@ def http_config(settings: Settings) -> Config:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
-    if settings.e2b_tls_cert:
-        config.certfile = str(settings.e2b_tls_cert)
-        config.keyfile = str(settings.e2b_tls_key)
-        config.alpn_protocols = ["h2", "http/1.1"]
+    if settings.e2b_tls_cert or settings.e2b_tls_key:
+        if not (settings.e2b_tls_cert and settings.e2b_tls_key):
+            raise InvalidArgument(
+                "AGENTVM_E2B_TLS_CERT and AGENTVM_E2B_TLS_KEY go together: set both or neither"
+            )
+        config.certfile, config.keyfile = settings.e2b_tls_cert, settings.e2b_tls_key
+    elif settings.e2b_tls == "ca":
+        names = [n.strip() for n in settings.e2b_hostnames.split(",") if n.strip()]
+        if not names:
+            raise InvalidArgument("AGENTVM_E2B_HOSTNAMES is empty: name the hosts clients dial")
+        files = tls.http_server_files(settings.tls_dir, "e2b-http", names)
+        config.certfile, config.keyfile = str(files.cert), str(files.key)
     elif not loopback:
         raise InvalidArgument(
             f"AGENTVM_E2B_HTTP_ADDR={settings.e2b_http_addr}: plain HTTP is served on "
-            "loopback only; set AGENTVM_E2B_TLS_CERT and AGENTVM_E2B_TLS_KEY to serve it "
-            "over TLS (docs/E2B.md)"
+            "loopback only; set AGENTVM_E2B_TLS=ca (a certificate from the installation's "
+            "CA) or AGENTVM_E2B_TLS_CERT and AGENTVM_E2B_TLS_KEY (docs/E2B.md)"
         )
+    if config.certfile:
+        config.alpn_protocols = ["h2", "http/1.1"]
     return config
 
 
