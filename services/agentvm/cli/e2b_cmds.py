@@ -59,7 +59,7 @@ def key_rm(name: str, key_id: str) -> None:
 def key_list(as_json: bool) -> None:
     """The keys: tenant, id, creation time and the tenant's limit (never the key)."""
     try:
-        keys = _store().keys()
+        keys = _store().all_keys()
     except TenantError as exc:
         fail(str(exc))
     if as_json:

@@ -68,7 +68,7 @@ class KeyStore:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def keys(self) -> list[Key]:
+    def all_keys(self) -> list[Key]:
         """Every key (re-read when the file changed)."""
         try:
             st = self.path.stat()
@@ -103,7 +103,7 @@ class KeyStore:
         key = KEY_PREFIX + secrets.token_hex(20)
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         with self._locked():
-            keys = self.keys()
+            keys = self.all_keys()
             # One limit per tenant: the newest key's applies to all of them.
             keys = [
                 Key(**{**asdict(k), "max_sandboxes": max_sandboxes})
@@ -117,7 +117,7 @@ class KeyStore:
     def remove(self, tenant: str, key_id: str = "") -> int:
         """Revoke ``tenant``'s keys (only the one whose id is ``key_id`` if given); how many."""
         with self._locked():
-            keys = self.keys()
+            keys = self.all_keys()
             keep = [
                 k for k in keys if not (k.tenant == tenant and (not key_id or k.key_id == key_id))
             ]
@@ -136,7 +136,7 @@ class KeyStore:
         if not _KEY.fullmatch(presented):
             return None
         digest = _hash(presented)
-        for key in self.keys():
+        for key in self.all_keys():
             if hmac.compare_digest(key.sha256, digest):
                 return key
         return None
