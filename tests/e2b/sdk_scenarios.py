@@ -45,6 +45,12 @@ def lifecycle() -> dict[str, object]:
     ]
     s2.kill()
     out["running_after_kill"] = sb.is_running()
+    from e2b import TimeoutException
+
+    try:
+        sb.commands.run("true")
+    except TimeoutException as exc:  # the SDK's "the sandbox is gone"
+        out["after_kill"] = type(exc).__name__
     return out
 
 

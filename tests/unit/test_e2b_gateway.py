@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import stat
 from pathlib import Path
@@ -11,11 +12,12 @@ import pytest
 from connectrpc.code import Code
 from hypothesis import given
 from hypothesis import strategies as st
+from starlette.requests import Request
 
 from agentvm.common.config import Settings
 from agentvm.common.errors import InvalidArgument
 from agentvm.e2b_gateway import __main__ as gateway_main
-from agentvm.e2b_gateway import guest_fs, interpreter, paths, sandboxes, tenants
+from agentvm.e2b_gateway import backend, guest_fs, interpreter, paths, sandboxes, tenants
 from agentvm.e2b_gateway.envd.filesystem import filesystem_pb2 as fs_pb
 from agentvm.e2b_gateway.envd.process import process_pb2 as pb
 from agentvm.e2b_gateway.envd_process import convert, end_event
@@ -210,11 +212,11 @@ def test_the_metadata_filter_and_bodies() -> None:
     assert sandboxes.metadata_filter("a=1&b=2") == {"a": "1", "b": "2"}
     with pytest.raises(GatewayError, match="agent-vm's"):
         sandboxes.metadata_filter("agentvm.e2b/tenant=x")
-    assert sandboxes.body_json(b"") == {}
+    assert backend.json_object(b"") == {}
     with pytest.raises(GatewayError, match="not JSON"):
-        sandboxes.body_json(b"{")
+        backend.json_object(b"{")
     with pytest.raises(GatewayError, match="JSON object"):
-        sandboxes.body_json(b"[1]")
+        backend.json_object(b"[1]")
 
 
 class _Rpc(grpc.aio.AioRpcError):
@@ -225,6 +227,9 @@ class _Rpc(grpc.aio.AioRpcError):
 def test_executor_errors_keep_their_meaning() -> None:
     nf = from_rpc(_Rpc(grpc.StatusCode.NOT_FOUND, "no such sandbox"), "get")
     assert (nf.status, nf.code, nf.message) == (404, Code.NOT_FOUND, "get: no such sandbox")
+    gone = from_rpc(_Rpc(grpc.StatusCode.NOT_FOUND, "no sandbox 'sb-1': it was closed"))
+    assert (gone.status, gone.code, gone.sandbox_gone) == (502, Code.UNAVAILABLE, True)
+    assert "was not found" in gone.message  # the SDKs' SandboxNotRunningException
     full = from_rpc(_Rpc(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many"))
     assert (full.status, full.code) == (429, Code.RESOURCE_EXHAUSTED)
     down = from_rpc(_Rpc(grpc.StatusCode.UNAVAILABLE, "connection refused"))
@@ -249,3 +254,19 @@ def test_a_bad_tls_mode_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AGENTVM_E2B_TLS", "yes")
     with pytest.raises(InvalidArgument, match="use off or ca"):
         Settings()
+
+
+def test_a_body_past_its_limit_is_refused_before_it_is_all_read() -> None:
+    chunks = [b"x" * 600, b"y" * 600, b"never read"]
+    read = []
+
+    async def receive() -> dict[str, object]:
+        piece = chunks.pop(0)
+        read.append(piece)
+        return {"type": "http.request", "body": piece, "more_body": bool(chunks)}
+
+    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    with pytest.raises(GatewayError, match="larger than 1000 bytes") as caught:
+        asyncio.run(backend.read_body(request, 1000))
+    assert caught.value.status == 413
+    assert len(read) == 2

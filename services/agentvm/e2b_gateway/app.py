@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -25,14 +26,16 @@ from agentvm.e2b_gateway.backend import (
     SANDBOX_PORT_HEADER,
     TRAFFIC_TOKEN_HEADER,
     Backend,
+    json_object,
+    read_body,
 )
 from agentvm.e2b_gateway.envd.filesystem.filesystem_connect import FilesystemASGIApplication
 from agentvm.e2b_gateway.envd.process.process_connect import ProcessASGIApplication
 from agentvm.e2b_gateway.envd_files import FileCalls, FilesystemService
 from agentvm.e2b_gateway.envd_process import ProcessService
-from agentvm.e2b_gateway.errors import GatewayError, not_found
+from agentvm.e2b_gateway.errors import GatewayError, guard, not_found
 from agentvm.e2b_gateway.interpreter import Interpreter
-from agentvm.e2b_gateway.sandboxes import Sandboxes, body_json, metadata_filter
+from agentvm.e2b_gateway.sandboxes import Sandboxes, metadata_filter
 from agentvm.e2b_gateway.tenants import AccessTokens, Key, KeyStore, TenantError
 
 log = logging.getLogger("agentvm.e2b_gateway")
@@ -41,16 +44,12 @@ ENVD_PORT = 49983
 INTERPRETER_PORT = 49999
 # Largest file an upload may carry (bytes).
 MAX_UPLOAD = 1 << 30
+# Largest body of a REST call (JSON).
+MAX_BODY = 1 << 20
 # ASGI plumbing types.
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-
-
-def _error(exc: GatewayError) -> JSONResponse:
-    # The SDK retries 429/5xx unless told not to: a full quota stays full.
-    headers = {"Should-Retry": "false"} if exc.status in (429, 502, 503, 504) else None
-    return JSONResponse(exc.json(), status_code=exc.status, headers=headers)
 
 
 async def _send_error(send: Send, exc: GatewayError) -> None:
@@ -63,6 +62,11 @@ async def _send_error(send: Send, exc: GatewayError) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def _parts(upload: UploadFile) -> AsyncIterator[bytes]:
+    while piece := await upload.read(1 << 20):
+        yield piece
 
 
 class Gateway:
@@ -172,22 +176,15 @@ class Gateway:
     async def _health(self, request: Request) -> Response:
         return Response(status_code=204)
 
-    @staticmethod
-    async def _guard(handler: Callable[[], Awaitable[Response]]) -> Response:
-        try:
-            return await handler()
-        except GatewayError as exc:
-            return _error(exc)
-
     async def _create(self, request: Request) -> Response:
         async def run() -> Response:
             key = self._key(request)
-            body = body_json(await request.body())
+            body = json_object(await read_body(request, MAX_BODY))
             created = await self.sandboxes.create(key, body)
             log.info("tenant %s created %s", key.tenant, created.id)
             return JSONResponse(self.sandboxes.brief(created), status_code=201)
 
-        return await self._guard(run)
+        return await guard(run)
 
     async def _list(self, request: Request) -> list[dict[str, object]]:
         key = self._key(request)
@@ -202,7 +199,7 @@ class Gateway:
         async def run() -> Response:
             return JSONResponse(await self._list(request))
 
-        return await self._guard(run)
+        return await guard(run)
 
     async def _list_v2(self, request: Request) -> Response:
         async def run() -> Response:
@@ -220,7 +217,7 @@ class Gateway:
                 headers["x-next-token"] = str(start + limit)
             return JSONResponse(page, headers=headers)
 
-        return await self._guard(run)
+        return await guard(run)
 
     async def _get(self, request: Request) -> Response:
         async def run() -> Response:
@@ -228,7 +225,7 @@ class Gateway:
             sb = await self.sandboxes.owned(key, request.path_params["sandbox_id"])
             return JSONResponse(self.sandboxes.detail(sb))
 
-        return await self._guard(run)
+        return await guard(run)
 
     async def _kill(self, request: Request) -> Response:
         async def run() -> Response:
@@ -236,16 +233,16 @@ class Gateway:
             await self.sandboxes.kill(key, request.path_params["sandbox_id"])
             return Response(status_code=204)
 
-        return await self._guard(run)
+        return await guard(run)
 
     async def _set_timeout(self, request: Request) -> Response:
         async def run() -> Response:
             key = self._key(request)
-            body = body_json(await request.body())
+            body = json_object(await read_body(request, MAX_BODY))
             await self.sandboxes.set_timeout(key, request.path_params["sandbox_id"], body)
             return Response(status_code=204)
 
-        return await self._guard(run)
+        return await guard(run)
 
     async def _pause(self, request: Request) -> Response:
         async def run() -> Response:
@@ -253,27 +250,27 @@ class Gateway:
             await self.sandboxes.pause(key, request.path_params["sandbox_id"])
             return Response(status_code=204)
 
-        return await self._guard(run)
+        return await guard(run)
 
     async def _connect(self, request: Request) -> Response:
         async def run() -> Response:
             key = self._key(request)
-            body = body_json(await request.body())
+            body = json_object(await read_body(request, MAX_BODY))
             sb, resumed = await self.sandboxes.connect(key, request.path_params["sandbox_id"], body)
             return JSONResponse(self.sandboxes.brief(sb), status_code=201 if resumed else 200)
 
-        return await self._guard(run)
+        return await guard(run)
 
     async def _resume(self, request: Request) -> Response:
         async def run() -> Response:
             key = self._key(request)
-            body = body_json(await request.body())
+            body = json_object(await read_body(request, MAX_BODY))
             sb, resumed = await self.sandboxes.connect(key, request.path_params["sandbox_id"], body)
             if not resumed:
                 raise GatewayError(409, f"sandbox {sb.id!r} is not paused")
             return JSONResponse(self.sandboxes.brief(sb), status_code=201)
 
-        return await self._guard(run)
+        return await guard(run)
 
     # -- envd's plain HTTP ---------------------------------------------------------------
 
@@ -284,7 +281,7 @@ class Gateway:
             chunks = await self.files.read(sandbox_id, path)
             return StreamingResponse(chunks, media_type="application/octet-stream")
 
-        return await self._guard(run)
+        return await guard(run)
 
     async def _write_file(self, request: Request) -> Response:
         async def run() -> Response:
@@ -293,18 +290,17 @@ class Gateway:
             ctype = request.headers.get("content-type", "")
             written = []
             if ctype.startswith("multipart/form-data"):
-                async with request.form(max_part_size=MAX_UPLOAD) as form:
+                # Parts are spooled to temporary files by the parser, then streamed.
+                async with request.form(max_files=16, max_part_size=MAX_UPLOAD) as form:
                     for _, value in form.multi_items():
                         if isinstance(value, str):
                             continue
-                        data = await value.read()
                         target = path or value.filename or ""
-                        written.append(await self.files.write(sandbox_id, target, data))
+                        written.append(await self.files.write(sandbox_id, target, _parts(value)))
             else:
-                data = await request.body()
-                written.append(await self.files.write(sandbox_id, path, data))
+                written.append(await self.files.write(sandbox_id, path, request.stream()))
             if not written:
                 raise GatewayError(400, "no file in the request (multipart field 'file')")
             return JSONResponse([{"name": e.name, "type": "file", "path": e.path} for e in written])
 
-        return await self._guard(run)
+        return await guard(run)

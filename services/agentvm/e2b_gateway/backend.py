@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+from starlette.requests import Request
 
-from agentvm.e2b_gateway.errors import from_rpc
+from agentvm.e2b_gateway.errors import GatewayError, from_rpc
 from agentvm.v1 import executor_pb2_grpc
 
 T = TypeVar("T")
@@ -80,3 +82,26 @@ async def with_keepalive(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """A request's body, at most ``limit`` bytes (413 past that, before reading more)."""
+    body = b""
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise GatewayError(413, f"the request body is larger than {limit} bytes")
+    return body
+
+
+def json_object(raw: bytes) -> dict[str, object]:
+    """A JSON object from a request body (empty: {}); 400 naming what is wrong."""
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise GatewayError(400, f"the request body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise GatewayError(400, "the request body must be a JSON object")
+    return body

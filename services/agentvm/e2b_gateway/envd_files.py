@@ -56,6 +56,18 @@ def entry(info: common_pb2.FileInfo) -> pb.EntryInfo:
     return out
 
 
+async def rechunk(data: AsyncIterator[bytes], size: int = CHUNK) -> AsyncIterator[bytes]:
+    """``data`` in pieces of at most ``size`` bytes (an HTTP body's chunks are any size)."""
+    pending = b""
+    async for piece in data:
+        pending += piece
+        while len(pending) >= size:
+            yield pending[:size]
+            pending = pending[size:]
+    if pending:
+        yield pending
+
+
 class FileCalls:
     """The executor's file calls for one sandbox, with E2B's paths and errors."""
 
@@ -175,19 +187,22 @@ class FileCalls:
             raise GatewayError(400, f"move {source!r} to {destination!r}: {detail}")
         return await self.stat(sandbox_id, destination)
 
-    async def write(self, sandbox_id: str, path: str, data: bytes) -> pb.EntryInfo:
+    async def write(self, sandbox_id: str, path: str, data: AsyncIterator[bytes]) -> pb.EntryInfo:
+        """Write the file from ``data``'s chunks as they come (never the whole in memory)."""
         rel = in_workspace(absolute(path))
         if rel is None:
-            await self._guest.write(sandbox_id, absolute(path), data)
+            await self._guest.write(sandbox_id, absolute(path), rechunk(data))
             return await self.stat(sandbox_id, path)
         if rel == ".":
             raise GatewayError(400, f"path {path!r} is a directory: name a file")
+        digest = hashlib.sha256()
 
         async def requests() -> AsyncIterator[executor_pb2.WriteFileRequest]:
             yield executor_pb2.WriteFileRequest(sandbox_id=sandbox_id, path=rel, mode=0o644)
-            for at in range(0, len(data), CHUNK):
-                yield executor_pb2.WriteFileRequest(chunk=data[at : at + CHUNK])
-            yield executor_pb2.WriteFileRequest(sha256=hashlib.sha256(data).hexdigest())
+            async for piece in rechunk(data):
+                digest.update(piece)
+                yield executor_pb2.WriteFileRequest(chunk=piece)
+            yield executor_pb2.WriteFileRequest(sha256=digest.hexdigest())
 
         await call("write", self._stub.WriteFile(requests(), timeout=CALL_TIMEOUT * 5))
         return await self.stat(sandbox_id, path)

@@ -167,7 +167,7 @@ class GuestFiles:
         if not result.ok:
             raise GatewayError(400, f"remove {path!r}: {result.why()}")
 
-    async def write(self, sandbox_id: str, path: str, data: bytes) -> None:
+    async def write(self, sandbox_id: str, path: str, data: AsyncIterator[bytes]) -> None:
         exec_id = "e2b-fs-" + secrets.token_hex(4)
         script = 'mkdir -p -- "$(dirname -- "$1")" && exec cat > "$1"'
         stream = self._stub.Exec(
@@ -189,19 +189,9 @@ class GuestFiles:
             first = await events.__anext__()  # started: stdin can be written now
             if first.WhichOneof("event") != "started":
                 raise GatewayError(500, f"write {path!r}: the command did not start")
-            for at in range(0, max(len(data), 1), CHUNK):
-                await call(
-                    "write",
-                    self._stub.WriteStdin(
-                        executor_pb2.ExecutorServiceWriteStdinRequest(
-                            sandbox_id=sandbox_id,
-                            exec_id=exec_id,
-                            data=data[at : at + CHUNK],
-                            eof=at + CHUNK >= len(data),
-                        ),
-                        timeout=CALL_TIMEOUT,
-                    ),
-                )
+            async for piece in data:
+                await self._stdin(sandbox_id, exec_id, piece, eof=False)
+            await self._stdin(sandbox_id, exec_id, b"", eof=True)
             async for resp in events:
                 kind = resp.WhichOneof("event")
                 if kind == "output" and resp.output.stream == common_pb2.OUTPUT_STREAM_STDERR:
@@ -215,6 +205,17 @@ class GuestFiles:
             stream.cancel()
         if not result.ok:
             raise GatewayError(400, f"write {path!r}: {result.why()}")
+
+    async def _stdin(self, sandbox_id: str, exec_id: str, data: bytes, eof: bool) -> None:
+        await call(
+            "write",
+            self._stub.WriteStdin(
+                executor_pb2.ExecutorServiceWriteStdinRequest(
+                    sandbox_id=sandbox_id, exec_id=exec_id, data=data, eof=eof
+                ),
+                timeout=CALL_TIMEOUT,
+            ),
+        )
 
     async def read(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
         info = await self.stat(sandbox_id, path)

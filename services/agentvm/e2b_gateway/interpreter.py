@@ -27,14 +27,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from agentvm.e2b_gateway.backend import CALL_TIMEOUT, SANDBOX_ID_HEADER, Backend, call
-from agentvm.e2b_gateway.errors import GatewayError
+from agentvm.e2b_gateway.backend import (
+    CALL_TIMEOUT,
+    SANDBOX_ID_HEADER,
+    Backend,
+    call,
+    json_object,
+    read_body,
+)
+from agentvm.e2b_gateway.errors import GatewayError, guard
 from agentvm.e2b_gateway.paths import HOME
 from agentvm.v1 import common_pb2, executor_pb2
 
 TAG = "e2b-ctx:"
 DEFAULT_CONTEXT = "default"
 _CONTEXT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Largest request (the code and its variables).
+MAX_REQUEST = 16 << 20
 # One line of a context's output (bytes); a longer one is cut.
 MAX_LINE = 1 << 20
 _TYPES = {"stdout", "stderr", "result", "error", "number_of_executions", "end_of_execution"}
@@ -139,15 +148,9 @@ class Interpreter:
     def _sandbox(request: Request) -> str:
         return request.headers[SANDBOX_ID_HEADER]
 
-    async def _json(self, request: Request) -> dict[str, object]:
-        raw = await request.body()
-        try:
-            body = json.loads(raw) if raw else {}
-        except ValueError as exc:
-            raise GatewayError(400, f"the request body is not JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise GatewayError(400, "the request body must be a JSON object")
-        return body
+    @staticmethod
+    async def _json(request: Request) -> dict[str, object]:
+        return json_object(await read_body(request, MAX_REQUEST))
 
     @staticmethod
     def _language(body: dict[str, object]) -> str:
@@ -157,7 +160,7 @@ class Interpreter:
         return "python"
 
     async def _create(self, request: Request) -> Response:
-        try:
+        async def run() -> Response:
             body = await self._json(request)
             self._language(body)
             cwd = body.get("cwd") or HOME
@@ -166,17 +169,17 @@ class Interpreter:
             context_id = secrets.token_hex(8)
             await self._start(self._sandbox(request), context_id, cwd)
             return JSONResponse({"id": context_id, "language": "python", "cwd": cwd})
-        except GatewayError as exc:
-            return JSONResponse(exc.json(), status_code=exc.status)
+
+        return await guard(run)
 
     async def _list(self, request: Request) -> Response:
-        try:
+        async def run() -> Response:
             contexts = await self._contexts(self._sandbox(request))
-        except GatewayError as exc:
-            return JSONResponse(exc.json(), status_code=exc.status)
-        return JSONResponse(
-            [{"id": cid, "language": "python", "cwd": HOME} for cid in sorted(contexts)]
-        )
+            return JSONResponse(
+                [{"id": cid, "language": "python", "cwd": HOME} for cid in sorted(contexts)]
+            )
+
+        return await guard(run)
 
     async def _kill(self, sandbox_id: str, context_id: str) -> None:
         contexts = await self._contexts(sandbox_id)
@@ -195,46 +198,46 @@ class Interpreter:
         )
 
     async def _delete(self, request: Request) -> Response:
-        try:
+        async def run() -> Response:
             await self._kill(self._sandbox(request), request.path_params["context_id"])
-        except GatewayError as exc:
-            return JSONResponse(exc.json(), status_code=exc.status)
-        return Response(status_code=204)
+            return Response(status_code=204)
+
+        return await guard(run)
 
     async def _restart(self, request: Request) -> Response:
-        sandbox_id, context_id = self._sandbox(request), request.path_params["context_id"]
-        try:
+        async def run() -> Response:
+            sandbox_id, context_id = self._sandbox(request), request.path_params["context_id"]
             await self._kill(sandbox_id, context_id)
             await self._start(sandbox_id, context_id, HOME)
-        except GatewayError as exc:
-            return JSONResponse(exc.json(), status_code=exc.status)
-        return Response(status_code=204)
+            return Response(status_code=204)
+
+        return await guard(run)
 
     async def _execute(self, request: Request) -> Response:
-        try:
-            body = await self._json(request)
-            self._language(body)
-            code = body.get("code")
-            if not isinstance(code, str):
-                raise GatewayError(400, "code must be a string")
-            env = body.get("env_vars") or {}
-            if not isinstance(env, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in env.items()
-            ):
-                raise GatewayError(400, "env_vars must be an object of strings")
-            context_id = body.get("context_id") or DEFAULT_CONTEXT
-            if not isinstance(context_id, str) or not _CONTEXT_ID.fullmatch(context_id):
-                raise GatewayError(400, f"context_id {context_id!r} is not a context's id")
-            sandbox_id = self._sandbox(request)
+        return await guard(lambda: self._execute_checked(request))
+
+    async def _execute_checked(self, request: Request) -> Response:
+        body = await self._json(request)
+        self._language(body)
+        code = body.get("code")
+        if not isinstance(code, str):
+            raise GatewayError(400, "code must be a string")
+        env = body.get("env_vars") or {}
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise GatewayError(400, "env_vars must be an object of strings")
+        context_id = body.get("context_id") or DEFAULT_CONTEXT
+        if not isinstance(context_id, str) or not _CONTEXT_ID.fullmatch(context_id):
+            raise GatewayError(400, f"context_id {context_id!r} is not a context's id")
+        sandbox_id = self._sandbox(request)
+        contexts = await self._contexts(sandbox_id)
+        if context_id not in contexts:
+            if context_id != DEFAULT_CONTEXT:
+                raise GatewayError(404, f"context {context_id!r} not found")
+            await self._start(sandbox_id, context_id, HOME)
             contexts = await self._contexts(sandbox_id)
-            if context_id not in contexts:
-                if context_id != DEFAULT_CONTEXT:
-                    raise GatewayError(404, f"context {context_id!r} not found")
-                await self._start(sandbox_id, context_id, HOME)
-                contexts = await self._contexts(sandbox_id)
-            proc = contexts[context_id]
-        except GatewayError as exc:
-            return JSONResponse(exc.json(), status_code=exc.status)
+        proc = contexts[context_id]
         line = json.dumps({"code": code, "env": env}).encode() + b"\n"
         lines = self._run(sandbox_id, context_id, proc, line)
         return StreamingResponse(lines, media_type="application/x-ndjson")

@@ -8,7 +8,6 @@ gateway keeps nothing of its own and a tenant's list is a metadata filter.
 from __future__ import annotations
 
 import datetime
-import json
 import re
 import urllib.parse
 from typing import Any
@@ -121,7 +120,7 @@ class Sandboxes:
                 ),
             )
         except GatewayError as exc:
-            if exc.status == 404:
+            if exc.status == 404 or exc.sandbox_gone:
                 raise not_found(sandbox_id) from exc
             raise
         if resp.sandbox.metadata.get(TENANT_KEY) != key.tenant:
@@ -260,15 +259,3 @@ def metadata_filter(query: str) -> dict[str, str]:
             raise GatewayError(400, f"metadata key {key!r}: the prefix {RESERVED} is agent-vm's")
         out[key] = value
     return out
-
-
-def body_json(raw: bytes) -> dict[str, object]:
-    if not raw:
-        return {}
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise GatewayError(400, f"the request body is not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise GatewayError(400, "the request body must be a JSON object")
-    return body
