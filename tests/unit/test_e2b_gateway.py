@@ -270,3 +270,46 @@ def test_a_body_past_its_limit_is_refused_before_it_is_all_read() -> None:
         asyncio.run(backend.read_body(request, 1000))
     assert caught.value.status == 413
     assert len(read) == 2
+
+
+def test_keyed_locks_serialise_per_key_and_are_forgotten_after() -> None:
+    locks = backend.KeyedLocks()
+    order: list[str] = []
+
+    async def user(key: str, name: str) -> None:
+        async with locks.hold(key):
+            order.append(f"{name}+")
+            await asyncio.sleep(0.01)
+            order.append(f"{name}-")
+
+    async def main() -> None:
+        await asyncio.gather(user("a", "1"), user("a", "2"), user("b", "3"))
+
+    asyncio.run(main())
+    assert order.index("1-") < order.index("2+")  # same key: one at a time
+    assert order.index("3+") < order.index("1-")  # another key: at once
+    assert len(locks) == 0
+
+
+def test_past_its_limit_of_requests_the_gateway_answers_busy(tmp_path: Path) -> None:
+    from agentvm.e2b_gateway.app import MAX_INFLIGHT, Gateway
+
+    gw = Gateway(
+        backend.Backend(stub=None),  # type: ignore[arg-type]  # never reached
+        tenants.KeyStore(tmp_path / "keys.json"),
+        tenants.AccessTokens(tmp_path / "secret"),
+    )
+    gw.inflight = MAX_INFLIGHT
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/sandboxes", "headers": []}
+    asyncio.run(gw(scope, receive, send))  # type: ignore[arg-type]
+    assert sent[0]["status"] == 503
+    assert b"try again" in sent[1]["body"]  # type: ignore[operator]
+    assert gw.inflight == MAX_INFLIGHT

@@ -44,6 +44,8 @@ ENVD_PORT = 49983
 INTERPRETER_PORT = 49999
 # Largest file an upload may carry (bytes).
 MAX_UPLOAD = 1 << 30
+# Requests served at once (streams included); more answer 503.
+MAX_INFLIGHT = 512
 # Largest body of a REST call (JSON).
 MAX_BODY = 1 << 20
 # ASGI plumbing types.
@@ -75,6 +77,7 @@ class Gateway:
     def __init__(self, backend: Backend, keys: KeyStore, tokens: AccessTokens) -> None:
         self.keys = keys
         self.tokens = tokens
+        self.inflight = 0
         self.sandboxes = Sandboxes(backend, tokens)
         self.files = FileCalls(backend)
         self.process_app = ProcessASGIApplication(ProcessService(backend))
@@ -95,6 +98,22 @@ class Gateway:
         if scope["type"] != "http":
             await self.rest(scope, receive, send)
             return
+        if self.inflight >= MAX_INFLIGHT:
+            # A caller cannot exhaust the gateway (or the executor behind it).
+            await _send_error(
+                send,
+                GatewayError(
+                    503, f"the gateway is serving {MAX_INFLIGHT} requests: try again shortly"
+                ),
+            )
+            return
+        self.inflight += 1
+        try:
+            await self._route(scope, receive, send)
+        finally:
+            self.inflight -= 1
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         sandbox_id = headers.get(SANDBOX_ID_HEADER)
         if sandbox_id is None:

@@ -105,3 +105,27 @@ def json_object(raw: bytes) -> dict[str, object]:
     if not isinstance(body, dict):
         raise GatewayError(400, "the request body must be a JSON object")
     return body
+
+
+class KeyedLocks:
+    """One lock per key, kept only while someone holds or waits for it (no growth)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[object, tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: object) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)

@@ -31,6 +31,7 @@ from agentvm.e2b_gateway.backend import (
     CALL_TIMEOUT,
     SANDBOX_ID_HEADER,
     Backend,
+    KeyedLocks,
     call,
     json_object,
     read_body,
@@ -92,7 +93,7 @@ class Interpreter:
 
     def __init__(self, backend: Backend) -> None:
         self._stub = backend.stub
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._locks = KeyedLocks()
         self.app = Starlette(
             routes=[
                 Route("/health", self._health, methods=["GET"]),
@@ -245,8 +246,7 @@ class Interpreter:
     async def _run(
         self, sandbox_id: str, context_id: str, proc: common_pb2.ProcessInfo, line: bytes
     ) -> AsyncIterator[bytes]:
-        lock = self._locks.setdefault((sandbox_id, context_id), asyncio.Lock())
-        async with lock:
+        async with self._locks.hold((sandbox_id, context_id)):
             # Re-read where its output stands now (an earlier execution may have run).
             contexts = await self._contexts(sandbox_id)
             current = contexts.get(context_id)
