@@ -202,6 +202,28 @@ def interpreter() -> dict[str, object]:
         out["stdout"] = ex.logs.stdout
         err = sbx.run_code("1/0").error
         out["error"] = [err.name, "ZeroDivisionError" in err.traceback]
+        out["env"] = sbx.run_code("import os; os.environ['V']", envs={"V": "x"}).text
+        from e2b import TimeoutException
+
+        try:
+            sbx.run_code("import time; time.sleep(60)", timeout=3)
+        except TimeoutException:
+            out["cell_timeout"] = True
+        out["after_timeout"] = sbx.run_code("x").text  # interrupted, the context lives on
+        ctx = sbx.create_code_context(cwd="/tmp")
+        sbx.run_code("y = 7", context=ctx)
+        out["ctx"] = [
+            sbx.run_code("y", context=ctx).text,
+            sbx.run_code("import os; os.getcwd()", context=ctx).text,
+        ]
+        out["ctx_isolated"] = sbx.run_code("'y' in dir()").text
+        out["contexts"] = sorted(c.id for c in sbx.list_code_contexts()) == sorted(
+            ["default", ctx.id]
+        )
+        sbx.restart_code_context(ctx)
+        out["after_restart"] = sbx.run_code("'y' in dir()", context=ctx).text
+        sbx.remove_code_context(ctx)
+        out["after_remove"] = [c.id for c in sbx.list_code_contexts()]
     return out
 
 

@@ -141,6 +141,14 @@ def test_run_code_keeps_state_and_reports_exceptions(gateway: GatewayProcess) ->
     assert seen["value"] == "42"
     assert seen["stdout"] == ["hello world\n"]
     assert seen["error"] == ["ZeroDivisionError", True]
+    assert seen["env"] == "'x'"
+    assert seen["cell_timeout"] is True
+    assert seen["after_timeout"] == "41"
+    assert seen["ctx"] == ["7", "'/tmp'"]
+    assert seen["ctx_isolated"] == "False"
+    assert seen["contexts"] is True
+    assert seen["after_restart"] == "False"  # a fresh interpreter
+    assert seen["after_remove"] == ["default"]
 
 
 def test_commands_timeouts_stdin_kill_terminals_file_info_filters_and_expiry(

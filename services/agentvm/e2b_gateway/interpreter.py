@@ -197,6 +197,12 @@ class Interpreter:
                 timeout=CALL_TIMEOUT,
             ),
         )
+        # Gone from the running ones before a restart takes its id again.
+        for _ in range(100):
+            if context_id not in await self._contexts(sandbox_id):
+                return
+            await asyncio.sleep(0.05)
+        raise GatewayError(500, f"context {context_id!r} did not stop after SIGKILL")
 
     async def _delete(self, request: Request) -> Response:
         async def run() -> Response:
@@ -239,12 +245,18 @@ class Interpreter:
             await self._start(sandbox_id, context_id, HOME)
             contexts = await self._contexts(sandbox_id)
         proc = contexts[context_id]
-        line = json.dumps({"code": code, "env": env}).encode() + b"\n"
-        lines = self._run(sandbox_id, context_id, proc, line)
+        rid = secrets.token_hex(8)
+        line = json.dumps({"id": rid, "code": code, "env": env}).encode() + b"\n"
+        lines = self._run(sandbox_id, context_id, proc, line, rid)
         return StreamingResponse(lines, media_type="application/x-ndjson")
 
     async def _run(
-        self, sandbox_id: str, context_id: str, proc: common_pb2.ProcessInfo, line: bytes
+        self,
+        sandbox_id: str,
+        context_id: str,
+        proc: common_pb2.ProcessInfo,
+        line: bytes,
+        rid: str,
     ) -> AsyncIterator[bytes]:
         async with self._locks.hold((sandbox_id, context_id)):
             # Re-read where its output stands now (an earlier execution may have run).
@@ -269,7 +281,7 @@ class Interpreter:
                         timeout=CALL_TIMEOUT,
                     ),
                 )
-                async for item in self._outputs(sandbox_id, context_id, stream):
+                async for item in self._outputs(sandbox_id, context_id, stream, rid):
                     yield self._line(item)
                     if item["type"] == "end_of_execution":
                         finished = True
@@ -298,8 +310,10 @@ class Interpreter:
         sandbox_id: str,
         context_id: str,
         stream: grpc.aio.UnaryStreamCall[Any, executor_pb2.ConnectProcessResponse],
+        rid: str,
     ) -> AsyncIterator[dict[str, object]]:
         mark = _marker(sandbox_id, context_id).encode()
+        ours = rid.encode()
         pending = b""
         async for resp in stream:
             kind = resp.event.WhichOneof("event")
@@ -317,7 +331,12 @@ class Interpreter:
                 if cut < 0:
                     cut = MAX_LINE
                 raw, pending = pending[:cut], pending[cut + 1 :]
-                item = checked(raw[len(mark) :]) if raw.startswith(mark) else None
+                item = None
+                if raw.startswith(mark):
+                    who, _, payload = raw[len(mark) :].partition(b"\x1f")
+                    if who != ours:
+                        continue  # a late line of an interrupted cell before this one
+                    item = checked(payload)
                 if item is None:
                     text = raw.decode(errors="replace") + "\n"
                     item = {"type": "stdout", "text": text, "timestamp": time.time_ns()}

@@ -1,10 +1,12 @@
 """The code interpreter's process in the guest (run as ``python3 -u -c SOURCE MARKER``).
 
-Reads one JSON request per line on stdin ({"code", "env"}); runs the code in
-one namespace that persists across requests (a notebook's kernel); answers with
-lines ``MARKER + JSON`` on stdout: stdout/stderr text, the value of a last
-expression ("result"), an exception ("error"), "number_of_executions" and
-"end_of_execution". Other lines on stdout are output of child processes.
+Reads one JSON request per line on stdin ({"id", "code", "env"}); runs the code
+in one namespace that persists across requests (a notebook's kernel); answers
+with lines ``MARKER + ID + "\x1f" + JSON`` on stdout (ID: the request's, so
+the host can tell an interrupted cell's late lines from the next one's):
+stdout/stderr text, the value of a last expression ("result"), an exception
+("error"), "number_of_executions" and "end_of_execution". Other lines on
+stdout are output of child processes.
 Only the standard library, so any image with python3 runs it.
 """
 
@@ -20,8 +22,11 @@ MARK = sys.argv[1]
 _proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
 
 
+_current = [""]
+
+
 def emit(obj: dict[str, object]) -> None:
-    _proto.write(MARK + json.dumps(obj) + "\n")
+    _proto.write(MARK + _current[0] + "\x1f" + json.dumps(obj) + "\n")
     _proto.flush()
 
 
@@ -77,6 +82,7 @@ def main() -> None:
         except ValueError:
             continue
         count += 1
+        _current[0] = str(request.get("id", ""))
         saved = dict(os.environ)
         os.environ.update(request.get("env") or {})
         try:
