@@ -60,6 +60,8 @@ class VMManagerProcess:
     extra_env: dict[str, str] = field(default_factory=dict)
     # This process's own /metrics port (never the defaults an installation uses).
     metrics_port: int = field(default_factory=free_port)
+    # The E2B API port of the gateway next to it (never the installation's 49982).
+    e2b_http_port: int = field(default_factory=free_port)
 
     @property
     def service_name(self) -> str:
@@ -128,6 +130,8 @@ class VMManagerProcess:
             AGENTVM_LOG_DIR=str(self.base / "log"),
             AGENTVM_LOG_LEVEL="DEBUG",
             AGENTVM_MONITOR_ADDR=f"unix:{self.run_dir}/monitor.sock",
+            AGENTVM_E2B_GATEWAY_ADDR=f"unix:{self.run_dir}/e2b-gateway.sock",
+            AGENTVM_E2B_HTTP_ADDR=f"127.0.0.1:{self.e2b_http_port}",
             AGENTVM_AUDIT_DIR=str(self.base / "audit"),
             AGENTVM_TOKEN_FILE=str(self.token_file),
             AGENTVM_TLS_DIR=str(self.tls_dir),
@@ -266,6 +270,37 @@ class PoolManagerProcess(NamedServiceProcess):
             if time.monotonic() > deadline:
                 raise AssertionError(f"pool status never matched: {st}")
             time.sleep(0.2)
+
+
+@dataclass
+class GatewayProcess(NamedServiceProcess):
+    """e2b-gateway as a real process in front of the executor next to a VMManagerProcess."""
+
+    name: str = "e2b-gateway"
+    module = "agentvm.e2b_gateway"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = super().env
+        env.update(AGENTVM_E2B_GATEWAY_ADDR=self.address)
+        env.update(self.extra_env)  # the test's own settings win
+        return env
+
+    @property
+    def http_port(self) -> int:
+        return int(self.env["AGENTVM_E2B_HTTP_ADDR"].rpartition(":")[2])
+
+    def cli(self, *args: str) -> str:
+        """`agent-vm ARGS` with this gateway's settings; its stdout."""
+        out = subprocess.run(
+            [sys.executable, "-m", "agentvm.cli.main", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        )
+        return out.stdout.strip()
 
 
 @dataclass

@@ -16,6 +16,7 @@ from agentvm.common import tls
 from tests.vmharness import (
     REPO,
     ExecutorProcess,
+    GatewayProcess,
     PoolManagerProcess,
     VMManagerProcess,
     free_port,
@@ -73,9 +74,13 @@ def test_doctor_passes_with_services_up(vmm: VMManagerProcess, executor: Executo
     # A pool-manager at the address vmm.env names, with an empty pool.
     pm = PoolManagerProcess(base=vmm.base, prefix=vmm.prefix, pools="standard:min=0,max=1")
     pm.start()
+    # And an e2b-gateway at the address vmm.env names.
+    gateway = GatewayProcess(base=vmm.base, prefix=vmm.prefix)
+    gateway.start()
     try:
         proc = agent_vm(vmm.env, "doctor", "--json")
     finally:
+        gateway.stop()
         pm.stop()
     checks = json.loads(proc.stdout)
     failed = [c for c in checks if c["required"] and not c["ok"]]
@@ -83,6 +88,7 @@ def test_doctor_passes_with_services_up(vmm: VMManagerProcess, executor: Executo
     names = {c["name"] for c in checks}
     assert {"libvirt", "accelerator", "guest image", "service vm-manager"} <= names
     assert "service pool-manager" in names
+    assert "service e2b-gateway" in names
     firewall = next(c for c in checks if c["name"] == "firewall")
     assert firewall["ok"]
     assert "nftables" in firewall["detail"]

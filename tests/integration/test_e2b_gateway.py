@@ -13,13 +13,11 @@ import os
 import socket
 import ssl
 import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
-from tests.vmharness import REPO, ExecutorProcess, NamedServiceProcess
+from tests.vmharness import REPO, ExecutorProcess, GatewayProcess, free_port
 
 pytestmark = pytest.mark.vm
 SDK = "2.63.0"
@@ -27,53 +25,10 @@ SDK = "2.63.0"
 OLD_SDK = "2.45.1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class GatewayProcess(NamedServiceProcess):
-    """e2b-gateway as a real process in front of an ExecutorProcess."""
-
-    name: str = "e2b-gateway"
-    executor_addr: str = ""
-    http_port: int = 0
-    module = "agentvm.e2b_gateway"
-
-    @property
-    def env(self) -> dict[str, str]:
-        env = super().env
-        env.update(
-            AGENTVM_E2B_GATEWAY_ADDR=self.address,
-            AGENTVM_E2B_HTTP_ADDR=f"127.0.0.1:{self.http_port}",
-            AGENTVM_EXECUTOR_ADDR=self.executor_addr,
-        )
-        env.update(self.extra_env)  # the test's own settings win
-        return env
-
-    def cli(self, *args: str) -> str:
-        out = subprocess.run(
-            [sys.executable, "-m", "agentvm.cli.main", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=REPO,
-        )
-        return out.stdout.strip()
-
-
 @pytest.fixture(scope="module")
 def gateway(executor: ExecutorProcess) -> Iterator[GatewayProcess]:
     subprocess.run(["bash", str(REPO / "scripts/e2b-sdks.sh")], check=True)
-    proc = GatewayProcess(
-        base=executor.base,
-        prefix=executor.prefix,
-        executor_addr=executor.address,
-        http_port=_free_port(),
-    )
+    proc = GatewayProcess(base=executor.base, prefix=executor.prefix)
     proc.start()
     try:
         yield proc
@@ -242,9 +197,11 @@ def test_https_with_a_certificate_from_the_installations_ca(executor: ExecutorPr
         base=executor.base,
         prefix=executor.prefix,
         name="e2b-gateway-tls",
-        executor_addr=executor.address,
-        http_port=_free_port(),
-        extra_env={"AGENTVM_E2B_TLS": "ca", "AGENTVM_E2B_HOSTNAMES": "localhost"},
+        extra_env={
+            "AGENTVM_E2B_TLS": "ca",
+            "AGENTVM_E2B_HOSTNAMES": "localhost",
+            "AGENTVM_E2B_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+        },
     )
     proc.start()
     try:
@@ -273,10 +230,8 @@ def test_https_with_a_certificate_from_the_installations_ca(executor: ExecutorPr
             base=executor.base,
             prefix=executor.prefix,
             name="e2b-gateway-plain",
-            executor_addr=executor.address,
-            http_port=_free_port(),
+            extra_env={"AGENTVM_E2B_HTTP_ADDR": f"0.0.0.0:{free_port()}"},
         )
-        plain.extra_env["AGENTVM_E2B_HTTP_ADDR"] = f"0.0.0.0:{plain.http_port}"
         with pytest.raises(RuntimeError, match="plain HTTP is served on loopback only"):
             plain.start(timeout=15)
     finally:
