@@ -108,7 +108,7 @@ def inst(tmp_path: Path) -> Iterator[Installation]:
     try:
         up = agent_vm(inst.env, "up")
         assert up.returncode == 0, up.stdout + up.stderr
-        assert up.stdout.count("started (pid") == 4, up.stdout
+        assert up.stdout.count("started (pid") == 5, up.stdout
         yield inst
     finally:
         sup_pid = (inst.run / "supervisor.pid").read_text() if inst.run.exists() else ""
@@ -282,7 +282,7 @@ def test_restart_and_status_without_a_supervisor_say_what_to_run(tmp_path: Path)
         status = agent_vm(inst.env, "status")
         assert status.returncode == 1
         assert status.stdout.startswith("supervisor: not running")
-        assert status.stdout.count("UNREACHABLE") == 4
+        assert status.stdout.count("UNREACHABLE") == 5
     finally:
         shutil.rmtree(inst.run, ignore_errors=True)
 
@@ -298,7 +298,7 @@ def test_up_that_cannot_start_a_service_says_which_and_leaves_nothing(tmp_path: 
         assert "port must be 0-65535" in (inst.log / "monitor.log").read_text()
         status = agent_vm(inst.env, "status")
         assert status.stdout.startswith("supervisor: not running")
-        assert status.stdout.count("UNREACHABLE") == 4
+        assert status.stdout.count("UNREACHABLE") == 5
         assert not list(inst.run.glob("*.pid"))
     finally:
         agent_vm(inst.env, "down")
