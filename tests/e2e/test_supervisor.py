@@ -254,7 +254,7 @@ def test_restart_one_service_and_then_all(inst: Installation) -> None:
     assert after["pool-manager"]["pid"] != before["pool-manager"]["pid"]
     assert after["pool-manager"]["status"] == "SERVING"
     assert after["pool-manager"]["last_exit"] == "stopped by `agent-vm restart`"
-    for name in ("vm-manager", "executor", "monitor"):
+    for name in ("vm-manager", "executor", "monitor", "e2b-gateway"):
         assert after[name]["pid"] == before[name]["pid"]
     every = agent_vm(inst.env, "restart")
     assert every.returncode == 0, every.stderr
@@ -263,6 +263,7 @@ def test_restart_one_service_and_then_all(inst: Installation) -> None:
         "pool-manager",
         "executor",
         "monitor",
+        "e2b-gateway",
     ]
     final = inst.status()
     assert final["exit"] == 0
