@@ -72,6 +72,8 @@ class Sandboxes:
     def __init__(self, backend: Backend, tokens: AccessTokens) -> None:
         self._stub = backend.stub
         self._tokens = tokens
+        # Sandboxes being created, per tenant (counted against its limit).
+        self._creating: dict[str, int] = {}
 
     # -- shaping -----------------------------------------------------------------
 
@@ -159,14 +161,33 @@ class Sandboxes:
                 )
         envs = _str_map("envVars", body.get("envVars"))
         timeout = _timeout(body.get("timeout"))
-        running = await self.list(key, {})
-        if len(running) >= key.max_sandboxes:
+        held = len(await self.list(key, {})) + self._creating.get(key.tenant, 0)
+        # No await between this check and the count going up: concurrent creates
+        # of one tenant cannot all pass it.
+        if held >= key.max_sandboxes:
             raise GatewayError(
                 429,
-                f"tenant {key.tenant!r} has {len(running)} sandboxes, its limit: kill one "
+                f"tenant {key.tenant!r} has {held} sandboxes, its limit: kill one "
                 "(Sandbox.kill) or ask the operator for more "
                 "(`agent-vm e2b key create NAME --max-sandboxes N`)",
             )
+        self._creating[key.tenant] = self._creating.get(key.tenant, 0) + 1
+        try:
+            return await self._create(key, template, metadata, envs, timeout, body)
+        finally:
+            self._creating[key.tenant] -= 1
+            if not self._creating[key.tenant]:
+                del self._creating[key.tenant]
+
+    async def _create(
+        self,
+        key: Key,
+        template: str,
+        metadata: dict[str, str],
+        envs: dict[str, str],
+        timeout: int,
+        body: dict[str, object],
+    ) -> executor_pb2.Sandbox:
         spec = executor_pb2.SandboxSpec(
             lifetime=_duration(timeout),
             image=TEMPLATES.get(template, template),
@@ -179,7 +200,11 @@ class Sandboxes:
             env={name: executor_pb2.EnvValue(value=value) for name, value in envs.items()},
         )
         if body.get("autoPause") is True:
-            req.auto_pause.CopyFrom(_duration(timeout))
+            # E2B pauses such a sandbox at its timeout instead of killing it; here
+            # it pauses once idle that long (agent-vm's auto-pause) and otherwise
+            # lives to the 24 h limit (a paused sandbox does not expire).
+            req.auto_pause.CopyFrom(_duration(max(timeout, 10)))
+            req.spec.lifetime.CopyFrom(_duration(MAX_TIMEOUT_S))
         try:
             resp = await call(
                 f"create sandbox from template {template!r}",
