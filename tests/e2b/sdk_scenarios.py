@@ -191,6 +191,31 @@ def tenants() -> dict[str, object]:
     return out
 
 
+def autopause() -> dict[str, object]:
+    """lifecycle on_timeout=pause: an idle sandbox pauses instead of ending."""
+    from e2b import Sandbox
+
+    out: dict[str, object] = {}
+    sb = Sandbox.create(timeout=10, lifecycle={"on_timeout": "pause"})
+    try:
+        sb.files.write("/workspace/kept.txt", "still here")
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            state = Sandbox.get_info(sb.sandbox_id).state.value
+            if state == "paused":
+                break
+            time.sleep(2)
+        out["state"] = state
+        again = Sandbox.connect(sb.sandbox_id)
+        out["after_connect"] = [
+            Sandbox.get_info(sb.sandbox_id).state.value,
+            again.files.read("/workspace/kept.txt"),
+        ]
+    finally:
+        sb.kill()
+    return out
+
+
 def interpreter() -> dict[str, object]:
     from e2b_code_interpreter import Sandbox
 
@@ -235,6 +260,7 @@ if __name__ == "__main__":
         "outside": outside,
         "tenants": tenants,
         "interpreter": interpreter,
+        "autopause": autopause,
     }
     result = scenarios[sys.argv[1]]()
     result["seconds"] = round(time.time() - started, 2)

@@ -127,6 +127,13 @@ def test_commands_timeouts_stdin_kill_terminals_file_info_filters_and_expiry(
     assert seen["alive_after_timeout"] is False  # set_timeout(5) ended it
 
 
+def test_a_sandbox_set_to_pause_on_timeout_pauses_when_idle(gateway: GatewayProcess) -> None:
+    key = gateway.cli("e2b", "key", "create", "autopause")
+    seen = scenario(gateway, "autopause", key)
+    assert seen["state"] == "paused"
+    assert seen["after_connect"] == ["running", "still here"]
+
+
 def test_a_tenant_sees_and_touches_only_its_own_sandboxes_within_its_quota(
     gateway: GatewayProcess,
 ) -> None:
