@@ -300,16 +300,44 @@ def test_past_its_limit_of_requests_the_gateway_answers_busy(tmp_path: Path) -> 
         tenants.AccessTokens(tmp_path / "secret"),
     )
     gw.inflight = MAX_INFLIGHT
+    sent = _asgi(gw, [], "/sandboxes")
+    assert sent[0]["status"] == 503
+    assert b"try again" in sent[1]["body"]  # type: ignore[operator]
+    assert gw.inflight == MAX_INFLIGHT
+
+
+def _asgi(gw: object, headers: list[tuple[bytes, bytes]], path: str) -> list[dict[str, object]]:
     sent: list[dict[str, object]] = []
 
     async def receive() -> dict[str, object]:
-        return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": b"{}", "more_body": False}
 
     async def send(message: dict[str, object]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "GET", "path": "/sandboxes", "headers": []}
-    asyncio.run(gw(scope, receive, send))  # type: ignore[arg-type]
-    assert sent[0]["status"] == 503
-    assert b"try again" in sent[1]["body"]  # type: ignore[operator]
-    assert gw.inflight == MAX_INFLIGHT
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+    asyncio.run(gw(scope, receive, send))  # type: ignore[operator]
+    return sent
+
+
+def test_a_sandbox_is_named_by_headers_or_by_the_host(tmp_path: Path) -> None:
+    from agentvm.e2b_gateway.app import Gateway
+
+    gw = Gateway(
+        backend.Backend(stub=None),  # type: ignore[arg-type]  # never reached
+        tenants.KeyStore(tmp_path / "keys.json"),
+        tenants.AccessTokens(tmp_path / "secret"),
+    )
+    path = "/process.Process/List"
+    # Headers (E2B_SANDBOX_URL) or the host (E2B_DOMAIN): a sandbox call, and
+    # without its access token a 404 naming the sandbox.
+    for headers in (
+        [(b"e2b-sandbox-id", b"sb-0123"), (b"e2b-sandbox-port", b"49983")],
+        [(b"host", b"49983-sb-0123.e2b.example.org")],
+    ):
+        sent = _asgi(gw, headers, path)
+        assert sent[0]["status"] == 404
+        assert b"sb-0123" in sent[1]["body"]  # type: ignore[operator]
+    # Any other host is the REST API, which wants an API key.
+    sent = _asgi(gw, [(b"host", b"api.e2b.example.org")], "/sandboxes")
+    assert sent[0]["status"] == 401

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -44,6 +45,8 @@ ENVD_PORT = 49983
 INTERPRETER_PORT = 49999
 # Largest file an upload may carry (bytes).
 MAX_UPLOAD = 1 << 30
+# The host name of a sandbox's port when the SDK uses E2B_DOMAIN: PORT-ID.DOMAIN.
+_SANDBOX_HOST = re.compile(r"(\d{1,5})-(sb-[0-9a-f]{1,32})\.")
 # Requests served at once (streams included); more answer 503.
 MAX_INFLIGHT = 512
 # Largest body of a REST call (JSON).
@@ -116,10 +119,15 @@ class Gateway:
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         sandbox_id = headers.get(SANDBOX_ID_HEADER)
-        if sandbox_id is None:
-            await self.rest(scope, receive, send)
-            return
         port = headers.get(SANDBOX_PORT_HEADER, str(ENVD_PORT))
+        if sandbox_id is None:
+            # Without E2B_SANDBOX_URL the SDKs dial PORT-ID.E2B_DOMAIN (a wildcard
+            # name the operator points here, with a certificate for it).
+            by_host = _SANDBOX_HOST.match(headers.get("host", ""))
+            if by_host is None:
+                await self.rest(scope, receive, send)
+                return
+            port, sandbox_id = by_host.group(1), by_host.group(2)
         path: str = scope["path"]
         if port == str(ENVD_PORT) and path == "/health":
             await self._sandbox_health(sandbox_id, send)
