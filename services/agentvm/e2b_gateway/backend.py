@@ -18,7 +18,7 @@ import grpc
 from starlette.requests import Request
 
 from agentvm.e2b_gateway.errors import GatewayError, from_rpc
-from agentvm.v1 import executor_pb2_grpc
+from agentvm.v1 import executor_pb2, executor_pb2_grpc
 
 T = TypeVar("T")
 
@@ -37,6 +37,43 @@ class Backend:
     """The executor, as the gateway calls it."""
 
     stub: executor_pb2_grpc.ExecutorServiceAsyncStub
+
+
+async def write_stdin(
+    stub: executor_pb2_grpc.ExecutorServiceAsyncStub,
+    sandbox_id: str,
+    exec_id: str,
+    data: bytes,
+    eof: bool = False,
+    timeout: float = CALL_TIMEOUT,
+) -> None:
+    """Input for a process (``eof``: then end its input)."""
+    await call(
+        "write input",
+        stub.WriteStdin(
+            executor_pb2.ExecutorServiceWriteStdinRequest(
+                sandbox_id=sandbox_id, exec_id=exec_id, data=data, eof=eof
+            ),
+            timeout=timeout,
+        ),
+    )
+
+
+async def signal_process(
+    stub: executor_pb2_grpc.ExecutorServiceAsyncStub,
+    sandbox_id: str,
+    exec_id: str,
+    signal: int,
+    timeout: float = CALL_TIMEOUT,
+) -> None:
+    """A signal for a process (its tree, or its terminal's foreground group)."""
+    await call(
+        "signal",
+        stub.SignalExec(
+            executor_pb2.SignalExecRequest(sandbox_id=sandbox_id, exec_id=exec_id, signal=signal),
+            timeout=timeout,
+        ),
+    )
 
 
 async def call(what: str, awaitable: Awaitable[T]) -> T:

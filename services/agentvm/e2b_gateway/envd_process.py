@@ -24,7 +24,9 @@ from agentvm.e2b_gateway.backend import (
     SANDBOX_ID_HEADER,
     Backend,
     call,
+    signal_process,
     with_keepalive,
+    write_stdin,
 )
 from agentvm.e2b_gateway.envd.process import process_pb2 as pb
 from agentvm.e2b_gateway.errors import from_rpc
@@ -220,15 +222,7 @@ class ProcessService:
                 yield pb.ConnectResponse(event=event)
 
     async def _stdin(self, sandbox_id: str, exec_id: str, data: bytes, eof: bool) -> None:
-        await call(
-            "write input",
-            self._stub.WriteStdin(
-                executor_pb2.ExecutorServiceWriteStdinRequest(
-                    sandbox_id=sandbox_id, exec_id=exec_id, data=data, eof=eof
-                ),
-                timeout=CALL_TIMEOUT,
-            ),
-        )
+        await write_stdin(self._stub, sandbox_id, exec_id, data, eof)
 
     @staticmethod
     def _input(item: pb.ProcessInput) -> bytes:
@@ -275,15 +269,7 @@ class ProcessService:
                 Code.INVALID_ARGUMENT, "signal: use SIGNAL_SIGTERM or SIGNAL_SIGKILL"
             )
         exec_id = await self._resolve(sandbox_id, request.process)
-        await call(
-            "signal",
-            self._stub.SignalExec(
-                executor_pb2.SignalExecRequest(
-                    sandbox_id=sandbox_id, exec_id=exec_id, signal=int(request.signal)
-                ),
-                timeout=CALL_TIMEOUT,
-            ),
-        )
+        await signal_process(self._stub, sandbox_id, exec_id, int(request.signal))
         return pb.SendSignalResponse()
 
     async def update(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf import timestamp_pb2
 
-from agentvm.e2b_gateway.backend import CALL_TIMEOUT, Backend, call
+from agentvm.e2b_gateway.backend import CALL_TIMEOUT, Backend, write_stdin
 from agentvm.e2b_gateway.envd.filesystem import filesystem_pb2 as pb
 from agentvm.e2b_gateway.errors import GatewayError, from_rpc
 from agentvm.v1 import common_pb2, executor_pb2
@@ -190,8 +190,8 @@ class GuestFiles:
             if first.WhichOneof("event") != "started":
                 raise GatewayError(500, f"write {path!r}: the command did not start")
             async for piece in data:
-                await self._stdin(sandbox_id, exec_id, piece, eof=False)
-            await self._stdin(sandbox_id, exec_id, b"", eof=True)
+                await write_stdin(self._stub, sandbox_id, exec_id, piece)
+            await write_stdin(self._stub, sandbox_id, exec_id, b"", eof=True)
             async for resp in events:
                 kind = resp.WhichOneof("event")
                 if kind == "output" and resp.output.stream == common_pb2.OUTPUT_STREAM_STDERR:
@@ -205,17 +205,6 @@ class GuestFiles:
             stream.cancel()
         if not result.ok:
             raise GatewayError(400, f"write {path!r}: {result.why()}")
-
-    async def _stdin(self, sandbox_id: str, exec_id: str, data: bytes, eof: bool) -> None:
-        await call(
-            "write",
-            self._stub.WriteStdin(
-                executor_pb2.ExecutorServiceWriteStdinRequest(
-                    sandbox_id=sandbox_id, exec_id=exec_id, data=data, eof=eof
-                ),
-                timeout=CALL_TIMEOUT,
-            ),
-        )
 
     async def read(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
         info = await self.stat(sandbox_id, path)

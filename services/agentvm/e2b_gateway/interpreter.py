@@ -35,6 +35,8 @@ from agentvm.e2b_gateway.backend import (
     call,
     json_object,
     read_body,
+    signal_process,
+    write_stdin,
 )
 from agentvm.e2b_gateway.errors import GatewayError, guard
 from agentvm.e2b_gateway.paths import HOME
@@ -186,16 +188,8 @@ class Interpreter:
         contexts = await self._contexts(sandbox_id)
         if context_id not in contexts:
             raise GatewayError(404, f"context {context_id!r} not found")
-        await call(
-            "stop context",
-            self._stub.SignalExec(
-                executor_pb2.SignalExecRequest(
-                    sandbox_id=sandbox_id,
-                    exec_id=contexts[context_id].exec_id,
-                    signal=int(signals.SIGKILL),
-                ),
-                timeout=CALL_TIMEOUT,
-            ),
+        await signal_process(
+            self._stub, sandbox_id, contexts[context_id].exec_id, int(signals.SIGKILL)
         )
         # Gone from the running ones before a restart takes its id again.
         for _ in range(100):
@@ -272,15 +266,7 @@ class Interpreter:
             )
             finished = False
             try:
-                await call(
-                    "send code",
-                    self._stub.WriteStdin(
-                        executor_pb2.ExecutorServiceWriteStdinRequest(
-                            sandbox_id=sandbox_id, exec_id=proc.exec_id, data=line
-                        ),
-                        timeout=CALL_TIMEOUT,
-                    ),
-                )
+                await write_stdin(self._stub, sandbox_id, proc.exec_id, line)
                 async for item in self._outputs(sandbox_id, context_id, stream, rid):
                     yield self._line(item)
                     if item["type"] == "end_of_execution":
@@ -296,13 +282,8 @@ class Interpreter:
 
     async def _interrupt(self, sandbox_id: str, exec_id: str) -> None:
         try:
-            await self._stub.SignalExec(
-                executor_pb2.SignalExecRequest(
-                    sandbox_id=sandbox_id, exec_id=exec_id, signal=int(signals.SIGINT)
-                ),
-                timeout=10,
-            )
-        except Exception:  # noqa: BLE001 - it may have ended; nothing else to do
+            await signal_process(self._stub, sandbox_id, exec_id, int(signals.SIGINT), timeout=10)
+        except GatewayError:  # it may have ended; nothing else to do
             return
 
     async def _outputs(
