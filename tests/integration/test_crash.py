@@ -211,6 +211,29 @@ def test_libvirtd_restart_mid_run_never_hangs(lone_vmm: VMManagerProcess) -> Non
         f.cleanup()
 
 
+@pytest.mark.parametrize("victim", ["executor", "vm-manager"])
+def test_a_teardown_cut_by_kill_9_right_after_the_result_is_finished(
+    lone_vmm: VMManagerProcess, victim: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run answers before its VM is destroyed: a kill -9 of either service then
+    leaves nothing behind once it is back (the executor's next start destroys a
+    VM no journal record holds; a teardown waits out a vm-manager restart)."""
+    ex = ExecutorProcess(base=lone_vmm.base, prefix=lone_vmm.prefix, name=f"ex-{victim}")
+    ex.start()
+    monkeypatch.setenv("AGENTVM_TLS_DIR", str(lone_vmm.tls_dir))
+    monkeypatch.setenv("AGENTVM_TOKEN_FILE", str(lone_vmm.token_file))
+    try:
+        result = agent_vm.run("echo done", address=ex.address)
+        (ex if victim == "executor" else lone_vmm).stop(signal.SIGKILL)
+        cut = libvirt_domains(lone_vmm.prefix)
+        assert result.stdout == "done\n"
+        assert result.vm_name in cut, "the teardown was over before the kill: nothing was cut"
+        (ex if victim == "executor" else lone_vmm).start()
+        assert wait_for(lambda: not leftovers(lone_vmm), 90), leftovers(lone_vmm)
+    finally:
+        ex.stop()
+
+
 REPORTER = """
 import asyncio, json, sys, time
 from agentvm.common import grpc_util

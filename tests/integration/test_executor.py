@@ -73,8 +73,8 @@ def test_one_shot_run_returns_output_and_files_and_destroys_the_vm(
     assert (out.path, out.size_bytes) == ("upper.txt", 5)
     assert out.sha256 == hashlib.sha256(b"HELLO").hexdigest()
     assert result.output_contents == {"upper.txt": b"HELLO"}
-    # The VM is gone by the time the result arrives.
-    assert vm_gone(vmm, result.vm_name)
+    # The result came first; the VM goes right after it.
+    assert wait_for(lambda: vm_gone(vmm, result.vm_name), 30)
 
 
 def test_run_timeout_and_errors(executor: ExecutorProcess, vmm: VMManagerProcess) -> None:
@@ -82,7 +82,7 @@ def test_run_timeout_and_errors(executor: ExecutorProcess, vmm: VMManagerProcess
     assert result.timed_out
     assert result.exit_code == 124
     assert result.stdout == "partial\n"
-    assert vm_gone(vmm, result.vm_name)
+    assert wait_for(lambda: vm_gone(vmm, result.vm_name), 30)
     with pytest.raises(agent_vm.InvalidArgumentError, match="path"):
         agent_vm.run("true", inputs={"../escape": b"x"})
     with pytest.raises(agent_vm.InvalidArgumentError, match="timeout"):
@@ -252,9 +252,22 @@ def test_async_sandbox_and_close_leaves_nothing(
             assert res.stdout == "45\n"
             await sb.files.write("output/x", b"1")
             assert await sb.files.read("output/x") == b"1"
+            # Closed at once (no call reaches it), destroyed right after.
+            await sb.close()
+            with pytest.raises(agent_vm.SandboxClosedError):
+                await sb.run("true")
             return sb.vm_name
 
     name = asyncio.run(main())
+    assert wait_for(lambda: vm_gone(vmm, name), 30)
+    assert not list((vmm.state_dir / "vms").glob(f"{name}*"))
+
+    async def waiting() -> str:
+        sb = await agent_vm.AsyncSandbox.create()
+        await sb.close(wait=True)
+        return sb.vm_name
+
+    name = asyncio.run(waiting())  # wait=True: the VM is gone when close returns
     assert vm_gone(vmm, name)
     assert not list((vmm.state_dir / "vms").glob(f"{name}*"))
 

@@ -60,7 +60,10 @@ def test_metadata_and_a_default_environment_whose_secret_only_programs_see(
             ),
         )
         assert started[0]["attributes"]["command"] == "echo [secret TOKEN]"
-    time.sleep(1)  # the last records (execution.finished, sandbox.closed) reach the log
+    # The last record (sandbox.closed: its VM is gone) reaches the log.
+    wait_records(
+        monitor_proc, lambda r: r.get("sandbox") == sb.id and r.get("type") == "sandbox.closed"
+    )
     assert secret not in json.dumps(audit_records(monitor_proc))
 
 

@@ -342,15 +342,21 @@ class AsyncSandbox:
         return [EgressRecord.from_proto(r) for r in resp.records]
 
     @translate
-    async def close(self) -> None:
-        """Destroy the VM and its workspace. Idempotent (also after the lifetime ended)."""
+    async def close(self, *, wait: bool = False) -> None:
+        """Close the sandbox and destroy its VM and workspace. Idempotent (also after the
+        lifetime ended).
+
+        It returns once the sandbox is closed (no call reaches it any more); the
+        executor destroys the VM right after, certainly (also across a crash).
+        ``wait=True`` returns only once the VM and workspace are gone.
+        """
         if self._closed:
             return
         self._closed = True
         try:
             await self.ports.close_all()
             await self._stub.CloseSandbox(
-                executor_pb2.CloseSandboxRequest(sandbox_id=self.id), timeout=120
+                executor_pb2.CloseSandboxRequest(sandbox_id=self.id, wait=wait), timeout=120
             )
         finally:
             await self._channel.close(grace=None)

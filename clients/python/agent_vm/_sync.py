@@ -470,9 +470,9 @@ class Sandbox:
         """Let go of this handle without closing the sandbox (``AsyncSandbox.disconnect``)."""
         _call(self._inner.disconnect())
 
-    def close(self) -> None:
-        """Destroy the VM and its workspace. Idempotent (also after the lifetime ended)."""
-        _call(self._inner.close())
+    def close(self, *, wait: bool = False) -> None:
+        """Close the sandbox and destroy its VM and workspace (``AsyncSandbox.close``)."""
+        _call(self._inner.close(wait=wait))
 
     def run(
         self,

@@ -79,6 +79,10 @@ from agentvm.v1 import (
 
 log = logging.getLogger("agentvm.executor")
 MIN_AUTO_PAUSE_S = 10.0
+# A create waits this long for the slot of a sandbox being torn down.
+SLOT_WAIT_S = 60.0
+# A teardown waits this long for a vm-manager that restarts.
+DESTROY_RETRY_S = 60.0
 
 # Also importable from here (tests, files.py).
 __all__ = [
@@ -299,12 +303,21 @@ class AgentExecutor(OneShot, Processes, Ports, Pausing):
         return resp.vm, resp.lease_id
 
     async def _destroy_vm(self, name: str, reason: str = "") -> None:
-        try:
-            await self.vmm.DestroyVM(
-                vm_manager_pb2.DestroyVMRequest(name=name, reason=reason), timeout=60
-            )
-        except grpc.aio.AioRpcError as exc:
-            log.warning("cannot destroy VM %s: %s", name, exc.details())
+        """Destroy ``name``, waiting out a vm-manager that restarts (UNAVAILABLE) for
+        up to DESTROY_RETRY_S; after that the periodic sweep takes the VM."""
+        deadline = time.monotonic() + DESTROY_RETRY_S
+        while True:
+            try:
+                await self.vmm.DestroyVM(
+                    vm_manager_pb2.DestroyVMRequest(name=name, reason=reason), timeout=60
+                )
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline:
+                    await asyncio.sleep(1.0)
+                    continue
+                log.warning("cannot destroy VM %s: %s", name, exc.details())
+                return
 
     # -- sandboxes -------------------------------------------------------------
     async def _shared_workspace_supported(self) -> bool:
@@ -360,12 +373,7 @@ class AgentExecutor(OneShot, Processes, Ports, Pausing):
                 "auto_pause needs a sandbox that can be paused: a shared (virtiofs) workspace "
                 "cannot; ask for workspace mode API"
             )
-        if self._slots.locked():
-            raise ResourceExhausted(
-                f"{self.settings.max_sandboxes} sandboxes are running (AGENTVM_MAX_SANDBOXES): "
-                "close one or retry later"
-            )
-        await self._slots.acquire()
+        await self._take_slot()
         sandbox_id = "sb-" + secrets.token_hex(6)
         labels = dict(spec.labels)
         labels.update(self._owner_labels())
@@ -432,6 +440,23 @@ class AgentExecutor(OneShot, Processes, Ports, Pausing):
             extra={"sandbox": sandbox_id, "pooled": bool(lease_id)},
         )
         return sb
+
+    async def _take_slot(self) -> None:
+        """One of the AGENTVM_MAX_SANDBOXES slots; while sandboxes are being torn down
+        (a closed sandbox holds its slot until its VM is gone) wait for theirs."""
+        if self._slots.locked():
+            full = ResourceExhausted(
+                f"{self.settings.max_sandboxes} sandboxes are running (AGENTVM_MAX_SANDBOXES): "
+                "close one or retry later"
+            )
+            if not any(sb.closing for sb in self._sandboxes.values()):
+                raise full
+            try:
+                await asyncio.wait_for(self._slots.acquire(), SLOT_WAIT_S)
+            except TimeoutError:
+                raise full from None
+            return
+        await self._slots.acquire()
 
     async def _set_policy(
         self, vm: common_pb2.VM, lease_id: str, policy: common_pb2.NetworkPolicy
@@ -555,12 +580,28 @@ class AgentExecutor(OneShot, Processes, Ports, Pausing):
             extended_by_s=round(sb.expires_at - before, 3),
         )
 
-    async def close_sandbox(self, sandbox_id: str) -> None:
-        """Destroy the sandbox's VM and workspace. Idempotent."""
+    async def close_sandbox(self, sandbox_id: str, *, wait: bool = True) -> None:
+        """Close the sandbox: from now on it serves no call, and its VM and workspace
+        are destroyed by a task of their own; with ``wait``, return once they are.
+        Idempotent.
+
+        The journal record goes first: an executor killed mid-teardown finds the
+        VM without a record on its next start and destroys it (``start``), and
+        releases the lease no sandbox holds; a vm-manager killed mid-teardown
+        is waited for (``_destroy_vm``), else the periodic sweep takes the VM.
+        """
         sb = self._sandboxes.get(sandbox_id)
-        if sb is None or sb.closing:
+        if sb is None:
             return
-        sb.closing = True
+        if not sb.closing:
+            sb.closing = True
+            self.journal.remove(sandbox_id)
+            sb.teardown = self._spawn(self._teardown(sb))
+        if wait and sb.teardown is not None:
+            await asyncio.shield(sb.teardown)
+
+    async def _teardown(self, sb: SandboxState) -> None:
+        started = time.monotonic()
         try:
             await sb.channel.close(grace=None)
             if sb.lease_id:
@@ -569,15 +610,15 @@ class AgentExecutor(OneShot, Processes, Ports, Pausing):
                 await self._destroy_vm(sb.vm.name)
         finally:
             if sb.expired:
-                self._expired[sandbox_id] = sb.expires_at - sb.created_at
+                self._expired[sb.id] = sb.expires_at - sb.created_at
                 while len(self._expired) > REMEMBER_EXPIRED:
                     del self._expired[next(iter(self._expired))]
-            self._sandboxes.pop(sandbox_id, None)
-            self.journal.remove(sandbox_id)
+            self._sandboxes.pop(sb.id, None)
             if sb.slot:
                 self._slots.release()
-            self.events.emit("sandbox.closed", vm=sb.vm.name, sandbox=sandbox_id)
-            log.info("sandbox %s closed", sandbox_id, extra={"sandbox": sandbox_id})
+            took = round(time.monotonic() - started, 3)
+            self.events.emit("sandbox.closed", vm=sb.vm.name, sandbox=sb.id, teardown_s=took)
+            log.info("sandbox %s closed", sb.id, extra={"sandbox": sb.id, "teardown_s": took})
 
     # -- files (agentvm.executor.files) ---------------------------------------------
     async def write_file(

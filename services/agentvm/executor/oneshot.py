@@ -7,11 +7,8 @@ A mixin of AgentExecutor (which provides what is declared at the top of
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -35,9 +32,6 @@ class OneShot(Executions):
 
     files: WorkspaceFiles
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        raise NotImplementedError
-
     async def create_sandbox(
         self,
         spec: executor_pb2.SandboxSpec,
@@ -46,7 +40,7 @@ class OneShot(Executions):
     ) -> SandboxState:
         raise NotImplementedError
 
-    async def close_sandbox(self, sandbox_id: str) -> None:
+    async def close_sandbox(self, sandbox_id: str, *, wait: bool = True) -> None:
         raise NotImplementedError
 
     async def write_file(
@@ -77,7 +71,8 @@ class OneShot(Executions):
 
     # -- one shot ------------------------------------------------------------------
     async def run(self, req: executor_pb2.RunRequest) -> AsyncIterator[executor_pb2.RunResponse]:
-        """Fresh sandbox, inputs, program, outputs; the sandbox is always destroyed."""
+        """Fresh sandbox, inputs, program, outputs; the sandbox is always destroyed (after
+        the result is sent)."""
         timeout = seconds_of(req, "timeout", DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S)
         output_cap(req.max_output_bytes)
         caps = run_caps(self.files, req)
@@ -122,14 +117,13 @@ class OneShot(Executions):
             result.network_log.extend(await self.network_log(sb))
             result.boot_duration.FromNanoseconds(int(sb.boot_duration * 1e9))
             result.total_duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
-            # The VM is gone before the caller sees the result.
-            await asyncio.shield(self._spawn(self.close_sandbox(sb.id)))
+            # The result goes out at once; the VM is destroyed by a task of its own
+            # (close_sandbox: certain across a crash of either service).
+            await self.close_sandbox(sb.id, wait=False)
             yield executor_pb2.RunResponse(result=result)
         finally:
-            # Its own task: a cancelled or disconnected caller cannot stop it.
-            cleanup = self._spawn(self.close_sandbox(sb.id))
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(cleanup)
+            # Also on an error or a caller gone: its own task, nobody can stop it.
+            await self.close_sandbox(sb.id, wait=False)
 
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:

@@ -63,7 +63,8 @@ class Pausing:
                 raise RemoteError.from_rpc(exc, "vm-manager") from exc
             sb.paused_left = left
             sb.paused = True
-            self.journal.save(sb.record())
+            if not sb.closing:  # a closed sandbox's record is gone for good
+                self.journal.save(sb.record())
             await sb.channel.close(grace=None)
             took = time.monotonic() - started
             self.events.emit(
@@ -116,7 +117,8 @@ class Pausing:
             sb.paused = False
             sb.expires_at = time.time() + sb.paused_left
             sb.last_active = time.monotonic()
-            self.journal.save(sb.record())
+            if not sb.closing:  # a closed sandbox's record is gone for good
+                self.journal.save(sb.record())
             took = time.monotonic() - started
             self.events.emit("sandbox.resumed", vm=name, sandbox=sb.id, duration_s=round(took, 3))
             log.info("sandbox %s resumed in %.2f s", sb.id, took, extra={"sandbox": sb.id})

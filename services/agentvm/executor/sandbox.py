@@ -117,7 +117,9 @@ class SandboxState:
     expires_at: float
     boot_duration: float
     channel: grpc.aio.Channel
+    # Closed: it serves no call; ``teardown`` destroys its VM (executor.py).
     closing: bool = False
+    teardown: asyncio.Task[None] | None = None
     # Closed by the reaper at the end of its lifetime (not by its caller).
     expired: bool = False
     # Set when the VM came from the pool-manager: closing releases the lease.

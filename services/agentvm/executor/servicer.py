@@ -129,7 +129,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def CloseSandbox(
         self, request: executor_pb2.CloseSandboxRequest, context: Ctx
     ) -> executor_pb2.CloseSandboxResponse:
-        await self.executor.close_sandbox(request.sandbox_id)
+        await self.executor.close_sandbox(request.sandbox_id, wait=request.wait)
         return executor_pb2.CloseSandboxResponse()
 
     @grpc_stream_errors
