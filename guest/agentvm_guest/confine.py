@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 from typing import TYPE_CHECKING
 
@@ -104,9 +105,15 @@ def last_cap() -> int:
         return _MAX_CAP
 
 
-def dropped_caps() -> list[int]:
+@functools.cache
+def _dropped() -> tuple[int, ...]:
     keep = set(KEEP_CAPS.values())
-    return [cap for cap in range(last_cap() + 1) if cap not in keep]
+    return tuple(cap for cap in range(last_cap() + 1) if cap not in keep)
+
+
+def dropped_caps() -> list[int]:
+    """The capabilities agent code loses (the kernel's number of them is fixed)."""
+    return list(_dropped())
 
 
 def memory_limit(total_bytes: int) -> int:
@@ -115,6 +122,27 @@ def memory_limit(total_bytes: int) -> int:
         return 0
     reserve = max(MEMORY_RESERVE_BYTES, total_bytes // 8)
     return max(total_bytes - reserve, total_bytes // 2)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """libc with the prototypes the confiner calls: looked up once per agent, not
+    per Execute (``find_library`` runs ``ldconfig -p``: a fork and exec of its own)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    ulong = ctypes.c_ulong
+    libc.prctl.argtypes = [ctypes.c_int, ulong, ulong, ulong, ulong]
+    libc.prctl.restype = ctypes.c_int
+    libc.unshare.argtypes = [ctypes.c_int]
+    libc.unshare.restype = ctypes.c_int
+    libc.mount.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ulong,
+        ctypes.c_char_p,
+    ]
+    libc.mount.restype = ctypes.c_int
+    return libc
 
 
 def _write(path: bytes, data: bytes) -> None:
@@ -145,29 +173,10 @@ class Confiner:
         hide: tuple[str, ...] | None = None,
         pivot: Pivot | None = None,
     ) -> None:
-        libc_name = ctypes.util.find_library("c") or "libc.so.6"
-        libc = ctypes.CDLL(libc_name, use_errno=True)
+        libc = _libc()
         self._prctl = libc.prctl
-        self._prctl.argtypes = [
-            ctypes.c_int,
-            ctypes.c_ulong,
-            ctypes.c_ulong,
-            ctypes.c_ulong,
-            ctypes.c_ulong,
-        ]
-        self._prctl.restype = ctypes.c_int
         self._unshare = libc.unshare
-        self._unshare.argtypes = [ctypes.c_int]
-        self._unshare.restype = ctypes.c_int
         self._mount = libc.mount
-        self._mount.argtypes = [
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_ulong,
-            ctypes.c_char_p,
-        ]
-        self._mount.restype = ctypes.c_int
         self._procs = os.path.join(cgroup, "cgroup.procs").encode() if cgroup else None
         self._hide = [d.encode() for d in (hide if hide is not None else HIDDEN_DIRS)]
         self._hide = [d for d in self._hide if os.path.isdir(d)]
