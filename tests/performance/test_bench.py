@@ -68,6 +68,7 @@ def test_agent_vm_bench_prints_every_figure(
     }
     try:
         args = ["--json", "--cold", "1", "--restores", "2", "--acquires", "4", "--concurrent", "2"]
+        args += ["--oneshots", "2", "--commands", "10"]
         fig, stderr = run_figures([str(REPO / ".venv/bin/agent-vm"), "bench", *args], env)
     finally:
         ex.stop()
@@ -86,6 +87,17 @@ def test_agent_vm_bench_prints_every_figure(
     assert fig["qemu_rss_mib"]["template_clone"] > 0
     assert fig["ratios"]["cold_over_restore"] > 0
     assert fig["ratios"]["cold_over_acquire"] > 0
+    lat = fig["latency"]
+    assert lat["oneshot_python_pass_ms"]["n"] == 2
+    assert lat["oneshot_vm_gone_after_result_ms"]["n"] == 2
+    assert lat["guest_python_pass_ms"]["p50"] > 0
+    assert lat["command_true_ms"]["n"] == 10
+    assert lat["guest_spawn_true_ms"]["n"] == 20
+    assert lat["sandbox_create_and_first_command_ms"]["n"] == 3
+    assert lat["close_ms"]["n"] == 2
+    assert lat["close_vm_gone_after_ms"]["n"] == 2
+    assert lat["cli_help_ms"]["n"] == 5
+    assert all(v > 0 for v in lat["ratios"].values())
     assert "pool acquire" in stderr
 
 

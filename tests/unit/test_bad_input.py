@@ -30,7 +30,8 @@ from click.testing import CliRunner, Result
 
 import agent_vm
 from agent_vm import _async
-from agentvm.cli.main import MAX_INLINE_INPUT, cli
+from agentvm.cli.main import cli
+from agentvm.cli.run_cmd import MAX_INLINE_INPUT
 from agentvm.common.config import Settings
 from agentvm.common.grpc_util import (
     MAX_MESSAGE_BYTES,

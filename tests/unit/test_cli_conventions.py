@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +14,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from agentvm.cli import base
+from agentvm.cli import base, group, main
 from agentvm.cli.main import cli
 from agentvm.v1 import common_pb2, vm_manager_pb2
 
@@ -20,11 +22,36 @@ from agentvm.v1 import common_pb2, vm_manager_pb2
 def commands(cmd: click.Command, path: tuple[str, ...]) -> Iterator[tuple[str, click.Command]]:
     yield " ".join(path), cmd
     if isinstance(cmd, click.Group):
-        for name, sub in sorted(cmd.commands.items()):
+        ctx = click.Context(cmd)
+        for name in sorted(cmd.list_commands(ctx)):
+            sub = cmd.get_command(ctx, name)
+            assert sub is not None, name
             yield from commands(sub, (*path, name))
 
 
 ALL = list(commands(cli, ("agent-vm",)))
+
+
+def test_help_lists_each_command_with_its_own_first_line() -> None:
+    """main.COMMANDS keeps each command's help line for `--help` (nothing imported):
+    it must be the line the command itself gives."""
+    ctx = click.Context(cli)
+    for name, (_, line) in main.COMMANDS.items():
+        cmd = cli.get_command(ctx, name)
+        assert cmd is not None, name
+        stand_in = click.Command(name, help=line)
+        assert stand_in.get_short_help_str(200) == cmd.get_short_help_str(200), name
+
+
+def test_help_and_start_up_import_only_what_the_command_needs() -> None:
+    code = (
+        "import sys; from click.testing import CliRunner; from agentvm.cli.main import cli; "
+        "r = CliRunner().invoke(cli, ['--help']); assert r.exit_code == 0, r.output; "
+        "print(sorted(m for m in ('grpc', 'google.protobuf', 'agentvm.cli.base') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_the_tree_is_walked() -> None:
@@ -119,6 +146,6 @@ def test_ctrl_c_exits_130_after_cleanup(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr("agentvm.cli.vm_cmds.vm_stub", Interrupted)
     result = CliRunner().invoke(cli, ["vm", "list"])
-    assert result.exit_code == base.INTERRUPTED == 130
+    assert result.exit_code == group.INTERRUPTED == 130
     assert cleaned == ["finally ran"]
     assert "interrupted" in result.output

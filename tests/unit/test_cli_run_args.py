@@ -22,7 +22,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from agentvm.cli import run_inputs
-from agentvm.cli.main import MAX_INLINE_INPUT, cli
+from agentvm.cli.main import cli
+from agentvm.cli.run_cmd import MAX_INLINE_INPUT
 from agentvm.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 
 

@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from agentvm.common import limits
 from agentvm.common.errors import InvalidArgument
 from agentvm.v1 import common_pb2
 from agentvm.vm_manager import domain_xml as dx
@@ -123,12 +124,12 @@ def test_resources_overrides() -> None:
 @pytest.mark.parametrize(
     ("kw", "field"),
     [
-        ({"vcpus": templates.MAX_VCPUS + 1}, "vcpus"),
+        ({"vcpus": limits.MAX_VCPUS + 1}, "vcpus"),
         ({"vcpus": -1}, "vcpus"),
         ({"memory_mib": 127}, "memory_mib"),
-        ({"memory_mib": templates.MAX_MEMORY_MIB + 1}, "memory_mib"),
+        ({"memory_mib": limits.MAX_MEMORY_MIB + 1}, "memory_mib"),
         ({"disk_mib": 2047}, "disk_mib"),
-        ({"disk_mib": templates.MAX_DISK_MIB + 1}, "disk_mib"),
+        ({"disk_mib": limits.MAX_DISK_MIB + 1}, "disk_mib"),
     ],
 )
 def test_resources_out_of_range(kw: dict[str, int], field: str) -> None:
@@ -139,12 +140,12 @@ def test_resources_out_of_range(kw: dict[str, int], field: str) -> None:
 @pytest.mark.parametrize(
     "kw",
     [
-        {"vcpus": templates.MAX_VCPUS},
+        {"vcpus": limits.MAX_VCPUS},
         {"vcpus": 1},
         {"memory_mib": 128},
-        {"memory_mib": templates.MAX_MEMORY_MIB},
+        {"memory_mib": limits.MAX_MEMORY_MIB},
         {"disk_mib": 2048},
-        {"disk_mib": templates.MAX_DISK_MIB},
+        {"disk_mib": limits.MAX_DISK_MIB},
     ],
 )
 def test_resources_bounds_are_inclusive(kw: dict[str, int]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -51,6 +52,8 @@ def _trace_interceptors() -> list[Any] | None:
     The calls then become client spans under the caller's current span, and the
     trace continues through every agent-vm service.
     """
+    if "opentelemetry.trace" not in sys.modules:
+        return None  # nothing here set up tracing: no need to import it (tens of ms)
     try:
         from opentelemetry import trace
         from opentelemetry.instrumentation.grpc import aio_client_interceptors

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import click
 import grpc
@@ -14,6 +12,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from agentvm.cli.group import fail
 from agentvm.common.config import Settings
 from agentvm.common.errors import AgentVMError
 from agentvm.common.grpc_util import Caller
@@ -32,8 +31,6 @@ NETWORKS = {
     "bridge": common_pb2.NETWORK_MODE_BRIDGE,
 }
 DEFAULT_NETWORK = "nat-filtered"
-# The exit status of a command ended by Ctrl-C (128 + SIGINT), as shells report it.
-INTERRUPTED = 130
 
 
 def profile_option(default: str = "standard") -> Callable[[F], F]:
@@ -94,47 +91,6 @@ def human_bytes(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"agent-vm: error: {message}", err=True)
-    sys.exit(code)
-
-
-@contextlib.contextmanager
-def one_line_usage_errors() -> Iterator[None]:
-    """A usage error (bad option value, unknown command) as one line, exit 2."""
-    try:
-        yield
-    except click.exceptions.NoArgsIsHelpError:
-        raise  # the help text itself
-    except click.UsageError as exc:
-        where = exc.ctx.command_path if exc.ctx is not None else "agent-vm"
-        fail(f"{exc.format_message()} (see `{where} --help`)")
-
-
-class Group(click.Group):
-    """The `agent-vm` group: usage errors anywhere below it are one line."""
-
-    def make_context(
-        self,
-        info_name: str | None,
-        args: list[str],
-        parent: click.Context | None = None,
-        **extra: Any,
-    ) -> click.Context:
-        with one_line_usage_errors():
-            return super().make_context(info_name, args, parent, **extra)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            with one_line_usage_errors():
-                return super().invoke(ctx)
-        except KeyboardInterrupt:
-            # Ctrl-C: every `finally` below has run (a `vm run` VM is destroyed, a
-            # one-shot run's call cancelled, which ends its sandbox); exit as shells expect.
-            click.echo("agent-vm: interrupted", err=True)
-            sys.exit(INTERRUPTED)
 
 
 def handle_errors(func: F) -> F:

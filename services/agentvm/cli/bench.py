@@ -7,6 +7,8 @@ Measures, against the running services (vm-manager, pool-manager, executor):
 * pool acquire: AcquireVM over gRPC while the pool has a ready VM, p50/p99;
 * acquire + first command: AcquireVM, then Execute(['true']) on a new channel;
 * N concurrent executions: ``agent_vm.run`` through the executor, wall time;
+* what a caller feels (bench_latency.py): one-shot run, close, a warm command,
+  the CLI's start-up, against the guest's (or host's) own time;
 * QEMU resident memory per idle VM (cold-booted and template clones).
 
 Machines differ and are noisy, so the baseline is a host
@@ -29,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from agentvm.cli import bench_latency
 from agentvm.common.config import Settings
 from agentvm.common.errors import FailedPrecondition
 from agentvm.common.grpc_util import Caller, sync_channel
@@ -56,6 +59,8 @@ class BenchConfig:
     acquires: int = 200
     first_commands: int = 10
     concurrent: int = 10
+    oneshots: int = 5
+    commands: int = 50
 
 
 def pct(values: list[float], q: float) -> float:
@@ -178,9 +183,7 @@ class Bench:
             "and restart it (agent-vm down; agent-vm up)"
         )
 
-    def _wait_ready(
-        self, timeout: float = 300.0, full: bool = False
-    ) -> pool_manager_pb2.PoolStatus:
+    def wait_ready(self, timeout: float = 300.0, full: bool = False) -> pool_manager_pb2.PoolStatus:
         """Wait for a ready VM (``full``: for the pool to be refilled and quiet)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -204,11 +207,11 @@ class Bench:
         small host that shows up as scheduling noise in every process.)
         """
         acquire_ms, first_ms, policy_ms, idle_rss = [], [], [], []
-        st = self._wait_ready(full=True)
+        st = self.wait_ready(full=True)
         for i in range(n):
             if i % 20 == 0:
                 self.progress(f"pool acquire {i + 1}/{n}")
-            self._wait_ready(full=True)
+            self.wait_ready(full=True)
             if i == 0:
                 for vm in self.vmm.ListVMs(vm_manager_pb2.ListVMsRequest(), timeout=30).vms:
                     r = qemu_rss_mib(vm.name)
@@ -255,7 +258,7 @@ class Bench:
         import agent_vm  # the public client, as a caller would use it
 
         self.progress(f"{n} concurrent executions through the executor")
-        self._wait_ready()
+        self.wait_ready()
 
         def one(i: int) -> str:
             res = agent_vm.run(
@@ -279,6 +282,7 @@ def run(settings: Settings, cfg: BenchConfig, progress: Callable[[str], None]) -
     restores, clone_rss, tpl = bench.restores(cfg.restores)
     pool = bench.acquires(cfg.acquires, cfg.first_commands)
     wall, vms = bench.concurrent(cfg.concurrent)
+    latency = bench_latency.figures(bench, cfg.oneshots, cfg.commands, progress)
     base_after = host_true_ms()
     cold_p50 = statistics.median(cold)
     restore_p50 = statistics.median(restores)
@@ -311,6 +315,7 @@ def run(settings: Settings, cfg: BenchConfig, progress: Callable[[str], None]) -
             "wall_s": round(wall, 2),
             "distinct_vms": len(set(vms)),
         },
+        "latency": latency,
         "qemu_rss_mib": {
             "cold_booted_ready_vm": round(statistics.median(cold_rss), 1) if cold_rss else None,
             "template_clone": round(statistics.median(clone_rss), 1) if clone_rss else None,
@@ -353,6 +358,7 @@ def render(fig: dict[str, Any]) -> str:
     lines.append(
         f"{c['n']} concurrent executions: {c['wall_s']} s wall, {c['distinct_vms']} distinct VMs"
     )
+    lines += bench_latency.render(fig["latency"])
     r = fig["qemu_rss_mib"]
     lines.append(
         f"QEMU RSS: cold-booted {r['cold_booted_ready_vm']} MiB, clone {r['template_clone']} "

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import click
 
-from agentvm.cli.base import fail
+from agentvm.cli.group import fail
 
 F = TypeVar("F", bound=Callable[..., Any])
 

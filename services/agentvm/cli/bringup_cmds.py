@@ -18,7 +18,8 @@ import click
 
 from agentvm.cli import services
 from agentvm.cli import supervisor as sup
-from agentvm.cli.base import fail, handle_errors, print_table, settings
+from agentvm.cli.base import handle_errors, print_table, settings
+from agentvm.cli.group import fail
 from agentvm.common import tls
 from agentvm.common.config import Settings
 

@@ -7,7 +7,8 @@ import shlex
 
 import click
 
-from agentvm.cli.base import fail, print_table, settings
+from agentvm.cli.base import print_table, settings
+from agentvm.cli.group import fail
 from agentvm.e2b_gateway.tenants import DEFAULT_MAX_SANDBOXES, KeyStore, TenantError
 
 

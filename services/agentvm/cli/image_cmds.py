@@ -14,7 +14,6 @@ from pathlib import Path
 import click
 
 from agentvm.cli.base import (
-    fail,
     handle_errors,
     human_bytes,
     print_json,
@@ -22,6 +21,7 @@ from agentvm.cli.base import (
     print_table,
     vm_stub,
 )
+from agentvm.cli.group import fail
 from agentvm.cli.image_support import (
     ProgressView,
     absolute_ref,

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agentvm.cli.base import fail, human_bytes
+from agentvm.cli.base import human_bytes
+from agentvm.cli.group import fail
 from agentvm.common import image_spec
 from agentvm.common.grpc_util import MAX_MESSAGE_BYTES
 from agentvm.v1 import vm_manager_pb2

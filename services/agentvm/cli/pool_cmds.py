@@ -10,7 +10,6 @@ from agentvm.cli.base import (
     NETWORKS,
     PROFILES,
     enum_word,
-    fail,
     handle_errors,
     human_bytes,
     network_word,
@@ -22,6 +21,7 @@ from agentvm.cli.base import (
     settings,
     vm_stub,
 )
+from agentvm.cli.group import fail
 from agentvm.v1 import common_pb2, pool_manager_pb2, pool_manager_pb2_grpc, vm_manager_pb2
 
 # The modes a memory template (and so a pool) can hold: a bridged VM's network

@@ -12,10 +12,10 @@ import time
 
 import click
 
+from agentvm.cli import sandbox_cmds
 from agentvm.cli.base import (
     NETWORKS,
     PROFILES,
-    fail,
     handle_errors,
     image_option,
     network_option,
@@ -24,6 +24,7 @@ from agentvm.cli.base import (
     profile_option,
     settings,
 )
+from agentvm.cli.group import fail
 from agentvm.cli.sandbox_cmds import EXIT_TIMED_OUT, duration, executor_stub, pairs
 from agentvm.cli.terminal import SHELL, Terminal
 from agentvm.v1 import common_pb2, executor_pb2
@@ -279,3 +280,16 @@ async def _forward(sandbox_id: str, host: str, port: int, guest: int, unix_path:
         fail(str(exc))
     finally:
         await sb.disconnect()
+
+
+# `agent-vm sandbox` with the commands above (main.py names this module for it).
+sandbox = sandbox_cmds.sandbox
+for _command in (
+    sandbox_shell,
+    sandbox_start,
+    sandbox_ps,
+    sandbox_logs,
+    sandbox_kill,
+    sandbox_port_forward,
+):
+    sandbox.add_command(_command)

@@ -11,16 +11,15 @@ from typing import Any
 
 import click
 
-from agentvm.cli import services
 from agentvm.cli.base import (
     check_timeout,
-    fail,
     image_option,
     network_option,
     profile_option,
     settings,
 )
 from agentvm.cli.bridge_opt import bridge_option, check_bridge
+from agentvm.cli.group import fail
 from agentvm.cli.program_args import ProgramCommand
 from agentvm.cli.run_inputs import (
     MAX_INLINE_INPUT,
@@ -29,7 +28,7 @@ from agentvm.cli.run_inputs import (
     parse_env,
     read_stdin,
 )
-from agentvm.vm_manager.templates import MAX_MEMORY_MIB, MAX_VCPUS
+from agentvm.common.limits import MAX_MEMORY_MIB, MAX_VCPUS
 
 __all__ = ["MAX_INLINE_INPUT", "run_cmd"]
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
@@ -218,6 +217,8 @@ def run_cmd(
         if "agent-vm up" not in exc.message:
             fail(f"{exc.code}: {exc.message}")  # a service that is up says what is wrong
         # The client found a service down: name which, in the CLI's words.
+        from agentvm.cli import services
+
         fail(f"UNAVAILABLE: {services.unreachable(settings(), 'connection failed', {})}")
     except agent_vm.AgentVMError as exc:
         fail(f"{exc.code}: {exc.message}")

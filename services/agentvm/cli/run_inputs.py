@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 import click
 
-from agentvm.cli.base import fail
+from agentvm.cli.group import fail
 
 # Inputs and stdin travel in the run's one request (16 MiB message cap).
 MAX_INLINE_INPUT = 15 * 1024 * 1024

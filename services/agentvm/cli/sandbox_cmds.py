@@ -18,7 +18,6 @@ from agentvm.cli.base import (
     NETWORKS,
     PROFILES,
     check_timeout,
-    fail,
     handle_errors,
     image_option,
     network_option,
@@ -29,6 +28,7 @@ from agentvm.cli.base import (
     service,
     settings,
 )
+from agentvm.cli.group import fail
 from agentvm.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 
 DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh]?)")

@@ -12,7 +12,6 @@ from agentvm.cli.base import (
     PROFILES,
     check_timeout,
     enum_word,
-    fail,
     handle_errors,
     human_bytes,
     image_option,
@@ -25,6 +24,7 @@ from agentvm.cli.base import (
     vm_stub,
 )
 from agentvm.cli.bridge_opt import bridge_option, check_bridge
+from agentvm.cli.group import fail
 from agentvm.cli.program_args import ProgramCommand
 from agentvm.common.grpc_util import sync_channel
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc, vm_manager_pb2

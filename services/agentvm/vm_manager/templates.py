@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from agentvm.common.errors import InvalidArgument
+from agentvm.common.limits import MAX_DISK_MIB, MAX_MEMORY_MIB, MAX_VCPUS
 from agentvm.v1 import common_pb2
 from agentvm.vm_manager import domain_xml as dx
 from agentvm.vm_manager.accel import Accel
@@ -93,9 +94,6 @@ class NetworkMode(Enum):
 
 
 WORKSPACE_TAG = "workspace"
-MAX_VCPUS = 16
-MAX_MEMORY_MIB = 64 * 1024
-MAX_DISK_MIB = 256 * 1024
 
 
 @dataclass(frozen=True)
