@@ -204,3 +204,19 @@ def test_a_host_booted_with_systemd_is_not_one_whose_services_systemd_runs(
     # This machine's systemctl (if any) has no agent-vm units active.
     assert not services.systemd_runs_services(tmp_path)
     assert not services.systemd_runs_services(tmp_path / "absent")
+
+
+def test_ksm_check_says_how_to_turn_it_on_and_what_it_merges(tmp_path: Path) -> None:
+    assert not doctor.ksm_check(tmp_path / "none").ok  # no KSM in this kernel
+    (tmp_path / "run").write_text("0\n")
+    off = doctor.ksm_check(tmp_path)
+    assert (off.ok, off.required) == (False, False)
+    assert (
+        off.fix
+        == f"echo 1 > {tmp_path}/run (QEMU marks guest memory mergeable; ksmd costs some CPU)"
+    )
+    (tmp_path / "run").write_text("1\n")
+    (tmp_path / "pages_sharing").write_text("2560\n")
+    on = doctor.ksm_check(tmp_path)
+    assert on.ok
+    assert "10 MiB merged" in on.detail

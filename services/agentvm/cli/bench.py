@@ -91,6 +91,16 @@ def qemu_rss_mib(name: str) -> float | None:
     return None
 
 
+def ksm_state(ksm: Path = Path("/sys/kernel/mm/ksm")) -> dict[str, Any]:
+    """Whether kernel same-page merging runs, and how much it merges now (MiB)."""
+    try:
+        run = int((ksm / "run").read_text())
+        sharing = int((ksm / "pages_sharing").read_text())
+    except (OSError, ValueError):
+        return {"available": False}
+    return {"available": True, "on": run == 1, "merged_mib": round(sharing * 4096 / 2**20, 1)}
+
+
 def host_true_ms(n: int = 30) -> list[float]:
     out = []
     for _ in range(n):
@@ -254,24 +264,40 @@ class Bench:
             "pool": {"min": st.min_size, "max": st.max_size},
         }
 
-    def concurrent(self, n: int) -> tuple[float, list[str]]:
+    def concurrent(self, n: int) -> dict[str, Any]:
+        """``n`` one-shot runs at once: wall time, each run's time, and how many
+        came from the pool (its acquire counters before and after)."""
         import agent_vm  # the public client, as a caller would use it
 
         self.progress(f"{n} concurrent executions through the executor")
-        self.wait_ready()
+        self.wait_ready(full=True)
+        before = self._pool_status()
 
-        def one(i: int) -> str:
+        def one(i: int) -> tuple[str, float]:
+            t = time.perf_counter()
             res = agent_vm.run(
                 code=f"print({i} * {i})", address=self.settings.executor_addr, timeout=300
             )
             if res.exit_code != 0 or res.stdout.strip() != str(i * i):
                 raise FailedPrecondition(f"run {i} returned {res.exit_code}: {res.stderr}")
-            return res.vm_name
+            return res.vm_name, time.perf_counter() - t
 
         t = time.perf_counter()
         with ThreadPoolExecutor(n) as ex:
-            vms = list(ex.map(one, range(n)))
-        return time.perf_counter() - t, vms
+            runs = list(ex.map(one, range(n)))
+        wall = time.perf_counter() - t
+        after = self._pool_status()
+        acquired = after.acquired_total - before.acquired_total
+        on_demand = after.on_demand_total - before.on_demand_total
+        return {
+            "n": n,
+            "wall_s": round(wall, 2),
+            "distinct_vms": len({name for name, _ in runs}),
+            "per_run_s": summary([took for _, took in runs], digits=2),
+            "from_pool_ready": acquired - on_demand,
+            "from_pool_made_on_demand": on_demand,
+            "made_by_the_executor": n - acquired,
+        }
 
 
 def run(settings: Settings, cfg: BenchConfig, progress: Callable[[str], None]) -> dict[str, Any]:
@@ -281,7 +307,7 @@ def run(settings: Settings, cfg: BenchConfig, progress: Callable[[str], None]) -
     cold, cold_rss = bench.cold(cfg.cold)
     restores, clone_rss, tpl = bench.restores(cfg.restores)
     pool = bench.acquires(cfg.acquires, cfg.first_commands)
-    wall, vms = bench.concurrent(cfg.concurrent)
+    concurrent = bench.concurrent(cfg.concurrent)
     latency = bench_latency.figures(bench, cfg.oneshots, cfg.commands, progress)
     base_after = host_true_ms()
     cold_p50 = statistics.median(cold)
@@ -310,12 +336,9 @@ def run(settings: Settings, cfg: BenchConfig, progress: Callable[[str], None]) -
         "acquire_and_first_command_ms": summary(pool["first_ms"], digits=1),
         "network_policy_update_ms": summary(pool["policy_ms"], digits=1),
         "pool_size": pool["pool"],
-        "concurrent_executions": {
-            "n": cfg.concurrent,
-            "wall_s": round(wall, 2),
-            "distinct_vms": len(set(vms)),
-        },
+        "concurrent_executions": concurrent,
         "latency": latency,
+        "host_ksm": ksm_state(),
         "qemu_rss_mib": {
             "cold_booted_ready_vm": round(statistics.median(cold_rss), 1) if cold_rss else None,
             "template_clone": round(statistics.median(clone_rss), 1) if clone_rss else None,
@@ -355,14 +378,27 @@ def render(fig: dict[str, Any]) -> str:
     row("acquire + first command", "acquire_and_first_command_ms", "ms")
     row("network policy update (pooled NAT VM)", "network_policy_update_ms", "ms")
     c = fig["concurrent_executions"]
+    p = c["per_run_s"]
     lines.append(
-        f"{c['n']} concurrent executions: {c['wall_s']} s wall, {c['distinct_vms']} distinct VMs"
+        f"{c['n']} concurrent executions: {c['wall_s']} s wall, {c['distinct_vms']} distinct "
+        f"VMs; each p50 {p['p50']} s, p99 {p['p99']} s; {c['from_pool_ready']} from ready "
+        f"pool VMs, {c['from_pool_made_on_demand']} made on demand by the pool, "
+        f"{c['made_by_the_executor']} made by the executor"
     )
     lines += bench_latency.render(fig["latency"])
     r = fig["qemu_rss_mib"]
     lines.append(
         f"QEMU RSS: cold-booted {r['cold_booted_ready_vm']} MiB, clone {r['template_clone']} "
         f"MiB, idle pool VM {r['idle_pool_vm']} MiB"
+    )
+    k = fig["host_ksm"]
+    lines.append(
+        "KSM: "
+        + (
+            "not in this kernel"
+            if not k["available"]
+            else f"{'on' if k['on'] else 'off'}, {k['merged_mib']} MiB merged"
+        )
     )
     q = fig["ratios"]
     lines.append(

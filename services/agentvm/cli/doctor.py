@@ -366,6 +366,29 @@ def supervisor_check(
     )
 
 
+KSM = Path("/sys/kernel/mm/ksm")
+
+
+def ksm_check(ksm: Path = KSM) -> Check:
+    """Kernel same-page merging: pool VMs restored from one template share most of
+    their memory, which KSM folds (docs/BENCHMARKS.md: 282 -> about 168 MiB per
+    idle 512 MiB pool VM here). Optional: its scans cost host CPU."""
+    try:
+        run = (ksm / "run").read_text().strip()
+    except OSError:
+        return Check("memory merging", False, "this kernel has no KSM", required=False)
+    if run == "1":
+        saved = int((ksm / "pages_sharing").read_text().strip() or 0) * 4096 // 2**20
+        return Check("memory merging", True, f"KSM on ({saved} MiB merged now)", required=False)
+    return Check(
+        "memory merging",
+        False,
+        "KSM off: every pool VM keeps its own copy of the memory it shares with the others",
+        f"echo 1 > {ksm}/run (QEMU marks guest memory mergeable; ksmd costs some CPU)",
+        required=False,
+    )
+
+
 def run_checks(settings: Settings) -> list[Check]:
     checks: list[Check] = []
     conn = LibvirtConnection(settings.libvirt_uri)
@@ -495,6 +518,7 @@ def run_checks(settings: Settings) -> list[Check]:
         )
     )
     checks.append(firewall_check())
+    checks.append(ksm_check())
     if caps_xml is not None:
         controllers = cgroup_controllers(_read(Path("/proc/self/mounts")), _read)
         checks += qemu_confinement(
