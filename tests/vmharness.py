@@ -503,14 +503,23 @@ def leftovers(vmm: VMManagerProcess) -> list[str]:
     return left
 
 
-def new_leftovers(vmm: VMManagerProcess, before: Iterable[str]) -> list[str]:
-    """What :func:`leftovers` finds now that was not there ``before``.
+def new_leftovers(vmm: VMManagerProcess, before: Iterable[str], settle: float = 60.0) -> list[str]:
+    """What :func:`leftovers` finds that was not there ``before``, once the
+    teardowns in flight had ``settle`` seconds to end (a close returns before
+    its VM is destroyed: docs/ARCHITECTURE.md, "Teardown").
 
     Tests on the session's vm-manager use this: the session's shared VM (and
     any other session fixture's) is not theirs to clean up.
     """
     seen = set(before)
-    return [x for x in leftovers(vmm) if x not in seen]
+    found: list[str] = []
+
+    def settled() -> bool:
+        found[:] = [x for x in leftovers(vmm) if x not in seen]
+        return not found
+
+    wait_for(settled, settle)
+    return found
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from tests.vmharness import (
     free_port,
     libvirt_domains,
     net_leftovers,
+    wait_for,
 )
 
 pytestmark = pytest.mark.vm
@@ -59,7 +60,8 @@ def test_vm_run_prints_guest_output_and_exits_with_its_code(vmm: VMManagerProces
     assert proc.stdout.strip() != os.uname().release
     assert "oops" in proc.stderr
     assert "destroyed" in proc.stderr
-    assert set(libvirt_domains(vmm.prefix)) <= before
+    # The run answers before its VM is destroyed; it is gone right after.
+    assert wait_for(lambda: set(libvirt_domains(vmm.prefix)) <= before, 60)
 
 
 def test_example_agent_runs_in_a_vm(vmm: VMManagerProcess) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from tests.e2e.test_cli import agent_vm
 from tests.networld import bridge_world
-from tests.vmharness import ExecutorProcess, VMManagerProcess, libvirt_domains
+from tests.vmharness import ExecutorProcess, VMManagerProcess, libvirt_domains, wait_for
 
 pytestmark = pytest.mark.vm
 
@@ -37,7 +37,8 @@ def test_an_unknown_bridge_is_refused_before_any_vm(
         proc = agent_vm(executor.env, *args)
         assert proc.returncode != 0, args
         assert "no bridge named avmb-nosuch" in proc.stderr, (args, proc.stderr)
-    assert set(libvirt_domains(vmm.prefix)) <= before
+    # The run answers before its VM is destroyed; it is gone right after.
+    assert wait_for(lambda: set(libvirt_domains(vmm.prefix)) <= before, 60)
 
 
 def test_run_on_a_named_bridge(executor: ExecutorProcess, vmm: VMManagerProcess) -> None:

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.unit.helpers import wait_until
-from tests.vmharness import REPO, ExecutorProcess, VMManagerProcess, libvirt_domains
+from tests.vmharness import REPO, ExecutorProcess, VMManagerProcess, libvirt_domains, wait_for
 
 pytestmark = pytest.mark.vm
 
@@ -46,7 +46,8 @@ def test_ctrl_c_on_vm_run_exits_130_and_destroys_its_vm(vmm: VMManagerProcess) -
     assert code == 130, err
     assert "interrupted" in err
     assert "destroyed" in err
-    assert set(libvirt_domains(vmm.prefix)) <= before
+    # The run answers before its VM is destroyed; it is gone right after.
+    assert wait_for(lambda: set(libvirt_domains(vmm.prefix)) <= before, 60)
 
 
 def test_ctrl_c_on_run_exits_130_and_the_executor_reclaims_the_vm(

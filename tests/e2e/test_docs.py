@@ -11,7 +11,13 @@ import sys
 
 import pytest
 
-from tests.vmharness import REPO, ExecutorProcess, VMManagerProcess, libvirt_domains
+from tests.vmharness import (
+    REPO,
+    ExecutorProcess,
+    VMManagerProcess,
+    libvirt_domains,
+    wait_for,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -50,7 +56,10 @@ def test_user_guide_example_runs(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert expected in proc.stdout, proc.stdout
-    assert set(libvirt_domains(vmm.prefix)) <= before, "the example left a VM behind"
+    # Closing returns before the VM is destroyed; it is gone right after.
+    assert wait_for(lambda: set(libvirt_domains(vmm.prefix)) <= before, 60), (
+        "the example left a VM behind"
+    )
 
 
 SH_BLOCKS = {
