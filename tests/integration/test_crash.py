@@ -223,7 +223,9 @@ def test_a_teardown_cut_by_kill_9_right_after_the_result_is_finished(
     monkeypatch.setenv("AGENTVM_TLS_DIR", str(lone_vmm.tls_dir))
     monkeypatch.setenv("AGENTVM_TOKEN_FILE", str(lone_vmm.token_file))
     try:
-        result = agent_vm.run("echo done", address=ex.address)
+        # Isolated: a vm-manager of its own cannot have a NAT network while the
+        # installation's has one (libvirt: "Network is already in use").
+        result = agent_vm.run("echo done", address=ex.address, network="isolated")
         (ex if victim == "executor" else lone_vmm).stop(signal.SIGKILL)
         cut = libvirt_domains(lone_vmm.prefix)
         assert result.stdout == "done\n"
