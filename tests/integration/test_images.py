@@ -26,7 +26,9 @@ from tests.vmharness import (
     VMManagerProcess,
     execute,
     leftovers,
+    libvirt_domains,
     new_leftovers,
+    wait_for,
 )
 
 pytestmark = pytest.mark.vm
@@ -258,6 +260,8 @@ def test_runs_in_an_image_take_its_default_command_or_one_of_its_programs(
     # Entrypoint /bin/sh, Cmd -c 'echo $GREETING', as the image's user in its workdir.
     result = agent_vm.run(image=NAME, network="isolated", timeout=120)
     assert (result.exit_code, result.stdout) == (0, "hello world\n"), result.stderr
+    # The run answers before its VM is destroyed; the image is in use until then.
+    assert wait_for(lambda: result.vm_name not in libvirt_domains(executor.prefix), 60)
     proc = cli(
         executor.env,
         "run",
@@ -322,6 +326,8 @@ def test_a_spec_builds_on_an_imported_image_without_debian_or_python(
         vm = None
         result = agent_vm.run(image=f"{NAME}-plus", network="isolated", timeout=120)
         assert (result.exit_code, result.stdout) == (0, "hello world from the spec\n"), result
+        # Its VM goes right after the result; the image is in use until then.
+        assert wait_for(lambda: result.vm_name not in libvirt_domains(vmm.prefix), 60)
         # Cached: a rebuild runs no step and gives the same image.
         again = build(vmm, spec_source(spec))
         assert again.image is not None
