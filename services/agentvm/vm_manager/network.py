@@ -171,10 +171,18 @@ class NatNetwork:
                     net.destroy()
                 net.undefine()
                 net = None
+            defined = net is None
             if net is None:
                 net = conn.networkDefineXML(want)
             if not net.isActive():
-                net.create()
+                try:
+                    net.create()
+                except libvirt.libvirtError:
+                    # (e.g. "Network is already in use": its subnet is another's.)
+                    # A definition this call made goes with it, or it outlives us.
+                    if defined:
+                        net.undefine()
+                    raise
 
     def _remove_libvirt_network(self) -> None:
         conn = self.conn.checked()
