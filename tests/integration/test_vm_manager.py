@@ -294,8 +294,8 @@ def test_domain_xml_is_schema_valid(
 
 def test_the_profiles_cgroup_limits_reach_qemu(shared_vm: common_pb2.VM) -> None:
     """libvirt reads these back from QEMU's cgroups: the limits are applied, not just written."""
+    from agentvm.common.profiles import ResourceProfile
     from agentvm.vm_manager.hostcaps import io_weight_supported
-    from agentvm.vm_manager.templates import ResourceProfile
 
     profile = ResourceProfile.from_proto(shared_vm.profile)
     conn = libvirt.open("qemu:///system")

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.vm_manager.accel import Accel
 from agentvm.vm_manager.clones import (
     DISK,
@@ -17,7 +18,7 @@ from agentvm.vm_manager.clones import (
     TemplateStore,
     freeze_layers,
 )
-from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
+from agentvm.vm_manager.templates import Resources
 
 BUILTIN = "0123456789abcdef"
 CODER = "c0de" * 16

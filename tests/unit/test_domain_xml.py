@@ -18,15 +18,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.vm_manager import domain_xml as dx
 from agentvm.vm_manager.accel import Accel
-from agentvm.vm_manager.templates import (
-    ImageFiles,
-    NetworkMode,
-    ResourceProfile,
-    Resources,
-    VMTemplate,
-)
+from agentvm.vm_manager.templates import ImageFiles, Resources, VMTemplate
 from agentvm_guest.mux import PORT_NAME
 
 GOLDEN_DIR = Path(__file__).parent / "golden"

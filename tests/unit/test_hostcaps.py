@@ -6,16 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.vm_manager import domain_xml as dx
 from agentvm.vm_manager.accel import Accel
 from agentvm.vm_manager.hostcaps import io_weight_supported
-from agentvm.vm_manager.templates import (
-    ImageFiles,
-    NetworkMode,
-    ResourceProfile,
-    Resources,
-    VMTemplate,
-)
+from agentvm.vm_manager.templates import ImageFiles, Resources, VMTemplate
 
 
 @pytest.mark.parametrize(

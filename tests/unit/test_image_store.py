@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from agentvm.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
 from agentvm.vm_manager.accel import Accel
 from agentvm.vm_manager.access import OWNER_LABEL, POOL_LABEL, POOL_OWNER
@@ -28,7 +29,7 @@ from agentvm.vm_manager.image_store import (
     image_users,
     store_root,
 )
-from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
+from agentvm.vm_manager.templates import Resources
 from agentvm.vm_manager.vm import VM, VMState
 
 from .test_servicers import RecordingSink, fake_image, unit_manager, unit_settings

@@ -18,11 +18,11 @@ from agentvm.common.errors import (
     NotFound,
     Unavailable,
 )
+from agentvm.common.profiles import ResourceProfile
 from agentvm.pool_manager.journal import LeaseJournal
 from agentvm.pool_manager.manager import parse_pools
 from agentvm.pool_manager.pool import PoolConfig, PoolKey, VMPool
 from agentvm.v1 import common_pb2
-from agentvm.vm_manager.templates import ResourceProfile
 
 KEY = PoolKey(ResourceProfile.STANDARD)
 

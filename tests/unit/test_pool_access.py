@@ -20,12 +20,13 @@ from agentvm.common.errors import (
     PermissionDenied,
     Unavailable,
 )
+from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.pool_manager.pool import Lease, PoolKey
 from agentvm.pool_manager.servicer import PoolManagerServicer
 from agentvm.v1 import common_pb2, pool_manager_pb2
 from agentvm.vm_manager import access
 from agentvm.vm_manager.accel import Accel
-from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
+from agentvm.vm_manager.templates import Resources
 from agentvm.vm_manager.vm import VM
 
 from .helpers import run_async

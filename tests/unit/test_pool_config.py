@@ -15,12 +15,12 @@ from click.testing import CliRunner
 from agentvm.cli.main import cli
 from agentvm.common.config import Settings
 from agentvm.common.errors import InvalidArgument
+from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.monitor.metrics import StateCollector
 from agentvm.pool_manager.journal import LeaseJournal
 from agentvm.pool_manager.manager import PoolManager, parse_pools
 from agentvm.pool_manager.pool import PoolConfig, PoolKey, VMPool
 from agentvm.v1 import common_pb2, pool_manager_pb2
-from agentvm.vm_manager.templates import NetworkMode, ResourceProfile
 from tests.unit.test_pool import FakeBackend, aio, cfg, settle
 
 NAT = PoolKey(ResourceProfile.STANDARD, NetworkMode.NAT_FILTERED)

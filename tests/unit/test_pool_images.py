@@ -12,13 +12,13 @@ from click.testing import CliRunner
 from agentvm.cli import pool_cmds
 from agentvm.cli.main import cli
 from agentvm.common.errors import InvalidArgument, NotFound
+from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.monitor.metrics import pool_name
 from agentvm.pool_manager.backend import POOL_KEY_LABEL, VMManagerBackend
 from agentvm.pool_manager.manager import parse_pools
 from agentvm.pool_manager.pool import PoolConfig, PoolKey, VMPool
 from agentvm.pool_manager.servicer import key_from_proto, key_to_proto
 from agentvm.v1 import common_pb2, pool_manager_pb2, vm_manager_pb2
-from agentvm.vm_manager.templates import NetworkMode, ResourceProfile
 from tests.unit.test_pool import FakeBackend, aio, cfg, settle
 
 STD = ResourceProfile.STANDARD

@@ -340,7 +340,8 @@ def test_a_create_cancelled_twice_cleans_up_only_after_its_define_thread(
     import threading
     import time as time_mod
 
-    from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
+    from agentvm.common.profiles import NetworkMode, ResourceProfile
+    from agentvm.vm_manager.templates import Resources
 
     settings = unit_settings(tmp_path, fake_image)
     order: list[str] = []

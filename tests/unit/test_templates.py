@@ -10,17 +10,12 @@ import pytest
 
 from agentvm.common import limits
 from agentvm.common.errors import InvalidArgument
+from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.v1 import common_pb2
 from agentvm.vm_manager import domain_xml as dx
 from agentvm.vm_manager import templates
 from agentvm.vm_manager.accel import Accel
-from agentvm.vm_manager.templates import (
-    ImageFiles,
-    NetworkMode,
-    ResourceProfile,
-    Resources,
-    VMTemplate,
-)
+from agentvm.vm_manager.templates import ImageFiles, Resources, VMTemplate
 
 
 @pytest.mark.parametrize(

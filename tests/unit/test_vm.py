@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 
 from agentvm.common.errors import FailedPrecondition, StateError
+from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.v1 import common_pb2
 from agentvm.vm_manager.accel import Accel
 from agentvm.vm_manager.relay import HostRelay
-from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
+from agentvm.vm_manager.templates import Resources
 from agentvm.vm_manager.vm import VM, VMState, can_transition
 
 S = VMState

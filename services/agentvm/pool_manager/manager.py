@@ -11,6 +11,7 @@ import time
 from agentvm.common.config import Settings
 from agentvm.common.errors import AgentVMError, InvalidArgument, NotFound
 from agentvm.common.events import EventSink, NullSink
+from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.pool_manager.backend import VMManagerBackend
 from agentvm.pool_manager.journal import LeaseJournal
 from agentvm.pool_manager.pool import (
@@ -21,7 +22,6 @@ from agentvm.pool_manager.pool import (
     check_config,
     check_image,
 )
-from agentvm.vm_manager.templates import NetworkMode, ResourceProfile
 
 log = logging.getLogger("agentvm.pool_manager")
 

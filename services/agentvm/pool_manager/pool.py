@@ -39,8 +39,8 @@ from agentvm.common.errors import (
     NotFound,
     Unavailable,
 )
+from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.v1 import common_pb2
-from agentvm.vm_manager.templates import NetworkMode, ResourceProfile
 
 log = logging.getLogger("agentvm.pool_manager.pool")
 

@@ -13,10 +13,10 @@ from google.protobuf import duration_pb2
 from agentvm.common import identity
 from agentvm.common.errors import AgentVMError, InvalidArgument
 from agentvm.common.grpc_util import grpc_errors, remaining_time
+from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.pool_manager.manager import PoolManager
 from agentvm.pool_manager.pool import Lease, PoolKey, VMPool, check_image
 from agentvm.v1 import pool_manager_pb2, pool_manager_pb2_grpc
-from agentvm.vm_manager.templates import NetworkMode, ResourceProfile
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 DEFAULT_ACQUIRE_S = 30.0

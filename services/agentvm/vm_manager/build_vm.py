@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from agentvm.common.errors import FailedPrecondition
+from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.v1 import common_pb2
 from agentvm.vm_manager.image_vms import configure_root
-from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
+from agentvm.vm_manager.templates import Resources
 from agentvm.vm_manager.vm import VM, VMState
 
 # Marks build VMs (vm list shows them; "import" or "spec").

@@ -39,8 +39,9 @@ import libvirt
 import libvirt_qemu
 
 from agentvm.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.vm_manager.accel import Accel
-from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
+from agentvm.vm_manager.templates import Resources
 
 log = logging.getLogger("agentvm.vm_manager.clones")
 

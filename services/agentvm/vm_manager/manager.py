@@ -36,6 +36,7 @@ from agentvm.common.errors import (
 )
 from agentvm.common.events import EventSink, NullSink
 from agentvm.common.grpc_util import guest_channel
+from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc, vm_manager_pb2
 from agentvm.vm_manager import access, image_vms, observe, workspace
 from agentvm.vm_manager import domain_xml as dx
@@ -66,8 +67,6 @@ from agentvm.vm_manager.relay import HostRelay
 from agentvm.vm_manager.snapshots import SnapshotInfo, SnapshotManager
 from agentvm.vm_manager.templates import (
     ImageFiles,
-    NetworkMode,
-    ResourceProfile,
     Resources,
     VMTemplate,
     random_mac,

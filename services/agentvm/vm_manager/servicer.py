@@ -14,6 +14,7 @@ from google.protobuf.message import Message
 from agentvm.common import fields, identity
 from agentvm.common.errors import InvalidArgument
 from agentvm.common.grpc_util import grpc_errors, grpc_stream_errors, remaining_time
+from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
 from agentvm.vm_manager import access, build_cache
 from agentvm.vm_manager.accel import Accel
@@ -24,7 +25,7 @@ from agentvm.vm_manager.manager import DEFAULT_GRACE_S, DEFAULT_WAIT_S, VMManage
 from agentvm.vm_manager.network import Policy
 from agentvm.vm_manager.servicer_images import ImageRPCs, image_to_proto
 from agentvm.vm_manager.snapshots import SnapshotInfo
-from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
+from agentvm.vm_manager.templates import Resources
 from agentvm.vm_manager.vm import VMState
 
 Ctx = grpc.aio.ServicerContext[Any, Any]

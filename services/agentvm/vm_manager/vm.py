@@ -16,10 +16,11 @@ from enum import Enum
 from pathlib import Path
 
 from agentvm.common.errors import StateError
+from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.v1 import common_pb2
 from agentvm.vm_manager.accel import Accel
 from agentvm.vm_manager.relay import HostRelay
-from agentvm.vm_manager.templates import NetworkMode, ResourceProfile, Resources
+from agentvm.vm_manager.templates import Resources
 
 
 class VMState(Enum):
