@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client import REGISTRY
 
-from agentvm.common import telemetry, tls
+from agentvm.common import telemetry, tls, tls_issue
 from agentvm.common.config import Settings
 from agentvm.common.errors import InvalidArgument
 from agentvm.common.events import EventReporter, make_event
@@ -360,7 +360,7 @@ def test_events_carry_json_safe_attributes() -> None:
 def _cn_less_pair(tls_dir: Path, out: Path) -> tls.TLSFiles:
     """A certificate of the installation's CA with no common name (SAN only), as an
     operator's own PKI may issue."""
-    ca_cert, ca_key = tls._load_ca(tls_dir)
+    ca_cert, ca_key = tls_issue._load_ca(tls_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     cert = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agentvm.common import tls
+from agentvm.common import tls, tls_issue
 from agentvm.common.config import Settings
 from agentvm.common.errors import FailedPrecondition
 from agentvm.common.grpc_util import Caller, tls_files
@@ -83,10 +84,10 @@ def test_a_certificate_about_to_expire_is_renewed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     d = tmp_path / "tls"
-    monkeypatch.setattr(tls, "LEAF_DAYS", 10)
+    monkeypatch.setattr(tls_issue, "LEAF_DAYS", 10)
     tls.ensure(d, ("executor",))
     old = _cert(d / "executor.pem")
-    monkeypatch.setattr(tls, "LEAF_DAYS", 825)
+    monkeypatch.setattr(tls_issue, "LEAF_DAYS", 825)
     assert tls.ensure(d, ("executor",)) == ["executor"]
     new = _cert(d / "executor.pem")
     assert new.not_valid_after_utc - old.not_valid_after_utc > datetime.timedelta(days=700)
@@ -225,17 +226,17 @@ def test_a_pair_that_cannot_be_renewed_serves_until_it_expires(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     d = tmp_path / "tls"
-    monkeypatch.setattr(tls, "LEAF_DAYS", 10)  # due for renewal at once
+    monkeypatch.setattr(tls_issue, "LEAF_DAYS", 10)  # due for renewal at once
     tls.ensure(d, ("executor",))
 
     def read_only(tls_dir: Path) -> Any:
         raise tls.TLSError(f"cannot use the TLS directory {tls_dir}: Read-only file system")
 
-    monkeypatch.setattr(tls, "_locked", read_only)
+    monkeypatch.setattr(tls_issue, "_locked", read_only)
     files = tls.for_identity("mutual", d, "executor")
     assert files == tls.files_in(d, "executor")
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=11)
-    monkeypatch.setattr(tls, "_now", lambda: later)
+    monkeypatch.setattr(tls_issue, "_now", lambda: later)
     with pytest.raises(tls.TLSError, match="Read-only"):
         tls.for_identity("mutual", d, "executor")
 
@@ -277,7 +278,7 @@ def test_reads_wait_while_a_pair_is_being_renewed(tmp_path: Path) -> None:
         tls.files_in(d, "executor").read()
         done.set()
 
-    with tls._locked(d):  # what ensure() holds while it writes
+    with tls_issue._locked(d):  # what ensure() holds while it writes
         reader = threading.Thread(target=read)
         reader.start()
         assert not done.wait(0.3), "read() did not wait for the renewal"
@@ -294,3 +295,66 @@ def test_a_service_channel_before_tls_is_decided_is_refused(
     monkeypatch.setattr(grpc_util, "_TLS_DECIDED", [])
     with pytest.raises(RuntimeError, match="setup_tls"):
         grpc_util.aio_channel("unix:/nonexistent.sock", "vm-manager")
+
+
+def test_a_pair_checked_once_is_not_parsed_again_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """for_identity remembers a good check (the CLI then starts without cryptography);
+    a renewed pair, a new CA or a pair due for renewal is checked again."""
+    d = tmp_path / "tls"
+    tls.ensure(d)
+    calls: list[str] = []
+    real = tls_issue.ensure_own
+
+    def counting(tls_dir: Path, who: str) -> None:
+        calls.append(who)
+        real(tls_dir, who)
+
+    monkeypatch.setattr(tls_issue, "ensure_own", counting)
+    for _ in range(3):
+        assert tls.for_identity("mutual", d, tls.CLIENT) == tls.files_in(d, tls.CLIENT)
+    assert calls == [tls.CLIENT]  # checked once, then the stamp vouches
+    # Another process renews the pair: the stamp no longer matches the files.
+    monkeypatch.setattr(tls_issue, "LEAF_DAYS", 10)
+    (d / "client.pem").unlink()
+    tls.ensure(d, (tls.CLIENT,))
+    tls.for_identity("mutual", d, tls.CLIENT)
+    assert calls == [tls.CLIENT] * 2
+    # That pair is due for renewal (10 days < 30): renewed now, checked again next time.
+    monkeypatch.setattr(tls_issue, "LEAF_DAYS", 825)
+    tls.for_identity("mutual", d, tls.CLIENT)
+    assert _cert(d / "client.pem").not_valid_after_utc > datetime.datetime.now(
+        datetime.UTC
+    ) + datetime.timedelta(days=800)
+    tls.for_identity("mutual", d, tls.CLIENT)
+    tls.for_identity("mutual", d, tls.CLIENT)
+    assert calls == [tls.CLIENT] * 4
+    # A stamp that says "renew now" is not trusted.
+    stamp = tls.checked_stamp(d, tls.CLIENT)
+    data = json.loads(stamp.read_text())
+    stamp.write_text(json.dumps({**data, "renew_at": 0}))
+    tls.for_identity("mutual", d, tls.CLIENT)
+    assert calls == [tls.CLIENT] * 5
+    # A garbled stamp is a check, never an error.
+    stamp.write_text("{not json")
+    tls.for_identity("mutual", d, tls.CLIENT)
+    assert calls == [tls.CLIENT] * 6
+
+
+def test_a_client_with_a_checked_pair_starts_without_cryptography(tmp_path: Path) -> None:
+    d = tmp_path / "tls"
+    tls.ensure(d)
+    tls.for_identity("mutual", d, tls.CLIENT)
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from agentvm.common import tls\n"
+        f"files = tls.for_identity('mutual', Path({str(d)!r}), 'client')\n"
+        "tls.channel_credentials(files)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('cryptography')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from agentvm.cli.group import fail
 from agentvm.common.config import Settings
 from agentvm.common.errors import AgentVMError
 from agentvm.common.grpc_util import Caller
-from agentvm.v1 import common_pb2, vm_manager_pb2_grpc
+from agentvm.v1 import common_pb2
+
+if TYPE_CHECKING:  # imported where used: `agent-vm run` needs neither
+    from agentvm.v1 import vm_manager_pb2_grpc
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -143,6 +145,8 @@ def service(address: str, name: str) -> grpc.Channel:
 
 
 def vm_stub() -> vm_manager_pb2_grpc.VMManagerServiceStub:
+    from agentvm.v1 import vm_manager_pb2_grpc
+
     return vm_manager_pb2_grpc.VMManagerServiceStub(
         service(settings().vm_manager_addr, "vm-manager")
     )
@@ -165,6 +169,8 @@ def message_dict(msg: Message) -> dict[str, Any]:
     (protobuf's JSON mapping writes them as strings, for JavaScript's sake; a
     command-line user piping into jq or Python wants ``"size_bytes": 1024``.)
     """
+    from google.protobuf.json_format import MessageToDict
+
     out = MessageToDict(msg, preserving_proto_field_name=True)
     _numbers(msg, out)
     return out
