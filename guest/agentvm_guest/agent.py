@@ -26,7 +26,7 @@ from typing import IO
 import grpc
 
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
-from agentvm_guest import __version__, imageroot, paths
+from agentvm_guest import __version__, imageroot, memory, paths
 from agentvm_guest.hostconf import configure_dhcp, configure_network, reidentify
 from agentvm_guest.pivot import Pivot
 from agentvm_guest.ports import PortError, Ports
@@ -611,6 +611,16 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         with open("/dev/urandom", "wb") as fh:
             fh.write(request.seed[:4096])
         return guest_agent_pb2.ReseedRandomResponse()
+
+    def ReclaimMemory(
+        self, request: guest_agent_pb2.ReclaimMemoryRequest, context: grpc.ServicerContext
+    ) -> guest_agent_pb2.ReclaimMemoryResponse:
+        try:
+            free, total = memory.reclaim()
+        except OSError as exc:
+            context.abort(grpc.StatusCode.INTERNAL, f"cannot reclaim memory: {exc}")
+        log.info("memory reclaimed: %d of %d MiB free", free >> 20, total >> 20)
+        return guest_agent_pb2.ReclaimMemoryResponse(free_bytes=free, total_bytes=total)
 
     def Reidentify(
         self, request: guest_agent_pb2.ReidentifyRequest, context: grpc.ServicerContext

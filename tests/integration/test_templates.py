@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -10,9 +11,10 @@ import time
 import grpc
 import pytest
 
+from agentvm.cli.bench import qemu_rss_parts
 from agentvm.common.grpc_util import sync_channel
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc, vm_manager_pb2
-from tests.vmharness import REPO, VMFactory, VMManagerProcess, execute
+from tests.vmharness import REPO, VMFactory, VMManagerProcess, execute, wait_for
 
 pytestmark = pytest.mark.vm
 
@@ -107,6 +109,40 @@ def test_clones_are_restored_not_booted_and_each_is_its_own_vm(
         t.key for t in vmm.stub().ListTemplates(vm_manager_pb2.ListTemplatesRequest()).templates
     ]
     assert template.key in keys
+
+
+# Writes 160 MiB, then prints its peak resident KiB (VmHWM).
+FILL_160_MIB = """
+b = bytearray(b"\\x01") * (160 << 20)
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM"):
+        print(line.split()[1])
+"""
+
+
+def _guest_ram_mib(vm: common_pb2.VM) -> float:
+    parts = qemu_rss_parts(vm.name, vm.resources.memory_mib)
+    assert parts, f"cannot read {vm.name}'s QEMU memory map"
+    return parts["guest_ram"]
+
+
+def test_a_clone_gives_memory_its_guest_frees_back_to_the_host(
+    factory: VMFactory, template: vm_manager_pb2.Template
+) -> None:
+    """Free page reporting through the VM's virtio balloon: memory a program used
+    is no longer resident in QEMU once the program exits. (How much a template
+    clone is resident for at restore is a figure: `agent-vm bench`.)"""
+    vm = factory.clone()
+    drivers = sh(vm, "ls /sys/bus/virtio/drivers/virtio_balloon/")
+    assert "virtio" in drivers, f"no balloon device bound in the guest: {drivers!r}"
+    restored = _guest_ram_mib(vm)
+    # At run time: 160 MiB written by a program come back once it exits (without
+    # reporting they would stay resident: QEMU cannot know the guest freed them).
+    hwm = sh(vm, f"python3 -c {shlex.quote(FILL_160_MIB)}")
+    assert int(hwm) > 160 * 1024, hwm
+    assert wait_for(lambda: _guest_ram_mib(vm) < restored + 48, 60, interval=1), (
+        f"guest RAM {_guest_ram_mib(vm)} MiB resident, {restored} after the restore"
+    )
 
 
 def test_reidentify_validates_its_input(

@@ -85,6 +85,11 @@ def test_agent_vm_bench_prints_every_figure(
     made = ("from_pool_ready", "from_pool_made_on_demand", "made_by_the_executor")
     assert sum(conc[k] for k in made) == 2
     assert fig["qemu_rss_mib"]["template_clone"] > 0
+    parts = fig["qemu_rss_mib"]["idle_pool_vm_parts"]
+    assert parts["guest_ram"] > 0
+    assert parts["qemu_own"] > 0
+    # The parts add up to the whole (within rounding and the moments between reads).
+    assert abs(sum(parts.values()) - fig["qemu_rss_mib"]["idle_pool_vm"]) < 16
     assert fig["ratios"]["cold_over_restore"] > 0
     assert fig["ratios"]["cold_over_acquire"] > 0
     assert fig["host_ksm"]["available"] == Path("/sys/kernel/mm/ksm/run").exists()

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
-from agentvm_guest import __version__, agent, confine, proctree
+from agentvm_guest import __version__, agent, confine, memory, proctree
 
 from .conftest import NO_CGROUP_ROOT
 from .helpers import wait_until
@@ -448,6 +448,41 @@ def test_reseed_random_writes_at_most_4096_bytes(
     seed = bytes(range(256)) * 20
     stub.ReseedRandom(guest_agent_pb2.ReseedRandomRequest(seed=seed), timeout=5)
     assert sink.read_bytes() == seed[:4096]
+
+
+def test_reclaim_memory_drops_caches_compacts_and_reports(
+    stub: Stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guest's /proc/sys knobs, redirected to files (on the host they would drop
+    the host's caches): flush first, drop 3, compact 1; a kernel without compaction is fine."""
+    drop, compact = tmp_path / "drop_caches", tmp_path / "compact_memory"
+    written: list[str] = []
+    real_sync = os.sync
+
+    def sync() -> None:
+        written.append("sync")
+        real_sync()
+
+    monkeypatch.setattr(memory, "DROP_CACHES", str(drop))
+    monkeypatch.setattr(memory, "COMPACT_MEMORY", str(compact))
+    monkeypatch.setattr(os, "sync", sync)
+    resp = stub.ReclaimMemory(guest_agent_pb2.ReclaimMemoryRequest(), timeout=30)
+    assert written == ["sync"]
+    assert drop.read_text() == "3"
+    assert compact.read_text() == "1"
+    mem = proctree.meminfo()
+    assert resp.total_bytes == mem["MemTotal"]
+    assert 0 < resp.free_bytes <= resp.total_bytes
+    compact.unlink()
+    monkeypatch.setattr(memory, "COMPACT_MEMORY", str(tmp_path / "absent" / "compact_memory"))
+    stub.ReclaimMemory(guest_agent_pb2.ReclaimMemoryRequest(), timeout=30)
+    # Not root, or /proc/sys read-only: INTERNAL naming the cause.
+    monkeypatch.setattr(memory, "DROP_CACHES", str(tmp_path / "absent" / "drop_caches"))
+    msg = expect_code(
+        grpc.StatusCode.INTERNAL, stub.ReclaimMemory, guest_agent_pb2.ReclaimMemoryRequest(), 30
+    )
+    assert "cannot reclaim memory" in msg
+    assert "drop_caches" in msg
 
 
 def _bad_call(channel: grpc.Channel, method: str, streamed: bool) -> None:

@@ -91,6 +91,43 @@ def qemu_rss_mib(name: str) -> float | None:
     return None
 
 
+# QEMU's TCG code buffer: one executable anonymous mapping of this size or more
+# (1 GiB by default); guest RAM is the mapping exactly the VM's memory size.
+TCG_BUFFER_MIN_KIB = 256 * 1024
+
+
+def qemu_rss_parts(name: str, memory_mib: int) -> dict[str, float]:
+    """The VM's QEMU RSS split (MiB): see :func:`rss_parts`; {} when not readable."""
+    try:
+        pid = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
+        return rss_parts(Path(f"/proc/{pid}/smaps").read_text(), memory_mib)
+    except (OSError, ValueError):
+        return {}
+
+
+def rss_parts(smaps: str, memory_mib: int) -> dict[str, float]:
+    """A QEMU process's RSS (from its smaps) as guest RAM resident, TCG's
+    translated-code cache (none under KVM) and QEMU's own, in MiB."""
+    parts = {"guest_ram": 0, "tcg_code_cache": 0, "qemu_own": 0}
+    size, perms = 0, ""
+    for line in smaps.splitlines():
+        key, _, rest = line.partition(":")
+        if " " in key:  # a mapping's header: "start-end perms offset dev inode [path]"
+            perms = key.split()[1] if len(key.split()) > 1 else ""
+            continue
+        if key == "Size":
+            size = int(rest.split()[0])
+        elif key == "Rss":
+            rss = int(rest.split()[0])
+            if size == memory_mib * 1024 and "x" not in perms:
+                parts["guest_ram"] += rss
+            elif size >= TCG_BUFFER_MIN_KIB and "x" in perms:
+                parts["tcg_code_cache"] += rss
+            else:
+                parts["qemu_own"] += rss
+    return {k: round(v / 1024, 1) for k, v in parts.items()}
+
+
 def ksm_state(ksm: Path = Path("/sys/kernel/mm/ksm")) -> dict[str, Any]:
     """Whether kernel same-page merging runs, and how much it merges now (MiB)."""
     try:
@@ -217,6 +254,7 @@ class Bench:
         small host that shows up as scheduling noise in every process.)
         """
         acquire_ms, first_ms, policy_ms, idle_rss = [], [], [], []
+        idle_parts: list[dict[str, float]] = []
         st = self.wait_ready(full=True)
         for i in range(n):
             if i % 20 == 0:
@@ -227,6 +265,9 @@ class Bench:
                     r = qemu_rss_mib(vm.name)
                     if vm.labels.get("agent-vm/owner") == "pool-manager" and r is not None:
                         idle_rss.append(r)
+                        parts = qemu_rss_parts(vm.name, vm.resources.memory_mib)
+                        if parts:
+                            idle_parts.append(parts)
             req = pool_manager_pb2.AcquireVMRequest(key=POOL_KEY, labels=LABELS)
             req.timeout.FromSeconds(300)
             t = time.perf_counter()
@@ -261,6 +302,7 @@ class Bench:
             "first_ms": first_ms,
             "policy_ms": policy_ms,
             "idle_rss": idle_rss,
+            "idle_parts": idle_parts,
             "pool": {"min": st.min_size, "max": st.max_size},
         }
 
@@ -345,6 +387,13 @@ def run(settings: Settings, cfg: BenchConfig, progress: Callable[[str], None]) -
             "idle_pool_vm": round(statistics.median(pool["idle_rss"]), 1)
             if pool["idle_rss"]
             else None,
+            # Of which (medians): guest RAM resident, TCG's code cache, QEMU's own.
+            "idle_pool_vm_parts": {
+                k: round(statistics.median(p[k] for p in pool["idle_parts"]), 1)
+                for k in ("guest_ram", "tcg_code_cache", "qemu_own")
+            }
+            if pool["idle_parts"]
+            else None,
         },
         "ratios": {
             "cold_over_restore": round(cold_p50 / restore_p50, 2),
@@ -391,6 +440,11 @@ def render(fig: dict[str, Any]) -> str:
         f"QEMU RSS: cold-booted {r['cold_booted_ready_vm']} MiB, clone {r['template_clone']} "
         f"MiB, idle pool VM {r['idle_pool_vm']} MiB"
     )
+    if parts := r.get("idle_pool_vm_parts"):
+        lines.append(
+            f"  idle pool VM: guest RAM {parts['guest_ram']} MiB, TCG code cache "
+            f"{parts['tcg_code_cache']} MiB (none under KVM), QEMU {parts['qemu_own']} MiB"
+        )
     k = fig["host_ksm"]
     lines.append(
         "KSM: "

@@ -47,6 +47,7 @@ INITRD_MODULES = (
     "virtio-rng",
     "vmw_vsock_virtio_transport",
     "virtio_net",
+    "virtio_balloon",  # free page reporting (domain_xml.MemBalloon)
 )
 # The image's root file system; each VM's guest grows it to the VM's disk at
 # its first boot (guest/image/agentvm-setup), which reads the size it spans

@@ -110,7 +110,7 @@ class VMTemplate:
             devices.append(
                 dx.VirtioFS(source_dir=self.workspace_dir, tag=WORKSPACE_TAG, binary=self.virtiofsd)
             )
-        devices.append(dx.MemBalloon("none"))
+        devices.append(dx.MemBalloon("virtio", free_page_reporting=True))
         period = 100_000
         memtune = None
         if self.memory_limit:
