@@ -4,10 +4,12 @@ headers, `--json` with numbers as numbers, and Ctrl-C as exit 130."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -16,6 +18,7 @@ from click.testing import CliRunner
 
 from agentvm.cli import base, group, main
 from agentvm.cli.main import cli
+from agentvm.common import tls
 from agentvm.v1 import common_pb2, vm_manager_pb2
 
 
@@ -52,6 +55,32 @@ def test_help_and_start_up_import_only_what_the_command_needs() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_run_reaches_its_first_rpc_without_server_or_issuing_modules(tmp_path: Path) -> None:
+    """`agent-vm run` up to its call: no cryptography (a checked pair, tls.for_identity),
+    no health/reflection (servers only), no vm-manager stub, no JSON mapping."""
+    tls.ensure(tmp_path)
+    tls.for_identity("mutual", tmp_path, tls.CLIENT)  # the check the stamp remembers
+    code = (
+        # After the failed call, the error path's own imports (cli.services) do not count.
+        "import sys, types; from click.testing import CliRunner; from agentvm.cli.main import cli; "
+        "sys.modules['agentvm.cli.services'] = types.SimpleNamespace(unreachable=lambda *a: 'x'); "
+        "r = CliRunner().invoke(cli, ['run', '-c', 'pass']); assert 'UNAVAILABLE' in r.output; "
+        "print(sorted({m.split('.')[0] if m.startswith('crypto') else m for m in sys.modules "
+        "if m.startswith(('cryptography', 'grpc_health.', 'grpc_reflection.')) or m in "
+        "('google.protobuf.json_format', 'agentvm.v1.vm_manager_pb2_grpc')}))"
+    )
+    env = {
+        **os.environ,
+        "AGENTVM_TLS": "mutual",
+        "AGENTVM_TLS_DIR": str(tmp_path),
+        "AGENTVM_EXECUTOR_ADDR": f"unix:{tmp_path}/nothing.sock",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
 
 def test_the_tree_is_walked() -> None:

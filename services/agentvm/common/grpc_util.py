@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from agentvm.common import auth, tls, wire
 from agentvm.common.config import Settings
@@ -376,6 +374,10 @@ async def serve(
 
     ``credentials``: serve mutual TLS only (None: plaintext).
     """
+    # Servers only: a client (the CLI) starts ~15 ms sooner without them.
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
     raise_descriptor_limit()
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors) or None)
     register(server)
