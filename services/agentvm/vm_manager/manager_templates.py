@@ -188,6 +188,10 @@ class MemoryTemplates:
             incoming = await asyncio.to_thread(self._domain, vm, kernel, initrd, incoming=True)
             normal = await asyncio.to_thread(self._domain, vm, kernel, initrd)
             memory = self.templates.memory(info.key)
+            # Where a restore's time goes (logged with it): QEMU started paused,
+            # the memory state loaded, the relay's session, the agent's answers.
+            phases: dict[str, float] = {}
+            started = vm.boot_started
 
             def launch() -> libvirt.virDomain:
                 with libvirt_errors(f"restoring {vm.name} from template {info.key}"):
@@ -196,18 +200,22 @@ class MemoryTemplates:
                     dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
                     # The persistent definition boots normally next time.
                     self.conn.define(normal)
+                    phases["start_paused_s"] = time.monotonic() - started
                     load_state(dom, memory)
                     dom.resume()
+                    phases["load_s"] = time.monotonic() - started
                     return dom
 
             dom = await asyncio.to_thread(launch)
             vm.transition(VMState.BOOTING)
             await self._start_relay(vm, dom)
+            phases["relay_s"] = time.monotonic() - started
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 60.0
             while True:
                 try:
                     guest = await self._reidentify(vm, max(0.5, deadline - loop.time()))
+                    phases["reidentified_s"] = time.monotonic() - started
                     vm.guest = observe.sanitize_guest(guest, vm.resources.memory_mib * 2**20)
                     await self._configure_network(vm, max(0.5, deadline - loop.time()))
                     if vm.workload_image_id:
@@ -228,7 +236,12 @@ class MemoryTemplates:
         log.info(
             "VM %s restored from template",
             vm.name,
-            extra={"vm": vm.name, "template": info.key, "boot_s": round(vm.boot_duration, 3)},
+            extra={
+                "vm": vm.name,
+                "template": info.key,
+                "boot_s": round(vm.boot_duration, 3),
+                **{k: round(v, 3) for k, v in phases.items()},
+            },
         )
 
     async def _reidentify(self, vm: VM, timeout: float) -> common_pb2.GuestInfo:
