@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -271,6 +272,25 @@ def test_list_filters_by_labels_and_host_info(factory: VMFactory, vmm: VMManager
     image = stub.GetImage(vm_manager_pb2.GetImageRequest(), timeout=10)
     assert image.present
     assert any(p.startswith("python3=") for p in image.image.packages)
+
+
+def test_get_node_counts_the_running_vm_and_the_vm_names_its_node(
+    shared_vm: common_pb2.VM, vmm: VMManagerProcess
+) -> None:
+    """GetNode against the real host: libvirt's CPUs and memory, this vm-manager's VMs."""
+    node = vmm.stub().GetNode(vm_manager_pb2.GetNodeRequest(), timeout=10).node
+    assert node.id
+    assert shared_vm.node_id == node.id
+    cpus = os.cpu_count() or 1
+    assert node.allocatable.vcpus == cpus
+    with open("/proc/meminfo") as fh:
+        total_mib = int(fh.readline().split()[1]) // 1024
+    # libvirt's figure, less the default 1024 MiB reserve (libvirt rounds its own).
+    assert abs(node.allocatable.memory_mib + 1024 - total_mib) < 64
+    assert node.committed.vcpus >= shared_vm.resources.vcpus
+    assert node.committed.memory_mib >= shared_vm.resources.memory_mib
+    assert node.vm_count >= 1
+    assert (node.cpu_overcommit, node.memory_overcommit) == (16, 1.5)
 
 
 def test_domain_xml_is_schema_valid(

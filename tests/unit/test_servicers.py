@@ -128,11 +128,14 @@ def unit_manager(settings: Settings, conn: LibvirtConnection, **kw: Any) -> VMMa
     )
 
 
-def run_servicer_test(tmp_path: Path, cache: Path, body: object) -> None:
+def run_servicer_test(
+    tmp_path: Path, cache: Path, body: object, settings: Settings | None = None
+) -> None:
     """Serve VMManagerService on the test driver in-process and run ``body(stub)``."""
 
     async def main() -> None:
-        settings = unit_settings(tmp_path, cache)
+        nonlocal settings
+        settings = settings or unit_settings(tmp_path, cache)
         conn = LibvirtConnection(settings.libvirt_uri)
         images = ImageStore(cache)
         manager = unit_manager(settings, conn)

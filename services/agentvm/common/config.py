@@ -190,6 +190,20 @@ class Settings:
     # AGENTVM_ANOMALY_RULES / AGENTVM_ANOMALY_RESPONSES: see docs/MONITOR_DESIGN.md.
     anomaly_rules: str = field(default_factory=lambda: _env("AGENTVM_ANOMALY_RULES", ""))
     anomaly_responses: str = field(default_factory=lambda: _env("AGENTVM_ANOMALY_RESPONSES", ""))
+    # AGENTVM_NODE_ID / AGENTVM_NODE_LABELS / AGENTVM_NODE_OVERCOMMIT /
+    # AGENTVM_NODE_RESERVE: this vm-manager as a node (docs/SCALE_OUT.md,
+    # vm_manager/node.py): its id (default the host name), labels ("k=v,..."),
+    # how far committed vCPUs, memory and disk may exceed the host's
+    # ("cpu=16,memory=1.5,disk=4")
+    # and what is kept for the host ("memory=1024,disk=4096", MiB).
+    node_id: str = field(default_factory=lambda: _env("AGENTVM_NODE_ID", ""))
+    node_labels: str = field(default_factory=lambda: _env("AGENTVM_NODE_LABELS", ""))
+    node_overcommit: str = field(
+        default_factory=lambda: _env("AGENTVM_NODE_OVERCOMMIT", "cpu=16,memory=1.5,disk=4")
+    )
+    node_reserve: str = field(
+        default_factory=lambda: _env("AGENTVM_NODE_RESERVE", "memory=1024,disk=4096")
+    )
     # AGENTVM_LOG_LEVEL
     log_level: str = field(default_factory=lambda: _env("AGENTVM_LOG_LEVEL", "INFO"))
 

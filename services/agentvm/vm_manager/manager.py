@@ -30,6 +30,7 @@ from agentvm.common.config import Settings
 from agentvm.common.errors import AgentVMError, FailedPrecondition, InvalidArgument, NotFound
 from agentvm.common.events import EventSink, NullSink
 from agentvm.common.grpc_util import guest_channel
+from agentvm.common.placement import Amount
 from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
 from agentvm.vm_manager import access, workspace
@@ -52,6 +53,7 @@ from agentvm.vm_manager.manager_readiness import DEFAULT_WAIT_S, POLL_S, Readine
 from agentvm.vm_manager.manager_snapshots import Snapshots
 from agentvm.vm_manager.manager_templates import TEMPLATE_ROLE, MemoryTemplates
 from agentvm.vm_manager.network import NatNetwork, Policy
+from agentvm.vm_manager.node import NodeState, committed
 from agentvm.vm_manager.relay import HostRelay
 from agentvm.vm_manager.snapshots import SnapshotManager
 from agentvm.vm_manager.templates import Resources, random_mac
@@ -119,6 +121,11 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
         self._vms: dict[str, VM] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.net = NatNetwork(settings, conn)
+        self.node = NodeState.probe(settings, lambda: conn.call("node info", lambda c: c.getInfo()))
+
+    def committed(self) -> tuple[Amount, int]:
+        """What this node's VMs were given, summed, and how many there are (GetNode)."""
+        return committed(v.resources for v in self._vms.values()), len(self._vms)
 
     # -- helpers ---------------------------------------------------------
     def _lock(self, name: str) -> asyncio.Lock:
@@ -228,6 +235,7 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
             agent_socket_name=access.adopted_socket_name(f.get("agent_socket", "")),
             workload_image_id=f.get("workload_image", ""),
             build_disk=f.get("build_disk", ""),
+            node_id=self.node.config.id,
         )
         if vm.network_mode is NetworkMode.NAT_FILTERED:
             try:
@@ -308,9 +316,12 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
             agent_socket_name=access.socket_name(labels),
             workload_image_id=workload,
             build_disk=str(build_disk) if build_disk is not None else "",
+            node_id=self.node.config.id,
         )
         base = self.templates.disk(template.key) if template else image.disk
         async with self._lock(name):
+            # Checked and recorded with no await between: no two creates take the last room.
+            self.node.check_room((v.resources for v in self._vms.values()), resources)
             self._vms[name] = vm
             try:
                 if network_mode is NetworkMode.NAT_FILTERED:
@@ -452,24 +463,6 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
             await asyncio.to_thread(self._store_metadata, vm, dom)
         log.info("network policy of %s updated", name, extra={"vm": name})
         self.events.emit("vm.policy_updated", vm=name, policy=policy.to_json())
-        return vm
-
-    async def lease_pool_vm(self, name: str, lessee: str, lease_id: str) -> VM:
-        """Record that pool-manager handed pool VM ``name`` to ``lessee`` (access.py)."""
-        async with self._lock(name):
-            vm = self._get(name)
-            if vm.labels.get(access.LESSEE_LABEL) == lessee:
-                return vm
-            labels = {**vm.labels, access.LESSEE_LABEL: lessee, access.LEASE_LABEL: lease_id}
-            self._check_labels(labels)
-            dom = await asyncio.to_thread(self.conn.lookup, name)
-            old, vm.labels = vm.labels, labels
-            try:
-                await asyncio.to_thread(self._store_metadata, vm, dom)
-            except BaseException:
-                vm.labels = old
-                raise
-        self.events.emit("vm.leased", vm=name, lessee=lessee, lease_id=lease_id)
         return vm
 
     async def stop(self, name: str, grace: float, force: bool) -> tuple[VM, bool]:

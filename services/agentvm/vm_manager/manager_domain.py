@@ -7,6 +7,7 @@ A mixin of VMManager (manager.py), which provides what is declared at the top of
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from pathlib import Path
 
@@ -14,10 +15,11 @@ import libvirt
 
 from agentvm.common.config import Settings
 from agentvm.common.errors import FailedPrecondition
+from agentvm.common.events import EventSink
 from agentvm.common.profiles import NetworkMode
 from agentvm.v1 import common_pb2
+from agentvm.vm_manager import access, image_vms, workspace
 from agentvm.vm_manager import domain_xml as dx
-from agentvm.vm_manager import image_vms, workspace
 from agentvm.vm_manager.clones import TemplateStore
 from agentvm.vm_manager.image_store import ImageStore as NamedImageStore
 from agentvm.vm_manager.libvirt_conn import LibvirtConnection, libvirt_errors
@@ -37,6 +39,17 @@ class DomainDefinition:
     memory_limit: bool
     io_weight: bool
     virtiofsd: str | None
+    events: EventSink
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        raise NotImplementedError
+
+    def _get(self, name: str) -> VM:
+        raise NotImplementedError
+
+    @staticmethod
+    def _check_labels(labels: dict[str, str]) -> None:
+        raise NotImplementedError
 
     def _vm_template(self, vm: VM, kernel: Path, initrd: Path) -> VMTemplate:
         return VMTemplate(
@@ -201,3 +214,21 @@ class DomainDefinition:
                 dx.METADATA_NS,
                 flags,
             )
+
+    async def lease_pool_vm(self, name: str, lessee: str, lease_id: str) -> VM:
+        """Record that pool-manager handed pool VM ``name`` to ``lessee`` (access.py)."""
+        async with self._lock(name):
+            vm = self._get(name)
+            if vm.labels.get(access.LESSEE_LABEL) == lessee:
+                return vm
+            labels = {**vm.labels, access.LESSEE_LABEL: lessee, access.LEASE_LABEL: lease_id}
+            self._check_labels(labels)
+            dom = await asyncio.to_thread(self.conn.lookup, name)
+            old, vm.labels = vm.labels, labels
+            try:
+                await asyncio.to_thread(self._store_metadata, vm, dom)
+            except BaseException:
+                vm.labels = old
+                raise
+        self.events.emit("vm.leased", vm=name, lessee=lessee, lease_id=lease_id)
+        return vm

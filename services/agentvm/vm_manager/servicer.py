@@ -14,6 +14,7 @@ from google.protobuf.message import Message
 from agentvm.common import fields, identity
 from agentvm.common.errors import InvalidArgument
 from agentvm.common.grpc_util import grpc_errors, grpc_stream_errors, remaining_time
+from agentvm.common.placement import Amount
 from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
 from agentvm.vm_manager import access, build_cache
@@ -383,6 +384,35 @@ class VMManagerServicer(ImageRPCs, vm_manager_pb2_grpc.VMManagerServiceServicer)
         manifest = await task
         path = str(self.images.paths(manifest.id).root)
         yield vm_manager_pb2.BuildImageResponse(image=image_to_proto(manifest, path))
+
+    @grpc_errors
+    async def GetNode(
+        self, request: vm_manager_pb2.GetNodeRequest, context: Ctx
+    ) -> vm_manager_pb2.GetNodeResponse:
+        m = self.manager
+        (used, count), cfg = m.committed(), m.node.config
+
+        def res(a: Amount) -> common_pb2.Resources:
+            return common_pb2.Resources(
+                vcpus=int(a.vcpus), memory_mib=int(a.memory_mib), disk_mib=int(a.disk_mib)
+            )
+
+        return vm_manager_pb2.GetNodeResponse(
+            node=vm_manager_pb2.Node(
+                id=cfg.id,
+                labels=cfg.labels,
+                accelerator=common_pb2.ACCELERATOR_KVM
+                if m.accel.accel is Accel.KVM
+                else common_pb2.ACCELERATOR_TCG,
+                allocatable=res(m.node.allocatable),
+                committed=res(used),
+                cpu_overcommit=cfg.cpu_overcommit,
+                memory_overcommit=cfg.memory_overcommit,
+                disk_overcommit=cfg.disk_overcommit,
+                vm_count=count,
+                template_keys=[t.key for t in m.list_templates()],
+            )
+        )
 
     @grpc_errors
     async def GetHostInfo(

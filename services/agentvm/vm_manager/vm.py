@@ -105,6 +105,8 @@ class VM:
     workload_image_id: str = ""
     # An import's build VM: its raw ext4 disk, attached writable as vdb.
     build_disk: str = ""
+    # The node (vm-manager) it runs on (node.py).
+    node_id: str = ""
 
     @property
     def overlay(self) -> Path:
@@ -183,6 +185,7 @@ class VM:
             workspace_path=str(self.workspace) if self.shared_workspace else "",
             from_template=bool(self.template_key),
             workload_image_id=self.workload_image_id,
+            node_id=self.node_id,
         )
         msg.created_at.FromNanoseconds(int(self.created_at * 1e9))
         if self.boot_duration is not None:
