@@ -204,6 +204,11 @@ class Settings:
     node_reserve: str = field(
         default_factory=lambda: _env("AGENTVM_NODE_RESERVE", "memory=1024,disk=4096")
     )
+    # AGENTVM_NODES / AGENTVM_NODES_DNS: where the vm-managers of a fleet are
+    # (common/nodes.py): "[id=]address,..." or "name:port" (one record per node);
+    # neither: the one at AGENTVM_VM_MANAGER_ADDR.
+    nodes: str = field(default_factory=lambda: _env("AGENTVM_NODES", ""))
+    nodes_dns: str = field(default_factory=lambda: _env("AGENTVM_NODES_DNS", ""))
     # AGENTVM_LOG_LEVEL
     log_level: str = field(default_factory=lambda: _env("AGENTVM_LOG_LEVEL", "INFO"))
 
