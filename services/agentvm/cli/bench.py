@@ -79,11 +79,15 @@ def summary(values: list[float], scale: float = 1.0, digits: int = 3) -> dict[st
     }
 
 
+def _qemu_proc(name: str) -> Path:
+    """/proc/<pid> of the VM's QEMU process, from libvirt's pid file (OSError, ValueError)."""
+    return Path(f"/proc/{int(Path(f'/run/libvirt/qemu/{name}.pid').read_text().strip())}")
+
+
 def qemu_rss_mib(name: str) -> float | None:
-    """Resident memory of the VM's QEMU process, from libvirt's pid file."""
+    """Resident memory of the VM's QEMU process."""
     try:
-        pid = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in (_qemu_proc(name) / "status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     except (OSError, ValueError):
@@ -99,8 +103,7 @@ TCG_BUFFER_MIN_KIB = 256 * 1024
 def qemu_rss_parts(name: str, memory_mib: int) -> dict[str, float]:
     """The VM's QEMU RSS split (MiB): see :func:`rss_parts`; {} when not readable."""
     try:
-        pid = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
-        return rss_parts(Path(f"/proc/{pid}/smaps").read_text(), memory_mib)
+        return rss_parts((_qemu_proc(name) / "smaps").read_text(), memory_mib)
     except (OSError, ValueError):
         return {}
 

@@ -17,13 +17,15 @@ import asyncio
 import ipaddress
 import re
 import socket
+from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
 from agentvm.common.config import Settings
 from agentvm.common.errors import InvalidArgument, Unavailable
 
-ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+# A node id (AGENTVM_NODE_ID, VM.node_id): vm-manager and the discovery settings agree.
+NODE_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.\-]{0,252}[A-Za-z0-9])?$")
 
 
@@ -71,18 +73,15 @@ class Static:
             node_id, sep, address = item.partition("=")
             if not sep:
                 node_id, address = "", item
-            elif not ID_RE.match(node_id):
+            elif not NODE_ID_RE.match(node_id):
                 raise InvalidArgument(
                     f"{var}: node id {node_id!r}: use 1-32 lowercase letters, digits and '-'"
                 )
             out.append(NodeAddress(_check_address(address, var), node_id))
         if not out:
             raise InvalidArgument(f"{var} is empty: name at least one vm-manager address")
-        ids = [n.expected_id for n in out if n.expected_id]
-        dup = {i for i in ids if ids.count(i) > 1} | {
-            a for a in (n.address for n in out) if [m.address for m in out].count(a) > 1
-        }
-        if dup:
+        named = Counter([n.address for n in out] + [n.expected_id for n in out if n.expected_id])
+        if dup := [k for k, times in named.items() if times > 1]:
             raise InvalidArgument(f"{var}: {', '.join(sorted(dup))} named twice")
         return cls(tuple(out))
 

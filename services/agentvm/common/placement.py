@@ -49,6 +49,7 @@ class Node:
     committed: Amount = Amount()
     cpu_overcommit: float = 1.0
     memory_overcommit: float = 1.0
+    disk_overcommit: float = 1.0
     labels: Mapping[str, str] = field(default_factory=dict)
     accelerator: str = ""
     templates: frozenset[str] = frozenset()
@@ -59,7 +60,9 @@ class Node:
     def limits(self) -> Amount:
         a = self.allocatable
         return Amount(
-            a.vcpus * self.cpu_overcommit, a.memory_mib * self.memory_overcommit, a.disk_mib
+            a.vcpus * self.cpu_overcommit,
+            a.memory_mib * self.memory_overcommit,
+            a.disk_mib * self.disk_overcommit,
         )
 
     def fits(self, size: Amount) -> bool:

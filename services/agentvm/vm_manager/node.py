@@ -18,10 +18,10 @@ from pathlib import Path
 
 from agentvm.common.config import Settings
 from agentvm.common.errors import InvalidArgument, ResourceExhausted
-from agentvm.common.placement import Amount
+from agentvm.common.nodes import NODE_ID_RE
+from agentvm.common.placement import Amount, Node
 from agentvm.vm_manager.templates import Resources
 
-NODE_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.\-/]{0,62}[A-Za-z0-9])?$")
 
 
@@ -151,19 +151,34 @@ class NodeState:
             max(0.0, self.host.disk_mib - c.reserve_disk_mib),
         )
 
+    def as_node(self, current: Iterable[Resources]) -> Node:
+        """This node as placement sees it: one rule for what fits, here and there."""
+        c = self.config
+        return Node(
+            id=c.id,
+            allocatable=self.allocatable,
+            committed=committed(current),
+            cpu_overcommit=c.cpu_overcommit,
+            memory_overcommit=c.memory_overcommit,
+            disk_overcommit=c.disk_overcommit,
+            labels=c.labels,
+        )
+
     def check_room(self, current: Iterable[Resources], new: Resources) -> None:
         """ResourceExhausted naming the resource when ``new`` does not fit."""
-        used, alloc, c = committed(current), self.allocatable, self.config
-        mem_limit = alloc.memory_mib * c.memory_overcommit
-        limits = (
-            ("vCPUs", used.vcpus, new.vcpus, alloc.vcpus * c.cpu_overcommit, ""),
-            ("memory", used.memory_mib, new.memory_mib, mem_limit, " MiB"),
-            ("disk", used.disk_mib, new.disk_mib, alloc.disk_mib * c.disk_overcommit, " MiB"),
-        )
-        for what, have, more, limit, unit in limits:
-            if have + more > limit:
+        node = self.as_node(current)
+        size = Amount(new.vcpus, new.memory_mib, new.disk_mib)
+        if node.fits(size):
+            return
+        used, limit = node.committed, node.limits()
+        for what, have, more, most, unit in (
+            ("vCPUs", used.vcpus, size.vcpus, limit.vcpus, ""),
+            ("memory", used.memory_mib, size.memory_mib, limit.memory_mib, " MiB"),
+            ("disk", used.disk_mib, size.disk_mib, limit.disk_mib, " MiB"),
+        ):
+            if have + more > most:
                 raise ResourceExhausted(
-                    f"node {c.id}: {what} {have:g}{unit} of {limit:g}{unit} committed, this VM "
-                    f"needs {more:g}{unit} more: destroy VMs, ask for less, place it on another "
-                    "node, or raise AGENTVM_NODE_OVERCOMMIT"
+                    f"node {self.config.id}: {what} {have:g}{unit} of {most:g}{unit} committed, "
+                    f"this VM needs {more:g}{unit} more: destroy VMs, ask for less, place it on "
+                    "another node, or raise AGENTVM_NODE_OVERCOMMIT"
                 )
