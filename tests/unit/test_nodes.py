@@ -40,7 +40,7 @@ def test_static_lists_with_and_without_ids() -> None:
         ("n1=a:1,n1=b:1", "", "n1 named twice"),
         ("a:1,a:1", "", "a:1 named twice"),
         (" , ", "", "AGENTVM_NODES is empty"),
-        ("a:1", "b:1", "both set"),
+        ("a:1", "b:1", "AGENTVM_NODES and AGENTVM_NODES_DNS are set together"),
         ("", "vm-manager", "AGENTVM_NODES_DNS='vm-manager': use name:port"),
         ("", "bad_name:7001", "use name:port"),
     ],

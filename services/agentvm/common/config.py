@@ -204,11 +204,13 @@ class Settings:
     node_reserve: str = field(
         default_factory=lambda: _env("AGENTVM_NODE_RESERVE", "memory=1024,disk=4096")
     )
-    # AGENTVM_NODES / AGENTVM_NODES_DNS: where the vm-managers of a fleet are
-    # (common/nodes.py): "[id=]address,..." or "name:port" (one record per node);
-    # neither: the one at AGENTVM_VM_MANAGER_ADDR.
+    # AGENTVM_NODES / _DNS / _KUBERNETES: where the vm-managers of a fleet are
+    # (common/nodes.py): "[id=]address,...", "name:port" (one record per node) or
+    # "[namespace/]service[:port]" (its EndpointSlices, watched); none: the one at
+    # AGENTVM_VM_MANAGER_ADDR.
     nodes: str = field(default_factory=lambda: _env("AGENTVM_NODES", ""))
     nodes_dns: str = field(default_factory=lambda: _env("AGENTVM_NODES_DNS", ""))
+    nodes_kubernetes: str = field(default_factory=lambda: _env("AGENTVM_NODES_KUBERNETES", ""))
     # AGENTVM_LOG_LEVEL
     log_level: str = field(default_factory=lambda: _env("AGENTVM_LOG_LEVEL", "INFO"))
 

@@ -6,9 +6,10 @@ answers over mutual TLS (the caller's health checks). Backends here:
 - static (the default): ``AGENTVM_NODES=[id=]address,...``, else the one
   local vm-manager (``AGENTVM_VM_MANAGER_ADDR``): a single host needs no setting;
 - dns: ``AGENTVM_NODES_DNS=name:port``, one A/AAAA record per node (a
-  Kubernetes headless Service), resolved on every call.
-
-The Kubernetes API backend (EndpointSlices, watched) is the next step.
+  Kubernetes headless Service), resolved on every call;
+- kubernetes: ``AGENTVM_NODES_KUBERNETES=[namespace/]service[:port]``, the
+  Service's EndpointSlices listed then watched (``nodes_kubernetes.py``,
+  imported only when set).
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ NODE_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.\-]{0,252}[A-Za-z0-9])?$")
 
 
+def node_id_of_host(host: str) -> str:
+    """A host name as a node id: its first label, lowercase, other characters as '-', at most 32.
+
+    A vm-manager without AGENTVM_NODE_ID takes its host's; the Kubernetes
+    backend expects an endpoint's node to have the id of its node name.
+    """
+    name = re.sub(r"[^a-z0-9-]", "-", host.split(".", maxsplit=1)[0].lower()).strip("-")
+    return name[:32].strip("-") or "node"
+
+
 @dataclass(frozen=True, order=True)
 class NodeAddress:
     """A gRPC target of a vm-manager, and the node id it is expected to have ("": any)."""
@@ -39,6 +50,8 @@ class NodeAddress:
 
 class Discovery(Protocol):
     async def current(self) -> list[NodeAddress]: ...
+
+    async def close(self) -> None: ...
 
 
 def _check_address(address: str, var: str) -> str:
@@ -88,6 +101,9 @@ class Static:
     async def current(self) -> list[NodeAddress]:
         return list(self.nodes)
 
+    async def close(self) -> None:
+        return None
+
 
 @dataclass(frozen=True)
 class Dns:
@@ -122,11 +138,23 @@ class Dns:
             )
         return [NodeAddress(a) for a in sorted(found)]
 
+    async def close(self) -> None:
+        return None
+
 
 def from_settings(settings: Settings) -> Discovery:
     """The backend the settings name (InvalidArgument naming the variable)."""
-    if settings.nodes and settings.nodes_dns:
-        raise InvalidArgument("AGENTVM_NODES and AGENTVM_NODES_DNS are both set: set one")
+    chosen = {
+        "AGENTVM_NODES": settings.nodes,
+        "AGENTVM_NODES_DNS": settings.nodes_dns,
+        "AGENTVM_NODES_KUBERNETES": settings.nodes_kubernetes,
+    }
+    if len(named := [k for k, v in chosen.items() if v]) > 1:
+        raise InvalidArgument(f"{' and '.join(named)} are set together: set only one")
+    if settings.nodes_kubernetes:
+        from agentvm.common.nodes_kubernetes import Kubernetes
+
+        return Kubernetes.parse(settings.nodes_kubernetes)
     if settings.nodes_dns:
         return Dns.parse(settings.nodes_dns)
     if settings.nodes:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from agentvm.common.config import Settings
 from agentvm.common.errors import InvalidArgument, ResourceExhausted
-from agentvm.common.nodes import NODE_ID_RE
+from agentvm.common.nodes import NODE_ID_RE, node_id_of_host
 from agentvm.common.placement import Amount, Node
 from agentvm.vm_manager.templates import Resources
 
@@ -97,8 +97,7 @@ class NodeConfig:
 
 def default_node_id() -> str:
     """The host name as a node id (lowercase, other characters as '-', at most 32)."""
-    name = re.sub(r"[^a-z0-9-]", "-", socket.gethostname().split(".")[0].lower()).strip("-")
-    return name[:32].strip("-") or "node"
+    return node_id_of_host(socket.gethostname())
 
 
 def host_amount(node_info: list[int], state_dir: Path) -> Amount:
