@@ -13,6 +13,8 @@ from agentvm.common.grpc_util import serve
 from agentvm.common.telemetry import ServiceTelemetry
 from agentvm.v1 import vm_manager_pb2, vm_manager_pb2_grpc
 from agentvm.vm_manager.accel import detect
+from agentvm.vm_manager.agent_proxy import SERVICE as AGENT_SERVICE
+from agentvm.vm_manager.agent_proxy import AgentProxy
 from agentvm.vm_manager.hostcaps import can_raise_memlock
 from agentvm.vm_manager.image import ImageStore
 from agentvm.vm_manager.libvirt_conn import LibvirtConnection
@@ -39,10 +41,14 @@ async def run(settings: Settings) -> None:
         settings, conn, images, accel, memory_limit=memlock, events=telemetry.events
     )
 
+    proxy = AgentProxy(manager)
+
     def register(server: grpc.aio.Server) -> None:
         vm_manager_pb2_grpc.add_VMManagerServiceServicer_to_server(
             VMManagerServicer(manager, images), server
         )
+        # GuestAgentService, forwarded to the named VM's agent (agent_proxy.py).
+        server.add_generic_rpc_handlers((proxy,))
 
     async def ready() -> None:
         await telemetry.start()
@@ -52,6 +58,7 @@ async def run(settings: Settings) -> None:
             log.exception("recovery of existing VMs failed")
 
     async def on_stop() -> None:
+        await proxy.close()
         await manager.close()
         conn.close()
         await telemetry.close()
@@ -60,7 +67,7 @@ async def run(settings: Settings) -> None:
         service_name="vm-manager",
         address=settings.vm_manager_addr,
         register=register,
-        full_service_names=[SERVICE],
+        full_service_names=[SERVICE, AGENT_SERVICE.full_name],
         on_stop=on_stop,
         ready=ready,
         interceptors=telemetry.interceptors(),

@@ -440,6 +440,13 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
         await self._refresh(vm)
         return vm
 
+    def lookup(self, name: str) -> VM:
+        """The VM as last seen (no libvirt call): the agent proxy's per-call check."""
+        return self._get(name)
+
+    def names(self) -> set[str]:
+        return set(self._vms)
+
     async def list_vms(self, selector: dict[str, str]) -> list[VM]:
         out = []
         for vm in list(self._vms.values()):
