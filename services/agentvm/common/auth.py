@@ -184,53 +184,63 @@ else:  # not subscriptable at run time
     _SS = grpc.StreamStreamClientInterceptor
 
 
-def _with_token(metadata: Any, token: str) -> list[tuple[str, str | bytes]]:
-    out = [(k, v) for k, v in (metadata or ()) if k != HEADER]
-    out.append((HEADER, f"Bearer {token}"))
+def _with_header(metadata: Any, key: str, value: str) -> list[tuple[str, str | bytes]]:
+    out = [(k, v) for k, v in (metadata or ()) if k != key]
+    out.append((key, value))
     return out
 
 
-class _AioToken:
-    def __init__(self, token: str) -> None:
-        self._token = token
+def _with_token(metadata: Any, token: str) -> list[tuple[str, str | bytes]]:
+    return _with_header(metadata, HEADER, f"Bearer {token}")
+
+
+class _AioHeader:
+    def __init__(self, key: str, value: str) -> None:
+        self._key = key
+        self._value = value
 
     def _details(self, d: Any) -> grpc.aio.ClientCallDetails:
         return grpc.aio.ClientCallDetails(
             d.method,
             d.timeout,
-            grpc.aio.Metadata(*_with_token(d.metadata, self._token)),
+            grpc.aio.Metadata(*_with_header(d.metadata, self._key, self._value)),
             d.credentials,
             d.wait_for_ready,
         )
 
 
-class _AioTokenUU(_AioToken, _AioUU):
+class _AioHeaderUU(_AioHeader, _AioUU):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
 
-class _AioTokenUS(_AioToken, _AioUS):
+class _AioHeaderUS(_AioHeader, _AioUS):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
 
-class _AioTokenSU(_AioToken, _AioSU):
+class _AioHeaderSU(_AioHeader, _AioSU):
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
 
 
-class _AioTokenSS(_AioToken, _AioSS):
+class _AioHeaderSS(_AioHeader, _AioSS):
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
 
 
-def aio_token_interceptors(token: str) -> list[Any]:
-    """Interceptors that add the bearer token to every call of an aio channel.
+def aio_header_interceptors(key: str, value: str) -> list[Any]:
+    """Interceptors that set the metadata ``key`` to ``value`` on every call of an aio channel.
 
     One per kind of call: grpc.aio files an interceptor under the first kind
     it implements only.
     """
-    return [cls(token) for cls in (_AioTokenUU, _AioTokenUS, _AioTokenSU, _AioTokenSS)]
+    return [cls(key, value) for cls in (_AioHeaderUU, _AioHeaderUS, _AioHeaderSU, _AioHeaderSS)]
+
+
+def aio_token_interceptors(token: str) -> list[Any]:
+    """Interceptors that add the bearer token to every call of an aio channel."""
+    return aio_header_interceptors(HEADER, f"Bearer {token}")
 
 
 class _SyncDetails(

@@ -176,12 +176,16 @@ def use_plaintext() -> None:
 
 def aio_channel(target: str, service: str) -> grpc.aio.Channel:
     """An asyncio channel to another agent-vm ``service``: limits, token, mutual TLS."""
+    return _service_channel(target, service, [])
+
+
+def _service_channel(target: str, service: str, extra: list[Any]) -> grpc.aio.Channel:
     if not _TLS_DECIDED:
         raise RuntimeError(
             "grpc_util.setup_tls() (or use_plaintext()) must run before a service channel "
             "is made: it would otherwise be plaintext by accident"
         )
-    interceptors: list[Any] = list(CLIENT_INTERCEPTORS)
+    interceptors: list[Any] = [*CLIENT_INTERCEPTORS, *extra]
     if _TOKEN:
         interceptors += auth.aio_token_interceptors(_TOKEN[0])
     if _CREDENTIALS:
@@ -206,6 +210,28 @@ def guest_channel(target: str) -> grpc.aio.Channel:
         RejectMalformedStream(),
     ]
     return grpc.aio.insecure_channel(target, options=_options(), interceptors=interceptors)
+
+
+# The metadata naming the VM of a GuestAgentService call made to vm-manager,
+# which forwards it to that VM's agent (vm_manager/agent_proxy.py).
+AGENT_VM_HEADER = "agentvm-vm"
+
+
+def agent_channel(vm_manager_addr: str, vm_name: str, agent_endpoint: str) -> grpc.aio.Channel:
+    """A channel to a VM's guest agent, for a service whose vm-manager is ``vm_manager_addr``.
+
+    A vm-manager on a Unix socket is on this host: the VM's relay socket
+    (``agent_endpoint``) is dialled directly. Otherwise the VM's agent is on
+    that vm-manager's host and is reached through it (GuestAgentService on
+    vm-manager, with the VM named in ``AGENT_VM_HEADER``): mutual TLS and the
+    token to vm-manager, and the guest's answers still checked here as on
+    :func:`guest_channel`.
+    """
+    if vm_manager_addr.startswith("unix:"):
+        return guest_channel(agent_endpoint)
+    checks = [RejectMalformedUnary(), RejectMalformedStream()]
+    named = auth.aio_header_interceptors(AGENT_VM_HEADER, vm_name)
+    return _service_channel(vm_manager_addr, "vm-manager", [*named, *checks])
 
 
 def sync_channel(target: str) -> grpc.Channel:

@@ -39,7 +39,7 @@ from agentvm.common.errors import (
     ResourceExhausted,
 )
 from agentvm.common.events import EventSink, NullSink
-from agentvm.common.grpc_util import guest_channel
+from agentvm.common.grpc_util import agent_channel
 from agentvm.executor.files import WorkspaceFiles
 from agentvm.executor.journal import Journal
 from agentvm.executor.oneshot import OneShot
@@ -284,7 +284,18 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing):
         return resp.vm, resp.lease_id
 
     # -- sandboxes -------------------------------------------------------------
+    @property
+    def colocated(self) -> bool:
+        """vm-manager (so its VMs and their workspaces) is on this host: a Unix socket."""
+        return self.settings.vm_manager_addr.startswith("unix:")
+
+    def agent_channel(self, vm: common_pb2.VM) -> grpc.aio.Channel:
+        """A channel to ``vm``'s agent: its relay socket here, else through its vm-manager."""
+        return agent_channel(self.settings.vm_manager_addr, vm.name, vm.agent_endpoint)
+
     async def _shared_workspace_supported(self) -> bool:
+        if not self.colocated:
+            return False  # a virtiofs workspace is a directory on the VM's host
         if self._shared_supported is None:
             try:
                 info = await self.vmm.GetHostInfo(vm_manager_pb2.GetHostInfoRequest(), timeout=10)
@@ -327,6 +338,12 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing):
         if mode == common_pb2.WORKSPACE_MODE_UNSPECIFIED:
             shared = await self._shared_workspace_supported()
             mode = common_pb2.WORKSPACE_MODE_SHARED if shared else common_pb2.WORKSPACE_MODE_API
+        if mode == common_pb2.WORKSPACE_MODE_SHARED and not self.colocated:
+            raise FailedPrecondition(
+                "a shared (virtiofs) workspace is a directory on the VM's host, and this "
+                f"executor reaches vm-manager at {self.settings.vm_manager_addr}, another host: "
+                "ask for workspace mode API"
+            )
         if auto_pause and not MIN_AUTO_PAUSE_S <= auto_pause <= MAX_LIFETIME_S:
             raise InvalidArgument(
                 f"auto_pause must be {MIN_AUTO_PAUSE_S:.0f} s to {MAX_LIFETIME_S:.0f} s "
@@ -369,7 +386,7 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing):
             created_at=now,
             expires_at=now + lifetime,
             boot_duration=time.monotonic() - start,
-            channel=guest_channel(vm.agent_endpoint),
+            channel=self.agent_channel(vm),
             lease_id=lease_id,
             metadata=metadata,
             env=env or SandboxEnv(),

@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 
 from agentvm.common.errors import FailedPrecondition, RemoteError
 from agentvm.common.events import EventSink
-from agentvm.common.grpc_util import guest_channel
 from agentvm.executor.journal import Journal
 from agentvm.executor.sandbox import SANDBOX_LABEL, SandboxState
 from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
@@ -37,6 +37,7 @@ class Pausing:
     journal: Journal
     _sandboxes: dict[str, SandboxState]
     _slots: asyncio.Semaphore
+    agent_channel: Callable[[common_pb2.VM], grpc.aio.Channel]
 
     async def pause_sandbox(self, sb: SandboxState, *, idle: bool = False) -> None:
         """Save ``sb``'s memory and disk and stop its VM (``idle``: auto-pause)."""
@@ -113,7 +114,7 @@ class Pausing:
             except grpc.aio.AioRpcError as exc:
                 raise RemoteError.from_rpc(exc, "vm-manager") from exc
             sb.vm = ready.vm
-            sb.channel = guest_channel(ready.vm.agent_endpoint)
+            sb.channel = self.agent_channel(ready.vm)
             sb.paused = False
             sb.expires_at = time.time() + sb.paused_left
             sb.last_active = time.monotonic()
@@ -150,7 +151,7 @@ class Pausing:
                 created_at=rec.created_at,
                 expires_at=expires,
                 boot_duration=rec.boot_duration,
-                channel=guest_channel(vm.agent_endpoint),
+                channel=self.agent_channel(vm),
                 lease_id=rec.lease_id,
                 metadata=rec.metadata,
                 env=rec.env,

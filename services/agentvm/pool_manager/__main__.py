@@ -23,7 +23,9 @@ async def run(settings: Settings) -> None:
     telemetry = ServiceTelemetry("pool-manager", settings)
     channel = aio_channel(settings.vm_manager_addr, "vm-manager")
     backend = VMManagerBackend(
-        vm_manager_pb2_grpc.VMManagerServiceStub(channel), PoolManager.labels(settings)
+        vm_manager_pb2_grpc.VMManagerServiceStub(channel),
+        PoolManager.labels(settings),
+        settings.vm_manager_addr,
     )
     manager = PoolManager(settings, backend, configs, events=telemetry.events)
 

@@ -9,7 +9,7 @@ import logging
 import grpc
 
 from agentvm.common.errors import AgentVMError, FailedPrecondition, NotFound, RemoteError
-from agentvm.common.grpc_util import guest_channel
+from agentvm.common.grpc_util import agent_channel
 from agentvm.pool_manager.pool import PoolKey
 from agentvm.v1 import (
     common_pb2,
@@ -52,10 +52,16 @@ class VMManagerBackend:
     """
 
     def __init__(
-        self, vmm: vm_manager_pb2_grpc.VMManagerServiceAsyncStub, labels: dict[str, str]
+        self,
+        vmm: vm_manager_pb2_grpc.VMManagerServiceAsyncStub,
+        labels: dict[str, str],
+        vm_manager_addr: str = "unix:",
     ) -> None:
         self.vmm = vmm
         self.labels = dict(labels)
+        # Where vm-manager is: its VMs' agents are dialled directly on this host
+        # (unix:), else through it (grpc_util.agent_channel).
+        self.vm_manager_addr = vm_manager_addr
         self._agents: dict[str, grpc.aio.Channel] = {}
 
     async def create(self, key: PoolKey, from_template: bool) -> common_pb2.VM:
@@ -86,7 +92,7 @@ class VMManagerBackend:
             raise
         # The VM's health channel lives exactly as long as the VM (destroy
         # closes it): a channel left to a dead VM would keep reconnecting.
-        self._agents[vm.name] = guest_channel(vm.agent_endpoint)
+        self._agents[vm.name] = agent_channel(self.vm_manager_addr, vm.name, vm.agent_endpoint)
         await self._warm_up(vm)
         return vm
 

@@ -28,6 +28,7 @@ import grpc
 
 from agentvm.common import identity
 from agentvm.common.errors import AgentVMError, FailedPrecondition, InvalidArgument
+from agentvm.common.grpc_util import AGENT_VM_HEADER as HEADER
 from agentvm.common.grpc_util import CHANNEL_OPTIONS
 from agentvm.v1 import guest_agent_pb2
 from agentvm.vm_manager import access
@@ -35,7 +36,6 @@ from agentvm.vm_manager.vm import VM
 
 log = logging.getLogger("agentvm.vm_manager.agent_proxy")
 
-HEADER = "agentvm-vm"
 SERVICE = guest_agent_pb2.DESCRIPTOR.services_by_name["GuestAgentService"]
 CALLERS = ("executor", access.POOL_MANAGER)
 MAX_DETAILS = 1000
