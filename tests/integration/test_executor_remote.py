@@ -113,7 +113,7 @@ def test_a_remote_executor_runs_sandboxes_through_the_node(
         assert _proxied(vmm, "ReadFile") >= 1
     finally:
         sb.close()
-    refusal = "another host: ask for workspace mode API"
+    refusal = "another host.: ask for workspace mode API"
     with pytest.raises(agent_vm.FailedPreconditionError, match=refusal):
         agent_vm.Sandbox.create(
             network="isolated", workspace="shared", address=remote_executor.address

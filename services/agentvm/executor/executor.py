@@ -39,6 +39,7 @@ from agentvm.common.errors import (
     ResourceExhausted,
 )
 from agentvm.common.events import EventSink, NullSink
+from agentvm.common.fleet import Fleet
 from agentvm.common.grpc_util import agent_channel
 from agentvm.executor.files import WorkspaceFiles
 from agentvm.executor.journal import Journal
@@ -117,8 +118,11 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing):
         pool: pool_manager_pb2_grpc.PoolManagerServiceAsyncStub | None = None,
         *,
         events: EventSink | None = None,
+        fleet: Fleet | None = None,
     ) -> None:
         self.settings = settings
+        # The nodes behind ``vm_manager`` (a FleetStub over it): where each VM's agent is.
+        self.fleet = fleet
         self.events: EventSink = events or NullSink()
         self.vmm = vm_manager
         self.pool = pool
@@ -286,12 +290,17 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing):
     # -- sandboxes -------------------------------------------------------------
     @property
     def colocated(self) -> bool:
-        """vm-manager (so its VMs and their workspaces) is on this host: a Unix socket."""
-        return self.settings.vm_manager_addr.startswith("unix:")
+        """Every vm-manager (so its VMs and their workspaces) is on this host: Unix sockets."""
+        if self.fleet is None:
+            return self.settings.vm_manager_addr.startswith("unix:")
+        return bool(self.fleet.links) and all(link.local for link in self.fleet.links.values())
 
     def agent_channel(self, vm: common_pb2.VM) -> grpc.aio.Channel:
         """A channel to ``vm``'s agent: its relay socket here, else through its vm-manager."""
-        return agent_channel(self.settings.vm_manager_addr, vm.name, vm.agent_endpoint)
+        if self.fleet is None:
+            return agent_channel(self.settings.vm_manager_addr, vm.name, vm.agent_endpoint)
+        self.fleet.remember(vm)
+        return agent_channel(self.fleet.address_of(vm), vm.name, vm.agent_endpoint)
 
     async def _shared_workspace_supported(self) -> bool:
         if not self.colocated:
@@ -341,8 +350,8 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing):
         if mode == common_pb2.WORKSPACE_MODE_SHARED and not self.colocated:
             raise FailedPrecondition(
                 "a shared (virtiofs) workspace is a directory on the VM's host, and this "
-                f"executor reaches vm-manager at {self.settings.vm_manager_addr}, another host: "
-                "ask for workspace mode API"
+                "executor reaches its vm-managers over the network (another host): ask for "
+                "workspace mode API"
             )
         if auto_pause and not MIN_AUTO_PAUSE_S <= auto_pause <= MAX_LIFETIME_S:
             raise InvalidArgument(

@@ -41,6 +41,14 @@ CALLERS = ("executor", access.POOL_MANAGER)
 MAX_DETAILS = 1000
 SWEEP_S = 30.0
 
+# (client streams, server streams) -> the handler to serve it, the channel method to forward it.
+KINDS: dict[tuple[bool, bool], tuple[Callable[..., grpc.RpcMethodHandler[Any, Any]], str]] = {
+    (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
+    (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
+    (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
+    (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
+}
+
 if TYPE_CHECKING:
     _Handler = grpc.GenericRpcHandler[Any, Any]
 else:  # not subscriptable at run time
@@ -77,14 +85,10 @@ class AgentProxy(_Handler):
         kind = self._methods.get(method)
         if kind is None:
             return None
-        streams_in, streams_out = kind
-        if streams_in and streams_out:
-            return grpc.stream_stream_rpc_method_handler(self._stream_stream(method))
-        if streams_in:
-            return grpc.stream_unary_rpc_method_handler(self._stream_unary(method))
-        if streams_out:
-            return grpc.unary_stream_rpc_method_handler(self._unary_stream(method))
-        return grpc.unary_unary_rpc_method_handler(self._unary_unary(method))
+        make, opener = KINDS[kind]
+        streams_out = kind[1]
+        forward = self._streaming if streams_out else self._single
+        return make(forward(method, opener))
 
     async def close(self) -> None:
         for _endpoint, channel in self._channels.values():
@@ -144,43 +148,13 @@ class AgentProxy(_Handler):
 
     # -- the four kinds of call ----------------------------------------------------------
 
-    def _unary_unary(self, method: str) -> Callable[..., Any]:
-        async def behaviour(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    def _single(self, method: str, opener: str) -> Callable[..., Any]:
+        """A call with one answer (its request a message, or a stream of them)."""
+
+        async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             channel = await self._route(context)
-            forward = channel.unary_unary(method, None, None)
+            forward = getattr(channel, opener)(method, None, None)
             call = forward(request, timeout=context.time_remaining())
-            try:
-                return bytes(await call)
-            except grpc.aio.AioRpcError as exc:
-                await _pass_on(context, exc)
-                raise
-
-        return behaviour
-
-    def _unary_stream(self, method: str) -> Callable[..., Any]:
-        async def behaviour(
-            request: bytes, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[bytes]:
-            channel = await self._route(context)
-            forward = channel.unary_stream(method, None, None)
-            call = forward(request, timeout=context.time_remaining())
-            try:
-                async for message in call:
-                    yield bytes(message)
-            except grpc.aio.AioRpcError as exc:
-                await _pass_on(context, exc)
-            finally:
-                call.cancel()
-
-        return behaviour
-
-    def _stream_unary(self, method: str) -> Callable[..., Any]:
-        async def behaviour(
-            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
-        ) -> bytes:
-            channel = await self._route(context)
-            forward = channel.stream_unary(method, None, None)
-            call = forward(requests, timeout=context.time_remaining())
             try:
                 return bytes(await call)
             except grpc.aio.AioRpcError as exc:
@@ -191,13 +165,15 @@ class AgentProxy(_Handler):
 
         return behaviour
 
-    def _stream_stream(self, method: str) -> Callable[..., Any]:
+    def _streaming(self, method: str, opener: str) -> Callable[..., Any]:
+        """A call that answers with a stream (its request a message, or a stream of them)."""
+
         async def behaviour(
-            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[bytes]:
             channel = await self._route(context)
-            forward = channel.stream_stream(method, None, None)
-            call = forward(requests, timeout=context.time_remaining())
+            forward = getattr(channel, opener)(method, None, None)
+            call = forward(request, timeout=context.time_remaining())
             try:
                 async for message in call:
                     yield bytes(message)

@@ -1,0 +1,383 @@
+"""The vm-managers a service works with: discovered, health-checked, and chosen per call.
+
+docs/SCALE_OUT.md ("Placement", "Failures"). :class:`Fleet` keeps one channel
+per discovered node, asks each ``GetNode`` every ``PROBE_S`` (``PROBE_TIMEOUT_S``
+deadline) and marks a node down after ``DOWN_AFTER`` misses in a row, probing it
+then with a backoff that doubles to ``BACKOFF_MAX_S``. A discovered address
+counts once it answers, with the id discovery expected (if any) and one no
+other address has.
+
+:class:`FleetStub` looks like a ``VMManagerServiceStub`` to the code that holds
+it, and routes each call:
+
+* a call about one VM (by its name) goes to that VM's node: known from the
+  VM handles the fleet has seen (CreateVM, ListVMs, GetVM answers name their
+  node), else asked of every healthy node once;
+* ``CreateVM`` goes where placement puts it (``agentvm.common.placement``:
+  fits, least loaded of a sample of 3), and to the next candidate on
+  RESOURCE_EXHAUSTED or UNAVAILABLE; with one node, straight to it (its own
+  refusal is the answer);
+* ``ListVMs`` asks every healthy node and merges the answers;
+* anything else (host info, images) goes to the first healthy node.
+
+A call for a VM on a node that is down fails at once with UNAVAILABLE naming
+the node and since when. With one node (the single-host default) nothing is
+decided here: every call goes to it, as before fleets existed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from agentvm.common import placement
+from agentvm.common.errors import AgentVMError, NotFound, Unavailable
+from agentvm.common.nodes import Discovery, NodeAddress
+from agentvm.common.profiles import ResourceProfile
+from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
+
+log = logging.getLogger("agentvm.fleet")
+
+PROBE_S = 2.0
+PROBE_TIMEOUT_S = 1.0
+DOWN_AFTER = 3
+BACKOFF_MAX_S = 30.0
+# Calls about one VM, by the request's ``name``.
+VM_METHODS = frozenset(
+    {
+        "StartVM",
+        "StopVM",
+        "DestroyVM",
+        "SuspendVM",
+        "ResumeVM",
+        "GetVM",
+        "WaitVM",
+        "UpdateNetworkPolicy",
+        "WatchEgress",
+        "CaptureEvidence",
+        "LeasePoolVM",
+    }
+)
+RETRY_CODES = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+
+
+@dataclass
+class NodeLink:
+    """One discovered vm-manager: its channel and what its health checks found."""
+
+    address: str
+    expected_id: str
+    channel: grpc.aio.Channel
+    stub: vm_manager_pb2_grpc.VMManagerServiceAsyncStub
+    node: vm_manager_pb2.Node | None = None  # its last GetNode answer
+    misses: int = 0
+    down_since: float = 0.0  # wall clock of the first miss of the current run
+    next_probe: float = 0.0  # monotonic
+    error: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.node.id if self.node is not None else ""
+
+    @property
+    def healthy(self) -> bool:
+        return self.misses < DOWN_AFTER
+
+    @property
+    def local(self) -> bool:
+        """On this host: its VMs' relay sockets can be dialled directly."""
+        return self.address.startswith("unix:")
+
+    def describe(self) -> str:
+        return f"node {self.id or '?'} ({self.address})"
+
+    def for_placement(self) -> placement.Node:
+        n = self.node or vm_manager_pb2.Node()
+
+        def amount(r: common_pb2.Resources) -> placement.Amount:
+            return placement.Amount(r.vcpus, r.memory_mib, r.disk_mib)
+
+        return placement.Node(
+            id=n.id,
+            allocatable=amount(n.allocatable),
+            committed=amount(n.committed),
+            cpu_overcommit=n.cpu_overcommit or 1.0,
+            memory_overcommit=n.memory_overcommit or 1.0,
+            disk_overcommit=n.disk_overcommit or 1.0,
+            labels=dict(n.labels),
+            accelerator=common_pb2.Accelerator.Name(n.accelerator),
+            templates=frozenset(n.template_keys),
+            healthy=self.healthy,
+        )
+
+
+@dataclass
+class Fleet:
+    """The nodes a discovery backend names, each with a channel and its health."""
+
+    discovery: Discovery
+    channel_for: Callable[[str], grpc.aio.Channel]
+    rng: random.Random = field(default_factory=random.Random)
+    make_stub: Callable[[grpc.aio.Channel], Any] = vm_manager_pb2_grpc.VMManagerServiceStub
+    links: dict[str, NodeLink] = field(default_factory=dict)  # by address
+    where: dict[str, str] = field(default_factory=dict)  # VM name -> node id
+    _task: asyncio.Task[None] | None = None
+
+    # -- membership and health ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """One round of discovery and probes (so the first call has nodes), then a loop."""
+        await self.refresh()
+        self._task = asyncio.ensure_future(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.discovery.close()
+        for link in self.links.values():
+            await link.channel.close(None)
+        self.links.clear()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(PROBE_S / 4)
+            try:
+                await self.refresh()
+            except Exception:  # the loop must outlive any one round
+                log.exception("node health round failed")
+
+    async def refresh(self) -> None:
+        try:
+            found = await self.discovery.current()
+        except AgentVMError as exc:
+            log.warning("node discovery failed (keeping the nodes known): %s", exc)
+            found = [NodeAddress(a, link.expected_id) for a, link in self.links.items()]
+        wanted = {n.address: n for n in found}
+        for address in [a for a in self.links if a not in wanted]:
+            link = self.links.pop(address)
+            log.info("%s is no longer discovered", link.describe())
+            await link.channel.close(None)
+        for address, n in wanted.items():
+            if address not in self.links:
+                channel = self.channel_for(address)
+                self.links[address] = NodeLink(
+                    address,
+                    n.expected_id,
+                    channel,
+                    self.make_stub(channel),
+                )
+        now = time.monotonic()
+        due = [link for link in self.links.values() if link.next_probe <= now]
+        await asyncio.gather(*(self._probe(link) for link in due))
+
+    async def _probe(self, link: NodeLink) -> None:
+        try:
+            node = (
+                await link.stub.GetNode(vm_manager_pb2.GetNodeRequest(), timeout=PROBE_TIMEOUT_S)
+            ).node
+            if link.expected_id and node.id != link.expected_id:
+                raise _Refused(
+                    f"it says it is node {node.id!r}, discovery expected {link.expected_id!r}"
+                )
+            other = next(
+                (o for o in self.links.values() if o is not link and o.id == node.id and o.healthy),
+                None,
+            )
+            if other is not None:
+                raise _Refused(f"node id {node.id!r} is {other.address}'s already")
+        except (grpc.aio.AioRpcError, _Refused) as exc:
+            link.misses += 1
+            link.error = (
+                (exc.details() or "") if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            )
+            if link.misses == 1:
+                link.down_since = time.time()
+            if link.misses == DOWN_AFTER:
+                log.warning("%s is down: %s", link.describe(), link.error)
+            backoff = PROBE_S if link.healthy else PROBE_S * 2 ** (link.misses - DOWN_AFTER + 1)
+            link.next_probe = time.monotonic() + min(backoff, BACKOFF_MAX_S)
+            return
+        if not link.healthy:
+            log.info("%s answers again", link.describe())
+        link.node, link.misses, link.error = node, 0, ""
+        link.next_probe = time.monotonic() + PROBE_S
+
+    # -- choosing a node ------------------------------------------------------------------
+
+    def only(self) -> NodeLink | None:
+        """The one node of a single-node fleet (None with more, or none)."""
+        if len(self.links) == 1:
+            return next(iter(self.links.values()))
+        return None
+
+    def healthy(self) -> list[NodeLink]:
+        return [link for link in self.links.values() if link.healthy]
+
+    def link(self, node_id: str) -> NodeLink:
+        """The node with this id, if it is up (UNAVAILABLE naming it otherwise)."""
+        single = self.only()
+        if single is not None:
+            return single  # one node: every VM is its (as before fleets)
+        for link in self.links.values():
+            if link.id == node_id:
+                if not link.healthy:
+                    since = time.strftime("%H:%M:%S", time.localtime(link.down_since))
+                    raise Unavailable(
+                        f"{link.describe()} has not answered since {since} ({link.error}); "
+                        "its sandboxes return when it does, or close them"
+                    )
+                return link
+        raise Unavailable(
+            f"node {node_id or '?'} is not one this service knows (not discovered, or it has "
+            "never answered): check the node and the discovery settings"
+        )
+
+    def any(self) -> NodeLink:
+        """A node for a call about no one VM: the first healthy one."""
+        single = self.only()
+        if single is not None:
+            return single
+        up = sorted(self.healthy(), key=lambda link: link.address)
+        if not up:
+            raise Unavailable(
+                f"none of the {len(self.links)} nodes answers: check them (agent-vm status)"
+            )
+        return up[0]
+
+    def candidates(self, want: placement.Want) -> list[NodeLink]:
+        """Nodes to try for a new VM, in order (ResourceExhausted saying why when none)."""
+        single = self.only()
+        if single is not None:
+            return [single]
+        known = {link.id: link for link in self.links.values() if link.node is not None}
+        chosen = placement.choose([link.for_placement() for link in known.values()], want, self.rng)
+        return [known[n.id] for n in chosen]
+
+    def remember(self, vm: common_pb2.VM) -> None:
+        if vm.name and vm.node_id:
+            self.where[vm.name] = vm.node_id
+
+    def address_of(self, vm: common_pb2.VM) -> str:
+        return self.link(vm.node_id or self.where.get(vm.name, "")).address
+
+
+class _Refused(Exception):
+    pass
+
+
+class FleetStub:
+    """A VMManagerService stub over the fleet: each call to the node it concerns."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        if method == "CreateVM":
+            return self._create
+        if method == "ListVMs":
+            return self._list
+        if method in VM_METHODS:
+            return lambda request, **kw: self._by_name(method, request, kw)
+        return getattr(self.fleet.any().stub, method)  # type: ignore[no-any-return]
+
+    def _by_name(self, method: str, request: Any, kw: dict[str, Any]) -> Any:
+        fleet = self.fleet
+        single = fleet.only()
+        if single is not None:
+            return getattr(single.stub, method)(request, **kw)
+        node_id = fleet.where.get(request.name)
+        if node_id is None:
+            if method == "WatchEgress":  # a stream: its node must be known already
+                raise NotFound(f"no VM named {request.name} is known on any node")
+            return self._find_then(method, request, kw)
+        return getattr(fleet.link(node_id).stub, method)(request, **kw)
+
+    async def _find_then(self, method: str, request: Any, kw: dict[str, Any]) -> Any:
+        """A VM this service has not seen yet: ask every healthy node where it is."""
+        fleet = self.fleet
+        asked = fleet.healthy()
+        answers = await asyncio.gather(
+            *(
+                link.stub.GetVM(vm_manager_pb2.GetVMRequest(name=request.name), timeout=10)
+                for link in asked
+            ),
+            return_exceptions=True,
+        )
+        for link, answer in zip(asked, answers, strict=True):
+            if isinstance(answer, vm_manager_pb2.GetVMResponse):
+                fleet.where[request.name] = link.id
+                return await getattr(link.stub, method)(request, **kw)
+        silent = len(fleet.links) - len(asked)
+        raise NotFound(
+            f"no VM named {request.name} on any of the {len(asked)} nodes that answer"
+            + (f" ({silent} do not)" if silent else "")
+        )
+
+    async def _create(
+        self, request: vm_manager_pb2.CreateVMRequest, **kw: Any
+    ) -> vm_manager_pb2.CreateVMResponse:
+        fleet = self.fleet
+        want = placement.Want(size=_size(request))
+        tried: list[str] = []
+        last: grpc.aio.AioRpcError | None = None
+        for link in fleet.candidates(want):
+            try:
+                resp: vm_manager_pb2.CreateVMResponse = await link.stub.CreateVM(request, **kw)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRY_CODES or fleet.only() is not None:
+                    raise
+                tried.append(f"{link.describe()}: {exc.details()}")
+                last = exc
+                continue
+            fleet.remember(resp.vm)
+            if link.node is not None:  # counted at once: the next probe brings the truth
+                c = link.node.committed
+                c.vcpus += int(want.size.vcpus)
+                c.memory_mib += int(want.size.memory_mib)
+                c.disk_mib += int(want.size.disk_mib)
+            return resp
+        raise Unavailable("no node took the VM: " + "; ".join(tried)) from last
+
+    async def _list(
+        self, request: vm_manager_pb2.ListVMsRequest, **kw: Any
+    ) -> vm_manager_pb2.ListVMsResponse:
+        fleet = self.fleet
+        single = fleet.only()
+        if single is not None:
+            resp: vm_manager_pb2.ListVMsResponse = await single.stub.ListVMs(request, **kw)
+            return resp
+        out = vm_manager_pb2.ListVMsResponse()
+        answers = await asyncio.gather(
+            *(link.stub.ListVMs(request, **kw) for link in fleet.healthy()),
+            return_exceptions=True,
+        )
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                log.warning("a node did not list its VMs: %s", answer)
+                continue
+            for vm in answer.vms:
+                fleet.remember(vm)
+                out.vms.append(vm)
+        return out
+
+
+def _size(request: vm_manager_pb2.CreateVMRequest) -> placement.Amount:
+    """What the VM will be given: its profile's sizes, or the resources asked for."""
+    profile = ResourceProfile.from_proto(request.profile)
+    r = request.resources
+    return placement.Amount(
+        r.vcpus or profile.vcpus,
+        r.memory_mib or profile.memory_mib,
+        r.disk_mib or profile.disk_mib,
+    )
