@@ -9,7 +9,6 @@ is killed instead. Output is streamed as it is read and capped per stream.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -26,8 +25,9 @@ from typing import IO
 import grpc
 
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
-from agentvm_guest import __version__, imageroot, memory, paths
-from agentvm_guest.hostconf import configure_dhcp, configure_network, reidentify
+from agentvm_guest import imageroot
+from agentvm_guest.agent_files import WorkspaceFiles
+from agentvm_guest.agent_host import HostService
 from agentvm_guest.pivot import Pivot
 from agentvm_guest.ports import PortError, Ports
 from agentvm_guest.processes import (
@@ -42,7 +42,7 @@ from agentvm_guest.processes import (
     check_pty_size,
     exit_status,
 )
-from agentvm_guest.proctree import ProcessTree, meminfo, read_first_line
+from agentvm_guest.proctree import ProcessTree
 from agentvm_guest.wire import RejectMalformed
 
 log = logging.getLogger("agentvm_guest.agent")
@@ -61,27 +61,6 @@ DEFAULT_ENV = {
     "TERM": "dumb",
     "PYTHONUNBUFFERED": "1",
 }
-
-
-def guest_info() -> common_pb2.GuestInfo:
-    """What the agent reports about its VM."""
-    info = common_pb2.GuestInfo(agent_version=__version__)
-    uname = os.uname()
-    info.kernel_release = uname.release
-    info.hostname = uname.nodename
-    uptime = read_first_line("/proc/uptime", "0 0").split()[0]
-    info.uptime.FromNanoseconds(int(float(uptime) * 1e9))
-    info.load1, info.load5, info.load15 = os.getloadavg()
-    mem = meminfo()
-    info.memory_total_bytes = mem.get("MemTotal", 0)
-    info.memory_available_bytes = mem.get("MemAvailable", 0)
-    st = os.statvfs("/")
-    info.disk_total_bytes = st.f_blocks * st.f_frsize
-    info.disk_free_bytes = st.f_bavail * st.f_frsize
-    info.process_count = sum(1 for d in os.listdir("/proc") if d.isdigit())
-    info.boot_id = read_first_line("/proc/sys/kernel/random/boot_id")
-    info.machine_id = read_first_line("/etc/machine-id")
-    return info
 
 
 _TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -123,8 +102,9 @@ class _Running:
     stdin_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
-    """Implements GuestAgentService."""
+class GuestAgent(HostService, WorkspaceFiles, guest_agent_pb2_grpc.GuestAgentServiceServicer):
+    """Implements GuestAgentService: commands and background processes here, the
+    workspace's files in agent_files.py, what the host sets and asks in agent_host.py."""
 
     def __init__(
         self, workspace: str = WORKSPACE, image: imageroot.ImageRoot | None = None
@@ -155,11 +135,6 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
             env["TRACEPARENT"] = traceparent
         env.update(extra)
         return pivot, where, env
-
-    def GetStatus(
-        self, request: guest_agent_pb2.GetStatusRequest, context: grpc.ServicerContext
-    ) -> guest_agent_pb2.GetStatusResponse:
-        return guest_agent_pb2.GetStatusResponse(info=guest_info())
 
     def Execute(
         self, request: guest_agent_pb2.ExecuteRequest, context: grpc.ServicerContext
@@ -495,189 +470,6 @@ class GuestAgent(guest_agent_pb2_grpc.GuestAgentServiceServicer):
         except PortError as exc:
             context.abort(exc.code, str(exc))
 
-    # -- files under /workspace -------------------------------------------
-    def WriteFile(
-        self,
-        request_iterator: Iterator[guest_agent_pb2.GuestAgentServiceWriteFileRequest],
-        context: grpc.ServicerContext,
-    ) -> guest_agent_pb2.GuestAgentServiceWriteFileResponse:
-        writer: paths.AtomicWriter | None = None
-        expected = ""
-        try:
-            for msg in request_iterator:
-                if writer is None:
-                    writer = paths.AtomicWriter(self.workspace, msg.path, msg.mode or 0o644)
-                if msg.chunk:
-                    writer.write(msg.chunk)
-                if msg.sha256:
-                    expected = msg.sha256
-            if writer is None:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "WriteFile got no message")
-            writer.commit(expected)
-            return guest_agent_pb2.GuestAgentServiceWriteFileResponse(
-                size_bytes=writer.size, sha256=writer.sha256
-            )
-        except paths.PathError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except FileNotFoundError as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except OSError as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot write: {exc}")
-        finally:
-            if writer is not None:
-                writer.abort()  # no-op once committed
-
-    def ReadFile(
-        self,
-        request: guest_agent_pb2.GuestAgentServiceReadFileRequest,
-        context: grpc.ServicerContext,
-    ) -> Iterator[guest_agent_pb2.GuestAgentServiceReadFileResponse]:
-        h = hashlib.sha256()
-        first = True
-        try:
-            for data, size in paths.read_chunks(
-                self.workspace,
-                request.path,
-                max_bytes=request.max_bytes,
-                refuse_sparse=request.refuse_sparse,
-            ):
-                h.update(data)
-                msg = guest_agent_pb2.GuestAgentServiceReadFileResponse(chunk=data)
-                if first:
-                    msg.size_bytes = size
-                    first = False
-                yield msg
-        except paths.SparseError as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except paths.LimitError as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except paths.PathError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except FileNotFoundError:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no file {request.path!r} in the workspace")
-        yield guest_agent_pb2.GuestAgentServiceReadFileResponse(sha256=h.hexdigest())
-
-    def ListFiles(
-        self,
-        request: guest_agent_pb2.GuestAgentServiceListFilesRequest,
-        context: grpc.ServicerContext,
-    ) -> guest_agent_pb2.GuestAgentServiceListFilesResponse:
-        try:
-            entries = paths.list_dir(
-                self.workspace,
-                request.path,
-                recursive=request.recursive,
-                limit=min(request.max_entries or paths.MAX_LIST_ENTRIES, paths.MAX_LIST_ENTRIES),
-                max_bytes=min(request.max_bytes or paths.MAX_LIST_BYTES, paths.MAX_LIST_BYTES),
-            )
-        except paths.LimitError as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except paths.PathError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except FileNotFoundError:
-            context.abort(
-                grpc.StatusCode.NOT_FOUND, f"no directory {request.path!r} in the workspace"
-            )
-        resp = guest_agent_pb2.GuestAgentServiceListFilesResponse()
-        for e in entries:
-            info = resp.files.add(path=e.path, size_bytes=e.size, mode=e.mode, is_dir=e.is_dir)
-            info.modified_at.FromNanoseconds(int(e.mtime * 1e9))
-        return resp
-
-    def RemoveFile(
-        self,
-        request: guest_agent_pb2.GuestAgentServiceRemoveFileRequest,
-        context: grpc.ServicerContext,
-    ) -> guest_agent_pb2.GuestAgentServiceRemoveFileResponse:
-        try:
-            paths.remove(self.workspace, request.path, recursive=request.recursive)
-        except paths.PathError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except FileNotFoundError:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no file {request.path!r} in the workspace")
-        return guest_agent_pb2.GuestAgentServiceRemoveFileResponse()
-
-    def Shutdown(
-        self, request: guest_agent_pb2.ShutdownRequest, context: grpc.ServicerContext
-    ) -> guest_agent_pb2.ShutdownResponse:
-        threading.Thread(target=_power_off, daemon=True).start()
-        return guest_agent_pb2.ShutdownResponse()
-
-    def ReseedRandom(
-        self, request: guest_agent_pb2.ReseedRandomRequest, context: grpc.ServicerContext
-    ) -> guest_agent_pb2.ReseedRandomResponse:
-        if len(request.seed) < 32:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "seed must be at least 32 bytes")
-        with open("/dev/urandom", "wb") as fh:
-            fh.write(request.seed[:4096])
-        return guest_agent_pb2.ReseedRandomResponse()
-
-    def ReclaimMemory(
-        self, request: guest_agent_pb2.ReclaimMemoryRequest, context: grpc.ServicerContext
-    ) -> guest_agent_pb2.ReclaimMemoryResponse:
-        try:
-            free, total = memory.reclaim()
-        except OSError as exc:
-            context.abort(grpc.StatusCode.INTERNAL, f"cannot reclaim memory: {exc}")
-        log.info("memory reclaimed: %d of %d MiB free", free >> 20, total >> 20)
-        return guest_agent_pb2.ReclaimMemoryResponse(free_bytes=free, total_bytes=total)
-
-    def Reidentify(
-        self, request: guest_agent_pb2.ReidentifyRequest, context: grpc.ServicerContext
-    ) -> guest_agent_pb2.ReidentifyResponse:
-        wall = request.wall_clock.ToNanoseconds() if request.HasField("wall_clock") else 0
-        try:
-            reidentify(request.hostname, request.machine_id, request.seed, wall)
-        except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except OSError as exc:
-            context.abort(grpc.StatusCode.INTERNAL, f"reidentify failed: {exc}")
-        log.info("reidentified as %s", request.hostname)
-        return guest_agent_pb2.ReidentifyResponse(info=guest_info())
-
-    def ConfigureNetwork(
-        self, request: guest_agent_pb2.ConfigureNetworkRequest, context: grpc.ServicerContext
-    ) -> guest_agent_pb2.ConfigureNetworkResponse:
-        try:
-            if request.dhcp:
-                if request.address or request.gateway or request.nameservers:
-                    raise ValueError("dhcp excludes address, gateway and nameservers")
-                address = configure_dhcp(request.mac)
-            else:
-                configure_network(
-                    request.mac, request.address, request.gateway, list(request.nameservers)
-                )
-                address = request.address
-        except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except OSError as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"network setup failed: {exc}")
-        log.info("eth0 configured: %s", address)
-        return guest_agent_pb2.ConfigureNetworkResponse(address=address)
-
-    def ConfigureRoot(
-        self, request: guest_agent_pb2.ConfigureRootRequest, context: grpc.ServicerContext
-    ) -> guest_agent_pb2.ConfigureRootResponse:
-        try:
-            mount_point = self.image.configure(request)
-        except imageroot.RootError as exc:
-            context.abort(exc.code, str(exc))
-        log.info("image root (disk %s) at %s", request.serial, mount_point)
-        return guest_agent_pb2.ConfigureRootResponse(mount_point=mount_point)
-
-    def ApplyLayer(
-        self,
-        request_iterator: Iterator[guest_agent_pb2.ApplyLayerRequest],
-        context: grpc.ServicerContext,
-    ) -> guest_agent_pb2.ApplyLayerResponse:
-        try:
-            result = self.image.apply_layer(request_iterator)
-        except imageroot.RootError as exc:
-            context.abort(exc.code, str(exc))
-        return guest_agent_pb2.ApplyLayerResponse(
-            entries=result.entries, whiteouts=result.whiteouts
-        )
-
 
 def _feed_stdin(running: _Running, pipe: IO[bytes], data: bytes, keep_open: bool) -> None:
     """Write the initial stdin; the caller acquired ``running.stdin_lock`` for us."""
@@ -693,15 +485,6 @@ def _feed_stdin(running: _Running, pipe: IO[bytes], data: bytes, keep_open: bool
             with contextlib.suppress(OSError):
                 pipe.close()
         running.stdin_lock.release()
-
-
-def _power_off() -> None:
-    """Flush and power off; busybox init powers off on SIGUSR2."""
-    time.sleep(0.2)
-    os.sync()
-    if os.getpid() != 1:
-        with contextlib.suppress(OSError):
-            os.kill(1, signal.SIGUSR2)
 
 
 def serve(address: str, max_workers: int = 96) -> grpc.Server:

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
-from agentvm_guest import __version__, agent, confine, memory, proctree
+from agentvm_guest import __version__, agent, agent_host, confine, memory, proctree
 
 from .conftest import NO_CGROUP_ROOT
 from .helpers import wait_until
@@ -444,7 +444,7 @@ def test_reseed_random_writes_at_most_4096_bytes(
         return real_open(file, *args, **kwargs)
 
     # The module's global "open" shadows the builtin for the agent code only.
-    monkeypatch.setattr(agent, "open", fake_open, raising=False)
+    monkeypatch.setattr(agent_host, "open", fake_open, raising=False)
     seed = bytes(range(256)) * 20
     stub.ReseedRandom(guest_agent_pb2.ReseedRandomRequest(seed=seed), timeout=5)
     assert sink.read_bytes() == seed[:4096]
