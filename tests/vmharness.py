@@ -110,7 +110,8 @@ class VMManagerProcess:
         """A caller with the token and the certificate of ``who`` (client, or a service)."""
         files = tls.for_identity("mutual", self.tls_dir, who)
         assert files is not None
-        return Caller(self.token, tls.channel_credentials(files))
+        claim = None if who == tls.CLIENT else f"agent-vm-{who}"
+        return Caller(self.token, tls.channel_credentials(files), claim)
 
     def channel(self, who: str = tls.CLIENT) -> grpc.Channel:
         """A blocking channel to this service that sends the token and ``who``'s certificate."""

@@ -7,9 +7,11 @@ The executor knows them from AGENTVM_NODES. On real VMs: sandboxes spread
 over both nodes and run through each node's agent proxy; a node filled
 behind the executor's back gets no sandbox (placement skips it once a health
 check has seen it full; before that, its own RESOURCE_EXHAUSTED sends the
-executor to the next node: tests/unit/test_fleet.py pins that path); a full fleet says so; a node whose vm-manager is
-SIGKILLed is marked down, its sandbox answers UNAVAILABLE naming it, new
-sandboxes go elsewhere, and once it is back its sandbox works again.
+executor to the next node: tests/unit/test_fleet.py pins that path); a
+full fleet says so; a node whose vm-manager is SIGKILLed is marked down, its
+sandbox answers UNAVAILABLE naming it, new sandboxes go elsewhere, and once
+it is back its sandbox works again and closing it destroys its VM there
+(the fixture finds nothing left on either node).
 """
 
 from __future__ import annotations

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import re
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 
 from agentvm.common import fleet as fleet_mod
-from agentvm.common.errors import NotFound, ResourceExhausted, Unavailable
 from agentvm.common.fleet import DOWN_AFTER, Fleet, FleetStub
 from agentvm.common.nodes import NodeAddress, Static
 from agentvm.v1 import common_pb2, vm_manager_pb2
@@ -19,6 +21,15 @@ from agentvm.v1 import common_pb2, vm_manager_pb2
 
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
+
+
+@contextlib.contextmanager
+def refused(code: grpc.StatusCode, match: str) -> Iterator[None]:
+    """The stub fails as a real one does: an AioRpcError with this code and words."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        yield
+    assert err.value.code() == code, err.value
+    assert re.search(match, err.value.details() or ""), err.value.details()
 
 
 class FakeNode:
@@ -171,12 +182,12 @@ def test_a_refusing_node_is_skipped_and_a_full_fleet_says_why() -> None:
             vm = (await stub.CreateVM(vm_manager_pb2.CreateVMRequest(), timeout=5)).vm
             assert vm.node_id == "b"
             await probe_all(f)
-        with pytest.raises(Unavailable, match="no node took the VM: node a"):
+        with refused(grpc.StatusCode.UNAVAILABLE, "no node took the VM: node a"):
             await stub.CreateVM(vm_manager_pb2.CreateVMRequest(), timeout=5)
         a.refuse = False
         a.vcpus = 0
         await probe_all(f)
-        with pytest.raises(ResourceExhausted, match="no healthy node has room"):
+        with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "no healthy node has room"):
             await stub.CreateVM(vm_manager_pb2.CreateVMRequest(), timeout=5)
         await f.close()
 
@@ -198,8 +209,8 @@ def test_a_node_that_stops_answering_is_down_then_back() -> None:
             await probe_all(f)
         (link_a,) = [link for link in f.links.values() if link.id == "a"]
         assert not link_a.healthy
-        with pytest.raises(
-            Unavailable, match=r"node a \(10\.0\.0\.1:7001\) has not answered since"
+        with refused(
+            grpc.StatusCode.UNAVAILABLE, r"node a \(10\.0\.0\.1:7001\) has not answered since"
         ):
             await stub.GetVM(vm_manager_pb2.GetVMRequest(name=on_a.name), timeout=5)
         before = a.calls["CreateVM"]
@@ -210,11 +221,21 @@ def test_a_node_that_stops_answering_is_down_then_back() -> None:
         assert a.calls["CreateVM"] == before, "a down node takes no placements"
         # Probes back off while it is down, and it counts again once it answers.
         assert link_a.next_probe - asyncio.get_running_loop().time() > fleet_mod.PROBE_S
+        # A call for its VM asks it first (at most once a REVIVE_S), not only its backoff.
+        link_a.last_probe -= fleet_mod.REVIVE_S
+        probes = a.calls["GetNode"]
+        for _ in range(3):
+            with refused(grpc.StatusCode.UNAVAILABLE, "node a .* has not answered since"):
+                await stub.DestroyVM(vm_manager_pb2.DestroyVMRequest(name=on_a.name), timeout=5)
+        assert a.calls["GetNode"] == probes + 1
+        # Back: the next call finds it so at once, long before its next scheduled probe.
         a.down = False
-        await probe_all(f)
-        assert link_a.healthy
+        link_a.last_probe -= fleet_mod.REVIVE_S
         got = await stub.GetVM(vm_manager_pb2.GetVMRequest(name=on_a.name), timeout=5)
         assert got.vm.node_id == "a"
+        assert link_a.healthy
+        await stub.DestroyVM(vm_manager_pb2.DestroyVMRequest(name=on_a.name), timeout=5)
+        assert on_a.name not in a.vms
         await f.close()
 
     asyncio.run(main())
@@ -262,7 +283,7 @@ def test_listing_merges_nodes_and_an_unseen_vm_is_found() -> None:
         got = await stub.GetVM(vm_manager_pb2.GetVMRequest(name=vm.name), timeout=5)
         assert got.vm.node_id == "b"
         assert f.where[vm.name] == "b"
-        with pytest.raises(NotFound, match="no VM named agent-vm-x on any of the 2 nodes"):
+        with refused(grpc.StatusCode.NOT_FOUND, "no VM named agent-vm-x on any of the 2 nodes"):
             await stub.GetVM(vm_manager_pb2.GetVMRequest(name="agent-vm-x"), timeout=5)
         listed = await stub.ListVMs(vm_manager_pb2.ListVMsRequest(), timeout=5)
         assert sorted(v.node_id for v in listed.vms) == ["a", "b"]

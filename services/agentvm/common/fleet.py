@@ -20,8 +20,12 @@ it, and routes each call:
 * ``ListVMs`` asks every healthy node and merges the answers;
 * anything else (host info, images) goes to the first healthy node.
 
-A call for a VM on a node that is down fails at once with UNAVAILABLE naming
-the node and since when. With one node (the single-host default) nothing is
+A call for a VM on a node that is down probes it first (at most once a
+``REVIVE_S``: a node that is back is used at once, not after its backoff) and
+otherwise fails at once with UNAVAILABLE naming the node and since when. The
+stub fails as a real one does (``grpc.aio.AioRpcError``), so its callers'
+handling of UNAVAILABLE (a teardown waiting out a restarting vm-manager)
+holds for a lost node too. With one node (the single-host default) nothing is
 decided here: every call goes to it, as before fleets existed.
 """
 
@@ -40,6 +44,7 @@ import grpc
 
 from agentvm.common import placement
 from agentvm.common.errors import AgentVMError, NotFound, Unavailable
+from agentvm.common.grpc_util import rpc_error
 from agentvm.common.nodes import Discovery, NodeAddress
 from agentvm.common.profiles import ResourceProfile
 from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
@@ -50,6 +55,7 @@ PROBE_S = 2.0
 PROBE_TIMEOUT_S = 1.0
 DOWN_AFTER = 3
 BACKOFF_MAX_S = 30.0
+REVIVE_S = 1.0
 # Calls about one VM, by the request's ``name``.
 VM_METHODS = frozenset(
     {
@@ -81,6 +87,8 @@ class NodeLink:
     misses: int = 0
     down_since: float = 0.0  # wall clock of the first miss of the current run
     next_probe: float = 0.0  # monotonic
+    last_probe: float = float("-inf")  # monotonic, when the last probe started
+    probing: asyncio.Future[None] | None = None  # the probe in flight
     error: str = ""
 
     @property
@@ -179,9 +187,28 @@ class Fleet:
                 )
         now = time.monotonic()
         due = [link for link in self.links.values() if link.next_probe <= now]
-        await asyncio.gather(*(self._probe(link) for link in due))
+        await asyncio.gather(*(self.probe(link) for link in due))
+
+    async def probe(self, link: NodeLink) -> None:
+        """Ask the node now (joining a probe already in flight: one miss is one miss)."""
+        task = link.probing
+        if task is None:
+            task = link.probing = asyncio.ensure_future(self._probe(link))
+        try:
+            await asyncio.shield(task)
+        finally:
+            if link.probing is task and task.done():
+                link.probing = None
+
+    async def revive(self, link: NodeLink) -> None:
+        """Probe a down node before a call gives up on it (at most once a REVIVE_S)."""
+        if not link.healthy and (
+            link.probing is not None or time.monotonic() - link.last_probe >= REVIVE_S
+        ):
+            await self.probe(link)
 
     async def _probe(self, link: NodeLink) -> None:
+        link.last_probe = time.monotonic()
         try:
             node = (
                 await link.stub.GetNode(vm_manager_pb2.GetNodeRequest(), timeout=PROBE_TIMEOUT_S)
@@ -223,6 +250,13 @@ class Fleet:
 
     def healthy(self) -> list[NodeLink]:
         return [link for link in self.links.values() if link.healthy]
+
+    async def link_now(self, node_id: str) -> NodeLink:
+        """:meth:`link`, after probing the node if it is down (it may be back)."""
+        for link in self.links.values():
+            if link.id == node_id and len(self.links) > 1:
+                await self.revive(link)
+        return self.link(node_id)
 
     def link(self, node_id: str) -> NodeLink:
         """The node with this id, if it is up (UNAVAILABLE naming it otherwise)."""
@@ -276,8 +310,23 @@ class _Refused(Exception):
     pass
 
 
+def _as_rpc(exc: AgentVMError) -> grpc.aio.AioRpcError:
+    return rpc_error(exc.code, str(exc))
+
+
+def _raising(exc: AgentVMError) -> Callable[..., Any]:
+    def call(*args: Any, **kw: Any) -> Any:
+        raise _as_rpc(exc) from exc
+
+    return call
+
+
 class FleetStub:
-    """A VMManagerService stub over the fleet: each call to the node it concerns."""
+    """A VMManagerService stub over the fleet: each call to the node it concerns.
+
+    Its refusals (no node up, no room, an unknown VM) are ``grpc.aio.AioRpcError``
+    with the status a vm-manager would have given, as from a real stub.
+    """
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
@@ -289,7 +338,10 @@ class FleetStub:
             return self._list
         if method in VM_METHODS:
             return lambda request, **kw: self._by_name(method, request, kw)
-        return getattr(self.fleet.any().stub, method)  # type: ignore[no-any-return]
+        try:
+            return getattr(self.fleet.any().stub, method)  # type: ignore[no-any-return]
+        except AgentVMError as exc:
+            return _raising(exc)
 
     def _by_name(self, method: str, request: Any, kw: dict[str, Any]) -> Any:
         fleet = self.fleet
@@ -297,11 +349,23 @@ class FleetStub:
         if single is not None:
             return getattr(single.stub, method)(request, **kw)
         node_id = fleet.where.get(request.name)
+        if method == "WatchEgress":  # a stream: its node must be known and up already
+            try:
+                if node_id is None:
+                    raise NotFound(f"no VM named {request.name} is known on any node")
+                return getattr(fleet.link(node_id).stub, method)(request, **kw)
+            except AgentVMError as exc:
+                raise _as_rpc(exc) from exc
         if node_id is None:
-            if method == "WatchEgress":  # a stream: its node must be known already
-                raise NotFound(f"no VM named {request.name} is known on any node")
             return self._find_then(method, request, kw)
-        return getattr(fleet.link(node_id).stub, method)(request, **kw)
+        return self._on_node(node_id, method, request, kw)
+
+    async def _on_node(self, node_id: str, method: str, request: Any, kw: dict[str, Any]) -> Any:
+        try:
+            link = await self.fleet.link_now(node_id)
+        except AgentVMError as exc:
+            raise _as_rpc(exc) from exc
+        return await getattr(link.stub, method)(request, **kw)
 
     async def _find_then(self, method: str, request: Any, kw: dict[str, Any]) -> Any:
         """A VM this service has not seen yet: ask every healthy node where it is."""
@@ -319,9 +383,11 @@ class FleetStub:
                 fleet.where[request.name] = link.id
                 return await getattr(link.stub, method)(request, **kw)
         silent = len(fleet.links) - len(asked)
-        raise NotFound(
-            f"no VM named {request.name} on any of the {len(asked)} nodes that answer"
-            + (f" ({silent} do not)" if silent else "")
+        raise _as_rpc(
+            NotFound(
+                f"no VM named {request.name} on any of the {len(asked)} nodes that answer"
+                + (f" ({silent} do not)" if silent else "")
+            )
         )
 
     async def _create(
@@ -331,7 +397,11 @@ class FleetStub:
         want = placement.Want(size=_size(request))
         tried: list[str] = []
         last: grpc.aio.AioRpcError | None = None
-        for link in fleet.candidates(want):
+        try:
+            candidates = fleet.candidates(want)
+        except AgentVMError as exc:
+            raise _as_rpc(exc) from exc
+        for link in candidates:
             try:
                 resp: vm_manager_pb2.CreateVMResponse = await link.stub.CreateVM(request, **kw)
             except grpc.aio.AioRpcError as exc:
@@ -347,7 +417,7 @@ class FleetStub:
                 c.memory_mib += int(want.size.memory_mib)
                 c.disk_mib += int(want.size.disk_mib)
             return resp
-        raise Unavailable("no node took the VM: " + "; ".join(tried)) from last
+        raise _as_rpc(Unavailable("no node took the VM: " + "; ".join(tried))) from last
 
     async def _list(
         self, request: vm_manager_pb2.ListVMsRequest, **kw: Any

@@ -75,15 +75,19 @@ else:  # not subscriptable at run time
     _UnaryStreamInterceptor = grpc.aio.UnaryStreamClientInterceptor
 
 
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """A call's failure as grpc.aio reports one, for code that stands in for a stub."""
+    return grpc.aio.AioRpcError(
+        code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details, debug_error_string=None
+    )
+
+
 def malformed_response(method: str | bytes) -> grpc.aio.AioRpcError:
     """The error for a response that is not a valid message of the method's type."""
     name = method.decode(errors="replace") if isinstance(method, bytes) else method
-    return grpc.aio.AioRpcError(
+    return rpc_error(
         grpc.StatusCode.INTERNAL,
-        grpc.aio.Metadata(),
-        grpc.aio.Metadata(),
-        details=f"the peer sent a malformed {name} response (not a valid protobuf message)",
-        debug_error_string=None,
+        f"the peer sent a malformed {name} response (not a valid protobuf message)",
     )
 
 
@@ -244,11 +248,14 @@ class Caller:
     """How a process outside the services (CLI, benchmarks, tests) calls them.
 
     ``token``: the bearer token it sends (None: auth is off); ``credentials``:
-    the TLS identity it presents (None: TLS is off).
+    the TLS identity it presents (None: TLS is off); ``user_agent``: who it
+    says it is (a test presenting a service's certificate says so too, as
+    that service would: the audit log checks the claim against the certificate).
     """
 
     token: str | None
     credentials: grpc.ChannelCredentials | None
+    user_agent: str | None = None
 
     @classmethod
     def of(cls, settings: Settings, who: str = tls.CLIENT) -> Caller:
@@ -258,10 +265,13 @@ class Caller:
 
     def bare(self, target: str, service: str) -> grpc.Channel:
         """A channel to ``service`` without the token (health checks)."""
+        named = [("grpc.primary_user_agent", self.user_agent)] if self.user_agent else []
         if self.credentials is None:
-            return sync_channel(target)
+            return grpc.insecure_channel(target, options=[*CHANNEL_OPTIONS, *named])
         return grpc.secure_channel(
-            target, self.credentials, options=[*CHANNEL_OPTIONS, *tls.target_options(service)]
+            target,
+            self.credentials,
+            options=[*CHANNEL_OPTIONS, *named, *tls.target_options(service)],
         )
 
     def channel(self, target: str, service: str) -> grpc.Channel:

@@ -25,6 +25,7 @@ from agentvm.common.errors import (
     RemoteError,
 )
 from agentvm.common.events import EventSink
+from agentvm.common.fleet import Fleet
 from agentvm.common.guest_figures import Bounds, clamp_exit_status
 from agentvm.executor.sandbox import (
     DEFAULT_TIMEOUT_S,
@@ -52,6 +53,7 @@ class Executions:
 
     events: EventSink
     vmm: vm_manager_pb2_grpc.VMManagerServiceAsyncStub
+    fleet: Fleet | None
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         raise NotImplementedError
@@ -196,6 +198,11 @@ class Executions:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() is grpc.StatusCode.NOT_FOUND:
                     return exc.details() or "destroyed"
+                many = self.fleet is not None and self.fleet.only() is None
+                if exc.code() is grpc.StatusCode.UNAVAILABLE and many:
+                    # Its node does not answer: the fleet's words name it and since when.
+                    details = exc.details() or "its node does not answer"
+                    raise RemoteError(exc.code(), details) from exc
                 return ""
             state = resp.vm.state
             if state in (common_pb2.VM_STATE_FAILED, common_pb2.VM_STATE_STOPPED):
