@@ -8,7 +8,10 @@ bash scripts/ensure-daemons.sh
 [ -e services/agentvm/v1/vm_manager_pb2.py ] || bash scripts/gen_protos.sh >/dev/null
 buf=.tools/node_modules/.bin/buf
 
-echo "==> ruff";  .venv/bin/ruff check . && .venv/bin/ruff format --check .
+# (One command per line: under set -e a failure on the left of && would not stop the run.)
+echo "==> ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 echo "==> mypy --strict"; .venv/bin/mypy
 echo "==> bandit (no high-severity findings)"
 .venv/bin/bandit -q -r services guest clients -x services/agentvm/v1 --severity-level high
