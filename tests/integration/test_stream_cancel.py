@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
 
 import grpc
 import pytest
@@ -36,20 +37,31 @@ from tests.vmharness import ExecutorProcess, MonitorProcess, VMManagerProcess, e
 pytestmark = pytest.mark.vm
 
 ROUNDS = 3
-BIG = 64 * 1024 * 1024  # a file far larger than one ReadFile chunk
+# A file far larger than one ReadFile chunk (64 KiB): 512 messages. A reader cut
+# by its 1.5 s deadline takes 30 of them, and what the executor, the guest and
+# gRPC hold in flight for a slow reader was at most ~160 (10 MiB, measured after
+# a 3 s pause), so every stream here is still flowing when it is cut (a stream
+# that ended would be OK, which _cut refuses).
+BIG = 32 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
 def sandboxes(executor: ExecutorProcess) -> Iterator[dict[str, agent_vm.Sandbox]]:
-    """A sandbox per workspace mode, each holding a big file to read."""
+    """A sandbox per workspace mode, each holding a big file to read (made side by side)."""
     made: dict[str, agent_vm.Sandbox] = {}
+
+    def make(mode: Literal["shared", "api"]) -> None:
+        sb = agent_vm.Sandbox.create(workspace=mode, lifetime=900)
+        made[mode] = sb
+        res = sb.run(f"head -c {BIG} /dev/urandom > /workspace/work/big", timeout=120)
+        assert res.exit_code == 0, res.stderr
+
+    modes: tuple[Literal["shared", "api"], ...] = ("shared", "api")
     try:
-        for mode in ("shared", "api"):
-            sb = agent_vm.Sandbox.create(workspace=mode, lifetime=900)
-            made[mode] = sb
-            res = sb.run(f"head -c {BIG} /dev/urandom > /workspace/work/big", timeout=120)
-            assert res.exit_code == 0, res.stderr
-        yield made
+        with ThreadPoolExecutor(len(modes)) as threads:
+            for done in [threads.submit(make, mode) for mode in modes]:
+                done.result()
+        yield {mode: made[mode] for mode in modes}
     finally:
         for sb in made.values():
             sb.close()
@@ -59,13 +71,17 @@ def _abuse(start: Callable[[float | None], Any]) -> list[grpc.StatusCode]:
     """Cancel after the first message with a slow reader, then let a deadline pass mid-stream."""
     codes: list[grpc.StatusCode] = []
     for _ in range(ROUNDS):
-        call = start(None)
-        next(iter(call))  # the stream is flowing
-        time.sleep(0.3)  # a slow reader: the server has messages queued
-        call.cancel()
-        codes.append(_drain(call))
+        codes.append(_cancel_mid_stream(start(None)))
         codes.append(_drain(start(1.5)))
     return codes
+
+
+def _cancel_mid_stream(call: Any) -> grpc.StatusCode:
+    """Cancel after the first message, as a slow reader with messages queued."""
+    next(iter(call))  # the stream is flowing
+    time.sleep(0.3)  # a slow reader: the server has messages queued
+    call.cancel()
+    return _drain(call)
 
 
 def _drain(call: Iterable[Any]) -> grpc.StatusCode:
@@ -114,7 +130,10 @@ def test_executor_streams_survive_cancels_and_deadlines(
         spec=executor_pb2.SandboxSpec(network_mode=common_pb2.NETWORK_MODE_ISOLATED),
     )
     run.timeout.FromSeconds(60)
-    codes = [_drain(stub.Run(run, timeout=40)) for _ in range(2)]  # boots, then streams to the end
+    # Boots, then floods: cancelled once it streams, then cut by the deadline
+    # while it still streams (40 s: the boot takes ~10 s).
+    codes = [_cancel_mid_stream(stub.Run(run, timeout=120)), _drain(stub.Run(run, timeout=40))]
+    assert codes[0] is grpc.StatusCode.CANCELLED, codes
     _cut(codes)
     _alive_and_serving(executor, pid)
     result = agent_vm.run("echo still serving", timeout=60)
