@@ -11,7 +11,10 @@ executor to the next node: tests/unit/test_fleet.py pins that path); a
 full fleet says so; a node whose vm-manager is SIGKILLed is marked down, its
 sandbox answers UNAVAILABLE naming it, new sandboxes go elsewhere, and once
 it is back its sandbox works again and closing it destroys its VM there
-(the fixture finds nothing left on either node).
+(the fixture finds nothing left on either node). A pool-manager over both
+nodes builds its template on each, keeps its pool spread over them, refills
+on the other node when one is lost, and once the lost node is back destroys
+the pool VM it had left there.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ import agent_vm
 from agentvm.v1 import common_pb2, vm_manager_pb2
 from tests.vmharness import (
     ExecutorProcess,
+    PoolManagerProcess,
     VMManagerProcess,
     free_port,
     leftovers,
+    libvirt_domains,
     new_vmm,
     remove_vmm_dirs,
     wait_for,
@@ -185,3 +190,43 @@ def _runs(sb: agent_vm.Sandbox) -> bool:
         return sb.run("echo back", timeout=30).stdout == "back\n"
     except agent_vm.AgentVMError:
         return False
+
+
+def test_a_pool_spreads_over_the_nodes_and_refills_on_the_others(
+    fleet: tuple[list[NodeProcess], ExecutorProcess],
+) -> None:
+    nodes, executor = fleet
+    n1, n2 = nodes
+    pool = PoolManagerProcess(
+        base=executor.base,
+        prefix=executor.prefix,
+        name="pool-manager-fleet",
+        pools="light:min=2,max=2,ttl=900",
+        extra_env={"AGENTVM_NODES": executor.extra_env["AGENTVM_NODES"]},
+    )
+
+    def on(node: NodeProcess) -> list[str]:
+        return libvirt_domains(node.prefix)
+
+    try:
+        pool.start()
+        pool.wait_status(lambda st: st.ready == 2, timeout=400)
+        # One on each node (the second goes where the first left more room),
+        # each restored from that node's own template.
+        assert (len(on(n1)), len(on(n2))) == (1, 1), (on(n1), on(n2))
+        assert all(any((n.state_dir / "templates").iterdir()) for n in nodes)
+        # n2's vm-manager dies: its VM's agent no longer answers through it, the
+        # pool gives it up and makes its replacement on n1.
+        (lost,) = on(n2)
+        n2.stop(signal.SIGKILL)
+        assert wait_for(lambda: len(on(n1)) == 2, 120), on(n1)
+        pool.wait_status(lambda st: st.ready == 2, timeout=120)
+        assert on(n2) == [lost], "n2's VM runs on while its vm-manager is away"
+        # n2 is back: the pool VM it left there is destroyed, n1's stay.
+        n2.start()
+        assert wait_for(lambda: not on(n2), 90), f"n2 still has {on(n2)}"
+        assert len(on(n1)) == 2
+        assert pool.status().ready == 2
+    finally:
+        pool.stop_if_running()
+    assert wait_for(lambda: not on(n1) and not on(n2), 60), "pool-manager destroys its idle VMs"

@@ -42,6 +42,9 @@ class FakeNode:
         self.down = False
         self.refuse = False
         self.calls: Counter[str] = Counter()
+        self.templates: set[str] = set()
+        self.template_fails = False
+        self.recovering = False
 
     def _check(self, method: str) -> None:
         self.calls[method] += 1
@@ -64,7 +67,22 @@ class FakeNode:
                 cpu_overcommit=1.0,
                 memory_overcommit=1.0,
                 disk_overcommit=1.0,
+                template_keys=sorted(self.templates),
+                recovering=self.recovering,
             )
+        )
+
+    async def PrepareTemplate(
+        self, request: Any, timeout: float = 0
+    ) -> vm_manager_pb2.PrepareTemplateResponse:
+        self._check("PrepareTemplate")
+        if self.template_fails:
+            raise rpc_error(grpc.StatusCode.INTERNAL, f"{self.id}: the build VM crashed")
+        key = f"tpl-{request.profile}-{request.image}"
+        built = key not in self.templates
+        self.templates.add(key)
+        return vm_manager_pb2.PrepareTemplateResponse(
+            template=vm_manager_pb2.Template(key=key), built=built
         )
 
     async def CreateVM(self, request: Any, timeout: float = 0) -> vm_manager_pb2.CreateVMResponse:
@@ -293,6 +311,87 @@ def test_listing_merges_nodes_and_an_unseen_vm_is_found() -> None:
             await probe_all(f)
         listed = await stub.ListVMs(vm_manager_pb2.ListVMsRequest(), timeout=5)
         assert [v.node_id for v in listed.vms] == ["a"]
+        await f.close()
+
+    asyncio.run(main())
+
+
+def test_templates_are_built_on_every_node_and_restores_prefer_them() -> None:
+    async def main() -> None:
+        nodes = [FakeNode(f"n{i}") for i in range(4)]
+        nodes[3].down = True
+        f, _ = make_fleet(nodes)
+        for _ in range(DOWN_AFTER):
+            await probe_all(f)
+        stub = FleetStub(f)
+        req = vm_manager_pb2.PrepareTemplateRequest(profile=common_pb2.RESOURCE_PROFILE_LIGHT)
+        resp = await stub.PrepareTemplate(req, timeout=5)
+        assert resp.template.key == "tpl-1-"
+        # Every healthy node built its own; the down one was not asked.
+        assert [n.calls["PrepareTemplate"] for n in nodes] == [1, 1, 1, 0]
+        # One node failing to build is logged; the others' template is the answer.
+        nodes[0].template_fails = True
+        await stub.PrepareTemplate(req, timeout=5)
+        nodes[1].template_fails = nodes[2].template_fails = True
+        with refused(grpc.StatusCode.INTERNAL, "the build VM crashed"):
+            await stub.PrepareTemplate(req, timeout=5)
+        # A restore goes to a node that holds the template over an emptier one without.
+        nodes[0].templates.clear()
+        nodes[1].templates.clear()
+        nodes[2].vms = {f"x{i}": common_pb2.VM(name=f"x{i}") for i in range(2)}
+        await probe_all(f)
+        create = vm_manager_pb2.CreateVMRequest(
+            profile=common_pb2.RESOURCE_PROFILE_LIGHT, from_template=True
+        )
+        assert (await stub.CreateVM(create, timeout=5)).vm.node_id == "n2"
+        # A cold boot goes by load alone.
+        create.from_template = False
+        assert (await stub.CreateVM(create, timeout=5)).vm.node_id in ("n0", "n1")
+        await f.close()
+
+    asyncio.run(main())
+
+
+def test_a_node_seen_again_is_handed_to_the_reconcile_hooks() -> None:
+    async def main() -> None:
+        a, b = FakeNode("a"), FakeNode("b")
+        f, _ = make_fleet([a, b])
+        await f.refresh()
+        seen: list[str] = []
+
+        async def hook(link: fleet_mod.NodeLink) -> None:
+            seen.append(link.id)
+            if link.id == "b":
+                raise RuntimeError("a hook's failure stays its own")
+
+        f.on_up.append(hook)
+        await probe_all(f)
+        await asyncio.sleep(0)
+        assert seen == [], "nodes that stay up are not reconciled"
+        a.down = b.down = True
+        for _ in range(DOWN_AFTER + 1):
+            await probe_all(f)
+        # a answers again but is still taking up its VMs: not used, not reconciled.
+        a.down = b.down = False
+        a.recovering = True
+        await probe_all(f)
+        await asyncio.sleep(0.01)
+        assert seen == ["b"]
+        (link_a,) = [link for link in f.links.values() if link.id == "a"]
+        assert not link_a.healthy
+        assert "previous run" in link_a.error
+        a.recovering = False
+        await probe_all(f)
+        await asyncio.sleep(0.01)
+        assert sorted(seen) == ["a", "b"]
+        assert all(link.healthy for link in f.links.values())
+        # A restart between two probes (one miss, never down) is reconciled too.
+        a.down = True
+        await probe_all(f)
+        a.down = False
+        await probe_all(f)
+        await asyncio.sleep(0.01)
+        assert sorted(seen) == ["a", "a", "b"]
         await f.close()
 
     asyncio.run(main())

@@ -18,6 +18,9 @@ it, and routes each call:
   RESOURCE_EXHAUSTED or UNAVAILABLE; with one node, straight to it (its own
   refusal is the answer);
 * ``ListVMs`` asks every healthy node and merges the answers;
+* ``PrepareTemplate`` builds the template on every healthy node (each node
+  restores only from its own), answering with the first node's template; a
+  ``CreateVM`` from a template then prefers the nodes that hold it;
 * anything else (host info, images) goes to the first healthy node.
 
 A call for a VM on a node that is down probes it first (at most once a
@@ -36,7 +39,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,7 +140,13 @@ class Fleet:
     make_stub: Callable[[grpc.aio.Channel], Any] = vm_manager_pb2_grpc.VMManagerServiceStub
     links: dict[str, NodeLink] = field(default_factory=dict)  # by address
     where: dict[str, str] = field(default_factory=dict)  # VM name -> node id
+    # (profile, network mode, image) of a PrepareTemplate -> the template's key.
+    template_keys: dict[tuple[int, int, str], str] = field(default_factory=dict)
+    # Called (in a task of their own) with a node that answers, recovered, after
+    # missing a probe or never answering: a service reconciles what it had there.
+    on_up: list[Callable[[NodeLink], Awaitable[None]]] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
+    _hooks: set[asyncio.Task[None]] = field(default_factory=set)
 
     # -- membership and health ------------------------------------------------------------
 
@@ -152,6 +161,9 @@ class Fleet:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for hook in list(self._hooks):
+            hook.cancel()
+        await asyncio.gather(*self._hooks, return_exceptions=True)
         await self.discovery.close()
         for link in self.links.values():
             await link.channel.close(None)
@@ -223,6 +235,9 @@ class Fleet:
             )
             if other is not None:
                 raise _Refused(f"node id {node.id!r} is {other.address}'s already")
+            if node.recovering:
+                # It answers, but its VMs and load are not whole yet: not usable.
+                raise _Refused("it is still taking up the VMs of its previous run")
         except (grpc.aio.AioRpcError, _Refused) as exc:
             link.misses += 1
             link.error = (
@@ -235,10 +250,24 @@ class Fleet:
             backoff = PROBE_S if link.healthy else PROBE_S * 2 ** (link.misses - DOWN_AFTER + 1)
             link.next_probe = time.monotonic() + min(backoff, BACKOFF_MAX_S)
             return
+        # Missed once or more (down, restarted, recovering) or never seen: what a
+        # service had there may have changed behind its back.
+        back = link.misses > 0 or link.node is None
         if not link.healthy:
             log.info("%s answers again", link.describe())
         link.node, link.misses, link.error = node, 0, ""
         link.next_probe = time.monotonic() + PROBE_S
+        if back:
+            for hook in self.on_up:
+                task = asyncio.ensure_future(self._run_hook(hook, link))
+                self._hooks.add(task)
+                task.add_done_callback(self._hooks.discard)
+
+    async def _run_hook(self, hook: Callable[[NodeLink], Awaitable[None]], link: NodeLink) -> None:
+        try:
+            await hook(link)
+        except Exception:  # a hook's failure is logged, never the fleet's
+            log.exception("reconciling %s failed", link.describe())
 
     # -- choosing a node ------------------------------------------------------------------
 
@@ -295,7 +324,14 @@ class Fleet:
         if single is not None:
             return [single]
         known = {link.id: link for link in self.links.values() if link.node is not None}
-        chosen = placement.choose([link.for_placement() for link in known.values()], want, self.rng)
+        nodes = [link.for_placement() for link in known.values()]
+        holding = [n for n in nodes if want.template_key and want.template_key in n.templates]
+        if holding:
+            # A restore from a node's own template (~1 s) over a cold boot (7-10 s):
+            # only when none of the nodes holding it has room does another one serve.
+            with contextlib.suppress(AgentVMError):
+                return [known[n.id] for n in placement.choose(holding, want, self.rng)]
+        chosen = placement.choose(nodes, want, self.rng)
         return [known[n.id] for n in chosen]
 
     def remember(self, vm: common_pb2.VM) -> None:
@@ -336,6 +372,8 @@ class FleetStub:
             return self._create
         if method == "ListVMs":
             return self._list
+        if method == "PrepareTemplate":
+            return self._prepare
         if method in VM_METHODS:
             return lambda request, **kw: self._by_name(method, request, kw)
         try:
@@ -394,7 +432,10 @@ class FleetStub:
         self, request: vm_manager_pb2.CreateVMRequest, **kw: Any
     ) -> vm_manager_pb2.CreateVMResponse:
         fleet = self.fleet
-        want = placement.Want(size=_size(request))
+        template = ""
+        if request.from_template:
+            template = fleet.template_keys.get(_template_of(request), "")
+        want = placement.Want(size=_size(request), template_key=template)
         tried: list[str] = []
         last: grpc.aio.AioRpcError | None = None
         try:
@@ -440,6 +481,47 @@ class FleetStub:
                 fleet.remember(vm)
                 out.vms.append(vm)
         return out
+
+    async def _prepare(
+        self, request: vm_manager_pb2.PrepareTemplateRequest, **kw: Any
+    ) -> vm_manager_pb2.PrepareTemplateResponse:
+        """The template on every healthy node (a node restores only from its own)."""
+        fleet = self.fleet
+        single = fleet.only()
+        links = [single] if single is not None else fleet.healthy()
+        if not links:
+            raise _as_rpc(
+                Unavailable(
+                    f"none of the {len(fleet.links)} nodes answers: check them (agent-vm status)"
+                )
+            )
+        answers = await asyncio.gather(
+            *(link.stub.PrepareTemplate(request, **kw) for link in links), return_exceptions=True
+        )
+        first: vm_manager_pb2.PrepareTemplateResponse | None = None
+        failed: list[tuple[NodeLink, BaseException]] = []
+        for link, answer in zip(links, answers, strict=True):
+            if isinstance(answer, BaseException):
+                failed.append((link, answer))
+                continue
+            fleet.template_keys[_template_of(request)] = answer.template.key
+            if link.node is not None and answer.template.key not in link.node.template_keys:
+                link.node.template_keys.append(answer.template.key)  # before its next probe
+            if first is None:
+                first = answer
+        if first is None:
+            raise failed[0][1]  # none built it: the first node's own error is the answer
+        for link, exc in failed:
+            # Its restores fail FAILED_PRECONDITION and the pool prepares again.
+            log.warning("%s did not build the template: %s", link.describe(), exc)
+        return first
+
+
+def _template_of(
+    request: vm_manager_pb2.CreateVMRequest | vm_manager_pb2.PrepareTemplateRequest,
+) -> tuple[int, int, str]:
+    network = request.network_mode or common_pb2.NETWORK_MODE_ISOLATED
+    return (request.profile, network, request.image)
 
 
 def _size(request: vm_manager_pb2.CreateVMRequest) -> placement.Amount:

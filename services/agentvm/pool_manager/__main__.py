@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 import grpc
 
 from agentvm.common import logging as jsonlog
+from agentvm.common import nodes
 from agentvm.common.config import Settings
+from agentvm.common.fleet import Fleet, FleetStub
 from agentvm.common.grpc_util import aio_channel, serve
 from agentvm.common.telemetry import ServiceTelemetry
 from agentvm.pool_manager.backend import VMManagerBackend
@@ -21,11 +24,14 @@ SERVICE = pool_manager_pb2.DESCRIPTOR.services_by_name["PoolManagerService"].ful
 async def run(settings: Settings) -> None:
     configs = parse_pools(settings.pools)
     telemetry = ServiceTelemetry("pool-manager", settings)
-    channel = aio_channel(settings.vm_manager_addr, "vm-manager")
+    # The vm-managers (one, at AGENTVM_VM_MANAGER_ADDR, unless AGENTVM_NODES* name a
+    # fleet): pools place their VMs over the nodes (common/fleet.py).
+    fleet = Fleet(nodes.from_settings(settings), lambda address: aio_channel(address, "vm-manager"))
     backend = VMManagerBackend(
-        vm_manager_pb2_grpc.VMManagerServiceStub(channel),
+        cast("vm_manager_pb2_grpc.VMManagerServiceAsyncStub", FleetStub(fleet)),
         PoolManager.labels(settings),
         settings.vm_manager_addr,
+        fleet=fleet,
     )
     manager = PoolManager(settings, backend, configs, events=telemetry.events)
 
@@ -36,12 +42,15 @@ async def run(settings: Settings) -> None:
 
     async def on_stop() -> None:
         await manager.close()
-        await channel.close(grace=None)
+        await fleet.close()
         await telemetry.close()
 
     async def ready() -> None:
         await telemetry.start()
+        await fleet.start()
         await manager.start()
+        # From now on, a node that answers after being away is reconciled.
+        fleet.on_up.append(manager.reconcile_node)
 
     await serve(
         service_name="pool-manager",

@@ -9,6 +9,7 @@ import logging
 import grpc
 
 from agentvm.common.errors import AgentVMError, FailedPrecondition, NotFound, RemoteError
+from agentvm.common.fleet import Fleet
 from agentvm.common.grpc_util import agent_channel
 from agentvm.pool_manager.pool import PoolKey
 from agentvm.v1 import (
@@ -56,13 +57,28 @@ class VMManagerBackend:
         vmm: vm_manager_pb2_grpc.VMManagerServiceAsyncStub,
         labels: dict[str, str],
         vm_manager_addr: str = "unix:",
+        fleet: Fleet | None = None,
     ) -> None:
         self.vmm = vmm
         self.labels = dict(labels)
         # Where vm-manager is: its VMs' agents are dialled directly on this host
-        # (unix:), else through it (grpc_util.agent_channel).
+        # (unix:), else through it (grpc_util.agent_channel). With a fleet (``vmm``
+        # is a FleetStub over it), each VM's own node.
         self.vm_manager_addr = vm_manager_addr
+        self.fleet = fleet
         self._agents: dict[str, grpc.aio.Channel] = {}
+        # VMs this backend made and has not been asked to destroy (also while
+        # they boot): a node's reconcile leaves them alone.
+        self.made: set[str] = set()
+
+    def _vm_manager_of(self, vm: common_pb2.VM) -> str:
+        if self.fleet is None:
+            return self.vm_manager_addr
+        self.fleet.remember(vm)
+        try:
+            return self.fleet.address_of(vm)
+        except AgentVMError:
+            return self.vm_manager_addr  # its node is down: the health check fails
 
     async def create(self, key: PoolKey, from_template: bool) -> common_pb2.VM:
         req = vm_manager_pb2.CreateVMRequest(
@@ -79,6 +95,7 @@ class VMManagerBackend:
             vm = (await self.vmm.CreateVM(req, timeout=CREATE_TIMEOUT_S)).vm
         except grpc.RpcError as exc:
             raise _remote(exc, "creating a pool VM") from exc
+        self.made.add(vm.name)
         try:
             if vm.state != common_pb2.VM_STATE_READY:
                 wait = vm_manager_pb2.WaitVMRequest(name=vm.name, state=common_pb2.VM_STATE_READY)
@@ -92,7 +109,7 @@ class VMManagerBackend:
             raise
         # The VM's health channel lives exactly as long as the VM (destroy
         # closes it): a channel left to a dead VM would keep reconnecting.
-        self._agents[vm.name] = agent_channel(self.vm_manager_addr, vm.name, vm.agent_endpoint)
+        self._agents[vm.name] = agent_channel(self._vm_manager_of(vm), vm.name, vm.agent_endpoint)
         await self._warm_up(vm)
         return vm
 
@@ -122,6 +139,7 @@ class VMManagerBackend:
             raise _remote(exc, f"handing pool VM {name} to {lessee}") from exc
 
     async def destroy(self, name: str, reason: str = "") -> None:
+        self.made.discard(name)
         channel = self._agents.pop(name, None)
         if channel is not None:
             await channel.close(grace=None)
@@ -131,6 +149,8 @@ class VMManagerBackend:
             )
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
+                # A VM on a node that is away: the node's reconcile destroys it
+                # once it is back (PoolManager.reconcile_node).
                 raise _remote(exc, f"destroying {name}") from exc
 
     async def healthy(self, vm: common_pb2.VM, timeout: float) -> bool:

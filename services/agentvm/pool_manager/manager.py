@@ -8,9 +8,12 @@ import hashlib
 import logging
 import time
 
+import grpc
+
 from agentvm.common.config import Settings
 from agentvm.common.errors import AgentVMError, InvalidArgument, NotFound
 from agentvm.common.events import EventSink, NullSink
+from agentvm.common.fleet import NodeLink
 from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.pool_manager.backend import VMManagerBackend
 from agentvm.pool_manager.journal import LeaseJournal
@@ -22,6 +25,7 @@ from agentvm.pool_manager.pool import (
     check_config,
     check_image,
 )
+from agentvm.v1 import vm_manager_pb2
 
 log = logging.getLogger("agentvm.pool_manager")
 
@@ -179,6 +183,36 @@ class PoolManager:
                 self.journal.release(str(rec["lease_id"]))
         for pool in self.pools.values():
             pool.start()
+
+    async def reconcile_node(self, link: NodeLink) -> None:
+        """A node answers again (or for the first time since start): destroy this
+        pool-manager's VMs there that no pool holds (idle VMs its pools gave up on
+        while it was away, VMs of a previous run). Leased VMs stay their lessee's."""
+        try:
+            resp = await link.stub.ListVMs(
+                vm_manager_pb2.ListVMsRequest(label_selector=self.labels(self.settings)),
+                timeout=30,
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("cannot list the pool VMs of %s: %s", link.describe(), exc.details())
+            return
+        held = set(self.backend.made)
+        for pool in self.pools.values():
+            held.update(lease.vm.name for lease in pool.leases())
+        for vm in resp.vms:
+            if vm.name in held or vm.name in self.backend.made:
+                continue
+            log.info("destroying %s on %s: no pool holds it any more", vm.name, link.describe())
+            try:
+                await link.stub.DestroyVM(
+                    vm_manager_pb2.DestroyVMRequest(
+                        name=vm.name, reason=f"pool-manager: {link.describe()} is back"
+                    ),
+                    timeout=60,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    log.warning("cannot destroy %s: %s", vm.name, exc.details())
 
     def pool(self, key: PoolKey) -> VMPool:
         pool = self.pools.get(key)

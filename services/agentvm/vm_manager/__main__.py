@@ -56,6 +56,7 @@ async def run(settings: Settings) -> None:
             await manager.recover()
         except Exception:  # libvirt down at start: serve anyway, calls report it
             log.exception("recovery of existing VMs failed")
+        manager.recovered = True  # GetNode says so: fleets may place here now
 
     async def on_stop() -> None:
         await proxy.close()

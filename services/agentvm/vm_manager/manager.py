@@ -120,6 +120,8 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
         self._qemu_ver: str | None = None
         self._vms: dict[str, VM] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # False until recover() has taken up the previous run's VMs (GetNode says so).
+        self.recovered = False
         self.net = NatNetwork(settings, conn)
         self.node = NodeState.probe(settings, lambda: conn.call("node info", lambda c: c.getInfo()))
 
@@ -203,6 +205,7 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
                         unmounted=[str(p) for p in mounted],
                         reason="vm-manager restart: a directory no domain owns",
                     )
+        self.recovered = True
 
     async def _adopt(self, dom: libvirt.virDomain) -> None:
         xml = await asyncio.to_thread(dom.XMLDesc, 0)

@@ -411,6 +411,7 @@ class VMManagerServicer(ImageRPCs, vm_manager_pb2_grpc.VMManagerServiceServicer)
                 disk_overcommit=cfg.disk_overcommit,
                 vm_count=count,
                 template_keys=[t.key for t in m.list_templates()],
+                recovering=not m.recovered,
             )
         )
 

@@ -1,0 +1,55 @@
+"""pool-manager over a fleet: a node that is back is reconciled (fake nodes)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, cast
+
+from agentvm.common.config import Settings
+from agentvm.common.fleet import DOWN_AFTER, FleetStub
+from agentvm.common.profiles import ResourceProfile
+from agentvm.pool_manager.backend import VMManagerBackend
+from agentvm.pool_manager.manager import PoolManager
+from agentvm.pool_manager.pool import Lease, PoolConfig, PoolKey
+from agentvm.v1 import common_pb2
+from tests.unit.test_fleet import FakeNode, make_fleet, probe_all
+
+
+def test_a_node_back_loses_the_pool_vms_no_pool_holds(tmp_path: Path) -> None:
+    async def main() -> None:
+        a, b = FakeNode("a"), FakeNode("b")
+        f, _ = make_fleet([a, b])
+        await f.refresh()
+        settings = Settings(state_dir=tmp_path, pool_manager_addr="unix:/tmp/pm.sock")
+        backend = VMManagerBackend(cast(Any, FleetStub(f)), PoolManager.labels(settings), fleet=f)
+        key = PoolKey(ResourceProfile.LIGHT)
+        manager = PoolManager(settings, backend, {key: PoolConfig(0, 4, 900.0)})
+        f.on_up.append(manager.reconcile_node)
+
+        def vm(name: str) -> common_pb2.VM:
+            made = common_pb2.VM(name=name, node_id="b")
+            b.vms[name] = made
+            return made
+
+        # On b: a VM the pool still makes or holds idle, a leased one, and one
+        # its pool gave up on while b was away (its destroy could not reach b).
+        backend.made.add(vm("held").name)
+        leased = vm("leased")
+        manager.pools[key].adopt_lease(Lease("l1", key, leased, 0.0))
+        vm("given-up")
+        b.down = True
+        for _ in range(DOWN_AFTER):
+            await probe_all(f)
+        b.down = False
+        await probe_all(f)
+        for _ in range(50):
+            if "given-up" not in b.vms:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(b.vms) == ["held", "leased"]
+        assert a.calls["DestroyVM"] == 0
+        await manager.close()
+        await f.close()
+
+    asyncio.run(main())
