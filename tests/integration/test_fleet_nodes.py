@@ -14,13 +14,16 @@ it is back its sandbox works again and closing it destroys its VM there
 (the fixture finds nothing left on either node). A pool-manager over both
 nodes builds its template on each, keeps its pool spread over them, refills
 on the other node when one is lost, and once the lost node is back destroys
-the pool VM it had left there.
+the pool VM it had left there. `agent-vm nodes` shows both nodes, then the
+lost one as down.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -215,6 +218,10 @@ def test_a_pool_spreads_over_the_nodes_and_refills_on_the_others(
         # each restored from that node's own template.
         assert (len(on(n1)), len(on(n2))) == (1, 1), (on(n1), on(n2))
         assert all(any((n.state_dir / "templates").iterdir()) for n in nodes)
+        shown = nodes_cli(pool)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert [r[:3] for r in rows(shown)] == [["n1", n1.address, "up"], ["n2", n2.address, "up"]]
+        assert all(r[6] == "1" and int(r[7]) >= 1 for r in rows(shown)), shown.stdout
         # n2's vm-manager dies: its VM's agent no longer answers through it, the
         # pool gives it up and makes its replacement on n1.
         (lost,) = on(n2)
@@ -222,6 +229,10 @@ def test_a_pool_spreads_over_the_nodes_and_refills_on_the_others(
         assert wait_for(lambda: len(on(n1)) == 2, 120), on(n1)
         pool.wait_status(lambda st: st.ready == 2, timeout=120)
         assert on(n2) == [lost], "n2's VM runs on while its vm-manager is away"
+        shown = nodes_cli(pool)
+        assert shown.returncode == 1, shown.stdout + shown.stderr
+        states = [r[:3] for r in rows(shown)]
+        assert states == [["n1", n1.address, "up"], ["n2", n2.address, "down"]]
         # n2 is back: the pool VM it left there is destroyed, n1's stay.
         n2.start()
         assert wait_for(lambda: not on(n2), 90), f"n2 still has {on(n2)}"
@@ -230,3 +241,19 @@ def test_a_pool_spreads_over_the_nodes_and_refills_on_the_others(
     finally:
         pool.stop_if_running()
     assert wait_for(lambda: not on(n1) and not on(n2), 60), "pool-manager destroys its idle VMs"
+
+
+def nodes_cli(pool: PoolManagerProcess) -> subprocess.CompletedProcess[str]:
+    """`agent-vm nodes` with the pool-manager's settings (its AGENTVM_NODES)."""
+    return subprocess.run(
+        [sys.executable, "-m", "agentvm.cli.main", "nodes"],
+        env=pool.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def rows(shown: subprocess.CompletedProcess[str]) -> list[list[str]]:
+    return [line.split() for line in shown.stdout.splitlines()[1:]]

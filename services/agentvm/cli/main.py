@@ -49,6 +49,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         _C + "image_cmds:image",
         "Images: the built-in guest image, and named images the workload runs in.",
     ),
+    "nodes": (
+        _C + "node_cmds:nodes",
+        "The vm-manager nodes (from AGENTVM_NODES*, else the local one) and their capacity.",
+    ),
     "pool": (_C + "pool_cmds:pool", "The pool-manager's pools of pre-warmed VMs."),
     "restart": (
         _C + "bringup_cmds:restart",

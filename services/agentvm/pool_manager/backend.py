@@ -70,6 +70,8 @@ class VMManagerBackend:
         # VMs this backend made and has not been asked to destroy (also while
         # they boot): a node's reconcile leaves them alone.
         self.made: set[str] = set()
+        # CreateVM calls not answered yet: their VMs may exist on a node already.
+        self.creating = 0
 
     def _vm_manager_of(self, vm: common_pb2.VM) -> str:
         if self.fleet is None:
@@ -91,10 +93,13 @@ class VMManagerBackend:
             from_template=from_template,
             image=key.image,
         )
+        self.creating += 1
         try:
             vm = (await self.vmm.CreateVM(req, timeout=CREATE_TIMEOUT_S)).vm
         except grpc.RpcError as exc:
             raise _remote(exc, "creating a pool VM") from exc
+        finally:
+            self.creating -= 1
         self.made.add(vm.name)
         try:
             if vm.state != common_pb2.VM_STATE_READY:

@@ -15,7 +15,7 @@ from agentvm.common.errors import AgentVMError, InvalidArgument, NotFound
 from agentvm.common.events import EventSink, NullSink
 from agentvm.common.fleet import NodeLink
 from agentvm.common.profiles import NetworkMode, ResourceProfile
-from agentvm.pool_manager.backend import VMManagerBackend
+from agentvm.pool_manager.backend import CREATE_TIMEOUT_S, VMManagerBackend
 from agentvm.pool_manager.journal import LeaseJournal
 from agentvm.pool_manager.pool import (
     Lease,
@@ -202,6 +202,8 @@ class PoolManager:
         for vm in resp.vms:
             if vm.name in held or vm.name in self.backend.made:
                 continue
+            if self.backend.creating and vm.created_at.seconds > time.time() - CREATE_TIMEOUT_S:
+                continue  # perhaps a create whose answer is on its way: the next reconcile
             log.info("destroying %s on %s: no pool holds it any more", vm.name, link.describe())
             try:
                 await link.stub.DestroyVM(
