@@ -13,6 +13,7 @@ import os
 import socket
 import ssl
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -88,6 +89,11 @@ def test_the_sdk_creates_runs_moves_files_pauses_connects_and_kills(
     assert seen["after_kill"] == (
         "SandboxNotRunningException" if sdk == SDK else "TimeoutException"
     )
+    # The gateway's own /metrics counted what the SDK asked, by API.
+    with urllib.request.urlopen(gateway.metrics_url, timeout=10) as resp:  # noqa: S310
+        text = resp.read().decode()
+    for api, code in (("rest", "201"), ("envd-process", "200"), ("envd-filesystem", "200")):
+        assert f'agentvm_e2b_http_requests_total{{api="{api}",code="{code}"' in text, api
 
 
 def test_run_code_keeps_state_and_reports_exceptions(gateway: GatewayProcess) -> None:

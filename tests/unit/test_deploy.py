@@ -84,7 +84,7 @@ def design_per_service() -> set[str]:
 def design_metrics_addrs() -> dict[str, int]:
     """Service -> metrics port, from "`127.0.0.1:9470` monitor, `:9471` vm-manager, ..."."""
     text = " ".join(_metrics_section().split())
-    found = re.findall(r"`(?:127\.0\.0\.1)?:(\d+)`\s+([a-z-]+)", text)
+    found = re.findall(r"`(?:127\.0\.0\.1)?:(\d+)`\s+([a-z0-9-]+)", text)
     return {service: int(port) for port, service in found}
 
 
@@ -122,6 +122,7 @@ def test_design_tables_parse() -> None:
         "vm-manager": 9471,
         "pool-manager": 9472,
         "executor": 9473,
+        "e2b-gateway": 9474,
     }
 
 

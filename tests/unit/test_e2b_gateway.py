@@ -300,10 +300,20 @@ def test_past_its_limit_of_requests_the_gateway_answers_busy(tmp_path: Path) -> 
         tenants.AccessTokens(tmp_path / "secret"),
     )
     gw.inflight = MAX_INFLIGHT
+    before = _counted("refused", "503")
     sent = _asgi(gw, [], "/sandboxes")
     assert sent[0]["status"] == 503
     assert b"try again" in sent[1]["body"]  # type: ignore[operator]
     assert gw.inflight == MAX_INFLIGHT
+    assert _counted("refused", "503") == before + 1
+
+
+def _counted(api: str, code: str) -> float:
+    """e2b-gateway's count of POST requests to ``api`` answered ``code`` (its /metrics)."""
+    from prometheus_client import REGISTRY
+
+    labels = {"api": api, "method": "POST", "code": code}
+    return REGISTRY.get_sample_value("agentvm_e2b_http_requests_total", labels) or 0.0
 
 
 def _asgi(gw: object, headers: list[tuple[bytes, bytes]], path: str) -> list[dict[str, object]]:
@@ -331,6 +341,7 @@ def test_a_sandbox_is_named_by_headers_or_by_the_host(tmp_path: Path) -> None:
     path = "/process.Process/List"
     # Headers (E2B_SANDBOX_URL) or the host (E2B_DOMAIN): a sandbox call, and
     # without its access token a 404 naming the sandbox.
+    before = _counted("envd-process", "404"), _counted("rest", "401")
     for headers in (
         [(b"e2b-sandbox-id", b"sb-0123"), (b"e2b-sandbox-port", b"49983")],
         [(b"host", b"49983-sb-0123.e2b.example.org")],
@@ -341,3 +352,8 @@ def test_a_sandbox_is_named_by_headers_or_by_the_host(tmp_path: Path) -> None:
     # Any other host is the REST API, which wants an API key.
     sent = _asgi(gw, [(b"host", b"api.e2b.example.org")], "/sandboxes")
     assert sent[0]["status"] == 401
+    # Counted by what they were for (never by path or sandbox id).
+    assert (_counted("envd-process", "404"), _counted("rest", "401")) == (
+        before[0] + 2,
+        before[1] + 1,
+    )

@@ -10,7 +10,13 @@ DEFAULT_TOKEN_FILE = "/etc/agent-vm/token"  # noqa: S105 (a path, not a secret)
 DEFAULT_TLS_DIR = "/etc/agent-vm/tls"
 
 # Default /metrics ports of each service (AGENTVM_<SERVICE>_METRICS_ADDR overrides).
-METRICS_PORTS = {"monitor": 9470, "vm-manager": 9471, "pool-manager": 9472, "executor": 9473}
+METRICS_PORTS = {
+    "monitor": 9470,
+    "vm-manager": 9471,
+    "pool-manager": 9472,
+    "executor": 9473,
+    "e2b-gateway": 9474,
+}
 
 
 def _env(name: str, default: str) -> str:

@@ -20,6 +20,7 @@ from agentvm.common import tls
 from agentvm.common.config import Settings
 from agentvm.common.errors import InvalidArgument
 from agentvm.common.grpc_util import aio_channel, serve, setup_auth, setup_tls
+from agentvm.common.telemetry import start_metrics
 from agentvm.e2b_gateway.app import Gateway
 from agentvm.e2b_gateway.backend import Backend
 from agentvm.e2b_gateway.tenants import AccessTokens, KeyStore
@@ -70,6 +71,8 @@ async def run(settings: Settings) -> None:
     e2b_dir = settings.state_dir / "e2b"
     gateway = Gateway(backend, KeyStore(e2b_dir / "keys.json"), AccessTokens(e2b_dir / "secret"))
     config = http_config(settings)
+    # Its requests by API and status (e2b_gateway/metrics.py), as every service's /metrics.
+    stop_metrics = start_metrics(settings.metrics_addr("e2b-gateway"), "e2b-gateway")
     stop = asyncio.Event()
     http_task: asyncio.Task[None] | None = None
 
@@ -88,6 +91,7 @@ async def run(settings: Settings) -> None:
         if http_task is not None:
             await http_task
         await channel.close(grace=None)
+        stop_metrics()
 
     def register(server: grpc.aio.Server) -> None:
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -20,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from agentvm.e2b_gateway import metrics
 from agentvm.e2b_gateway.backend import (
     ACCESS_TOKEN_HEADER,
     API_KEY_HEADER,
@@ -55,6 +57,21 @@ MAX_BODY = 1 << 20
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+def _api_of(port: str, path: str) -> str:
+    """What a sandbox request is for, as e2b-gateway's metrics label it."""
+    if port == str(INTERPRETER_PORT):
+        return "interpreter"
+    if port != str(ENVD_PORT):
+        return "refused"
+    if path == "/health":
+        return "sandbox-health"
+    if path.startswith("/process.Process/"):
+        return "envd-process"
+    if path.startswith("/filesystem.Filesystem/"):
+        return "envd-filesystem"
+    return "envd-http"
 
 
 async def _send_error(send: Send, exc: GatewayError) -> None:
@@ -101,20 +118,38 @@ class Gateway:
         if scope["type"] != "http":
             await self.rest(scope, receive, send)
             return
-        if self.inflight >= MAX_INFLIGHT:
-            # A caller cannot exhaust the gateway (or the executor behind it).
-            await _send_error(
-                send,
-                GatewayError(
-                    503, f"the gateway is serving {MAX_INFLIGHT} requests: try again shortly"
-                ),
-            )
-            return
-        self.inflight += 1
+        started = time.monotonic()
+        status = [0]
+
+        async def counted(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
         try:
-            await self._route(scope, receive, send)
+            if self.inflight >= MAX_INFLIGHT:
+                # A caller cannot exhaust the gateway (or the executor behind it).
+                scope[metrics.SCOPE_KEY] = "refused"
+                await _send_error(
+                    counted,
+                    GatewayError(
+                        503, f"the gateway is serving {MAX_INFLIGHT} requests: try again shortly"
+                    ),
+                )
+                return
+            self.inflight += 1
+            try:
+                await self._route(scope, receive, counted)
+            finally:
+                self.inflight -= 1
         finally:
-            self.inflight -= 1
+            # 0: the connection ended before any answer (the client went away).
+            metrics.observe(
+                str(scope.get(metrics.SCOPE_KEY, "rest")),
+                str(scope.get("method", "")),
+                status[0],
+                time.monotonic() - started,
+            )
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -129,6 +164,7 @@ class Gateway:
                 return
             port, sandbox_id = by_host.group(1), by_host.group(2)
         path: str = scope["path"]
+        scope[metrics.SCOPE_KEY] = _api_of(port, path)
         if port == str(ENVD_PORT) and path == "/health":
             await self._sandbox_health(sandbox_id, send)
             return
