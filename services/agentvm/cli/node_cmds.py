@@ -21,6 +21,7 @@ from agentvm.cli.base import enum_word, handle_errors, message_dict, print_table
 from agentvm.cli.group import fail
 from agentvm.common import nodes as discovery
 from agentvm.common.errors import AgentVMError
+from agentvm.common.fleet import unusable
 from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
 
 ASK_TIMEOUT_S = 3.0
@@ -50,10 +51,7 @@ def _ask(where: discovery.NodeAddress) -> Seen:
     except grpc.RpcError as exc:
         seen.problem = f"{exc.code().name}: {exc.details()}"
         return seen
-    if where.expected_id and seen.node.id != where.expected_id:
-        seen.problem = f"it says it is {seen.node.id!r}, discovery expected {where.expected_id!r}"
-    elif seen.node.recovering:
-        seen.problem = "still taking up the VMs of its previous run"
+    seen.problem = unusable(seen.node, where.expected_id)  # the services' own rule
     return seen
 
 

@@ -225,19 +225,15 @@ class Fleet:
             node = (
                 await link.stub.GetNode(vm_manager_pb2.GetNodeRequest(), timeout=PROBE_TIMEOUT_S)
             ).node
-            if link.expected_id and node.id != link.expected_id:
-                raise _Refused(
-                    f"it says it is node {node.id!r}, discovery expected {link.expected_id!r}"
-                )
+            problem = unusable(node, link.expected_id)
+            if problem:
+                raise _Refused(problem)
             other = next(
                 (o for o in self.links.values() if o is not link and o.id == node.id and o.healthy),
                 None,
             )
             if other is not None:
                 raise _Refused(f"node id {node.id!r} is {other.address}'s already")
-            if node.recovering:
-                # It answers, but its VMs and load are not whole yet: not usable.
-                raise _Refused("it is still taking up the VMs of its previous run")
         except (grpc.aio.AioRpcError, _Refused) as exc:
             link.misses += 1
             link.error = (
@@ -313,10 +309,13 @@ class Fleet:
             return single
         up = sorted(self.healthy(), key=lambda link: link.address)
         if not up:
-            raise Unavailable(
-                f"none of the {len(self.links)} nodes answers: check them (agent-vm status)"
-            )
+            raise self.none_answers()
         return up[0]
+
+    def none_answers(self) -> Unavailable:
+        return Unavailable(
+            f"none of the {len(self.links)} nodes answers: check them (agent-vm nodes)"
+        )
 
     def candidates(self, want: placement.Want) -> list[NodeLink]:
         """Nodes to try for a new VM, in order (ResourceExhausted saying why when none)."""
@@ -340,6 +339,16 @@ class Fleet:
 
     def address_of(self, vm: common_pb2.VM) -> str:
         return self.link(vm.node_id or self.where.get(vm.name, "")).address
+
+
+def unusable(node: vm_manager_pb2.Node, expected_id: str) -> str:
+    """Why a node that answered ``GetNode`` cannot be used ("" when it can): another id
+    than discovery expected, or its VMs and load not whole yet (still recovering)."""
+    if expected_id and node.id != expected_id:
+        return f"it says it is node {node.id!r}, discovery expected {expected_id!r}"
+    if node.recovering:
+        return "it is still taking up the VMs of its previous run"
+    return ""
 
 
 class _Refused(Exception):
@@ -490,11 +499,7 @@ class FleetStub:
         single = fleet.only()
         links = [single] if single is not None else fleet.healthy()
         if not links:
-            raise _as_rpc(
-                Unavailable(
-                    f"none of the {len(fleet.links)} nodes answers: check them (agent-vm status)"
-                )
-            )
+            raise _as_rpc(fleet.none_answers())
         answers = await asyncio.gather(
             *(link.stub.PrepareTemplate(request, **kw) for link in links), return_exceptions=True
         )
