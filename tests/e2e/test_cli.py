@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from agentvm.common import tls
+from agentvm.common.config import METRICS_PORTS
 from tests.vmharness import (
     REPO,
     ExecutorProcess,
@@ -167,8 +168,9 @@ def test_up_and_down_are_idempotent(tmp_path: Path) -> None:
         AGENTVM_TLS_DIR=str(tmp_path / "tls"),
     )
     # Not the default metrics ports: a running installation may hold them.
-    for service in ("VM_MANAGER", "POOL_MANAGER", "EXECUTOR", "MONITOR"):
-        env[f"AGENTVM_{service}_METRICS_ADDR"] = f"127.0.0.1:{free_port()}"
+    for service in METRICS_PORTS:
+        name = service.upper().replace("-", "_")
+        env[f"AGENTVM_{name}_METRICS_ADDR"] = f"127.0.0.1:{free_port()}"
     try:
         first = agent_vm(env, "up", timeout=60)
         assert first.returncode == 0, first.stderr

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from agentvm.cli.services import alive
+from agentvm.common.config import METRICS_PORTS
 from tests.vmharness import REPO, free_port, libvirt_domains
 
 pytestmark = pytest.mark.vm
@@ -69,8 +70,9 @@ class Installation:
             AGENTVM_RESTART_BACKOFF="1",
             AGENTVM_RESTART_BACKOFF_MAX="8",
         )
-        for service in ("VM_MANAGER", "POOL_MANAGER", "EXECUTOR", "MONITOR"):
-            self.env[f"AGENTVM_{service}_METRICS_ADDR"] = f"127.0.0.1:{free_port()}"
+        for service in METRICS_PORTS:
+            name = service.upper().replace("-", "_")
+            self.env[f"AGENTVM_{name}_METRICS_ADDR"] = f"127.0.0.1:{free_port()}"
 
     def status(self) -> dict[str, Any]:
         proc = agent_vm(self.env, "status", "--json")

@@ -167,3 +167,58 @@ def test_unreachable_libvirtd_is_unavailable() -> None:
     assert "qemu+unix:///system?socket=/nonexistent/libvirt-sock" in info.value.message
     with pytest.raises(Unavailable):
         c.lookup("agent-vm-x")
+
+
+class FlakyDomain:
+    """A domain whose first starts fail with the given errors."""
+
+    def __init__(self, *errors: libvirt.libvirtError) -> None:
+        self.errors = list(errors)
+        self.starts: list[int] = []
+
+    def name(self) -> str:
+        return "agent-vm-flaky"
+
+    def createWithFlags(self, flags: int) -> None:
+        self.starts.append(flags)
+        if self.errors:
+            raise self.errors.pop(0)
+
+
+EAGAIN = "failed to load cgroup BPF prog: Resource temporarily unavailable"
+
+
+def test_launch_tries_again_after_a_transient_eagain() -> None:
+    dom = FlakyDomain(
+        libvirt_error(libvirt.VIR_ERR_INTERNAL_ERROR, EAGAIN),
+        libvirt_error(libvirt.VIR_ERR_INTERNAL_ERROR, EAGAIN),
+    )
+    libvirt_conn.launch(dom, 7, pause=0)
+    assert dom.starts == [7, 7, 7]
+
+
+def test_launch_gives_up_on_eagain_after_its_attempts() -> None:
+    dom = FlakyDomain(*(libvirt_error(libvirt.VIR_ERR_INTERNAL_ERROR, EAGAIN) for _ in range(3)))
+    with pytest.raises(libvirt.libvirtError) as raised:
+        libvirt_conn.launch(dom, attempts=3, pause=0)
+    assert raised.value.get_error_message() == EAGAIN
+    assert len(dom.starts) == 3
+
+
+def test_launch_raises_any_other_error_at_once() -> None:
+    dom = FlakyDomain(libvirt_error(libvirt.VIR_ERR_INTERNAL_ERROR, "Cannot access storage file"))
+    with pytest.raises(libvirt.libvirtError) as raised:
+        libvirt_conn.launch(dom, pause=0)
+    assert "storage file" in (raised.value.get_error_message() or "")
+    assert len(dom.starts) == 1
+
+
+def test_launch_starts_a_test_driver_domain() -> None:
+    conn = libvirt.open(TEST_URI)
+    try:
+        dom = conn.lookupByName("test")
+        dom.destroy()
+        libvirt_conn.launch(dom)
+        assert dom.isActive()
+    finally:
+        conn.close()

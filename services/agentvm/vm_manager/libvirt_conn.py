@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -62,6 +63,35 @@ def translate(exc: libvirt.libvirtError, what: str) -> AgentVMError:
     if code in _UNAVAILABLE:
         return Unavailable(msg + " (is libvirtd running? `agent-vm doctor` checks)")
     return AgentVMError(msg)
+
+
+# A start that failed with EAGAIN started nothing, and the same call a moment
+# later succeeds. Seen (CI, 2026-12) as "failed to load cgroup BPF prog:
+# Resource temporarily unavailable": libvirt's cgroup v2 device filter, which
+# the kernel's verifier refuses with EAGAIN while a signal is pending.
+_TRANSIENT = "Resource temporarily unavailable"
+
+
+def launch(dom: libvirt.virDomain, flags: int = 0, attempts: int = 3, pause: float = 0.2) -> None:
+    """Start a defined domain (``createWithFlags``), retrying a transient EAGAIN.
+
+    Blocking: call it in a thread. Any other error is raised at once.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            dom.createWithFlags(flags)
+            return
+        except libvirt.libvirtError as exc:
+            if attempt == attempts or _TRANSIENT not in (exc.get_error_message() or ""):
+                raise
+            log.warning(
+                "starting %s: %s; trying again (%d/%d)",
+                dom.name(),
+                exc.get_error_message(),
+                attempt,
+                attempts,
+            )
+            time.sleep(pause * attempt)
 
 
 @contextlib.contextmanager

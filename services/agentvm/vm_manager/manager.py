@@ -45,6 +45,7 @@ from agentvm.vm_manager.libvirt_conn import (
     DOMAIN_CRASHED,
     DOMAIN_SHUTOFF,
     LibvirtConnection,
+    launch,
     libvirt_errors,
 )
 from agentvm.vm_manager.manager_domain import DomainDefinition
@@ -398,7 +399,7 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
             vm.guest = None
             vm.error = ""
             with libvirt_errors(f"starting VM {name}"):
-                await asyncio.to_thread(dom.create)
+                await asyncio.to_thread(launch, dom)
             vm.transition(VMState.BOOTING)
             await self._start_relay(vm, dom)
             log.info("started VM %s", name, extra={"vm": name})

@@ -35,7 +35,7 @@ from agentvm.vm_manager.clones import (
 from agentvm.vm_manager.image import ImageStore
 from agentvm.vm_manager.image_store import ImageStore as NamedImageStore
 from agentvm.vm_manager.image_store import image_users as named_image_users
-from agentvm.vm_manager.libvirt_conn import LibvirtConnection, libvirt_errors
+from agentvm.vm_manager.libvirt_conn import LibvirtConnection, launch, libvirt_errors
 from agentvm.vm_manager.manager_readiness import DEFAULT_WAIT_S, POLL_S
 from agentvm.vm_manager.network import Policy
 from agentvm.vm_manager.templates import Resources
@@ -193,11 +193,11 @@ class MemoryTemplates:
             phases: dict[str, float] = {}
             started = vm.boot_started
 
-            def launch() -> libvirt.virDomain:
+            def restore() -> libvirt.virDomain:
                 with libvirt_errors(f"restoring {vm.name} from template {info.key}"):
                     self.conn.define(incoming)
                     dom = self.conn.lookup(vm.name)
-                    dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+                    launch(dom, libvirt.VIR_DOMAIN_START_PAUSED)
                     # The persistent definition boots normally next time.
                     self.conn.define(normal)
                     phases["start_paused_s"] = time.monotonic() - started
@@ -206,7 +206,7 @@ class MemoryTemplates:
                     phases["load_s"] = time.monotonic() - started
                     return dom
 
-            dom = await asyncio.to_thread(launch)
+            dom = await asyncio.to_thread(restore)
             vm.transition(VMState.BOOTING)
             await self._start_relay(vm, dom)
             phases["relay_s"] = time.monotonic() - started

@@ -17,7 +17,7 @@ import libvirt
 
 from agentvm.vm_manager.clones import load_state, save_state
 from agentvm.vm_manager.domain_xml import QEMU_NS
-from agentvm.vm_manager.libvirt_conn import LibvirtConnection
+from agentvm.vm_manager.libvirt_conn import LibvirtConnection, launch
 
 STATE_FILE = "suspended.state"
 
@@ -79,7 +79,7 @@ def resume(conn: LibvirtConnection, name: str, path: Path) -> libvirt.virDomain:
     conn.define(with_incoming(normal))
     try:
         dom = conn.lookup(name)
-        dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+        launch(dom, libvirt.VIR_DOMAIN_START_PAUSED)
     finally:
         # The persistent definition boots normally next time.
         conn.define(normal)
