@@ -395,3 +395,16 @@ def test_a_node_seen_again_is_handed_to_the_reconcile_hooks() -> None:
         await f.close()
 
     asyncio.run(main())
+
+
+def test_every_call_about_one_vm_is_routed_to_its_node() -> None:
+    """A new VMManagerService RPC whose request names a VM must be in VM_METHODS, or the
+    fleet would send it to whichever node came first. Image RPCs name an image."""
+    images = {"GetImage", "BuildImage", "ImportImage", "DeleteImage", "TagImage"}
+    service = vm_manager_pb2.DESCRIPTOR.services_by_name["VMManagerService"]
+    by_name = {
+        m.name
+        for m in service.methods
+        if "name" in m.input_type.fields_by_name and m.name not in images
+    }
+    assert by_name == fleet_mod.VM_METHODS

@@ -405,3 +405,75 @@ def test_prune_images_empties_the_build_cache_only_when_asked(
         assert list(build.iterdir()) == []
 
     run_servicer_test(tmp_path, fake_image, body)
+
+
+def test_a_vm_record_is_compare_and_set_and_outlives_the_vm_manager(
+    tmp_path: Path, fake_image: Path
+) -> None:
+    """SetVMRecord (docs/SCALE_OUT.md): writes race on a generation; the record lives in
+    the domain's metadata, so a new vm-manager's recovery reads it back."""
+    settings = unit_settings(tmp_path, fake_image)
+    record = bytes(range(256)) * 8
+    name = ""
+
+    async def body(stub: vm_manager_pb2_grpc.VMManagerServiceAsyncStub) -> None:
+        nonlocal name
+        req = vm_manager_pb2.CreateVMRequest(
+            network_mode=common_pb2.NETWORK_MODE_ISOLATED, labels={"owner": "unit"}
+        )
+        vm = (await stub.CreateVM(req)).vm
+        name = vm.name
+        assert (vm.record, vm.record_generation) == (b"", 0)
+
+        async def put(data: bytes, expected: int) -> common_pb2.VM:
+            req = vm_manager_pb2.SetVMRecordRequest(
+                name=name, record=data, expected_generation=expected
+            )
+            return (await stub.SetVMRecord(req)).vm
+
+        first = await put(b"first", 0)
+        assert (first.record, first.record_generation) == (b"first", 1)
+        # A writer that read generation 0 lost the race: told so, nothing changed.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await put(b"stale", 0)
+        assert err.value.code() == grpc.StatusCode.ABORTED
+        assert "generation 1, not 0" in (err.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await put(b"x" * (64 * 1024 + 1), 1)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "at most 65536 bytes" in (err.value.details() or "")
+        second = await put(record, 1)
+        assert second.record_generation == 2
+        got = (await stub.GetVM(vm_manager_pb2.GetVMRequest(name=name))).vm
+        assert (got.record, got.record_generation) == (record, 2)
+        # ListVMs: the generation, never the records themselves.
+        listed = (
+            await stub.ListVMs(vm_manager_pb2.ListVMsRequest(label_selector={"owner": "unit"}))
+        ).vms
+        assert [(v.record, v.record_generation) for v in listed] == [(b"", 2)]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.SetVMRecord(vm_manager_pb2.SetVMRecordRequest(name="agent-vm-unit-none"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    async def restarted() -> None:
+        conn = LibvirtConnection(settings.libvirt_uri)
+        try:
+            manager = unit_manager(settings, conn)
+            await manager.recover()
+            vm = await manager.get(name)
+            assert (vm.record, vm.record_generation) == (record, 2)
+            # Cleared by an empty record: the generation still counts.
+            cleared = await manager.set_record(name, b"", 2)
+            assert (cleared.record, cleared.record_generation) == (b"", 3)
+            await manager.destroy(name)
+        finally:
+            conn.close()
+
+    # The test driver forgets its domains when its last connection closes.
+    keep = LibvirtConnection(settings.libvirt_uri)
+    try:
+        keep.call("holding the test driver open", lambda c: c.getInfo())
+        run_servicer_test(tmp_path, fake_image, body, settings)
+        asyncio.run(restarted())
+    finally:
+        keep.close()

@@ -73,6 +73,7 @@ VM_METHODS = frozenset(
         "WatchEgress",
         "CaptureEvidence",
         "LeasePoolVM",
+        "SetVMRecord",
     }
 )
 RETRY_CODES = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)

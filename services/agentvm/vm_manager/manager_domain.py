@@ -8,13 +8,15 @@ A mixin of VMManager (manager.py), which provides what is declared at the top of
 from __future__ import annotations
 
 import asyncio
+import base64
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 import libvirt
 
 from agentvm.common.config import Settings
-from agentvm.common.errors import FailedPrecondition
+from agentvm.common.errors import Aborted, FailedPrecondition, InvalidArgument
 from agentvm.common.events import EventSink
 from agentvm.common.profiles import NetworkMode
 from agentvm.v1 import common_pb2
@@ -26,6 +28,9 @@ from agentvm.vm_manager.libvirt_conn import LibvirtConnection, libvirt_errors
 from agentvm.vm_manager.network import NatNetwork
 from agentvm.vm_manager.templates import ImageFiles, VMTemplate
 from agentvm.vm_manager.vm import VM
+
+# SetVMRecord's limit: a record is a sandbox's state, not its data.
+MAX_RECORD = 64 * 1024
 
 
 class DomainDefinition:
@@ -79,6 +84,7 @@ class DomainDefinition:
                 "agent_socket": vm.agent_socket_name,
                 "workload_image": vm.workload_image_id,
                 "build_disk": vm.build_disk,
+                **record_fields(vm),
                 **self._net_metadata(vm),
             },
             vm.labels,
@@ -201,12 +207,14 @@ class DomainDefinition:
             workspace.create(vm.workspace, vm.resources.disk_mib, self.settings.workspace_cap)
         self.conn.define(self._domain(vm, kernel, initrd))
 
-    def _store_metadata(self, vm: VM, dom: libvirt.virDomain) -> None:
+    def _store_metadata(
+        self, vm: VM, dom: libvirt.virDomain, what: str = "the network policy"
+    ) -> None:
         meta = self._metadata(vm).to_api_xml()
         flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
         if dom.isActive():
             flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
-        with libvirt_errors(f"recording the network policy of {vm.name}"):
+        with libvirt_errors(f"recording {what} of {vm.name}"):
             dom.setMetadata(
                 libvirt.VIR_DOMAIN_METADATA_ELEMENT,
                 meta,
@@ -232,3 +240,49 @@ class DomainDefinition:
                 raise
         self.events.emit("vm.leased", vm=name, lessee=lessee, lease_id=lease_id)
         return vm
+
+    async def set_record(self, name: str, record: bytes, expected_generation: int) -> VM:
+        """SetVMRecord: replace the VM's record if its generation is still the expected one."""
+        if len(record) > MAX_RECORD:
+            raise InvalidArgument(
+                f"a VM record is at most {MAX_RECORD} bytes, not {len(record)}: keep large "
+                "state elsewhere and only its reference in the record"
+            )
+        async with self._lock(name):
+            vm = self._get(name)
+            if vm.record_generation != expected_generation:
+                raise Aborted(
+                    f"VM {name}'s record is at generation {vm.record_generation}, not "
+                    f"{expected_generation}: another write came first; read it again (GetVM) "
+                    "and retry"
+                )
+            dom = await asyncio.to_thread(self.conn.lookup, name)
+            old = vm.record, vm.record_generation
+            vm.record, vm.record_generation = record, expected_generation + 1
+            try:
+                await asyncio.to_thread(self._store_metadata, vm, dom, "the record")
+            except BaseException:
+                vm.record, vm.record_generation = old
+                raise
+        return vm
+
+
+def record_fields(vm: VM) -> dict[str, str]:
+    """The record's metadata fields (none for a VM whose record was never written)."""
+    if not vm.record_generation:
+        return {}
+    return {
+        "record": base64.b64encode(vm.record).decode(),
+        "record_generation": str(vm.record_generation),
+    }
+
+
+def parse_record(fields: Mapping[str, str]) -> tuple[bytes, int]:
+    """The record and its generation from a domain's metadata (ValueError if malformed)."""
+    generation = int(fields.get("record_generation", "0"))
+    if generation < 0:
+        raise ValueError(f"record_generation {generation}")
+    record = base64.b64decode(fields.get("record", ""), validate=True)
+    if len(record) > MAX_RECORD:
+        raise ValueError(f"record of {len(record)} bytes")
+    return record, generation

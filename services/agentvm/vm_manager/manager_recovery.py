@@ -28,6 +28,7 @@ from agentvm.vm_manager.accel import AccelInfo
 from agentvm.vm_manager.clones import TemplateStore
 from agentvm.vm_manager.image_store import ImageStore as NamedImageStore
 from agentvm.vm_manager.libvirt_conn import LibvirtConnection
+from agentvm.vm_manager.manager_domain import parse_record
 from agentvm.vm_manager.manager_templates import TEMPLATE_ROLE
 from agentvm.vm_manager.network import NatNetwork, Policy
 from agentvm.vm_manager.node import NodeState
@@ -136,6 +137,10 @@ class Recovery:
             build_disk=f.get("build_disk", ""),
             node_id=self.node.config.id,
         )
+        try:
+            vm.record, vm.record_generation = parse_record(f)
+        except ValueError as exc:
+            raise FailedPrecondition(f"its record is unreadable ({exc})") from exc
         if vm.network_mode is NetworkMode.NAT_FILTERED:
             try:
                 policy = Policy.from_json(f["net_policy"])

@@ -133,6 +133,19 @@ class VMManagerServicer(ImageRPCs, vm_manager_pb2_grpc.VMManagerServiceServicer)
         return vm_manager_pb2.LeasePoolVMResponse(vm=access.view(vm, who))
 
     @grpc_errors
+    async def SetVMRecord(
+        self, request: vm_manager_pb2.SetVMRecordRequest, context: Ctx
+    ) -> vm_manager_pb2.SetVMRecordResponse:
+        who = identity.caller(context)
+        access.require_usable(await self.manager.get(request.name), who, "set its record")
+        vm = await self.manager.set_record(
+            request.name, request.record, request.expected_generation
+        )
+        msg = access.view(vm, who)
+        msg.record = vm.record
+        return vm_manager_pb2.SetVMRecordResponse(vm=msg)
+
+    @grpc_errors
     async def CreateVM(
         self, request: vm_manager_pb2.CreateVMRequest, context: Ctx
     ) -> vm_manager_pb2.CreateVMResponse:
@@ -300,7 +313,9 @@ class VMManagerServicer(ImageRPCs, vm_manager_pb2_grpc.VMManagerServiceServicer)
         self, request: vm_manager_pb2.GetVMRequest, context: Ctx
     ) -> vm_manager_pb2.GetVMResponse:
         vm = await self.manager.get(request.name)
-        return vm_manager_pb2.GetVMResponse(vm=access.view(vm, identity.caller(context)))
+        msg = access.view(vm, identity.caller(context))
+        msg.record = vm.record
+        return vm_manager_pb2.GetVMResponse(vm=msg)
 
     @grpc_errors
     async def ListVMs(

@@ -107,6 +107,10 @@ class VM:
     build_disk: str = ""
     # The node (vm-manager) it runs on (node.py).
     node_id: str = ""
+    # Its owner's opaque record (SetVMRecord, docs/SCALE_OUT.md) and how many
+    # times it was written: compare-and-set on the generation.
+    record: bytes = b""
+    record_generation: int = 0
 
     @property
     def overlay(self) -> Path:
@@ -186,6 +190,7 @@ class VM:
             from_template=bool(self.template_key),
             workload_image_id=self.workload_image_id,
             node_id=self.node_id,
+            record_generation=self.record_generation,
         )
         msg.created_at.FromNanoseconds(int(self.created_at * 1e9))
         if self.boot_duration is not None:
