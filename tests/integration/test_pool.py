@@ -249,6 +249,36 @@ def test_ten_concurrent_executions_through_the_executor_and_the_pool(
     pm.wait_status(lambda s: s.in_use == 0)
 
 
+@pytest.mark.pools("standard:min=1,max=2,ttl=600")
+def test_a_sandbox_from_the_pool_survives_a_killed_executor(
+    vmm: VMManagerProcess, pm: PoolManagerProcess
+) -> None:
+    """A pool VM keeps the pool's owner label when leased; the lease adds the
+    executor's labels, by which the restarted executor finds the VM and takes the
+    sandbox up (before, it was dropped and its lease released)."""
+    pm.wait_status(lambda s: s.ready == 1)
+    ex = ExecutorProcess(base=vmm.base, prefix=vmm.prefix, name="executor-keep", pool=pm.address)
+    ex.start()
+    try:
+        sb = agent_vm.Sandbox.create(address=ex.address, lifetime=900)
+        labels = (
+            vmm.stub().GetVM(vm_manager_pb2.GetVMRequest(name=sb.vm_name), timeout=30).vm.labels
+        )
+        assert labels["agent-vm/owner"] == "pool-manager", labels
+        assert (labels["agent-vm/sandbox"], labels["agent-vm/executor"]) == (sb.id, ex.address)
+        sb.files.write("kept.txt", "kept")
+        ex.stop(signal.SIGKILL)
+        ex.start()
+        again = agent_vm.Sandbox.connect(sb.id, address=ex.address)
+        assert again.run("cat /workspace/kept.txt").stdout == "kept"
+        assert pm.status().in_use == 1  # the restart's sweep kept its lease
+        again.close()
+        pm.wait_status(lambda s: s.in_use == 0)
+        assert sb.vm_name not in {v.name for v in pool_vms(vmm, pm)}
+    finally:
+        ex.stop()
+
+
 @pytest.mark.pools("standard:min=0,max=2,ttl=600")
 @pytest.mark.parametrize("delay", [0.3, 2.0])
 def test_kill_9_mid_acquire_leaves_every_vm_accounted_for(

@@ -150,7 +150,9 @@ class _Backend(FakeBackend):
     async def list_vms(self, labels: dict[str, str]) -> list[common_pb2.VM]:
         return []
 
-    async def mark_leased(self, name: str, lessee: str, lease_id: str) -> common_pb2.VM:
+    async def mark_leased(
+        self, name: str, lessee: str, lease_id: str, labels: object = None
+    ) -> common_pb2.VM:
         return common_pb2.VM(name=name, state=common_pb2.VM_STATE_READY)
 
     async def close(self) -> None:

@@ -6,6 +6,7 @@ caller's name and pool-manager's hand-over at AcquireVM are pinned without VMs.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -21,9 +22,10 @@ from agentvm.common.errors import (
     Unavailable,
 )
 from agentvm.common.profiles import NetworkMode, ResourceProfile
+from agentvm.pool_manager.backend import VMManagerBackend
 from agentvm.pool_manager.pool import Lease, PoolKey
 from agentvm.pool_manager.servicer import PoolManagerServicer
-from agentvm.v1 import common_pb2, pool_manager_pb2
+from agentvm.v1 import common_pb2, pool_manager_pb2, vm_manager_pb2
 from agentvm.vm_manager import access
 from agentvm.vm_manager.accel import Accel
 from agentvm.vm_manager.templates import Resources
@@ -146,6 +148,15 @@ def test_a_leased_pool_vm_is_used_like_any_vm(tmp_path: Path) -> None:
         access.check_lease(vm, "pool-manager", "client")
 
 
+def test_a_lease_adds_the_lessees_labels_but_never_the_pools_own(tmp_path: Path) -> None:
+    vm = make_vm(tmp_path, POOL_LABELS)
+    mine = {"agent-vm/executor": "unix:/run/ex.sock", "agent-vm/sandbox": "sb-0123456789ab"}
+    access.check_lease(vm, "pool-manager", "executor", mine)
+    for key in ("agent-vm/owner", "agent-vm/pool", access.LESSEE_LABEL, access.LEASE_LABEL):
+        with pytest.raises(InvalidArgument, match=f"label {key} is the pool's own"):
+            access.check_lease(vm, "pool-manager", "executor", {**mine, key: "x"})
+
+
 def test_ordinary_vms_are_untouched(tmp_path: Path) -> None:
     vm = make_vm(tmp_path, {"agent-vm/owner": "executor"})
     assert vm.agent_socket.name == "agent.sock"
@@ -202,7 +213,9 @@ class FakeBackend:
         self.fail = fail
         self.marked: list[tuple[str, str, str]] = []
 
-    async def mark_leased(self, name: str, lessee: str, lease_id: str) -> common_pb2.VM:
+    async def mark_leased(
+        self, name: str, lessee: str, lease_id: str, labels: object = None
+    ) -> common_pb2.VM:
         self.marked.append((name, lessee, lease_id))
         if self.fail:
             raise Unavailable("vm-manager is not reachable")
@@ -244,3 +257,29 @@ def test_acquire_that_cannot_hand_over_releases_the_vm_and_fails() -> None:
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
     assert "not reachable" in err.value.details
     assert pool.released == ["lease-1"]  # destroyed, never handed out unusable
+
+
+def test_pool_manager_passes_the_lessees_labels_on_without_the_pools_keys() -> None:
+    sent: list[vm_manager_pb2.LeasePoolVMRequest] = []
+
+    class VMM:
+        async def LeasePoolVM(
+            self, req: vm_manager_pb2.LeasePoolVMRequest, timeout: float
+        ) -> vm_manager_pb2.LeasePoolVMResponse:
+            sent.append(req)
+            return vm_manager_pb2.LeasePoolVMResponse(vm=common_pb2.VM(name=req.name))
+
+    backend = VMManagerBackend(VMM(), {})  # type: ignore[arg-type]
+    acquired = {
+        "agent-vm/owner": "executor",
+        "agent-vm/pool-manager": "unix:/x",
+        "agent-vm/executor": "unix:/run/ex.sock",
+        "agent-vm/sandbox": "sb-0123456789ab",
+        "team": "a",
+    }
+    asyncio.run(backend.mark_leased("agent-vm-1", "executor", "L1", acquired))
+    assert dict(sent[0].labels) == {
+        "agent-vm/executor": "unix:/run/ex.sock",
+        "agent-vm/sandbox": "sb-0123456789ab",
+        "team": "a",
+    }

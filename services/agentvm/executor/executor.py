@@ -142,6 +142,11 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing):
     def _owner_labels(self) -> dict[str, str]:
         return dict([OWNER_LABEL, (EXECUTOR_LABEL, self.settings.executor_addr)])
 
+    def _vm_selector(self) -> dict[str, str]:
+        """This executor's sandboxes' VMs: those it made, and pool VMs leased to it
+        (they keep the pool's owner label and carry this executor's from the lease)."""
+        return {EXECUTOR_LABEL: self.settings.executor_addr}
+
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -152,15 +157,16 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing):
         """Reclaim VMs a previous executor left behind, then start the reaper."""
         try:
             resp = await self.vmm.ListVMs(
-                vm_manager_pb2.ListVMsRequest(label_selector=self._owner_labels()), timeout=30
+                vm_manager_pb2.ListVMsRequest(label_selector=self._vm_selector()), timeout=30
             )
         except grpc.aio.AioRpcError as exc:
             log.warning("cannot list leftover VMs: %s", exc.details())
         else:
             # Sandboxes of a previous executor (killed, crashed) are taken up
-            # from the journal; VMs no record holds are reclaimed.
+            # from the journal; VMs no record holds are reclaimed (a pool VM's
+            # lease is released below).
             kept = await self.take_up(list(resp.vms))
-            for vm in resp.vms:
+            for vm in orphaned_vms(resp.vms, set()):
                 if vm.name in kept:
                     continue
                 log.info("destroying VM %s left by a previous executor", vm.name)
@@ -203,7 +209,7 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing):
         whose AcquireVM answer never arrived (pool-manager killed mid-acquire).
         """
         resp = await self.vmm.ListVMs(
-            vm_manager_pb2.ListVMsRequest(label_selector=self._owner_labels()), timeout=30
+            vm_manager_pb2.ListVMsRequest(label_selector=self._vm_selector()), timeout=30
         )
         gone = orphaned_vms(resp.vms, set(self._sandboxes) | self._creating)
         for vm in gone:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 
 import grpc
 
@@ -134,10 +135,23 @@ class VMManagerBackend:
             # acquire replaces it): the VM is offered all the same.
             log.info("warm-up of pool VM %s failed: %s", vm.name, exc.details())
 
-    async def mark_leased(self, name: str, lessee: str, lease_id: str) -> common_pb2.VM:
+    async def mark_leased(
+        self, name: str, lessee: str, lease_id: str, labels: Mapping[str, str] | None = None
+    ) -> common_pb2.VM:
         """Tell vm-manager that ``name`` now belongs to ``lessee``: until then it refuses
-        everyone but pool-manager. Returns the VM as the lessee will see it."""
-        req = vm_manager_pb2.LeasePoolVMRequest(name=name, lessee=lessee, lease_id=lease_id)
+        everyone but pool-manager. The VM carries the lessee's ``labels`` from then on,
+        but for the keys that are the pool's (agent-vm/owner, agent-vm/pool...): its
+        owner stays the pool. Returns the VM as the lessee will see it."""
+        req = vm_manager_pb2.LeasePoolVMRequest(
+            name=name,
+            lessee=lessee,
+            lease_id=lease_id,
+            labels={
+                k: v
+                for k, v in (labels or {}).items()
+                if k != "agent-vm/owner" and not k.startswith("agent-vm/pool")
+            },
+        )
         try:
             return (await self.vmm.LeasePoolVM(req, timeout=LEASE_TIMEOUT_S)).vm
         except grpc.RpcError as exc:

@@ -98,7 +98,9 @@ class PoolManagerServicer(pool_manager_pb2_grpc.PoolManagerServiceServicer):
         lease = await pool.acquire(timeout, dict(request.labels))
         try:
             # vm-manager keeps a warm pool VM from everyone but pool-manager until now.
-            lease.vm = await self.manager.backend.mark_leased(lease.vm.name, lessee, lease.lease_id)
+            lease.vm = await self.manager.backend.mark_leased(
+                lease.vm.name, lessee, lease.lease_id, request.labels
+            )
         except BaseException:
             # Never hand out a VM its lessee could not use; the release destroys it.
             with contextlib.suppress(AgentVMError):

@@ -13,8 +13,10 @@ the next tenant, so vm-manager keeps every other caller away from it:
   snapshots) are refused with FAILED_PRECONDITION; DestroyVM and CaptureEvidence stay
   open (they end the VM: the monitor's responses, an operator's clean-up);
 * ``LeasePoolVM`` (pool-manager's certificate only) records the lessee in the labels
-  ``agent-vm/pool-lessee`` and ``agent-vm/pool-lease``; from then on the VM is used
-  like any VM, at the same socket. Release destroys it.
+  ``agent-vm/pool-lessee`` and ``agent-vm/pool-lease``, and adds the lessee's labels
+  (the executor's ``agent-vm/executor`` and ``agent-vm/sandbox``: how it finds its
+  sandboxes' VMs after a restart); from then on the VM is used like any VM, at the
+  same socket. Release destroys it.
 
 Callers are named by :func:`agentvm.common.identity.caller` (the verified certificate
 under mutual TLS). Root on the host can still open the relay socket directly: root is
@@ -116,8 +118,15 @@ def view(vm: VM, who: str) -> common_pb2.VM:
     return msg
 
 
-def check_lease(vm: VM, who: str, lessee: str) -> None:
-    """LeasePoolVM: pool-manager only, of a pool VM, to a named lessee."""
+def check_lease(vm: VM, who: str, lessee: str, labels: Mapping[str, str] | None = None) -> None:
+    """LeasePoolVM: pool-manager only, of a pool VM, to a named lessee, with labels
+    that leave the pool's own alone."""
+    for key in sorted(labels or {}):
+        if key in (OWNER_LABEL, POOL_LABEL, *RESERVED_LABELS):
+            raise InvalidArgument(
+                f"label {key} is the pool's own: a lease cannot set it; leave it out of "
+                "the lessee's labels"
+            )
     if who != POOL_MANAGER:
         raise PermissionDenied(
             f"only pool-manager leases pool VMs (caller: {who or 'unnamed'}): use "

@@ -223,13 +223,21 @@ class DomainDefinition:
                 flags,
             )
 
-    async def lease_pool_vm(self, name: str, lessee: str, lease_id: str) -> VM:
-        """Record that pool-manager handed pool VM ``name`` to ``lessee`` (access.py)."""
+    async def lease_pool_vm(
+        self, name: str, lessee: str, lease_id: str, extra: Mapping[str, str] | None = None
+    ) -> VM:
+        """Record that pool-manager handed pool VM ``name`` to ``lessee`` with the
+        lessee's ``extra`` labels (access.check_lease vetted them)."""
         async with self._lock(name):
             vm = self._get(name)
             if vm.labels.get(access.LESSEE_LABEL) == lessee:
                 return vm
-            labels = {**vm.labels, access.LESSEE_LABEL: lessee, access.LEASE_LABEL: lease_id}
+            labels = {
+                **vm.labels,
+                **(extra or {}),
+                access.LESSEE_LABEL: lessee,
+                access.LEASE_LABEL: lease_id,
+            }
             self._check_labels(labels)
             dom = await asyncio.to_thread(self.conn.lookup, name)
             old, vm.labels = vm.labels, labels

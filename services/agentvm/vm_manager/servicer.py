@@ -128,8 +128,9 @@ class VMManagerServicer(ImageRPCs, vm_manager_pb2_grpc.VMManagerServiceServicer)
     ) -> vm_manager_pb2.LeasePoolVMResponse:
         who = identity.caller(context)
         lessee = request.lessee[: identity.MAX_NAME] or "unnamed"
-        access.check_lease(await self.manager.get(request.name), who, lessee)
-        vm = await self.manager.lease_pool_vm(request.name, lessee, request.lease_id[:64])
+        labels = dict(request.labels)
+        access.check_lease(await self.manager.get(request.name), who, lessee, labels)
+        vm = await self.manager.lease_pool_vm(request.name, lessee, request.lease_id[:64], labels)
         return vm_manager_pb2.LeasePoolVMResponse(vm=access.view(vm, who))
 
     @grpc_errors
