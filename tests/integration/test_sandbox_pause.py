@@ -9,7 +9,6 @@ import signal
 import pytest
 
 import agent_vm
-from agentvm.executor.journal import Journal
 from agentvm.v1 import common_pb2, vm_manager_pb2
 from tests.integration.test_monitor import wait_records
 from tests.vmharness import (
@@ -89,9 +88,15 @@ def test_running_sandboxes_survive_a_killed_executor_and_unrecorded_vms_are_recl
     try:
         kept.files.write("state.txt", "kept")
         executor.stop(signal.SIGKILL)  # no cleanup at all
-        # A VM whose record never reached the journal (a create cut short) is reclaimed.
-        journal = Journal(vmm.state_dir, executor.address)
-        (journal.dir / f"{lost.id}.json").unlink()
+        # A VM without its sandbox's record (a create cut short) is reclaimed.
+        stub = vmm.stub()
+        vm = stub.GetVM(vm_manager_pb2.GetVMRequest(name=lost.vm_name), timeout=30).vm
+        assert vm.record
+        assert vm.record_generation == 1
+        stub.SetVMRecord(
+            vm_manager_pb2.SetVMRecordRequest(name=lost.vm_name, expected_generation=1),
+            timeout=30,
+        )
         executor.start()
         assert wait_for(lambda: lost.vm_name not in libvirt_domains(vmm.prefix), 60)
         with pytest.raises(agent_vm.NotFoundError):
@@ -113,7 +118,7 @@ def test_running_sandboxes_survive_a_killed_executor_and_unrecorded_vms_are_recl
     finally:
         kept.close()
         lost.close()
-    assert not (Journal(vmm.state_dir, executor.address).dir / f"{kept.id}.json").exists()
+    assert wait_for(lambda: kept.vm_name not in libvirt_domains(vmm.prefix), 60)
 
 
 def state_of(sandbox_id: str) -> str:

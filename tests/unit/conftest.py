@@ -67,6 +67,13 @@ def plaintext_services(monkeypatch: pytest.MonkeyPatch) -> None:
     grpc_util.use_plaintext()
 
 
+@pytest.fixture(autouse=True)
+def private_record_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Executors of the unit tests seal their sandbox records with a key of their
+    own, never one under the host's state directory."""
+    monkeypatch.setenv("AGENTVM_EXECUTOR_RECORD_KEY", str(tmp_path / "record.key"))
+
+
 @pytest.fixture
 def deep_tmp() -> Iterator[Path]:
     """A directory outside pytest's temporary tree, removed at the end with the

@@ -233,8 +233,10 @@ def services(tmp_path: Path, cache: Path, libvirt_uri: str = "test:///default") 
         server: grpc.aio.Server, manager: VMManager, executor: AgentExecutor, ch: grpc.aio.Channel
     ) -> None:
         for sid in ("sb-api", "sb-shr"):
-            sb = executor._sandboxes.pop(sid)
-            await sb.channel.close(None)
+            # ListSandboxes forgets them (they have no VM): their channels are closed.
+            sb = executor._sandboxes.pop(sid, None)
+            if sb is not None:
+                await sb.channel.close(None)
         await executor.close()
         await server.stop(None)
         await ch.close(None)

@@ -61,6 +61,12 @@ class FakeVMM:
     async def DestroyVM(self, req: Any, timeout: float) -> Any:
         return vm_manager_pb2.DestroyVMResponse()
 
+    async def SetVMRecord(
+        self, req: vm_manager_pb2.SetVMRecordRequest, timeout: float
+    ) -> vm_manager_pb2.SetVMRecordResponse:
+        vm = common_pb2.VM(name=req.name, record_generation=req.expected_generation + 1)
+        return vm_manager_pb2.SetVMRecordResponse(vm=vm)
+
 
 class FakePool:
     """A pool-manager with pools for the built-in image only (as by default)."""

@@ -68,9 +68,9 @@ def test_a_readable_or_malformed_key_file_is_refused_naming_the_fix(tmp_path: Pa
     path = tmp_path / "record.key"
     path.write_text("00" * KEY_BYTES)
     path.chmod(0o644)
-    with pytest.raises(FailedPrecondition, match=f"chmod 600 {path}"):
+    with pytest.raises(FailedPrecondition, match=f"open to every user .*chmod 600 {path}"):
         RecordKey.load_or_create(path)
-    path.chmod(0o600)
+    path.chmod(0o440)  # a Kubernetes Secret for the pod's fsGroup
     assert (
         RecordKey.load_or_create(path).open("v", RecordKey(bytes(KEY_BYTES)).seal("v", b"k"))
         == b"k"

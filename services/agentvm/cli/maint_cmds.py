@@ -50,7 +50,13 @@ def gc(dry_run: bool, min_age: float) -> None:
     vm-manager running (each VM's network state is vm-manager's): with the
     services down, `agent-vm up` runs every service's own reconciliation.
     """
-    from agentvm.executor.executor import EXECUTOR_LABEL, OWNER_LABEL, SANDBOX_LABEL, orphaned_vms
+    from agentvm.executor.executor import (
+        CREATOR_LABEL,
+        EXECUTOR_LABEL,
+        OWNER_LABEL,
+        SANDBOX_LABEL,
+        orphaned_vms,
+    )
 
     vms = (
         vm_stub()
@@ -61,16 +67,24 @@ def gc(dry_run: bool, min_age: float) -> None:
     for v in vms:
         by_executor.setdefault(v.labels.get(EXECUTOR_LABEL, ""), []).append(v)
     reclaimed = 0
-    for address, group in sorted(by_executor.items()):
-        where = f"executor {address or '(unknown)'}"
-        try:
-            stub = executor_pb2_grpc.ExecutorServiceStub(service(address, "executor"))
-            resp = stub.ListSandboxes(executor_pb2.ListSandboxesRequest(), timeout=10)
+    for name, group in sorted(by_executor.items()):
+        # Any replica of a group lists all its open sandboxes: the group's name
+        # when it is an address (one executor), else the replicas that made its VMs.
+        addresses = sorted({name} | {v.labels.get(CREATOR_LABEL, "") for v in group} - {""})
+        where = f"executor {name or '(unknown)'}"
+        open_ids: set[str] | None = None
+        for address in addresses:
+            try:
+                stub = executor_pb2_grpc.ExecutorServiceStub(service(address, "executor"))
+                resp = stub.ListSandboxes(executor_pb2.ListSandboxesRequest(), timeout=10)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                continue  # not running (or a group's name, not an address)
             open_ids = {sb.id for sb in resp.sandboxes}
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                raise
-            open_ids = set()  # the executor is gone: none of its sandboxes is open
+            break
+        if open_ids is None:
+            open_ids = set()  # no replica answers: none of its sandboxes is open
             where += " (not running)"
         for v in orphaned_vms(group, open_ids, now=time.time(), min_age=min_age):
             sandbox = v.labels.get(SANDBOX_LABEL, "?")

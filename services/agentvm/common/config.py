@@ -74,6 +74,16 @@ class Settings:
     executor_addr: str = field(
         default_factory=lambda: _env("AGENTVM_EXECUTOR_ADDR", "unix:/run/agent-vm/executor.sock")
     )
+    # AGENTVM_EXECUTOR_GROUP: the executor replicas that serve the same sandboxes
+    # (docs/SCALE_OUT.md): their VMs' agent-vm/executor label. Empty: this
+    # executor's own address (one executor, as on a single host).
+    executor_group: str = field(default_factory=lambda: _env("AGENTVM_EXECUTOR_GROUP", ""))
+    # AGENTVM_EXECUTOR_RECORD_KEY: the key file sandbox records are sealed with
+    # (executor/record_seal.py), shared by a group's replicas. Empty:
+    # STATE/executor/record.key, made at the first start.
+    executor_record_key: str = field(
+        default_factory=lambda: _env("AGENTVM_EXECUTOR_RECORD_KEY", "")
+    )
     # AGENTVM_POOL_MANAGER_ADDR: where pool-manager serves.
     pool_manager_addr: str = field(
         default_factory=lambda: _env(
@@ -242,6 +252,15 @@ class Settings:
         """``HOST:PORT`` of a service's own /metrics (AGENTVM_<SERVICE>_METRICS_ADDR; "" = off)."""
         var = f"AGENTVM_{service.upper().replace('-', '_')}_METRICS_ADDR"
         return _env(var, f"127.0.0.1:{METRICS_PORTS.get(service, 0)}")
+
+    @property
+    def executor_identity(self) -> str:
+        """The executor group's label value: AGENTVM_EXECUTOR_GROUP, else the address."""
+        return self.executor_group or self.executor_addr
+
+    @property
+    def executor_record_key_file(self) -> Path:
+        return Path(self.executor_record_key or self.state_dir / "executor" / "record.key")
 
     @property
     def vms_state_dir(self) -> Path:

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any
 
@@ -47,8 +48,11 @@ from agentvm.executor.oneshot import OneShot
 from agentvm.executor.pausing import Pausing
 from agentvm.executor.ports import Ports
 from agentvm.executor.processes import Processes
+from agentvm.executor.records import VMRecords
+from agentvm.executor.replicas import Replicas
 from agentvm.executor.sandbox import (
     BOOT_TIMEOUT_S,
+    CREATOR_LABEL,
     DEFAULT_MAX_OUTPUT,
     DEFAULT_TIMEOUT_S,
     EXECUTOR_LABEL,
@@ -88,6 +92,7 @@ SLOT_WAIT_S = 60.0
 __all__ = [
     "AgentExecutor",
     "BOOT_TIMEOUT_S",
+    "CREATOR_LABEL",
     "DEFAULT_MAX_OUTPUT",
     "DEFAULT_TIMEOUT_S",
     "EXECUTOR_LABEL",
@@ -108,7 +113,7 @@ __all__ = [
 ]
 
 
-class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing):
+class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing, Replicas):
     """Runs agent code in VMs obtained from vm-manager."""
 
     def __init__(
@@ -135,121 +140,35 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing):
         self._slots = asyncio.Semaphore(settings.max_sandboxes)
         # Sandboxes the reaper closed: id -> their lifetime in seconds (oldest first).
         self._expired: dict[str, float] = {}
+        # Sandboxes closed here or by another replica (find does not look for them).
+        self._closed: OrderedDict[str, None] = OrderedDict()
         self.files = WorkspaceFiles(self)
+        # Sandbox records live with their VMs (records.py); the journal of the
+        # executors before that is read once at start, moved onto the VMs.
+        self.records = VMRecords(vm_manager, settings.executor_record_key_file)
         self.journal = Journal(settings.state_dir, settings.executor_addr)
 
     # -- housekeeping -------------------------------------------------------
-    def _owner_labels(self) -> dict[str, str]:
-        return dict([OWNER_LABEL, (EXECUTOR_LABEL, self.settings.executor_addr)])
-
-    def _vm_selector(self) -> dict[str, str]:
-        """This executor's sandboxes' VMs: those it made, and pool VMs leased to it
-        (they keep the pool's owner label and carry this executor's from the lease)."""
-        return {EXECUTOR_LABEL: self.settings.executor_addr}
-
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def start(self) -> None:
-        """Reclaim VMs a previous executor left behind, then start the reaper."""
-        try:
-            resp = await self.vmm.ListVMs(
-                vm_manager_pb2.ListVMsRequest(label_selector=self._vm_selector()), timeout=30
-            )
-        except grpc.aio.AioRpcError as exc:
-            log.warning("cannot list leftover VMs: %s", exc.details())
-        else:
-            # Sandboxes of a previous executor (killed, crashed) are taken up
-            # from the journal; VMs no record holds are reclaimed (a pool VM's
-            # lease is released below).
-            kept = await self.take_up(list(resp.vms))
-            for vm in orphaned_vms(resp.vms, set()):
-                if vm.name in kept:
-                    continue
-                log.info("destroying VM %s left by a previous executor", vm.name)
-                await self._destroy_vm(
-                    vm.name, "executor restart: its sandbox did not survive the previous executor"
-                )
-        # Every lease with this executor's labels that no sandbox taken up
-        # holds was a previous executor's.
-        await self._reconcile_leases()
-        self._reaper = asyncio.ensure_future(self._reap())
-
-    async def _reap(self) -> None:
-        last_sweep = time.monotonic()
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.time()
-            for sb in list(self._sandboxes.values()):
-                if sb.expires_at <= now and not sb.closing and not sb.paused:
-                    log.info("sandbox %s reached the end of its lifetime", sb.id)
-                    sb.expired = True
-                    self._spawn(self.close_sandbox(sb.id))
-            for sb in self.idle_sandboxes():
-                log.info("sandbox %s idle for %g s: pausing it", sb.id, sb.auto_pause)
-                self._spawn(self.auto_pause(sb))
-            interval = self.settings.reconcile_interval_s
-            if interval > 0 and time.monotonic() - last_sweep >= interval:
-                last_sweep = time.monotonic()
-                try:
-                    await self.reconcile()
-                except grpc.aio.AioRpcError as exc:
-                    log.warning("cannot sweep for orphaned VMs: %s", exc.details())
-
-    async def reconcile(self) -> list[str]:
-        """Destroy the VMs and release the pool leases this executor owns that no
-        sandbox holds; the VMs' names.
-
-        Such a VM is left when its CreateVM answer never arrived (vm-manager
-        killed mid-create, a deadline): vm-manager adopts it on restart, and
-        only its owner can tell that nobody uses it. The same goes for a lease
-        whose AcquireVM answer never arrived (pool-manager killed mid-acquire).
-        """
-        resp = await self.vmm.ListVMs(
-            vm_manager_pb2.ListVMsRequest(label_selector=self._vm_selector()), timeout=30
-        )
-        gone = orphaned_vms(resp.vms, set(self._sandboxes) | self._creating)
-        for vm in gone:
-            sandbox = vm.labels.get(SANDBOX_LABEL, "?")
-            log.info("destroying VM %s: sandbox %s is not open", vm.name, sandbox)
-            await self._destroy_vm(
-                vm.name,
-                f"executor reconcile: sandbox {sandbox} is not open (its creation was cut short)",
-            )
-        return [vm.name for vm in gone] + await self._reconcile_leases()
-
-    async def _reconcile_leases(self) -> list[str]:
-        if self.pool is None:
-            return []
-        try:
-            resp = await self.pool.ListLeases(
-                pool_manager_pb2.ListLeasesRequest(label_selector=self._owner_labels()),
-                timeout=30,
-            )
-        except grpc.aio.AioRpcError as exc:
-            log.warning("cannot list pool leases to sweep: %s", exc.details())
-            return []
-        held = {sb.lease_id for sb in self._sandboxes.values() if sb.lease_id}
-        gone = orphaned_leases(resp.leases, held, self._creating)
-        for lease in gone:
-            log.info(
-                "releasing lease %s of %s: no sandbox holds it (a previous executor's, or "
-                "its AcquireVM answer was lost)",
-                lease.lease_id,
-                lease.vm_name,
-            )
-            await self._release(lease.lease_id, lease.vm_name)
-        return [lease.vm_name for lease in gone]
-
     async def close(self) -> None:
-        """Destroy every sandbox (their state does not survive the executor)."""
+        """A graceful stop. Alone (no AGENTVM_EXECUTOR_GROUP), the executor destroys its
+        sandboxes; a replica of a group leaves them to the others, but for its one-shot
+        Runs, whose streams end with it."""
         if self._reaper is not None:
             self._reaper.cancel()
+        alone = not self.settings.executor_group
         await asyncio.gather(
-            *(self.close_sandbox(i) for i in list(self._sandboxes)), return_exceptions=True
+            *(
+                self.close_sandbox(sb.id)
+                for sb in list(self._sandboxes.values())
+                if alone or (sb.oneshot and self._made_here(sb.vm.labels))
+            ),
+            return_exceptions=True,
         )
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -327,6 +246,7 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing):
         metadata: Mapping[str, str] | None = None,
         env: SandboxEnv | None = None,
         auto_pause: float = 0.0,
+        oneshot: bool = False,
     ) -> SandboxState:
         lifetime = seconds_of(
             spec, "lifetime", default_lifetime or self.settings.sandbox_lifetime_s, MAX_LIFETIME_S
@@ -374,6 +294,7 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing):
         labels = dict(spec.labels)
         labels.update(self._owner_labels())
         labels[SANDBOX_LABEL] = sandbox_id
+        labels[CREATOR_LABEL] = self.settings.executor_addr
         start = time.monotonic()
         lease_id = ""
         self._creating.add(sandbox_id)
@@ -391,7 +312,6 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing):
             self._slots.release()
             self._creating.discard(sandbox_id)
             raise
-        self._creating.discard(sandbox_id)
         now = time.time()
         sb = SandboxState(
             id=sandbox_id,
@@ -406,9 +326,19 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing):
             metadata=metadata,
             env=env or SandboxEnv(),
             auto_pause=auto_pause,
+            oneshot=oneshot,
         )
+        try:
+            # The sandbox exists once its record does: until then a crash leaves
+            # a VM that the sweeps reclaim, never a sandbox without its state.
+            sb.record_generation = await self.records.write(sb.record(), 0)
+        except BaseException:
+            self._slots.release()
+            self._spawn(self._release(lease_id, vm.name) if lease_id else self._destroy_vm(vm.name))
+            raise
+        finally:
+            self._creating.discard(sandbox_id)
         self._sandboxes[sandbox_id] = sb
-        self.journal.save(sb.record())
         self.events.emit(
             "sandbox.created",
             vm=vm.name,
@@ -559,15 +489,18 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing):
             if not s.closing and all(s.metadata.get(k) == v for k, v in want)
         ]
 
-    def set_timeout(self, sb: SandboxState, seconds: float) -> None:
+    async def set_timeout(self, sb: SandboxState, seconds: float) -> None:
         """``sb`` ends ``seconds`` from now (the reaper closes it then)."""
         if not 1 <= seconds <= MAX_LIFETIME_S:
             raise InvalidArgument(
                 f"timeout must be between 1 and {MAX_LIFETIME_S:.0f} seconds, got {seconds:g}"
             )
         before = sb.expires_at
-        sb.expires_at = time.time() + seconds
-        self.journal.save(sb.record())
+
+        def change(s: SandboxState) -> None:
+            s.expires_at = time.time() + seconds
+
+        await self.update(sb, change)
         self.events.emit(
             "sandbox.timeout_set",
             vm=sb.vm.name,

@@ -50,6 +50,12 @@ class Record:
     paused: bool
     paused_left: float
     auto_pause: float = 0.0
+    # Kept with the VM (records.py): closed, its teardown under way; a one-shot
+    # Run's sandbox (nobody can reconnect to it); when a call last used it
+    # (wall clock), for replicas that did not serve that call.
+    closing: bool = False
+    oneshot: bool = False
+    active_at: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,6 +74,9 @@ class Record:
             "paused": self.paused,
             "paused_left": self.paused_left,
             "auto_pause": self.auto_pause,
+            "closing": self.closing,
+            "oneshot": self.oneshot,
+            "active_at": self.active_at,
         }
 
     @classmethod
@@ -97,6 +106,9 @@ class Record:
             paused=bool(data["paused"]),
             paused_left=float(data["paused_left"]),
             auto_pause=float(data.get("auto_pause", 0.0)),
+            closing=bool(data.get("closing", False)),
+            oneshot=bool(data.get("oneshot", False)),
+            active_at=float(data.get("active_at", 0.0)),
         )
 
 

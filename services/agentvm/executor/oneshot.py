@@ -37,6 +37,7 @@ class OneShot(Executions):
         spec: executor_pb2.SandboxSpec,
         *,
         default_lifetime: float | None = None,
+        oneshot: bool = False,
     ) -> SandboxState:
         raise NotImplementedError
 
@@ -87,7 +88,9 @@ class OneShot(Executions):
                 "(e.g. /workspace/input)"
             )
         started = time.monotonic()
-        sb = await self.create_sandbox(req.spec, default_lifetime=timeout + BOOT_TIMEOUT_S + 60)
+        sb = await self.create_sandbox(
+            req.spec, default_lifetime=timeout + BOOT_TIMEOUT_S + 60, oneshot=True
+        )
         try:
             for f in req.inputs:
                 await self.write_file(

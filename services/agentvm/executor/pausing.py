@@ -1,5 +1,5 @@
-"""Pause and resume of sandboxes, and taking them up again after an executor restart
-(docs/SANDBOXES.md, section 4). A mixin of AgentExecutor.
+"""Pause and resume of sandboxes (docs/SANDBOXES.md, section 4). A mixin of
+AgentExecutor; taking sandboxes up after a restart is replicas.py's.
 
 Pause = vm-manager's SuspendVM (the VM's memory and device state written
 to a file next to its overlay, as a memory template is, then QEMU exits: no
@@ -10,17 +10,16 @@ had left is given back at resume.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
-from agentvm.common.errors import FailedPrecondition, RemoteError
+from agentvm.common.errors import AgentVMError, FailedPrecondition, RemoteError
 from agentvm.common.events import EventSink
-from agentvm.executor.journal import Journal
-from agentvm.executor.sandbox import SANDBOX_LABEL, SandboxState
+from agentvm.executor.sandbox import SandboxState
 from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
 
 log = logging.getLogger("agentvm.executor")
@@ -34,16 +33,25 @@ class Pausing:
 
     events: EventSink
     vmm: vm_manager_pb2_grpc.VMManagerServiceAsyncStub
-    journal: Journal
     _sandboxes: dict[str, SandboxState]
-    _slots: asyncio.Semaphore
     agent_channel: Callable[[common_pb2.VM], grpc.aio.Channel]
+
+    if TYPE_CHECKING:  # replicas.py's (a stub here would shadow it in the MRO)
+
+        async def refresh(self, sb: SandboxState) -> None: ...
+
+        async def update(
+            self, sb: SandboxState, change: Callable[[SandboxState], None]
+        ) -> None: ...
+
+        def remote_idle(self, sb: SandboxState) -> bool: ...
 
     async def pause_sandbox(self, sb: SandboxState, *, idle: bool = False) -> None:
         """Save ``sb``'s memory and disk and stop its VM (``idle``: auto-pause)."""
         async with sb.lock:
-            if idle and (sb.paused or sb.busy or sb.closing):
-                return  # used again, paused or closed meanwhile
+            await self.refresh(sb)  # another replica may have paused, resumed or used it
+            if idle and (sb.paused or sb.busy or sb.closing or not self.remote_idle(sb)):
+                return  # used again (here or elsewhere), paused or closed meanwhile
             if sb.paused:
                 raise FailedPrecondition(
                     f"sandbox {sb.id} is already paused: resume it (ResumeSandbox) or close it"
@@ -62,10 +70,8 @@ class Pausing:
                 )
             except grpc.aio.AioRpcError as exc:
                 raise RemoteError.from_rpc(exc, "vm-manager") from exc
-            sb.paused_left = left
             sb.paused = True
-            if not sb.closing:  # a closed sandbox's record is gone for good
-                self.journal.save(sb.record())
+            await self._record(sb, paused_left=left)
             await sb.channel.close(grace=None)
             took = time.monotonic() - started
             self.events.emit(
@@ -98,6 +104,7 @@ class Pausing:
     async def resume_sandbox(self, sb: SandboxState) -> None:
         """Bring a paused ``sb`` back as it was at the pause."""
         async with sb.lock:
+            await self.refresh(sb)
             if not sb.paused:
                 raise FailedPrecondition(
                     f"sandbox {sb.id} is running, not paused: there is nothing to resume"
@@ -116,63 +123,34 @@ class Pausing:
             sb.vm = ready.vm
             sb.channel = self.agent_channel(ready.vm)
             sb.paused = False
-            sb.expires_at = time.time() + sb.paused_left
             sb.last_active = time.monotonic()
-            if not sb.closing:  # a closed sandbox's record is gone for good
-                self.journal.save(sb.record())
+            await self._record(sb, expires_at=time.time() + sb.paused_left)
             took = time.monotonic() - started
             self.events.emit("sandbox.resumed", vm=name, sandbox=sb.id, duration_s=round(took, 3))
             log.info("sandbox %s resumed in %.2f s", sb.id, took, extra={"sandbox": sb.id})
 
-    async def take_up(self, vms: list[common_pb2.VM]) -> set[str]:
-        """Take up the journal's sandboxes whose VM is still there; their VMs' names.
+    async def _record(
+        self, sb: SandboxState, *, paused_left: float = 0.0, expires_at: float = 0.0
+    ) -> None:
+        """Write what a pause or resume did into ``sb``'s record. The VM's state is
+        done and vm-manager says it: a record that cannot be written is logged."""
+        if sb.closing:
+            return  # a closed sandbox's record says closing, for good
 
-        ``vms`` are this executor's VMs as vm-manager lists them. A record
-        without its VM (destroyed meanwhile) is dropped.
-        """
-        by_name = {vm.name: vm for vm in vms}
-        kept: set[str] = set()
-        for rec in self.journal.load():
-            vm = by_name.get(rec.vm_name)
-            if vm is None or vm.labels.get(SANDBOX_LABEL) != rec.id:
-                log.info("sandbox %s is gone with its VM %s; forgetting it", rec.id, rec.vm_name)
-                self.journal.remove(rec.id)
-                continue
-            left, expires = rec.paused_left, rec.expires_at
-            if not rec.paused:
-                left = max(1.0, rec.expires_at - time.time())
-            elif not vm.suspended:
-                expires = time.time() + rec.paused_left  # resumed, not yet recorded
-            sb = SandboxState(
-                id=rec.id,
-                spec=rec.spec,
-                vm=vm,
-                workspace_mode=common_pb2.WorkspaceMode.ValueType(rec.workspace_mode),
-                created_at=rec.created_at,
-                expires_at=expires,
-                boot_duration=rec.boot_duration,
-                channel=self.agent_channel(vm),
-                lease_id=rec.lease_id,
-                metadata=rec.metadata,
-                env=rec.env,
-                # vm-manager knows best: a pause or resume cut short by a crash
-                # may have happened without its journal record.
-                paused=vm.suspended,
-                paused_left=left,
-                auto_pause=rec.auto_pause,
-            )
-            if self._slots.locked():
-                sb.slot = False  # past AGENTVM_MAX_SANDBOXES now: kept all the same
-            else:
-                await self._slots.acquire()
-            self._sandboxes[sb.id] = sb
-            kept.add(vm.name)
-            self.events.emit("sandbox.restored", vm=vm.name, sandbox=sb.id, paused=sb.paused)
-            log.info(
-                "took up sandbox %s (%s) on %s",
+        def change(s: SandboxState) -> None:
+            s.paused = not expires_at
+            if paused_left:
+                s.paused_left = paused_left
+            if expires_at:
+                s.expires_at = expires_at
+
+        change(sb)
+        try:
+            await self.update(sb, change)
+        except AgentVMError as exc:
+            log.warning(
+                "cannot record the %s of sandbox %s: %s",
+                "pause" if sb.paused else "resume",
                 sb.id,
-                "paused" if sb.paused else "running",
-                vm.name,
-                extra={"sandbox": sb.id},
+                exc,
             )
-        return kept

@@ -8,8 +8,8 @@ associated data (a record copied onto another VM does not open there).
 
 Sealed form: ``b"avr1"`` | 12-byte random nonce | ciphertext and 16-byte tag.
 The key file holds the key as 64 hex digits (a Kubernetes Secret carries it as
-text, mounted with defaultMode 0400); a missing file is created, mode 0600, by
-the first replica to start. A key readable by group or others is refused.
+text, mounted 0440 for the pod's fsGroup); a missing file is created, mode
+0600, by the first replica to start. A key other users may read is refused.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ class RecordKey:
                 finally:
                     os.close(fd)
         mode = path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        if mode & stat.S_IRWXO:
             raise FailedPrecondition(
-                f"record key {path} is readable by others (mode {stat.S_IMODE(mode):o}): "
+                f"record key {path} is open to every user (mode {stat.S_IMODE(mode):o}): "
                 f"it opens every sandbox's secrets; chmod 600 {path}"
             )
         text = path.read_text().strip()

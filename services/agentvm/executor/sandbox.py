@@ -25,8 +25,12 @@ from agentvm.v1 import (
 )
 
 OWNER_LABEL = ("agent-vm/owner", "executor")
-# Which executor: several may share one vm-manager, and each reclaims only its own.
+# Which executor group (AGENTVM_EXECUTOR_GROUP; one executor: its address): the
+# replicas that share sandboxes. Several groups may share one vm-manager.
 EXECUTOR_LABEL = "agent-vm/executor"
+# Which replica made the VM (its address): a restarted replica reclaims at once
+# what its previous self left half made; others' only after CREATE_GRACE_S.
+CREATOR_LABEL = "agent-vm/executor-replica"
 SANDBOX_LABEL = "agent-vm/sandbox"
 DEFAULT_TIMEOUT_S = 300.0
 MAX_TIMEOUT_S = 24 * 3600.0
@@ -34,6 +38,9 @@ MAX_LIFETIME_S = 24 * 3600.0
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 MAX_OUTPUT = 1024 * 1024 * 1024
 BOOT_TIMEOUT_S = 180.0
+# A VM or lease of this group without a record may be a create still under way
+# on another replica for this long (AcquireVM or CreateVM + WaitVM, then the record).
+CREATE_GRACE_S = 2 * BOOT_TIMEOUT_S
 # How many expired sandboxes get() still recognises (to say why they are gone).
 REMEMBER_EXPIRED = 1024
 # The built-in image's name; an empty SandboxSpec.image means it too.
@@ -143,6 +150,16 @@ class SandboxState:
     # The caller's metadata and the default environment (sandbox_env.py).
     metadata: dict[str, str] = field(default_factory=dict)
     env: SandboxEnv = field(default_factory=SandboxEnv)
+    # Its record with its VM (records.py): the generation this replica last
+    # read or wrote; when a call on another replica last used it (wall clock);
+    # when this replica last wrote its own use there (time.monotonic()).
+    record_generation: int = 0
+    remote_active: float = 0.0
+    touched: float = 0.0
+    # A one-shot Run's sandbox: no caller can reconnect to it.
+    oneshot: bool = False
+    # The reaper is checking its lifetime with the record (one check at a time).
+    checking: bool = False
 
     @property
     def agent(self) -> guest_agent_pb2_grpc.GuestAgentServiceAsyncStub:
@@ -154,8 +171,13 @@ class SandboxState:
             return self.vm.workspace_path
         return None
 
+    def active_at(self) -> float:
+        """When a call last used it, here or (as recorded) on another replica."""
+        local = time.time() - (time.monotonic() - self.last_active)
+        return max(local, self.remote_active)
+
     def record(self) -> Record:
-        """Its journal record (journal.py)."""
+        """Its record (journal.py's Record, kept with its VM: records.py)."""
         return Record(
             id=self.id,
             vm_name=self.vm.name,
@@ -170,6 +192,9 @@ class SandboxState:
             paused=self.paused,
             paused_left=self.paused_left,
             auto_pause=self.auto_pause,
+            closing=self.closing,
+            oneshot=self.oneshot,
+            active_at=self.active_at(),
         )
 
     def to_proto(self) -> executor_pb2.Sandbox:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from agentvm.common.errors import AgentVMError, InvalidArgument
+from agentvm.common.errors import AgentVMError, FailedPrecondition, InvalidArgument
 from agentvm.common.grpc_util import grpc_errors, grpc_stream_errors
-from agentvm.executor.executor import AgentExecutor
+from agentvm.executor.executor import AgentExecutor, SandboxState
 from agentvm.executor.ports import first_request
 from agentvm.executor.sandbox_env import SandboxEnv, check_metadata
 from agentvm.v1 import executor_pb2, executor_pb2_grpc
@@ -26,14 +26,15 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     def __init__(self, executor: AgentExecutor) -> None:
         self.executor = executor
 
-    @contextlib.contextmanager
-    def _guard(self, sandbox_id: str) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def _guard(self, sandbox_id: str) -> AsyncIterator[None]:
         """Answer a call the closing of its sandbox cut short with why.
 
         Closing a sandbox (its caller, or the end of its lifetime) closes its
         agent channel, which cancels the guest calls in flight: their
         CancelledError would end the handler without a status, and the caller
-        would wait for its own deadline.
+        would wait for its own deadline. A guest that does not answer may be
+        one another replica paused or closed: its record says which.
         """
         active = self.executor.sandbox_or_none(sandbox_id)
         if active is not None:
@@ -41,6 +42,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         try:
             yield
         except AgentVMError as exc:
+            if exc.code == grpc.StatusCode.UNAVAILABLE and active is not None:
+                await self._changed_elsewhere(active)
             # No secret of the sandbox leaves in a message (the guest's included).
             sb = self.executor.sandbox_or_none(sandbox_id)
             if sb is not None and sb.env.secret:
@@ -56,6 +59,22 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
             if active is not None:
                 active.busy -= 1
                 active.last_active = time.monotonic()
+                self.executor.touch_soon(active)  # other replicas' idle clocks
+
+    async def _changed_elsewhere(self, sb: SandboxState) -> None:
+        """Raise why ``sb`` cannot answer when another replica closed or paused it."""
+        was_paused = sb.paused
+        try:
+            await self.executor.refresh(sb)
+        except AgentVMError as gone:
+            if gone.code == grpc.StatusCode.NOT_FOUND:
+                raise gone from None
+            return  # its node does not answer either: the call's own error says so
+        if sb.paused and not was_paused:
+            raise FailedPrecondition(
+                f"sandbox {sb.id} was paused (through another executor replica): resume it "
+                "first (ResumeSandbox, agent-vm sandbox resume)"
+            )
 
     @grpc_stream_errors
     async def Run(
@@ -82,15 +101,17 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def GetSandbox(
         self, request: executor_pb2.GetSandboxRequest, context: Ctx
     ) -> executor_pb2.GetSandboxResponse:
-        return executor_pb2.GetSandboxResponse(
-            sandbox=self.executor.get(request.sandbox_id, paused_ok=True).to_proto()
-        )
+        sb = await self.executor.find(request.sandbox_id, paused_ok=True)
+        if not sb.closing:
+            await self.executor.refresh(sb)  # as its record says (other replicas' changes)
+        return executor_pb2.GetSandboxResponse(sandbox=sb.to_proto())
 
     @grpc_errors
     async def ListSandboxes(
         self, request: executor_pb2.ListSandboxesRequest, context: Ctx
     ) -> executor_pb2.ListSandboxesResponse:
         want = check_metadata(request.metadata, "metadata filter")
+        await self.executor.sync()  # those other replicas made since
         return executor_pb2.ListSandboxesResponse(
             sandboxes=[s.to_proto() for s in self.executor.sandboxes(want)]
         )
@@ -103,16 +124,16 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
             raise InvalidArgument(
                 "timeout is unset: give the sandbox's remaining life (1 s to 24 h)"
             )
-        sb = self.executor.get(request.sandbox_id)
-        self.executor.set_timeout(sb, request.timeout.ToNanoseconds() / 1e9)
+        sb = await self.executor.find(request.sandbox_id)
+        await self.executor.set_timeout(sb, request.timeout.ToNanoseconds() / 1e9)
         return executor_pb2.SetSandboxTimeoutResponse(sandbox=sb.to_proto())
 
     @grpc_errors
     async def PauseSandbox(
         self, request: executor_pb2.PauseSandboxRequest, context: Ctx
     ) -> executor_pb2.PauseSandboxResponse:
-        sb = self.executor.get(request.sandbox_id, paused_ok=True)
-        with self._guard(sb.id):
+        sb = await self.executor.find(request.sandbox_id, paused_ok=True)
+        async with self._guard(sb.id):
             await self.executor.pause_sandbox(sb)
         return executor_pb2.PauseSandboxResponse(sandbox=sb.to_proto())
 
@@ -120,8 +141,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def ResumeSandbox(
         self, request: executor_pb2.ResumeSandboxRequest, context: Ctx
     ) -> executor_pb2.ResumeSandboxResponse:
-        sb = self.executor.get(request.sandbox_id, paused_ok=True)
-        with self._guard(sb.id):
+        sb = await self.executor.find(request.sandbox_id, paused_ok=True)
+        async with self._guard(sb.id):
             await self.executor.resume_sandbox(sb)
         return executor_pb2.ResumeSandboxResponse(sandbox=sb.to_proto())
 
@@ -129,6 +150,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def CloseSandbox(
         self, request: executor_pb2.CloseSandboxRequest, context: Ctx
     ) -> executor_pb2.CloseSandboxResponse:
+        with contextlib.suppress(AgentVMError):  # closing what is gone is done
+            await self.executor.find(request.sandbox_id, paused_ok=True)
         await self.executor.close_sandbox(request.sandbox_id, wait=request.wait)
         return executor_pb2.CloseSandboxResponse()
 
@@ -136,8 +159,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def Exec(
         self, request: executor_pb2.ExecRequest, context: Ctx
     ) -> AsyncIterator[executor_pb2.ExecResponse]:
-        sb = self.executor.get(request.sandbox_id)
-        with self._guard(sb.id):
+        sb = await self.executor.find(request.sandbox_id)
+        async with self._guard(sb.id):
             async for ev in self.executor.exec(sb, request):
                 yield ev
 
@@ -145,8 +168,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def SignalExec(
         self, request: executor_pb2.SignalExecRequest, context: Ctx
     ) -> executor_pb2.SignalExecResponse:
-        sb = self.executor.get(request.sandbox_id)
-        with self._guard(sb.id):
+        sb = await self.executor.find(request.sandbox_id)
+        async with self._guard(sb.id):
             await self.executor.signal(sb, request.exec_id, request.signal)
         return executor_pb2.SignalExecResponse()
 
@@ -154,8 +177,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def WriteStdin(
         self, request: executor_pb2.ExecutorServiceWriteStdinRequest, context: Ctx
     ) -> executor_pb2.ExecutorServiceWriteStdinResponse:
-        sb = self.executor.get(request.sandbox_id)
-        with self._guard(sb.id):
+        sb = await self.executor.find(request.sandbox_id)
+        async with self._guard(sb.id):
             await self.executor.write_stdin(sb, request.exec_id, request.data, request.eof)
         return executor_pb2.ExecutorServiceWriteStdinResponse()
 
@@ -163,8 +186,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def StartProcess(
         self, request: executor_pb2.StartProcessRequest, context: Ctx
     ) -> AsyncIterator[executor_pb2.StartProcessResponse]:
-        sb = self.executor.get(request.sandbox_id)
-        with self._guard(sb.id):
+        sb = await self.executor.find(request.sandbox_id)
+        async with self._guard(sb.id):
             async for ev in self.executor.start_process(sb, request):
                 yield ev
 
@@ -172,8 +195,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def ConnectProcess(
         self, request: executor_pb2.ConnectProcessRequest, context: Ctx
     ) -> AsyncIterator[executor_pb2.ConnectProcessResponse]:
-        sb = self.executor.get(request.sandbox_id)
-        with self._guard(sb.id):
+        sb = await self.executor.find(request.sandbox_id)
+        async with self._guard(sb.id):
             async for ev in self.executor.connect_process(sb, request.exec_id, request.offset):
                 yield executor_pb2.ConnectProcessResponse(event=ev)
 
@@ -181,8 +204,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def ListProcesses(
         self, request: executor_pb2.ListProcessesRequest, context: Ctx
     ) -> executor_pb2.ListProcessesResponse:
-        sb = self.executor.get(request.sandbox_id)
-        with self._guard(sb.id):
+        sb = await self.executor.find(request.sandbox_id)
+        async with self._guard(sb.id):
             procs = await self.executor.list_processes(sb)
         return executor_pb2.ListProcessesResponse(processes=procs)
 
@@ -190,8 +213,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def ResizePty(
         self, request: executor_pb2.ResizePtyRequest, context: Ctx
     ) -> executor_pb2.ResizePtyResponse:
-        sb = self.executor.get(request.sandbox_id)
-        with self._guard(sb.id):
+        sb = await self.executor.find(request.sandbox_id)
+        async with self._guard(sb.id):
             await self.executor.resize_pty(sb, request.exec_id, request.size)
         return executor_pb2.ResizePtyResponse()
 
@@ -201,8 +224,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     ) -> AsyncIterator[executor_pb2.ForwardPortResponse]:
         requests = aiter(request_iterator)
         first = await first_request(requests)
-        sb = self.executor.get(first.sandbox_id)
-        with self._guard(sb.id):
+        sb = await self.executor.find(first.sandbox_id)
+        async with self._guard(sb.id):
             async for resp in self.executor.forward_port(sb, first, requests):
                 yield resp
 
@@ -215,7 +238,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
             first = await anext(it)
         except StopAsyncIteration:
             raise InvalidArgument("WriteFile got no message") from None
-        sb = self.executor.get(first.sandbox_id)
+        sb = await self.executor.find(first.sandbox_id)
         expected: list[str] = []
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -227,7 +250,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                     yield msg.chunk
                 msg = await anext(it, None)
 
-        with self._guard(sb.id):
+        async with self._guard(sb.id):
             size, sha = await self.executor.write_file(
                 sb, first.path, first.mode, chunks(), expected
             )
@@ -237,8 +260,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def ReadFile(
         self, request: executor_pb2.ReadFileRequest, context: Ctx
     ) -> AsyncIterator[executor_pb2.ReadFileResponse]:
-        sb = self.executor.get(request.sandbox_id)
-        with self._guard(sb.id):
+        sb = await self.executor.find(request.sandbox_id)
+        async with self._guard(sb.id):
             async for data, size, sha in self.executor.read_file(
                 sb, request.path, request.max_bytes
             ):
@@ -248,8 +271,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def ListFiles(
         self, request: executor_pb2.ListFilesRequest, context: Ctx
     ) -> executor_pb2.ListFilesResponse:
-        sb = self.executor.get(request.sandbox_id)
-        with self._guard(sb.id):
+        sb = await self.executor.find(request.sandbox_id)
+        async with self._guard(sb.id):
             files = await self.executor.list_files(sb, request.path, request.recursive)
         return executor_pb2.ListFilesResponse(files=files)
 
@@ -257,8 +280,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def RemoveFile(
         self, request: executor_pb2.RemoveFileRequest, context: Ctx
     ) -> executor_pb2.RemoveFileResponse:
-        sb = self.executor.get(request.sandbox_id)
-        with self._guard(sb.id):
+        sb = await self.executor.find(request.sandbox_id)
+        async with self._guard(sb.id):
             await self.executor.remove_file(sb, request.path, request.recursive)
         return executor_pb2.RemoveFileResponse()
 
@@ -266,8 +289,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def StatFile(
         self, request: executor_pb2.StatFileRequest, context: Ctx
     ) -> executor_pb2.StatFileResponse:
-        sb = self.executor.get(request.sandbox_id)
-        with self._guard(sb.id):
+        sb = await self.executor.find(request.sandbox_id)
+        async with self._guard(sb.id):
             info = await self.executor.files.stat_file(sb, request.path)
         if info is None:
             return executor_pb2.StatFileResponse(exists=False)
@@ -277,8 +300,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def MakeDirectory(
         self, request: executor_pb2.MakeDirectoryRequest, context: Ctx
     ) -> executor_pb2.MakeDirectoryResponse:
-        sb = self.executor.get(request.sandbox_id)
-        with self._guard(sb.id):
+        sb = await self.executor.find(request.sandbox_id)
+        async with self._guard(sb.id):
             await self.executor.files.make_dir(sb, request.path)
         return executor_pb2.MakeDirectoryResponse()
 
@@ -286,5 +309,5 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def GetNetworkLog(
         self, request: executor_pb2.GetNetworkLogRequest, context: Ctx
     ) -> executor_pb2.GetNetworkLogResponse:
-        sb = self.executor.get(request.sandbox_id)
+        sb = await self.executor.find(request.sandbox_id)
         return executor_pb2.GetNetworkLogResponse(records=await self.executor.network_log(sb))

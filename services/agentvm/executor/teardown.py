@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from agentvm.common.errors import AgentVMError
 from agentvm.common.events import EventSink
-from agentvm.executor.journal import Journal
 from agentvm.executor.sandbox import REMEMBER_EXPIRED, SandboxState
 from agentvm.v1 import pool_manager_pb2, pool_manager_pb2_grpc, vm_manager_pb2, vm_manager_pb2_grpc
 
@@ -30,7 +30,6 @@ class Teardown:
     events: EventSink
     vmm: vm_manager_pb2_grpc.VMManagerServiceAsyncStub
     pool: pool_manager_pb2_grpc.PoolManagerServiceAsyncStub | None
-    journal: Journal
     _sandboxes: dict[str, SandboxState]
     _slots: asyncio.Semaphore
     _expired: dict[str, float]
@@ -38,14 +37,23 @@ class Teardown:
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         raise NotImplementedError
 
+    if TYPE_CHECKING:  # replicas.py's (a stub here would shadow it in the MRO)
+
+        async def update(
+            self, sb: SandboxState, change: Callable[[SandboxState], None]
+        ) -> None: ...
+
+        def drop(self, sb: SandboxState) -> None: ...
+
     async def close_sandbox(self, sandbox_id: str, *, wait: bool = True) -> None:
         """Close the sandbox: from now on it serves no call, and its VM and workspace
         are destroyed by a task of their own; with ``wait``, return once they are.
         Idempotent.
 
-        The journal record goes first: an executor killed mid-teardown finds the
-        VM without a record on its next start and destroys it (``start``), and
-        releases the lease no sandbox holds; a vm-manager killed mid-teardown
+        The record says "closing" first: an executor killed mid-teardown (or any
+        replica's sweep) finds it so and finishes the teardown (replicas.py); a
+        one-shot Run's sandbox, which nobody can reconnect to, is finished by
+        its replica's next start without it. A vm-manager killed mid-teardown
         is waited for (``_destroy_vm``), else the periodic sweep takes the VM.
         """
         sb = self._sandboxes.get(sandbox_id)
@@ -53,10 +61,23 @@ class Teardown:
             return
         if not sb.closing:
             sb.closing = True
-            self.journal.remove(sandbox_id)
+            if not sb.oneshot:
+                await self._record_closing(sb)
             sb.teardown = self._spawn(self._teardown(sb))
         if wait and sb.teardown is not None:
             await asyncio.shield(sb.teardown)
+
+    async def _record_closing(self, sb: SandboxState) -> None:
+        try:
+            await self.update(sb, lambda s: None)  # record() carries closing
+        except AgentVMError as exc:
+            if exc.code == grpc.StatusCode.NOT_FOUND:
+                return  # its VM is gone (closed elsewhere): the teardown is a formality
+            log.warning(
+                "cannot record that sandbox %s is closing (%s): tearing it down all the same",
+                sb.id,
+                exc,
+            )
 
     async def _teardown(self, sb: SandboxState) -> None:
         started = time.monotonic()
@@ -71,9 +92,7 @@ class Teardown:
                 self._expired[sb.id] = sb.expires_at - sb.created_at
                 while len(self._expired) > REMEMBER_EXPIRED:
                     del self._expired[next(iter(self._expired))]
-            self._sandboxes.pop(sb.id, None)
-            if sb.slot:
-                self._slots.release()
+            self.drop(sb)
             took = round(time.monotonic() - started, 3)
             self.events.emit("sandbox.closed", vm=sb.vm.name, sandbox=sb.id, teardown_s=took)
             log.info("sandbox %s closed", sb.id, extra={"sandbox": sb.id, "teardown_s": took})
