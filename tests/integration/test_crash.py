@@ -92,6 +92,7 @@ def _orphan(vmm: VMManagerProcess, executor_address: str, sandbox: str) -> str:
         labels={
             "agent-vm/owner": "executor",
             "agent-vm/executor": executor_address,
+            "agent-vm/executor-replica": executor_address,
             "agent-vm/sandbox": sandbox,
         },
     )

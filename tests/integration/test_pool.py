@@ -340,6 +340,7 @@ def test_the_executor_releases_a_lease_whose_answer_it_never_got(
                     label_map={
                         "agent-vm/owner": "executor",
                         "agent-vm/executor": ex.address,
+                        "agent-vm/executor-replica": ex.address,
                         "agent-vm/sandbox": "sb-answerlost",
                     },
                 )
