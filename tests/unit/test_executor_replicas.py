@@ -230,7 +230,8 @@ def test_idle_means_idle_on_every_replica(tmp_path: Path) -> None:
         sb = await a.create_sandbox(SPEC, auto_pause=40)
         sb.last_active = time.monotonic() - 100  # idle here
         on_b = await b.find(sb.id)
-        await b.touch(on_b)  # but used on B just now
+        on_b.last_active = time.monotonic()  # but used on B just now (a call ended)
+        await b.touch(on_b)
         await a.pause_sandbox(sb, idle=True)
         assert not sb.paused
         assert not node.vms[sb.vm.name].suspended

@@ -147,8 +147,10 @@ class Replicas:
         for _ in range(UPDATE_ATTEMPTS):
             await self.refresh(sb)
             change(sb)
+            local = sb.local_active_at()
             try:
                 sb.record_generation = await self.records.write(sb.record(), sb.record_generation)
+                sb.own_active = max(sb.own_active, local)
                 return
             except Aborted:
                 continue  # another replica wrote it meanwhile: read it again
@@ -176,6 +178,8 @@ class Replicas:
     def remote_idle(self, sb: SandboxState) -> bool:
         """No other replica recorded a use within the idle time (allowing for the
         quarter by which its record may lag)."""
+        if sb.remote_active <= sb.own_active:
+            return True  # the last use recorded is this replica's own: its clock decides
         ended = sb.remote_active + sb.auto_pause / 4
         if time.time() - ended >= sb.auto_pause:
             return True

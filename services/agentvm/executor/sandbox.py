@@ -156,6 +156,9 @@ class SandboxState:
     record_generation: int = 0
     remote_active: float = 0.0
     touched: float = 0.0
+    # The use of this replica's that its last write recorded (wall clock): a
+    # recorded use no later is its own, which its idle clock has already.
+    own_active: float = 0.0
     # A one-shot Run's sandbox: no caller can reconnect to it.
     oneshot: bool = False
     # The reaper is checking its lifetime with the record (one check at a time).
@@ -171,10 +174,13 @@ class SandboxState:
             return self.vm.workspace_path
         return None
 
+    def local_active_at(self) -> float:
+        """When a call on this replica last used it (wall clock)."""
+        return time.time() - (time.monotonic() - self.last_active)
+
     def active_at(self) -> float:
         """When a call last used it, here or (as recorded) on another replica."""
-        local = time.time() - (time.monotonic() - self.last_active)
-        return max(local, self.remote_active)
+        return max(self.local_active_at(), self.remote_active)
 
     def record(self) -> Record:
         """Its record (journal.py's Record, kept with its VM: records.py)."""
