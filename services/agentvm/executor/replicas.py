@@ -284,7 +284,12 @@ class Replicas:
                 # Closed (or a one-shot Run the previous executor ran) and not torn down.
                 log.info("finishing the teardown of sandbox %s (%s)", rec.id, vm.name)
                 self._remember_closed(rec.id)
-                await self._finish(rec, "executor restart: its sandbox was closed")
+                why = "executor restart" if restart else "executor sweep"
+                finish = self._finish(rec, f"{why}: its sandbox was closed, its teardown cut short")
+                if restart:
+                    await finish
+                else:
+                    self._spawn(finish)  # not on a caller's time
                 continue
             await self._take(vm, rec, restart=restart)
         for rec in journal.values():
