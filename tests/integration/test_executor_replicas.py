@@ -4,6 +4,7 @@ replicas"). tests/unit/test_executor_replicas.py covers the races and the sweeps
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -55,13 +56,23 @@ def test_two_replicas_serve_the_same_sandboxes_across_a_restart_of_one(
         again.resume()
         assert again.run("cat /workspace/blob.bin | wc -c").stdout.strip() == str(len(blob))
         # B sees the resume (a new agent connection) and reads the same bytes.
-        assert on_b.info().state == "running"
+        assert agent_vm.Sandbox.connect(sb.id, address=b.address).info().state == "running"
         assert on_b.files.read("blob.bin") == blob
-        # Closed through A: B says it is gone, and the VM is.
+        # Closed through A: B's next call meets a VM that is gone, and B says so;
+        # from then on B knows the sandbox is no more.
         again.close()
-        with pytest.raises(agent_vm.NotFoundError):
+        with pytest.raises(agent_vm.AgentVMError, match=f"VM of sandbox {sb.id} is gone"):
+            on_b.run("true")
+        with pytest.raises(agent_vm.NotFoundError, match=f"no sandbox '{sb.id}'"):
             on_b.run("true")
         assert wait_for(lambda: sb.vm_name not in libvirt_domains(vmm.prefix), 60)
+    except BaseException:
+        for ex in (a, b):
+            print(f"--- {ex.name} log ---\n" + ex.log_path.read_text()[-6000:])
+        raise
     finally:
+        # Replicas of a group leave their sandboxes to each other when they stop.
+        with contextlib.suppress(agent_vm.AgentVMError):
+            agent_vm.Sandbox.connect(sb.id, address=b.address).close()
         a.stop()
         b.stop()

@@ -18,6 +18,8 @@ from agentvm.executor.sandbox_env import SandboxEnv, check_metadata
 from agentvm.v1 import executor_pb2, executor_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+# A guest call that ended so may have met a sandbox another replica closed or paused.
+_GUEST_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
@@ -42,8 +44,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         try:
             yield
         except AgentVMError as exc:
-            if exc.code == grpc.StatusCode.UNAVAILABLE and active is not None:
-                await self._changed_elsewhere(active)
+            if exc.code in _GUEST_GONE and active is not None and not active.closing:
+                await self._changed_elsewhere(active, exc)
             # No secret of the sandbox leaves in a message (the guest's included).
             sb = self.executor.sandbox_or_none(sandbox_id)
             if sb is not None and sb.env.secret:
@@ -61,15 +63,17 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                 active.last_active = time.monotonic()
                 self.executor.touch_soon(active)  # other replicas' idle clocks
 
-    async def _changed_elsewhere(self, sb: SandboxState) -> None:
-        """Raise why ``sb`` cannot answer when another replica closed or paused it."""
+    async def _changed_elsewhere(self, sb: SandboxState, exc: AgentVMError) -> None:
+        """Raise why ``sb`` cannot answer when another replica closed or paused it.
+        A sandbox whose VM is gone is forgotten: later calls are NOT_FOUND; this one
+        keeps its own error when that says why (ABORTED: the VM is gone, and how)."""
         was_paused = sb.paused
         try:
             await self.executor.refresh(sb)
         except AgentVMError as gone:
-            if gone.code == grpc.StatusCode.NOT_FOUND:
+            if gone.code == grpc.StatusCode.NOT_FOUND and exc.code != grpc.StatusCode.ABORTED:
                 raise gone from None
-            return  # its node does not answer either: the call's own error says so
+            return  # the call's own error says it (or its node does not answer either)
         if sb.paused and not was_paused:
             raise FailedPrecondition(
                 f"sandbox {sb.id} was paused (through another executor replica): resume it "
