@@ -260,7 +260,7 @@ def test_a_sandbox_from_the_pool_survives_a_killed_executor(
     ex = ExecutorProcess(base=vmm.base, prefix=vmm.prefix, name="executor-keep", pool=pm.address)
     ex.start()
     try:
-        sb = agent_vm.Sandbox.create(address=ex.address, lifetime=900)
+        sb = agent_vm.Sandbox.create(address=ex.address, network="isolated", lifetime=900)
         labels = (
             vmm.stub().GetVM(vm_manager_pb2.GetVMRequest(name=sb.vm_name), timeout=30).vm.labels
         )

@@ -419,6 +419,8 @@ class Replicas:
                     await self.reconcile()
                 except grpc.aio.AioRpcError as exc:
                     log.warning("cannot sweep for orphaned VMs: %s", exc.details())
+                except Exception:  # the reaper never dies: lifetimes depend on it
+                    log.exception("the sweep for orphaned VMs failed; trying again next time")
 
     async def _expire(self, sb: SandboxState) -> None:
         """Close ``sb`` at the end of its lifetime, unless its record says otherwise
