@@ -34,6 +34,8 @@ class Node:
     def __init__(self) -> None:
         self.vms: dict[str, common_pb2.VM] = {}
         self.destroyed: list[str] = []
+        # An answer that left before the last changes, given once by GetVM.
+        self.stale: common_pb2.VM | None = None
 
     def _vm(self, name: str) -> common_pb2.VM:
         if name not in self.vms:
@@ -56,7 +58,8 @@ class Node:
         return vm_manager_pb2.WaitVMResponse(vm=self._vm(req.name))
 
     async def GetVM(self, req: Any, timeout: float) -> Any:
-        return vm_manager_pb2.GetVMResponse(vm=self._vm(req.name))
+        stale, self.stale = self.stale, None
+        return vm_manager_pb2.GetVMResponse(vm=stale or self._vm(req.name))
 
     async def ListVMs(self, req: Any, timeout: float) -> Any:
         want = dict(req.label_selector).items()
@@ -360,5 +363,33 @@ def test_a_record_sealed_under_another_key_is_left_alone(tmp_path: Path) -> None
         finally:
             await b.close()
             await a.close()
+
+    run(body)
+
+
+def test_an_answer_older_than_this_replicas_own_writes_changes_nothing(tmp_path: Path) -> None:
+    """A GetVM answer that left vm-manager before a pause here (READY, the older
+    generation) must not make this replica think the sandbox runs again."""
+    node = Node()
+
+    async def body() -> None:
+        a = replica(node, "a", tmp_path)
+        sb = await a.create_sandbox(SPEC)
+        before = common_pb2.VM()
+        before.CopyFrom(node.vms[sb.vm.name])
+        await a.pause_sandbox(sb)
+        node.stale = before
+        await a.refresh(sb)
+        assert sb.paused
+        # Nor while a pause or resume here holds the sandbox's lock.
+        newer = common_pb2.VM()
+        newer.CopyFrom(node.vms[sb.vm.name])
+        newer.suspended, newer.state = False, common_pb2.VM_STATE_READY
+        newer.record_generation += 1
+        node.stale = newer
+        async with sb.lock:
+            await a.refresh(sb)
+        assert sb.paused
+        await a.close()
 
     run(body)

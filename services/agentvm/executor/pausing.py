@@ -38,10 +38,14 @@ class Pausing:
 
     if TYPE_CHECKING:  # replicas.py's (a stub here would shadow it in the MRO)
 
-        async def refresh(self, sb: SandboxState) -> None: ...
+        async def refresh(self, sb: SandboxState, *, holding_lock: bool = False) -> None: ...
 
         async def update(
-            self, sb: SandboxState, change: Callable[[SandboxState], None]
+            self,
+            sb: SandboxState,
+            change: Callable[[SandboxState], None],
+            *,
+            holding_lock: bool = False,
         ) -> None: ...
 
         def remote_idle(self, sb: SandboxState) -> bool: ...
@@ -49,7 +53,8 @@ class Pausing:
     async def pause_sandbox(self, sb: SandboxState, *, idle: bool = False) -> None:
         """Save ``sb``'s memory and disk and stop its VM (``idle``: auto-pause)."""
         async with sb.lock:
-            await self.refresh(sb)  # another replica may have paused, resumed or used it
+            # Another replica may have paused, resumed or used it.
+            await self.refresh(sb, holding_lock=True)
             if idle and (sb.paused or sb.busy or sb.closing or not self.remote_idle(sb)):
                 return  # used again (here or elsewhere), paused or closed meanwhile
             if sb.paused:
@@ -104,7 +109,7 @@ class Pausing:
     async def resume_sandbox(self, sb: SandboxState) -> None:
         """Bring a paused ``sb`` back as it was at the pause."""
         async with sb.lock:
-            await self.refresh(sb)
+            await self.refresh(sb, holding_lock=True)
             if not sb.paused:
                 raise FailedPrecondition(
                     f"sandbox {sb.id} is running, not paused: there is nothing to resume"
@@ -146,7 +151,7 @@ class Pausing:
 
         change(sb)
         try:
-            await self.update(sb, change)
+            await self.update(sb, change, holding_lock=True)
         except AgentVMError as exc:
             log.warning(
                 "cannot record the %s of sandbox %s: %s",

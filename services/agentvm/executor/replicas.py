@@ -112,8 +112,14 @@ class Replicas:
         return bool(labels.get(CREATOR_LABEL, "") == self.settings.executor_addr)
 
     # -- records -------------------------------------------------------------
-    async def refresh(self, sb: SandboxState) -> None:
-        """Bring ``sb`` up to its record; the gone error when it was closed elsewhere."""
+    async def refresh(self, sb: SandboxState, *, holding_lock: bool = False) -> None:
+        """Bring ``sb`` up to its record; the gone error when it was closed elsewhere.
+
+        Only a newer record is applied (an answer that left vm-manager before this
+        replica's own last write is older), and whether the sandbox is paused is
+        left alone while a pause or resume here holds its lock (``holding_lock``:
+        the caller is that pause or resume).
+        """
         try:
             vm, rec = await self.records.read(sb.vm.name)
         except NotFound:
@@ -124,10 +130,12 @@ class Replicas:
         if rec.closing and not sb.closing:
             self.forget(sb)
             raise self.gone_error(sb.id, cut_short=False)
-        if vm.record_generation != sb.record_generation:
-            self._apply(sb, rec, vm)
+        if vm.record_generation > sb.record_generation:
+            self._apply(sb, rec, vm, pause_state=holding_lock or not sb.lock.locked())
 
-    def _apply(self, sb: SandboxState, rec: Record, vm: common_pb2.VM) -> None:
+    def _apply(
+        self, sb: SandboxState, rec: Record, vm: common_pb2.VM, *, pause_state: bool
+    ) -> None:
         sb.record_generation = vm.record_generation
         sb.expires_at = rec.expires_at
         sb.paused_left = rec.paused_left
@@ -135,6 +143,8 @@ class Replicas:
         sb.remote_active = max(sb.remote_active, rec.active_at)
         # vm-manager knows whether it is paused: another replica may have paused
         # or resumed it (a resumed VM has a new agent connection to make).
+        if not pause_state:
+            return
         if vm.suspended and not sb.paused:
             sb.paused = True
         elif sb.paused and not vm.suspended and vm.state == common_pb2.VM_STATE_READY:
@@ -142,10 +152,16 @@ class Replicas:
             old, sb.vm, sb.channel = sb.channel, vm, self.agent_channel(vm)
             self._spawn(old.close(grace=None))
 
-    async def update(self, sb: SandboxState, change: Callable[[SandboxState], None]) -> None:
+    async def update(
+        self,
+        sb: SandboxState,
+        change: Callable[[SandboxState], None],
+        *,
+        holding_lock: bool = False,
+    ) -> None:
         """Read ``sb``'s record, apply ``change`` and write it back, compare-and-set."""
         for _ in range(UPDATE_ATTEMPTS):
-            await self.refresh(sb)
+            await self.refresh(sb, holding_lock=holding_lock)
             change(sb)
             local = sb.local_active_at()
             try:
@@ -280,6 +296,8 @@ class Replicas:
             if rec is None or rec.id != sandbox_id:
                 unrecorded.append(vm.name)
                 continue
+            if sandbox_id in self._sandboxes:
+                continue  # taken up meanwhile (another call looking for it)
             if rec.closing or (rec.oneshot and restart and self._made_here(vm.labels)):
                 # Closed (or a one-shot Run the previous executor ran) and not torn down.
                 log.info("finishing the teardown of sandbox %s (%s)", rec.id, vm.name)

@@ -40,7 +40,11 @@ class Teardown:
     if TYPE_CHECKING:  # replicas.py's (a stub here would shadow it in the MRO)
 
         async def update(
-            self, sb: SandboxState, change: Callable[[SandboxState], None]
+            self,
+            sb: SandboxState,
+            change: Callable[[SandboxState], None],
+            *,
+            holding_lock: bool = False,
         ) -> None: ...
 
         def drop(self, sb: SandboxState) -> None: ...
