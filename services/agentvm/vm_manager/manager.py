@@ -323,16 +323,27 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
         vm.relay = HostRelay(vm.name, vm.agent_socket, channel_path=path)
         await vm.relay.start()
 
-    async def _refresh(self, vm: VM) -> None:
-        """Notice a domain that stopped or crashed behind our back."""
-        if not vm.state.running:
+    async def _refresh(self, vm: VM, *, held: bool = False) -> None:
+        """Notice a domain that stopped or crashed behind our back. A reader (not
+        ``held``: the caller does not hold the VM's lock) leaves it to a lifecycle
+        call that holds it (a suspend, a stop: the domain goes down on purpose and
+        that call sets the state), also one that took it meanwhile."""
+
+        def settled() -> bool:
+            return not vm.state.running or (not held and self._lock(vm.name).locked())
+
+        if settled():
             return
         dom = await asyncio.to_thread(self.conn.find, vm.name)
+        if settled():
+            return
         if dom is None:
             vm.state = VMState.FAILED
             vm.error = "the domain disappeared from libvirt"
             return
         state, reason = await asyncio.to_thread(dom.state)
+        if settled():
+            return
         if state in (DOMAIN_SHUTOFF, DOMAIN_CRASHED):
             if state == DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN:
                 vm.transition(VMState.STOPPED)
@@ -387,7 +398,7 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
         """Graceful stop (agent shutdown), then forced power-off after ``grace`` seconds."""
         async with self._lock(name):
             vm = self._get(name)
-            await self._refresh(vm)
+            await self._refresh(vm, held=True)
             if vm.state in (VMState.STOPPED, VMState.DEFINED):
                 return vm, False
             vm.require(VMState.BOOTING, VMState.READY, VMState.FAILED)

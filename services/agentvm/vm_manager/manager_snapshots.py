@@ -35,7 +35,7 @@ class Snapshots:
     def _get(self, name: str) -> VM:
         raise NotImplementedError
 
-    async def _refresh(self, vm: VM) -> None:
+    async def _refresh(self, vm: VM, *, held: bool = False) -> None:
         raise NotImplementedError
 
     async def _start_relay(self, vm: VM, dom: libvirt.virDomain) -> None:
@@ -50,7 +50,7 @@ class Snapshots:
         """Snapshot a VM: with memory when it runs, disk-only when it is stopped."""
         async with self._lock(vm_name):
             vm = self._get(vm_name)
-            await self._refresh(vm)
+            await self._refresh(vm, held=True)
             running = vm.state.running
             if running and not include_memory:
                 raise FailedPrecondition(
@@ -113,7 +113,7 @@ class Snapshots:
         """Save a READY VM's state to a file and stop its QEMU (suspend.py)."""
         async with self._lock(name):
             vm = self._get(name)
-            await self._refresh(vm)
+            await self._refresh(vm, held=True)
             vm.require(VMState.READY)
             if vm.shared_workspace:
                 raise FailedPrecondition(
