@@ -113,7 +113,9 @@ def inst(tmp_path: Path) -> Iterator[Installation]:
         assert up.stdout.count("started (pid") == 5, up.stdout
         yield inst
     finally:
-        sup_pid = (inst.run / "supervisor.pid").read_text() if inst.run.exists() else ""
+        # None when `up` failed before a supervisor was started: `down` still cleans up.
+        pid_file = inst.run / "supervisor.pid"
+        sup_pid = pid_file.read_text() if pid_file.exists() else ""
         down = agent_vm(inst.env, "down")
         shutil.rmtree(inst.run, ignore_errors=True)
         assert down.returncode == 0, down.stderr
