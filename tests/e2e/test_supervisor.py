@@ -113,7 +113,7 @@ def inst(tmp_path: Path) -> Iterator[Installation]:
         assert up.stdout.count("started (pid") == 5, up.stdout
         yield inst
     finally:
-        # None when `up` failed before a supervisor was started: `down` still cleans up.
+        # No pid file when `up` failed before it started a supervisor: `down` still cleans up.
         pid_file = inst.run / "supervisor.pid"
         sup_pid = pid_file.read_text() if pid_file.exists() else ""
         down = agent_vm(inst.env, "down")
