@@ -174,6 +174,13 @@ def test_any_replica_serves_a_sandbox_another_made_and_sees_its_changes(tmp_path
         assert sb.id not in a._sandboxes
         with pytest.raises(NotFound):
             await a.find(sb.id)
+        # ListSandboxes on B lists what A made since, and B forgets what A closed.
+        other = await a.create_sandbox(SPEC)
+        await b.sync()
+        assert other.id in b._sandboxes
+        await a.close_sandbox(other.id)
+        await b.sync()
+        assert other.id not in b._sandboxes
         await a.close()
         await b.close()
 

@@ -256,15 +256,21 @@ class Replicas:
             return
         await self.take_up(vms, restart=False)
         names = {vm.name: vm for vm in vms}
-        for sb in list(self._sandboxes.values()):
-            vm = names.get(sb.vm.name)
-            if sb.closing or sb.id in self._creating:
-                continue
-            if vm is None or vm.record_generation != sb.record_generation:
-                try:
-                    await self.refresh(sb)
-                except AgentVMError:
-                    continue  # forgotten, or its node does not answer: as it was
+        stale = [
+            sb
+            for sb in self._sandboxes.values()
+            if not sb.closing
+            and (
+                sb.vm.name not in names
+                or names[sb.vm.name].record_generation > sb.record_generation
+            )
+        ]
+
+        async def quietly(sb: SandboxState) -> None:
+            with contextlib.suppress(AgentVMError):  # forgotten, or its node is away
+                await self.refresh(sb)
+
+        await asyncio.gather(*(quietly(sb) for sb in stale))
 
     async def _list_vms(self) -> list[common_pb2.VM]:
         resp = await self.vmm.ListVMs(
