@@ -10,103 +10,29 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agentvm.cli.services import alive
-from agentvm.common.config import METRICS_PORTS
-from tests.vmharness import REPO, free_port, libvirt_domains
+from tests.installation import Installation, agent_vm, wait_for
+from tests.vmharness import REPO, libvirt_domains
 
 pytestmark = pytest.mark.vm
 
 PREFIX = "agent-vm-testsuper-"
 
 
-def agent_vm(
-    env: dict[str, str], *args: str, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agentvm.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        check=False,
-    )
-
-
-class Installation:
-    def __init__(self, base: Path) -> None:
-        self.run = Path("/run/agent-vm-tests") / secrets.token_hex(4)
-        self.log = base / "log"
-        self.audit = base / "audit"
-        self.env = dict(
-            os.environ,
-            AGENTVM_RUN_DIR=str(self.run),
-            AGENTVM_VM_MANAGER_ADDR=f"unix:{self.run}/vm-manager.sock",
-            AGENTVM_POOL_MANAGER_ADDR=f"unix:{self.run}/pool-manager.sock",
-            AGENTVM_EXECUTOR_ADDR=f"unix:{self.run}/executor.sock",
-            AGENTVM_MONITOR_ADDR=f"unix:{self.run}/monitor.sock",
-            AGENTVM_E2B_GATEWAY_ADDR=f"unix:{self.run}/e2b-gateway.sock",
-            # Not the default E2B port: a running installation may hold it.
-            AGENTVM_E2B_HTTP_ADDR=f"127.0.0.1:{free_port()}",
-            AGENTVM_LOG_DIR=str(self.log),
-            AGENTVM_STATE_DIR=str(base / "state"),
-            AGENTVM_VM_PREFIX=PREFIX,
-            AGENTVM_POOLS="standard:min=0,max=1",
-            AGENTVM_AUDIT_DIR=str(self.audit),
-            AGENTVM_TOKEN_FILE=str(base / "token"),
-            AGENTVM_TLS_DIR=str(base / "tls"),
-            AGENTVM_RESTART_BACKOFF="1",
-            AGENTVM_RESTART_BACKOFF_MAX="8",
-        )
-        for service in METRICS_PORTS:
-            name = service.upper().replace("-", "_")
-            self.env[f"AGENTVM_{name}_METRICS_ADDR"] = f"127.0.0.1:{free_port()}"
-
-    def status(self) -> dict[str, Any]:
-        proc = agent_vm(self.env, "status", "--json")
-        out: dict[str, Any] = json.loads(proc.stdout)
-        out["exit"] = proc.returncode
-        out["by_name"] = {row["service"]: row for row in out["services"]}
-        return out
-
-    def service(self, name: str) -> dict[str, Any]:
-        row: dict[str, Any] = self.status()["by_name"][name]
-        return row
-
-    def supervised_pid(self, name: str) -> int | None:
-        """The pid the supervisor has now (read from its file, no health check)."""
-        try:
-            data = json.loads((self.run / "supervisor.json").read_text())
-        except (OSError, ValueError):
-            return None
-        pid = data["services"][name]["pid"]
-        return int(pid) if pid else None
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
 @pytest.fixture
 def inst(tmp_path: Path) -> Iterator[Installation]:
-    inst = Installation(tmp_path)
+    inst = Installation(tmp_path, PREFIX)
     try:
         up = agent_vm(inst.env, "up")
         assert up.returncode == 0, up.stdout + up.stderr
@@ -279,7 +205,7 @@ def test_restart_one_service_and_then_all(inst: Installation) -> None:
 
 
 def test_restart_and_status_without_a_supervisor_say_what_to_run(tmp_path: Path) -> None:
-    inst = Installation(tmp_path)
+    inst = Installation(tmp_path, PREFIX)
     try:
         restart = agent_vm(inst.env, "restart", "executor")
         assert restart.returncode == 2
@@ -293,7 +219,7 @@ def test_restart_and_status_without_a_supervisor_say_what_to_run(tmp_path: Path)
 
 
 def test_up_that_cannot_start_a_service_says_which_and_leaves_nothing(tmp_path: Path) -> None:
-    inst = Installation(tmp_path)
+    inst = Installation(tmp_path, PREFIX)
     inst.env["AGENTVM_MONITOR_METRICS_ADDR"] = "127.0.0.1:99999"  # the monitor cannot bind it
     try:
         up = agent_vm(inst.env, "up")

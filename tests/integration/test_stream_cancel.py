@@ -131,8 +131,12 @@ def test_executor_streams_survive_cancels_and_deadlines(
     )
     run.timeout.FromSeconds(60)
     # Boots, then floods: cancelled once it streams, then cut by the deadline
-    # while it still streams (40 s: the boot takes ~10 s).
-    codes = [_cancel_mid_stream(stub.Run(run, timeout=120)), _drain(stub.Run(run, timeout=40))]
+    # while it still streams: the deadline is what the first run took to
+    # stream, and 10 s more (a fixed 40 s cost this test half a minute).
+    began = time.monotonic()
+    codes = [_cancel_mid_stream(stub.Run(run, timeout=120))]
+    to_stream = time.monotonic() - began
+    codes.append(_drain(stub.Run(run, timeout=to_stream + 10)))
     assert codes[0] is grpc.StatusCode.CANCELLED, codes
     _cut(codes)
     _alive_and_serving(executor, pid)

@@ -28,14 +28,14 @@ def run_figures(argv: list[str], env: dict[str, str]) -> tuple[dict[str, Any], s
 
 def test_boot_benchmark_prints_figures(vmm: VMManagerProcess) -> None:
     figures, _ = run_figures(
-        [sys.executable, "-m", "tests.performance.bench_boot", "--vms", "2", "--calls", "10"],
+        [sys.executable, "-m", "tests.performance.bench_boot", "--vms", "1", "--calls", "10"],
         vmm.env,
     )
-    assert figures["cold_create_to_ready_s"]["n"] == 2
+    assert figures["cold_create_to_ready_s"]["n"] == 1
     assert figures["exec_true_round_trip_ms"]["n"] == 10
     assert figures["cold_create_to_ready_s"]["p50"] > 0
     assert figures["memory_snapshot_restore_to_ready_s"]["n"] == 2
-    assert figures["qemu_rss_per_ready_vm_mib"]["n"] == 2
+    assert figures["qemu_rss_per_ready_vm_mib"]["n"] == 1
     assert figures["ratios"]["exec_p50_over_host_true_p50"] > 0
 
 
@@ -68,7 +68,7 @@ def test_agent_vm_bench_prints_every_figure(
         "AGENTVM_EXECUTOR_ADDR": ex.address,
     }
     try:
-        args = ["--json", "--cold", "1", "--restores", "2", "--acquires", "4", "--concurrent", "2"]
+        args = ["--json", "--cold", "1", "--restores", "1", "--acquires", "3", "--concurrent", "2"]
         args += ["--oneshots", "2", "--commands", "10"]
         fig, stderr = run_figures([str(REPO / ".venv/bin/agent-vm"), "bench", *args], env)
     finally:
@@ -76,10 +76,10 @@ def test_agent_vm_bench_prints_every_figure(
         pm.stop()
     assert fig["machine"]["accelerator"] in ("TCG", "KVM")
     assert fig["cold_create_to_ready_s"]["n"] == 1
-    assert fig["restore_to_ready_s"]["n"] == 2
-    assert fig["pool_acquire_ms"]["n"] == 4
-    assert fig["acquire_and_first_command_ms"]["n"] == 4
-    assert fig["network_policy_update_ms"]["n"] == 4
+    assert fig["restore_to_ready_s"]["n"] == 1
+    assert fig["pool_acquire_ms"]["n"] == 3
+    assert fig["acquire_and_first_command_ms"]["n"] == 3
+    assert fig["network_policy_update_ms"]["n"] == 3
     conc = fig["concurrent_executions"]
     assert (conc["n"], conc["distinct_vms"], conc["per_run_s"]["n"]) == (2, 2, 2)
     made = ("from_pool_ready", "from_pool_made_on_demand", "made_by_the_executor")

@@ -54,6 +54,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "The vm-manager nodes (from AGENTVM_NODES*, else the local one) and their capacity.",
     ),
     "pool": (_C + "pool_cmds:pool", "The pool-manager's pools of pre-warmed VMs."),
+    "soak": (
+        _C + "soak:soak_cmd",
+        "Run real work with faults injected from a seed; check every result and leaks.",
+    ),
     "restart": (
         _C + "bringup_cmds:restart",
         "Restart one service (or all, in start order) under the supervisor of `agent-vm up`.",

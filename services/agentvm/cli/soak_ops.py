@@ -1,0 +1,172 @@
+"""The soak's operations: real work through the public client, every result checked.
+
+Each operation takes its own seeded RNG and raises :class:`WrongResult` when a
+result is not what it must be (a hash, an exit code, missing output); the
+client's own errors (``AgentVMError``) propagate for the runner to judge
+against the faults in flight (docs/RELIABILITY.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import agent_vm
+from agent_vm._types import Workspace
+
+__all__ = ["OPS", "SOAK_LABEL", "Context", "WrongResult", "still_serves"]
+
+SOAK_LABEL = "agent-vm/soak"
+# A sandbox's life bounds it even if the soak dies (the executor reclaims it).
+LIFETIME_S = 900.0
+CALL_TIMEOUT_S = 300.0
+
+
+class WrongResult(Exception):
+    """A result that is not what the operation must produce: always a failure."""
+
+
+@dataclass
+class Context:
+    """What the operations of one run share: the run's id and its open sandboxes."""
+
+    run_id: str
+    address: str | None = None
+    # Sandboxes whose close failed, closed again at the end of the run.
+    unclosed: dict[str, agent_vm.AsyncSandbox] = field(default_factory=dict)
+
+    async def sandbox(self, workspace: Workspace = "auto") -> agent_vm.AsyncSandbox:
+        return await agent_vm.AsyncSandbox.create(
+            network="isolated",
+            workspace=workspace,
+            lifetime=LIFETIME_S,
+            metadata={SOAK_LABEL: self.run_id},
+            address=self.address,
+            request_timeout=CALL_TIMEOUT_S,
+        )
+
+    async def close(self, sb: agent_vm.AsyncSandbox) -> None:
+        try:
+            await sb.close()
+        except agent_vm.AgentVMError:
+            self.unclosed[sb.id] = sb
+            raise
+
+
+def _expect(what: str, got: object, want: object) -> None:
+    if got != want:
+        raise WrongResult(f"{what}: got {got!r}, expected {want!r}")
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def oneshot(ctx: Context, rng: random.Random) -> None:
+    """A one-shot run in a fresh VM prints the hash of a token."""
+    token = rng.randbytes(16).hex()
+    code = f"import hashlib; print(hashlib.sha256({token!r}.encode()).hexdigest())"
+    res = await agent_vm.arun(
+        code=code, network="isolated", timeout=CALL_TIMEOUT_S, address=ctx.address
+    )
+    _expect("one-shot exit code", res.exit_code, 0)
+    _expect("one-shot stdout", res.stdout, _sha(token.encode()) + "\n")
+
+
+async def _in_sandbox(
+    ctx: Context,
+    body: Callable[[agent_vm.AsyncSandbox], Awaitable[None]],
+    workspace: Workspace = "auto",
+) -> None:
+    sb = await ctx.sandbox(workspace)
+    try:
+        await body(sb)
+    finally:
+        await ctx.close(sb)
+
+
+async def files(ctx: Context, rng: random.Random) -> None:
+    """Bytes up are hashed in the guest; bytes the guest makes come down whole."""
+    up = rng.randbytes(rng.randint(1024, 2 * 2**20))
+    down_size = rng.randint(1024, 2 * 2**20)
+
+    async def body(sb: agent_vm.AsyncSandbox) -> None:
+        _expect("upload size", await sb.files.write("work/soak-up", up), len(up))
+        res = await sb.run("sha256sum /workspace/work/soak-up", timeout=CALL_TIMEOUT_S)
+        _expect("guest sha256sum exit code", res.exit_code, 0)
+        _expect("hash of the upload in the guest", res.stdout.split(" ")[0], _sha(up))
+        make = (
+            f"head -c {down_size} /dev/urandom > /workspace/work/soak-down && "
+            "sha256sum /workspace/work/soak-down"
+        )
+        res = await sb.run(make, timeout=CALL_TIMEOUT_S)
+        _expect("guest head|sha256sum exit code", res.exit_code, 0)
+        got = await sb.files.read("work/soak-down")
+        _expect("download size", len(got), down_size)
+        _expect("hash of the download", _sha(got), res.stdout.split(" ")[0])
+
+    await _in_sandbox(ctx, body)
+
+
+async def pause(ctx: Context, rng: random.Random) -> None:
+    """A file written before a pause reads back the same after the resume."""
+    data = rng.randbytes(rng.randint(1024, 256 * 1024))
+
+    async def body(sb: agent_vm.AsyncSandbox) -> None:
+        await sb.files.write("work/soak-kept", data)
+        await sb.pause()
+        _expect("state after pause", sb.info().state, "paused")
+        await sb.resume()
+        _expect("state after resume", sb.info().state, "running")
+        _expect("file after resume", _sha(await sb.files.read("work/soak-kept")), _sha(data))
+
+    await _in_sandbox(ctx, body, workspace="api")
+
+
+async def process(ctx: Context, rng: random.Random) -> None:
+    """A background process's output and exit code arrive."""
+    token = secrets.token_hex(8)
+    code = rng.randint(0, 7)
+
+    async def body(sb: agent_vm.AsyncSandbox) -> None:
+        proc = await sb.processes.start(["sh", "-c", f"sleep 1; echo {token}; exit {code}"])
+        out = bytearray()
+        ended = await proc.wait(lambda piece: out.extend(piece.data))
+        _expect("background process exit code", ended.exit_code, code)
+        _expect("background process output", bytes(out), f"{token}\n".encode())
+
+    await _in_sandbox(ctx, body)
+
+
+async def stream(ctx: Context, rng: random.Random) -> None:
+    """A command's 256 KiB of stdout arrives exactly."""
+    token = rng.randbytes(6).hex()
+    size = 256 * 1024
+    line = f"{token}\n".encode()
+    want = (line * (size // len(line) + 1))[:size]
+
+    async def body(sb: agent_vm.AsyncSandbox) -> None:
+        res = await sb.run(f"yes {token} | head -c {size}", timeout=CALL_TIMEOUT_S)
+        _expect("stream exit code", res.exit_code, 0)
+        _expect("stream bytes (hash)", _sha(res.stdout_bytes), _sha(want))
+
+    await _in_sandbox(ctx, body)
+
+
+OPS: dict[str, Callable[[Context, random.Random], Awaitable[None]]] = {
+    "oneshot": oneshot,
+    "files": files,
+    "pause": pause,
+    "process": process,
+    "stream": stream,
+}
+
+
+async def still_serves(sb: agent_vm.AsyncSandbox) -> None:
+    """The sandbox answers a command after a client abused one of its streams."""
+    res = await asyncio.wait_for(sb.run("echo still", timeout=60), 120)
+    _expect("a command after the abuse", res.stdout, "still\n")

@@ -1,0 +1,110 @@
+"""The soak's schedule: which operations each worker runs and which faults come when.
+
+Everything here is drawn from the seed alone (docs/RELIABILITY.md), so the
+same ``--seed``, ``--minutes`` and fault kinds give the same fault schedule and
+the same sequence of operations per worker. No I/O: the runner
+(:mod:`.soak`) carries it out.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "ALLOWED_CODES",
+    "FAULT_KINDS",
+    "KILLABLE",
+    "OP_KINDS",
+    "Fault",
+    "expand_kinds",
+    "fault_schedule",
+    "operations",
+]
+
+OP_KINDS = ("oneshot", "files", "pause", "process", "stream")
+# The services a ``kill`` fault hits, in turn.
+KILLABLE = ("executor", "vm-manager", "pool-manager", "monitor", "e2b-gateway")
+FAULT_KINDS = (*(f"kill:{s}" for s in KILLABLE), "disconnect", "slow-reader")
+# The errors an operation in flight during a fault may get (docs/RELIABILITY.md).
+ALLOWED_CODES: dict[str, frozenset[str]] = {
+    "kill:executor": frozenset({"UNAVAILABLE", "NOT_FOUND"}),
+    "kill:vm-manager": frozenset({"UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED"}),
+    "kill:pool-manager": frozenset({"UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED"}),
+    "kill:monitor": frozenset(),
+    "kill:e2b-gateway": frozenset(),
+    "disconnect": frozenset(),
+    "slow-reader": frozenset(),
+}
+# The least time between two faults: a service killed must be back first.
+MIN_GAP_S = 15.0
+# A fault's window ends this long after its recovery.
+GRACE_S = 30.0
+# Operations' weights: sandboxes with files are the common case.
+_WEIGHTS = {"oneshot": 3, "files": 3, "pause": 1, "process": 2, "stream": 2}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One fault: when (seconds from the start of the run) and what."""
+
+    at_s: float
+    kind: str
+
+    def view(self) -> dict[str, object]:
+        return {"at_s": round(self.at_s, 1), "kind": self.kind}
+
+
+def expand_kinds(text: str) -> tuple[str, ...]:
+    """``--faults`` as kinds: "all", "none", or a comma list ("kill" means every kill).
+
+    Raises ValueError naming the unknown kind and the known ones.
+    """
+    text = text.strip()
+    if text in ("", "none"):
+        return ()
+    if text == "all":
+        return FAULT_KINDS
+    kinds: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part == "kill":
+            kinds += [k for k in FAULT_KINDS if k.startswith("kill:")]
+        elif part in FAULT_KINDS:
+            kinds.append(part)
+        else:
+            raise ValueError(
+                f"unknown fault kind {part!r}: use all, none, kill, or some of "
+                + ", ".join(FAULT_KINDS)
+            )
+    return tuple(dict.fromkeys(kinds))
+
+
+def fault_schedule(seed: int, minutes: float, kinds: Sequence[str], every_s: float) -> list[Fault]:
+    """The faults of a run: exponential gaps of mean ``every_s`` (at least
+    :data:`MIN_GAP_S`), none in the last minute (the run must see recovery),
+    kinds taken in turn from a seeded shuffle so each comes up."""
+    if not kinds:
+        return []
+    rng = random.Random(f"faults:{seed}")  # noqa: S311 - reproducible from the seed, not secret
+    order = list(kinds)
+    rng.shuffle(order)
+    end = minutes * 60.0 - 60.0
+    faults: list[Fault] = []
+    at = max(MIN_GAP_S, rng.expovariate(1.0 / every_s))
+    while at < end:
+        faults.append(Fault(at, order[len(faults) % len(order)]))
+        at += max(MIN_GAP_S, rng.expovariate(1.0 / every_s))
+    return faults
+
+
+def operations(seed: int, worker: int) -> Iterator[tuple[str, random.Random]]:
+    """Worker ``worker``'s endless sequence of (operation kind, its own RNG)."""
+    rng = random.Random(f"ops:{seed}:{worker}")  # noqa: S311 - as above
+    kinds = list(_WEIGHTS)
+    weights = [_WEIGHTS[k] for k in kinds]
+    n = 0
+    while True:
+        kind = rng.choices(kinds, weights)[0]
+        yield kind, random.Random(f"op:{seed}:{worker}:{n}")  # noqa: S311 - as above
+        n += 1

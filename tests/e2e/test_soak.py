@@ -1,0 +1,76 @@
+"""The short soak of CI (issue 20): two minutes of real work with services killed.
+
+An installation of the test's own (`agent-vm up`, its own supervisor, pool
+and prefix; ISOLATED VMs only, so nothing reaches the host's uplink) runs
+`agent-vm soak` with a seed whose first faults are a slow reader, a SIGKILL
+of vm-manager and one of the executor. The soak checks every result, judges
+every error against the faults, and looks for leaks; this test reads its
+report and checks the machine itself once the installation is down.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agentvm.cli import soak_plan
+from agentvm.vm_manager import workspace
+from tests.installation import Installation, agent_vm
+from tests.vmharness import libvirt_domains, net_leftovers
+
+pytestmark = pytest.mark.vm
+
+PREFIX = "agent-vm-testsoak-"
+SEED, MINUTES, EVERY = 3, 2.0, 20.0
+
+
+@pytest.fixture
+def inst() -> Iterator[Installation]:
+    base = Path("/var/lib/agent-vm-tests") / f"soak-{secrets.token_hex(3)}"
+    inst = Installation(base, PREFIX, pools="standard:min=2,max=3")
+    try:
+        up = agent_vm(inst.env, "up")
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield inst
+    finally:
+        down = agent_vm(inst.env, "down")
+        shutil.rmtree(inst.run, ignore_errors=True)
+        assert down.returncode == 0, down.stderr
+        assert not libvirt_domains(PREFIX)
+        assert not net_leftovers(PREFIX)
+        assert not workspace.mounts_under(base)
+        workspace.remove_tree(base)
+
+
+def test_a_short_soak_with_killed_services_loses_and_leaks_nothing(inst: Installation) -> None:
+    args = ["--minutes", str(MINUTES), "--seed", str(SEED), "--fault-every", str(EVERY)]
+    proc = agent_vm(inst.env, "soak", *args, "--json", timeout=900)
+    assert proc.stdout, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    why = json.dumps({k: report[k] for k in ("failures", "leaks", "audit_problems")}, indent=1)
+    assert proc.returncode == 0, why + proc.stderr[-3000:]
+    assert (report["failures"], report["leaks"], report["audit_problems"]) == ([], [], [])
+    # The same seed gives the same schedule, and it was carried out.
+    schedule = soak_plan.fault_schedule(SEED, MINUTES, soak_plan.FAULT_KINDS, EVERY)
+    assert report["schedule"] == [f.view() for f in schedule]
+    done = [f["kind"] for f in report["faults"]]
+    assert done == [f.kind for f in schedule]
+    assert {"kill:vm-manager", "kill:executor"} <= set(done)
+    assert all(not f["failed"] for f in report["faults"])
+    # Real work was done and checked, of several kinds, between the faults.
+    assert report["operations_ok"] >= 10, report["operations"]
+    assert len(report["latency"]) >= 3, report["latency"]
+    # Every service was sampled, the killed ones under two processes.
+    rss = report["service_rss"]
+    assert set(rss) == set(soak_plan.KILLABLE)
+    assert rss["executor"]["processes"] == 2
+    assert rss["vm-manager"]["processes"] == 2
+    # The supervisor counted the restarts.
+    status = inst.status()["by_name"]
+    assert status["executor"]["restarts"] == 1
+    assert status["vm-manager"]["restarts"] == 1

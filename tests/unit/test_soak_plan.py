@@ -1,0 +1,91 @@
+"""The soak's schedule is the seed's alone, and its judge is strict (issue 20)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agentvm.cli import soak_check, soak_plan
+from agentvm.cli.soak import FaultDone, Outcome, judge
+
+
+@given(st.integers(0, 2**32), st.floats(2, 120), st.floats(15, 600))
+def test_the_same_seed_gives_the_same_schedule_within_its_rules(
+    seed: int, minutes: float, every: float
+) -> None:
+    first = soak_plan.fault_schedule(seed, minutes, soak_plan.FAULT_KINDS, every)
+    assert first == soak_plan.fault_schedule(seed, minutes, soak_plan.FAULT_KINDS, every)
+    ats = [f.at_s for f in first]
+    assert all(b - a >= soak_plan.MIN_GAP_S - 1e-9 for a, b in itertools.pairwise(ats))
+    assert all(soak_plan.MIN_GAP_S <= at < minutes * 60 - 60 for at in ats)
+    # Kinds come in turn: none twice before every kind came once.
+    kinds = [f.kind for f in first]
+    n = len(soak_plan.FAULT_KINDS)
+    for i in range(0, len(kinds), n):
+        assert len(set(kinds[i : i + n])) == len(kinds[i : i + n])
+
+
+def test_seeds_differ_and_the_operations_are_reproducible() -> None:
+    a = soak_plan.fault_schedule(1, 60, soak_plan.FAULT_KINDS, 60)
+    b = soak_plan.fault_schedule(2, 60, soak_plan.FAULT_KINDS, 60)
+    assert a != b
+    assert {f.kind for f in a} == set(soak_plan.FAULT_KINDS)
+    ops = [k for k, _ in itertools.islice(soak_plan.operations(5, 0), 200)]
+    assert ops == [k for k, _ in itertools.islice(soak_plan.operations(5, 0), 200)]
+    assert ops != [k for k, _ in itertools.islice(soak_plan.operations(5, 1), 200)]
+    assert set(ops) == set(soak_plan.OP_KINDS)
+    # Each operation's own RNG too.
+    r1 = [r.random() for _, r in itertools.islice(soak_plan.operations(5, 0), 5)]
+    r2 = [r.random() for _, r in itertools.islice(soak_plan.operations(5, 0), 5)]
+    assert r1 == r2
+    assert soak_plan.fault_schedule(1, 60, (), 60) == []
+
+
+def test_fault_kinds_are_parsed_and_unknown_ones_named() -> None:
+    assert soak_plan.expand_kinds("all") == soak_plan.FAULT_KINDS
+    assert soak_plan.expand_kinds("none") == ()
+    kills = soak_plan.expand_kinds("kill")
+    assert kills == tuple(f"kill:{s}" for s in soak_plan.KILLABLE)
+    assert soak_plan.expand_kinds("disconnect,kill:executor,disconnect") == (
+        "disconnect",
+        "kill:executor",
+    )
+    with pytest.raises(ValueError, match=r"unknown fault kind 'kill:libvirtd'.*slow-reader"):
+        soak_plan.expand_kinds("kill:libvirtd")
+
+
+def test_only_an_allowed_error_inside_a_faults_window_is_explained() -> None:
+    kill = FaultDone("kill:executor", start_s=100.0, recovered_s=103.0)
+    during = Outcome("files", 95.0, 101.0, error_code="UNAVAILABLE", message="down")
+    assert judge(during, [kill]) == ""
+    # After the window (recovery + grace) the same error is a failure.
+    late = Outcome("files", 103.0 + soak_plan.GRACE_S + 1, 140.0, error_code="UNAVAILABLE")
+    assert judge(late, [kill]).startswith("UNAVAILABLE")
+    # An error no fault of that kind may cause is a failure even inside it.
+    odd = Outcome("files", 99.0, 101.0, error_code="INTERNAL", message="boom")
+    assert judge(odd, [kill]) == "INTERNAL: boom"
+    # A monitor kill explains nothing.
+    mon = FaultDone("kill:monitor", 100.0, 101.0)
+    assert judge(during, [mon]) != ""
+    # A wrong result is never explained.
+    wrong = Outcome("files", 99.0, 101.0, wrong=True, message="hash of the download")
+    assert judge(wrong, [kill]) == "wrong result: hash of the download"
+    assert judge(Outcome("oneshot", 1.0, 2.0), []) == ""
+
+
+def test_rss_growth_is_measured_over_the_longest_lived_process() -> None:
+    s = soak_check.RssSample
+    samples = [
+        s(0, "executor", 10, 100 * 1024, 0),
+        s(5, "executor", 10, 110 * 1024, 500),
+        s(10, "executor", 11, 60 * 1024, 510),  # killed and started again
+        s(15, "executor", 11, 61 * 1024, 600),
+    ]
+    got = soak_check.rss_growth(samples)["executor"]
+    assert got["processes"] == 2
+    assert got["longest_life_ops"] == 500
+    assert got["growth_mib_per_1k_ops"] == 20.0
+    assert (got["first_rss_mib"], got["last_rss_mib"], got["max_rss_mib"]) == (100, 61, 110)
