@@ -23,16 +23,20 @@ from tests.vmharness import REPO, free_port
 
 
 def agent_vm(
-    env: dict[str, str], *args: str, timeout: float = 120
+    env: dict[str, str], *args: str, stdin: bytes = b"", timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    """The real CLI in a child process; ``stdin`` is a pipe (never a terminal)."""
+    proc = subprocess.run(
         [sys.executable, "-m", "agentvm.cli.main", *args],
         env=env,
+        input=stdin,
         capture_output=True,
-        text=True,
         timeout=timeout,
         cwd=REPO,
         check=False,
+    )
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode()
     )
 
 

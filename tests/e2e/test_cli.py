@@ -6,14 +6,13 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from agentvm.common import tls
 from agentvm.common.config import METRICS_PORTS
+from tests.installation import agent_vm
 from tests.vmharness import (
     REPO,
     ExecutorProcess,
@@ -27,22 +26,6 @@ from tests.vmharness import (
 )
 
 pytestmark = pytest.mark.vm
-
-
-def agent_vm(
-    env: dict[str, str], *args: str, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agentvm.cli.main", *args],
-        env=env,
-        # `run` passes a stdin that is not a terminal to the program: none here.
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        check=False,
-    )
 
 
 def test_vm_run_prints_guest_output_and_exits_with_its_code(vmm: VMManagerProcess) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.test_cli import agent_vm
+from tests.installation import agent_vm
 from tests.networld import bridge_world
 from tests.vmharness import ExecutorProcess, VMManagerProcess, libvirt_domains, wait_for
 

@@ -6,33 +6,15 @@ so each test checks several things of one run.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.vmharness import REPO, ExecutorProcess
+from tests.installation import agent_vm
+from tests.vmharness import ExecutorProcess
 
 pytestmark = pytest.mark.vm
-
-
-def agent_vm(
-    env: dict[str, str], *args: str, stdin: bytes = b"", timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "agentvm.cli.main", *args],
-        env=env,
-        input=stdin,
-        capture_output=True,
-        timeout=timeout,
-        cwd=REPO,
-        check=False,
-    )
-    return subprocess.CompletedProcess(
-        proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode()
-    )
 
 
 def test_a_mistyped_option_stops_the_run_before_any_vm(executor: ExecutorProcess) -> None:

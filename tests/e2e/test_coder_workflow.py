@@ -24,7 +24,7 @@ import pytest
 
 import agent_vm
 from agentvm.v1 import vm_manager_pb2
-from tests.e2e.test_cli_run import agent_vm as cli
+from tests.installation import agent_vm as cli
 from tests.vmharness import ExecutorProcess
 
 pytestmark = pytest.mark.vm

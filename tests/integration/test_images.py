@@ -17,8 +17,8 @@ import pytest
 
 import agent_vm
 from agentvm.v1 import common_pb2, vm_manager_pb2
-from tests.e2e.test_cli_run import agent_vm as cli
 from tests.imagebuild import build, spec_source
+from tests.installation import agent_vm as cli
 from tests.ociimages import BASE_LAYER, Entry, Layout, busybox_image, make_layer
 from tests.vmharness import (
     ExecutorProcess,

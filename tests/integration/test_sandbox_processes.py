@@ -25,7 +25,7 @@ import pytest
 import agent_vm
 from agent_vm import _calls as agent_vm_calls
 from agentvm.v1 import executor_pb2, executor_pb2_grpc
-from tests.e2e.test_cli_run import agent_vm as cli
+from tests.installation import agent_vm as cli
 from tests.vmharness import REPO, ExecutorProcess
 
 pytestmark = pytest.mark.vm

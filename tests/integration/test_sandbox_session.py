@@ -12,7 +12,7 @@ import time
 import pytest
 
 import agent_vm
-from tests.e2e.test_cli_run import agent_vm as cli
+from tests.installation import agent_vm as cli
 from tests.integration.test_monitor import audit_records, wait_records
 from tests.vmharness import ExecutorProcess, MonitorProcess, wait_for
 
