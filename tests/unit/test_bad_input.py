@@ -667,3 +667,13 @@ def test_up_refuses_one_processs_certificate_for_four_services(tmp_path: Path) -
     assert_one_line_exit_2(result, "AGENTVM_TLS_CERT", "five services", "deploy/systemd")
     assert not (tmp_path / "run").exists()
     assert not (tmp_path / "log").exists()
+
+
+def test_cli_soak_names_a_bad_fault_kind_and_a_missing_supervisor(stack: Stack) -> None:
+    assert_one_line_exit_2(
+        stack.cli("soak", "--faults", "kill:libvirtd"), "unknown fault kind 'kill:libvirtd'",
+        "libvirtd-restart",
+    )  # fmt: skip
+    assert_one_line_exit_2(stack.cli("soak", "--minutes", "0"), "--minutes", "1<=x<=1440")
+    # Not every service of an installation runs here, and no supervisor: it says what to run.
+    assert_one_line_exit_2(stack.cli("soak", "--faults", "kill"), "agent-vm up")

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agentvm.cli import soak_check, soak_plan
-from agentvm.cli.soak import FaultDone, Outcome, judge
+from agentvm.cli.soak import Outcome, judge
+from agentvm.cli.soak_faults import FaultDone
 
 
 @given(st.integers(0, 2**32), st.floats(2, 120), st.floats(15, 600))
@@ -89,3 +90,10 @@ def test_rss_growth_is_measured_over_the_longest_lived_process() -> None:
     assert got["longest_life_ops"] == 500
     assert got["growth_mib_per_1k_ops"] == 20.0
     assert (got["first_rss_mib"], got["last_rss_mib"], got["max_rss_mib"]) == (100, 61, 110)
+    assert soak_check.memory_failures({"executor": got}) == []  # 500 ops, 20 MiB/1k: fine
+    leaky = dict(got, growth_mib_per_1k_ops=80.0)
+    assert soak_check.memory_failures({"executor": leaky}) == [
+        "executor grew 80.0 MiB per 1 000 operations over 500 (bound 50)"
+    ]
+    short = dict(leaky, longest_life_ops=499)  # too small a sample to judge
+    assert soak_check.memory_failures({"executor": short}) == []

@@ -9,10 +9,7 @@ for leaks (docs/RELIABILITY.md).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import secrets
-import signal
 import statistics
 import time
 from collections import Counter
@@ -23,14 +20,13 @@ from typing import Any
 import click
 
 import agent_vm
-from agentvm.cli import soak_check, soak_ops, soak_plan
+from agentvm.cli import soak_check, soak_faults, soak_ops, soak_plan
 from agentvm.cli.base import handle_errors
+from agentvm.cli.soak_faults import RECOVERY_S, FaultDone
 from agentvm.common.config import Settings
 
 __all__ = ["Config", "Outcome", "judge", "render", "run", "soak_cmd"]
 
-# How long the services get to be SERVING again after a kill.
-RECOVERY_S = 180.0
 # How long the teardowns of closed sandboxes get before leaks count.
 SETTLE_S = 120.0
 SAMPLE_EVERY_S = 5.0
@@ -61,15 +57,6 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return not self.error_code and not self.wrong
-
-
-@dataclass
-class FaultDone:
-    kind: str
-    start_s: float
-    recovered_s: float
-    note: str = ""
-    failed: str = ""
 
 
 @dataclass
@@ -123,68 +110,13 @@ async def _worker(st: State, ctx: soak_ops.Context, n: int) -> None:
             await asyncio.sleep(ERROR_PAUSE_S)  # a service down is not to be hammered
 
 
-async def _kill(st: State, service: str) -> FaultDone:
-    start = st.now()
-    pids = await asyncio.to_thread(soak_check.service_pids, st.settings)
-    pid, _health = pids.get(service, (None, ""))
-    if pid is None:
-        return FaultDone(f"kill:{service}", start, start, note="not running: skipped")
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + RECOVERY_S
-    while time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
-        now_pid, health = (await asyncio.to_thread(soak_check.service_pids, st.settings))[service]
-        if now_pid not in (None, pid) and health == "SERVING":
-            return FaultDone(f"kill:{service}", start, st.now(), note=f"pid {pid} -> {now_pid}")
-    return FaultDone(
-        f"kill:{service}", start, st.now(), failed=f"not SERVING {RECOVERY_S:.0f} s after the kill"
-    )
-
-
-async def _abuse_stream(st: State, ctx: soak_ops.Context, kind: str) -> FaultDone:
-    """A client that cancels a flowing stream, or reads one too slowly for its deadline."""
-    start = st.now()
-    failed = ""
-    try:
-        sb = await ctx.sandbox()
-        try:
-            if kind == "disconnect":
-                got = asyncio.Event()
-                task = asyncio.create_task(
-                    sb.run("yes agent-vm-soak", timeout=120, on_stdout=lambda _b: got.set())
-                )
-                await asyncio.wait_for(got.wait(), 60)
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, agent_vm.AgentVMError):
-                    await task
-            else:
-                proc = await sb.processes.start(["sh", "-c", "yes agent-vm-soak | head -c 50M"])
-
-                async def slow() -> None:
-                    async for _piece in proc.output():
-                        await asyncio.sleep(0.5)
-
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(slow(), 5)
-                await proc.kill()
-            await soak_ops.still_serves(sb)
-        finally:
-            await ctx.close(sb)
-    except (agent_vm.AgentVMError, soak_ops.WrongResult, TimeoutError) as exc:
-        failed = f"{type(exc).__name__}: {exc}"[:300]
-    return FaultDone(kind, start, st.now(), failed=failed)
-
-
 async def _injector(st: State, ctx: soak_ops.Context) -> None:
     schedule = soak_plan.fault_schedule(
         st.cfg.seed, st.cfg.minutes, st.cfg.faults, st.cfg.fault_every_s
     )
     for fault in schedule:
         await asyncio.sleep(max(0.0, fault.at_s - st.now()))
-        if fault.kind.startswith("kill:"):
-            done = await _kill(st, fault.kind.removeprefix("kill:"))
-        else:
-            done = await _abuse_stream(st, ctx, fault.kind)
+        done = await soak_faults.inject(fault.kind, st.settings, ctx, st.now)
         st.faults.append(done)
         what = done.failed or done.note or "recovered"
         took = done.recovered_s - done.start_s
@@ -283,6 +215,8 @@ async def _main(st: State) -> dict[str, Any]:
         await asyncio.sleep(3)
     failures = [(o, why) for o in st.outcomes if (why := judge(o, st.faults))]
     fault_failures = [f"{f.kind} at {f.start_s:.1f}s: {f.failed}" for f in st.faults if f.failed]
+    rss = soak_check.rss_growth(st.samples)
+    memory = soak_check.memory_failures(rss)
     return {
         "run_id": st.run_id,
         "seed": st.cfg.seed,
@@ -309,12 +243,13 @@ async def _main(st: State) -> dict[str, Any]:
             for f in st.faults
         ],
         "failures": [f"{o.kind} at {o.start_s:.1f}s: {why}" for o, why in failures]
-        + fault_failures,
+        + fault_failures
+        + memory,
         "leaks": leaks,
         "audit_problems": audit,
         "latency": _latency(st.outcomes),
         "latency_per_minute": _per_minute(st.outcomes),
-        "service_rss": soak_check.rss_growth(st.samples),
+        "service_rss": rss,
     }
 
 
@@ -341,7 +276,10 @@ def _check_ready(settings: Settings, kinds: tuple[str, ...]) -> None:
 
 
 @click.command("soak")
-@click.option("--minutes", type=click.FloatRange(1, 24 * 60), default=5.0, show_default=True)
+@click.option(
+    "--minutes", type=click.FloatRange(1, 24 * 60), default=5.0, show_default=True,
+    help="How long the work runs (faults stop a minute before its end).",
+)  # fmt: skip
 @click.option(
     "--seed", type=int, default=1, show_default=True, help="Draws the faults and the work."
 )

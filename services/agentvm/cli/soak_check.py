@@ -18,7 +18,19 @@ from typing import Any
 from agentvm.common.config import Settings
 from agentvm.v1 import executor_pb2, executor_pb2_grpc, vm_manager_pb2
 
-__all__ = ["RssSample", "audit_problems", "leaks", "rss_growth", "service_pids"]
+__all__ = [
+    "RssSample",
+    "audit_problems",
+    "leaks",
+    "memory_failures",
+    "rss_growth",
+    "service_pids",
+]
+
+# A service whose memory grows faster than this over one process's life of at
+# least JUDGE_GROWTH_OPS operations fails the run (fewer: too small a sample).
+MAX_GROWTH_MIB_PER_1K = 50.0
+JUDGE_GROWTH_OPS = 500
 
 
 def _domains(settings: Settings) -> dict[str, ET.Element]:
@@ -205,3 +217,14 @@ def rss_growth(samples: Sequence[RssSample]) -> dict[str, dict[str, Any]]:
             "growth_mib_per_1k_ops": round(growth * 1000 / ops, 1) if ops else None,
         }
     return out
+
+
+def memory_failures(growth: dict[str, dict[str, Any]]) -> list[str]:
+    """The services of :func:`rss_growth` that grew past the bound."""
+    return [
+        f"{svc} grew {v['growth_mib_per_1k_ops']} MiB per 1 000 operations over "
+        f"{v['longest_life_ops']} (bound {MAX_GROWTH_MIB_PER_1K:g})"
+        for svc, v in growth.items()
+        if v["longest_life_ops"] >= JUDGE_GROWTH_OPS
+        and (v["growth_mib_per_1k_ops"] or 0) > MAX_GROWTH_MIB_PER_1K
+    ]

@@ -157,12 +157,29 @@ async def stream(ctx: Context, rng: random.Random) -> None:
     await _in_sandbox(ctx, body)
 
 
+async def terminal(ctx: Context, rng: random.Random) -> None:
+    """A shell on a terminal: typed input runs, its output comes back, ``exit`` ends it."""
+    a, b = rng.randint(1000, 9999), rng.randint(1000, 9999)
+
+    async def body(sb: agent_vm.AsyncSandbox) -> None:
+        shell = await sb.processes.start(["sh"], pty=(24, 80))
+        await shell.send_input(f"echo $(( {a} * {b} ))\nexit 3\n")
+        out = bytearray()
+        ended = await asyncio.wait_for(shell.wait(lambda p: out.extend(p.data)), 120)
+        _expect("terminal shell exit code", ended.exit_code, 3)
+        if str(a * b).encode() not in out:
+            raise WrongResult(f"terminal output lacks {a * b}: {bytes(out)[-200:]!r}")
+
+    await _in_sandbox(ctx, body)
+
+
 OPS: dict[str, Callable[[Context, random.Random], Awaitable[None]]] = {
     "oneshot": oneshot,
     "files": files,
     "pause": pause,
     "process": process,
     "stream": stream,
+    "terminal": terminal,
 }
 
 

@@ -23,10 +23,16 @@ __all__ = [
     "operations",
 ]
 
-OP_KINDS = ("oneshot", "files", "pause", "process", "stream")
+OP_KINDS = ("oneshot", "files", "pause", "process", "stream", "terminal")
 # The services a ``kill`` fault hits, in turn.
 KILLABLE = ("executor", "vm-manager", "pool-manager", "monitor", "e2b-gateway")
-FAULT_KINDS = (*(f"kill:{s}" for s in KILLABLE), "disconnect", "slow-reader")
+FAULT_KINDS = (
+    *(f"kill:{s}" for s in KILLABLE),
+    "libvirtd-restart",
+    "guest-panic",
+    "disconnect",
+    "slow-reader",
+)
 # The errors an operation in flight during a fault may get (docs/RELIABILITY.md).
 ALLOWED_CODES: dict[str, frozenset[str]] = {
     "kill:executor": frozenset({"UNAVAILABLE", "NOT_FOUND"}),
@@ -34,6 +40,9 @@ ALLOWED_CODES: dict[str, frozenset[str]] = {
     "kill:pool-manager": frozenset({"UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED"}),
     "kill:monitor": frozenset(),
     "kill:e2b-gateway": frozenset(),
+    # A libvirt call cut by the restart: vm-manager answers UNAVAILABLE.
+    "libvirtd-restart": frozenset({"UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED"}),
+    "guest-panic": frozenset(),
     "disconnect": frozenset(),
     "slow-reader": frozenset(),
 }
@@ -42,7 +51,7 @@ MIN_GAP_S = 15.0
 # A fault's window ends this long after its recovery.
 GRACE_S = 30.0
 # Operations' weights: sandboxes with files are the common case.
-_WEIGHTS = {"oneshot": 3, "files": 3, "pause": 1, "process": 2, "stream": 2}
+_WEIGHTS = {"oneshot": 3, "files": 3, "pause": 1, "process": 2, "stream": 2, "terminal": 1}
 
 
 @dataclass(frozen=True)
