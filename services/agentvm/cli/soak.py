@@ -321,7 +321,7 @@ def soak_cmd(
     schedule = soak_plan.fault_schedule(seed, minutes, kinds, fault_every)
     say: Callable[[str], None] = lambda line: click.echo(line, err=True)  # noqa: E731
     say(f"soak: {minutes:g} min, seed {seed}, {concurrency} workers, {len(schedule)} faults: "
-        + ", ".join(f"{f.at_s:.0f}s {f.kind}" for f in schedule))  # fmt: skip
+        + (", ".join(f"{f.at_s:.0f}s {f.kind}" for f in schedule) or "none"))  # fmt: skip
     report = run(Config(minutes, seed, concurrency, kinds, fault_every), s, say)
     passed = not (report["failures"] or report["leaks"] or report["audit_problems"])
     if as_json:
