@@ -116,7 +116,10 @@ async def _injector(st: State, ctx: soak_ops.Context) -> None:
     )
     for fault in schedule:
         await asyncio.sleep(max(0.0, fault.at_s - st.now()))
-        done = await soak_faults.inject(fault.kind, st.settings, ctx, st.now)
+        try:
+            done = await soak_faults.inject(fault.kind, st.settings, ctx, st.now)
+        except Exception as exc:  # noqa: BLE001 - an injector's own bug must not end the schedule
+            done = FaultDone(fault.kind, st.now(), st.now(), failed=f"injector: {exc!r}"[:300])
         st.faults.append(done)
         what = done.failed or done.note or "recovered"
         took = done.recovered_s - done.start_s

@@ -27,6 +27,8 @@ __all__ = ["RECOVERY_S", "FaultDone", "inject"]
 RECOVERY_S = 180.0
 # How long a panicked guest's command gets to end with an error.
 PANIC_S = 120.0
+# How long a hung guest stays stopped.
+HANG_S = 20.0
 
 
 @dataclass
@@ -111,18 +113,60 @@ class _Injector:
         except agent_vm.AgentVMError as exc:
             if sb.vm_name not in str(exc):
                 failed = f"the error does not name the VM {sb.vm_name}: {exc}"[:300]
+        await self._close(sb)
+        return FaultDone("guest-panic", start, self.now(), failed=failed)
+
+    async def guest_hang(self) -> FaultDone:
+        """A guest that stops answering: its QEMU is stopped (SIGSTOP) for HANG_S while a
+        command runs in it, then continued. The command must end with its whole output
+        (or a documented error), and the sandbox must answer again."""
+        start = self.now()
+        failed = ""
+        sb = await self.ctx.sandbox()
+        try:
+            pid = _qemu_pid(sb.vm_name)
+            call = asyncio.create_task(
+                sb.run("echo before; sleep 2; echo after", timeout=HANG_S * 4)
+            )
+            await asyncio.sleep(0.5)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(HANG_S)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            try:
+                res = await asyncio.wait_for(call, RECOVERY_S)
+                if (res.exit_code, res.stdout) != (0, "before\nafter\n"):
+                    failed = f"after the hang: exit {res.exit_code}, stdout {res.stdout!r}"
+            except agent_vm.AgentVMError as exc:
+                if exc.code not in ("DEADLINE_EXCEEDED", "UNAVAILABLE"):
+                    failed = f"the command in the hung guest: {exc.code}: {exc}"[:300]
+            if not failed:
+                await soak_ops.still_serves(sb)
+        except (agent_vm.AgentVMError, soak_ops.WrongResult, TimeoutError, OSError) as exc:
+            failed = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            await self._close(sb)
+        return FaultDone("guest-hang", start, self.now(), failed=failed)
+
+    async def _close(self, sb: agent_vm.AsyncSandbox) -> None:
+        """Close a sandbox a fault may have ended already; a failed close is retried later."""
         try:
             await sb.close()
         except agent_vm.AgentVMError as exc:
             if not isinstance(exc, agent_vm.NotFoundError):
                 self.ctx.unclosed[sb.id] = sb
-        return FaultDone("guest-panic", start, self.now(), failed=failed)
 
     async def restart_libvirtd(self) -> FaultDone:
         """What an upgrade or an OOM kill does to libvirtd (QEMU processes live on)."""
         start = self.now()
         failed = await asyncio.to_thread(_restart_libvirtd, self.settings.libvirt_uri)
         return FaultDone("libvirtd-restart", start, self.now(), failed=failed)
+
+
+def _qemu_pid(vm_name: str) -> int:
+    """The QEMU process of a local VM, from libvirt's pid file (the system driver's)."""
+    return int(Path(f"/run/libvirt/qemu/{vm_name}.pid").read_text().strip())
 
 
 def _succeeds(*cmd: str) -> bool:
@@ -159,6 +203,8 @@ async def inject(
         return await inj.kill(kind.removeprefix("kill:"))
     if kind == "guest-panic":
         return await inj.guest_panic()
+    if kind == "guest-hang":
+        return await inj.guest_hang()
     if kind == "libvirtd-restart":
         return await inj.restart_libvirtd()
     return await inj.abuse_stream(kind)

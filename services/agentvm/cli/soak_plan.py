@@ -30,6 +30,7 @@ FAULT_KINDS = (
     *(f"kill:{s}" for s in KILLABLE),
     "libvirtd-restart",
     "guest-panic",
+    "guest-hang",
     "disconnect",
     "slow-reader",
 )
@@ -43,6 +44,7 @@ ALLOWED_CODES: dict[str, frozenset[str]] = {
     # A libvirt call cut by the restart: vm-manager answers UNAVAILABLE.
     "libvirtd-restart": frozenset({"UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED"}),
     "guest-panic": frozenset(),
+    "guest-hang": frozenset(),
     "disconnect": frozenset(),
     "slow-reader": frozenset(),
 }
