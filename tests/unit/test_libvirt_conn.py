@@ -222,3 +222,60 @@ def test_launch_starts_a_test_driver_domain() -> None:
         assert dom.isActive()
     finally:
         conn.close()
+
+
+class CountingOpen:
+    """libvirt.open that fails its first ``failures`` calls, as a restarting libvirtd."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+        self.real = libvirt.open
+
+    def __call__(self, uri: str) -> libvirt.virConnect:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise libvirt.libvirtError("Failed to connect socket: No such file or directory")
+        return self.real(uri)
+
+
+def test_a_lost_connection_is_reopened_within_the_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """libvirtd restarting: the caller waits for it instead of getting UNAVAILABLE."""
+    c = LibvirtConnection("test:///default", reconnect_grace=30.0)
+    first = c.get()
+    c._drop(first)  # what call() does when the connection broke
+    opener = CountingOpen(failures=3)
+    monkeypatch.setattr(libvirt, "open", opener)
+    monkeypatch.setattr("agentvm.vm_manager.libvirt_conn.RECONNECT_PAUSE_S", 0.01)
+    again = c.get()
+    assert again.isAlive()
+    assert opener.calls == 4
+    # Reopened: the next loss gets its own grace, and a good connection is reused.
+    assert c.get() is again
+    c.close()
+
+
+def test_a_libvirtd_gone_past_the_grace_or_never_reached_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("agentvm.vm_manager.libvirt_conn.RECONNECT_PAUSE_S", 0.01)
+    never = CountingOpen(failures=10**6)
+    monkeypatch.setattr(libvirt, "open", never)
+    fresh = LibvirtConnection("test:///default", reconnect_grace=30.0)
+    with pytest.raises(Unavailable, match="cannot connect to libvirt"):
+        fresh.get()
+    assert never.calls == 1  # never connected: no waiting for a libvirtd that may not exist
+    monkeypatch.setattr(libvirt, "open", never.real)
+    lost = LibvirtConnection("test:///default", reconnect_grace=0.2)
+    lost._drop(lost.get())
+    gone = CountingOpen(failures=10**6)
+    monkeypatch.setattr(libvirt, "open", gone)
+    with pytest.raises(Unavailable, match="Start libvirtd"):
+        lost.get()
+    assert gone.calls > 1  # tried again within its grace, then gave up
+    calls = gone.calls
+    with pytest.raises(Unavailable):
+        lost.get()
+    assert gone.calls == calls + 1  # past the grace: at once

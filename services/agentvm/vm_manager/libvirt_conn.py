@@ -118,13 +118,24 @@ def _silence(_ctx: object, _err: object) -> None:
 libvirt.registerErrorHandler(_silence, None)
 
 
+# Once a connection it had is lost (libvirtd restarting: an upgrade, an OOM
+# kill), opening a new one is tried again for this long before callers get
+# UNAVAILABLE: a restart costs them a few seconds, not an error. A libvirtd
+# never reached, or gone for longer, fails at once.
+RECONNECT_GRACE_S = 20.0
+RECONNECT_PAUSE_S = 0.25
+
+
 class LibvirtConnection:
     """A lazily (re)opened connection to one libvirt URI. Thread-safe."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, reconnect_grace: float = RECONNECT_GRACE_S) -> None:
         self.uri = uri
+        self.reconnect_grace = reconnect_grace
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
+        # When the last connection was found lost (None: none was, or reopened since).
+        self._lost_at: float | None = None
 
     def get(self) -> libvirt.virConnect:
         """The open connection; opens (or reopens a dead one) on demand."""
@@ -138,14 +149,30 @@ class LibvirtConnection:
                 with contextlib.suppress(libvirt.libvirtError):
                     self._conn.close()
                 self._conn = None
+                self._lost_at = time.monotonic()
+            return self._open()
+
+    def _open(self) -> libvirt.virConnect:
+        """Open (the lock held), trying again within the grace after a lost connection."""
+        until = self._lost_at + self.reconnect_grace if self._lost_at is not None else 0.0
+        while True:
             try:
                 self._conn = libvirt.open(self.uri)
             except libvirt.libvirtError as exc:
+                if time.monotonic() < until:
+                    time.sleep(RECONNECT_PAUSE_S)
+                    continue
                 raise Unavailable(
                     f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}. "
                     "Start libvirtd (and virtlogd), or set AGENTVM_LIBVIRT_URI; "
                     "`agent-vm doctor` shows what is missing"
                 ) from exc
+            if self._lost_at is not None:
+                log.info(
+                    "libvirt reconnected %.1f s after the connection was lost",
+                    time.monotonic() - self._lost_at,
+                )
+                self._lost_at = None
             return self._conn
 
     def call(self, what: str, fn: Callable[[libvirt.virConnect], T]) -> T:
@@ -181,6 +208,7 @@ class LibvirtConnection:
             if old is None or old is not conn:
                 return  # another caller reconnected already
             self._conn = None
+            self._lost_at = time.monotonic()
         with contextlib.suppress(libvirt.libvirtError):
             old.close()
 
