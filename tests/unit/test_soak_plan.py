@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import xml.etree.ElementTree as ET
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 from agentvm.cli import soak_check, soak_plan
 from agentvm.cli.soak import Outcome, judge
 from agentvm.cli.soak_faults import FaultDone
+from agentvm.cli.soak_plot import render_svg
 
 
 @given(st.integers(0, 2**32), st.floats(2, 120), st.floats(15, 600))
@@ -97,3 +100,28 @@ def test_rss_growth_is_measured_over_the_longest_lived_process() -> None:
     ]
     short = dict(leaky, longest_life_ops=499)  # too small a sample to judge
     assert soak_check.memory_failures({"executor": short}) == []
+
+
+def test_the_plot_draws_each_service_each_percentile_and_each_fault() -> None:
+    s = soak_check.RssSample
+    samples = [s(t, svc, 7, 50 * 1024 + t, int(t)) for t in (0, 60, 120) for svc in ("a", "b")]
+    report: dict[str, Any] = {
+        "seed": 4,
+        "minutes": 3,
+        "rss_over_time": soak_check.rss_series(samples),
+        "latency_per_minute": [
+            {"minute": 0, "ok": 3, "p50_s": 2.0, "p99_s": 5.0},
+            {"minute": 1, "ok": 0, "p50_s": None, "p99_s": None},
+            {"minute": 2, "ok": 2, "p50_s": 3.0, "p99_s": 4.0},
+        ],
+        "faults": [{"kind": "kill:<executor>", "at_s": 30.0}],
+    }
+    assert report["rss_over_time"]["a"] == [[0, 50.0, 7], [60, 50.1, 7], [120, 50.1, 7]]
+    svg = ET.fromstring(render_svg(report))
+    ns = "{http://www.w3.org/2000/svg}"
+    titles = {p.findtext(f"{ns}title") for p in svg.iter(f"{ns}polyline")}
+    assert titles == {"a", "b", "p50", "p99"}
+    p50 = next(p for p in svg.iter(f"{ns}polyline") if p.findtext(f"{ns}title") == "p50")
+    assert len(p50.get("points", "").split()) == 2  # the minute without results is skipped
+    faults = [line.findtext(f"{ns}title") for line in svg.iter(f"{ns}line")]
+    assert faults == ["kill:<executor> at 30.0 s"] * 2  # escaped, one per panel

@@ -253,6 +253,7 @@ async def _main(st: State) -> dict[str, Any]:
         "latency": _latency(st.outcomes),
         "latency_per_minute": _per_minute(st.outcomes),
         "service_rss": rss,
+        "rss_over_time": soak_check.rss_series(st.samples),
     }
 
 
@@ -300,9 +301,19 @@ def _check_ready(settings: Settings, kinds: tuple[str, ...]) -> None:
     help="Mean seconds between faults.",
 )  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--plot", type=click.Path(dir_okay=False, writable=True), default=None,
+    help="Also write service memory and latency over time, faults marked, as an SVG file.",
+)  # fmt: skip
 @handle_errors
 def soak_cmd(
-    minutes: float, seed: int, concurrency: int, faults: str, fault_every: float, as_json: bool
+    minutes: float,
+    seed: int,
+    concurrency: int,
+    faults: str,
+    fault_every: float,
+    as_json: bool,
+    plot: str | None,
 ) -> None:
     """Run real work with faults injected from a seed; check every result and leaks.
 
@@ -327,6 +338,12 @@ def soak_cmd(
         + (", ".join(f"{f.at_s:.0f}s {f.kind}" for f in schedule) or "none"))  # fmt: skip
     report = run(Config(minutes, seed, concurrency, kinds, fault_every), s, say)
     passed = not (report["failures"] or report["leaks"] or report["audit_problems"])
+    if plot:
+        from pathlib import Path
+
+        from agentvm.cli.soak_plot import render_svg
+
+        Path(plot).write_text(render_svg(report))
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

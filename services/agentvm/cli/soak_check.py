@@ -24,6 +24,7 @@ __all__ = [
     "leaks",
     "memory_failures",
     "rss_growth",
+    "rss_series",
     "service_pids",
 ]
 
@@ -228,3 +229,11 @@ def memory_failures(growth: dict[str, dict[str, Any]]) -> list[str]:
         if v["longest_life_ops"] >= JUDGE_GROWTH_OPS
         and (v["growth_mib_per_1k_ops"] or 0) > MAX_GROWTH_MIB_PER_1K
     ]
+
+
+def rss_series(samples: Sequence[RssSample]) -> dict[str, list[list[float]]]:
+    """Per service, [seconds, RSS MiB, pid] of every sample, for the report and its plot."""
+    out: dict[str, list[list[float]]] = {}
+    for x in samples:
+        out.setdefault(x.service, []).append([round(x.at_s, 1), round(x.rss_kib / 1024, 1), x.pid])
+    return dict(sorted(out.items()))
