@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agentvm.cli import soak_check, soak_plan
+from agentvm.cli import soak_check, soak_e2b, soak_plan
 from agentvm.cli.soak import Outcome, judge
 from agentvm.cli.soak_faults import FaultDone
 from agentvm.cli.soak_plot import render_svg
@@ -125,3 +125,14 @@ def test_the_plot_draws_each_service_each_percentile_and_each_fault() -> None:
     assert len(p50.get("points", "").split()) == 2  # the minute without results is skipped
     faults = [line.findtext(f"{ns}title") for line in svg.iter(f"{ns}line")]
     assert faults == ["kill:<executor> at 30.0 s"] * 2  # escaped, one per panel
+
+
+def test_e2b_operations_come_only_with_a_key_and_the_url_is_the_gateways() -> None:
+    plain = {k for k, _ in itertools.islice(soak_plan.operations(3, 0), 300)}
+    assert soak_plan.E2B_OP not in plain
+    kinds = (*soak_plan.OP_KINDS, soak_plan.E2B_OP)
+    assert soak_plan.E2B_OP in {
+        k for k, _ in itertools.islice(soak_plan.operations(3, 0, kinds), 300)
+    }
+    assert soak_e2b.default_url("0.0.0.0:49982", tls=False) == "http://127.0.0.1:49982"
+    assert soak_e2b.default_url("gw.example:443", tls=True) == "https://gw.example:443"

@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 import agent_vm
-from agentvm.cli import soak_check, soak_faults, soak_ops, soak_plan
+from agentvm.cli import soak_check, soak_e2b, soak_faults, soak_ops, soak_plan
 from agentvm.cli.base import handle_errors
 from agentvm.cli.soak_faults import RECOVERY_S, FaultDone
 from agentvm.common.config import Settings
@@ -41,6 +41,8 @@ class Config:
     concurrency: int
     faults: tuple[str, ...]
     fault_every_s: float
+    # The E2B API (URL, key): adds "e2b" operations.
+    e2b: tuple[str, str] | None = None
 
 
 @dataclass
@@ -93,7 +95,8 @@ def judge(outcome: Outcome, faults: list[FaultDone]) -> str:
 
 
 async def _worker(st: State, ctx: soak_ops.Context, n: int) -> None:
-    for kind, rng in soak_plan.operations(st.cfg.seed, n):
+    kinds = soak_plan.OP_KINDS + ((soak_plan.E2B_OP,) if ctx.e2b else ())
+    for kind, rng in soak_plan.operations(st.cfg.seed, n, kinds):
         if st.now() >= st.ends_at:
             return
         out = Outcome(kind, st.now(), 0.0)
@@ -197,6 +200,9 @@ def _per_minute(outcomes: list[Outcome]) -> list[dict[str, Any]]:
 
 async def _main(st: State) -> dict[str, Any]:
     ctx = soak_ops.Context(st.run_id, address=st.settings.executor_addr)
+    if st.cfg.e2b:
+        url, key = st.cfg.e2b
+        ctx.e2b = soak_e2b.E2B(url, key, st.run_id, soak_ops.SOAK_LABEL)
     started_wall = time.time()
     workers = [asyncio.create_task(_worker(st, ctx, n)) for n in range(st.cfg.concurrency)]
     side = [asyncio.create_task(_injector(st, ctx)), asyncio.create_task(_sampler(st))]
@@ -300,6 +306,11 @@ def _check_ready(settings: Settings, kinds: tuple[str, ...]) -> None:
     "--fault-every", type=click.FloatRange(15, 3600), default=60.0, show_default=True,
     help="Mean seconds between faults.",
 )  # fmt: skip
+@click.option(
+    "--e2b-key", envvar="E2B_API_KEY", default="",
+    help="An E2B API key (`agent-vm e2b key create`): adds E2B API calls to the work "
+    "(default: $E2B_API_KEY; the gateway's URL is $E2B_API_URL, else its own address).",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
     "--plot", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -312,6 +323,7 @@ def soak_cmd(
     concurrency: int,
     faults: str,
     fault_every: float,
+    e2b_key: str,
     as_json: bool,
     plot: str | None,
 ) -> None:
@@ -321,6 +333,7 @@ def soak_cmd(
     verifies (docs/RELIABILITY.md); 1 otherwise.
     """
     import json
+    import os
     import sys
 
     from agentvm.cli.base import settings
@@ -336,7 +349,12 @@ def soak_cmd(
     say: Callable[[str], None] = lambda line: click.echo(line, err=True)  # noqa: E731
     say(f"soak: {minutes:g} min, seed {seed}, {concurrency} workers, {len(schedule)} faults: "
         + (", ".join(f"{f.at_s:.0f}s {f.kind}" for f in schedule) or "none"))  # fmt: skip
-    report = run(Config(minutes, seed, concurrency, kinds, fault_every), s, say)
+    e2b = None
+    if e2b_key:
+        tls = bool(s.e2b_tls_cert) or s.e2b_tls == "ca"
+        url = os.environ.get("E2B_API_URL") or soak_e2b.default_url(s.e2b_http_addr, tls)
+        e2b = (url, e2b_key)
+    report = run(Config(minutes, seed, concurrency, kinds, fault_every, e2b), s, say)
     passed = not (report["failures"] or report["leaks"] or report["audit_problems"])
     if plot:
         from pathlib import Path

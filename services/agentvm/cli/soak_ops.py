@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import agent_vm
 from agent_vm._types import Workspace
+from agentvm.cli import soak_e2b
 
 __all__ = ["OPS", "SOAK_LABEL", "Context", "WrongResult", "still_serves"]
 
@@ -36,6 +37,8 @@ class Context:
 
     run_id: str
     address: str | None = None
+    # The E2B API, when the soak was given a key (else no "e2b" operations).
+    e2b: soak_e2b.E2B | None = None
     # Sandboxes whose close failed, closed again at the end of the run.
     unclosed: dict[str, agent_vm.AsyncSandbox] = field(default_factory=dict)
 
@@ -173,6 +176,13 @@ async def terminal(ctx: Context, rng: random.Random) -> None:
     await _in_sandbox(ctx, body)
 
 
+async def e2b(ctx: Context, rng: random.Random) -> None:
+    """The E2B-compatible API: a sandbox, a file up and back, killed (soak_e2b)."""
+    if ctx.e2b is None:
+        raise WrongResult("an e2b operation without an E2B API key")
+    await soak_e2b.e2b(ctx.e2b, rng)
+
+
 OPS: dict[str, Callable[[Context, random.Random], Awaitable[None]]] = {
     "oneshot": oneshot,
     "files": files,
@@ -180,6 +190,7 @@ OPS: dict[str, Callable[[Context, random.Random], Awaitable[None]]] = {
     "process": process,
     "stream": stream,
     "terminal": terminal,
+    "e2b": e2b,
 }
 
 

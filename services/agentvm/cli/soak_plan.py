@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "ALLOWED_CODES",
+    "E2B_OP",
     "FAULT_KINDS",
     "KILLABLE",
     "OP_KINDS",
@@ -24,6 +25,8 @@ __all__ = [
 ]
 
 OP_KINDS = ("oneshot", "files", "pause", "process", "stream", "terminal")
+# Run only when the soak has an E2B API key.
+E2B_OP = "e2b"
 # The services a ``kill`` fault hits, in turn.
 KILLABLE = ("executor", "vm-manager", "pool-manager", "monitor", "e2b-gateway")
 FAULT_KINDS = (
@@ -53,7 +56,15 @@ MIN_GAP_S = 15.0
 # A fault's window ends this long after its recovery.
 GRACE_S = 30.0
 # Operations' weights: sandboxes with files are the common case.
-_WEIGHTS = {"oneshot": 3, "files": 3, "pause": 1, "process": 2, "stream": 2, "terminal": 1}
+_WEIGHTS = {
+    "oneshot": 3,
+    "files": 3,
+    "pause": 1,
+    "process": 2,
+    "stream": 2,
+    "terminal": 1,
+    E2B_OP: 2,
+}
 
 
 @dataclass(frozen=True)
@@ -109,10 +120,12 @@ def fault_schedule(seed: int, minutes: float, kinds: Sequence[str], every_s: flo
     return faults
 
 
-def operations(seed: int, worker: int) -> Iterator[tuple[str, random.Random]]:
+def operations(
+    seed: int, worker: int, kinds: Sequence[str] = OP_KINDS
+) -> Iterator[tuple[str, random.Random]]:
     """Worker ``worker``'s endless sequence of (operation kind, its own RNG)."""
     rng = random.Random(f"ops:{seed}:{worker}")  # noqa: S311 - as above
-    kinds = list(_WEIGHTS)
+    kinds = list(kinds)
     weights = [_WEIGHTS[k] for k in kinds]
     n = 0
     while True:
