@@ -106,6 +106,10 @@ async def _worker(st: State, ctx: soak_ops.Context, n: int) -> None:
             out.wrong, out.message = True, str(exc)
         except agent_vm.AgentVMError as exc:
             out.error_code, out.message = exc.code, str(exc)[:300]
+        except TimeoutError as exc:  # the soak's own bound on a step: judged as a deadline
+            out.error_code, out.message = "DEADLINE_EXCEEDED", f"no answer in time ({exc!r})"
+        except Exception as exc:  # noqa: BLE001 - anything else is a failure to report, not a crash
+            out.wrong, out.message = True, f"unexpected {type(exc).__name__}: {exc}"[:300]
         out.end_s = st.now()
         st.outcomes.append(out)
         if not out.ok:
@@ -161,9 +165,12 @@ async def _close_left(ctx: soak_ops.Context, st: State) -> list[str]:
 async def _settled_leaks(st: State) -> list[str]:
     deadline = time.monotonic() + SETTLE_S
     while True:
-        found = await asyncio.to_thread(
-            soak_check.leaks, st.settings, st.run_id, soak_ops.SOAK_LABEL
-        )
+        try:
+            found = await asyncio.to_thread(
+                soak_check.leaks, st.settings, st.run_id, soak_ops.SOAK_LABEL
+            )
+        except Exception as exc:  # noqa: BLE001 - e.g. a service still down: look again
+            found = [f"the leak check could not finish: {type(exc).__name__}: {exc}"[:300]]
         if not found or time.monotonic() > deadline:
             return found
         await asyncio.sleep(3)
@@ -216,9 +223,12 @@ async def _main(st: State) -> dict[str, Any]:
     kills = Counter(f.kind.removeprefix("kill:") for f in killed)
     audit: list[str] = []
     for _ in range(10):  # the monitor writes what reporters queued within seconds
-        audit = await asyncio.to_thread(
-            soak_check.audit_problems, st.settings.audit_dir, started_wall, dict(kills)
-        )
+        try:
+            audit = await asyncio.to_thread(
+                soak_check.audit_problems, st.settings.audit_dir, started_wall, dict(kills)
+            )
+        except (OSError, ValueError) as exc:
+            audit = [f"the audit log in {st.settings.audit_dir} could not be read: {exc}"]
         if not audit:
             break
         await asyncio.sleep(3)
