@@ -43,6 +43,8 @@ class Config:
     fault_every_s: float
     # The E2B API (URL, key): adds "e2b" operations.
     e2b: tuple[str, str] | None = None
+    # A named image: adds "image" operations.
+    image: str = ""
 
 
 @dataclass
@@ -96,6 +98,7 @@ def judge(outcome: Outcome, faults: list[FaultDone]) -> str:
 
 async def _worker(st: State, ctx: soak_ops.Context, n: int) -> None:
     kinds = soak_plan.OP_KINDS + ((soak_plan.E2B_OP,) if ctx.e2b else ())
+    kinds += (soak_plan.IMAGE_OP,) if ctx.image else ()
     for kind, rng in soak_plan.operations(st.cfg.seed, n, kinds):
         if st.now() >= st.ends_at:
             return
@@ -206,7 +209,7 @@ def _per_minute(outcomes: list[Outcome]) -> list[dict[str, Any]]:
 
 
 async def _main(st: State) -> dict[str, Any]:
-    ctx = soak_ops.Context(st.run_id, address=st.settings.executor_addr)
+    ctx = soak_ops.Context(st.run_id, address=st.settings.executor_addr, image=st.cfg.image)
     if st.cfg.e2b:
         url, key = st.cfg.e2b
         ctx.e2b = soak_e2b.E2B(url, key, st.run_id, soak_ops.SOAK_LABEL)
@@ -321,6 +324,10 @@ def _check_ready(settings: Settings, kinds: tuple[str, ...]) -> None:
     help="An E2B API key (`agent-vm e2b key create`): adds E2B API calls to the work "
     "(default: $E2B_API_KEY; the gateway's URL is $E2B_API_URL, else its own address).",
 )  # fmt: skip
+@click.option(
+    "--image", "image_name", default="",
+    help="A named image (`agent-vm image list`): adds sandboxes of that image to the work.",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
     "--plot", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -334,6 +341,7 @@ def soak_cmd(
     faults: str,
     fault_every: float,
     e2b_key: str,
+    image_name: str,
     as_json: bool,
     plot: str | None,
 ) -> None:
@@ -364,7 +372,8 @@ def soak_cmd(
         tls = bool(s.e2b_tls_cert) or s.e2b_tls == "ca"
         url = os.environ.get("E2B_API_URL") or soak_e2b.default_url(s.e2b_http_addr, tls)
         e2b = (url, e2b_key)
-    report = run(Config(minutes, seed, concurrency, kinds, fault_every, e2b), s, say)
+    cfg = Config(minutes, seed, concurrency, kinds, fault_every, e2b, image_name)
+    report = run(cfg, s, say)
     passed = not (report["failures"] or report["leaks"] or report["audit_problems"])
     if plot:
         from pathlib import Path

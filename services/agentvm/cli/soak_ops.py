@@ -39,11 +39,16 @@ class Context:
     address: str | None = None
     # The E2B API, when the soak was given a key (else no "e2b" operations).
     e2b: soak_e2b.E2B | None = None
+    # A named image for "image" operations (else none).
+    image: str = ""
     # Sandboxes whose close failed, closed again at the end of the run.
     unclosed: dict[str, agent_vm.AsyncSandbox] = field(default_factory=dict)
 
-    async def sandbox(self, workspace: Workspace = "auto") -> agent_vm.AsyncSandbox:
+    async def sandbox(
+        self, workspace: Workspace = "auto", image: str | None = None
+    ) -> agent_vm.AsyncSandbox:
         return await agent_vm.AsyncSandbox.create(
+            image=image,
             network="isolated",
             workspace=workspace,
             lifetime=LIFETIME_S,
@@ -176,6 +181,19 @@ async def terminal(ctx: Context, rng: random.Random) -> None:
     await _in_sandbox(ctx, body)
 
 
+async def image(ctx: Context, rng: random.Random) -> None:
+    """A sandbox of a named image: a file written through the API is read by its shell."""
+    token = rng.randbytes(8).hex()
+    sb = await ctx.sandbox(image=ctx.image)
+    try:
+        await sb.files.write("work/soak-image", token)
+        res = await sb.run(["sh", "-c", "cat /workspace/work/soak-image"], timeout=CALL_TIMEOUT_S)
+        _expect("image sandbox exit code", res.exit_code, 0)
+        _expect("file read in the image", res.stdout, token)
+    finally:
+        await ctx.close(sb)
+
+
 async def e2b(ctx: Context, rng: random.Random) -> None:
     """The E2B-compatible API: a sandbox, a file up and back, killed (soak_e2b)."""
     if ctx.e2b is None:
@@ -191,6 +209,7 @@ OPS: dict[str, Callable[[Context, random.Random], Awaitable[None]]] = {
     "stream": stream,
     "terminal": terminal,
     "e2b": e2b,
+    "image": image,
 }
 
 

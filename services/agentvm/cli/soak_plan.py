@@ -15,6 +15,7 @@ from dataclasses import dataclass
 __all__ = [
     "ALLOWED_CODES",
     "E2B_OP",
+    "IMAGE_OP",
     "FAULT_KINDS",
     "KILLABLE",
     "OP_KINDS",
@@ -25,8 +26,9 @@ __all__ = [
 ]
 
 OP_KINDS = ("oneshot", "files", "pause", "process", "stream", "terminal")
-# Run only when the soak has an E2B API key.
+# Run only when the soak has an E2B API key, and a named image.
 E2B_OP = "e2b"
+IMAGE_OP = "image"
 # The services a ``kill`` fault hits, in turn.
 KILLABLE = ("executor", "vm-manager", "pool-manager", "monitor", "e2b-gateway")
 FAULT_KINDS = (
@@ -64,6 +66,7 @@ _WEIGHTS = {
     "stream": 2,
     "terminal": 1,
     E2B_OP: 2,
+    IMAGE_OP: 2,
 }
 
 
