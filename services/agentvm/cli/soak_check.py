@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from agentvm.common.config import Settings
-from agentvm.v1 import executor_pb2, executor_pb2_grpc, vm_manager_pb2
+from agentvm.v1 import (
+    common_pb2,
+    executor_pb2,
+    executor_pb2_grpc,
+    pool_manager_pb2,
+    pool_manager_pb2_grpc,
+    vm_manager_pb2,
+)
 
 __all__ = [
     "RssSample",
@@ -116,6 +123,7 @@ def leaks(settings: Settings, run_id: str, label: str) -> list[str]:
         v.name for v in vms if SANDBOX_LABEL in v.labels and v.labels[SANDBOX_LABEL] not in open_ids
     }
     found += [f"VM {n} of no open sandbox" for n in sorted(orphans)]
+    found += _pool_leaks(settings, vms)
     names = {v.name for v in vms}
     domains = _domains(settings)
     found += [f"domain {d} unknown to vm-manager" for d in sorted(set(domains) - names)]
@@ -138,6 +146,29 @@ def leaks(settings: Settings, run_id: str, label: str) -> list[str]:
     in_nft = _nft_macs(net.table)
     found += [f"nft element for MAC {m} of no domain" for m in sorted((in_nft or set()) - macs)]
     return found
+
+
+def _pool_leaks(settings: Settings, vms: Sequence[common_pb2.VM]) -> list[str]:
+    """More VMs of this installation's pool-manager than its pools hold (ready, in use
+    or warming): one its pools lost track of."""
+    from agentvm.cli.base import service
+
+    mine = [
+        v for v in vms
+        if v.labels.get("agent-vm/owner") == "pool-manager"
+        and v.labels.get("agent-vm/pool-manager") == settings.pool_manager_addr
+    ]  # fmt: skip
+    if not mine:
+        return []
+    stub = pool_manager_pb2_grpc.PoolManagerServiceStub(
+        service(settings.pool_manager_addr, "pool-manager")
+    )
+    pools = stub.GetPoolStatus(pool_manager_pb2.GetPoolStatusRequest(), timeout=60).pools
+    held = sum(p.ready + p.in_use + p.warming for p in pools)
+    if len(mine) <= held:
+        return []
+    names = ", ".join(sorted(v.name for v in mine))
+    return [f"{len(mine)} pool VMs ({names}) but the pools hold {held}"]
 
 
 def audit_problems(audit_dir: Path, since: float, kills: dict[str, int]) -> list[str]:

@@ -38,6 +38,8 @@ POOL_LABEL = "agent-vm/pool-manager"
 NETWORKS = {"nat-filtered": NetworkMode.NAT_FILTERED, "isolated": NetworkMode.ISOLATED}
 # Spellings of earlier releases, still accepted (with a warning in the log).
 OLD_NETWORKS = {"nat": "nat-filtered"}
+# A reconcile that kept a young VM runs again this long after (a create's timeout and more).
+RECONCILE_AGAIN_S = CREATE_TIMEOUT_S + 5.0
 
 
 def parse_pools(spec: str) -> dict[PoolKey, PoolConfig]:
@@ -128,6 +130,8 @@ class PoolManager:
             key: VMPool(key, cfg, backend, on_lease=self._leased, on_release=self._released)
             for key, cfg in configs.items()
         }
+        # Reconciles to run again, by node address (see _reconcile_again).
+        self._again: dict[str, asyncio.Task[None]] = {}
 
     @staticmethod
     def labels(settings: Settings) -> dict[str, str]:
@@ -199,11 +203,13 @@ class PoolManager:
         held = set(self.backend.made)
         for pool in self.pools.values():
             held.update(lease.vm.name for lease in pool.leases())
+        kept_young = False
         for vm in resp.vms:
             if vm.name in held or vm.name in self.backend.made:
                 continue
             if self.backend.creating and vm.created_at.seconds > time.time() - CREATE_TIMEOUT_S:
-                continue  # perhaps a create whose answer is on its way: the next reconcile
+                kept_young = True  # perhaps a create whose answer is on its way
+                continue
             log.info("destroying %s on %s: no pool holds it any more", vm.name, link.describe())
             try:
                 await link.stub.DestroyVM(
@@ -215,6 +221,28 @@ class PoolManager:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     log.warning("cannot destroy %s: %s", vm.name, exc.details())
+        if kept_young:
+            self._reconcile_again(link)
+
+    def _reconcile_again(self, link: NodeLink) -> None:
+        """Look at the node again once any create would have been answered.
+
+        A VM kept as perhaps an unanswered create's may be a create's that failed
+        with vm-manager away (its pool could not destroy it). Found by the soak: a
+        SIGKILL of vm-manager during a pool boot left such a VM to nobody until
+        the node next went away and came back.
+        """
+        if link.address in self._again:
+            return
+
+        async def again() -> None:
+            try:
+                await asyncio.sleep(RECONCILE_AGAIN_S)
+            finally:
+                self._again.pop(link.address, None)
+            await self.reconcile_node(link)
+
+        self._again[link.address] = asyncio.ensure_future(again())
 
     def pool(self, key: PoolKey) -> VMPool:
         pool = self.pools.get(key)
@@ -265,6 +293,8 @@ class PoolManager:
         return sorted(out, key=lambda lease: lease.acquired_at)
 
     async def close(self) -> None:
+        for task in list(self._again.values()):
+            task.cancel()
         await asyncio.gather(*(p.close() for p in self.pools.values()))
         await self.backend.close()
         self.journal.close()
