@@ -74,6 +74,18 @@ def private_record_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AGENTVM_EXECUTOR_RECORD_KEY", str(tmp_path / "record.key"))
 
 
+@pytest.fixture(autouse=True)
+def private_image_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """vm-managers of the unit tests keep named images in a store of their own.
+
+    ``Settings(cache_dir=...)`` does not move the image store (its default comes
+    from the environment), so a unit test once added its fake images to the
+    host's /var/cache/agent-vm/named-images, and failed when that store held a
+    real image.
+    """
+    monkeypatch.setenv("AGENTVM_IMAGES_DIR", str(tmp_path / "named-images"))
+
+
 @pytest.fixture
 def deep_tmp() -> Iterator[Path]:
     """A directory outside pytest's temporary tree, removed at the end with the
