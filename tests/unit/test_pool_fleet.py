@@ -9,6 +9,7 @@ from typing import Any, cast
 import pytest
 
 from agentvm.common.config import Settings
+from agentvm.common.errors import AgentVMError
 from agentvm.common.fleet import DOWN_AFTER, FleetStub
 from agentvm.common.profiles import ResourceProfile
 from agentvm.pool_manager.backend import VMManagerBackend
@@ -69,6 +70,34 @@ def test_a_node_back_loses_the_pool_vms_no_pool_holds(
             await asyncio.sleep(0.02)
         assert sorted(b.vms) == ["held", "leased"]
         await manager.close()
+        await f.close()
+
+    asyncio.run(main())
+
+
+def test_a_destroy_that_met_vm_manager_away_is_tried_again(tmp_path: Path) -> None:
+    """A half-made pool VM whose clean-up failed (vm-manager restarting) is not left."""
+
+    async def main() -> None:
+        b = FakeNode("b")
+        f, _ = make_fleet([b])
+        await f.refresh()
+        settings = Settings(state_dir=tmp_path, pool_manager_addr="unix:/tmp/pm.sock")
+        backend = VMManagerBackend(cast(Any, FleetStub(f)), PoolManager.labels(settings), fleet=f)
+        half = common_pb2.VM(name="half-made", node_id="b")
+        b.vms[half.name] = half
+        f.remember(half)
+        b.down = True
+        with pytest.raises(AgentVMError):
+            await backend.destroy(half.name, "pool: its boot failed")
+        assert backend.undestroyed == {"half-made": "pool: its boot failed"}
+        await backend.retry_destroys()  # still away: kept for the next try
+        assert "half-made" in b.vms
+        assert backend.undestroyed == {"half-made": "pool: its boot failed"}
+        b.down = False
+        await backend.retry_destroys()
+        assert "half-made" not in b.vms
+        assert backend.undestroyed == {}
         await f.close()
 
     asyncio.run(main())

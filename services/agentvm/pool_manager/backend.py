@@ -73,6 +73,8 @@ class VMManagerBackend:
         self.made: set[str] = set()
         # CreateVM calls not answered yet: their VMs may exist on a node already.
         self.creating = 0
+        # VMs whose destroy failed (vm-manager away): retry_destroys tries again.
+        self.undestroyed: dict[str, str] = {}
 
     def _vm_manager_of(self, vm: common_pb2.VM) -> str:
         if self.fleet is None:
@@ -168,9 +170,22 @@ class VMManagerBackend:
             )
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
-                # A VM on a node that is away: the node's reconcile destroys it
-                # once it is back (PoolManager.reconcile_node).
+                # vm-manager is away (restarting, or its node is): retry_destroys
+                # tries again, and a node's reconcile once it is back.
+                self.undestroyed[name] = reason
                 raise _remote(exc, f"destroying {name}") from exc
+        self.undestroyed.pop(name, None)
+
+    async def retry_destroys(self) -> None:
+        """Destroy again the VMs a failed destroy left (e.g. a half-made pool VM whose
+        clean-up met a vm-manager restart: found by the soak)."""
+        for name, reason in list(self.undestroyed.items()):
+            try:
+                await self.destroy(name, reason)
+            except AgentVMError as exc:
+                log.info("destroying %s again failed: %s", name, exc)
+            else:
+                log.info("destroyed %s, left by a destroy that failed before", name)
 
     async def healthy(self, vm: common_pb2.VM, timeout: float) -> bool:
         channel = self._agents.get(vm.name)

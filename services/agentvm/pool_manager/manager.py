@@ -40,6 +40,8 @@ NETWORKS = {"nat-filtered": NetworkMode.NAT_FILTERED, "isolated": NetworkMode.IS
 OLD_NETWORKS = {"nat": "nat-filtered"}
 # A reconcile that kept a young VM runs again this long after (a create's timeout and more).
 RECONCILE_AGAIN_S = CREATE_TIMEOUT_S + 5.0
+# How often destroys that failed (vm-manager away) are tried again.
+RETRY_DESTROY_S = 5.0
 
 
 def parse_pools(spec: str) -> dict[PoolKey, PoolConfig]:
@@ -132,6 +134,7 @@ class PoolManager:
         }
         # Reconciles to run again, by node address (see _reconcile_again).
         self._again: dict[str, asyncio.Task[None]] = {}
+        self._retry_task: asyncio.Task[None] | None = None
 
     @staticmethod
     def labels(settings: Settings) -> dict[str, str]:
@@ -187,6 +190,15 @@ class PoolManager:
                 self.journal.release(str(rec["lease_id"]))
         for pool in self.pools.values():
             pool.start()
+        self._retry_task = asyncio.ensure_future(self._retry_destroys())
+
+    async def _retry_destroys(self) -> None:
+        while True:
+            await asyncio.sleep(RETRY_DESTROY_S)
+            try:
+                await self.backend.retry_destroys()
+            except Exception:  # the loop must outlive any one bad pass
+                log.exception("retrying failed destroys")
 
     async def reconcile_node(self, link: NodeLink) -> None:
         """A node answers again (or for the first time since start): destroy this
@@ -293,8 +305,9 @@ class PoolManager:
         return sorted(out, key=lambda lease: lease.acquired_at)
 
     async def close(self) -> None:
-        for task in list(self._again.values()):
-            task.cancel()
+        for task in [*self._again.values(), self._retry_task]:
+            if task is not None:
+                task.cancel()
         await asyncio.gather(*(p.close() for p in self.pools.values()))
         await self.backend.close()
         self.journal.close()
