@@ -65,6 +65,16 @@ def test_translate_by_code(code: int, expected: type[AgentVMError]) -> None:
         assert "libvirtd" in err.message
 
 
+def test_a_connection_lost_under_a_call_is_unavailable_not_internal() -> None:
+    """libvirtd restarting while a call waits for its answer (seen by the soak)."""
+    exc = libvirt_error(libvirt.VIR_ERR_SYSTEM_ERROR, "End of file while reading data")
+    exc.err = (exc.err[0], libvirt.VIR_FROM_RPC, *exc.err[2:])
+    err = translate(exc, "recording the record of agent-vm-x")
+    assert type(err) is Unavailable
+    assert "lost during the call" in err.message
+    assert err.message.startswith("recording the record of agent-vm-x: End of file")
+
+
 def test_libvirt_errors_context_manager_chains() -> None:
     original = libvirt_error(libvirt.VIR_ERR_NO_DOMAIN)
     with pytest.raises(NotFound) as info, libvirt_errors("looking"):

@@ -62,6 +62,14 @@ def translate(exc: libvirt.libvirtError, what: str) -> AgentVMError:
         return InvalidArgument(msg)
     if code in _UNAVAILABLE:
         return Unavailable(msg + " (is libvirtd running? `agent-vm doctor` checks)")
+    if _broken(exc):
+        # The connection died under the call (libvirtd restarting: "End of file
+        # while reading data"): nothing is known to be wrong with the request.
+        # Found by the soak, which got INTERNAL for a metadata write.
+        return Unavailable(
+            msg + " (the connection to libvirtd was lost during the call, e.g. a libvirtd "
+            "restart: try again)"
+        )
     return AgentVMError(msg)
 
 
