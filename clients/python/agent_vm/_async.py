@@ -107,6 +107,11 @@ class AsyncCommandHandle:
         await self._sandbox._write_stdin(self.exec_id, data, eof)
 
 
+# How long close() keeps trying a CloseSandbox the executor could not answer
+# (UNAVAILABLE: restarting under its supervisor, a few seconds as a rule).
+CLOSE_RETRY_S = 30.0
+
+
 class AsyncSandbox:
     """A VM for one agent: run commands, move files, close. Use ``await AsyncSandbox.create()``.
 
@@ -348,18 +353,31 @@ class AsyncSandbox:
 
         It returns once the sandbox is closed (no call reaches it any more); the
         executor destroys the VM right after, certainly (also across a crash).
-        ``wait=True`` returns only once the VM and workspace are gone.
+        ``wait=True`` returns only once the VM and workspace are gone. An executor
+        that is restarting is waited for (up to 30 s); a close that still
+        fails raises and leaves the handle open, so that ``close()`` can be
+        called again.
         """
         if self._closed:
             return
+        await self.ports.close_all()
+        req = executor_pb2.CloseSandboxRequest(sandbox_id=self.id, wait=wait)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + CLOSE_RETRY_S
+        pause = 0.25
+        while True:
+            try:
+                await self._stub.CloseSandbox(req, timeout=120)
+                break
+            except grpc.aio.AioRpcError as exc:
+                # The executor's close is idempotent: a call cut off by its
+                # restart (or not yet able to connect) is simply made again.
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or loop.time() + pause > give_up:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 4.0)
         self._closed = True
-        try:
-            await self.ports.close_all()
-            await self._stub.CloseSandbox(
-                executor_pb2.CloseSandboxRequest(sandbox_id=self.id, wait=wait), timeout=120
-            )
-        finally:
-            await self._channel.close(grace=None)
+        await self._channel.close(grace=None)
 
     async def disconnect(self) -> None:
         """Let go of this handle without closing the sandbox (it lives on until its

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import random
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,6 +25,7 @@ __all__ = ["E2B", "default_url", "e2b"]
 
 ENVD_PORT = "49983"
 TIMEOUT_S = 300.0
+KILL_RETRY_S = 30.0
 # HTTP statuses as the gRPC codes the soak judges errors by.
 _CODES = {404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE"}
 
@@ -62,7 +64,19 @@ class E2B:
         return made
 
     def kill(self, sandbox_id: str) -> None:
-        self._call("DELETE", f"/sandboxes/{sandbox_id}", None, {"X-API-Key": self.key})
+        """DELETE the sandbox, again while the gateway or executor is restarting
+        (as close() does); a sandbox already gone (404) is killed."""
+        give_up = time.monotonic() + KILL_RETRY_S
+        while True:
+            try:
+                self._call("DELETE", f"/sandboxes/{sandbox_id}", None, {"X-API-Key": self.key})
+                return
+            except agent_vm.AgentVMError as exc:
+                if exc.code == "NOT_FOUND":
+                    return
+                if exc.code != "UNAVAILABLE" or time.monotonic() > give_up:
+                    raise
+            time.sleep(1.0)
 
     def envd(self, made: dict[str, Any], method: str, path: str, body: bytes | None) -> bytes:
         headers = {

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from agentvm.common.completion import to_completion
 from agentvm.common.errors import AgentVMError, FailedPrecondition, RemoteError
 from agentvm.common.events import EventSink
 from agentvm.executor.sandbox import SandboxState
@@ -66,27 +67,31 @@ class Pausing:
                     f"sandbox {sb.id} has a shared (virtiofs) workspace, whose device state "
                     "QEMU cannot save: create sandboxes to pause with workspace mode API"
                 )
-            started = time.monotonic()
-            name = sb.vm.name
-            left = max(1.0, sb.expires_at - time.time())
-            try:
-                await self.vmm.SuspendVM(
-                    vm_manager_pb2.SuspendVMRequest(name=name), timeout=SAVE_TIMEOUT_S
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise RemoteError.from_rpc(exc, "vm-manager") from exc
-            sb.paused = True
-            await self._record(sb, paused_left=left)
-            await sb.channel.close(grace=None)
-            took = time.monotonic() - started
-            self.events.emit(
-                "sandbox.paused",
-                vm=name,
-                sandbox=sb.id,
-                duration_s=round(took, 3),
-                reason="idle" if idle else "requested",
+            # Begun, a pause ends and is recorded even when its caller goes away.
+            await to_completion(self._pause_now(sb, idle))
+
+    async def _pause_now(self, sb: SandboxState, idle: bool) -> None:
+        started = time.monotonic()
+        name = sb.vm.name
+        left = max(1.0, sb.expires_at - time.time())
+        try:
+            await self.vmm.SuspendVM(
+                vm_manager_pb2.SuspendVMRequest(name=name), timeout=SAVE_TIMEOUT_S
             )
-            log.info("sandbox %s paused in %.2f s", sb.id, took, extra={"sandbox": sb.id})
+        except grpc.aio.AioRpcError as exc:
+            raise RemoteError.from_rpc(exc, "vm-manager") from exc
+        sb.paused = True
+        await self._record(sb, paused_left=left)
+        await sb.channel.close(grace=None)
+        took = time.monotonic() - started
+        self.events.emit(
+            "sandbox.paused",
+            vm=name,
+            sandbox=sb.id,
+            duration_s=round(took, 3),
+            reason="idle" if idle else "requested",
+        )
+        log.info("sandbox %s paused in %.2f s", sb.id, took, extra={"sandbox": sb.id})
 
     def idle_sandboxes(self) -> list[SandboxState]:
         """Running sandboxes with auto-pause whose last call ended long enough ago."""
@@ -114,25 +119,28 @@ class Pausing:
                 raise FailedPrecondition(
                     f"sandbox {sb.id} is running, not paused: there is nothing to resume"
                 )
-            started = time.monotonic()
-            name = sb.vm.name
-            try:
-                await self.vmm.ResumeVM(
-                    vm_manager_pb2.ResumeVMRequest(name=name), timeout=SAVE_TIMEOUT_S
-                )
-                wait = vm_manager_pb2.WaitVMRequest(name=name, state=common_pb2.VM_STATE_READY)
-                wait.timeout.FromNanoseconds(int(READY_TIMEOUT_S * 1e9))
-                ready = await self.vmm.WaitVM(wait, timeout=READY_TIMEOUT_S + 30)
-            except grpc.aio.AioRpcError as exc:
-                raise RemoteError.from_rpc(exc, "vm-manager") from exc
-            sb.vm = ready.vm
-            sb.channel = self.agent_channel(ready.vm)
-            sb.paused = False
-            sb.last_active = time.monotonic()
-            await self._record(sb, expires_at=time.time() + sb.paused_left)
-            took = time.monotonic() - started
-            self.events.emit("sandbox.resumed", vm=name, sandbox=sb.id, duration_s=round(took, 3))
-            log.info("sandbox %s resumed in %.2f s", sb.id, took, extra={"sandbox": sb.id})
+            await to_completion(self._resume_now(sb))  # as a pause
+
+    async def _resume_now(self, sb: SandboxState) -> None:
+        started = time.monotonic()
+        name = sb.vm.name
+        try:
+            await self.vmm.ResumeVM(
+                vm_manager_pb2.ResumeVMRequest(name=name), timeout=SAVE_TIMEOUT_S
+            )
+            wait = vm_manager_pb2.WaitVMRequest(name=name, state=common_pb2.VM_STATE_READY)
+            wait.timeout.FromNanoseconds(int(READY_TIMEOUT_S * 1e9))
+            ready = await self.vmm.WaitVM(wait, timeout=READY_TIMEOUT_S + 30)
+        except grpc.aio.AioRpcError as exc:
+            raise RemoteError.from_rpc(exc, "vm-manager") from exc
+        sb.vm = ready.vm
+        sb.channel = self.agent_channel(ready.vm)
+        sb.paused = False
+        sb.last_active = time.monotonic()
+        await self._record(sb, expires_at=time.time() + sb.paused_left)
+        took = time.monotonic() - started
+        self.events.emit("sandbox.resumed", vm=name, sandbox=sb.id, duration_s=round(took, 3))
+        log.info("sandbox %s resumed in %.2f s", sb.id, took, extra={"sandbox": sb.id})
 
     async def _record(
         self, sb: SandboxState, *, paused_left: float = 0.0, expires_at: float = 0.0

@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import libvirt
 
+from agentvm.common.completion import to_completion
 from agentvm.common.config import Settings
 from agentvm.common.errors import AgentVMError, FailedPrecondition, InvalidArgument, NotFound
 from agentvm.common.events import EventSink, NullSink
@@ -245,17 +246,9 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
                     await self.net.attach_bridged(name, self._vm_id(vm), vm.network.mac)
                 # The thread cannot be cancelled: a cancelled create waits for it
                 # before cleaning up, or it could mount or define after the cleanup.
-                defining = asyncio.ensure_future(
+                await to_completion(
                     asyncio.to_thread(self._define, vm, base, image.kernel, image.initrd)
                 )
-                try:
-                    await asyncio.shield(defining)
-                except asyncio.CancelledError:
-                    # However often we are cancelled meanwhile (a client, then SIGTERM).
-                    while not defining.done():
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await asyncio.shield(defining)
-                    raise
                 vm.transition(VMState.DEFINED)
             except BaseException:
                 self._vms.pop(name, None)
@@ -358,7 +351,13 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
                 vm.relay = None
 
     async def get(self, name: str) -> VM:
+        """``name`` as it is; one being suspended or resumed as it is once that ends
+        (an executor taking up its sandbox must see the outcome: a VM whose save
+        is under way still runs, but will not in a second)."""
         vm = self._get(name)
+        if vm.saving:
+            async with self._lock(name):
+                pass
         await self._refresh(vm)
         return vm
 

@@ -13,6 +13,7 @@ import time
 
 import libvirt
 
+from agentvm.common.completion import to_completion
 from agentvm.common.errors import FailedPrecondition
 from agentvm.vm_manager import suspend as suspend_vm
 from agentvm.vm_manager.libvirt_conn import LibvirtConnection, libvirt_errors
@@ -110,62 +111,79 @@ class Snapshots:
         return vm
 
     async def suspend(self, name: str) -> VM:
-        """Save a READY VM's state to a file and stop its QEMU (suspend.py)."""
+        """Save a READY VM's state to a file and stop its QEMU (suspend.py). Once
+        begun, it ends (and its state is recorded) even when its caller goes away:
+        the save in its thread cannot be stopped."""
         async with self._lock(name):
             vm = self._get(name)
-            await self._refresh(vm, held=True)
-            vm.require(VMState.READY)
-            if vm.shared_workspace:
-                raise FailedPrecondition(
-                    f"VM {name} has a shared (virtiofs) workspace, whose device state QEMU "
-                    "cannot save: only VMs without shared_workspace can be suspended"
-                )
-            dom = await asyncio.to_thread(self.conn.lookup, name)
-            if vm.relay is not None:
-                # The guest's half of the session is saved with its memory: the next
-                # client after the resume starts a fresh session.
-                await vm.relay.close()
-                vm.relay = None
+            vm.saving = True
             try:
-                with libvirt_errors(f"suspending VM {name}"):
-                    await asyncio.to_thread(suspend_vm.suspend, dom, vm.suspended_state)
-            except BaseException:
-                if await asyncio.to_thread(dom.isActive):
-                    await self._start_relay(vm, dom)
-                raise
-            vm.transition(VMState.STOPPED)
-            vm.guest = None
+                return await to_completion(self._suspend(name))
+            finally:
+                vm.saving = False
+
+    async def _suspend(self, name: str) -> VM:
+        vm = self._get(name)
+        await self._refresh(vm, held=True)
+        vm.require(VMState.READY)
+        if vm.shared_workspace:
+            raise FailedPrecondition(
+                f"VM {name} has a shared (virtiofs) workspace, whose device state QEMU "
+                "cannot save: only VMs without shared_workspace can be suspended"
+            )
+        dom = await asyncio.to_thread(self.conn.lookup, name)
+        if vm.relay is not None:
+            # The guest's half of the session is saved with its memory: the next
+            # client after the resume starts a fresh session.
+            await vm.relay.close()
+            vm.relay = None
+        try:
+            with libvirt_errors(f"suspending VM {name}"):
+                await asyncio.to_thread(suspend_vm.suspend, dom, vm.suspended_state)
+        except BaseException:
+            if await asyncio.to_thread(dom.isActive):
+                await self._start_relay(vm, dom)
+            raise
+        vm.transition(VMState.STOPPED)
+        vm.guest = None
         log.info("VM %s suspended", name, extra={"vm": name})
         return vm
 
     async def resume(self, name: str) -> VM:
-        """Start a suspended VM from its saved state; BOOTING until its agent answers."""
+        """Start a suspended VM from its saved state; BOOTING until its agent answers.
+        Once begun, it ends even when its caller goes away (as suspend)."""
         async with self._lock(name):
             vm = self._get(name)
-            if not vm.suspended:
-                raise FailedPrecondition(
-                    f"VM {name} is {vm.state.name} and not suspended: nothing to resume "
-                    "(StartVM starts a stopped VM)"
-                )
-            vm.boot_started = time.monotonic()
-            vm.boot_duration = None
-            vm.boot_kind = "resume"
-            vm.error = ""
-            with libvirt_errors(f"resuming VM {name}"):
-                dom = await asyncio.to_thread(
-                    suspend_vm.resume, self.conn, name, vm.suspended_state
-                )
-            vm.transition(VMState.BOOTING)
-            await self._start_relay(vm, dom)
-            # Its agent was running when it was saved: it answers at once, so the
-            # caller gets a READY VM without a WaitVM round trip (as a template
-            # restore does). A slow one is left BOOTING for WaitVM.
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 10.0
-            while vm.state is VMState.BOOTING and loop.time() < deadline:
-                await self._probe_agent(vm, deadline)
-                if vm.state is VMState.BOOTING:
-                    await asyncio.sleep(POLL_S)
+            vm.saving = True
+            try:
+                return await to_completion(self._resume(name))
+            finally:
+                vm.saving = False
+
+    async def _resume(self, name: str) -> VM:
+        vm = self._get(name)
+        if not vm.suspended:
+            raise FailedPrecondition(
+                f"VM {name} is {vm.state.name} and not suspended: nothing to resume "
+                "(StartVM starts a stopped VM)"
+            )
+        vm.boot_started = time.monotonic()
+        vm.boot_duration = None
+        vm.boot_kind = "resume"
+        vm.error = ""
+        with libvirt_errors(f"resuming VM {name}"):
+            dom = await asyncio.to_thread(suspend_vm.resume, self.conn, name, vm.suspended_state)
+        vm.transition(VMState.BOOTING)
+        await self._start_relay(vm, dom)
+        # Its agent was running when it was saved: it answers at once, so the
+        # caller gets a READY VM without a WaitVM round trip (as a template
+        # restore does). A slow one is left BOOTING for WaitVM.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10.0
+        while vm.state is VMState.BOOTING and loop.time() < deadline:
+            await self._probe_agent(vm, deadline)
+            if vm.state is VMState.BOOTING:
+                await asyncio.sleep(POLL_S)
         log.info("VM %s resumed (%s)", name, vm.state.name, extra={"vm": name})
         return vm
 

@@ -90,6 +90,9 @@ class VM:
     # (booted), "restore" (from a memory template), "snapshot" (reverted to a
     # memory snapshot), "adopted" (found running at start: boot time unknown).
     boot_kind: str = "cold"
+    # A suspend or resume is under way (manager_snapshots.py): GetVM answers
+    # once it has ended, with its outcome, not the state it is leaving.
+    saving: bool = False
     guest: common_pb2.GuestInfo | None = None
     relay: HostRelay | None = None
     shared_workspace: bool = False
