@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +162,42 @@ def test_a_batch_written_before_a_crash_is_not_logged_again_after_the_restart(
     assert [i for i in ids if i.startswith("executor/")] == [
         f"executor/test/{i}" for i in range(10, 21)
     ]
+
+
+def test_a_reporter_gone_mid_write_does_not_get_its_batch_logged_twice(
+    tmp_path: Path,
+) -> None:
+    """The 60-minute soak's duplicate audit record: the executor was SIGKILLed while
+    its ReportEvents call waited for the write; the cancelled handler put the batch
+    back although its thread wrote it, and the next flush wrote it again."""
+
+    async def main() -> None:
+        mon = new_monitor(tmp_path)
+        await mon.start()
+        append = mon.audit.append
+        started = threading.Event()
+
+        def slow_append(records: Sequence[Mapping[str, Any]]) -> int:
+            started.set()
+            time.sleep(0.3)
+            return append(records)
+
+        mon.audit.append = slow_append  # type: ignore[method-assign,assignment]
+        call = asyncio.ensure_future(
+            mon.ingest([event(30, "sandbox.paused")], dropped=0, reporter="executor")
+        )
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        call.cancel()  # the reporter died: gRPC cancels its handler
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await mon.close()
+
+    run_async(main())
+    ids = recent_event_ids(tmp_path / "audit")
+    assert ids.count("executor/test/30") == 1
+    result = verify([tmp_path / "audit" / "audit.log"])
+    assert result.ok, result.problems
 
 
 def test_recent_event_ids_span_rotation_and_skip_torn_lines(tmp_path: Path) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import itertools
+import time
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +17,7 @@ from agentvm.cli import soak_check, soak_e2b, soak_plan
 from agentvm.cli.soak import Outcome, judge
 from agentvm.cli.soak_faults import FaultDone
 from agentvm.cli.soak_plot import render_svg
+from agentvm.monitor.audit import AuditLog
 
 
 @given(st.integers(0, 2**32), st.floats(2, 120), st.floats(15, 600))
@@ -136,3 +140,32 @@ def test_e2b_operations_come_only_with_a_key_and_the_url_is_the_gateways() -> No
     }
     assert soak_e2b.default_url("0.0.0.0:49982", tls=False) == "http://127.0.0.1:49982"
     assert soak_e2b.default_url("gw.example:443", tls=True) == "https://gw.example:443"
+
+
+def test_the_audit_check_names_missing_restarts_and_events_logged_twice(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path)
+    log.open()
+
+    def rec(event_id: str, type_: str, service: str = "executor") -> dict[str, Any]:
+        now = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+        return {
+            "event_id": event_id,
+            "time": now,
+            "service": service,
+            "type": type_,
+            "attributes": {},
+        }
+
+    since = time.time() - 1
+    log.append([rec("executor/a/1", "sandbox.paused"), rec("s/1", "service.restarted")])
+    assert soak_check.audit_problems(tmp_path, since, {"executor": 1}) == []
+    assert soak_check.audit_problems(tmp_path, since, {"executor": 2}) == [
+        "executor was killed 2 times; the audit log has 1 service.restarted records for it"
+    ]
+    log.append([rec("executor/a/1", "sandbox.paused")])  # the same event again
+    log.close()
+    assert soak_check.audit_problems(tmp_path, since, {"executor": 1}) == [
+        "1 events logged more than once, e.g. executor/a/1"
+    ]
+    # Records from before the run are not the run's.
+    assert soak_check.audit_problems(tmp_path, time.time() + 60, {}) == []

@@ -172,7 +172,9 @@ def _pool_leaks(settings: Settings, vms: Sequence[common_pb2.VM]) -> list[str]:
 
 
 def audit_problems(audit_dir: Path, since: float, kills: dict[str, int]) -> list[str]:
-    """The chain's problems, and each service kill without its ``service.restarted``."""
+    """The chain's problems, events logged more than once (ids are unique: a batch
+    reported again must be taken once), and each service kill without its
+    ``service.restarted``."""
     from agentvm.monitor import audit as audit_log
 
     files = audit_log.log_files(audit_dir)
@@ -182,16 +184,26 @@ def audit_problems(audit_dir: Path, since: float, kills: dict[str, int]) -> list
     result = audit_log.verify(files, head if head.exists() else None)
     problems = [f"audit chain: {p}" for p in result.problems]
     restarted: dict[str, int] = {}
+    seen: dict[str, int] = {}
     for path in files:
         with path.open("rb") as f:
             for line in f:
-                if b'"service.restarted"' not in line:
-                    continue
-                rec: dict[str, Any] = json.loads(line)
+                try:
+                    rec: dict[str, Any] = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line: the chain check names it
                 when = audit_log.parse_time(str(rec.get("time", "")))
-                if rec.get("type") == "service.restarted" and when is not None and when >= since:
+                if when is None or when < since:
+                    continue
+                event_id = str(rec.get("event_id", ""))
+                if event_id:
+                    seen[event_id] = seen.get(event_id, 0) + 1
+                if rec.get("type") == "service.restarted":
                     svc = str(rec.get("service", ""))
                     restarted[svc] = restarted.get(svc, 0) + 1
+    twice = sorted(i for i, n in seen.items() if n > 1)
+    if twice:
+        problems.append(f"{len(twice)} events logged more than once, e.g. {', '.join(twice[:3])}")
     for svc, n in sorted(kills.items()):
         if restarted.get(svc, 0) < n:
             problems.append(

@@ -334,7 +334,12 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing, Replicas):
             sb.record_generation = await self.records.write(sb.record(), 0)
         except BaseException:
             self._slots.release()
-            self._spawn(self._release(lease_id, vm.name) if lease_id else self._destroy_vm(vm.name))
+            why = f"sandbox {sandbox_id}: its creation failed or was cut short"
+            self._spawn(
+                self._release(lease_id, vm.name, why)
+                if lease_id
+                else self._destroy_vm(vm.name, why)
+            )
             raise
         finally:
             self._creating.discard(sandbox_id)
@@ -393,7 +398,8 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing, Replicas):
                 vm_manager_pb2.UpdateNetworkPolicyRequest(name=vm.name, policy=policy), timeout=30
             )
         except grpc.aio.AioRpcError as exc:
-            self._spawn(self._release(lease_id, vm.name))
+            why = "its sandbox's network policy could not be set"
+            self._spawn(self._release(lease_id, vm.name, why))
             raise RemoteError.from_rpc(exc, "vm-manager") from exc
         return resp.vm
 
@@ -444,7 +450,7 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing, Replicas):
                 raise RemoteError.from_rpc(exc, "vm-manager") from exc
         except BaseException:
             if vm_name:
-                self._spawn(self._destroy_vm(vm_name))
+                self._spawn(self._destroy_vm(vm_name, "its boot failed or was cut short"))
             raise
         return vm
 

@@ -87,10 +87,11 @@ class Teardown:
         started = time.monotonic()
         try:
             await sb.channel.close(grace=None)
+            why = f"sandbox {sb.id} {'expired' if sb.expired else 'closed'}"
             if sb.lease_id:
-                await self._release(sb.lease_id, sb.vm.name)
+                await self._release(sb.lease_id, sb.vm.name, why)
             else:
-                await self._destroy_vm(sb.vm.name)
+                await self._destroy_vm(sb.vm.name, why)
         finally:
             if sb.expired:
                 self._expired[sb.id] = sb.expires_at - sb.created_at
@@ -101,10 +102,11 @@ class Teardown:
             self.events.emit("sandbox.closed", vm=sb.vm.name, sandbox=sb.id, teardown_s=took)
             log.info("sandbox %s closed", sb.id, extra={"sandbox": sb.id, "teardown_s": took})
 
-    async def _release(self, lease_id: str, vm_name: str) -> None:
-        """Give a pool VM back (the pool destroys it); destroy it here if the pool is gone."""
+    async def _release(self, lease_id: str, vm_name: str, reason: str = "") -> None:
+        """Give a pool VM back (the pool destroys it); destroy it here if the pool is
+        gone (``reason`` for the audit log)."""
         if self.pool is None:
-            await self._destroy_vm(vm_name)
+            await self._destroy_vm(vm_name, reason)
             return
         try:
             await self.pool.ReleaseVM(
@@ -117,7 +119,7 @@ class Teardown:
                 )
             # NOT_FOUND: released already (a sweep and a close crossed), or a pool-manager
             # still starting has not adopted the lease yet; destroying is safe either way.
-            await self._destroy_vm(vm_name)
+            await self._destroy_vm(vm_name, reason)
 
     async def _destroy_vm(self, name: str, reason: str = "") -> None:
         """Destroy ``name``, waiting out a vm-manager that restarts (UNAVAILABLE) for

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, timestamp_pb2
 
+from agentvm.common.completion import to_completion
 from agentvm.common.config import Settings
 from agentvm.common.events import SEVERITIES, EventFactory
 from agentvm.monitor import metrics as m
@@ -248,7 +249,13 @@ class Monitor:
             if not batch:
                 return
             try:
-                written = await asyncio.to_thread(self.audit.append, batch)
+                # The write in its thread goes on whoever stops waiting (a reporter
+                # that died mid-call cancels its handler): wait for its outcome, or a
+                # batch written would be queued again and logged twice.
+                written = await to_completion(asyncio.to_thread(self.audit.append, batch))
+            except asyncio.CancelledError:
+                m.AUDIT_RECORDS.inc(len(batch))  # written: to_completion waited for it
+                raise
             except BaseException:
                 self._pending[:0] = batch
                 raise
