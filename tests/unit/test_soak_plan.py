@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agentvm.cli import soak_check, soak_e2b, soak_plan
+from agentvm.cli import soak_check, soak_e2b, soak_faults, soak_plan
 from agentvm.cli.soak import Outcome, judge
 from agentvm.cli.soak_faults import FaultDone
 from agentvm.cli.soak_plot import render_svg
@@ -61,6 +61,13 @@ def test_fault_kinds_are_parsed_and_unknown_ones_named() -> None:
         "disconnect",
         "kill:executor",
     )
+    # Filling the state disk is asked for by name only (it needs a file system of its own).
+    assert "state-disk-full" not in soak_plan.expand_kinds("all")
+    assert soak_plan.expand_kinds("state-disk-full,kill:monitor") == (
+        "state-disk-full",
+        "kill:monitor",
+    )
+    assert soak_plan.ALLOWED_CODES["state-disk-full"] == {"RESOURCE_EXHAUSTED"}
     with pytest.raises(ValueError, match=r"unknown fault kind 'kill:libvirtd'.*slow-reader"):
         soak_plan.expand_kinds("kill:libvirtd")
 
@@ -169,3 +176,10 @@ def test_the_audit_check_names_missing_restarts_and_events_logged_twice(tmp_path
     ]
     # Records from before the run are not the run's.
     assert soak_check.audit_problems(tmp_path, time.time() + 60, {}) == []
+
+
+def test_the_state_disk_is_filled_only_when_it_is_a_file_system_of_its_own(tmp_path: Path) -> None:
+    assert not soak_faults.own_file_system(tmp_path)  # a directory of the host's disk
+    assert not soak_faults.own_file_system(Path("/"))
+    assert not soak_faults.own_file_system(tmp_path / "missing")
+    assert soak_faults.own_file_system(Path("/proc"))  # a mount point

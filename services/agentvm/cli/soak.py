@@ -290,6 +290,12 @@ def _check_ready(settings: Settings, kinds: tuple[str, ...]) -> None:
     down = [svc for svc, (_pid, h) in soak_check.service_pids(settings).items() if h != "SERVING"]
     if down:
         fail(f"not SERVING: {', '.join(down)}; start the installation first (`agent-vm up`)")
+    if "state-disk-full" in kinds and not soak_faults.own_file_system(settings.state_dir):
+        fail(
+            f"state-disk-full fills the file system of {settings.state_dir}, which is not a "
+            "file system of its own here (filling it would fill the host's): mount one "
+            "there for the installation (e.g. a loop device or tmpfs), or leave the kind out"
+        )
     if any(k.startswith("kill:") for k in kinds) and sup.running_pid(settings) is None:
         fail(
             "service kills need the supervisor of `agent-vm up` to start a killed service "
@@ -313,7 +319,8 @@ def _check_ready(settings: Settings, kinds: tuple[str, ...]) -> None:
 @click.option(
     "--faults", default="all", show_default=True,
     help="all, none, kill (every service kill), or a comma list of: "
-    + ", ".join(soak_plan.FAULT_KINDS),
+    + ", ".join(soak_plan.FAULT_KINDS)
+    + "; state-disk-full only by name (STATE_DIR must be a file system of its own).",
 )  # fmt: skip
 @click.option(
     "--fault-every", type=click.FloatRange(15, 3600), default=60.0, show_default=True,

@@ -28,6 +28,7 @@ from agentvm.v1 import (
 __all__ = [
     "RssSample",
     "audit_problems",
+    "held_vms",
     "leaks",
     "memory_failures",
     "rss_growth",
@@ -211,6 +212,14 @@ def audit_problems(audit_dir: Path, since: float, kills: dict[str, int]) -> list
                 f"{restarted.get(svc, 0)} service.restarted records for it"
             )
     return problems
+
+
+def held_vms() -> list[str]:
+    """The VMs vm-manager holds for a full disk (QEMU paused them: diskfull.py)."""
+    from agentvm.cli.base import vm_stub
+
+    vms = vm_stub().ListVMs(vm_manager_pb2.ListVMsRequest(), timeout=60).vms
+    return [v.name for v in vms if v.state == common_pb2.VM_STATE_READY and "is full" in v.error]
 
 
 def service_pids(settings: Settings) -> dict[str, tuple[int | None, str]]:

@@ -21,7 +21,7 @@ import agent_vm
 from agentvm.cli import soak_check, soak_ops
 from agentvm.common.config import Settings
 
-__all__ = ["RECOVERY_S", "FaultDone", "inject"]
+__all__ = ["RECOVERY_S", "FaultDone", "inject", "own_file_system"]
 
 # How long a service, or libvirtd, gets to serve again after a fault.
 RECOVERY_S = 180.0
@@ -29,6 +29,9 @@ RECOVERY_S = 180.0
 PANIC_S = 120.0
 # How long a hung guest stays stopped.
 HANG_S = 20.0
+# How long the state directory's file system stays full, and the MiB left free.
+FULL_S = 20.0
+FULL_LEAVE_MIB = 4
 
 
 @dataclass
@@ -149,6 +152,28 @@ class _Injector:
             await self._close(sb)
         return FaultDone("guest-hang", start, self.now(), failed=failed)
 
+    async def fill_state_disk(self) -> FaultDone:
+        """STATE_DIR's file system full for FULL_S: new VMs are refused, VMs whose disk
+        cannot grow are paused by QEMU. Whole again once vm-manager holds no VM for
+        its disk (it resumes them by itself when the room is back)."""
+        start = self.now()
+        filler = self.settings.state_dir / "soak-filler"
+        try:
+            await asyncio.to_thread(_fill, filler, FULL_LEAVE_MIB)
+            await asyncio.sleep(FULL_S)
+        except OSError as exc:
+            return FaultDone("state-disk-full", start, self.now(), failed=f"filling: {exc}")
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                filler.unlink()
+        deadline = time.monotonic() + RECOVERY_S
+        while held := await asyncio.to_thread(soak_check.held_vms):
+            if time.monotonic() > deadline:
+                failed = f"still held {RECOVERY_S:.0f} s after room was made: {held[:3]}"
+                return FaultDone("state-disk-full", start, self.now(), failed=failed)
+            await asyncio.sleep(1.0)
+        return FaultDone("state-disk-full", start, self.now())
+
     async def _close(self, sb: agent_vm.AsyncSandbox) -> None:
         """Close a sandbox a fault may have ended already; a failed close is retried later."""
         try:
@@ -167,6 +192,19 @@ class _Injector:
 def _qemu_pid(vm_name: str) -> int:
     """The QEMU process of a local VM, from libvirt's pid file (the system driver's)."""
     return int(Path(f"/run/libvirt/qemu/{vm_name}.pid").read_text().strip())
+
+
+def own_file_system(path: Path) -> bool:
+    """Whether ``path`` is a mount point (a file system of its own, not the host's)."""
+    return path.is_dir() and os.path.ismount(path) and path.resolve() != Path("/")
+
+
+def _fill(filler: Path, leave_mib: int) -> None:
+    """Take all but ``leave_mib`` of ``filler``'s file system (blocks really allocated)."""
+    st = os.statvfs(filler.parent)
+    size = max(0, st.f_bavail * st.f_frsize - (leave_mib << 20))
+    with filler.open("wb") as f:
+        os.posix_fallocate(f.fileno(), 0, max(size, 1))
 
 
 def _succeeds(*cmd: str) -> bool:
@@ -207,4 +245,6 @@ async def inject(
         return await inj.guest_hang()
     if kind == "libvirtd-restart":
         return await inj.restart_libvirtd()
+    if kind == "state-disk-full":
+        return await inj.fill_state_disk()
     return await inj.abuse_stream(kind)

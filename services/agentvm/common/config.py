@@ -52,6 +52,12 @@ class Settings:
             or Path(_env("AGENTVM_CACHE_DIR", "/var/cache/agent-vm")) / "named-images"
         )
     )
+    # AGENTVM_MIN_FREE_DISK_MIB: free space STATE_DIR's file system must keep: below it
+    # vm-manager refuses new VMs (RESOURCE_EXHAUSTED), and VMs QEMU paused because
+    # their disk could not grow resume once it is free again (vm_manager/diskfull.py).
+    min_free_disk_mib: int = field(
+        default_factory=lambda: int(_env("AGENTVM_MIN_FREE_DISK_MIB", "1024"))
+    )
     # AGENTVM_MAX_IMAGE_DISK_MIB: largest root disk of a named image (import or build).
     max_image_disk_mib: int = field(
         default_factory=lambda: int(_env("AGENTVM_MAX_IMAGE_DISK_MIB", "65536"))

@@ -23,6 +23,7 @@ from agentvm.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     RemoteError,
+    ResourceExhausted,
 )
 from agentvm.common.events import EventSink
 from agentvm.common.fleet import Fleet
@@ -165,6 +166,13 @@ class Executions:
                 raise Aborted(
                     f"exec {exec_id} ended because the VM of sandbox {sb.id} is gone: {gone}"
                 ) from exc
+            deadline = exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            if deadline and (held := await self._vm_held(sb)):
+                # Its guest did not answer in time because the host held it (a full disk).
+                failure = held
+                raise ResourceExhausted(
+                    f"exec {exec_id} in sandbox {sb.id} did not end in time: {held}"
+                ) from exc
             raise RemoteError.from_rpc(exc, f"guest agent of {sb.vm.name}") from exc
         except asyncio.CancelledError as exc:
             failure = failure or "cancelled"
@@ -184,6 +192,15 @@ class Executions:
             self._spawn(
                 self._report_finished(sb, exec_id, final, failure, started_wall, sum(sent.values()))
             )
+
+    async def _vm_held(self, sb: SandboxState) -> str:
+        """Why the host holds the sandbox's running VM (vm-manager's word: QEMU paused
+        it for a full disk), or ""."""
+        try:
+            resp = await self.vmm.GetVM(vm_manager_pb2.GetVMRequest(name=sb.vm.name), timeout=5)
+        except grpc.aio.AioRpcError:
+            return ""
+        return resp.vm.error if resp.vm.state == common_pb2.VM_STATE_READY else ""
 
     async def _vm_gone(self, sb: SandboxState, *, patient: bool = False) -> str:
         """Why the sandbox's VM no longer exists ("" while it does).

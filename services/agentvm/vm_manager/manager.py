@@ -39,6 +39,7 @@ from agentvm.vm_manager import access, workspace
 from agentvm.vm_manager import domain_xml as dx
 from agentvm.vm_manager.accel import AccelInfo
 from agentvm.vm_manager.clones import TemplateInfo, TemplateStore
+from agentvm.vm_manager.diskfull import DiskWatch
 from agentvm.vm_manager.hostcaps import find_virtiofsd, io_weight_supported
 from agentvm.vm_manager.image import ImageStore
 from agentvm.vm_manager.image_store import ImageStore as NamedImageStore
@@ -128,6 +129,21 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
         self.recovered = False
         self.net = NatNetwork(settings, conn)
         self.node = NodeState.probe(settings, lambda: conn.call("node info", lambda c: c.getInfo()))
+        # A full state disk: new VMs refused, VMs QEMU paused resumed (diskfull.py).
+        self.disk = DiskWatch(
+            settings.state_dir,
+            settings.min_free_disk_mib,
+            conn,
+            settings.vm_prefix,
+            self.events,
+            self._vms.get,
+        )
+        self._disk_watch: asyncio.Task[None] | None = None
+
+    def watch_disk(self) -> None:
+        """Start the full-disk watch (stopped by close())."""
+        if self._disk_watch is None:
+            self._disk_watch = asyncio.create_task(self.disk.run(), name="disk-watch")
 
     def committed(self) -> tuple[Amount, int]:
         """What this node's VMs were given, summed, and how many there are (GetNode)."""
@@ -192,6 +208,7 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
     ) -> VM:
         """``workload_image``: a named image the workload runs in (image_vms.py);
         ``build_disk``: an import's raw ext4 disk, attached writable instead."""
+        await asyncio.to_thread(self.disk.check_room)
         template: TemplateInfo | None = None
         workload = await self._workload_id(workload_image)
         if from_template:
@@ -509,6 +526,11 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
         VMs of template builds cut short by the shutdown are destroyed: a
         build never resumes.
         """
+        if self._disk_watch is not None:
+            self._disk_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._disk_watch
+            self._disk_watch = None
         for vm in list(self._vms.values()):
             if vm.labels.get(TEMPLATE_ROLE[0]) == TEMPLATE_ROLE[1]:
                 with contextlib.suppress(AgentVMError, OSError):
