@@ -14,7 +14,7 @@ import time
 import libvirt
 
 from agentvm.common.completion import to_completion
-from agentvm.common.errors import FailedPrecondition
+from agentvm.common.errors import AgentVMError, FailedPrecondition
 from agentvm.vm_manager import suspend as suspend_vm
 from agentvm.vm_manager.libvirt_conn import LibvirtConnection, libvirt_errors
 from agentvm.vm_manager.manager_readiness import POLL_S
@@ -141,13 +141,29 @@ class Snapshots:
             with libvirt_errors(f"suspending VM {name}"):
                 await asyncio.to_thread(suspend_vm.suspend, dom, vm.suspended_state)
         except BaseException:
-            if await asyncio.to_thread(dom.isActive):
-                await self._start_relay(vm, dom)
+            running = await asyncio.to_thread(self._running_again, name)
+            if running is not None:
+                await self._start_relay(vm, running)
             raise
         vm.transition(VMState.STOPPED)
         vm.guest = None
         log.info("VM %s suspended", name, extra={"vm": name})
         return vm
+
+    def _running_again(self, name: str) -> libvirt.virDomain | None:
+        """After a failed save: the domain running on as it was (resumed if the save
+        left it paused), or None when it does not run or libvirt cannot say. Looked
+        up afresh: the save may have failed because libvirtd restarted (the soak)."""
+        try:
+            dom = self.conn.lookup(name)
+            if not dom.isActive():
+                return None
+            if dom.info()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+            return dom
+        except (AgentVMError, libvirt.libvirtError) as exc:
+            log.warning("after the failed save of VM %s: %s", name, exc, extra={"vm": name})
+            return None
 
     async def resume(self, name: str) -> VM:
         """Start a suspended VM from its saved state; BOOTING until its agent answers.

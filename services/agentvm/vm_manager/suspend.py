@@ -64,8 +64,9 @@ def suspend(dom: libvirt.virDomain, path: Path) -> None:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        if dom.isActive() and dom.info()[0] == libvirt.VIR_DOMAIN_PAUSED:
-            dom.resume()  # the save failed: the VM runs on as it was
+        with contextlib.suppress(libvirt.libvirtError):  # libvirtd gone: the caller looks
+            if dom.isActive() and dom.info()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()  # the save failed: the VM runs on as it was
         raise
     dom.destroy()
 
