@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 import agent_vm
+from agentvm.cli import soak_faults
 from agentvm.v1 import common_pb2, vm_manager_pb2
 from tests.integration.test_monitor import audit_records
 from tests.vmharness import (
@@ -172,16 +173,11 @@ def agent_vm_cli(vmm: VMManagerProcess, *args: str) -> subprocess.CompletedProce
     )
 
 
-def _succeeds(*cmd: str) -> bool:
-    return subprocess.run(cmd, capture_output=True, check=False).returncode == 0
-
-
 def restart_libvirtd() -> None:
-    """What an upgrade or an OOM kill does to libvirtd (QEMU processes live on)."""
-    subprocess.run(["pkill", "-x", "libvirtd"], check=False)
-    assert wait_for(lambda: not _succeeds("pgrep", "-x", "libvirtd"), 10)
-    subprocess.run(["libvirtd", "-d"], check=True)
-    assert wait_for(lambda: _succeeds("virsh", "-c", "qemu:///system", "version"), 10)
+    """What an upgrade or an OOM kill does to libvirtd (QEMU processes live on): the
+    soak's own restart (systemd's libvirtd, else the one started by hand)."""
+    failed = soak_faults.restart_libvirtd("qemu:///system")
+    assert not failed, failed
 
 
 def test_libvirtd_restart_mid_run_never_hangs(lone_vmm: VMManagerProcess) -> None:

@@ -13,10 +13,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agentvm.cli import soak_check, soak_e2b, soak_faults, soak_plan
+from agentvm.cli import soak_check, soak_faults, soak_plan
+from agentvm.cli.e2b_cmds import gateway_url
 from agentvm.cli.soak import Outcome, judge
 from agentvm.cli.soak_faults import FaultDone
 from agentvm.cli.soak_plot import render_svg
+from agentvm.common.config import Settings
 from agentvm.monitor.audit import AuditLog
 
 
@@ -145,8 +147,12 @@ def test_e2b_operations_come_only_with_a_key_and_the_url_is_the_gateways() -> No
     assert soak_plan.E2B_OP in {
         k for k, _ in itertools.islice(soak_plan.operations(3, 0, kinds), 300)
     }
-    assert soak_e2b.default_url("0.0.0.0:49982", tls=False) == "http://127.0.0.1:49982"
-    assert soak_e2b.default_url("gw.example:443", tls=True) == "https://gw.example:443"
+    plain_gw = Settings(e2b_http_addr="0.0.0.0:49982", e2b_tls="off", e2b_tls_cert="")
+    assert gateway_url(plain_gw) == "http://127.0.0.1:49982"
+    own_ca = Settings(
+        e2b_http_addr="0.0.0.0:443", e2b_tls="ca", e2b_tls_cert="", e2b_hostnames="gw.example"
+    )
+    assert gateway_url(own_ca) == "https://gw.example:443"
 
 
 def test_the_audit_check_names_missing_restarts_and_events_logged_twice(tmp_path: Path) -> None:

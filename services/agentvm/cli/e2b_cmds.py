@@ -9,6 +9,7 @@ import click
 
 from agentvm.cli.base import print_table, settings
 from agentvm.cli.group import fail
+from agentvm.common.config import Settings
 from agentvm.e2b_gateway.tenants import DEFAULT_MAX_SANDBOXES, KeyStore, TenantError
 
 
@@ -85,11 +86,8 @@ def key_list(as_json: bool) -> None:
     )
 
 
-@e2b.command("env")
-@click.option("--key", "api_key", default="", help="The API key to put in E2B_API_KEY.")
-def env(api_key: str) -> None:
-    """The export lines an E2B SDK client on this host needs."""
-    s = settings()
+def gateway_url(s: Settings) -> str:
+    """The URL an E2B client on this host reaches the gateway's HTTP API at."""
     tls_on = bool(s.e2b_tls_cert) or s.e2b_tls == "ca"
     host, _, port = s.e2b_http_addr.rpartition(":")
     if s.e2b_tls == "ca" and not s.e2b_tls_cert:
@@ -97,7 +95,15 @@ def env(api_key: str) -> None:
         host = next((n.strip() for n in s.e2b_hostnames.split(",") if n.strip()), host)
     if host in ("0.0.0.0", "::", "[::]"):  # noqa: S104 - a bound address, not a bind
         host = "127.0.0.1"
-    url = f"{'https' if tls_on else 'http'}://{host}:{port}"
+    return f"{'https' if tls_on else 'http'}://{host}:{port}"
+
+
+@e2b.command("env")
+@click.option("--key", "api_key", default="", help="The API key to put in E2B_API_KEY.")
+def env(api_key: str) -> None:
+    """The export lines an E2B SDK client on this host needs."""
+    s = settings()
+    url = gateway_url(s)
     lines = [f"export E2B_API_URL={shlex.quote(url)}", f"export E2B_SANDBOX_URL={shlex.quote(url)}"]
     if s.e2b_tls == "ca" and not s.e2b_tls_cert:
         ca = shlex.quote(str(s.tls_dir / "ca.pem"))

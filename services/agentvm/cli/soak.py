@@ -376,8 +376,9 @@ def soak_cmd(
         + (", ".join(f"{f.at_s:.0f}s {f.kind}" for f in schedule) or "none"))  # fmt: skip
     e2b = None
     if e2b_key:
-        tls = bool(s.e2b_tls_cert) or s.e2b_tls == "ca"
-        url = os.environ.get("E2B_API_URL") or soak_e2b.default_url(s.e2b_http_addr, tls)
+        from agentvm.cli.e2b_cmds import gateway_url
+
+        url = os.environ.get("E2B_API_URL") or gateway_url(s)
         e2b = (url, e2b_key)
     cfg = Config(minutes, seed, concurrency, kinds, fault_every, e2b, image_name)
     report = run(cfg, s, say)

@@ -21,7 +21,7 @@ from typing import Any
 
 import agent_vm
 
-__all__ = ["E2B", "default_url", "e2b"]
+__all__ = ["E2B", "e2b"]
 
 ENVD_PORT = "49983"
 TIMEOUT_S = 300.0
@@ -87,13 +87,6 @@ class E2B:
         if body is not None:
             headers["Content-Type"] = "application/octet-stream"
         return self._call(method, path, body, headers)
-
-
-def default_url(e2b_http_addr: str, tls: bool) -> str:
-    host, _, port = e2b_http_addr.rpartition(":")
-    if host in ("0.0.0.0", "::", "[::]"):  # noqa: S104 - a bound address, not a bind
-        host = "127.0.0.1"
-    return f"{'https' if tls else 'http'}://{host}:{port}"
 
 
 def _round_trip(api: E2B, data: bytes) -> None:

@@ -21,7 +21,7 @@ import agent_vm
 from agentvm.cli import soak_check, soak_ops
 from agentvm.common.config import Settings
 
-__all__ = ["RECOVERY_S", "FaultDone", "inject", "own_file_system"]
+__all__ = ["RECOVERY_S", "FaultDone", "inject", "own_file_system", "restart_libvirtd"]
 
 # How long a service, or libvirtd, gets to serve again after a fault.
 RECOVERY_S = 180.0
@@ -185,7 +185,7 @@ class _Injector:
     async def restart_libvirtd(self) -> FaultDone:
         """What an upgrade or an OOM kill does to libvirtd (QEMU processes live on)."""
         start = self.now()
-        failed = await asyncio.to_thread(_restart_libvirtd, self.settings.libvirt_uri)
+        failed = await asyncio.to_thread(restart_libvirtd, self.settings.libvirt_uri)
         return FaultDone("libvirtd-restart", start, self.now(), failed=failed)
 
 
@@ -211,7 +211,7 @@ def _succeeds(*cmd: str) -> bool:
     return subprocess.run(cmd, capture_output=True, check=False, timeout=30).returncode == 0
 
 
-def _restart_libvirtd(uri: str) -> str:
+def restart_libvirtd(uri: str) -> str:
     """Restart the local libvirtd (systemd's, else the one started by hand); "" when
     it answers again within RECOVERY_S."""
     if Path("/run/systemd/system").is_dir():
