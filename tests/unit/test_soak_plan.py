@@ -184,6 +184,27 @@ def test_the_audit_check_names_missing_restarts_and_events_logged_twice(tmp_path
     assert soak_check.audit_problems(tmp_path, time.time() + 60, {}) == []
 
 
+def test_the_audit_check_wants_each_panicked_guest_and_libvirtd_restart(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path)
+    log.open()
+    now = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+    since = time.time() - 1
+    log.append(
+        [
+            {"event_id": "v/1", "time": now, "service": "vm-manager", "type": "vm.failed",
+             "vm": "agent-vm-a", "attributes": {}},
+            {"event_id": "v/2", "time": now, "service": "vm-manager",
+             "type": "libvirt.reconnected", "attributes": {}},
+        ]
+    )  # fmt: skip
+    log.close()
+    assert soak_check.audit_problems(tmp_path, since, {}, ["agent-vm-a"], 1) == []
+    assert soak_check.audit_problems(tmp_path, since, {}, ["agent-vm-a", "agent-vm-b"], 2) == [
+        "the guest of agent-vm-b panicked; the audit log has no vm.failed record of it",
+        "libvirtd was restarted 2 times; the audit log has 1 libvirt.reconnected records",
+    ]
+
+
 def test_the_state_disk_is_filled_only_when_it_is_a_file_system_of_its_own(tmp_path: Path) -> None:
     assert not soak_faults.own_file_system(tmp_path)  # a directory of the host's disk
     assert not soak_faults.own_file_system(Path("/"))

@@ -228,7 +228,12 @@ async def _main(st: State) -> dict[str, Any]:
     for _ in range(10):  # the monitor writes what reporters queued within seconds
         try:
             audit = await asyncio.to_thread(
-                soak_check.audit_problems, st.settings.audit_dir, started_wall, dict(kills)
+                soak_check.audit_problems,
+                st.settings.audit_dir,
+                started_wall,
+                dict(kills),
+                [f.vm for f in st.faults if f.kind == "guest-panic" and f.vm],
+                sum(1 for f in st.faults if f.kind == "libvirtd-restart" and not f.failed),
             )
         except (OSError, ValueError) as exc:
             audit = [f"the audit log in {st.settings.audit_dir} could not be read: {exc}"]

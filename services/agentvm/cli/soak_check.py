@@ -172,10 +172,17 @@ def _pool_leaks(settings: Settings, vms: Sequence[common_pb2.VM]) -> list[str]:
     return [f"{len(mine)} pool VMs ({names}) but the pools hold {held}"]
 
 
-def audit_problems(audit_dir: Path, since: float, kills: dict[str, int]) -> list[str]:
+def audit_problems(
+    audit_dir: Path,
+    since: float,
+    kills: dict[str, int],
+    panicked: Sequence[str] = (),
+    libvirtd_restarts: int = 0,
+) -> list[str]:
     """The chain's problems, events logged more than once (ids are unique: a batch
-    reported again must be taken once), and each service kill without its
-    ``service.restarted``."""
+    reported again must be taken once), and each fault without its record: a service
+    kill without ``service.restarted``, a panicked guest's VM without ``vm.failed``,
+    a libvirtd restart without vm-manager's ``libvirt.reconnected``."""
     from agentvm.monitor import audit as audit_log
 
     files = audit_log.log_files(audit_dir)
@@ -186,6 +193,8 @@ def audit_problems(audit_dir: Path, since: float, kills: dict[str, int]) -> list
     problems = [f"audit chain: {p}" for p in result.problems]
     restarted: dict[str, int] = {}
     seen: dict[str, int] = {}
+    failed_vms: set[str] = set()
+    reconnects = 0
     for path in files:
         with path.open("rb") as f:
             for line in f:
@@ -202,6 +211,10 @@ def audit_problems(audit_dir: Path, since: float, kills: dict[str, int]) -> list
                 if rec.get("type") == "service.restarted":
                     svc = str(rec.get("service", ""))
                     restarted[svc] = restarted.get(svc, 0) + 1
+                elif rec.get("type") == "vm.failed":
+                    failed_vms.add(str(rec.get("vm", "")))
+                elif rec.get("type") == "libvirt.reconnected":
+                    reconnects += 1
     twice = sorted(i for i, n in seen.items() if n > 1)
     if twice:
         problems.append(f"{len(twice)} events logged more than once, e.g. {', '.join(twice[:3])}")
@@ -211,6 +224,16 @@ def audit_problems(audit_dir: Path, since: float, kills: dict[str, int]) -> list
                 f"{svc} was killed {n} times; the audit log has "
                 f"{restarted.get(svc, 0)} service.restarted records for it"
             )
+    problems += [
+        f"the guest of {vm} panicked; the audit log has no vm.failed record of it"
+        for vm in panicked
+        if vm not in failed_vms
+    ]
+    if reconnects < libvirtd_restarts:
+        problems.append(
+            f"libvirtd was restarted {libvirtd_restarts} times; the audit log has "
+            f"{reconnects} libvirt.reconnected records"
+        )
     return problems
 
 

@@ -41,6 +41,8 @@ class FaultDone:
     recovered_s: float
     note: str = ""
     failed: str = ""
+    # The VM the fault hit, when it hit one (its audit records are looked for).
+    vm: str = ""
 
 
 class _Injector:
@@ -117,7 +119,7 @@ class _Injector:
             if sb.vm_name not in str(exc):
                 failed = f"the error does not name the VM {sb.vm_name}: {exc}"[:300]
         await self._close(sb)
-        return FaultDone("guest-panic", start, self.now(), failed=failed)
+        return FaultDone("guest-panic", start, self.now(), failed=failed, vm=sb.vm_name)
 
     async def guest_hang(self) -> FaultDone:
         """A guest that stops answering: its QEMU is stopped (SIGSTOP) for HANG_S while a

@@ -57,7 +57,7 @@ async def run(settings: Settings) -> None:
         except Exception:  # libvirt down at start: serve anyway, calls report it
             log.exception("recovery of existing VMs failed")
         manager.recovered = True  # GetNode says so: fleets may place here now
-        manager.watch_disk()
+        manager.watch()
 
     async def on_stop() -> None:
         await proxy.close()

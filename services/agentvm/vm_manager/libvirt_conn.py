@@ -144,6 +144,9 @@ class LibvirtConnection:
         self._lock = threading.Lock()
         # When the last connection was found lost (None: none was, or reopened since).
         self._lost_at: float | None = None
+        # Told how long libvirt was away when a lost connection is open again (called
+        # from the thread that reopened it).
+        self.on_reconnect: Callable[[float], None] | None = None
 
     def get(self) -> libvirt.virConnect:
         """The open connection; opens (or reopens a dead one) on demand."""
@@ -176,11 +179,11 @@ class LibvirtConnection:
                     "`agent-vm doctor` shows what is missing"
                 ) from exc
             if self._lost_at is not None:
-                log.info(
-                    "libvirt reconnected %.1f s after the connection was lost",
-                    time.monotonic() - self._lost_at,
-                )
+                away = time.monotonic() - self._lost_at
+                log.info("libvirt reconnected %.1f s after the connection was lost", away)
                 self._lost_at = None
+                if self.on_reconnect is not None:
+                    self.on_reconnect(away)
             return self._conn
 
     def call(self, what: str, fn: Callable[[libvirt.virConnect], T]) -> T:

@@ -140,8 +140,19 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
         )
         self._disk_watch: asyncio.Task[None] | None = None
 
-    def watch_disk(self) -> None:
-        """Start the full-disk watch (stopped by close())."""
+    def watch(self) -> None:
+        """Start the background watches (stopped by close()): the full-disk watch, and
+        libvirt's reconnects reported to the audit log (``libvirt.reconnected``)."""
+        loop = asyncio.get_running_loop()
+
+        def reconnected(away: float) -> None:
+            loop.call_soon_threadsafe(
+                lambda: self.events.emit(
+                    "libvirt.reconnected", severity="warning", uri=self.conn.uri, away_s=away
+                )
+            )
+
+        self.conn.on_reconnect = reconnected
         if self._disk_watch is None:
             self._disk_watch = asyncio.create_task(self.disk.run(), name="disk-watch")
 
@@ -350,6 +361,7 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
         if dom is None:
             vm.state = VMState.FAILED
             vm.error = "the domain disappeared from libvirt"
+            self._stopped_behind_our_back(vm)
             return
         state, reason = await asyncio.to_thread(dom.state)
         if settled():
@@ -363,9 +375,18 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
                     f"the VM stopped unexpectedly (libvirt state {state}, reason {reason}); "
                     f"see its console log {vm.console_log}"
                 )
+            self._stopped_behind_our_back(vm)
             if vm.relay is not None:
                 await vm.relay.close()
                 vm.relay = None
+
+    def _stopped_behind_our_back(self, vm: VM) -> None:
+        """Audit a VM that went down without a call of ours: a guest that panicked or
+        powered off, a QEMU that died (``vm.failed`` / ``vm.stopped``)."""
+        if vm.state is VMState.FAILED:
+            self.events.emit("vm.failed", vm=vm.name, severity="warning", error=vm.error)
+        else:
+            self.events.emit("vm.stopped", vm=vm.name, reason="the guest powered off")
 
     async def get(self, name: str) -> VM:
         """``name`` as it is; one being suspended or resumed as it is once that ends
