@@ -145,8 +145,10 @@ async def agent_status(target: str, timeout: float = 5.0) -> common_pb2.GuestInf
 class FakeVMM:
     """What the executor asks vm-manager when an exec fails: is the VM gone?"""
 
-    def __init__(self, gone: bool = False) -> None:
+    def __init__(self, gone: bool = False, held: str = "") -> None:
         self.gone = gone
+        # Why the host holds the running VM (vm-manager's GetVM error: a full disk).
+        self.held = held
         self.get_vm_calls = 0
 
     async def GetVM(
@@ -161,7 +163,7 @@ class FakeVMM:
                 details="destroyed by the test",
                 debug_error_string=None,
             )
-        vm = common_pb2.VM(name=request.name, state=common_pb2.VM_STATE_READY)
+        vm = common_pb2.VM(name=request.name, state=common_pb2.VM_STATE_READY, error=self.held)
         return vm_manager_pb2.GetVMResponse(vm=vm)
 
 
@@ -572,6 +574,30 @@ def test_a_silent_agent_socket_hits_the_deadline(tmp_path: Path) -> None:
             await server.wait_closed()
 
     assert run_async(body()) < 3
+
+
+def test_a_deadline_passed_while_the_host_held_the_vm_says_why(tmp_path: Path) -> None:
+    """QEMU paused the VM for a full state disk (vm_manager/diskfull.py): the command's
+    deadline passes with the guest silent, and the caller learns why."""
+    held = "QEMU paused the VM: its disk could not grow, the file system of /x is full"
+
+    async def execute(request: bytes, context: Ctx) -> AsyncIterator[bytes]:
+        yield started()
+        await asyncio.Event().wait()  # the VM is paused: nothing more comes
+        yield exited()
+
+    async def body() -> Outcome:
+        async with (
+            fake_agent(tmp_path / "a.sock", stream={"Execute": execute}) as target,
+            guest_channel(target) as ch,
+        ):
+            vmm = FakeVMM(held=held)
+            return await run_exec(executor(vmm), sandbox(ch, limit=0.5), exec_request(0.2))
+
+    res = run_async(body())
+    assert code_of(res.error) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "did not end in time" in str(res.error)
+    assert held in str(res.error)
 
 
 # -- an agent that dies mid-command --------------------------------------------------------------
