@@ -326,10 +326,15 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
             vm.boot_kind = "cold"
             vm.guest = None
             vm.error = ""
-            with libvirt_errors(f"starting VM {name}"):
-                await asyncio.to_thread(launch, dom)
-            vm.transition(VMState.BOOTING)
-            await self._start_relay(vm, dom)
+
+            async def launched() -> None:
+                with libvirt_errors(f"starting VM {name}"):
+                    await asyncio.to_thread(launch, dom)
+                vm.transition(VMState.BOOTING)
+                await self._start_relay(vm, dom)
+
+            # Once QEMU is launched, its state and relay are set, whoever stops waiting.
+            await to_completion(launched())
             log.info("started VM %s", name, extra={"vm": name})
             return vm
 
@@ -432,40 +437,42 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
         return vm
 
     async def stop(self, name: str, grace: float, force: bool) -> tuple[VM, bool]:
-        """Graceful stop (agent shutdown), then forced power-off after ``grace`` seconds."""
+        """Graceful stop (agent shutdown), then forced power-off after ``grace`` seconds.
+        Once begun, it ends (STOPPED) even when its caller goes away."""
         async with self._lock(name):
-            vm = self._get(name)
-            await self._refresh(vm, held=True)
-            if vm.state in (VMState.STOPPED, VMState.DEFINED):
-                return vm, False
-            vm.require(VMState.BOOTING, VMState.READY, VMState.FAILED)
-            dom = await asyncio.to_thread(self.conn.lookup, name)
-            was_ready = vm.state is VMState.READY
-            if vm.state is not VMState.FAILED:
-                vm.transition(VMState.STOPPING)
-            forced = False
-            if not force and was_ready:
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    async with guest_channel(vm.agent_endpoint) as channel:
-                        stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
-                        await stub.Shutdown(
-                            guest_agent_pb2.ShutdownRequest(), timeout=min(grace, 3)
-                        )
-            if not force:
-                with contextlib.suppress(libvirt.libvirtError):
-                    await asyncio.to_thread(dom.shutdown)
-                forced = not await self._wait_shutoff(dom, grace)
-            if force or forced:
-                forced = True
-                with contextlib.suppress(libvirt.libvirtError):
-                    await asyncio.to_thread(dom.destroy)
-                await self._wait_shutoff(dom, 10)
-            if vm.relay is not None:
-                await vm.relay.close()
-                vm.relay = None
-            vm.state = VMState.STOPPED
-            log.info("stopped VM %s (forced=%s)", name, forced, extra={"vm": name})
-            return vm, forced
+            return await to_completion(self._stop(name, grace, force))
+
+    async def _stop(self, name: str, grace: float, force: bool) -> tuple[VM, bool]:
+        vm = self._get(name)
+        await self._refresh(vm, held=True)
+        if vm.state in (VMState.STOPPED, VMState.DEFINED):
+            return vm, False
+        vm.require(VMState.BOOTING, VMState.READY, VMState.FAILED)
+        dom = await asyncio.to_thread(self.conn.lookup, name)
+        was_ready = vm.state is VMState.READY
+        if vm.state is not VMState.FAILED:
+            vm.transition(VMState.STOPPING)
+        forced = False
+        if not force and was_ready:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                async with guest_channel(vm.agent_endpoint) as channel:
+                    stub = guest_agent_pb2_grpc.GuestAgentServiceStub(channel)
+                    await stub.Shutdown(guest_agent_pb2.ShutdownRequest(), timeout=min(grace, 3))
+        if not force:
+            with contextlib.suppress(libvirt.libvirtError):
+                await asyncio.to_thread(dom.shutdown)
+            forced = not await self._wait_shutoff(dom, grace)
+        if force or forced:
+            forced = True
+            with contextlib.suppress(libvirt.libvirtError):
+                await asyncio.to_thread(dom.destroy)
+            await self._wait_shutoff(dom, 10)
+        if vm.relay is not None:
+            await vm.relay.close()
+            vm.relay = None
+        vm.state = VMState.STOPPED
+        log.info("stopped VM %s (forced=%s)", name, forced, extra={"vm": name})
+        return vm, forced
 
     @staticmethod
     async def _wait_shutoff(dom: libvirt.virDomain, timeout: float) -> bool:

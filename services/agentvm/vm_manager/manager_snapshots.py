@@ -96,17 +96,23 @@ class Snapshots:
                 await vm.relay.close()
                 vm.relay = None
             started = time.monotonic()
-            await asyncio.to_thread(self.snapshots.revert, dom, name)
-            if await asyncio.to_thread(dom.isActive):
-                vm.state = VMState.BOOTING
-                # Timed from the restore request to the agent answering (WaitVM).
-                vm.boot_started = started
-                vm.boot_duration = None
-                vm.boot_kind = "snapshot"
-                await self._start_relay(vm, dom)
-            else:
-                vm.state = VMState.STOPPED
-            vm.error = ""
+
+            async def reverted() -> None:
+                await asyncio.to_thread(self.snapshots.revert, dom, name)
+                if await asyncio.to_thread(dom.isActive):
+                    vm.state = VMState.BOOTING
+                    # Timed from the restore request to the agent answering (WaitVM).
+                    vm.boot_started = started
+                    vm.boot_duration = None
+                    vm.boot_kind = "snapshot"
+                    await self._start_relay(vm, dom)
+                else:
+                    vm.state = VMState.STOPPED
+                vm.error = ""
+
+            # Once the revert begins, the VM's state and relay follow it, whoever
+            # stops waiting (as suspend).
+            await to_completion(reverted())
         log.info("VM %s restored to snapshot %s", vm_name, name, extra={"vm": vm_name})
         return vm
 
