@@ -1,7 +1,7 @@
 """The state directory's file system full, on a real VM (docs/RELIABILITY.md,
 "State disk full"; vm_manager/diskfull.py).
 
-A vm-manager of its own whose STATE_DIR is a small tmpfs: the guest writes
+A vm-manager of its own whose STATE_DIR is a small file system: the guest writes
 more than the host has room for, QEMU pauses the VM (nothing in the guest
 fails), vm-manager says why and refuses new VMs; once room is made, the VM
 goes on by itself and the guest's file is whole.
@@ -33,27 +33,30 @@ from tests.vmharness import (
 
 pytestmark = pytest.mark.vm
 
-TMPFS_MIB = 256
+FS_MIB = 256
 MIN_FREE_MIB = 32
 
 
 @pytest.fixture
 def small_vmm(guest_image: Path) -> Iterator[VMManagerProcess]:
+    """A vm-manager whose STATE_DIR is a 256 MiB ext4 of its own (a loop device: QEMU
+    opens overlays with O_DIRECT, which tmpfs refuses)."""
     vmm = new_vmm()
     vmm.state_dir.mkdir(parents=True)
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_MIB}m,mode=0755", "agentvm-test-state",
-         str(vmm.state_dir)],
-        check=True,
-    )  # fmt: skip
+    disk = vmm.base / "state.ext4"
+    with disk.open("wb") as f:
+        f.truncate(FS_MIB << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-m", "0", str(disk)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(disk), str(vmm.state_dir)], check=True)
+    vmm.state_dir.chmod(0o755)
     vmm.extra_env["AGENTVM_MIN_FREE_DISK_MIB"] = str(MIN_FREE_MIB)
     try:
         vmm.start()
         yield vmm
     finally:
         vmm.stop_if_running()
-        left = leftovers(vmm)
-        subprocess.run(["umount", "-l", str(vmm.state_dir)], check=False)
+        left = [x for x in leftovers(vmm) if x != f"mount {vmm.state_dir}"]
+        subprocess.run(["umount", str(vmm.state_dir)], check=False)
         remove_vmm_dirs(vmm)
         assert not left, f"left behind: {left}"
 

@@ -7,6 +7,7 @@ from a thread. docs/RELIABILITY.md lists what each check means.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -136,7 +137,9 @@ def leaks(settings: Settings, run_id: str, label: str) -> list[str]:
     found += [
         f"mount {m} outside a VM's directory"
         for m in workspace.mounts_under(settings.state_dir)
-        if not str(m).startswith(vm_dirs) or not vm_dirs
+        # (The state directory may be a file system of its own: state-disk-full.)
+        if m != Path(os.path.realpath(settings.state_dir))
+        and (not str(m).startswith(vm_dirs) or not vm_dirs)
     ]
     net = NetNames.for_prefix(settings.vm_prefix)
     taps, macs = _domain_devices(domains)
