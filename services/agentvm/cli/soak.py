@@ -299,7 +299,8 @@ def _check_ready(settings: Settings, kinds: tuple[str, ...]) -> None:
         fail(
             f"state-disk-full fills the file system of {settings.state_dir}, which is not a "
             "file system of its own here (filling it would fill the host's): mount one "
-            "there for the installation (e.g. a loop device or tmpfs), or leave the kind out"
+            "there for the installation (e.g. an ext4 on a loop device; not tmpfs, which "
+            "refuses the O_DIRECT QEMU opens disks with), or leave the kind out"
         )
     if any(k.startswith("kill:") for k in kinds) and sup.running_pid(settings) is None:
         fail(
