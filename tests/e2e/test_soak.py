@@ -1,11 +1,13 @@
 """The short soak of CI (issue 20): two minutes of real work with services killed.
 
 An installation of the test's own (`agent-vm up`, its own supervisor, pool
-and prefix; ISOLATED VMs only, so nothing reaches the host's uplink) runs
-`agent-vm soak` with a seed whose faults are a SIGKILL of vm-manager, a
-libvirtd restart and a SIGKILL of the executor. The soak checks every result, judges
-every error against the faults, and looks for leaks; this test reads its
-report and checks the machine itself once the installation is down.
+and prefix; ISOLATED VMs only, so nothing reaches the host's uplink; its
+state directory a 2 GiB ext4 of its own) runs `agent-vm soak` with a seed
+whose faults are a SIGKILL of the executor, a libvirtd restart, the state
+directory's file system filled for 20 s and a SIGKILL of vm-manager. The
+soak checks every result, judges every error against the faults, and looks
+for leaks; this test reads its report and checks the machine itself once
+the installation is down.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,15 +29,25 @@ from tests.vmharness import libvirt_domains, net_leftovers
 pytestmark = pytest.mark.vm
 
 PREFIX = "agent-vm-testsoak-"
-SEED, MINUTES, EVERY = 2, 2.0, 20.0
-# Named, so that new kinds do not change this seed's schedule.
-FAULTS = "kill:vm-manager,libvirtd-restart,kill:executor"
+SEED, MINUTES, EVERY = 6, 2.5, 20.0
+# Named, so that new kinds do not change this seed's schedule (one of each).
+FAULTS = "kill:vm-manager,libvirtd-restart,kill:executor,state-disk-full"
+STATE_FS_MIB = 2048
 
 
 @pytest.fixture
 def inst() -> Iterator[Installation]:
     base = Path("/var/lib/agent-vm-tests") / f"soak-{secrets.token_hex(3)}"
     inst = Installation(base, PREFIX, pools="standard:min=2,max=3")
+    # The state directory on a file system of its own, for the state-disk-full fault.
+    state = Path(inst.env["AGENTVM_STATE_DIR"])
+    state.mkdir(parents=True)
+    disk = base / "state.ext4"
+    with disk.open("wb") as f:
+        f.truncate(STATE_FS_MIB << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-m", "0", str(disk)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(disk), str(state)], check=True)
+    state.chmod(0o755)
     try:
         up = agent_vm(inst.env, "up")
         assert up.returncode == 0, up.stdout + up.stderr
@@ -45,7 +58,8 @@ def inst() -> Iterator[Installation]:
         assert down.returncode == 0, down.stderr
         assert not libvirt_domains(PREFIX)
         assert not net_leftovers(PREFIX)
-        assert not workspace.mounts_under(base)
+        assert workspace.mounts_under(base) == [state]  # no workspace mount left
+        subprocess.run(["umount", str(state)], check=True)
         workspace.remove_tree(base)
 
 
@@ -63,7 +77,7 @@ def test_a_short_soak_with_killed_services_loses_and_leaks_nothing(inst: Install
     assert report["schedule"] == [f.view() for f in schedule]
     done = [f["kind"] for f in report["faults"]]
     assert done == [f.kind for f in schedule]
-    assert sorted(done) == sorted(FAULTS.split(","))
+    assert sorted(done) == sorted(FAULTS.split(","))  # each once
     assert all(not f["failed"] for f in report["faults"])
     # Real work was done and checked, of several kinds, between the faults.
     assert report["operations_ok"] >= 10, report["operations"]
