@@ -87,6 +87,11 @@ def test_only_an_allowed_error_inside_a_faults_window_is_explained() -> None:
     # A monitor kill explains nothing.
     mon = FaultDone("kill:monitor", 100.0, 101.0)
     assert judge(during, [mon]) != ""
+    # A gateway kill explains an E2B call's UNAVAILABLE, and nothing else's.
+    gw = FaultDone("kill:e2b-gateway", 100.0, 102.0)
+    e2b_call = Outcome("e2b", 99.0, 101.0, error_code="UNAVAILABLE", message="refused")
+    assert judge(e2b_call, [gw]) == ""
+    assert judge(during, [gw]) != ""
     # A wrong result is never explained.
     wrong = Outcome("files", 99.0, 101.0, wrong=True, message="hash of the download")
     assert judge(wrong, [kill]) == "wrong result: hash of the download"

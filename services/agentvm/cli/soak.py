@@ -91,7 +91,7 @@ def judge(outcome: Outcome, faults: list[FaultDone]) -> str:
     for f in faults:
         window = (f.start_s, f.recovered_s + soak_plan.GRACE_S)
         overlaps = outcome.start_s <= window[1] and outcome.end_s >= window[0]
-        if overlaps and outcome.error_code in soak_plan.ALLOWED_CODES.get(f.kind, frozenset()):
+        if overlaps and outcome.error_code in soak_plan.allowed(f.kind, outcome.kind):
             return ""
     return f"{outcome.error_code}: {outcome.message}"
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "ALLOWED_CODES",
+    "ALLOWED_FOR_OP",
     "E2B_OP",
     "IMAGE_OP",
     "FAULT_KINDS",
@@ -21,6 +22,7 @@ __all__ = [
     "OPT_IN_FAULTS",
     "OP_KINDS",
     "Fault",
+    "allowed",
     "expand_kinds",
     "fault_schedule",
     "operations",
@@ -59,6 +61,21 @@ ALLOWED_CODES: dict[str, frozenset[str]] = {
     # New VMs are refused while it is full; a command held past its deadline says so.
     "state-disk-full": frozenset({"RESOURCE_EXHAUSTED"}),
 }
+# Errors a fault causes only to the operations that go through what it hit:
+# E2B calls go through the gateway (their HTTP 502/503 and a refused
+# connection read as UNAVAILABLE).
+ALLOWED_FOR_OP: dict[tuple[str, str], frozenset[str]] = {
+    ("kill:e2b-gateway", "e2b"): frozenset({"UNAVAILABLE"}),
+}
+
+
+def allowed(fault_kind: str, op_kind: str) -> frozenset[str]:
+    """The codes an operation of ``op_kind`` in the window of a ``fault_kind`` may get."""
+    return ALLOWED_CODES.get(fault_kind, frozenset()) | ALLOWED_FOR_OP.get(
+        (fault_kind, op_kind), frozenset()
+    )
+
+
 # The least time between two faults: a service killed must be back first.
 MIN_GAP_S = 15.0
 # A fault's window ends this long after its recovery.
