@@ -48,6 +48,10 @@ def inst() -> Iterator[Installation]:
     subprocess.run(["mkfs.ext4", "-q", "-m", "0", str(disk)], check=True)
     subprocess.run(["mount", "-o", "loop", str(disk), str(state)], check=True)
     state.chmod(0o755)
+    # The node's disk capacity comes from that file system's size: room for the
+    # pool's and the soak's VMs' 4 GiB thin disks (what they may grow to).
+    inst.env["AGENTVM_NODE_RESERVE"] = "disk=0"
+    inst.env["AGENTVM_NODE_OVERCOMMIT"] = "disk=32"
     try:
         up = agent_vm(inst.env, "up")
         assert up.returncode == 0, up.stdout + up.stderr

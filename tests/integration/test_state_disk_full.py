@@ -50,6 +50,10 @@ def small_vmm(guest_image: Path) -> Iterator[VMManagerProcess]:
     subprocess.run(["mount", "-o", "loop", str(disk), str(vmm.state_dir)], check=True)
     vmm.state_dir.chmod(0o755)
     vmm.extra_env["AGENTVM_MIN_FREE_DISK_MIB"] = str(MIN_FREE_MIB)
+    # The node's disk capacity comes from this file system's size: room for a VM's
+    # 4 GiB thin disk (what it may grow to, not what it takes).
+    vmm.extra_env["AGENTVM_NODE_RESERVE"] = "disk=0"
+    vmm.extra_env["AGENTVM_NODE_OVERCOMMIT"] = "disk=64"
     try:
         vmm.start()
         yield vmm
