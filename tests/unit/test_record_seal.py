@@ -56,6 +56,8 @@ def test_the_key_file_is_made_once_private_and_shared(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join()
+    assert len(keys) == 4  # none of them read a key half written (a thread raised)
+    assert [p.name for p in path.parent.iterdir()] == ["record.key"]  # no temp file left
     assert path.stat().st_mode & 0o777 == 0o600
     assert len(path.read_text().strip()) == 2 * KEY_BYTES
     sealed = keys[0].seal("agent-vm-a", b"shared")

@@ -49,14 +49,22 @@ class RecordKey:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             text = secrets.token_hex(KEY_BYTES) + "\n"
-            # O_EXCL: when two replicas start at once, one key wins and both read it.
-            with contextlib.suppress(FileExistsError):
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    os.write(fd, text.encode())
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            # Written whole under a name of its own, then linked into place: when two
+            # replicas start at once, one key wins (link fails for the other) and
+            # neither ever reads a key half written (O_EXCL on the file itself did
+            # let a second replica read it empty).
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, text.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, path)
+            finally:
+                tmp.unlink()
         mode = path.stat().st_mode
         if mode & stat.S_IRWXO:
             raise FailedPrecondition(
