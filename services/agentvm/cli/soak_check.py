@@ -243,9 +243,11 @@ def audit_problems(
 def held_vms() -> list[str]:
     """The VMs vm-manager holds for a full disk (QEMU paused them: diskfull.py)."""
     from agentvm.cli.base import vm_stub
+    from agentvm.vm_manager.diskfull import HELD
 
     vms = vm_stub().ListVMs(vm_manager_pb2.ListVMsRequest(), timeout=60).vms
-    return [v.name for v in vms if v.state == common_pb2.VM_STATE_READY and "is full" in v.error]
+    ready = common_pb2.VM_STATE_READY
+    return [v.name for v in vms if v.state == ready and v.error.startswith(HELD)]
 
 
 def service_pids(settings: Settings) -> dict[str, tuple[int | None, str]]:

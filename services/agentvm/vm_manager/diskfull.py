@@ -31,12 +31,14 @@ from agentvm.common.events import EventSink
 from agentvm.vm_manager.libvirt_conn import LibvirtConnection
 from agentvm.vm_manager.vm import VM
 
-__all__ = ["WATCH_S", "DiskWatch", "free_mib"]
+__all__ = ["HELD", "WATCH_S", "DiskWatch", "free_mib"]
 
 log = logging.getLogger(__name__)
 
 # How often the watch looks for VMs paused by a full disk (one libvirt call).
 WATCH_S = 2.0
+# How GetVM's error of a VM held for a full disk begins (the soak looks for it).
+HELD = "QEMU paused the VM"
 
 
 def free_mib(path: Path) -> int:
@@ -72,7 +74,7 @@ class DiskWatch:
 
     def why(self, free: int) -> str:
         return (
-            f"QEMU paused the VM: its disk could not grow, the file system of "
+            f"{HELD}: its disk could not grow, the file system of "
             f"{self.state_dir} is full ({free} MiB free); it resumes by itself once "
             f"{self.min_free_mib} MiB are free there"
         )
@@ -104,7 +106,7 @@ class DiskWatch:
             if name not in names:  # resumed or destroyed by someone else
                 self.paused.pop(name)
                 vm = self.lookup(name)
-                if vm is not None and vm.error.startswith("QEMU paused the VM"):
+                if vm is not None and vm.error.startswith(HELD):
                     vm.error = ""
         for name in names:
             vm = self.lookup(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import libvirt
 
@@ -120,11 +121,16 @@ class Snapshots:
         """Save a READY VM's state to a file and stop its QEMU (suspend.py). Once
         begun, it ends (and its state is recorded) even when its caller goes away:
         the save in its thread cannot be stopped."""
+        return await self._saving(name, self._suspend)
+
+    async def _saving(self, name: str, step: Callable[[str], Awaitable[VM]]) -> VM:
+        """``step(name)`` (a suspend or resume) under the VM's lock, to completion, with
+        ``vm.saving`` set meanwhile: GetVM then answers with its outcome."""
         async with self._lock(name):
             vm = self._get(name)
             vm.saving = True
             try:
-                return await to_completion(self._suspend(name))
+                return await to_completion(step(name))
             finally:
                 vm.saving = False
 
@@ -174,13 +180,7 @@ class Snapshots:
     async def resume(self, name: str) -> VM:
         """Start a suspended VM from its saved state; BOOTING until its agent answers.
         Once begun, it ends even when its caller goes away (as suspend)."""
-        async with self._lock(name):
-            vm = self._get(name)
-            vm.saving = True
-            try:
-                return await to_completion(self._resume(name))
-            finally:
-                vm.saving = False
+        return await self._saving(name, self._resume)
 
     async def _resume(self, name: str) -> VM:
         vm = self._get(name)
