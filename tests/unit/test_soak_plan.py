@@ -98,26 +98,50 @@ def test_only_an_allowed_error_inside_a_faults_window_is_explained() -> None:
     assert judge(Outcome("oneshot", 1.0, 2.0), []) == ""
 
 
-def test_rss_growth_is_measured_over_the_longest_lived_process() -> None:
+def test_rss_growth_is_reported_over_the_longest_life_and_pooled_after_warm_up() -> None:
     s = soak_check.RssSample
     samples = [
         s(0, "executor", 10, 100 * 1024, 0),
+        s(2, "executor", 10, 108 * 1024, 100),  # warm-up: not counted in the pool
         s(5, "executor", 10, 110 * 1024, 500),
         s(10, "executor", 11, 60 * 1024, 510),  # killed and started again
-        s(15, "executor", 11, 61 * 1024, 600),
+        s(12, "executor", 11, 70 * 1024, 610),
+        s(15, "executor", 11, 71 * 1024, 810),
     ]
     got = soak_check.rss_growth(samples)["executor"]
     assert got["processes"] == 2
     assert got["longest_life_ops"] == 500
     assert got["growth_mib_per_1k_ops"] == 20.0
-    assert (got["first_rss_mib"], got["last_rss_mib"], got["max_rss_mib"]) == (100, 61, 110)
-    assert soak_check.memory_failures({"executor": got}) == []  # 500 ops, 20 MiB/1k: fine
-    leaky = dict(got, growth_mib_per_1k_ops=80.0)
+    assert (got["first_rss_mib"], got["last_rss_mib"], got["max_rss_mib"]) == (100, 71, 110)
+    # 400 + 200 operations after warm-up, 2 + 1 MiB grown in them.
+    assert got["pooled_ops"] == 600
+    assert got["pooled_growth_mib_per_1k_ops"] == 5.0
+    assert soak_check.memory_failures({"executor": got}) == []
+    leaky = dict(got, pooled_growth_mib_per_1k_ops=80.0)
     assert soak_check.memory_failures({"executor": leaky}) == [
-        "executor grew 80.0 MiB per 1 000 operations over 500 (bound 50)"
+        "executor grew 80.0 MiB per 1 000 operations over 600 served after warm-up "
+        "by 2 process(es) (bound 50)"
     ]
-    short = dict(leaky, longest_life_ops=499)  # too small a sample to judge
+    short = dict(leaky, pooled_ops=499)  # too small a sample to judge
     assert soak_check.memory_failures({"executor": short}) == []
+
+
+def test_a_leak_is_caught_although_no_life_is_long() -> None:
+    """Six lives of 200 operations each, each growing 20 MiB after warm-up:
+    no life reaches 500 operations, the pool of 600 does, at 200 MiB per 1 000."""
+    s = soak_check.RssSample
+    samples = []
+    for life in range(6):
+        base = life * 210
+        samples += [
+            s(base, "vm-manager", 100 + life, 70 * 1024, base),
+            s(base + 1, "vm-manager", 100 + life, 75 * 1024, base + 100),
+            s(base + 2, "vm-manager", 100 + life, 95 * 1024, base + 200),
+        ]
+    got = soak_check.rss_growth(samples)["vm-manager"]
+    assert got["longest_life_ops"] == 200
+    assert (got["pooled_ops"], got["pooled_growth_mib_per_1k_ops"]) == (600, 200.0)
+    assert len(soak_check.memory_failures({"vm-manager": got})) == 1
 
 
 def test_the_plot_draws_each_service_each_percentile_and_each_fault() -> None:

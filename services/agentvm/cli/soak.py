@@ -416,7 +416,9 @@ def render(report: dict[str, Any]) -> str:
     for svc, rss in report["service_rss"].items():
         lines.append(
             f"  {svc}: RSS {rss['first_rss_mib']} -> {rss['last_rss_mib']} MiB "
-            f"(max {rss['max_rss_mib']}), {rss['growth_mib_per_1k_ops']} MiB per 1k ops"
+            f"(max {rss['max_rss_mib']}), {rss['pooled_growth_mib_per_1k_ops']} MiB per 1k ops "
+            f"over {rss['pooled_ops']} after warm-up ({rss['processes']} processes; "
+            f"longest life {rss['longest_life_ops']} ops: {rss['growth_mib_per_1k_ops']})"
         )
     for title in ("failures", "leaks", "audit_problems"):
         items = report[title]

@@ -37,10 +37,16 @@ __all__ = [
     "service_pids",
 ]
 
-# A service whose memory grows faster than this over one process's life of at
-# least JUDGE_GROWTH_OPS operations fails the run (fewer: too small a sample).
+# A service whose memory grows faster than this per 1 000 operations fails the
+# run. Growth is pooled over every process life of the service (a leak shows in
+# each life in proportion to the operations it served), each life's first
+# WARMUP_OPS operations left out (imports, caches and pools filling are not a
+# leak), and judged once the pooled lives served JUDGE_GROWTH_OPS (fewer: too
+# small a sample). A long run kills each service every few minutes, so no one
+# life lives long enough to be judged alone.
 MAX_GROWTH_MIB_PER_1K = 50.0
 JUDGE_GROWTH_OPS = 500
+WARMUP_OPS = 100
 
 
 def _domains(settings: Settings) -> dict[str, ET.Element]:
@@ -277,9 +283,22 @@ class RssSample:
     ops: int
 
 
+def _per_1k(growth_mib: float, ops: int) -> float | None:
+    return round(growth_mib * 1000 / ops, 1) if ops else None
+
+
+def _after_warmup(life: list[RssSample]) -> tuple[int, float]:
+    """Operations served and MiB grown by one process after its warm-up."""
+    warm = [s for s in life if s.ops - life[0].ops >= WARMUP_OPS]
+    if not warm:
+        return 0, 0.0
+    return warm[-1].ops - warm[0].ops, (warm[-1].rss_kib - warm[0].rss_kib) / 1024
+
+
 def rss_growth(samples: Sequence[RssSample]) -> dict[str, dict[str, Any]]:
-    """Per service: first and last RSS, and the growth per 1 000 operations over
-    the process (pid) that lived through the most operations."""
+    """Per service: first and last RSS; the growth per 1 000 operations over the
+    process (pid) that lived through the most operations; and the growth pooled
+    over every life after its warm-up (what :func:`memory_failures` judges)."""
     out: dict[str, dict[str, Any]] = {}
     for svc in sorted({s.service for s in samples}):
         mine = [s for s in samples if s.service == svc]
@@ -288,26 +307,30 @@ def rss_growth(samples: Sequence[RssSample]) -> dict[str, dict[str, Any]]:
             by_pid.setdefault(s.pid, []).append(s)
         life = max(by_pid.values(), key=lambda ss: (ss[-1].ops - ss[0].ops, len(ss)))
         ops = life[-1].ops - life[0].ops
-        growth = (life[-1].rss_kib - life[0].rss_kib) / 1024
+        warm = [_after_warmup(ss) for ss in by_pid.values()]
+        pooled_ops = sum(n for n, _ in warm)
         out[svc] = {
             "first_rss_mib": round(mine[0].rss_kib / 1024, 1),
             "last_rss_mib": round(mine[-1].rss_kib / 1024, 1),
             "max_rss_mib": round(max(s.rss_kib for s in mine) / 1024, 1),
             "processes": len(by_pid),
             "longest_life_ops": ops,
-            "growth_mib_per_1k_ops": round(growth * 1000 / ops, 1) if ops else None,
+            "growth_mib_per_1k_ops": _per_1k((life[-1].rss_kib - life[0].rss_kib) / 1024, ops),
+            "pooled_ops": pooled_ops,
+            "pooled_growth_mib_per_1k_ops": _per_1k(sum(g for _, g in warm), pooled_ops),
         }
     return out
 
 
 def memory_failures(growth: dict[str, dict[str, Any]]) -> list[str]:
-    """The services of :func:`rss_growth` that grew past the bound."""
+    """The services of :func:`rss_growth` whose pooled growth is past the bound."""
     return [
-        f"{svc} grew {v['growth_mib_per_1k_ops']} MiB per 1 000 operations over "
-        f"{v['longest_life_ops']} (bound {MAX_GROWTH_MIB_PER_1K:g})"
+        f"{svc} grew {v['pooled_growth_mib_per_1k_ops']} MiB per 1 000 operations over "
+        f"{v['pooled_ops']} served after warm-up by {v['processes']} process(es) "
+        f"(bound {MAX_GROWTH_MIB_PER_1K:g})"
         for svc, v in growth.items()
-        if v["longest_life_ops"] >= JUDGE_GROWTH_OPS
-        and (v["growth_mib_per_1k_ops"] or 0) > MAX_GROWTH_MIB_PER_1K
+        if v["pooled_ops"] >= JUDGE_GROWTH_OPS
+        and (v["pooled_growth_mib_per_1k_ops"] or 0) > MAX_GROWTH_MIB_PER_1K
     ]
 
 
