@@ -1,13 +1,16 @@
 """The short soak of CI (issue 20): two minutes of real work with services killed.
 
 An installation of the test's own (`agent-vm up`, its own supervisor, pool
-and prefix; ISOLATED VMs only, so nothing reaches the host's uplink; its
-state directory a 2 GiB ext4 of its own) runs `agent-vm soak` with a seed
-whose faults are a SIGKILL of the executor, a libvirtd restart, the state
-directory's file system filled for 20 s and a SIGKILL of vm-manager. The
-soak checks every result, judges every error against the faults, and looks
-for leaks; this test reads its report and checks the machine itself once
-the installation is down.
+and prefix; its NAT network routed only into the tests' private internet,
+tests/networld.py, so nothing reaches the host's uplink; its state directory
+a 2 GiB ext4 of its own) runs `agent-vm soak` with a seed whose faults are a
+SIGKILL of the executor, a libvirtd restart, the state directory's file
+system filled for 20 s and a SIGKILL of vm-manager. Its work includes
+nat-filtered sandboxes whose policy allows one of two of that internet's
+servers, drawn per sandbox (`--network-targets`). The soak checks every
+result, judges every error against the faults, and looks for leaks; this
+test reads its report and checks the machine itself once the installation
+is down.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import pytest
 from agentvm.cli import soak_plan
 from agentvm.vm_manager import workspace
 from tests.installation import Installation, agent_vm
+from tests.networld import NetWorld, nat_env
 from tests.vmharness import libvirt_domains, net_leftovers
 
 pytestmark = pytest.mark.vm
@@ -33,12 +37,15 @@ SEED, MINUTES, EVERY = 6, 2.5, 20.0
 # Named, so that new kinds do not change this seed's schedule (one of each).
 FAULTS = "kill:vm-manager,libvirtd-restart,kill:executor,state-disk-full"
 STATE_FS_MIB = 2048
+# Two HTTP servers of the tests' internet: each network sandbox may reach one.
+TARGETS = "allowed.test:80,other.test:80"
 
 
 @pytest.fixture
-def inst() -> Iterator[Installation]:
+def inst(net_world: NetWorld) -> Iterator[Installation]:
     base = Path("/var/lib/agent-vm-tests") / f"soak-{secrets.token_hex(3)}"
     inst = Installation(base, PREFIX, pools="standard:min=2,max=3")
+    inst.env.update(nat_env(net_world))
     # The state directory on a file system of its own, for the state-disk-full fault.
     state = Path(inst.env["AGENTVM_STATE_DIR"])
     state.mkdir(parents=True)
@@ -69,7 +76,7 @@ def inst() -> Iterator[Installation]:
 
 def test_a_short_soak_with_killed_services_loses_and_leaks_nothing(inst: Installation) -> None:
     args = ["--minutes", str(MINUTES), "--seed", str(SEED), "--fault-every", str(EVERY)]
-    args += ["--faults", FAULTS]
+    args += ["--faults", FAULTS, "--network-targets", TARGETS]
     proc = agent_vm(inst.env, "soak", *args, "--json", timeout=900)
     assert proc.stdout, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
@@ -86,6 +93,7 @@ def test_a_short_soak_with_killed_services_loses_and_leaks_nothing(inst: Install
     # Real work was done and checked, of several kinds, between the faults.
     assert report["operations_ok"] >= 10, report["operations"]
     assert len(report["latency"]) >= 3, report["latency"]
+    assert report["operations"].get("network", 0) >= 1, report["operations"]
     # Every service was sampled, the killed ones under two processes.
     rss = report["service_rss"]
     assert set(rss) == set(soak_plan.KILLABLE)

@@ -74,6 +74,21 @@ def test_fault_kinds_are_parsed_and_unknown_ones_named() -> None:
         soak_plan.expand_kinds("kill:libvirtd")
 
 
+def test_network_targets_are_parsed_and_wrong_ones_named() -> None:
+    assert soak_plan.parse_targets("") == ()
+    assert soak_plan.parse_targets(" a.test:80, 10.0.0.1:22 ") == ("a.test:80", "10.0.0.1:22")
+    for bad, why in [
+        ("a.test", "not HOST:PORT"),
+        (":80,b:80", "not HOST:PORT"),
+        ("a:0,b:80", "not HOST:PORT"),
+        ("a:70000,b:80", "not HOST:PORT"),
+        ("a:80,a:80", "twice"),
+        ("a:80", "one target"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            soak_plan.parse_targets(bad)
+
+
 def test_only_an_allowed_error_inside_a_faults_window_is_explained() -> None:
     kill = FaultDone("kill:executor", start_s=100.0, recovered_s=103.0)
     during = Outcome("files", 95.0, 101.0, error_code="UNAVAILABLE", message="down")
@@ -92,6 +107,14 @@ def test_only_an_allowed_error_inside_a_faults_window_is_explained() -> None:
     e2b_call = Outcome("e2b", 99.0, 101.0, error_code="UNAVAILABLE", message="refused")
     assert judge(e2b_call, [gw]) == ""
     assert judge(during, [gw]) != ""
+    # An allowed network target unreached is explained while vm-manager (its
+    # DNS resolver) or libvirt is down, for network operations only.
+    vmm = FaultDone("kill:vm-manager", 100.0, 104.0)
+    unreached = Outcome("network", 99.0, 101.0, error_code="UNREACHABLE", message="x:80")
+    assert judge(unreached, [vmm]) == ""
+    assert judge(unreached, [FaultDone("libvirtd-restart", 100.0, 104.0)]) == ""
+    assert judge(unreached, [kill]) == "UNREACHABLE: x:80"
+    assert judge(Outcome("files", 99.0, 101.0, error_code="UNREACHABLE"), [vmm]) != ""
     # A wrong result is never explained.
     wrong = Outcome("files", 99.0, 101.0, wrong=True, message="hash of the download")
     assert judge(wrong, [kill]) == "wrong result: hash of the download"

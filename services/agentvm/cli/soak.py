@@ -45,6 +45,8 @@ class Config:
     e2b: tuple[str, str] | None = None
     # A named image: adds "image" operations.
     image: str = ""
+    # HOST:PORT endpoints behind the NAT network: adds "network" operations.
+    net_targets: tuple[str, ...] = ()
 
 
 @dataclass
@@ -99,6 +101,7 @@ def judge(outcome: Outcome, faults: list[FaultDone]) -> str:
 async def _worker(st: State, ctx: soak_ops.Context, n: int) -> None:
     kinds = soak_plan.OP_KINDS + ((soak_plan.E2B_OP,) if ctx.e2b else ())
     kinds += (soak_plan.IMAGE_OP,) if ctx.image else ()
+    kinds += (soak_plan.NETWORK_OP,) if ctx.net_targets else ()
     for kind, rng in soak_plan.operations(st.cfg.seed, n, kinds):
         if st.now() >= st.ends_at:
             return
@@ -107,6 +110,8 @@ async def _worker(st: State, ctx: soak_ops.Context, n: int) -> None:
             await soak_ops.OPS[kind](ctx, rng)
         except soak_ops.WrongResult as exc:
             out.wrong, out.message = True, str(exc)
+        except soak_ops.Unreachable as exc:
+            out.error_code, out.message = "UNREACHABLE", str(exc)[:300]
         except agent_vm.AgentVMError as exc:
             out.error_code, out.message = exc.code, str(exc)[:300]
         except TimeoutError as exc:  # the soak's own bound on a step: judged as a deadline
@@ -209,7 +214,12 @@ def _per_minute(outcomes: list[Outcome]) -> list[dict[str, Any]]:
 
 
 async def _main(st: State) -> dict[str, Any]:
-    ctx = soak_ops.Context(st.run_id, address=st.settings.executor_addr, image=st.cfg.image)
+    ctx = soak_ops.Context(
+        st.run_id,
+        address=st.settings.executor_addr,
+        image=st.cfg.image,
+        net_targets=st.cfg.net_targets,
+    )
     if st.cfg.e2b:
         url, key = st.cfg.e2b
         ctx.e2b = soak_e2b.E2B(url, key, st.run_id, soak_ops.SOAK_LABEL)
@@ -341,6 +351,12 @@ def _check_ready(settings: Settings, kinds: tuple[str, ...]) -> None:
     "--image", "image_name", default="",
     help="A named image (`agent-vm image list`): adds sandboxes of that image to the work.",
 )  # fmt: skip
+@click.option(
+    "--network-targets", default="",
+    help="HOST:PORT,HOST:PORT,... (two or more TCP endpoints that answer, reached "
+    "through the NAT network): adds nat-filtered sandboxes whose policy allows one "
+    "of them, checked to reach it and none of the others. Only hosts you own.",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
     "--plot", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -355,6 +371,7 @@ def soak_cmd(
     fault_every: float,
     e2b_key: str,
     image_name: str,
+    network_targets: str,
     as_json: bool,
     plot: str | None,
 ) -> None:
@@ -374,6 +391,10 @@ def soak_cmd(
         kinds = soak_plan.expand_kinds(faults)
     except ValueError as exc:
         fail(f"--faults: {exc}")
+    try:
+        targets = soak_plan.parse_targets(network_targets)
+    except ValueError as exc:
+        fail(f"--network-targets: {exc}")
     s = settings()
     _check_ready(s, kinds)
     schedule = soak_plan.fault_schedule(seed, minutes, kinds, fault_every)
@@ -386,7 +407,7 @@ def soak_cmd(
 
         url = os.environ.get("E2B_API_URL") or gateway_url(s)
         e2b = (url, e2b_key)
-    cfg = Config(minutes, seed, concurrency, kinds, fault_every, e2b, image_name)
+    cfg = Config(minutes, seed, concurrency, kinds, fault_every, e2b, image_name, targets)
     report = run(cfg, s, say)
     passed = not (report["failures"] or report["leaks"] or report["audit_problems"])
     if plot:

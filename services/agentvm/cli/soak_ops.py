@@ -19,7 +19,7 @@ import agent_vm
 from agent_vm._types import Workspace
 from agentvm.cli import soak_e2b
 
-__all__ = ["OPS", "SOAK_LABEL", "Context", "WrongResult", "still_serves"]
+__all__ = ["OPS", "SOAK_LABEL", "Context", "Unreachable", "WrongResult", "still_serves"]
 
 SOAK_LABEL = "agent-vm/soak"
 # A sandbox's life bounds it even if the soak dies (the executor reclaims it).
@@ -29,6 +29,11 @@ CALL_TIMEOUT_S = 300.0
 
 class WrongResult(Exception):
     """A result that is not what the operation must produce: always a failure."""
+
+
+class Unreachable(Exception):
+    """A target the sandbox's policy allows did not answer it: explained only while
+    what its traffic goes through was down (vm-manager's DNS resolver, libvirt)."""
 
 
 @dataclass
@@ -41,15 +46,21 @@ class Context:
     e2b: soak_e2b.E2B | None = None
     # A named image for "image" operations (else none).
     image: str = ""
+    # HOST:PORT endpoints for "network" operations (else none): see network().
+    net_targets: tuple[str, ...] = ()
     # Sandboxes whose close failed, closed again at the end of the run.
     unclosed: dict[str, agent_vm.AsyncSandbox] = field(default_factory=dict)
 
     async def sandbox(
-        self, workspace: Workspace = "auto", image: str | None = None
+        self,
+        workspace: Workspace = "auto",
+        image: str | None = None,
+        policy: agent_vm.NetworkPolicy | None = None,
     ) -> agent_vm.AsyncSandbox:
         return await agent_vm.AsyncSandbox.create(
             image=image,
-            network="isolated",
+            network="isolated" if policy is None else "nat-filtered",
+            policy=policy,
             workspace=workspace,
             lifetime=LIFETIME_S,
             metadata={SOAK_LABEL: self.run_id},
@@ -194,6 +205,63 @@ async def image(ctx: Context, rng: random.Random) -> None:
         await ctx.close(sb)
 
 
+# Run in the guest with TRIES SPEC...: "SPEC open" or "SPEC blocked:WHY" for each
+# HOST:PORT given, the first (the allowed one) tried TRIES times 3 s apart (DNS
+# may be coming back from a fault), the others once.
+NET_PROBE = r"""
+import socket, sys, time
+def probe(spec, tries):
+    host, _, port = spec.rpartition(":")
+    why = ""
+    for i in range(tries):
+        try:
+            with socket.create_connection((host, int(port)), timeout=5) as s:
+                s.sendall(b"GET / HTTP/1.0\r\nHost: " + host.encode() + b"\r\n\r\n")
+                if s.recv(64):
+                    return "open"
+                why = "no-answer"
+        except OSError as exc:
+            why = type(exc).__name__
+        if i + 1 < tries:
+            time.sleep(3)
+    return "blocked:" + why
+print(sys.argv[2], probe(sys.argv[2], int(sys.argv[1])), flush=True)
+for spec in sys.argv[3:]:
+    print(spec, probe(spec, 1), flush=True)
+"""
+
+
+NET_TRIES = 6
+
+
+async def network(ctx: Context, rng: random.Random) -> None:
+    """A nat-filtered sandbox whose policy allows one target, drawn anew for each
+    sandbox (so the NAT filter's policies change all the time): that one answers,
+    the others are never reached. A blocked target that answers is a wrong result
+    whatever the faults; an allowed one that does not is judged (Unreachable)."""
+    if len(ctx.net_targets) < 2:
+        raise WrongResult("a network operation without two --network-targets")
+    allowed = rng.choice(ctx.net_targets)
+    others = [t for t in ctx.net_targets if t != allowed]
+    rng.shuffle(others)
+    host, _, port = allowed.rpartition(":")
+    sb = await ctx.sandbox(policy=agent_vm.NetworkPolicy(allow_domains=[host], ports=[int(port)]))
+    try:
+        res = await sb.run(
+            ["python3", "-c", NET_PROBE, str(NET_TRIES), allowed, *others], timeout=CALL_TIMEOUT_S
+        )
+        _expect("network probe exit code", res.exit_code, 0)
+        seen = dict(line.split(" ", 1) for line in res.stdout.splitlines() if " " in line)
+        _expect("targets probed", sorted(seen), sorted(ctx.net_targets))
+        for spec in others:
+            if not seen[spec].startswith("blocked:"):
+                raise WrongResult(f"{spec} answered a sandbox whose policy allows only {allowed}")
+        if seen[allowed] != "open":
+            raise Unreachable(f"{allowed} (allowed by the policy) not reached: {seen[allowed]}")
+    finally:
+        await ctx.close(sb)
+
+
 async def e2b(ctx: Context, rng: random.Random) -> None:
     """The E2B-compatible API: a sandbox, a file up and back, killed (soak_e2b)."""
     if ctx.e2b is None:
@@ -210,6 +278,7 @@ OPS: dict[str, Callable[[Context, random.Random], Awaitable[None]]] = {
     "terminal": terminal,
     "e2b": e2b,
     "image": image,
+    "network": network,
 }
 
 

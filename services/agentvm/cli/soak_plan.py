@@ -17,6 +17,7 @@ __all__ = [
     "ALLOWED_FOR_OP",
     "E2B_OP",
     "IMAGE_OP",
+    "NETWORK_OP",
     "FAULT_KINDS",
     "KILLABLE",
     "OPT_IN_FAULTS",
@@ -26,12 +27,14 @@ __all__ = [
     "expand_kinds",
     "fault_schedule",
     "operations",
+    "parse_targets",
 ]
 
 OP_KINDS = ("oneshot", "files", "pause", "process", "stream", "terminal")
-# Run only when the soak has an E2B API key, and a named image.
+# Run only when the soak has an E2B API key, a named image, network targets.
 E2B_OP = "e2b"
 IMAGE_OP = "image"
+NETWORK_OP = "network"
 # The services a ``kill`` fault hits, in turn.
 KILLABLE = ("executor", "vm-manager", "pool-manager", "monitor", "e2b-gateway")
 FAULT_KINDS = (
@@ -64,8 +67,12 @@ ALLOWED_CODES: dict[str, frozenset[str]] = {
 # Errors a fault causes only to the operations that go through what it hit:
 # E2B calls go through the gateway (their HTTP 502/503 and a refused
 # connection read as UNAVAILABLE).
+# An allowed network target that did not answer (UNREACHABLE) is explained
+# while vm-manager (whose resolver answers the sandbox's DNS) or libvirt is down.
 ALLOWED_FOR_OP: dict[tuple[str, str], frozenset[str]] = {
-    ("kill:e2b-gateway", "e2b"): frozenset({"UNAVAILABLE"}),
+    ("kill:e2b-gateway", E2B_OP): frozenset({"UNAVAILABLE"}),
+    ("kill:vm-manager", NETWORK_OP): frozenset({"UNREACHABLE"}),
+    ("libvirtd-restart", NETWORK_OP): frozenset({"UNREACHABLE"}),
 }
 
 
@@ -90,6 +97,7 @@ _WEIGHTS = {
     "terminal": 1,
     E2B_OP: 2,
     IMAGE_OP: 2,
+    NETWORK_OP: 2,
 }
 
 
@@ -126,6 +134,26 @@ def expand_kinds(text: str) -> tuple[str, ...]:
                 + ", ".join((*FAULT_KINDS, *OPT_IN_FAULTS))
             )
     return tuple(dict.fromkeys(kinds))
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """``--network-targets`` as HOST:PORT strings: none, or at least two distinct.
+
+    Raises ValueError naming the entry that is wrong and the form expected.
+    """
+    specs = [p.strip() for p in text.split(",") if p.strip()]
+    for spec in specs:
+        host, sep, port = spec.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{spec!r} is not HOST:PORT (e.g. example.org:80)")
+    if len(set(specs)) != len(specs):
+        raise ValueError(f"{text!r} names a target twice")
+    if len(specs) == 1:
+        raise ValueError(
+            f"{text!r} is one target: give at least two (one is allowed per sandbox, "
+            "the others must be blocked)"
+        )
+    return tuple(specs)
 
 
 def fault_schedule(seed: int, minutes: float, kinds: Sequence[str], every_s: float) -> list[Fault]:
