@@ -13,6 +13,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 
+from agent_vm._reconnect import Reconnect
 from agent_vm._types import (
     NETWORKS,
     PROFILES,
@@ -70,9 +71,11 @@ def channel(address: str) -> grpc.aio.Channel:
     """A channel to the executor, sending the installation's token (AGENTVM_TOKEN or
     AGENTVM_TOKEN_FILE) when this process has one, over mutual TLS with the
     installation's client certificate unless AGENTVM_TLS=off (AGENTVM_TLS_DIR, or
-    AGENTVM_TLS_CA/CERT/KEY)."""
+    AGENTVM_TLS_CA/CERT/KEY). Once it has reached the executor, its calls wait for
+    an executor that is restarting (:mod:`agent_vm._reconnect`)."""
     text("address", address)
-    interceptors: list[Any] = list(_trace_interceptors() or ())
+    reconnect = Reconnect()  # outermost: the time it waits comes off the deadline
+    interceptors: list[Any] = [reconnect, *(_trace_interceptors() or ())]
     token = client_token()
     if token is not None:
         interceptors += aio_token_interceptors(token)
@@ -80,6 +83,10 @@ def channel(address: str) -> grpc.aio.Channel:
         ("grpc.max_receive_message_length", 32 * 1024 * 1024),
         ("grpc.max_send_message_length", 32 * 1024 * 1024),
         ("grpc.enable_http_proxy", 0),
+        # A restarted executor is found again within a fraction of a second
+        # (gRPC's default backoff grows from 1 s to 120 s).
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
     try:
         files = tls.for_identity(
@@ -91,15 +98,16 @@ def channel(address: str) -> grpc.aio.Channel:
     except tls.TLSError as exc:
         raise FailedPreconditionError(str(exc)) from None
     if credentials is None:
-        return grpc.aio.insecure_channel(
-            address, options=options, interceptors=interceptors or None
+        chan = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    else:
+        chan = grpc.aio.secure_channel(
+            address,
+            credentials,
+            options=[*options, *tls.target_options("executor")],
+            interceptors=interceptors,
         )
-    return grpc.aio.secure_channel(
-        address,
-        credentials,
-        options=[*options, *tls.target_options("executor")],
-        interceptors=interceptors or None,
-    )
+    reconnect.bind(chan)
+    return chan
 
 
 def translate(func: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
