@@ -110,7 +110,8 @@ class _Namespace:
 
 @dataclass
 class NetWorld(_Namespace):
-    bridge: str = ""
+    # The VM bridges confined to this world (their NAT networks' subnets).
+    bridges: dict[str, str] = field(default_factory=dict)
     table: str = ""
 
     @property
@@ -162,18 +163,31 @@ class NetWorld(_Namespace):
         A policy-routing rule independent of agent-vm's own filter: packets
         from the VMs' bridge are looked up in a table that only knows the
         world's subnet (everything else is unreachable), so even a broken
-        filter cannot send a packet anywhere but into this namespace.
+        filter cannot send a packet anywhere but into this namespace. Several
+        installations' bridges (each its own subnet) may be confined at once.
         """
-        self.table = str(4000 + int(self.tag, 16) % 50000)
-        sh("ip", "route", "add", WORLD_NET, "dev", self.host_if, "table", self.table)
-        # The "host LAN" is reachable too: only agent-vm's resolver keeps VMs off it.
-        sh("ip", "route", "add", LAN_NET, "dev", self.host_if, "table", self.table)
+        if not self.table:
+            self.table = str(4000 + int(self.tag, 16) % 50000)
+            sh("ip", "route", "add", WORLD_NET, "dev", self.host_if, "table", self.table)
+            # The "host LAN" is reachable too: only agent-vm's resolver keeps VMs off it.
+            sh("ip", "route", "add", LAN_NET, "dev", self.host_if, "table", self.table)
+            sh("ip", "route", "add", "unreachable", "default", "table", self.table)
         # VM to VM falls through to the main table (the bridge's own route), so
         # it reaches the forward hook and agent-vm's own rule must stop it.
         sh("ip", "route", "add", "throw", subnet, "table", self.table)
-        sh("ip", "route", "add", "unreachable", "default", "table", self.table)
         sh("ip", "rule", "add", "iif", bridge, "lookup", self.table, "priority", "1000")
-        self.bridge = bridge
+        self.bridges[bridge] = subnet
+
+    def release(self, bridge: str) -> None:
+        """Undo :meth:`confine` of ``bridge`` (once its installation is down)."""
+        subnet = self.bridges.pop(bridge, None)
+        if subnet is None:
+            return
+        for cmd in (
+            ["ip", "rule", "del", "iif", bridge, "lookup", self.table],
+            ["ip", "route", "del", "throw", subnet, "table", self.table],
+        ):
+            subprocess.run(cmd, capture_output=True, check=False)
 
     def _dns_listening(self) -> bool:
         out = subprocess.run(
@@ -184,13 +198,13 @@ class NetWorld(_Namespace):
 
     def down(self) -> None:
         self._stop()
-        if self.bridge:
-            for cmd in (
-                ["ip", "rule", "del", "iif", self.bridge, "lookup", self.table],
-                ["ip", "route", "flush", "table", self.table],
-            ):
-                subprocess.run(cmd, capture_output=True, check=False)
-            self.bridge = ""
+        for bridge in list(self.bridges):
+            self.release(bridge)
+        if self.table:
+            subprocess.run(
+                ["ip", "route", "flush", "table", self.table], capture_output=True, check=False
+            )
+            self.table = ""
         subprocess.run(["ip", "link", "delete", self.host_if], capture_output=True, check=False)
         subprocess.run(["ip", "netns", "delete", self.ns], capture_output=True, check=False)
 

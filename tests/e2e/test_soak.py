@@ -26,6 +26,7 @@ import pytest
 
 from agentvm.cli import soak_plan
 from agentvm.vm_manager import workspace
+from agentvm.vm_manager.netpolicy import NetNames
 from tests.installation import Installation, agent_vm
 from tests.networld import NetWorld, nat_env
 from tests.vmharness import libvirt_domains, net_leftovers
@@ -39,13 +40,18 @@ FAULTS = "kill:vm-manager,libvirtd-restart,kill:executor,state-disk-full"
 STATE_FS_MIB = 2048
 # Two HTTP servers of the tests' internet: each network sandbox may reach one.
 TARGETS = "allowed.test:80,other.test:80"
+SUBNET = "10.215.6.0/24"
 
 
 @pytest.fixture
 def inst(net_world: NetWorld) -> Iterator[Installation]:
     base = Path("/var/lib/agent-vm-tests") / f"soak-{secrets.token_hex(3)}"
     inst = Installation(base, PREFIX, pools="standard:min=2,max=3")
-    inst.env.update(nat_env(net_world))
+    # Its NAT network leaves only into the tests' internet (a subnet of its
+    # own: the session's vm-manager has the world's).
+    inst.env.update(nat_env(net_world), AGENTVM_NAT_SUBNET=SUBNET)
+    bridge = NetNames.for_prefix(PREFIX).bridge
+    net_world.confine(bridge, SUBNET)
     # The state directory on a file system of its own, for the state-disk-full fault.
     state = Path(inst.env["AGENTVM_STATE_DIR"])
     state.mkdir(parents=True)
@@ -72,6 +78,7 @@ def inst(net_world: NetWorld) -> Iterator[Installation]:
         assert workspace.mounts_under(base) == [state]  # no workspace mount left
         subprocess.run(["umount", str(state)], check=True)
         workspace.remove_tree(base)
+        net_world.release(bridge)
 
 
 def test_a_short_soak_with_killed_services_loses_and_leaks_nothing(inst: Installation) -> None:
