@@ -1,4 +1,5 @@
-"""The client's calls wait for an executor that is restarting (agent_vm._reconnect).
+"""Calls wait for an executor that is restarting (agentvm.common.reconnect): the
+Python client's, and the E2B gateway's (a service channel with wait_for_restart).
 
 Against real gRPC servers on a unix socket: one stopped and a new one started
 on the same socket, as the supervisor does after a kill. Most errors of the
@@ -9,13 +10,15 @@ on the same socket, as the supervisor does after a kill. Most errors of the
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from agent_vm import _calls, _reconnect
+from agent_vm import _calls
+from agentvm.common import grpc_util, reconnect
 from agentvm.v1 import executor_pb2, executor_pb2_grpc
 
 
@@ -50,36 +53,57 @@ def plain(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AGENTVM_TOKEN_FILE", str(tmp_path / "no-token"))
 
 
+Make = Callable[[str], grpc.aio.Channel]
+
+
+@pytest.fixture(params=["client", "e2b-gateway"])
+def make(request: pytest.FixtureRequest) -> Make:
+    """The channel under test: the Python client's, or a service's to the executor
+    with wait_for_restart (the E2B gateway's)."""
+    if request.param == "client":
+        return _calls.channel
+    grpc_util.use_plaintext()
+    return lambda address: grpc_util.aio_channel(address, "executor", wait_for_restart=True)
+
+
 async def get(chan: grpc.aio.Channel, timeout: float | None = 20) -> str:
     stub = executor_pb2_grpc.ExecutorServiceStub(chan)
     res = await stub.GetSandbox(executor_pb2.GetSandboxRequest(sandbox_id="sb-1"), timeout=timeout)
     return str(res.sandbox.id)
 
 
-def test_a_call_made_while_the_executor_restarts_waits_for_it(tmp_path: Path) -> None:
+def test_a_call_made_while_the_executor_restarts_waits_for_it(tmp_path: Path, make: Make) -> None:
     address = f"unix:{tmp_path}/executor.sock"
 
     async def main() -> None:
         first, second = Executor(), Executor()  # type: ignore[abstract]  # only GetSandbox
         server = await serve(address, first)
-        chan = _calls.channel(address)
+        chan = make(address)
         assert await get(chan) == "sb-1"
         await server.stop(None)  # killed ...
         call = asyncio.create_task(get(chan))
+        # A new channel to the same address (a new sandbox's) waits as well.
+        fresh = make(address)
+        create = asyncio.create_task(get(fresh))
         await asyncio.sleep(1.5)
         assert not call.done()  # waiting, not failed
+        assert not create.done()
         server = await serve(address, second)  # ... and started again
         assert await asyncio.wait_for(call, 10) == "sb-1"
-        assert (first.calls, second.calls) == (1, 1)  # sent once, to the new executor
+        assert await asyncio.wait_for(create, 10) == "sb-1"
+        assert (first.calls, second.calls) == (1, 2)  # each sent once, to the new executor
         await chan.close(None)
+        await fresh.close(None)
         await server.stop(None)
 
     asyncio.run(main())
 
 
-def test_a_first_call_to_an_executor_that_is_not_running_fails_at_once(tmp_path: Path) -> None:
+def test_a_first_call_to_an_executor_that_is_not_running_fails_at_once(
+    tmp_path: Path, make: Make
+) -> None:
     async def main() -> None:
-        chan = _calls.channel(f"unix:{tmp_path}/nothing-listens.sock")
+        chan = make(f"unix:{tmp_path}/nothing-listens.sock")
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -93,13 +117,13 @@ def test_a_first_call_to_an_executor_that_is_not_running_fails_at_once(tmp_path:
 
 
 def test_the_wait_ends_at_the_window_or_the_calls_deadline(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make: Make
 ) -> None:
     address = f"unix:{tmp_path}/executor.sock"
 
     async def main() -> None:
         server = await serve(address, Executor())  # type: ignore[abstract]
-        chan = _calls.channel(address)
+        chan = make(address)
         await get(chan)
         await server.stop(None)  # and never comes back
         loop = asyncio.get_running_loop()
@@ -112,7 +136,7 @@ def test_the_wait_ends_at_the_window_or_the_calls_deadline(
         assert "failed to connect" in (err.value.details() or "")
         assert 0.9 < loop.time() - started < 5
         # No deadline: the window ends the wait.
-        monkeypatch.setattr(_reconnect, "RECONNECT_S", 1.0)
+        monkeypatch.setattr(reconnect, "RECONNECT_S", 1.0)
         started = loop.time()
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await get(chan, timeout=None)
@@ -123,13 +147,13 @@ def test_the_wait_ends_at_the_window_or_the_calls_deadline(
     asyncio.run(main())
 
 
-def test_a_call_that_was_sent_is_never_made_again(tmp_path: Path) -> None:
+def test_a_call_that_was_sent_is_never_made_again(tmp_path: Path, make: Make) -> None:
     address = f"unix:{tmp_path}/executor.sock"
 
     async def main() -> None:
         slow = Executor()  # type: ignore[abstract]
         server = await serve(address, slow)
-        chan = _calls.channel(address)
+        chan = make(address)
         await get(chan)  # reached
         slow.delay, slow.calls = 30, 0
         call = asyncio.create_task(get(chan))

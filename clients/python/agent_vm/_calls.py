@@ -13,7 +13,6 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 
-from agent_vm._reconnect import Reconnect
 from agent_vm._types import (
     NETWORKS,
     PROFILES,
@@ -35,6 +34,7 @@ from agent_vm.errors import (
 from agentvm.common import tls
 from agentvm.common.auth import aio_token_interceptors, client_token
 from agentvm.common.config import DEFAULT_TLS_DIR
+from agentvm.common.reconnect import RECONNECT_OPTIONS, Reconnect
 from agentvm.v1 import common_pb2, executor_pb2
 
 DEFAULT_ADDRESS = "unix:/run/agent-vm/executor.sock"
@@ -71,10 +71,10 @@ def channel(address: str) -> grpc.aio.Channel:
     """A channel to the executor, sending the installation's token (AGENTVM_TOKEN or
     AGENTVM_TOKEN_FILE) when this process has one, over mutual TLS with the
     installation's client certificate unless AGENTVM_TLS=off (AGENTVM_TLS_DIR, or
-    AGENTVM_TLS_CA/CERT/KEY). Once it has reached the executor, its calls wait for
-    an executor that is restarting (:mod:`agent_vm._reconnect`)."""
+    AGENTVM_TLS_CA/CERT/KEY). Once this process has reached the executor, calls
+    wait for an executor that is restarting (:mod:`agentvm.common.reconnect`)."""
     text("address", address)
-    reconnect = Reconnect()  # outermost: the time it waits comes off the deadline
+    reconnect = Reconnect(address)  # outermost: the time it waits comes off the deadline
     interceptors: list[Any] = [reconnect, *(_trace_interceptors() or ())]
     token = client_token()
     if token is not None:
@@ -83,10 +83,7 @@ def channel(address: str) -> grpc.aio.Channel:
         ("grpc.max_receive_message_length", 32 * 1024 * 1024),
         ("grpc.max_send_message_length", 32 * 1024 * 1024),
         ("grpc.enable_http_proxy", 0),
-        # A restarted executor is found again within a fraction of a second
-        # (gRPC's default backoff grows from 1 s to 120 s).
-        ("grpc.initial_reconnect_backoff_ms", 200),
-        ("grpc.max_reconnect_backoff_ms", 2000),
+        *RECONNECT_OPTIONS,
     ]
     try:
         files = tls.for_identity(

@@ -19,6 +19,7 @@ import grpc
 from agentvm.common import auth, tls, wire
 from agentvm.common.config import Settings
 from agentvm.common.errors import REASON_KEY, AgentVMError, FailedPrecondition
+from agentvm.common.reconnect import Reconnect
 
 log = logging.getLogger("agentvm.grpc")
 
@@ -178,28 +179,42 @@ def use_plaintext() -> None:
     _TLS_DECIDED[:] = [True]
 
 
-def aio_channel(target: str, service: str) -> grpc.aio.Channel:
-    """An asyncio channel to another agent-vm ``service``: limits, token, mutual TLS."""
-    return _service_channel(target, service, [])
+def aio_channel(target: str, service: str, *, wait_for_restart: bool = False) -> grpc.aio.Channel:
+    """An asyncio channel to another agent-vm ``service``: limits, token, mutual TLS.
+
+    ``wait_for_restart``: once it has reached the service, a call waits for a
+    service that is restarting instead of failing (:mod:`agentvm.common.reconnect`).
+    """
+    if not wait_for_restart:
+        return _service_channel(target, service, [])
+    reconnect = Reconnect(target)
+    chan = _service_channel(target, service, [], reconnect)
+    reconnect.bind(chan)
+    return chan
 
 
-def _service_channel(target: str, service: str, extra: list[Any]) -> grpc.aio.Channel:
+def _service_channel(
+    target: str, service: str, extra: list[Any], reconnect: Reconnect | None = None
+) -> grpc.aio.Channel:
     if not _TLS_DECIDED:
         raise RuntimeError(
             "grpc_util.setup_tls() (or use_plaintext()) must run before a service channel "
             "is made: it would otherwise be plaintext by accident"
         )
-    interceptors: list[Any] = [*CLIENT_INTERCEPTORS, *extra]
+    # The reconnect wait is outermost: the time it waits comes off the deadline.
+    outer = [] if reconnect is None else [reconnect]
+    interceptors: list[Any] = [*outer, *CLIENT_INTERCEPTORS, *extra]
     if _TOKEN:
         interceptors += auth.aio_token_interceptors(_TOKEN[0])
+    options = _options()  # its reconnect backoff is already short (CHANNEL_OPTIONS)
     if _CREDENTIALS:
         return grpc.aio.secure_channel(
             target,
             _CREDENTIALS[0],
-            options=[*_options(), *tls.target_options(service)],
+            options=[*options, *tls.target_options(service)],
             interceptors=interceptors or None,
         )
-    return grpc.aio.insecure_channel(target, options=_options(), interceptors=interceptors or None)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors or None)
 
 
 def guest_channel(target: str) -> grpc.aio.Channel:

@@ -66,7 +66,9 @@ def http_config(settings: Settings) -> Config:
 async def run(settings: Settings) -> None:
     token_auth = setup_auth(settings)
     credentials = setup_tls(settings, "e2b-gateway")
-    channel = aio_channel(settings.executor_addr, "executor")
+    # E2B calls made while the executor restarts wait for it (their HTTP
+    # requests are answered late instead of with 502).
+    channel = aio_channel(settings.executor_addr, "executor", wait_for_restart=True)
     backend = Backend(executor_pb2_grpc.ExecutorServiceStub(channel))
     e2b_dir = settings.state_dir / "e2b"
     gateway = Gateway(backend, KeyStore(e2b_dir / "keys.json"), AccessTokens(e2b_dir / "secret"))

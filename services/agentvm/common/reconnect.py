@@ -1,15 +1,20 @@
-"""Calls made while the executor restarts wait for it instead of failing.
+"""Calls made while the service they call restarts wait for it instead of failing.
 
-The executor runs under a supervisor that starts it again within seconds of a
-crash or kill. A call made in that gap used to fail at once with UNAVAILABLE
-("failed to connect to all addresses"): the request never left the client.
-Before each call on a channel that has reached the executor once, this
-interceptor waits for the channel to be connected again, for up to
+agent-vm's services run under a supervisor that starts one again within
+seconds of a crash or kill. A call made in that gap used to fail at once with
+UNAVAILABLE ("failed to connect to all addresses"): the request never left
+the caller. Before each call to an address this process has reached before
+(on any channel: a program that makes many sandboxes makes a channel for
+each), this interceptor waits for the channel to be connected again, for up to
 :data:`RECONNECT_S` and never past the call's own deadline (what it waited is
 taken off that deadline), then makes the call. Nothing is sent twice: a call
 that was sent when the connection broke still fails as before (a create is
-not idempotent). A first call to an executor that is not running still fails
-at once, with the message that says to start it.
+not idempotent). A process's first call to a service that is not running
+still fails at once, with the message that says to start it.
+
+Used by the Python client's channels to the executor and the E2B gateway's;
+not by the channels to vm-managers, whose callers fail over to another node
+instead of waiting (common/fleet.py).
 """
 
 from __future__ import annotations
@@ -22,11 +27,17 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-__all__ = ["RECONNECT_S", "Reconnect"]
+__all__ = ["RECONNECT_OPTIONS", "RECONNECT_S", "Reconnect"]
 
-# How long a call waits for the executor to come back (its supervisor's restart
+# How long a call waits for its service to come back (its supervisor's restart
 # takes a few seconds as a rule).
 RECONNECT_S = 30.0
+# A restarted service is found again within a fraction of a second (gRPC's
+# default backoff grows from 1 s to 120 s).
+RECONNECT_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
 
 
 if TYPE_CHECKING:
@@ -42,19 +53,26 @@ else:  # not subscriptable at run time
 class Reconnect(_UU, _US, _SU, _SS):
     """Give the channel with :meth:`bind` once it is made (interceptors come first)."""
 
-    def __init__(self) -> None:
+    # The addresses a call of this process has reached.
+    _reached: set[str] = set()  # noqa: RUF012 - shared by every instance on purpose
+
+    def __init__(self, address: str) -> None:
+        self._address = address
         self._channel: grpc.aio.Channel | None = None
-        # A call on this channel reached the executor.
-        self.reached = False
+
+    @property
+    def reached(self) -> bool:
+        """A call of this process has reached the service at this address."""
+        return self._address in Reconnect._reached
 
     def bind(self, channel: grpc.aio.Channel) -> None:
         self._channel = channel
 
     def _ended(self, _call: object) -> None:
-        # A call ended with the channel connected: the executor was there.
+        # A call ended with the channel connected: the service was there.
         chan = self._channel
         if chan is not None and chan.get_state() == grpc.ChannelConnectivity.READY:
-            self.reached = True
+            Reconnect._reached.add(self._address)
 
     async def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         """``details`` once the channel is connected again (or the wait is over),
