@@ -18,6 +18,7 @@ import pytest
 
 import agent_vm
 from agent_vm import _async
+from agentvm.cli import soak_ops
 from agentvm.common import tls
 from agentvm.common.auth import aio_token_interceptors
 from agentvm.v1 import common_pb2, executor_pb2, executor_pb2_grpc
@@ -89,6 +90,38 @@ def test_run_timeout_and_errors(executor: ExecutorProcess, vmm: VMManagerProcess
         agent_vm.run("true", timeout=10**9)
     with pytest.raises(agent_vm.UnavailableError, match="agent-vm up"):
         agent_vm.run("true", address="unix:/nonexistent/executor.sock")
+
+
+def test_a_running_sandboxs_network_policy_is_changed_live(sandbox: agent_vm.Sandbox) -> None:
+    """The module's sandboxes are nat-filtered with the installation's default
+    policy (allowed.test, in the tests' internet: tests/networld.py)."""
+
+    def reach(*targets: str) -> dict[str, str]:
+        res = sandbox.run(["python3", "-c", soak_ops.NET_PROBE, "1", *targets], timeout=120)
+        assert res.exit_code == 0, res.stderr
+        return dict(line.split(" ", 1) for line in res.stdout.splitlines())
+
+    default = sandbox.info().network_policy
+    assert default is not None
+    assert default.allow_domains == ("allowed.test",)
+    seen = reach("allowed.test:80", "other.test:80")
+    assert seen["allowed.test:80"] == "open"
+    assert seen["other.test:80"].startswith("blocked:")
+    try:
+        got = sandbox.set_network_policy(agent_vm.NetworkPolicy(allow_domains=["other.test"]))
+        # The policy in effect, the default ports filled in; the next command sees it.
+        assert got == agent_vm.NetworkPolicy(allow_domains=("other.test",), ports=(80, 443, 22))
+        assert sandbox.info().network_policy == got
+        seen = reach("other.test:80", "allowed.test:80")
+        assert seen["other.test:80"] == "open"
+        assert seen["allowed.test:80"].startswith("blocked:")
+        with pytest.raises(agent_vm.InvalidArgumentError, match="allow_domains"):
+            sandbox.set_network_policy(agent_vm.NetworkPolicy(allow_domains=["bad name; drop"]))
+        with pytest.raises(agent_vm.ArgumentTypeError, match="policy must be"):
+            sandbox.set_network_policy({"allow_domains": []})  # type: ignore[arg-type]
+        assert sandbox.info().network_policy == got  # a refused change changes nothing
+    finally:
+        assert sandbox.set_network_policy(agent_vm.NetworkPolicy()) == default
 
 
 def test_large_binary_file_round_trip(sandbox: agent_vm.Sandbox, tmp_path: Path) -> None:

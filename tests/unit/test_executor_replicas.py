@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from agentvm.common.config import Settings
-from agentvm.common.errors import NotFound
+from agentvm.common.errors import FailedPrecondition, NotFound
 from agentvm.executor.executor import CREATOR_LABEL, EXECUTOR_LABEL, AgentExecutor
 from agentvm.executor.journal import Journal
 from agentvm.executor.sandbox import CREATE_GRACE_S, SANDBOX_LABEL
@@ -47,9 +47,11 @@ class Node:
             name=f"agent-vm-r{len(self.vms) + len(self.destroyed)}",
             labels=req.labels,
             agent_endpoint="unix:/none",
-            network_mode=common_pb2.NETWORK_MODE_ISOLATED,
+            network_mode=req.network_mode or common_pb2.NETWORK_MODE_ISOLATED,
             state=common_pb2.VM_STATE_READY,
         )
+        if vm.network_mode == common_pb2.NETWORK_MODE_NAT_FILTERED:
+            vm.network.policy.CopyFrom(req.network_policy)
         vm.created_at.FromSeconds(int(time.time()))
         self.vms[vm.name] = vm
         return vm_manager_pb2.CreateVMResponse(vm=vm)
@@ -84,6 +86,12 @@ class Node:
         if self.vms.pop(req.name, None) is not None:
             self.destroyed.append(req.name)
         return vm_manager_pb2.DestroyVMResponse()
+
+    async def UpdateNetworkPolicy(self, req: Any, timeout: float) -> Any:
+        vm = self._vm(req.name)
+        vm.network.policy.CopyFrom(req.policy)
+        vm.network.policy.ports[:] = req.policy.ports or [80, 443, 22]  # the defaults
+        return vm_manager_pb2.UpdateNetworkPolicyResponse(vm=vm)
 
     async def SuspendVM(self, req: Any, timeout: float) -> Any:
         vm = self._vm(req.name)
@@ -183,6 +191,42 @@ def test_any_replica_serves_a_sandbox_another_made_and_sees_its_changes(tmp_path
         assert other.id not in b._sandboxes
         await a.close()
         await b.close()
+
+    run(body)
+
+
+def test_a_network_policy_set_through_one_replica_is_what_the_others_show(
+    tmp_path: Path,
+) -> None:
+    node = Node()
+
+    async def body() -> None:
+        a, b = replica(node, "a", tmp_path), replica(node, "b", tmp_path)
+        nat = executor_pb2.SandboxSpec(
+            network_mode=common_pb2.NETWORK_MODE_NAT_FILTERED,
+            workspace_mode=common_pb2.WORKSPACE_MODE_API,
+            network_policy=common_pb2.NetworkPolicy(allow_domains=["a.test"], ports=[80]),
+        )
+        sb = await a.create_sandbox(nat)
+        on_b = await b.find(sb.id)
+        assert list(on_b.to_proto().network_policy.allow_domains) == ["a.test"]
+        await a.set_network_policy(sb, common_pb2.NetworkPolicy(allow_domains=["b.test"]))
+        shown = sb.to_proto()
+        assert (list(shown.network_policy.allow_domains), list(shown.network_policy.ports)) == (
+            ["b.test"],
+            [80, 443, 22],
+        )
+        assert list(shown.spec.network_policy.allow_domains) == ["a.test"]  # as created
+        await b.refresh(on_b)
+        assert on_b.to_proto().network_policy == shown.network_policy
+        # Only a nat-filtered sandbox has a policy; a paused one is resumed first.
+        iso = await a.create_sandbox(SPEC)
+        assert not iso.to_proto().HasField("network_policy")
+        with pytest.raises(FailedPrecondition, match="isolated: only nat-filtered"):
+            await a.set_network_policy(iso, common_pb2.NetworkPolicy())
+        await a.pause_sandbox(sb)
+        with pytest.raises(FailedPrecondition, match="paused: resume it first"):
+            await a.set_network_policy(sb, common_pb2.NetworkPolicy())
 
     run(body)
 

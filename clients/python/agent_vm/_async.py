@@ -22,6 +22,7 @@ from agent_vm._calls import (
     data,
     default_address,
     local_file,
+    network_policy,
     program,
     sandbox_env,
     seconds,
@@ -305,6 +306,22 @@ class AsyncSandbox:
         req.timeout.FromNanoseconds(int(seconds("timeout", timeout) * 1e9))
         resp = await self._stub.SetSandboxTimeout(req, timeout=60)
         self._proto = resp.sandbox
+
+    @translate
+    async def set_network_policy(self, policy: NetworkPolicy) -> NetworkPolicy:
+        """Replace the egress policy of this nat-filtered sandbox while it runs; in
+        force when this returns (connections the old policy allowed are ended).
+        Empty fields take the server's defaults, as at create. Returns the policy
+        now in effect, defaults filled in (also ``info().network_policy``).
+        FailedPreconditionError for a sandbox of another network mode or a
+        paused one; InvalidArgumentError for a policy the server refuses."""
+        self._live()
+        req = executor_pb2.SetSandboxNetworkPolicyRequest(
+            sandbox_id=self.id, policy=network_policy(policy)
+        )
+        resp = await self._stub.SetSandboxNetworkPolicy(req, timeout=60)
+        self._proto = resp.sandbox
+        return NetworkPolicy.from_proto(resp.sandbox.network_policy)
 
     @translate
     async def pause(self) -> None:

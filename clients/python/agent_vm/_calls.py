@@ -296,6 +296,15 @@ def program(
     return common_pb2.Program(argv=common_pb2.Argv(args=[*argv, *extra]))
 
 
+def network_policy(
+    value: object, expected: str = "an agent_vm.NetworkPolicy"
+) -> common_pb2.NetworkPolicy:
+    """The message of a ``policy`` argument; ArgumentTypeError for anything else."""
+    if not isinstance(value, NetworkPolicy):
+        raise _wrong("policy", expected, value)
+    return value.to_proto()
+
+
 def spec(
     profile: Profile,
     network: Network,
@@ -316,8 +325,8 @@ def spec(
     ):
         if value not in table:
             raise InvalidArgumentError(f"{name}={value!r}: use one of {', '.join(table)}")
-    if policy is not None and not isinstance(policy, NetworkPolicy):
-        raise _wrong("policy", "an agent_vm.NetworkPolicy or None", policy)
+    if policy is not None:
+        network_policy(policy, "an agent_vm.NetworkPolicy or None")
     if policy is not None and network != "nat-filtered":
         raise InvalidArgumentError(
             f"a network policy needs network='nat-filtered', not {network!r}"

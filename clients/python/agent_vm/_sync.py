@@ -447,6 +447,15 @@ class Sandbox:
         shorten its life). ``expires_at`` shows the new end."""
         _call(self._inner.set_timeout(timeout))
 
+    def set_network_policy(self, policy: NetworkPolicy) -> NetworkPolicy:
+        """Replace the egress policy of this nat-filtered sandbox while it runs; in
+        force when this returns (connections the old policy allowed are ended).
+        Empty fields take the server's defaults, as at create. Returns the policy
+        now in effect, defaults filled in (also ``info().network_policy``).
+        FailedPreconditionError for a sandbox of another network mode or a
+        paused one; InvalidArgumentError for a policy the server refuses."""
+        return _call(self._inner.set_network_policy(policy))
+
     def __enter__(self) -> Sandbox:
         return self
 

@@ -124,6 +124,15 @@ class NetworkPolicy:
     allow_cidrs: Sequence[str] = ()
     ports: Sequence[int] = ()
 
+    @classmethod
+    def from_proto(cls, policy: common_pb2.NetworkPolicy) -> NetworkPolicy:
+        """The policy of the executor's message."""
+        return cls(
+            allow_domains=tuple(policy.allow_domains),
+            allow_cidrs=tuple(policy.allow_cidrs),
+            ports=tuple(policy.ports),
+        )
+
     def to_proto(self) -> common_pb2.NetworkPolicy:
         """The policy as the executor takes it."""
         return common_pb2.NetworkPolicy(
@@ -152,6 +161,9 @@ class SandboxInfo:
     expires_at: float
     # "running" or "paused".
     state: str = "running"
+    # A nat-filtered sandbox's egress policy in effect, defaults filled in (as
+    # created or as ``set_network_policy`` last set it); None for the others.
+    network_policy: NetworkPolicy | None = None
 
     @classmethod
     def from_proto(cls, sb: executor_pb2.Sandbox) -> SandboxInfo:
@@ -166,6 +178,9 @@ class SandboxInfo:
             created_at=sb.created_at.ToNanoseconds() / 1e9,
             expires_at=sb.expires_at.ToNanoseconds() / 1e9,
             state="paused" if sb.state == executor_pb2.SANDBOX_STATE_PAUSED else "running",
+            network_policy=NetworkPolicy.from_proto(sb.network_policy)
+            if sb.HasField("network_policy")
+            else None,
         )
 
 

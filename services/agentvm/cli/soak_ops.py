@@ -234,30 +234,42 @@ for spec in sys.argv[3:]:
 NET_TRIES = 6
 
 
+def _policy(target: str) -> agent_vm.NetworkPolicy:
+    host, _, port = target.rpartition(":")
+    return agent_vm.NetworkPolicy(allow_domains=[host], ports=[int(port)])
+
+
+async def _only(sb: agent_vm.AsyncSandbox, allowed: str, targets: tuple[str, ...]) -> None:
+    """``allowed`` answers the sandbox and no other target does."""
+    others = [t for t in targets if t != allowed]
+    res = await sb.run(
+        ["python3", "-c", NET_PROBE, str(NET_TRIES), allowed, *others], timeout=CALL_TIMEOUT_S
+    )
+    _expect("network probe exit code", res.exit_code, 0)
+    seen = dict(line.split(" ", 1) for line in res.stdout.splitlines() if " " in line)
+    _expect("targets probed", sorted(seen), sorted(targets))
+    for spec in others:
+        if not seen[spec].startswith("blocked:"):
+            raise WrongResult(f"{spec} answered a sandbox whose policy allows only {allowed}")
+    if seen[allowed] != "open":
+        raise Unreachable(f"{allowed} (allowed by the policy) not reached: {seen[allowed]}")
+
+
 async def network(ctx: Context, rng: random.Random) -> None:
-    """A nat-filtered sandbox whose policy allows one target, drawn anew for each
-    sandbox (so the NAT filter's policies change all the time): that one answers,
-    the others are never reached. A blocked target that answers is a wrong result
-    whatever the faults; an allowed one that does not is judged (Unreachable)."""
+    """A nat-filtered sandbox whose policy allows one target, then, changed while
+    it runs, another (both drawn anew for each sandbox, so the NAT filter's
+    policies change all the time): each time that one answers and the others are
+    never reached. A blocked target that answers is a wrong result whatever the
+    faults; an allowed one that does not is judged (Unreachable)."""
     if len(ctx.net_targets) < 2:
         raise WrongResult("a network operation without two --network-targets")
-    allowed = rng.choice(ctx.net_targets)
-    others = [t for t in ctx.net_targets if t != allowed]
-    rng.shuffle(others)
-    host, _, port = allowed.rpartition(":")
-    sb = await ctx.sandbox(policy=agent_vm.NetworkPolicy(allow_domains=[host], ports=[int(port)]))
+    first, then = rng.sample(ctx.net_targets, 2)
+    sb = await ctx.sandbox(policy=_policy(first))
     try:
-        res = await sb.run(
-            ["python3", "-c", NET_PROBE, str(NET_TRIES), allowed, *others], timeout=CALL_TIMEOUT_S
-        )
-        _expect("network probe exit code", res.exit_code, 0)
-        seen = dict(line.split(" ", 1) for line in res.stdout.splitlines() if " " in line)
-        _expect("targets probed", sorted(seen), sorted(ctx.net_targets))
-        for spec in others:
-            if not seen[spec].startswith("blocked:"):
-                raise WrongResult(f"{spec} answered a sandbox whose policy allows only {allowed}")
-        if seen[allowed] != "open":
-            raise Unreachable(f"{allowed} (allowed by the policy) not reached: {seen[allowed]}")
+        await _only(sb, first, ctx.net_targets)
+        got = await sb.set_network_policy(_policy(then))
+        _expect("policy in effect after the change", got, _policy(then))
+        await _only(sb, then, ctx.net_targets)
     finally:
         await ctx.close(sb)
 

@@ -515,6 +515,26 @@ class AgentExecutor(Teardown, OneShot, Processes, Ports, Pausing, Replicas):
             extended_by_s=round(sb.expires_at - before, 3),
         )
 
+    async def set_network_policy(self, sb: SandboxState, policy: common_pb2.NetworkPolicy) -> None:
+        """Replace ``sb``'s egress policy, live (vm-manager applies it and audits it)."""
+        if sb.vm.network_mode != common_pb2.NETWORK_MODE_NAT_FILTERED:
+            mode = common_pb2.NetworkMode.Name(sb.vm.network_mode).removeprefix("NETWORK_MODE_")
+            raise FailedPrecondition(
+                f"sandbox {sb.id} is {mode.lower().replace('_', '-')}: only nat-filtered "
+                "sandboxes have a network policy (create one with network nat-filtered)"
+            )
+        async with sb.lock:  # not while it is being paused or resumed
+            if sb.paused:
+                raise FailedPrecondition(f"sandbox {sb.id} is paused: resume it first")
+            try:
+                resp = await self.vmm.UpdateNetworkPolicy(
+                    vm_manager_pb2.UpdateNetworkPolicyRequest(name=sb.vm.name, policy=policy),
+                    timeout=30,
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise RemoteError.from_rpc(exc, "vm-manager") from exc
+            sb.vm.network.CopyFrom(resp.vm.network)
+
     # -- files (agentvm.executor.files) ---------------------------------------------
     async def write_file(
         self,

@@ -130,6 +130,8 @@ class Replicas:
         if rec.closing and not sb.closing:
             self.forget(sb)
             raise self.gone_error(sb.id, cut_short=False)
+        # Its network policy may have been changed through another replica.
+        sb.vm.network.CopyFrom(vm.network)
         if vm.record_generation > sb.record_generation:
             self._apply(sb, rec, vm, pause_state=holding_lock or not sb.lock.locked())
 

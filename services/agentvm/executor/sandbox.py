@@ -221,6 +221,8 @@ class SandboxState:
         msg.boot_duration.FromNanoseconds(int(self.boot_duration * 1e9))
         if self.auto_pause:
             msg.auto_pause.FromNanoseconds(int(self.auto_pause * 1e9))
+        if self.vm.network_mode == common_pb2.NETWORK_MODE_NAT_FILTERED:
+            msg.network_policy.CopyFrom(self.vm.network.policy)
         return msg
 
 

@@ -133,6 +133,15 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         return executor_pb2.SetSandboxTimeoutResponse(sandbox=sb.to_proto())
 
     @grpc_errors
+    async def SetSandboxNetworkPolicy(
+        self, request: executor_pb2.SetSandboxNetworkPolicyRequest, context: Ctx
+    ) -> executor_pb2.SetSandboxNetworkPolicyResponse:
+        sb = await self.executor.find(request.sandbox_id, paused_ok=True)
+        async with self._guard(sb.id):
+            await self.executor.set_network_policy(sb, request.policy)
+        return executor_pb2.SetSandboxNetworkPolicyResponse(sandbox=sb.to_proto())
+
+    @grpc_errors
     async def PauseSandbox(
         self, request: executor_pb2.PauseSandboxRequest, context: Ctx
     ) -> executor_pb2.PauseSandboxResponse:
