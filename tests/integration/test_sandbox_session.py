@@ -118,6 +118,13 @@ def test_the_sandbox_commands_of_the_cli(executor: ExecutorProcess) -> None:
         p = cli(env, "sandbox", "create", "--secret-env", "NOT_SET_ANYWHERE")
         assert p.returncode == 2
         assert "NOT_SET_ANYWHERE: no such variable" in p.stderr
+        # A network policy is a nat-filtered sandbox's only.
+        p = cli(env, "sandbox", "set-policy", sid, "--allow-domain", "pypi.org")
+        assert p.returncode != 0
+        assert f"sandbox {sid} is isolated: only nat-filtered sandboxes" in p.stderr
+        p = cli(env, "sandbox", "create", "--network", "isolated", "--allow-port", "80")
+        assert p.returncode == 2
+        assert "--allow-port need --network nat-filtered" in p.stderr
     finally:
         p = cli(env, "sandbox", "rm", sid)
         assert p.returncode == 0, p.stderr

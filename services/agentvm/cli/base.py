@@ -58,6 +58,44 @@ def network_option() -> Callable[[F], F]:
     )
 
 
+def policy_options(func: F) -> F:
+    """`--allow-domain/--allow-cidr/--allow-port`: a nat-filtered VM's egress policy
+    (the same words and help on every command; see :func:`policy_of`)."""
+    for option in reversed(
+        [
+            click.option(
+                "--allow-domain", "allow_domains", multiple=True, metavar="NAME",
+                help="Name it may resolve and connect to (repeat; '*.example.com' for a "
+                "zone). Replaces the default allowlist.",
+            ),
+            click.option(
+                "--allow-cidr", "allow_cidrs", multiple=True, metavar="CIDR",
+                help="Address range it may connect to (repeat).",
+            ),
+            click.option(
+                "--allow-port", "ports", multiple=True, type=click.IntRange(1, 65535),
+                metavar="PORT", help="TCP port allowed (repeat; default 80, 443, 22).",
+            ),
+        ]
+    ):  # fmt: skip
+        func = option(func)
+    return func
+
+
+def policy_of(
+    network: str, allow_domains: Sequence[str], allow_cidrs: Sequence[str], ports: Sequence[int]
+) -> common_pb2.NetworkPolicy | None:
+    """The policy :func:`policy_options` gave (None: none given); exit 2 naming
+    the options when one is given for a network mode other than nat-filtered."""
+    if not (allow_domains or allow_cidrs or ports):
+        return None
+    if network != "nat-filtered":
+        fail("--allow-domain, --allow-cidr and --allow-port need --network nat-filtered")
+    return common_pb2.NetworkPolicy(
+        allow_domains=list(allow_domains), allow_cidrs=list(allow_cidrs), ports=list(ports)
+    )
+
+
 def image_option() -> Callable[[F], F]:
     """`--image`: the named image a VM's workload runs in (the same help on every command)."""
     return click.option(

@@ -15,6 +15,8 @@ from agentvm.cli.base import (
     check_timeout,
     image_option,
     network_option,
+    policy_of,
+    policy_options,
     profile_option,
     settings,
 )
@@ -44,29 +46,7 @@ MAX_OUTPUT = 1024 * 1024 * 1024
 @network_option()
 @bridge_option()
 @image_option()
-@click.option(
-    "--allow-domain",
-    "allow_domains",
-    multiple=True,
-    metavar="NAME",
-    help="Name the run may resolve and connect to (repeat; '*.example.com' for a zone). "
-    "Replaces the default allowlist.",
-)
-@click.option(
-    "--allow-cidr",
-    "allow_cidrs",
-    multiple=True,
-    metavar="CIDR",
-    help="Address range the run may connect to (repeat).",
-)
-@click.option(
-    "--allow-port",
-    "ports",
-    multiple=True,
-    type=click.IntRange(1, 65535),
-    metavar="PORT",
-    help="TCP port allowed (repeat; default 80, 443, 22).",
-)
+@policy_options
 @click.option(
     "--cpus", type=click.IntRange(0, MAX_VCPUS), default=0, help="vCPUs (default: the profile's)."
 )
@@ -159,11 +139,8 @@ def run_cmd(
         fail("give exactly one of FILE.py, -c CODE or --cmd 'SHELL COMMAND'")
     check_timeout(timeout)
     bridge = check_bridge(network, bridge) or None
-    policy = None
-    if allow_domains or allow_cidrs or ports:
-        if network != "nat-filtered":
-            fail("--allow-domain, --allow-cidr and --allow-port need --network nat-filtered")
-        policy = agent_vm.NetworkPolicy(allow_domains, allow_cidrs, ports)
+    given = policy_of(network, allow_domains, allow_cidrs, ports)
+    policy = None if given is None else agent_vm.NetworkPolicy.from_proto(given)
     env = parse_env(env_pairs)
     workdir = check_cwd(cwd)
     files = Inputs()

@@ -21,6 +21,8 @@ from agentvm.cli.base import (
     handle_errors,
     image_option,
     network_option,
+    policy_of,
+    policy_options,
     print_json,
     print_json_list,
     print_table,
@@ -89,6 +91,7 @@ def sandbox() -> None:
 @image_option()
 @profile_option()
 @network_option()
+@policy_options
 @click.option("--bridge", default=None, help="Host bridge of --network bridge.")
 @click.option(
     "--timeout",
@@ -120,6 +123,9 @@ def sandbox_create(
     image: str | None,
     profile: str,
     network: str,
+    allow_domains: tuple[str, ...],
+    allow_cidrs: tuple[str, ...],
+    ports: tuple[int, ...],
     bridge: str | None,
     timeout: str,
     auto_pause: str | None,
@@ -137,6 +143,7 @@ def sandbox_create(
     spec = executor_pb2.SandboxSpec(
         profile=PROFILES[profile],
         network_mode=NETWORKS[network],
+        network_policy=policy_of(network, allow_domains, allow_cidrs, ports),
         bridge=bridge or "",
         image=image or "",
     )
@@ -260,6 +267,27 @@ def sandbox_set_timeout(sandbox_id: str, timeout: str) -> None:
     req.timeout.FromNanoseconds(int(duration("DURATION", timeout) * 1e9))
     sb = executor_stub().SetSandboxTimeout(req, timeout=60).sandbox
     click.echo(f"{sb.id} expires in {_expires_in(sb)}")
+
+
+@sandbox.command("set-policy")
+@click.argument("sandbox_id", metavar="ID")
+@policy_options
+@handle_errors
+def sandbox_set_policy(
+    sandbox_id: str,
+    allow_domains: tuple[str, ...],
+    allow_cidrs: tuple[str, ...],
+    ports: tuple[int, ...],
+) -> None:
+    """Replace a running nat-filtered sandbox's egress policy, live (no option: the
+    server's defaults). Connections the old policy allowed are ended."""
+    policy = policy_of("nat-filtered", allow_domains, allow_cidrs, ports)
+    req = executor_pb2.SetSandboxNetworkPolicyRequest(sandbox_id=sandbox_id, policy=policy)
+    got = executor_stub().SetSandboxNetworkPolicy(req, timeout=60).sandbox.network_policy
+    click.echo(
+        f"{sandbox_id} may reach: {', '.join(got.allow_domains) or '-'} "
+        f"(cidrs {', '.join(got.allow_cidrs) or '-'}; ports {', '.join(map(str, got.ports))})"
+    )
 
 
 @sandbox.command("rm")
