@@ -339,7 +339,8 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
             return vm
 
     async def _start_relay(self, vm: VM, dom: libvirt.virDomain) -> None:
-        xml = await asyncio.to_thread(dom.XMLDesc, 0)
+        with libvirt_errors(f"reading the live XML of VM {vm.name}"):
+            xml = await asyncio.to_thread(dom.XMLDesc, 0)
         path, _state = dx.channel_state(xml, PORT_NAME)
         if path is None:
             raise FailedPrecondition(f"VM {vm.name} has no agent channel in its live XML")
@@ -368,7 +369,13 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
             vm.error = "the domain disappeared from libvirt"
             self._stopped_behind_our_back(vm)
             return
-        state, reason = await asyncio.to_thread(dom.state)
+        try:
+            state, reason = await asyncio.to_thread(dom.state)
+        except libvirt.libvirtError as exc:
+            # libvirtd restarting, or the domain went meanwhile: the state is as last
+            # known, and the next look (a poll of WaitVM, the next call) sees anew.
+            log.info("cannot read the state of VM %s: %s", vm.name, exc.get_error_message())
+            return
         if settled():
             return
         if state in (DOMAIN_SHUTOFF, DOMAIN_CRASHED):

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import grpc
+import libvirt
 
 from agentvm.common.errors import DeadlineExceeded, FailedPrecondition
 from agentvm.common.events import EventSink
@@ -79,7 +80,13 @@ class Readiness:
         dom = await asyncio.to_thread(self.conn.find, vm.name)
         if dom is None:
             return
-        xml = await asyncio.to_thread(dom.XMLDesc, 0)
+        try:
+            xml = await asyncio.to_thread(dom.XMLDesc, 0)
+        except libvirt.libvirtError as exc:
+            # libvirtd restarting (the soak's libvirtd-restart fault): not an answer
+            # about the VM; the next attempt looks again on a new connection.
+            log.info("cannot read the XML of VM %s: %s", vm.name, exc.get_error_message())
+            return
         _path, cstate = dx.channel_state(xml, PORT_NAME)
         if cstate != "connected":
             return

@@ -100,7 +100,9 @@ class Snapshots:
 
             async def reverted() -> None:
                 await asyncio.to_thread(self.snapshots.revert, dom, name)
-                if await asyncio.to_thread(dom.isActive):
+                with libvirt_errors(f"looking at VM {name} after its revert"):
+                    active = await asyncio.to_thread(dom.isActive)
+                if active:
                     vm.state = VMState.BOOTING
                     # Timed from the restore request to the agent answering (WaitVM).
                     vm.boot_started = started
