@@ -17,7 +17,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from agentvm.common.errors import DeadlineExceeded
+from agentvm.common.errors import AgentVMError, DeadlineExceeded
 from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.vm_manager.libvirt_conn import LibvirtConnection
 from agentvm.vm_manager.manager import VMManager
@@ -59,6 +59,10 @@ def test_a_vm_read_while_libvirtd_restarts_is_as_last_known(
         vm.state = VMState.BOOTING
         with pytest.raises(DeadlineExceeded, match="did not become READY"):
             await manager.wait(vm.name, VMState.READY, 0.5)
+        # Recording its metadata (a record write, a policy) on the dead connection is
+        # a translated error, not a raw one (the servicer gives it a status).
+        with pytest.raises(AgentVMError, match="recording the record"):
+            manager._store_metadata(vm, _Gone(), "the record")
         monkeypatch.undo()
         await manager.destroy(vm.name)
 

@@ -212,9 +212,9 @@ class DomainDefinition:
     ) -> None:
         meta = self._metadata(vm).to_api_xml()
         flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
-        if dom.isActive():
-            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
         with libvirt_errors(f"recording {what} of {vm.name}"):
+            if dom.isActive():
+                flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
             dom.setMetadata(
                 libvirt.VIR_DOMAIN_METADATA_ELEMENT,
                 meta,
