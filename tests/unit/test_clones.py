@@ -6,7 +6,11 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import pytest
+
+from agentvm.common.errors import FailedPrecondition, ResourceExhausted
 from agentvm.common.profiles import NetworkMode, ResourceProfile
+from agentvm.vm_manager import clones
 from agentvm.vm_manager.accel import Accel
 from agentvm.vm_manager.clones import (
     DISK,
@@ -114,3 +118,35 @@ def test_a_built_in_template_needs_no_image_layer_and_old_records_still_load(
     record.write_text(json.dumps(data))
     loaded = store.load(s.key)
     assert loaded == replace(info(s), workload_image_id="")
+
+
+class _Dom:
+    def name(self) -> str:
+        return "agent-vm-x"
+
+
+def _failed_migration(monkeypatch: pytest.MonkeyPatch, desc: str) -> None:
+    def qmp(_dom: object, command: str, **_arguments: object) -> dict[str, str]:
+        assert command == "query-migrate"
+        return {"status": "failed", "error-desc": desc}
+
+    monkeypatch.setattr(clones, "qmp", qmp)
+
+
+def test_a_save_on_a_full_disk_is_resource_exhausted_and_says_to_free_space(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What QEMU answered in the soak when the state disk filled during a pause.
+    _failed_migration(monkeypatch, "Unable to write to file: No space left on device")
+    with pytest.raises(ResourceExhausted, match="free space there"):
+        clones._wait_migration(_Dom(), "saving the memory of agent-vm-x", 1.0, "try again")
+
+
+def test_another_failed_save_says_the_remedy_its_caller_gave(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _failed_migration(monkeypatch, "Unable to write to file: Input/output error")
+    with pytest.raises(FailedPrecondition, match="Input/output error; kill it") as caught:
+        clones._wait_migration(_Dom(), "saving", 1.0, "kill it")
+    assert not isinstance(caught.value, ResourceExhausted)
+    assert "DeleteTemplate" in clones.REBUILD_TEMPLATE

@@ -25,6 +25,7 @@ template saved by another QEMU is rebuilt rather than trusted.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -38,7 +39,12 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
-from agentvm.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from agentvm.common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.vm_manager.accel import Accel
 from agentvm.vm_manager.templates import Resources
@@ -54,6 +60,10 @@ IMAGE_DISK = "image.qcow2"
 # file on local disk take seconds; the stream is local, so lift it.
 SAVE_BANDWIDTH = 16 << 30
 MIGRATION_TIMEOUT_S = 120.0
+# What a failed save or load of a template's memory tells the caller to do.
+REBUILD_TEMPLATE = "delete the template (DeleteTemplate) so it is rebuilt"
+# How QEMU's error says a file system is full (strerror(ENOSPC)).
+NO_SPACE = os.strerror(errno.ENOSPC)
 QMP_FD_NAME = "agentvm-state"
 
 
@@ -273,7 +283,11 @@ def _pass_fd(dom: libvirt.virDomain, fd: int) -> None:
         raise FailedPrecondition(f"QEMU refused the state file: {parsed['error']}")
 
 
-def _wait_migration(dom: libvirt.virDomain, what: str, timeout: float) -> dict[str, Any]:
+def _wait_migration(
+    dom: libvirt.virDomain, what: str, timeout: float, remedy: str
+) -> dict[str, Any]:
+    """Wait for QEMU's migration to a file to end; ``remedy`` says what to do when it
+    failed. A full file system is RESOURCE_EXHAUSTED (free space, then try again)."""
     deadline = time.monotonic() + timeout
     while True:
         status: dict[str, Any] = qmp(dom, "query-migrate")
@@ -281,17 +295,26 @@ def _wait_migration(dom: libvirt.virDomain, what: str, timeout: float) -> dict[s
         if state == "completed":
             return status
         if state in ("failed", "cancelled"):
-            raise FailedPrecondition(
-                f"{what} failed: {status.get('error-desc', state)}; "
-                "delete the template (DeleteTemplate) so it is rebuilt"
-            )
+            desc = str(status.get("error-desc", state))
+            if NO_SPACE in desc:
+                raise ResourceExhausted(
+                    f"{what} failed: {desc}: the file system of the state directory is "
+                    "full; free space there (or close sandboxes), then try again"
+                )
+            raise FailedPrecondition(f"{what} failed: {desc}; {remedy}")
         if time.monotonic() > deadline:
             raise DeadlineExceeded(f"{what} did not finish within {timeout:.0f} s")
         time.sleep(0.01)
 
 
-def save_state(dom: libvirt.virDomain, path: Path, timeout: float = MIGRATION_TIMEOUT_S) -> None:
-    """Pause ``dom`` and write its memory and device state to ``path`` (QEMU stream)."""
+def save_state(
+    dom: libvirt.virDomain,
+    path: Path,
+    remedy: str = REBUILD_TEMPLATE,
+    timeout: float = MIGRATION_TIMEOUT_S,
+) -> None:
+    """Pause ``dom`` and write its memory and device state to ``path`` (QEMU stream);
+    ``remedy`` is what a failure's message tells the caller to do."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         if dom.info()[0] != libvirt.VIR_DOMAIN_PAUSED:
@@ -301,15 +324,22 @@ def save_state(dom: libvirt.virDomain, path: Path, timeout: float = MIGRATION_TI
     finally:
         os.close(fd)
     qmp(dom, "migrate", uri=f"fd:{QMP_FD_NAME}")
-    _wait_migration(dom, f"saving the memory of {dom.name()}", timeout)
+    _wait_migration(dom, f"saving the memory of {dom.name()}", timeout, remedy)
 
 
-def load_state(dom: libvirt.virDomain, path: Path, timeout: float = MIGRATION_TIMEOUT_S) -> None:
-    """Load ``path`` into ``dom``, which was started paused with ``-incoming defer``."""
+def load_state(
+    dom: libvirt.virDomain,
+    path: Path,
+    source: str = "its template",
+    remedy: str = REBUILD_TEMPLATE,
+    timeout: float = MIGRATION_TIMEOUT_S,
+) -> None:
+    """Load ``path`` (``source``, named in errors) into ``dom``, which was started paused
+    with ``-incoming defer``."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         _pass_fd(dom, fd)
     finally:
         os.close(fd)
     qmp(dom, "migrate-incoming", uri=f"fd:{QMP_FD_NAME}")
-    _wait_migration(dom, f"restoring {dom.name()} from its template", timeout)
+    _wait_migration(dom, f"restoring {dom.name()} from {source}", timeout, remedy)

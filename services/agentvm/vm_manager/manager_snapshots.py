@@ -17,6 +17,7 @@ import libvirt
 from agentvm.common.completion import to_completion
 from agentvm.common.errors import AgentVMError, FailedPrecondition
 from agentvm.vm_manager import suspend as suspend_vm
+from agentvm.vm_manager.diskfull import DiskWatch
 from agentvm.vm_manager.libvirt_conn import LibvirtConnection, libvirt_errors
 from agentvm.vm_manager.manager_readiness import POLL_S
 from agentvm.vm_manager.snapshots import SnapshotInfo, SnapshotManager
@@ -30,6 +31,7 @@ class Snapshots:
 
     conn: LibvirtConnection
     snapshots: SnapshotManager
+    disk: DiskWatch
 
     def _lock(self, name: str) -> asyncio.Lock:
         raise NotImplementedError
@@ -145,6 +147,9 @@ class Snapshots:
                 f"VM {name} has a shared (virtiofs) workspace, whose device state QEMU "
                 "cannot save: only VMs without shared_workspace can be suspended"
             )
+        # Its memory is written to the state disk: refused at once when that is full
+        # (a save that fills it on the way fails RESOURCE_EXHAUSTED too, clones.py).
+        await asyncio.to_thread(self.disk.check_room)
         dom = await asyncio.to_thread(self.conn.lookup, name)
         if vm.relay is not None:
             # The guest's half of the session is saved with its memory: the next

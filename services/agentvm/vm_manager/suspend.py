@@ -20,6 +20,11 @@ from agentvm.vm_manager.domain_xml import QEMU_NS
 from agentvm.vm_manager.libvirt_conn import LibvirtConnection, launch
 
 STATE_FILE = "suspended.state"
+# What a failed suspend or resume tells the caller to do.
+SAVE_FAILED = "the sandbox runs on as it was: try the pause again, or kill it"
+LOAD_FAILED = (
+    "its saved state stays on disk: try the resume again, or kill the sandbox to discard it"
+)
 
 
 def with_incoming(xml: str) -> str:
@@ -60,7 +65,7 @@ def suspend(dom: libvirt.virDomain, path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     try:
-        save_state(dom, path)
+        save_state(dom, path, SAVE_FAILED)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -85,7 +90,7 @@ def resume(conn: LibvirtConnection, name: str, path: Path) -> libvirt.virDomain:
         # The persistent definition boots normally next time.
         conn.define(normal)
     try:
-        load_state(dom, path)
+        load_state(dom, path, "its saved state", LOAD_FAILED)
     except BaseException:
         with contextlib.suppress(libvirt.libvirtError):
             dom.destroy()
