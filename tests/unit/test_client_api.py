@@ -317,3 +317,11 @@ def test_command_result_check() -> None:
     assert info.value.result.exit_code == 3  # type: ignore[attr-defined]
     with pytest.raises(agent_vm.CommandTimeoutError):
         agent_vm.CommandResult(124, b"", b"", True, 5.0).check()
+
+
+def test_a_network_policy_built_from_lists_equals_the_servers_answer() -> None:
+    mine = agent_vm.NetworkPolicy(allow_domains=["pypi.org"], allow_cidrs=[], ports=[22, 80])
+    from_server = agent_vm.NetworkPolicy.from_proto(mine.to_proto())
+    assert mine == from_server
+    assert mine.ports == (22, 80)
+    assert hash(mine) == hash(from_server)

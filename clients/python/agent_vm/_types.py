@@ -124,6 +124,13 @@ class NetworkPolicy:
     allow_cidrs: Sequence[str] = ()
     ports: Sequence[int] = ()
 
+    def __post_init__(self) -> None:
+        # Kept as tuples: a policy built from lists equals the same one from the
+        # server (which answers with the ports sorted and without duplicates).
+        object.__setattr__(self, "allow_domains", tuple(self.allow_domains))
+        object.__setattr__(self, "allow_cidrs", tuple(self.allow_cidrs))
+        object.__setattr__(self, "ports", tuple(self.ports))
+
     @classmethod
     def from_proto(cls, policy: common_pb2.NetworkPolicy) -> NetworkPolicy:
         """The policy of the executor's message."""
