@@ -83,6 +83,14 @@ def test_a_full_state_disk_pauses_the_vm_refuses_new_ones_and_loses_nothing(
             factory.create()
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert str(small_vmm.state_dir) in (err.value.details() or "")
+        # A suspend (a sandbox's pause) would write its memory there: refused the
+        # same way, and the VM runs on.
+        with pytest.raises(grpc.RpcError) as err:
+            small_vmm.stub().SuspendVM(vm_manager_pb2.SuspendVMRequest(name=vm.name), timeout=60)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert str(small_vmm.state_dir) in (err.value.details() or "")
+        assert get(small_vmm, vm.name).state == common_pb2.VM_STATE_READY
+        assert execute(vm.agent_endpoint, "echo up").stdout == b"up\n"
 
         # 64 MiB written and synced in the guest: more than the host has room for.
         script = (

@@ -138,8 +138,10 @@ def test_a_save_on_a_full_disk_is_resource_exhausted_and_says_to_free_space(
 ) -> None:
     # What QEMU answered in the soak when the state disk filled during a pause.
     _failed_migration(monkeypatch, "Unable to write to file: No space left on device")
-    with pytest.raises(ResourceExhausted, match="free space there"):
-        clones._wait_migration(_Dom(), "saving the memory of agent-vm-x", 1.0, "try again")
+    with pytest.raises(ResourceExhausted, match="file system of /state/vms/x is full; free space"):
+        clones._wait_migration(
+            _Dom(), "saving the memory of x", 1.0, "again", Path("/state/vms/x/suspended.state")
+        )
 
 
 def test_another_failed_save_says_the_remedy_its_caller_gave(

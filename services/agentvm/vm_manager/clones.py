@@ -284,10 +284,11 @@ def _pass_fd(dom: libvirt.virDomain, fd: int) -> None:
 
 
 def _wait_migration(
-    dom: libvirt.virDomain, what: str, timeout: float, remedy: str
+    dom: libvirt.virDomain, what: str, timeout: float, remedy: str, path: Path | None = None
 ) -> dict[str, Any]:
-    """Wait for QEMU's migration to a file to end; ``remedy`` says what to do when it
-    failed. A full file system is RESOURCE_EXHAUSTED (free space, then try again)."""
+    """Wait for QEMU's migration to or from ``path`` to end; ``remedy`` says what to do
+    when it failed. A full file system is RESOURCE_EXHAUSTED (free space, then try
+    again)."""
     deadline = time.monotonic() + timeout
     while True:
         status: dict[str, Any] = qmp(dom, "query-migrate")
@@ -298,8 +299,9 @@ def _wait_migration(
             desc = str(status.get("error-desc", state))
             if NO_SPACE in desc:
                 raise ResourceExhausted(
-                    f"{what} failed: {desc}: the file system of the state directory is "
-                    "full; free space there (or close sandboxes), then try again"
+                    f"{what} failed: {desc}: the file system of "
+                    f"{path.parent if path else 'the state directory'} is full; free "
+                    "space there (or close sandboxes), then try again"
                 )
             raise FailedPrecondition(f"{what} failed: {desc}; {remedy}")
         if time.monotonic() > deadline:
@@ -324,7 +326,7 @@ def save_state(
     finally:
         os.close(fd)
     qmp(dom, "migrate", uri=f"fd:{QMP_FD_NAME}")
-    _wait_migration(dom, f"saving the memory of {dom.name()}", timeout, remedy)
+    _wait_migration(dom, f"saving the memory of {dom.name()}", timeout, remedy, path)
 
 
 def load_state(
