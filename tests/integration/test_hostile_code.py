@@ -313,4 +313,6 @@ def test_a_guest_kernel_panic_ends_only_its_own_run(executor: ExecutorProcess) -
         message = str(err.value)
         assert victim_sb.vm_name in message, message
         assert "stopped" in message or "gone" in message, message
+        # Told apart from a guest that powered off by its console (vm_manager/console.py).
+        assert "the guest kernel panicked (Kernel panic - not syncing" in message, message
         assert bystander.run("echo fine").stdout == "fine\n"

@@ -35,7 +35,7 @@ from agentvm.common.grpc_util import guest_channel
 from agentvm.common.placement import Amount
 from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
-from agentvm.vm_manager import access, workspace
+from agentvm.vm_manager import access, console, workspace
 from agentvm.vm_manager import domain_xml as dx
 from agentvm.vm_manager.accel import AccelInfo
 from agentvm.vm_manager.clones import TemplateInfo, TemplateStore
@@ -379,7 +379,15 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
         if settled():
             return
         if state in (DOMAIN_SHUTOFF, DOMAIN_CRASHED):
-            if state == DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN:
+            shutdown = state == DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN
+            # A panic resets the guest, which on_reboot=destroy makes a shutdown.
+            panic = await asyncio.to_thread(console.panic_line, vm.console_log) if shutdown else ""
+            if panic:
+                vm.transition(VMState.FAILED)
+                vm.error = (
+                    f"the guest kernel panicked ({panic}); see its console log {vm.console_log}"
+                )
+            elif shutdown:
                 vm.transition(VMState.STOPPED)
             else:
                 vm.transition(VMState.FAILED)
