@@ -18,13 +18,11 @@ import libvirt
 import pytest
 
 from agentvm.common.errors import AgentVMError, DeadlineExceeded
-from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.vm_manager.libvirt_conn import LibvirtConnection
 from agentvm.vm_manager.manager import VMManager
-from agentvm.vm_manager.templates import Resources
 from agentvm.vm_manager.vm import VMState
 from tests.unit.test_servicers import RecordingSink, fake_image
-from tests.unit.test_vm_audit import on_test_driver
+from tests.unit.test_vm_audit import defined_vm, on_test_driver
 
 __all__ = ["fake_image"]  # the fixture, used by name
 
@@ -43,13 +41,7 @@ def test_a_vm_read_while_libvirtd_restarts_is_as_last_known(
     tmp_path: Path, fake_image: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def body(manager: VMManager, conn: LibvirtConnection, sink: RecordingSink) -> None:
-        vm = await manager.create(
-            profile=ResourceProfile.STANDARD,
-            network_mode=NetworkMode.ISOLATED,
-            resources=Resources.for_profile(ResourceProfile.STANDARD),
-            labels={},
-            start=False,
-        )
+        vm = await defined_vm(manager)
         monkeypatch.setattr(conn, "find", lambda name: _Gone())
         vm.state = VMState.READY
         assert (await manager.get(vm.name)).state is VMState.READY

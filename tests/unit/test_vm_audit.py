@@ -15,7 +15,7 @@ from agentvm.vm_manager import console
 from agentvm.vm_manager.libvirt_conn import LibvirtConnection
 from agentvm.vm_manager.manager import VMManager
 from agentvm.vm_manager.templates import Resources
-from agentvm.vm_manager.vm import VMState
+from agentvm.vm_manager.vm import VM, VMState
 from tests.unit.test_servicers import RecordingSink, fake_image, unit_manager, unit_settings
 
 __all__ = ["fake_image"]  # the fixture, used by name
@@ -39,17 +39,22 @@ def on_test_driver(tmp_path: Path, cache: Path, body: Body) -> None:
     asyncio.run(main())
 
 
+async def defined_vm(manager: VMManager) -> VM:
+    """A standard ISOLATED VM, defined, not started."""
+    return await manager.create(
+        profile=ResourceProfile.STANDARD,
+        network_mode=NetworkMode.ISOLATED,
+        resources=Resources.for_profile(ResourceProfile.STANDARD),
+        labels={},
+        start=False,
+    )
+
+
 def test_a_vm_that_stopped_behind_our_back_is_audited_once(
     tmp_path: Path, fake_image: Path
 ) -> None:
     async def body(manager: VMManager, conn: LibvirtConnection, sink: RecordingSink) -> None:
-        vm = await manager.create(
-            profile=ResourceProfile.STANDARD,
-            network_mode=NetworkMode.ISOLATED,
-            resources=Resources.for_profile(ResourceProfile.STANDARD),
-            labels={},
-            start=False,
-        )
+        vm = await defined_vm(manager)
         # vm-manager believes it runs; its domain is not running (a QEMU that died).
         vm.state = VMState.READY
         await manager.get(vm.name)
@@ -104,13 +109,7 @@ def test_a_guest_that_panicked_is_failed_and_one_that_powered_off_stopped(
     says: str,
 ) -> None:
     async def body(manager: VMManager, conn: LibvirtConnection, sink: RecordingSink) -> None:
-        vm = await manager.create(
-            profile=ResourceProfile.STANDARD,
-            network_mode=NetworkMode.ISOLATED,
-            resources=Resources.for_profile(ResourceProfile.STANDARD),
-            labels={},
-            start=False,
-        )
+        vm = await defined_vm(manager)
         # Its guest ran, wrote its console, and went down by itself (libvirt: a
         # shutdown, whatever the cause: on_reboot=destroy).
         dom = conn.lookup(vm.name)
