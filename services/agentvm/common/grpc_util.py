@@ -308,6 +308,30 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: AgentVMError)
     await context.abort(exc.code, exc.message)
 
 
+# Translations a service registers for errors its code should have translated
+# but did not (vm-manager: a libvirt connection lost mid-call is UNAVAILABLE,
+# wherever it was raised). Each returns None for errors it does not know.
+_FALLBACKS: list[Callable[[Exception], AgentVMError | None]] = []
+
+
+def translate_unexpected(fallback: Callable[[Exception], AgentVMError | None]) -> None:
+    """Have every servicer of this process answer an error that escaped its handler
+    as ``fallback`` maps it (still logged with its traceback, as the bug it is)."""
+    if fallback not in _FALLBACKS:
+        _FALLBACKS.append(fallback)
+
+
+async def _unexpected(
+    context: grpc.aio.ServicerContext[Any, Any], where: str, exc: Exception, message: str
+) -> None:
+    wire.unexpected(context, where)
+    for fallback in _FALLBACKS:
+        mapped = fallback(exc)
+        if mapped is not None:
+            await _abort(context, mapped)
+    await context.abort(grpc.StatusCode.INTERNAL, message)
+
+
 def grpc_errors(func: F) -> F:
     """Servicer decorator: AgentVMError -> its status code, anything else -> INTERNAL.
 
@@ -332,9 +356,10 @@ def grpc_errors(func: F) -> F:
         except Exception as exc:  # noqa: BLE001 - logged with its traceback by wire.unexpected
             if context.done():
                 return None
-            wire.unexpected(context, func.__name__)
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
+            await _unexpected(
+                context,
+                func.__name__,
+                exc,
                 f"internal error in {func.__name__}: {exc!r}; see the service log",
             )
 
@@ -363,8 +388,7 @@ def grpc_stream_errors(
         except Exception as exc:  # noqa: BLE001 - logged with its traceback by wire.unexpected
             if context.done():
                 return
-            wire.unexpected(context, func.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
+            await _unexpected(context, func.__name__, exc, f"internal error: {exc!r}")
 
     return wrapper
 

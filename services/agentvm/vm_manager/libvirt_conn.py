@@ -119,6 +119,15 @@ def _broken(exc: libvirt.libvirtError) -> bool:
     )
 
 
+def connection_lost(exc: Exception) -> AgentVMError | None:
+    """A raw libvirt error of a lost connection that escaped a handler, as the
+    UNAVAILABLE "try again" it is (grpc_util.translate_unexpected); None for any
+    other error, which stays INTERNAL. Two such reads were found by the soak."""
+    if isinstance(exc, libvirt.libvirtError) and _broken(exc):
+        return translate(exc, "vm-manager's call to libvirt")
+    return None
+
+
 def _silence(_ctx: object, _err: object) -> None:
     """libvirt prints every error to stderr by default; we raise them instead."""
 
