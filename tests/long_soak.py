@@ -31,6 +31,9 @@ from tests.soakinst import TARGETS, soak_installation
 IMAGE = "soak-busybox"
 # Every kind: the defaults and the opt-in ones (the state directory is its own).
 FAULTS = ",".join(soak_plan.FAULT_KINDS + soak_plan.OPT_IN_FAULTS)
+# Room for the templates an hour of every kind of work builds (isolated, NAT,
+# the named image's) and the running VMs' overlays above the 1 GiB floor.
+STATE_MIB = 6144
 
 
 def _ok(proc: subprocess.CompletedProcess[str], what: str) -> str:
@@ -52,7 +55,11 @@ def _ok(proc: subprocess.CompletedProcess[str], what: str) -> str:
 )
 def main(minutes: float, seed: int, fault_every: float, faults: str, out: Path) -> None:
     """Run a long soak in the tests' confined world; exit with the soak's status."""
-    with networld() as world, soak_installation(world) as inst, tempfile.TemporaryDirectory() as d:
+    with (
+        networld() as world,
+        soak_installation(world, state_mib=STATE_MIB) as inst,
+        tempfile.TemporaryDirectory() as d,
+    ):
         key = _ok(agent_vm(inst.env, "e2b", "key", "create", "soak"), "creating an E2B key")
         ref = busybox_image(Path(d))["oci-archive"]
         _ok(agent_vm(inst.env, "image", "import", ref, "--name", IMAGE), "importing the image")
