@@ -1,10 +1,13 @@
-"""One executor over two nodes: two vm-managers under the one libvirtd (issue 19).
+"""One executor over three nodes: three vm-managers under the one libvirtd (issue 19).
 
 Each node is a vm-manager of its own (id, VM name prefix, state and run
-directories, TCP address with mutual TLS from the fleet's one CA), allowed
-two one-vCPU VMs (AGENTVM_NODE_OVERCOMMIT cpu=1.0 on these 2-core hosts).
-The executor knows them from AGENTVM_NODES. On real VMs: sandboxes spread
-over both nodes and run through each node's agent proxy; a node filled
+directories, TCP address with mutual TLS from the fleet's one CA). n1 and n2
+are allowed two one-vCPU VMs each (AGENTVM_NODE_OVERCOMMIT cpu=1.0 on these
+2-core hosts); n3 is given a small capacity (cpu=0.1: no whole vCPU), so it
+refuses every VM and each sandbox lands on the others (a third node of full
+size would add TCG boots to every CI run for no path the second does not
+take). The executor knows them from AGENTVM_NODES. On real VMs: sandboxes
+spread over n1 and n2 and run through each node's agent proxy; a node filled
 behind the executor's back gets no sandbox (placement skips it once a health
 check has seen it full; before that, its own RESOURCE_EXHAUSTED sends the
 executor to the next node: tests/unit/test_fleet.py pins that path); a
@@ -29,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 
 import agent_vm
@@ -47,6 +51,9 @@ from tests.vmharness import (
 
 pytestmark = pytest.mark.vm
 
+# n3's capacity: a tenth of the host's 2 cores, less than one VM's vCPU.
+SMALL = "cpu=0.1,memory=1.5,disk=4"
+
 
 @dataclass
 class NodeProcess(VMManagerProcess):
@@ -55,6 +62,7 @@ class NodeProcess(VMManagerProcess):
     fleet_dir: Path = Path()
     node_id: str = ""
     port: int = field(default_factory=free_port)
+    overcommit: str = "cpu=1.0,memory=1.5,disk=4"
 
     @property
     def address(self) -> str:
@@ -74,7 +82,7 @@ class NodeProcess(VMManagerProcess):
         env.update(
             AGENTVM_VM_MANAGER_ADDR=self.address,
             AGENTVM_NODE_ID=self.node_id,
-            AGENTVM_NODE_OVERCOMMIT="cpu=1.0,memory=1.5,disk=4",
+            AGENTVM_NODE_OVERCOMMIT=self.overcommit,
         )
         return env
 
@@ -84,10 +92,12 @@ def fleet(guest_image: Path) -> Iterator[tuple[list[NodeProcess], ExecutorProces
     shared = new_vmm()  # the fleet's directory: CA, token, the executor's own dirs
     shared.base.mkdir(parents=True)
     nodes = []
-    for n in ("n1", "n2"):
+    for n in ("n1", "n2", "n3"):
         base = new_vmm()
         node = NodeProcess(base=base.base, prefix=f"{base.prefix}{n}-", fleet_dir=shared.base)
         node.node_id = n
+        if n == "n3":
+            node.overcommit = SMALL
         nodes.append(node)
     executor = ExecutorProcess(
         base=shared.base,
@@ -133,10 +143,19 @@ def test_sandboxes_spread_refusals_move_on_and_a_lost_node_comes_back(
     fleet: tuple[list[NodeProcess], ExecutorProcess],
 ) -> None:
     nodes, executor = fleet
-    n1, n2 = nodes
+    n1, n2, n3 = nodes
     made: list[agent_vm.Sandbox] = []
     try:
-        # Spread: the second sandbox goes to the node the first left emptier.
+        # The small node refuses a VM itself, naming what does not fit.
+        with pytest.raises(grpc.RpcError) as refused:
+            n3.stub().CreateVM(
+                vm_manager_pb2.CreateVMRequest(network_mode=common_pb2.NETWORK_MODE_ISOLATED),
+                timeout=60,
+            )
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "node n3: vCPUs" in (refused.value.details() or "")
+        # Spread: the second sandbox goes to the node the first left emptier; none
+        # to n3.
         made += [create(executor), create(executor)]
         assert sorted(node_of(sb, nodes) for sb in made) == ["n1", "n2"]
         for sb in made:
@@ -160,7 +179,7 @@ def test_sandboxes_spread_refusals_move_on_and_a_lost_node_comes_back(
         made.append(third)
         assert node_of(third, nodes) == "n2"
         assert third.run("echo on n2").stdout == "on n2\n"
-        # Both nodes full: one clear refusal naming why.
+        # Every node full: one clear refusal naming why.
         with pytest.raises(agent_vm.ResourceExhaustedError, match="no healthy node has room"):
             create(executor)
         n1.stub().DestroyVM(vm_manager_pb2.DestroyVMRequest(name=filler.name), timeout=60)
@@ -183,6 +202,7 @@ def test_sandboxes_spread_refusals_move_on_and_a_lost_node_comes_back(
         assert node_of(fourth, nodes) == "n1"
         n2.start()
         assert wait_for(lambda: _runs(on_n2), 90), "n2's sandbox works again once n2 is back"
+        assert not libvirt_domains(n3.prefix)
     finally:
         for sb in made:
             sb.close()
@@ -199,7 +219,7 @@ def test_a_pool_spreads_over_the_nodes_and_refills_on_the_others(
     fleet: tuple[list[NodeProcess], ExecutorProcess],
 ) -> None:
     nodes, executor = fleet
-    n1, n2 = nodes
+    n1, n2, n3 = nodes
     pool = PoolManagerProcess(
         base=executor.base,
         prefix=executor.prefix,
@@ -214,17 +234,20 @@ def test_a_pool_spreads_over_the_nodes_and_refills_on_the_others(
     # The sandboxes of the test before are destroyed after their close returned:
     # start from two empty nodes, or the pool would rightly favour the emptier.
     assert wait_for(lambda: not on(n1) and not on(n2), 90), (on(n1), on(n2))
+    assert not on(n3)
     try:
         pool.start()
         pool.wait_status(lambda st: st.ready == 2, timeout=400)
-        # One on each node (the second goes where the first left more room),
-        # each restored from that node's own template.
-        assert (len(on(n1)), len(on(n2))) == (1, 1), (on(n1), on(n2))
-        assert all(any((n.state_dir / "templates").iterdir()) for n in nodes)
+        # One on each node with room (the second goes where the first left more),
+        # each restored from that node's own template; the small node builds none.
+        assert (len(on(n1)), len(on(n2)), len(on(n3))) == (1, 1, 0), (on(n1), on(n2), on(n3))
+        assert all(any((n.state_dir / "templates").iterdir()) for n in (n1, n2))
         shown = nodes_cli(pool)
         assert shown.returncode == 0, shown.stdout + shown.stderr
-        assert [r[:3] for r in rows(shown)] == [["n1", n1.address, "up"], ["n2", n2.address, "up"]]
-        assert all(r[6] == "1" and int(r[7]) >= 1 for r in rows(shown)), shown.stdout
+        up = [["n1", n1.address, "up"], ["n2", n2.address, "up"], ["n3", n3.address, "up"]]
+        assert [r[:3] for r in rows(shown)] == up
+        assert all(r[6] == "1" and int(r[7]) >= 1 for r in rows(shown)[:2]), shown.stdout
+        assert rows(shown)[2][6:8] == ["0", "0"], shown.stdout
         # n2's vm-manager dies: its VM's agent no longer answers through it, the
         # pool gives it up and makes its replacement on n1.
         (lost,) = on(n2)
@@ -235,11 +258,12 @@ def test_a_pool_spreads_over_the_nodes_and_refills_on_the_others(
         shown = nodes_cli(pool)
         assert shown.returncode == 1, shown.stdout + shown.stderr
         states = [r[:3] for r in rows(shown)]
-        assert states == [["n1", n1.address, "up"], ["n2", n2.address, "down"]]
+        assert states == [up[0], ["n2", n2.address, "down"], up[2]]
         # n2 is back: the pool VM it left there is destroyed, n1's stay.
         n2.start()
         assert wait_for(lambda: not on(n2), 90), f"n2 still has {on(n2)}"
         assert len(on(n1)) == 2
+        assert not on(n3)
         assert pool.status().ready == 2
     finally:
         pool.stop_if_running()
