@@ -258,7 +258,8 @@ def test_a_pool_spreads_over_the_nodes_and_refills_on_the_others(
         shown = nodes_cli(pool)
         assert shown.returncode == 1, shown.stdout + shown.stderr
         states = [r[:3] for r in rows(shown)]
-        assert states == [up[0], ["n2", n2.address, "down"], up[2]]
+        # (Nodes that answer are listed first.)
+        assert states == [up[0], up[2], ["n2", n2.address, "down"]], shown.stdout
         # n2 is back: the pool VM it left there is destroyed, n1's stay.
         n2.start()
         assert wait_for(lambda: not on(n2), 90), f"n2 still has {on(n2)}"
