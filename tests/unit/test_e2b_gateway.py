@@ -235,6 +235,11 @@ def test_executor_errors_keep_their_meaning() -> None:
     down = from_rpc(_Rpc(grpc.StatusCode.UNAVAILABLE, "connection refused"))
     assert down.status == 503
     assert "agent-vm status" in down.message
+    assert "executor is not reachable" in down.message
+    # The executor answered for vm-manager (seen in the soak during its SIGKILL).
+    behind = from_rpc(_Rpc(grpc.StatusCode.UNAVAILABLE, "vm-manager: Stream removed"))
+    assert behind.status == 503
+    assert behind.message.startswith("the agent-vm vm-manager service is not reachable")
     assert GatewayError(400, "bad").json() == {"code": 400, "message": "bad"}
 
 

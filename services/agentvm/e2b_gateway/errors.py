@@ -67,6 +67,10 @@ class GatewayError(ConnectError):
         return {"code": self.status, "message": self.message}
 
 
+# How the executor's message names a service behind it that did not answer.
+BEHIND_EXECUTOR = ("vm-manager", "pool-manager")
+
+
 def from_rpc(exc: grpc.aio.AioRpcError, what: str = "") -> GatewayError:
     """The executor's answer as the gateway's: same meaning, its message kept."""
     status, code = _MAP.get(exc.code(), (500, Code.INTERNAL))
@@ -78,7 +82,17 @@ def from_rpc(exc: grpc.aio.AioRpcError, what: str = "") -> GatewayError:
             502, f"The sandbox was not found ({detail})", Code.UNAVAILABLE, sandbox_gone=True
         )
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
-        detail = f"the agent-vm executor is not reachable ({detail}): `agent-vm status` on the host"
+        behind = next((s for s in BEHIND_EXECUTOR if detail.startswith(s + ": ")), None)
+        if behind is not None:
+            # The executor answered: a service behind it is down or restarting.
+            detail = (
+                f"the agent-vm {behind} service is not reachable ({detail}): "
+                "`agent-vm status` on the host"
+            )
+        else:
+            detail = (
+                f"the agent-vm executor is not reachable ({detail}): `agent-vm status` on the host"
+            )
     return GatewayError(status, f"{what}: {detail}" if what else detail, code)
 
 
