@@ -149,6 +149,6 @@ def test_another_failed_save_says_the_remedy_its_caller_gave(
 ) -> None:
     _failed_migration(monkeypatch, "Unable to write to file: Input/output error")
     with pytest.raises(FailedPrecondition, match="Input/output error; kill it") as caught:
-        clones._wait_migration(_Dom(), "saving", 1.0, "kill it")
+        clones._wait_migration(_Dom(), "saving", 1.0, "kill it", Path("/state/x"))
     assert not isinstance(caught.value, ResourceExhausted)
     assert "DeleteTemplate" in clones.REBUILD_TEMPLATE

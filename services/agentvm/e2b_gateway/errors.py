@@ -82,17 +82,10 @@ def from_rpc(exc: grpc.aio.AioRpcError, what: str = "") -> GatewayError:
             502, f"The sandbox was not found ({detail})", Code.UNAVAILABLE, sandbox_gone=True
         )
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        # A message naming a service behind the executor: the executor answered for it.
         behind = next((s for s in BEHIND_EXECUTOR if detail.startswith(s + ": ")), None)
-        if behind is not None:
-            # The executor answered: a service behind it is down or restarting.
-            detail = (
-                f"the agent-vm {behind} service is not reachable ({detail}): "
-                "`agent-vm status` on the host"
-            )
-        else:
-            detail = (
-                f"the agent-vm executor is not reachable ({detail}): `agent-vm status` on the host"
-            )
+        who = f"{behind} service" if behind else "executor"
+        detail = f"the agent-vm {who} is not reachable ({detail}): `agent-vm status` on the host"
     return GatewayError(status, f"{what}: {detail}" if what else detail, code)
 
 

@@ -9,7 +9,7 @@ import grpc
 
 from agentvm.common import logging as jsonlog
 from agentvm.common.config import Settings
-from agentvm.common.grpc_util import serve
+from agentvm.common.grpc_util import serve, translate_unexpected
 from agentvm.common.telemetry import ServiceTelemetry
 from agentvm.v1 import vm_manager_pb2, vm_manager_pb2_grpc
 from agentvm.vm_manager.accel import detect
@@ -17,7 +17,7 @@ from agentvm.vm_manager.agent_proxy import SERVICE as AGENT_SERVICE
 from agentvm.vm_manager.agent_proxy import AgentProxy
 from agentvm.vm_manager.hostcaps import can_raise_memlock
 from agentvm.vm_manager.image import ImageStore
-from agentvm.vm_manager.libvirt_conn import LibvirtConnection
+from agentvm.vm_manager.libvirt_conn import LibvirtConnection, connection_lost
 from agentvm.vm_manager.manager import VMManager
 from agentvm.vm_manager.servicer import VMManagerServicer
 
@@ -35,6 +35,9 @@ async def run(settings: Settings) -> None:
             "limit and CPU/IO cgroup tuning still applies"
         )
     conn = LibvirtConnection(settings.libvirt_uri)
+    # A libvirtd restart under a read not translated where it happens is still
+    # UNAVAILABLE "try again", not INTERNAL (logged as the bug it is).
+    translate_unexpected(connection_lost)
     images = ImageStore(settings.cache_dir)
     telemetry = ServiceTelemetry("vm-manager", settings)
     manager = VMManager(

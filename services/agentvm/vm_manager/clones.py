@@ -284,7 +284,7 @@ def _pass_fd(dom: libvirt.virDomain, fd: int) -> None:
 
 
 def _wait_migration(
-    dom: libvirt.virDomain, what: str, timeout: float, remedy: str, path: Path | None = None
+    dom: libvirt.virDomain, what: str, timeout: float, remedy: str, path: Path
 ) -> dict[str, Any]:
     """Wait for QEMU's migration to or from ``path`` to end; ``remedy`` says what to do
     when it failed. A full file system is RESOURCE_EXHAUSTED (free space, then try
@@ -299,9 +299,8 @@ def _wait_migration(
             desc = str(status.get("error-desc", state))
             if NO_SPACE in desc:
                 raise ResourceExhausted(
-                    f"{what} failed: {desc}: the file system of "
-                    f"{path.parent if path else 'the state directory'} is full; free "
-                    "space there (or close sandboxes), then try again"
+                    f"{what} failed: {desc}: the file system of {path.parent} is full; "
+                    "free space there (or close sandboxes), then try again"
                 )
             raise FailedPrecondition(f"{what} failed: {desc}; {remedy}")
         if time.monotonic() > deadline:
@@ -344,4 +343,4 @@ def load_state(
     finally:
         os.close(fd)
     qmp(dom, "migrate-incoming", uri=f"fd:{QMP_FD_NAME}")
-    _wait_migration(dom, f"restoring {dom.name()} from {source}", timeout, remedy)
+    _wait_migration(dom, f"restoring {dom.name()} from {source}", timeout, remedy, path)

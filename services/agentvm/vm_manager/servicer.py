@@ -11,13 +11,13 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from agentvm.common import fields, grpc_util, identity
+from agentvm.common import fields, identity
 from agentvm.common.errors import InvalidArgument
 from agentvm.common.grpc_util import grpc_errors, grpc_stream_errors, remaining_time
 from agentvm.common.placement import Amount
 from agentvm.common.profiles import NetworkMode, ResourceProfile
 from agentvm.v1 import common_pb2, vm_manager_pb2, vm_manager_pb2_grpc
-from agentvm.vm_manager import access, build_cache, libvirt_conn
+from agentvm.vm_manager import access, build_cache
 from agentvm.vm_manager.accel import Accel
 from agentvm.vm_manager.clones import TemplateInfo
 from agentvm.vm_manager.dnsproxy import EgressRecord
@@ -114,9 +114,6 @@ class VMManagerServicer(ImageRPCs, vm_manager_pb2_grpc.VMManagerServiceServicer)
         self.manager = manager
         self.images = images
         self.build_cache_use = build_cache.CacheUse()
-        # A libvirtd restart under a read not translated where it happens is still
-        # UNAVAILABLE "try again", not INTERNAL (logged as the bug it is).
-        grpc_util.translate_unexpected(libvirt_conn.connection_lost)
 
     async def _require_usable(self, name: str, context: Ctx, what: str) -> str:
         """The caller's name; FAILED_PRECONDITION when the VM is a warm pool VM it
