@@ -66,6 +66,18 @@ def make(request: pytest.FixtureRequest) -> Make:
     return lambda address: grpc_util.aio_channel(address, "executor", wait_for_restart=True)
 
 
+async def stop(server: grpc.aio.Server, chan: grpc.aio.Channel) -> None:
+    """Stop ``server`` and wait until ``chan`` has seen its connection go.
+
+    A call made in the instant between the two is written to the dead connection
+    and fails with "Stream removed" (a call that was sent is never sent again);
+    these tests are about the calls made after the caller knows.
+    """
+    await server.stop(None)
+    while chan.get_state() == grpc.ChannelConnectivity.READY:
+        await asyncio.wait_for(chan.wait_for_state_change(grpc.ChannelConnectivity.READY), 10)
+
+
 async def get(chan: grpc.aio.Channel, timeout: float | None = 20) -> str:
     stub = executor_pb2_grpc.ExecutorServiceStub(chan)
     res = await stub.GetSandbox(executor_pb2.GetSandboxRequest(sandbox_id="sb-1"), timeout=timeout)
@@ -80,7 +92,7 @@ def test_a_call_made_while_the_executor_restarts_waits_for_it(tmp_path: Path, ma
         server = await serve(address, first)
         chan = make(address)
         assert await get(chan) == "sb-1"
-        await server.stop(None)  # killed ...
+        await stop(server, chan)  # killed ...
         call = asyncio.create_task(get(chan))
         # A new channel to the same address (a new sandbox's) waits as well.
         fresh = make(address)
@@ -125,7 +137,7 @@ def test_the_wait_ends_at_the_window_or_the_calls_deadline(
         server = await serve(address, Executor())  # type: ignore[abstract]
         chan = make(address)
         await get(chan)
-        await server.stop(None)  # and never comes back
+        await stop(server, chan)  # and never comes back
         loop = asyncio.get_running_loop()
         # The call's deadline is shorter than the window: it is kept, and the
         # call says it found no executor.
