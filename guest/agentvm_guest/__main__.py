@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from agentvm_guest import __version__, confine, mux
+from agentvm_guest import __version__, confine, mux, sysinit
 from agentvm_guest.agent import connect_unix, serve
 from agentvm_guest.relay import GuestRelay, find_port
 from agentvm_guest.splice import serve_accepted
@@ -24,11 +24,25 @@ from agentvm_guest.splice import serve_accepted
 SOCKET_PATH = "/run/agentvm/agent.sock"
 
 
+def started_at() -> float:
+    """Seconds after boot at which this process started (its /proc stat), or -1."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+        return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return -1.0
+
+
 def main() -> int:
+    imported = time.monotonic()  # CLOCK_MONOTONIC: seconds since boot
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="agentvm-agent: %(levelname)s %(message)s"
     )
     log = logging.getLogger("agentvm_guest")
+    if "--boot" in sys.argv[1:]:  # the VM's own agent, started by init (agentvm-agent)
+        sysinit.run()
+    set_up = time.monotonic()
     confine.shield_agent()
     os.makedirs(os.path.dirname(SOCKET_PATH), mode=0o700, exist_ok=True)
     if os.path.exists(SOCKET_PATH):
@@ -56,7 +70,16 @@ def main() -> int:
         if port:
             break
         time.sleep(0.05)
-    log.info("agent %s serving (virtio-serial port: %s)", __version__, port or "none")
+    log.info(
+        "agent %s serving (virtio-serial port: %s); seconds after boot: started %.2f, "
+        "imported %.2f, set up %.2f, serving %.2f",
+        __version__,
+        port or "none",
+        started_at(),
+        imported,
+        set_up,
+        time.monotonic(),
+    )
     if port is None:
         server.wait_for_termination()
         return 0

@@ -50,7 +50,7 @@ INITRD_MODULES = (
     "virtio_balloon",  # free page reporting (domain_xml.MemBalloon)
 )
 # The image's root file system; each VM's guest grows it to the VM's disk at
-# its first boot (guest/image/agentvm-setup), which reads the size it spans
+# its first boot (guest/agentvm_guest/sysinit.py), which reads the size it spans
 # from /etc/agentvm/root-sectors.
 ROOTFS_MIB = 2048
 # How every Debian root is made: documentation, manuals and translations are left out.
@@ -442,7 +442,7 @@ class ImageStore:
         image_dir = GUEST_DIR / "image"
         sbin = root / "usr" / "local" / "sbin"
         sbin.mkdir(parents=True, exist_ok=True)
-        for name in ("agentvm-setup", "agentvm-agent", "agentvm-dhcp"):
+        for name in ("agentvm-agent", "agentvm-dhcp"):
             shutil.copyfile(image_dir / name, sbin / name)
             os.chmod(sbin / name, 0o755)
         shutil.copyfile(image_dir / "inittab", root / "etc" / "inittab")
