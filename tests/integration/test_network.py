@@ -359,6 +359,11 @@ def test_a_new_policy_applies_at_once(
     assert out[0] == OTHER
     assert out[1].startswith("OK"), out
     assert out[2].startswith("ERR"), out
+    # The same policy again changes nothing: what the VM resolved stays reachable
+    # without a new lookup (a real change forgets it, as allowed.test above).
+    same = vm_manager_pb2.UpdateNetworkPolicyRequest(name=b.name, policy=new)
+    assert vmm.stub().UpdateNetworkPolicy(same, timeout=30).vm.network == vm.network
+    assert probe(b, f"connect:{OTHER},80")[0].startswith("OK")
     bad = common_pb2.NetworkPolicy(allow_domains=["bad name; drop"])
     req = vm_manager_pb2.UpdateNetworkPolicyRequest(name=b.name, policy=bad)
     with pytest.raises(grpc.RpcError) as err:

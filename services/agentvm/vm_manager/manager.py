@@ -438,11 +438,17 @@ class VMManager(DomainDefinition, Readiness, Snapshots, MemoryTemplates, Observa
         """Replace a NAT_FILTERED VM's policy, live and in its persistent record."""
         async with self._lock(name):
             vm = self._get(name)
-            if self.net.attachment(name) is None:
+            att = self.net.attachment(name)
+            if att is None:
                 raise FailedPrecondition(
                     f"VM {name} is {vm.network_mode.name}: only NETWORK_MODE_NAT_FILTERED VMs "
                     "have a network policy"
                 )
+            if att.policy == policy:
+                # Nothing to change (a pool VM given to a sandbox that asks for the
+                # defaults it was made with): no nft transaction, and what it
+                # resolved and opened under this same policy stays.
+                return vm
             await self.net.update_policy(name, policy)
             vm.network = self._net_proto(name)
             dom = await asyncio.to_thread(self.conn.lookup, name)
