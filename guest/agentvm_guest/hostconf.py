@@ -20,6 +20,8 @@ import subprocess
 import tempfile
 import time
 
+from agentvm_guest import netif
+
 # <linux/random.h>: _IOW('R', 0x03, int[2]) and _IO('R', 0x07).
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
@@ -56,18 +58,9 @@ def reidentify(hostname: str, machine_id: str, seed: bytes, wall_clock_ns: int) 
         os.replace(tmp, path)
 
 
-def _run_ip(*args: str) -> None:
-    done = subprocess.run(["busybox", "ip", *args], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise OSError(f"ip {' '.join(args)}: {done.stderr.strip() or done.returncode}")
-
-
 def _eth0_address() -> str:
-    out = subprocess.run(
-        ["busybox", "ip", "-4", "-o", "addr", "show", "dev", "eth0"],
-        capture_output=True, text=True, check=False,
-    ).stdout.split()  # fmt: skip
-    return out[out.index("inet") + 1] if "inet" in out else ""
+    iface = netif.ipv4("eth0")
+    return str(iface) if iface is not None else ""
 
 
 def _prepare_eth0(mac: str) -> None:
@@ -81,9 +74,8 @@ def _prepare_eth0(mac: str) -> None:
         open("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "w") as fh,
     ):
         fh.write("1")
-    _run_ip("link", "set", "eth0", "down")
-    _run_ip("link", "set", "eth0", "address", mac)
-    _run_ip("addr", "flush", "dev", "eth0")
+    netif.set_up("eth0", False)
+    netif.set_mac("eth0", mac)
 
 
 def configure_dhcp(mac: str) -> str:
@@ -95,7 +87,7 @@ def configure_dhcp(mac: str) -> str:
     if not MAC_RE.match(mac):
         raise ValueError(f"mac {mac!r} is not a lowercase unicast MAC address")
     _prepare_eth0(mac)
-    _run_ip("link", "set", "eth0", "up")
+    netif.set_up("eth0")
     # A second ConfigureNetwork replaces the client of the first.
     subprocess.run(["busybox", "pkill", "-f", "udhcpc -i eth0"], capture_output=True, check=False)
     # The daemon keeps the inherited descriptors: a file, not a pipe we would wait on.
@@ -135,9 +127,9 @@ def configure_network(mac: str, address: str, gateway: str, nameservers: list[st
     if len(resolvers) > 3:
         raise ValueError("at most 3 nameservers")
     _prepare_eth0(mac)
-    _run_ip("addr", "add", str(iface), "dev", "eth0")
-    _run_ip("link", "set", "eth0", "up")
-    _run_ip("route", "replace", "default", "via", str(gw), "dev", "eth0")
+    netif.set_ipv4("eth0", iface)  # replaces the address it had (a template's)
+    netif.set_up("eth0")
+    netif.replace_default_route(gw)
     tmp = "/etc/resolv.conf.agentvm-tmp"
     with open(tmp, "w") as fh:
         fh.write("".join(f"nameserver {n}\n" for n in resolvers) + "options timeout:2 attempts:2\n")

@@ -30,6 +30,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from agentvm_guest import netif
+
 log = logging.getLogger("agentvm_guest")
 
 MS_NOSUID = 0x2
@@ -38,7 +40,6 @@ MS_NOEXEC = 0x8
 # _IOW('f', 16, __u64): grow a mounted ext4 file system to this many blocks
 # (what resize2fs calls for an online resize).
 EXT4_IOC_RESIZE_FS = 0x40086610
-SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 VIRTIO_ID_FS = "0x001a"
 ROOT_SECTORS = Path("/etc/agentvm/root-sectors")
 WORKSPACE = Path("/workspace")
@@ -132,14 +133,6 @@ def _cgroup() -> None:
                 (d / "cgroup.subtree_control").write_text(f"+{ctl}")
 
 
-def _loopback_up() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        ifr = fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH22x", b"lo", 0))
-        flags = struct.unpack("16sH22x", ifr)[1]
-        if not flags & IFF_UP:
-            fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
-
-
 def boot_name(cmdline: str) -> str | None:
     """The VM's name from ``agentvm.name=`` on the kernel command line."""
     for word in cmdline.split():
@@ -193,7 +186,7 @@ def run() -> list[str]:
         ("cgroup2", _cgroup),
         ("/dev/fd", _dev_fd),
         ("hostname and machine id", _identity),
-        ("loopback", _loopback_up),
+        ("loopback", lambda: netif.set_up("lo")),
         ("workspace", _workspace),
     ]
     for what, step in steps:
