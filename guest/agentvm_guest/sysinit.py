@@ -10,9 +10,10 @@ same steps are system calls of a process that starts anyway; only
 ``modprobe virtiofs`` (a VM with a shared workspace) and, should the kernel
 refuse the online resize, ``resize2fs`` are still programs.
 
-Every step checks first, so running it again (init respawns the agent) is
-harmless. A step that fails is logged to the console and the rest still run,
-as the script did: the agent then reports what it cannot do.
+It runs once per boot: a respawned agent finds it done (``DONE``). Each step
+also checks first, so a setup cut short can be run again. A step that fails
+is logged to the console and the rest still run, as the script did: the
+agent then reports what it cannot do.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ VIRTIO_ID_FS = "0x001a"
 ROOT_SECTORS = Path("/etc/agentvm/root-sectors")
 WORKSPACE = Path("/workspace")
 CGROUP = Path("/sys/fs/cgroup")
+# Written at the end of the setup, on /run's tmpfs: present only after a
+# boot's setup (or in a clone of a template, whose memory holds it).
+DONE = Path("/run/agentvm-setup.done")
 # (source, target, type, flags, data), in order: each needs the one before.
 MOUNTS: tuple[tuple[str, str, str, int, str], ...] = (
     ("proc", "/proc", "proc", 0, ""),
@@ -175,8 +179,15 @@ def _dev_fd() -> None:
         os.symlink("/proc/self/fd", "/dev/fd")
 
 
-def run() -> list[str]:
-    """Set the system up; what failed (each also logged to the console)."""
+def run(done: Path = DONE) -> list[str]:
+    """Set the system up once per boot; what failed (each also logged to the console).
+
+    An agent that init respawns (it crashed, or agent code killed it) finds
+    ``done`` and leaves the system as it is: the hostname and machine id above
+    all, which a clone got from Reidentify and a new setup would overwrite.
+    """
+    if done.exists():
+        return []
     failed: list[str] = []
     mounts = [(f"mount {m[1]}", functools.partial(_ensure_mount, *m)) for m in MOUNTS]
     steps: list[tuple[str, Callable[[], None]]] = [
@@ -195,4 +206,8 @@ def run() -> list[str]:
         except OSError as exc:
             log.warning("setup: %s: %s", what, exc)
             failed.append(what)
+    try:
+        done.touch()
+    except OSError as exc:
+        log.warning("setup: cannot mark it done (%s): a respawned agent repeats it", exc)
     return failed

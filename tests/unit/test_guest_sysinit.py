@@ -54,3 +54,17 @@ def test_a_virtiofs_device_is_found_among_the_virtio_devices(tmp_path: Path) -> 
     (tmp_path / "virtio2").mkdir()
     (tmp_path / "virtio2" / "device").write_text("0x001a\n")
     assert sysinit.has_virtiofs(tmp_path)
+
+
+def test_the_setup_runs_once_per_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A respawned agent finds the setup done and touches nothing (a clone keeps the
+    hostname and machine id Reidentify gave it)."""
+    done = tmp_path / "agentvm-setup.done"
+    done.touch()
+
+    def refuse(*args: object) -> None:
+        raise AssertionError(f"the setup ran again: {args}")
+
+    monkeypatch.setattr(sysinit, "_ensure_mount", refuse)
+    monkeypatch.setattr(sysinit, "_identity", refuse)
+    assert sysinit.run(done) == []
