@@ -50,6 +50,7 @@ def libvirt_error(code: int, message: str = "boom") -> libvirt.libvirtError:
         (libvirt.VIR_ERR_XML_DETAIL, InvalidArgument),
         (libvirt.VIR_ERR_INVALID_ARG, InvalidArgument),
         (libvirt.VIR_ERR_NO_CONNECT, Unavailable),
+        (libvirt.VIR_ERR_INVALID_CONN, Unavailable),
         (libvirt.VIR_ERR_SYSTEM_ERROR, AgentVMError),
         (libvirt.VIR_ERR_RPC, Unavailable),
         (libvirt.VIR_ERR_AUTH_FAILED, Unavailable),
@@ -167,6 +168,26 @@ def test_get_reuses_and_reopens(conn: LibvirtConnection) -> None:
     second = conn.get()
     assert second is not first
     assert second.isAlive()
+
+
+def test_a_connection_closed_under_a_call_by_another_thread_is_reopened() -> None:
+    """A libvirtd restart: one thread drops (closes) the shared connection while
+    another still holds it; the holder's call is made again on a new one, not
+    INTERNAL "invalid connection pointer" (CI's short soak)."""
+    c = LibvirtConnection("test:///default")
+    closed: list[libvirt.virConnect] = []
+
+    def lookup(conn: libvirt.virConnect) -> str:
+        if not closed:  # the other thread's _drop, between get() and this use
+            closed.append(conn)
+            conn.close()
+        return str(conn.lookupByName("test").name())
+
+    try:
+        assert c.call("VM test", lookup) == "test"
+        assert c.get() is not closed[0]
+    finally:
+        c.close()
 
 
 def test_unreachable_libvirtd_is_unavailable() -> None:

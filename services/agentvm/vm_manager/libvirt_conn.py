@@ -112,10 +112,16 @@ def libvirt_errors(what: str) -> Iterator[None]:
 
 
 def _broken(exc: libvirt.libvirtError) -> bool:
-    """The connection itself failed (libvirtd restarted or died), not the request."""
+    """The connection itself failed (libvirtd restarted or died), not the request.
+
+    VIR_ERR_INVALID_CONN ("invalid connection pointer"): another thread found the
+    shared connection broken and closed it while this call held it (CI's short
+    soak, a libvirtd restart).
+    """
     return exc.get_error_domain() == libvirt.VIR_FROM_RPC or exc.get_error_code() in (
         libvirt.VIR_ERR_NO_CONNECT,
         libvirt.VIR_ERR_RPC,
+        libvirt.VIR_ERR_INVALID_CONN,
     )
 
 
