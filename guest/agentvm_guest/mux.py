@@ -11,7 +11,7 @@ Frame layout (big endian)::
     magic  2 bytes  0xA7 0x56
     type   1 byte   FrameType
     flags  1 byte   0 (reserved)
-    stream 4 bytes  stream id (0 for SYNC / SYNC_ACK)
+    stream 4 bytes  stream id (0 for SYNC / SYNC_ACK / RESET)
     length 4 bytes  payload length, at most MAX_PAYLOAD
     payload
 
@@ -21,6 +21,10 @@ falls into "hunt" mode), then SYNC carrying a random nonce. The guest hunts
 for the SYNC header, drops every stream of the previous session and answers
 SYNC_ACK with the same nonce. The host discards everything it reads until
 that exact SYNC_ACK. Only then are OPEN / DATA / CLOSE frames exchanged.
+
+Guest restart: a starting agent writes RESET (stream 0, no payload) once,
+before it reads the port. The host ends the session it holds (its streams
+died with the previous agent process) and the next client handshakes again.
 
 This module is shared by the guest (stdlib only) and the host. The host
 treats every byte from the guest as hostile: the decoder bounds its buffer
@@ -55,6 +59,7 @@ class FrameType(IntEnum):
     OPEN = 3
     DATA = 4
     CLOSE = 5
+    RESET = 6  # guest -> host only: a new agent process, the session is gone
 
 
 class ProtocolError(Exception):
@@ -87,6 +92,11 @@ def sync_header() -> bytes:
 def sync_ack(nonce: bytes) -> bytes:
     """The exact bytes of the SYNC_ACK answering ``nonce``."""
     return encode(FrameType.SYNC_ACK, 0, nonce)
+
+
+def reset() -> bytes:
+    """The exact bytes of the RESET frame a starting agent writes."""
+    return encode(FrameType.RESET, 0)
 
 
 class FrameDecoder:
@@ -129,6 +139,8 @@ class FrameDecoder:
                     stream != 0 or length != NONCE_SIZE
                 ):
                     raise ProtocolError("malformed SYNC frame")
+                if kind is FrameType.RESET and (stream != 0 or length != 0):
+                    raise ProtocolError("malformed RESET frame")
                 end = pos + HEADER_SIZE + length
                 if len(buf) < end:
                     break

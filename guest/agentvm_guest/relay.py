@@ -4,6 +4,8 @@ Reads frames from the virtio-serial port, opens one local Unix connection to
 the agent's gRPC server per host stream, and pumps bytes both ways. A SYNC
 from the host (or the host disconnecting) ends the session: every local
 connection of it is closed, and nothing of it is written after the SYNC_ACK.
+It starts by writing RESET, so a host still holding a session with a
+previous agent process (crashed, killed, respawned by init) starts a new one.
 Runs with the standard library only.
 """
 
@@ -189,7 +191,13 @@ class GuestRelay:
         sock.close()
 
     def serve_forever(self, stop: threading.Event | None = None) -> None:
-        """Read the port until ``stop`` is set. Read of 0 bytes = host not connected."""
+        """Read the port until ``stop`` is set. Read of 0 bytes = host not connected.
+
+        Starts with RESET: a host still holding the previous agent's session
+        ends it and handshakes again (see mux.py).
+        """
+        with self._wlock:
+            self._write_locked(mux.reset())
         connected = False
         while stop is None or not stop.is_set():
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import subprocess
@@ -198,6 +199,39 @@ def test_from_template_refuses_what_a_template_cannot_carry(
     with pytest.raises(grpc.RpcError) as err:
         stub.DeleteTemplate(vm_manager_pb2.DeleteTemplateRequest(key="no-such-key"), timeout=30)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# Pids of the guest agent's processes (not of this command: the pattern does not match itself).
+AGENT_PIDS = (
+    "for p in $(ls /proc | grep -E '^[0-9]+$'); do "
+    "grep -qs 'agentvm_gues[t]' /proc/$p/cmdline && echo $p; done; true"
+)
+
+
+def test_a_respawned_guest_agent_is_reachable_and_keeps_the_clones_identity(
+    factory: VMFactory, template: vm_manager_pb2.Template
+) -> None:
+    """Agent code kills the agent (it keeps CAP_KILL), init respawns it: the host's
+    session with the dead agent ends (RESET) and the VM answers again, as itself."""
+    vm = factory.clone()
+    before = sh(vm, AGENT_PIDS).split()
+    assert before
+    with contextlib.suppress(grpc.RpcError):  # the call dies with the agent
+        execute(vm.agent_endpoint, f"kill -9 {' '.join(before)}", timeout=10)
+
+    def answers() -> bool:
+        try:
+            return execute(vm.agent_endpoint, "echo up", timeout=10).stdout == b"up\n"
+        except grpc.RpcError:
+            return False
+
+    assert wait_for(answers, 60, interval=1)
+    after = sh(vm, AGENT_PIDS).split()
+    assert after
+    assert not set(after) & set(before)
+    # The new agent did not set the guest up again (once per boot): still the clone.
+    assert sh(vm, "hostname").strip() == vm.name
+    assert sh(vm, "cat /etc/machine-id").strip() == vm.uuid.replace("-", "")
 
 
 def test_a_stopped_clone_boots_cold_from_its_own_disk(

@@ -23,7 +23,10 @@ NONCE_B = b"B" * mux.NONCE_SIZE
 
 @pytest.fixture
 def host(guest: GuestSide) -> PortHost:
-    return PortHost(guest.host_sock)
+    port = PortHost(guest.host_sock)
+    # A starting relay announces itself before it reads the port (RESET, see mux.py).
+    assert port.recv_frame() == mux.Frame(FrameType.RESET, 0)
+    return port
 
 
 def open_stream(host: PortHost, echo: EchoServer, stream: int) -> None:
@@ -33,6 +36,16 @@ def open_stream(host: PortHost, echo: EchoServer, stream: int) -> None:
     host.send_frame(FrameType.DATA, stream, b"ping %d" % stream)
     assert host.read_stream(stream, len(b"ping %d" % stream)) == b"ping %d" % stream
     assert len(echo.snapshot()) == before + 1
+
+
+def test_a_starting_relay_writes_reset_before_anything_else(guest: GuestSide) -> None:
+    """A new agent process tells a host still holding the old session to end it."""
+    guest.host_sock.settimeout(5)
+    assert guest.host_sock.recv(100) == mux.reset()
+    guest.host_sock.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        guest.host_sock.recv(100)  # and nothing more until the host starts a session
+    assert guest.relay.sessions == 0
 
 
 def test_sync_is_answered_with_the_same_nonce(guest: GuestSide, host: PortHost) -> None:

@@ -242,6 +242,31 @@ def test_guest_may_not_open_streams(stack: Stack) -> None:
     run_async(body())
 
 
+def test_a_restarted_guest_agent_ends_the_session(stack: Stack) -> None:
+    """RESET, which a respawned agent writes first, ends the session: the next call
+    starts a new one instead of going into streams that no agent serves."""
+
+    async def body() -> None:
+        relay = stack.relay()
+        await relay.start()
+        try:
+            async with aio_channel(stack.target, "vm-manager") as ch:
+                await get_status(ch)
+                stack.channel.inject(mux.reset())
+                assert await async_wait_until(lambda: relay.guest_resets == 1)
+                assert not session_open(relay)
+                info = await get_status(ch)  # a new session serves the next call
+                assert info.agent_version == __version__
+            assert relay.sessions_started == 2
+            assert relay.protocol_errors == 0
+            assert relay.handshake_failures == 0
+        finally:
+            await relay.close()
+
+    run_async(body())
+    assert stack.guest.relay.sessions == 2
+
+
 def test_relay_needs_exactly_one_transport(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         HostRelay(VM, tmp_path / "a.sock")

@@ -51,7 +51,7 @@ from agentvm.v1 import (
 from agentvm.vm_manager import observe
 from agentvm.vm_manager import relay as relay_mod
 from agentvm.vm_manager.manager import VMManager
-from agentvm.vm_manager.relay import HostRelay
+from agentvm.vm_manager.relay import HostRelay, SessionError
 from agentvm_guest import mux
 from agentvm_guest.mux import FrameType
 
@@ -1151,7 +1151,7 @@ FRAMES = st.builds(
 @given(frames=st.lists(FRAMES, max_size=20))
 def test_relay_dispatch_of_any_guest_frames(frames: list[mux.Frame]) -> None:
     """Guest frames reach only open streams, in order, nothing after CLOSE; the guest
-    may not OPEN or SYNC (ProtocolError, the only error)."""
+    may not OPEN or SYNC (ProtocolError); RESET ends the session (SessionError)."""
     relay = relay_for(Path("/nonexistent"))
     clients = {1: RecordingClient(), 3: RecordingClient()}
     session = cast(Any, SimpleNamespace(streams=dict(clients)))
@@ -1163,6 +1163,11 @@ def test_relay_dispatch_of_any_guest_frames(frames: list[mux.Frame]) -> None:
             if f.type in (FrameType.OPEN, FrameType.SYNC):
                 with pytest.raises(mux.ProtocolError):
                     await relay._dispatch(session, f)
+                return
+            if f.type is FrameType.RESET:
+                with pytest.raises(SessionError, match="restarted"):
+                    await relay._dispatch(session, f)
+                assert relay.guest_resets == 1
                 return
             await relay._dispatch(session, f)
             if f.type is FrameType.DATA and f.stream in open_:

@@ -20,6 +20,8 @@ def frames(draw: st.DrawFn, max_payload: int = 600) -> mux.Frame:
     ftype = draw(st.sampled_from(list(FrameType)))
     if ftype in (FrameType.SYNC, FrameType.SYNC_ACK):
         return mux.Frame(ftype, 0, draw(NONCES))
+    if ftype is FrameType.RESET:
+        return mux.Frame(ftype, 0)
     stream = draw(st.integers(min_value=0, max_value=0xFFFFFFFF))
     return mux.Frame(ftype, stream, draw(st.binary(max_size=max_payload)))
 
@@ -72,6 +74,11 @@ def test_sync_helpers_match_encode() -> None:
     assert sync(nonce)[:HEADER_SIZE] == mux.sync_header()
     assert mux.sync_ack(nonce) == mux.encode(FrameType.SYNC_ACK, 0, nonce)
     assert mux.FrameDecoder().feed(mux.sync_ack(nonce)) == [mux.Frame(FrameType.SYNC_ACK, 0, nonce)]
+
+
+def test_reset_helper_matches_encode() -> None:
+    assert mux.reset() == mux.encode(FrameType.RESET, 0)
+    assert mux.FrameDecoder().feed(mux.reset()) == [mux.Frame(FrameType.RESET, 0)]
 
 
 def test_pad_is_longer_than_any_frame_and_not_a_header() -> None:
@@ -129,6 +136,8 @@ def test_decoder_is_total_and_bounded(
             if f.type in (FrameType.SYNC, FrameType.SYNC_ACK):
                 assert f.stream == 0
                 assert len(f.payload) == NONCE_SIZE
+            if f.type is FrameType.RESET:
+                assert (f.stream, f.payload) == (0, b"")
 
 
 @given(pieces=PIECES, cuts=CUTS)
@@ -152,13 +161,26 @@ def test_chunking_does_not_change_a_valid_decode(pieces: list[bytes], cuts: list
         HEADER.pack(b"\xa7\x57", FrameType.DATA, 0, 1, 0),  # bad magic
         HEADER.pack(MAGIC, FrameType.DATA, 1, 1, 0),  # reserved flags
         HEADER.pack(MAGIC, 0, 0, 1, 0),  # unknown type
-        HEADER.pack(MAGIC, 6, 0, 1, 0),  # unknown type
+        HEADER.pack(MAGIC, 7, 0, 1, 0),  # unknown type
+        HEADER.pack(MAGIC, FrameType.RESET, 0, 1, 0),  # RESET on a stream
+        HEADER.pack(MAGIC, FrameType.RESET, 0, 0, 1),  # RESET with a payload
         HEADER.pack(MAGIC, FrameType.DATA, 0, 1, MAX_PAYLOAD + 1),  # too long
         HEADER.pack(MAGIC, FrameType.SYNC, 0, 1, NONCE_SIZE),  # SYNC on a stream
         HEADER.pack(MAGIC, FrameType.SYNC, 0, 0, NONCE_SIZE - 1),  # short nonce
         HEADER.pack(MAGIC, FrameType.SYNC_ACK, 0, 0, NONCE_SIZE + 1),  # long nonce
     ],
-    ids=["magic", "flags", "type0", "type6", "length", "sync-stream", "sync-short", "ack-long"],
+    ids=[
+        "magic",
+        "flags",
+        "type0",
+        "type7",
+        "reset-stream",
+        "reset-payload",
+        "length",
+        "sync-stream",
+        "sync-short",
+        "ack-long",
+    ],
 )
 def test_malformed_headers_raise_and_reset(header: bytes) -> None:
     decoder = mux.FrameDecoder()

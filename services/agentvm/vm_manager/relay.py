@@ -36,7 +36,7 @@ The guest is hostile; what it can cost the host is bounded:
 
 Everything read from the guest is validated by the frame decoder; a protocol
 error ends the session (all streams of that VM close) and the next client
-starts a new one.
+starts a new one. So does a RESET, which a restarted guest agent writes.
 """
 
 from __future__ import annotations
@@ -148,6 +148,7 @@ class HostRelay:
         self.protocol_errors = 0
         self.handshake_failures = 0
         self.refused = 0
+        self.guest_resets = 0  # sessions ended by a restarted agent (RESET)
 
     async def start(self) -> None:
         self.listen_path.parent.mkdir(parents=True, exist_ok=True)
@@ -367,6 +368,13 @@ class HostRelay:
                 self._close_writer(client)
         elif frame.type is mux.FrameType.SYNC_ACK:
             return  # a duplicate answer to one of our retried SYNCs
+        elif frame.type is mux.FrameType.RESET:
+            # A new agent process: the streams of this session died with the old one.
+            self.guest_resets += 1
+            raise SessionError(
+                f"the guest agent of {self.vm_name} restarted: its session ended, the next "
+                "client starts a new one"
+            )
         else:
             raise mux.ProtocolError(f"the guest may not send {frame.type.name} frames")
 
