@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import json
+import os
 import re
 import socket
 import struct
@@ -281,6 +282,30 @@ def test_the_address_dump_parser_reads_local_and_peer_networks() -> None:
     # Truncated or garbage input never raises.
     assert parse_addresses(msg[:30]) == ([], False)
     assert parse_addresses(b"\xff" * 64)[1] is False
+
+
+def test_a_network_that_fails_to_come_up_leaves_no_tables_behind(tmp_path: Path) -> None:
+    """The DNS proxy cannot bind (its address is on no interface): the tables and the
+    libvirt network made before that are removed, and the error says what failed."""
+    prefix = f"agent-vm-upfail{os.getpid()}-"
+    settings = dataclasses.replace(
+        SETTINGS, vm_prefix=prefix, nat_subnet="198.18.213.0/24", state_dir=tmp_path
+    )
+    net = NatNetwork(settings, LibvirtConnection("test:///default"))
+
+    def tables() -> list[str]:
+        out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True)
+        return [line for line in out.stdout.splitlines() if line.endswith(net.names.table)]
+
+    assert tables() == []
+    try:
+        with pytest.raises(FailedPrecondition, match=r"cannot serve DNS on 198\.18\.213\.1:53"):
+            asyncio.run(net._ensure_up())
+        assert tables() == []
+        assert net.names.network not in net.conn.checked().listNetworks()
+    finally:
+        for line in tables():
+            subprocess.run(["nft", "delete", *line.split()], check=False)
 
 
 def test_check_bridge_refuses_every_bridge_agent_vm_manages(

@@ -39,7 +39,12 @@ from pathlib import Path
 import libvirt
 
 from agentvm.common.config import Settings
-from agentvm.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from agentvm.common.errors import (
+    AgentVMError,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from agentvm.vm_manager import nftables as nft
 from agentvm.vm_manager.bridged import check_bridge, own_network_bridges
 from agentvm.vm_manager.dnsproxy import ClientPolicy, DNSProxy, EgressRecord
@@ -204,6 +209,21 @@ class NatNetwork:
     async def _ensure_up(self) -> None:
         if self._up:
             return
+        try:
+            await self._bring_up()
+        except BaseException:
+            if not self._atts:
+                # Nothing uses what was made before the failure (the libvirt
+                # network, the tables): none of it is left behind. With VMs
+                # (adopted at a restart) it stays: their traffic stays filtered.
+                try:
+                    await self._tear_down()
+                except (AgentVMError, OSError, libvirt.libvirtError) as exc:
+                    # The original error is the one to report.
+                    log.warning("cleaning up after a failed network start: %s", exc)
+            raise
+
+    async def _bring_up(self) -> None:
         if not self.upstream:
             raise FailedPrecondition(
                 "NAT_FILTERED needs an upstream resolver: the host's /etc/resolv.conf names "
