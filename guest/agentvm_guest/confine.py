@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import functools
 import os
 from typing import TYPE_CHECKING
+
+from agentvm_guest import libc
 
 if TYPE_CHECKING:
     from agentvm_guest.pivot import Pivot
@@ -42,13 +43,6 @@ PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWNS = 0x00020000
-# <sys/mount.h>
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REC = 0x4000
-MS_PRIVATE = 0x40000
 
 # Directories agent code must not see: the agent's own socket (the agent
 # would run its requests confined anyway, but it also answers Reidentify and
@@ -124,27 +118,6 @@ def memory_limit(total_bytes: int) -> int:
     return max(total_bytes - reserve, total_bytes // 2)
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    """libc with the prototypes the confiner calls: looked up once per agent, not
-    per Execute (``find_library`` runs ``ldconfig -p``: a fork and exec of its own)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    ulong = ctypes.c_ulong
-    libc.prctl.argtypes = [ctypes.c_int, ulong, ulong, ulong, ulong]
-    libc.prctl.restype = ctypes.c_int
-    libc.unshare.argtypes = [ctypes.c_int]
-    libc.unshare.restype = ctypes.c_int
-    libc.mount.argtypes = [
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ulong,
-        ctypes.c_char_p,
-    ]
-    libc.mount.restype = ctypes.c_int
-    return libc
-
-
 def _write(path: bytes, data: bytes) -> None:
     """Write ``data`` to an existing file with bare system calls (safe after fork)."""
     fd = os.open(path, os.O_WRONLY)
@@ -173,10 +146,6 @@ class Confiner:
         hide: tuple[str, ...] | None = None,
         pivot: Pivot | None = None,
     ) -> None:
-        libc = _libc()
-        self._prctl = libc.prctl
-        self._unshare = libc.unshare
-        self._mount = libc.mount
         self._procs = os.path.join(cgroup, "cgroup.procs").encode() if cgroup else None
         self._hide = [d.encode() for d in (hide if hide is not None else HIDDEN_DIRS)]
         self._hide = [d for d in self._hide if os.path.isdir(d)]
@@ -196,30 +165,30 @@ class Confiner:
             _write(b"/proc/self/oom_score_adj", b"0")
         if self._procs is not None:
             _write(self._procs, b"0")
-            if self._unshare(CLONE_NEWCGROUP) != 0:
+            if libc.unshare(CLONE_NEWCGROUP) != 0:
                 raise ConfinementError(ctypes.get_errno(), "unshare(CLONE_NEWCGROUP)")
         if self._hide or self._pivot is not None:
             # A mount namespace of its own, where the hidden directories are
             # covered by an empty read-only tmpfs (it cannot unmount it
             # without CAP_SYS_ADMIN, nor reach them through /proc/<agent>/root
             # without CAP_SYS_PTRACE), or whose root is the image's.
-            if self._unshare(CLONE_NEWNS) != 0:
+            if libc.unshare(CLONE_NEWNS) != 0:
                 raise ConfinementError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
-            if self._mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+            if libc.mount(b"none", b"/", None, libc.MS_REC | libc.MS_PRIVATE, None) != 0:
                 raise ConfinementError(ctypes.get_errno(), "mount(/, MS_PRIVATE)")
         if self._pivot is not None:
             self._pivot.enter()
         elif self._hide:
-            flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+            flags = libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
             for path in self._hide:
-                if self._mount(b"tmpfs", path, b"tmpfs", flags, b"size=4k,mode=0555") != 0:
+                if libc.mount(b"tmpfs", path, b"tmpfs", flags, b"size=4k,mode=0555") != 0:
                     raise ConfinementError(ctypes.get_errno(), "mount(tmpfs)")
         for cap in self._drop:
-            if self._prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
                 err = ctypes.get_errno()
                 if err != 22:  # EINVAL: a capability this kernel does not have
                     raise ConfinementError(err, f"prctl(PR_CAPBSET_DROP, {cap})")
-        if self._prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             raise ConfinementError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
         if self._pivot is not None:
             self._pivot.become_user()  # last: the steps above need root

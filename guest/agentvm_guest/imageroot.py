@@ -37,7 +37,9 @@ from typing import TYPE_CHECKING
 import grpc
 
 from agentvm.v1 import common_pb2, guest_agent_pb2
+from agentvm_guest import libc
 from agentvm_guest.layers import LayerError, LayerResult, apply_layer, open_in_root
+from agentvm_guest.libc import MS_NODEV, MS_NOSUID
 from agentvm_guest.pivot import Pivot
 
 if TYPE_CHECKING:
@@ -46,8 +48,6 @@ if TYPE_CHECKING:
 MOUNT_POINT = "/run/agentvm/root"
 SYS_BLOCK = "/sys/block"
 DEV_DIR = "/dev"
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
 
 SERIAL = re.compile(r"[A-Za-z0-9._-]{1,20}")
 _DEVICE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -76,17 +76,6 @@ _MAX_DB_LINES = 200_000
 _MAX_GROUPS = 1024
 
 _DIFF_ID = re.compile(r"sha256:([0-9a-f]{64})")
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_mount = _libc.mount
-_mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_char_p,
-]
-_mount.restype = ctypes.c_int
 
 
 class RootError(Exception):
@@ -224,7 +213,9 @@ def mount_ext4(device: str, mount_point: str) -> None:
         raise _precondition(f"{mount_point} already holds another file system")
     _prepare_mount_point(mount_point)
     if (
-        _mount(os.fsencode(device), os.fsencode(mount_point), b"ext4", MS_NOSUID | MS_NODEV, None)
+        libc.mount(
+            os.fsencode(device), os.fsencode(mount_point), b"ext4", MS_NOSUID | MS_NODEV, None
+        )
         != 0
     ):
         err = ctypes.get_errno()

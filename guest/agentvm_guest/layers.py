@@ -32,6 +32,8 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import IO
 
+from agentvm_guest import libc
+
 SYS_OPENAT2 = 437  # x86_64
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_IN_ROOT = 0x10
@@ -53,14 +55,11 @@ class _OpenHow(ctypes.Structure):
     )
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def open_in_root(root_fd: int, path: str, flags: int) -> int:
     """``openat2(root_fd, path, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)``."""
     how = _OpenHow(flags | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
     fd = int(
-        _libc.syscall(
+        libc.syscall(
             SYS_OPENAT2,
             ctypes.c_int(root_fd),
             ctypes.c_char_p(os.fsencode(path or ".")),

@@ -25,36 +25,26 @@ import stat
 from dataclasses import dataclass
 
 from agentvm_guest.layers import open_in_root
+from agentvm_guest.libc import (
+    MNT_DETACH,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+    MS_REC,
+    mount,
+    syscall,
+    umount2,
+)
 
 SYS_PIVOT_ROOT = 155  # x86_64
-MNT_DETACH = 2
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_BIND = 0x1000
-MS_REC = 0x4000
 # Directories the program finds mounted in the image's root.
 MOUNT_POINTS = ("proc", "sys", "dev", "workspace", "tmp")
 
 
 class PivotError(OSError):
     """The program could not be moved into the image's root; it is not started."""
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_mount = _libc.mount
-_mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_char_p,
-]
-_mount.restype = ctypes.c_int
-_umount2 = _libc.umount2
-_umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_umount2.restype = ctypes.c_int
 
 
 def _ensure_dir(root_fd: int, name: str) -> None:
@@ -133,19 +123,19 @@ class Pivot:
 
     def enter(self) -> None:
         """In the child, in its own mount namespace: mount, pivot, detach the old root."""
-        if _mount(self.root, self.root, None, MS_BIND | MS_REC, None) != 0:
+        if mount(self.root, self.root, None, MS_BIND | MS_REC, None) != 0:
             raise PivotError(ctypes.get_errno(), "bind-mount the image's root")
         for source, target, fstype, flags in self.mounts:
-            if _mount(source, target, fstype, flags, None) != 0:
+            if mount(source, target, fstype, flags, None) != 0:
                 raise PivotError(ctypes.get_errno(), f"mount {fstype.decode()}")
         for source, target, flags in self.binds:
-            if _mount(source, target, None, MS_BIND | flags, None) != 0:
+            if mount(source, target, None, MS_BIND | flags, None) != 0:
                 raise PivotError(ctypes.get_errno(), f"bind-mount {source.decode()}")
         os.chdir(self.root)
-        if _libc.syscall(SYS_PIVOT_ROOT, b".", b".") != 0:
+        if syscall(SYS_PIVOT_ROOT, b".", b".") != 0:
             raise PivotError(ctypes.get_errno(), "pivot_root")
         # The old root is now stacked on "/": detach it, with everything under it.
-        if _umount2(b".", MNT_DETACH) != 0:
+        if umount2(b".", MNT_DETACH) != 0:
             raise PivotError(ctypes.get_errno(), "detach the old root")
         os.chdir(self.cwd)
 

@@ -31,13 +31,11 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from agentvm_guest import netif
+from agentvm_guest import libc, netif
+from agentvm_guest.libc import MS_NODEV, MS_NOSUID
 
 log = logging.getLogger("agentvm_guest")
 
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
 # _IOW('f', 16, __u64): grow a mounted ext4 file system to this many blocks
 # (what resize2fs calls for an online resize).
 EXT4_IOC_RESIZE_FS = 0x40086610
@@ -65,13 +63,8 @@ class SetupError(OSError):
 
 
 def _mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
     rc = libc.mount(
-        source.encode(),
-        target.encode(),
-        fstype.encode(),
-        ctypes.c_ulong(flags),
-        data.encode() if data else None,
+        source.encode(), target.encode(), fstype.encode(), flags, data.encode() if data else None
     )
     if rc != 0:
         err = ctypes.get_errno()
