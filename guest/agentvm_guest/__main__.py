@@ -16,8 +16,7 @@ import sys
 import threading
 import time
 
-from agentvm_guest import __version__, confine, mux, sysinit
-from agentvm_guest.agent import connect_unix, serve
+from agentvm_guest import __version__, confine, mux, spawner, sysinit
 from agentvm_guest.relay import GuestRelay, find_port
 from agentvm_guest.splice import serve_accepted
 
@@ -44,6 +43,11 @@ def main() -> int:
         sysinit.run()
     set_up = time.monotonic()
     confine.shield_agent()
+    # Forked while this process is small and has one thread: it starts every
+    # program, so the agent (gRPC, its threads) never forks (spawner.py).
+    spawner.start()
+    from agentvm_guest.agent import connect_unix, serve  # gRPC: after the fork
+
     os.makedirs(os.path.dirname(SOCKET_PATH), mode=0o700, exist_ok=True)
     if os.path.exists(SOCKET_PATH):
         os.unlink(SOCKET_PATH)

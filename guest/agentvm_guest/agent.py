@@ -25,7 +25,7 @@ from typing import IO
 import grpc
 
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
-from agentvm_guest import imageroot
+from agentvm_guest import imageroot, spawner
 from agentvm_guest.agent_files import WorkspaceFiles
 from agentvm_guest.agent_host import HostService
 from agentvm_guest.pivot import Pivot
@@ -169,16 +169,14 @@ class GuestAgent(HostService, WorkspaceFiles, guest_agent_pb2_grpc.GuestAgentSer
         start = time.monotonic()
         try:
             try:
-                proc = subprocess.Popen(
+                proc = spawner.popen(
                     argv,
-                    preexec_fn=tree.confiner(pivot),  # noqa: PLW1509 (system calls only, see confine.py)
+                    preexec=tree.confiner(pivot),
                     cwd=cwd,
                     env=env,
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
-                    start_new_session=True,
-                    close_fds=True,
                 )
             except OSError as exc:
                 context.abort(
@@ -215,7 +213,7 @@ class GuestAgent(HostService, WorkspaceFiles, guest_agent_pb2_grpc.GuestAgentSer
 
     def _pump(
         self,
-        proc: subprocess.Popen[bytes],
+        proc: spawner.Proc,
         running: _Running,
         deadline: float,
         cap: int,

@@ -32,6 +32,7 @@ from typing import TypeAlias
 import grpc
 
 from agentvm.v1 import common_pb2
+from agentvm_guest import spawner
 from agentvm_guest.proctree import ProcessTree
 
 log = logging.getLogger("agentvm_guest.processes")
@@ -179,12 +180,8 @@ class BackgroundProcess:
                 _set_winsize(master, rows, cols)
                 env = {**launch.env, "TERM": term}
 
-                def preexec_tty() -> None:
-                    preexec()
-                    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
                 proc = self._popen(
-                    launch, preexec_tty, env, stdin=slave, stdout=slave, stderr=slave
+                    launch, preexec, env, stdin=slave, stdout=slave, stderr=slave, tty=True
                 )
             except BaseException:
                 os.close(master)
@@ -231,18 +228,18 @@ class BackgroundProcess:
         stdin: int,
         stdout: int,
         stderr: int,
-    ) -> subprocess.Popen[bytes]:
+        tty: bool = False,
+    ) -> spawner.Proc:
         try:
-            return subprocess.Popen(
+            return spawner.popen(
                 launch.argv,
-                preexec_fn=preexec,  # noqa: PLW1509 (system calls only, see confine.py)
+                preexec=preexec,
                 cwd=launch.cwd,
                 env=env,
-                start_new_session=True,
-                close_fds=True,
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
+                tty=tty,
             )
         except OSError as exc:
             raise ProcessError(
@@ -261,7 +258,7 @@ class BackgroundProcess:
                 "cgroup, capability or terminal set-up; see the VM's console log",
             ) from exc
 
-    def _pump(self, proc: subprocess.Popen[bytes], fds: dict[int, Stream]) -> None:
+    def _pump(self, proc: spawner.Proc, fds: dict[int, Stream]) -> None:
         sel = selectors.DefaultSelector()
         for fd in fds:
             os.set_blocking(fd, False)

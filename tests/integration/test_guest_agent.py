@@ -33,6 +33,23 @@ def test_command_runs_under_the_guest_kernel(shared_vm: common_pb2.VM, guest_ima
     assert boot_id != host_boot_id
 
 
+def test_programs_are_started_by_the_spawner_not_the_agent(shared_vm: common_pb2.VM) -> None:
+    """The parent of a program is the spawner: one thread, forked by the agent (which
+    runs gRPC's threads) before it imported grpc (agentvm_guest/spawner.py)."""
+    script = (
+        "spawner=$PPID; agent=$(awk '/^PPid:/ {print $2}' /proc/$spawner/status); "
+        "for p in $spawner $agent; do awk '/^Threads:/ {print $2}' /proc/$p/status; "
+        "tr '\\0' ' ' < /proc/$p/cmdline; echo; done"
+    )
+    res = execute(shared_vm.agent_endpoint, script)
+    assert res.status.exit_code == 0, res.stderr
+    spawner_threads, spawner_cmd, agent_threads, agent_cmd = res.stdout.decode().splitlines()
+    assert "agentvm_guest" in spawner_cmd
+    assert "agentvm_guest" in agent_cmd
+    assert int(spawner_threads) == 1
+    assert int(agent_threads) > 1
+
+
 def test_status_reports_guest_health(shared_vm: common_pb2.VM) -> None:
     with sync_channel(shared_vm.agent_endpoint) as ch:
         info = (
