@@ -22,7 +22,7 @@ import pytest
 
 from agentvm.common.grpc_util import CHANNEL_OPTIONS, aio_channel
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
-from agentvm.vm_manager import relay as relay_mod
+from agentvm.vm_manager import relay_handshake
 from agentvm.vm_manager.relay import HostRelay
 from agentvm_guest import __version__, agent, mux
 from agentvm_guest.mux import FrameType
@@ -417,7 +417,7 @@ def test_garbage_right_after_the_ack_is_a_protocol_error(tmp_path: Path) -> None
 
 
 def test_sync_is_retried_until_answered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(relay_mod, "SYNC_RETRY_S", 0.05)
+    monkeypatch.setattr(relay_handshake, "SYNC_RETRY_S", 0.05)
     syncs: list[bytes] = []
 
     def script(port: PortHost, n: int) -> None:
@@ -451,7 +451,7 @@ def test_sync_is_retried_until_answered(tmp_path: Path, monkeypatch: pytest.Monk
 def test_handshake_timeout_closes_the_client(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(relay_mod, "SYNC_RETRY_S", 0.05)
+    monkeypatch.setattr(relay_handshake, "SYNC_RETRY_S", 0.05)
 
     def silent(port: PortHost, n: int) -> None:
         wait_for_hangup(port)

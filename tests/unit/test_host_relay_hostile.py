@@ -27,7 +27,7 @@ import pytest
 from agentvm.common.grpc_util import CHANNEL_OPTIONS
 from agentvm.v1 import guest_agent_pb2, guest_agent_pb2_grpc
 from agentvm.vm_manager import relay as relay_mod
-from agentvm.vm_manager import relay_refuse
+from agentvm.vm_manager import relay_handshake, relay_refuse
 from agentvm.vm_manager.relay import HostRelay
 from agentvm_guest import __version__, agent, mux
 
@@ -191,7 +191,7 @@ def no_retry_soon(monkeypatch: pytest.MonkeyPatch) -> None:
     """After a failed handshake the next is far away (tests that want one sooner say so)."""
     monkeypatch.setattr(relay_mod, "BACKOFF_FIRST_S", 600.0)
     monkeypatch.setattr(relay_mod, "BACKOFF_MAX_S", 600.0)
-    monkeypatch.setattr(relay_mod, "SYNC_RETRY_S", 0.05)
+    monkeypatch.setattr(relay_handshake, "SYNC_RETRY_S", 0.05)
 
 
 # -- fail fast ------------------------------------------------------------------------------

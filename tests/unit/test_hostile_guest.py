@@ -48,10 +48,10 @@ from agentvm.v1 import (
     guest_agent_pb2_grpc,
     vm_manager_pb2,
 )
-from agentvm.vm_manager import observe
-from agentvm.vm_manager import relay as relay_mod
+from agentvm.vm_manager import observe, relay_handshake
 from agentvm.vm_manager.manager import VMManager
-from agentvm.vm_manager.relay import HostRelay, SessionError
+from agentvm.vm_manager.relay import HostRelay
+from agentvm.vm_manager.relay_handshake import SessionError
 from agentvm_guest import mux
 from agentvm_guest.mux import FrameType
 
@@ -835,7 +835,7 @@ def test_garbage_flood_during_the_handshake_times_out_in_bounded_memory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No SYNC_ACK (a wrong-nonce one included), only megabytes of noise: SessionError."""
-    monkeypatch.setattr(relay_mod, "SYNC_RETRY_S", 0.1)
+    monkeypatch.setattr(relay_handshake, "SYNC_RETRY_S", 0.1)
     chunk = os.urandom(MiB) + mux.sync_ack(bytes(mux.NONCE_SIZE))
     sent = [0]
 

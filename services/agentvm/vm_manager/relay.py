@@ -45,7 +45,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import socket
 import time
 from collections.abc import Coroutine
@@ -53,11 +52,11 @@ from pathlib import Path
 from typing import Any
 
 from agentvm.vm_manager import relay_refuse, relay_vsock
+from agentvm.vm_manager.relay_handshake import SessionError, handshake
 from agentvm_guest import mux
 
 log = logging.getLogger("agentvm.vm_manager.relay")
 
-SYNC_RETRY_S = 0.5
 HANDSHAKE_TIMEOUT_S = 5.0
 # How long a client waits for a handshake in progress before it is answered
 # UNAVAILABLE: below the 5 s that agent-vm's gRPC channels allow a connection
@@ -79,10 +78,6 @@ REFUSE_WAIT_S = 2.0
 LISTEN_BACKLOG = 64
 # Bytes of a waiting client kept for its stream (one DATA frame).
 WAIT_BUFFER = mux.MAX_PAYLOAD
-
-
-class SessionError(Exception):
-    """No session with the guest could be established (or it ended)."""
 
 
 class _Session:
@@ -270,43 +265,10 @@ class HostRelay:
         return session
 
     async def _handshake(self, deadline: float) -> _Session:
-        """PAD + SYNC until the SYNC_ACK; TimeoutError at ``deadline`` (loop time).
-
-        The deadline is checked here as well as by the caller's timeout: a
-        guest that floods the port keeps every read ready, and a cancellation
-        racing a completed read can be lost.
-        """
         if self.channel_path is None:
             raise SessionError(f"{self.vm_name} has no virtio-serial agent channel")
-        try:
-            reader, writer = await asyncio.open_unix_connection(self.channel_path)
-        except OSError as exc:
-            raise SessionError(f"cannot open its agent channel: {exc}") from exc
-        nonce = secrets.token_bytes(mux.NONCE_SIZE)
-        scanner = mux.PatternScanner(mux.sync_ack(nonce))
-        loop = asyncio.get_running_loop()
-        try:
-            writer.write(mux.PAD)
-            while True:
-                writer.write(mux.encode(mux.FrameType.SYNC, 0, nonce))
-                await writer.drain()
-                retry_at = min(deadline, loop.time() + SYNC_RETRY_S)
-                while (remaining := retry_at - loop.time()) > 0:
-                    try:
-                        async with asyncio.timeout(remaining):
-                            data = await reader.read(mux.MAX_PAYLOAD)
-                    except TimeoutError:
-                        break
-                    if not data:
-                        raise SessionError("its agent channel closed during the handshake")
-                    rest = scanner.feed(data)
-                    if rest is not None:
-                        return _Session(reader, writer, pending=rest)
-                if loop.time() >= deadline:
-                    raise TimeoutError
-        except BaseException:
-            writer.transport.abort()  # unsent PAD/SYNC bytes must not hold the close
-            raise
+        reader, writer, pending = await handshake(self.channel_path, deadline)
+        return _Session(reader, writer, pending=pending)
 
     async def _send(
         self, session: _Session, ftype: mux.FrameType, stream: int, payload: bytes = b""
