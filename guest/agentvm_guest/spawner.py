@@ -18,10 +18,12 @@ frames of ``length (4 bytes, big endian) + pickle``.
 
 Both ends are the agent's own code (pickle is safe here); programs never
 hold the socket (close-on-exec, and subprocess closes every other fd).
-When the agent goes, the spawner reads EOF and exits; when the spawner goes
-(agent code can kill it: programs keep CAP_KILL), the agent starts programs
-itself again, as before, and the programs it had started are reported
-killed. Standard library only: it must not import gRPC.
+When the agent goes, the spawner reads EOF and exits. When the spawner goes
+(agent code can kill it: programs keep CAP_KILL), the programs it had
+started are reported killed, the agent starts programs itself meanwhile,
+and a new spawner is started with ``python3 -m agentvm_guest.spawner`` (an
+exec: the agent must not fork itself), at most one a second. Standard
+library only: it must not import gRPC.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Protocol
@@ -47,6 +50,7 @@ log = logging.getLogger("agentvm_guest.spawner")
 
 _LEN = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024  # argv + environment: the agent's own message limit
+RESTART_AFTER_S = 1.0  # a new spawner at most this often
 _FDS = 3
 
 
@@ -261,9 +265,19 @@ class _Pending:
 class SpawnerClient:
     """The agent's connection to its spawner; thread-safe."""
 
-    def __init__(self, sock: socket.socket, pid: int = 0) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        pid: int = 0,
+        process: subprocess.Popen[bytes] | None = None,
+        restart: bool = False,
+    ) -> None:
         self.sock = sock
-        self.pid = pid  # of the spawner, when the agent forked it
+        self.pid = process.pid if process is not None else pid  # 0: not ours to reap
+        self._process = process
+        self._restart = restart
+        self._born = time.monotonic()
         self._lock = threading.Lock()  # the tables below
         self._send_lock = threading.Lock()  # one request written at a time
         self._next = 0
@@ -291,9 +305,18 @@ class SpawnerClient:
             for proc in running.values():
                 # Its exit status went with the spawner: killed is what is known.
                 proc._set_exit(-signal.SIGKILL)
-            if self.pid:
+            if self._process is not None:
+                self._process.wait()
+            elif self.pid:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(self.pid, 0)
+            if self._restart and _Current.client is self:
+                time.sleep(max(0.0, self._born + RESTART_AFTER_S - time.monotonic()))
+                if _Current.client is self:  # not stopped meanwhile
+                    try:
+                        start_exec()
+                    except OSError as exc:
+                        log.warning("cannot start a new spawner: %s", exc)
 
     def _dispatch(self, msg: object) -> None:
         if not isinstance(msg, tuple) or len(msg) != 3:
@@ -366,7 +389,31 @@ def start() -> SpawnerClient:
         finally:
             os._exit(code)
     spawner_end.close()
-    _Current.client = SpawnerClient(agent_end, pid)
+    _Current.client = SpawnerClient(agent_end, pid=pid, restart=True)
+    return _Current.client
+
+
+def start_exec() -> SpawnerClient:
+    """Start a spawner as a new program (``python3 -m agentvm_guest.spawner FD``): how
+    a threaded agent replaces one that died, and how the tests start one."""
+    agent_end, spawner_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        fd = spawner_end.fileno()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "agentvm_guest.spawner", str(fd)], pass_fds=[fd]
+        )
+    except BaseException:
+        agent_end.close()
+        raise
+    finally:
+        spawner_end.close()
+    _Current.client = SpawnerClient(agent_end, process=process, restart=True)
+    log.info("spawner started (pid %d)", process.pid)
+    return _Current.client
+
+
+def current() -> SpawnerClient | None:
+    """The spawner programs are started through now (None: the agent starts them)."""
     return _Current.client
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from agentvm.common.grpc_util import sync_channel
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
-from tests.vmharness import execute
+from tests.vmharness import execute, wait_for
 
 pytestmark = pytest.mark.vm
 
@@ -48,6 +48,22 @@ def test_programs_are_started_by_the_spawner_not_the_agent(shared_vm: common_pb2
     assert "agentvm_guest" in agent_cmd
     assert int(spawner_threads) == 1
     assert int(agent_threads) > 1
+
+
+def test_a_spawner_killed_by_agent_code_is_replaced(shared_vm: common_pb2.VM) -> None:
+    """Programs keep CAP_KILL: one may kill the spawner. Its own status is then lost
+    (reported killed), and the next programs go through a new spawner."""
+    parent = "p=$PPID; echo $p $(awk '/^Threads:/ {print $2}' /proc/$p/status)"
+    old = execute(shared_vm.agent_endpoint, parent).stdout.split()
+    res = execute(shared_vm.agent_endpoint, "kill -KILL $PPID; sleep 1")
+    assert res.status.signal == 9
+    seen: list[list[bytes]] = []
+
+    def replaced() -> bool:
+        seen.append(execute(shared_vm.agent_endpoint, parent).stdout.split())
+        return seen[-1][1] == b"1" and seen[-1][0] != old[0]
+
+    assert wait_for(replaced, 60, interval=0.5), (old, seen[-3:])
 
 
 def test_status_reports_guest_health(shared_vm: common_pb2.VM) -> None:

@@ -227,3 +227,25 @@ def test_when_the_spawner_dies_its_programs_are_reported_killed_and_the_agent_st
         assert (int(out), rc) == (os.getpid(), 0)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
+
+
+def test_a_killed_spawner_is_replaced_and_programs_go_through_the_new_one() -> None:
+    first = spawner.start_exec()  # how the agent replaces a spawner that died
+    try:
+        assert run(["true"])[3] == 0
+        os.kill(first.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            now = spawner.current()
+            if now is not None and now is not first and now.alive:
+                break
+            time.sleep(0.02)
+        second = spawner.current()
+        assert second is not None
+        assert second is not first
+        assert second.pid != first.pid
+        _, out, _, rc = run(["sh", "-c", "echo $PPID"])
+        assert (int(out), rc) == (second.pid, 0)
+    finally:
+        spawner.stop()
+    assert spawner.current() is None
