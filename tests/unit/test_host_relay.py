@@ -185,45 +185,55 @@ def test_dial_again_opens_a_new_stream_in_the_same_session(stack: Stack) -> None
     assert stack.channel.accepted == 1
 
 
-def test_channel_reconnect_starts_a_new_session(stack: Stack) -> None:
+def next_call_after(
+    stack: Stack, end: Callable[[], None], ended: Callable[[HostRelay], bool]
+) -> HostRelay:
+    """A call, then ``end()`` ends the session (``ended`` says when); the same gRPC
+    channel's next call is served by a new session. The closed relay, for its counters."""
+    relay = stack.relay()
+
     async def body() -> None:
-        relay = stack.relay()
         await relay.start()
         try:
             async with aio_channel(stack.target, "vm-manager") as ch:
                 await get_status(ch)
-                stack.channel.drop()  # libvirt's channel connection goes away
-                assert await async_wait_until(lambda: not session_open(relay))
-                # The same gRPC channel reconnects; the relay dials the channel again.
-                info = await get_status(ch)
+                end()
+                assert await async_wait_until(lambda: ended(relay))
+                assert not session_open(relay)
+                info = await get_status(ch)  # a new session serves the next call
                 assert info.agent_version == __version__
-            assert relay.sessions_started == 2
-            assert relay.protocol_errors == 0
         finally:
             await relay.close()
 
     run_async(body())
-    assert stack.channel.accepted == 2
+    assert relay.sessions_started == 2
     assert stack.guest.relay.sessions == 2  # the PAD + SYNC reset the guest's session
+    return relay
+
+
+def test_channel_reconnect_starts_a_new_session(stack: Stack) -> None:
+    # libvirt's channel connection goes away; the relay dials the channel again.
+    relay = next_call_after(stack, stack.channel.drop, lambda r: not session_open(r))
+    assert relay.protocol_errors == 0
+    assert stack.channel.accepted == 2
 
 
 def test_garbage_from_the_guest_ends_the_session(stack: Stack) -> None:
-    async def body() -> None:
-        relay = stack.relay()
-        await relay.start()
-        try:
-            async with aio_channel(stack.target, "vm-manager") as ch:
-                await get_status(ch)
-                stack.channel.inject(b"this is not a frame")
-                assert await async_wait_until(lambda: relay.protocol_errors == 1)
-                assert not session_open(relay)
-                await get_status(ch)  # a new session serves the next call
-            assert relay.sessions_started == 2
-        finally:
-            await relay.close()
+    next_call_after(
+        stack,
+        lambda: stack.channel.inject(b"this is not a frame"),
+        lambda r: r.protocol_errors == 1,
+    )
 
-    run_async(body())
-    assert stack.guest.relay.sessions == 2
+
+def test_a_restarted_guest_agent_ends_the_session(stack: Stack) -> None:
+    """RESET, which a respawned agent writes first, ends the session: the next call
+    starts a new one instead of going into streams that no agent serves."""
+    relay = next_call_after(
+        stack, lambda: stack.channel.inject(mux.reset()), lambda r: r.guest_resets == 1
+    )
+    assert relay.protocol_errors == 0
+    assert relay.handshake_failures == 0
 
 
 def test_guest_may_not_open_streams(stack: Stack) -> None:
@@ -240,31 +250,6 @@ def test_guest_may_not_open_streams(stack: Stack) -> None:
             await relay.close()
 
     run_async(body())
-
-
-def test_a_restarted_guest_agent_ends_the_session(stack: Stack) -> None:
-    """RESET, which a respawned agent writes first, ends the session: the next call
-    starts a new one instead of going into streams that no agent serves."""
-
-    async def body() -> None:
-        relay = stack.relay()
-        await relay.start()
-        try:
-            async with aio_channel(stack.target, "vm-manager") as ch:
-                await get_status(ch)
-                stack.channel.inject(mux.reset())
-                assert await async_wait_until(lambda: relay.guest_resets == 1)
-                assert not session_open(relay)
-                info = await get_status(ch)  # a new session serves the next call
-                assert info.agent_version == __version__
-            assert relay.sessions_started == 2
-            assert relay.protocol_errors == 0
-            assert relay.handshake_failures == 0
-        finally:
-            await relay.close()
-
-    run_async(body())
-    assert stack.guest.relay.sessions == 2
 
 
 def test_relay_needs_exactly_one_transport(tmp_path: Path) -> None:
