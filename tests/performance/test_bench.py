@@ -103,6 +103,7 @@ def test_agent_vm_bench_prints_every_figure(
     assert lat["close_ms"]["n"] == 2
     assert lat["close_vm_gone_after_ms"]["n"] == 2
     assert lat["cli_help_ms"]["n"] == 5
+    assert lat["cli_run_first_rpc_ms"]["n"] == 5
     assert all(v > 0 for v in lat["ratios"].values())
     assert "pool acquire" in stderr
 

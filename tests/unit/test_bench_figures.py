@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
+import pytest
+
 from agentvm.cli.bench import rss_parts
+from agentvm.cli.bench_latency import _cli_env, first_rpc_s
+from agentvm.common.errors import FailedPrecondition
+
+PYTHON_BYTECODE = "PYTHONDONTWRITEBYTECODE"
 
 # Three mappings as QEMU under TCG has them: guest RAM (512 MiB), the TCG code
 # buffer (1 GiB less a guard page) and the binary.
@@ -29,3 +38,24 @@ def test_rss_parts_of_another_memory_size_counts_no_guest_ram() -> None:
     parts = rss_parts(SMAPS, 1024)
     assert parts["guest_ram"] == 0
     assert parts["qemu_own"] == 160.0
+
+
+CONNECTS = (
+    "import os, socket, time; s = socket.socket(socket.AF_UNIX); "
+    "s.connect(os.environ['AGENTVM_EXECUTOR_ADDR'].removeprefix('unix:')); time.sleep(30)"
+)
+
+
+def test_first_rpc_is_when_the_command_connects_to_the_executor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(PYTHON_BYTECODE, "1")
+    assert PYTHON_BYTECODE not in _cli_env()  # the CLI is timed with its bytecode cached
+    assert os.environ[PYTHON_BYTECODE] == "1"
+    took = first_rpc_s([sys.executable, "-c", f"import time; time.sleep(0.3); {CONNECTS}"])
+    assert 0.3 <= took < 10  # the sleep, then the connect; not the 30 s after it
+
+
+def test_a_command_that_never_calls_the_executor_is_named() -> None:
+    with pytest.raises(FailedPrecondition, match=r"did not call the executor within 0\.5 s"):
+        first_rpc_s([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
