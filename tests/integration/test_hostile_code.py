@@ -125,7 +125,9 @@ def test_memory_hog_is_killed_inside_its_cgroup(
     assert usage.oom_kills >= 1, usage
     total = healthy_after.memory_total_bytes
     assert 0 < usage.memory_limit_bytes < total
-    assert usage.memory_peak_bytes <= usage.memory_limit_bytes
+    # The kernel may charge a little past memory.max while it reclaims and kills
+    # (seen: one page over); at most its per-CPU charge batch, 64 pages.
+    assert usage.memory_peak_bytes <= usage.memory_limit_bytes + 64 * 4096
     # The agent was not the victim: same process, same boot.
     assert status(victim).memory_available_bytes > total - usage.memory_limit_bytes // 2
 
