@@ -190,16 +190,8 @@ class _Spawner:
             if not isinstance(req, Request) or len(fds) != _FDS:
                 raise ValueError("a spawn request needs a Request and three descriptors")
             try:
-                proc = subprocess.Popen(
-                    req.argv,
-                    preexec_fn=_TtyPreexec(req.preexec) if req.tty else req.preexec,  # noqa: PLW1509 (system calls only, see confine.py)
-                    cwd=req.cwd,
-                    env=req.env,
-                    start_new_session=True,
-                    close_fds=True,
-                    stdin=fds[0],
-                    stdout=fds[1],
-                    stderr=fds[2],
+                proc = _popen(
+                    req.argv, req.preexec, req.cwd, req.env, (fds[0], fds[1], fds[2]), req.tty
                 )
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
                 _send(self.sock, ("failed", rid, Failure.of(exc)))
@@ -459,6 +451,19 @@ def popen(
             return _through(client, argv, preexec, cwd, env, (stdin, stdout, stderr), tty)
         except _Unavailable:
             pass
+    return _popen(argv, preexec, cwd, env, (stdin, stdout, stderr), tty)
+
+
+def _popen(
+    argv: Sequence[str],
+    preexec: Callable[[], None],
+    cwd: str | None,
+    env: dict[str, str],
+    fds: tuple[int, int, int],
+    tty: bool,
+) -> subprocess.Popen[bytes]:
+    """The one way a program is started, in the spawner or (without one) in the agent."""
+    stdin, stdout, stderr = fds
     return subprocess.Popen(
         argv,
         preexec_fn=_TtyPreexec(preexec) if tty else preexec,  # noqa: PLW1509 (system calls only, see confine.py)
