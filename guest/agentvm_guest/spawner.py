@@ -51,6 +51,9 @@ log = logging.getLogger("agentvm_guest.spawner")
 _LEN = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024  # argv + environment: the agent's own message limit
 RESTART_AFTER_S = 1.0  # a new spawner at most this often
+# A spawner that has not answered a request in this long is stopped or stuck
+# (agent code can SIGSTOP it): it is killed, which starts a new one.
+SPAWN_TIMEOUT_S = 30.0
 _FDS = 3
 
 
@@ -350,11 +353,24 @@ class SpawnerClient:
             with self._lock:
                 self._pending.pop(rid, None)
             raise _Unavailable from None
-        pending.done.wait()
+        if not pending.done.wait(SPAWN_TIMEOUT_S):
+            log.warning("the spawner has not answered in %.0f s: replacing it", SPAWN_TIMEOUT_S)
+            self._abandon()
+            pending.done.wait()  # the reader fails every pending request at EOF
         if pending.failure is not None:
             if pending.failure.message == "the spawner exited" and not self.alive:
                 raise _Unavailable
             raise pending.failure.exception()
+
+    def _abandon(self) -> None:
+        """Kill a spawner that stopped answering; the reader then sees EOF."""
+        if self._process is not None:
+            self._process.kill()
+        elif self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Unavailable(Exception):

@@ -249,3 +249,31 @@ def test_a_killed_spawner_is_replaced_and_programs_go_through_the_new_one() -> N
     finally:
         spawner.stop()
     assert spawner.current() is None
+
+
+def test_a_spawner_that_stops_answering_is_killed_and_programs_still_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(spawner, "SPAWN_TIMEOUT_S", 0.5)
+    first = spawner.start_exec()
+    try:
+        assert first._process is not None
+        assert run(["true"])[3] == 0
+        os.kill(first.pid, signal.SIGSTOP)  # agent code may do this
+        proc, out, _, rc = run(["sh", "-c", "echo $PPID"])
+        assert isinstance(proc, subprocess.Popen)  # the agent started it itself
+        assert (int(out), rc) == (os.getpid(), 0)
+        assert first._process.wait(10) == -signal.SIGKILL  # not left stopped
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            now = spawner.current()
+            if now is not None and now is not first and now.alive:
+                break
+            time.sleep(0.02)
+        _, out, _, rc = run(["sh", "-c", "echo $PPID"])
+        second = spawner.current()
+        assert second is not None
+        assert (int(out), rc) == (second.pid, 0)
+        assert second.pid != first.pid
+    finally:
+        spawner.stop()
