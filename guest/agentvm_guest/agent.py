@@ -42,7 +42,7 @@ from agentvm_guest.processes import (
     check_pty_size,
     exit_status,
 )
-from agentvm_guest.proctree import ProcessTree
+from agentvm_guest.proctree import KEEPER, ProcessTree
 from agentvm_guest.wire import RejectMalformed
 
 log = logging.getLogger("agentvm_guest.agent")
@@ -155,12 +155,12 @@ class GuestAgent(HostService, WorkspaceFiles, guest_agent_pb2_grpc.GuestAgentSer
         exec_id = request.exec_id
         if request.keep_stdin_open and not exec_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "keep_stdin_open needs an exec_id")
-        tree = ProcessTree()
+        tree = KEEPER.take()
         running = _Running(tree)
         if exec_id:
             with self._lock:
                 if exec_id in self._running or self.processes.get(exec_id) is not None:
-                    tree.remove()
+                    KEEPER.retire(tree)
                     context.abort(
                         grpc.StatusCode.ALREADY_EXISTS, f"exec_id {exec_id!r} is already running"
                     )
@@ -195,18 +195,21 @@ class GuestAgent(HostService, WorkspaceFiles, guest_agent_pb2_grpc.GuestAgentSer
             # stdin is ready for WriteStdin before the caller hears "started",
             # and the initial bytes go first: the feeder holds the lock until
             # it has written them.
-            running.stdin = proc.stdin
-            running.stdin_lock.acquire()
-            threading.Thread(
-                target=_feed_stdin,
-                args=(running, proc.stdin, request.stdin, request.keep_stdin_open),
-                daemon=True,
-            ).start()
+            if request.stdin or request.keep_stdin_open:
+                running.stdin = proc.stdin
+                running.stdin_lock.acquire()
+                threading.Thread(
+                    target=_feed_stdin,
+                    args=(running, proc.stdin, request.stdin, request.keep_stdin_open),
+                    daemon=True,
+                ).start()
+            else:  # nothing to write: EOF now, without a thread for it
+                proc.stdin.close()
             yield guest_agent_pb2.ExecuteResponse(started=common_pb2.ProcessStarted(pid=proc.pid))
             yield from self._pump(proc, running, start + timeout, cap, start)
         finally:
             tree.kill_all()
-            tree.remove()
+            KEEPER.retire(tree)
             if exec_id:
                 with self._lock:
                     self._running.pop(exec_id, None)

@@ -33,7 +33,7 @@ import grpc
 
 from agentvm.v1 import common_pb2
 from agentvm_guest import spawner
-from agentvm_guest.proctree import ProcessTree
+from agentvm_guest.proctree import KEEPER, ProcessTree
 
 log = logging.getLogger("agentvm_guest.processes")
 
@@ -307,7 +307,7 @@ class BackgroundProcess:
                         os.close(fd)
             self.tree.kill_all()
         status = exit_status(rc, timed_out=timed_out, start=self.started, tree=self.tree)
-        self.tree.remove()
+        KEEPER.retire(self.tree)
         with self._stdin_lock:
             if self._stdin is not None:
                 with contextlib.suppress(OSError):
@@ -473,7 +473,7 @@ class ProcessTable:
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"{MAX_RUNNING} background processes are running; stop one first",
                 )
-            tree = ProcessTree()
+            tree = KEEPER.take()
             proc = BackgroundProcess(launch, tree)
             self._procs[launch.exec_id] = proc
         try:
@@ -482,7 +482,7 @@ class ProcessTable:
             with self._lock:
                 self._procs.pop(launch.exec_id, None)
             tree.kill_all()
-            tree.remove()
+            KEEPER.retire(tree)
             raise
         self._forget_ended()
         return proc

@@ -184,3 +184,61 @@ class ProcessTree:
         if attempts > 100:
             log.warning("cgroup %s still busy", self.cgroup)
         return False
+
+
+class Keeper:
+    """Takes the cgroup work off a command's path: when a command ends, its tree
+    is removed and the next one made (its cgroup and limits) after the caller
+    has its answer. Not while a command starts: under TCG that work competes
+    with the start for the CPU and the GIL, and the start gained nothing."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._spare: ProcessTree | None = None
+        self._want = False  # a spare was taken: make the next one
+        self._finished: list[ProcessTree] = []
+        self._thread: threading.Thread | None = None
+
+    def take(self) -> ProcessTree:
+        """A new tree for one Execute (or background process)."""
+        with self._cond:
+            tree, self._spare = self._spare, None
+            self._want = True  # made when a tree is retired: not beside this one's start
+        if tree is not None and tree.cgroup is not None:
+            if os.path.dirname(tree.cgroup) == CGROUP_ROOT:
+                return tree
+            self.retire(tree)  # made for another root (tests change it)
+        return ProcessTree()
+
+    def retire(self, tree: ProcessTree) -> None:
+        """Remove ``tree``'s cgroup soon (the caller has killed what was in it)."""
+        with self._cond:
+            self._finished.append(tree)
+            self._wake()
+
+    def _wake(self) -> None:  # under _cond
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cgroups", daemon=True)
+            self._thread.start()
+        self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._finished:
+                    self._cond.wait()
+                make, self._want = self._want and self._spare is None, False
+                finished, self._finished = self._finished, []
+            if make:  # first: the next command may come at once
+                tree = ProcessTree()
+                with self._cond:
+                    kept = self._spare is None
+                    if kept:
+                        self._spare = tree
+                if not kept:
+                    tree.remove()
+            for old in finished:
+                old.remove()
+
+
+KEEPER = Keeper()

@@ -33,6 +33,17 @@ def test_command_runs_under_the_guest_kernel(shared_vm: common_pb2.VM, guest_ima
     assert boot_id != host_boot_id
 
 
+def test_the_cgroup_tree_is_mounted_for_a_move_per_command(shared_vm: common_pb2.VM) -> None:
+    """nsdelegate keeps a command in its cgroup; favordynmods spares each command's
+    move into its cgroup an RCU grace period (sysinit.py, docs/BENCHMARKS.md)."""
+    script = "awk '$2 == \"/sys/fs/cgroup\" {print $3, $4}' /proc/mounts"
+    res = execute(shared_vm.agent_endpoint, script)
+    assert res.status.exit_code == 0, res.stderr
+    fstype, options = res.stdout.decode().split()
+    assert fstype == "cgroup2"
+    assert {"nsdelegate", "favordynmods"} <= set(options.split(",")), options
+
+
 def test_programs_are_started_by_the_spawner_not_the_agent(shared_vm: common_pb2.VM) -> None:
     """The parent of a program is the spawner: one thread, forked by the agent (which
     runs gRPC's threads) before it imported grpc (agentvm_guest/spawner.py)."""

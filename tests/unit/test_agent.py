@@ -129,6 +129,43 @@ def test_process_tree_cgroups_are_unique(tmp_path: Path, monkeypatch: pytest.Mon
     assert list(tmp_path.iterdir()) == []
 
 
+def _emptied(tree: proctree.ProcessTree) -> proctree.ProcessTree:
+    """A fake cgroup's files are plain files: remove them, as the kernel would."""
+    assert tree.cgroup is not None
+    for f in Path(tree.cgroup).iterdir():
+        f.unlink()
+    return tree
+
+
+def test_the_keeper_makes_the_next_tree_ahead_and_removes_finished_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    monkeypatch.setattr(proctree, "CGROUP_ROOT", str(root))
+    keeper = proctree.Keeper()
+    first = keeper.take()  # none made ahead yet: made now
+    assert first.cgroup is not None
+    assert list(root.iterdir()) == [Path(first.cgroup)]  # nothing made beside a start
+    keeper.retire(_emptied(first))
+    assert wait_until(lambda: not Path(first.cgroup or "").exists())
+    assert wait_until(lambda: len(list(root.iterdir())) == 1)
+    (ahead,) = root.iterdir()  # the next one, with its limits
+    assert Path(ahead, "pids.max").read_text() == str(confine.PIDS_MAX)
+    second = keeper.take()
+    assert second.cgroup == str(ahead)
+    assert second.pids_limit == confine.PIDS_MAX
+    keeper.retire(_emptied(second))
+    assert wait_until(lambda: [p.name for p in root.iterdir()] not in ([], [ahead.name]))
+    # One made ahead under another root is not handed out (and is removed).
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.setattr(proctree, "CGROUP_ROOT", str(other))
+    third = keeper.take()
+    assert third.cgroup is not None
+    assert Path(third.cgroup).parent == other
+
+
 def test_no_cgroup_root_is_unusable() -> None:
     """The autouse fixture really keeps the agent away from /sys/fs/cgroup."""
     assert proctree.CGROUP_ROOT == NO_CGROUP_ROOT
