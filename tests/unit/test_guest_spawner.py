@@ -229,20 +229,23 @@ def test_when_the_spawner_dies_its_programs_are_reported_killed_and_the_agent_st
         os.kill(proc.pid, signal.SIGKILL)
 
 
+def replacement_of(first: spawner.SpawnerClient) -> spawner.SpawnerClient:
+    """The spawner the agent started after ``first`` died (within 15 s)."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        now = spawner.current()
+        if now is not None and now is not first and now.alive:
+            return now
+        time.sleep(0.02)
+    raise AssertionError("no new spawner was started")
+
+
 def test_a_killed_spawner_is_replaced_and_programs_go_through_the_new_one() -> None:
     first = spawner.start_exec()  # how the agent replaces a spawner that died
     try:
         assert run(["true"])[3] == 0
         os.kill(first.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            now = spawner.current()
-            if now is not None and now is not first and now.alive:
-                break
-            time.sleep(0.02)
-        second = spawner.current()
-        assert second is not None
-        assert second is not first
+        second = replacement_of(first)
         assert second.pid != first.pid
         _, out, _, rc = run(["sh", "-c", "echo $PPID"])
         assert (int(out), rc) == (second.pid, 0)
@@ -264,15 +267,8 @@ def test_a_spawner_that_stops_answering_is_killed_and_programs_still_start(
         assert isinstance(proc, subprocess.Popen)  # the agent started it itself
         assert (int(out), rc) == (os.getpid(), 0)
         assert first._process.wait(10) == -signal.SIGKILL  # not left stopped
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            now = spawner.current()
-            if now is not None and now is not first and now.alive:
-                break
-            time.sleep(0.02)
+        second = replacement_of(first)
         _, out, _, rc = run(["sh", "-c", "echo $PPID"])
-        second = spawner.current()
-        assert second is not None
         assert (int(out), rc) == (second.pid, 0)
         assert second.pid != first.pid
     finally:
