@@ -41,6 +41,7 @@ from agentvm_guest.processes import (
     ProcessTable,
     check_pty_size,
     exit_status,
+    wait_main,
 )
 from agentvm_guest.proctree import KEEPER, ProcessTree
 from agentvm_guest.wire import RejectMalformed
@@ -283,7 +284,10 @@ class GuestAgent(HostService, WorkspaceFiles, guest_agent_pb2_grpc.GuestAgentSer
                     output=common_pb2.OutputChunk(stream=stream, data=data)
                 )
         sel.close()
-        rc = proc.wait()
+        if killed:
+            rc = proc.wait()
+        else:
+            rc, timed_out = wait_main(proc, tree, deadline, running.cancelled.is_set)
         proc.stdout.close()
         proc.stderr.close()
         status = exit_status(rc, timed_out=timed_out, start=start, tree=tree)

@@ -80,6 +80,27 @@ def exit_status(
     return status
 
 
+def wait_main(
+    proc: spawner.Proc,
+    tree: ProcessTree,
+    deadline: float,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> tuple[int, bool]:
+    """The main process's return code once its output has ended, and whether its
+    time ran out. A program can close its stdout and stderr and run on: its
+    deadline (0: none) and a cancel still hold, and then its tree is killed."""
+    while True:
+        left = deadline - time.monotonic() if deadline else 0.1
+        try:
+            return proc.wait(timeout=min(0.1, max(0.0, left))), False
+        except subprocess.TimeoutExpired:
+            pass
+        stop = cancelled()
+        if stop or (deadline and time.monotonic() >= deadline):
+            tree.kill_all()
+            return proc.wait(), not stop
+
+
 def check_pty_size(size: common_pb2.PtySize) -> tuple[int, int]:
     """(rows, cols) of ``size``, each 1 to MAX_PTY_CELLS."""
     if not (1 <= size.rows <= MAX_PTY_CELLS and 1 <= size.cols <= MAX_PTY_CELLS):
@@ -298,7 +319,10 @@ class BackgroundProcess:
                     with self.cond:
                         self.ring.append(fds[fd], data)
                         self.cond.notify_all()
-            rc = proc.wait()
+            if killed:
+                rc = proc.wait()
+            else:
+                rc, timed_out = wait_main(proc, self.tree, self._deadline)
         finally:
             sel.close()
             for fd in fds:

@@ -137,6 +137,25 @@ def test_timeout_kills_the_whole_tree_and_keeps_partial_output(shared_vm: common
     assert b"sleep 100" not in ps.stdout, ps.stdout.decode()
 
 
+def test_a_program_that_closes_its_output_is_still_killed_at_its_timeout(
+    shared_vm: common_pb2.VM,
+) -> None:
+    """EOF on stdout and stderr is not the end of a program: it can close both
+    and run on (a daemon does). Its timeout still holds, for its whole tree."""
+    start = time.monotonic()
+    res = execute(
+        shared_vm.agent_endpoint,
+        "echo before; exec >&- 2>&-; sleep 1003 & sleep 1004",
+        timeout=3,
+    )
+    assert res.status.timed_out
+    assert res.status.exit_code == 124
+    assert res.stdout == b"before\n"
+    assert time.monotonic() - start < 30
+    ps = execute(shared_vm.agent_endpoint, "busybox ps -o args")
+    assert b"sleep 100" not in ps.stdout, ps.stdout.decode()
+
+
 def test_background_children_die_with_the_main_process(shared_vm: common_pb2.VM) -> None:
     res = execute(shared_vm.agent_endpoint, "setsid sleep 999 >/dev/null 2>&1 & echo started")
     assert res.status.exit_code == 0

@@ -557,3 +557,17 @@ def test_undecodable_requests_are_invalid_argument_and_run_nothing(
     refused = [r for r in caplog.records if "malformed" in r.getMessage()]
     assert 1 <= len(refused) <= 5
     assert not any(r.exc_info for r in refused)
+
+
+def test_execute_timeout_holds_when_the_program_closes_its_output(
+    stub: Stub, tmp_path: Path
+) -> None:
+    """EOF on both pipes is not the end: a program that closed them and runs on
+    is still killed at its timeout."""
+    start = time.monotonic()
+    res = run(stub, shell("echo hi; exec >&- 2>&-; sleep 30", cwd=str(tmp_path), timeout=1.0))
+    assert res.stdout == b"hi\n"
+    status = exit_status(res)
+    assert status.timed_out
+    assert status.exit_code == 124
+    assert time.monotonic() - start < 10

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
 from agentvm.v1 import common_pb2, guest_agent_pb2, guest_agent_pb2_grpc
 from agentvm_guest import agent, processes
@@ -278,3 +279,17 @@ def test_ended_processes_keep_output_within_one_budget(
         assert evs[0].dropped.from_offset == 0
         assert evs[0].dropped.to_offset == 10000
         assert evs[-1].exited.exit_code == 0
+
+
+def test_a_process_that_closes_its_output_still_ends_at_its_timeout(stub: Stub) -> None:
+    t = time.monotonic()
+    exec_id, _ = start(
+        stub,
+        "echo hi; exec >&- 2>&-; sleep 30",
+        timeout=duration_pb2.Duration(seconds=1),
+    )
+    evs = events(stub, exec_id)
+    assert output(evs) == b"hi\n"
+    assert evs[-1].exited.timed_out
+    assert evs[-1].exited.exit_code == 124
+    assert time.monotonic() - t < 10
