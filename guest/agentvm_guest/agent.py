@@ -284,10 +284,8 @@ class GuestAgent(HostService, WorkspaceFiles, guest_agent_pb2_grpc.GuestAgentSer
                     output=common_pb2.OutputChunk(stream=stream, data=data)
                 )
         sel.close()
-        if killed:
-            rc = proc.wait()
-        else:
-            rc, timed_out = wait_main(proc, tree, deadline, running.cancelled.is_set)
+        rc, late = wait_main(proc, tree, deadline, running.cancelled.is_set, killed=killed)
+        timed_out = timed_out or late
         proc.stdout.close()
         proc.stderr.close()
         status = exit_status(rc, timed_out=timed_out, start=start, tree=tree)

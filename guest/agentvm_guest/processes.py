@@ -85,20 +85,37 @@ def wait_main(
     tree: ProcessTree,
     deadline: float,
     cancelled: Callable[[], bool] = lambda: False,
+    *,
+    killed: bool = False,
 ) -> tuple[int, bool]:
     """The main process's return code once its output has ended, and whether its
     time ran out. A program can close its stdout and stderr and run on: its
-    deadline (0: none) and a cancel still hold, and then its tree is killed."""
+    deadline (0: none) and a cancel still hold, and then its tree is killed.
+
+    A program can also stop the spawner (SIGSTOP) and exit: its status then
+    never comes. Once it has been dead and unreaped for KILL_GRACE_S the
+    spawner is replaced (spawner.unstick), which reports it killed.
+    ``killed``: the caller has killed the tree already."""
+    stop, timed_out = killed, False
+    dead_since = 0.0
     while True:
-        left = deadline - time.monotonic() if deadline else 0.1
+        left = deadline - time.monotonic() if deadline and not (stop or timed_out) else 0.1
         try:
-            return proc.wait(timeout=min(0.1, max(0.0, left))), False
+            return proc.wait(timeout=min(0.1, max(0.0, left))), timed_out
         except subprocess.TimeoutExpired:
             pass
-        stop = cancelled()
-        if stop or (deadline and time.monotonic() >= deadline):
-            tree.kill_all()
-            return proc.wait(), not stop
+        now = time.monotonic()
+        if not spawner.unreaped(proc):
+            dead_since = 0.0
+        elif not dead_since:
+            dead_since = now
+        elif now - dead_since > KILL_GRACE_S:
+            spawner.unstick(proc)
+        if not (stop or timed_out):
+            stop = cancelled()
+            if stop or (deadline and now >= deadline):
+                timed_out = not stop
+                tree.kill_all()
 
 
 def check_pty_size(size: common_pb2.PtySize) -> tuple[int, int]:
@@ -319,10 +336,8 @@ class BackgroundProcess:
                     with self.cond:
                         self.ring.append(fds[fd], data)
                         self.cond.notify_all()
-            if killed:
-                rc = proc.wait()
-            else:
-                rc, timed_out = wait_main(proc, self.tree, self._deadline)
+            rc, late = wait_main(proc, self.tree, self._deadline, killed=killed)
+            timed_out = timed_out or late
         finally:
             sel.close()
             for fd in fds:

@@ -362,6 +362,10 @@ class SpawnerClient:
                 raise _Unavailable
             raise pending.failure.exception()
 
+    def owns(self, proc: SpawnedProcess) -> bool:
+        with self._lock:
+            return self._running.get(proc.pid) is proc
+
     def _abandon(self) -> None:
         """Kill a spawner that stopped answering; the reader then sees EOF."""
         if self._process is not None:
@@ -371,6 +375,27 @@ class SpawnerClient:
                 os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
+
+
+def unreaped(proc: Proc) -> bool:
+    """Whether ``proc``, started by the spawner, has exited but no status came:
+    the spawner has not reaped it (yet: it takes it a moment)."""
+    if not isinstance(proc, SpawnedProcess) or proc.returncode is not None:
+        return False
+    try:
+        with open(f"/proc/{proc.pid}/stat", encoding="ascii") as fh:
+            return fh.read().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def unstick(proc: Proc) -> None:
+    """Replace a spawner that has left ``proc`` unreaped for long (agent code
+    stopped it): the programs it had started are then reported killed."""
+    client = _Current.client
+    if isinstance(proc, SpawnedProcess) and client is not None and client.owns(proc):
+        log.warning("the spawner has not reaped process %d: replacing it", proc.pid)
+        client._abandon()
 
 
 class _Unavailable(Exception):

@@ -273,3 +273,28 @@ def test_a_spawner_that_stops_answering_is_killed_and_programs_still_start(
         assert second.pid != first.pid
     finally:
         spawner.stop()
+
+
+def test_a_program_that_stops_the_spawner_and_exits_is_not_waited_for_forever() -> None:
+    from agentvm_guest import processes, proctree
+
+    first = spawner.start_exec()
+    try:
+        assert first._process is not None
+        proc = spawner.popen(
+            ["sh", "-c", "kill -STOP $PPID; exit 3"],  # its status cannot come now
+            preexec=no_confinement(),
+            cwd=None,
+            env={"PATH": "/usr/bin:/bin"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        start = time.monotonic()
+        rc, timed_out = processes.wait_main(proc, proctree.ProcessTree(), start + 60)
+        assert time.monotonic() - start < 15  # not its 60 s timeout
+        assert (rc, timed_out) == (-signal.SIGKILL, False)  # its status went with the spawner
+        assert first._process.wait(10) == -signal.SIGKILL
+        assert replacement_of(first).alive
+    finally:
+        spawner.stop()
