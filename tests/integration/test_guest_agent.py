@@ -77,6 +77,21 @@ def test_a_spawner_killed_by_agent_code_is_replaced(shared_vm: common_pb2.VM) ->
     assert wait_for(replaced, 60, interval=0.5), (old, seen[-3:])
 
 
+def test_a_spawner_stopped_by_agent_code_is_replaced(shared_vm: common_pb2.VM) -> None:
+    """A program may also SIGSTOP the spawner and exit: its status cannot come, yet
+    the call ends long before its timeout, and the next programs run."""
+    parent = "echo $PPID"
+    old = execute(shared_vm.agent_endpoint, parent).stdout
+    start = time.monotonic()
+    res = execute(shared_vm.agent_endpoint, "kill -STOP $PPID; exit 3", timeout=120)
+    assert time.monotonic() - start < 60
+    assert res.status.signal == 9  # what is known: its status went with the spawner
+    assert not res.status.timed_out
+    after = execute(shared_vm.agent_endpoint, parent)
+    assert after.status.exit_code == 0
+    assert after.stdout != old
+
+
 def test_status_reports_guest_health(shared_vm: common_pb2.VM) -> None:
     with sync_channel(shared_vm.agent_endpoint) as ch:
         info = (
