@@ -53,6 +53,19 @@ def no_confinement() -> confine.Confiner:
     return confine.Confiner(None, drop_caps=False, hide=())
 
 
+def quiet(argv: list[str]) -> spawner.Proc:
+    """Start ``argv`` unconfined, without stdin or output."""
+    return spawner.popen(
+        argv,
+        preexec=no_confinement(),
+        cwd=None,
+        env={"PATH": "/usr/bin:/bin"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def run(
     argv: list[str],
     *,
@@ -205,15 +218,7 @@ def test_concurrent_spawns_each_get_their_own_program_and_status(running: Spawne
 def test_when_the_spawner_dies_its_programs_are_reported_killed_and_the_agent_starts_them(
     running: Spawner,
 ) -> None:
-    proc = spawner.popen(
-        ["sleep", "30"],
-        preexec=no_confinement(),
-        cwd=None,
-        env={"PATH": "/usr/bin:/bin"},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = quiet(["sleep", "30"])
     try:
         os.kill(running.process.pid, signal.SIGKILL)  # agent code may do this
         running.killed = True
@@ -281,15 +286,7 @@ def test_a_program_that_stops_the_spawner_and_exits_is_not_waited_for_forever() 
     first = spawner.start_exec()
     try:
         assert first._process is not None
-        proc = spawner.popen(
-            ["sh", "-c", "kill -STOP $PPID; exit 3"],  # its status cannot come now
-            preexec=no_confinement(),
-            cwd=None,
-            env={"PATH": "/usr/bin:/bin"},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = quiet(["sh", "-c", "kill -STOP $PPID; exit 3"])  # its status cannot come now
         start = time.monotonic()
         rc, timed_out = processes.wait_main(proc, proctree.ProcessTree(), start + 60)
         assert time.monotonic() - start < 15  # not its 60 s timeout
